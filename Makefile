@@ -1,0 +1,29 @@
+# Fresh machine: `make demo` or `make test`. Both create .venv and install CPU torch first, because a bare
+# `torch` requirement with no torch installed pulls gigabytes of CUDA wheels.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv demo test clean protos
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/edgelora demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+protos: venv
+	$(PY) -m edgelora.protos.generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info
