@@ -1,0 +1,321 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_DENSE: _ClassVar[Stage]
+    STAGE_SPARSE: _ClassVar[Stage]
+    STAGE_LORA: _ClassVar[Stage]
+STAGE_UNSPECIFIED: Stage
+STAGE_DENSE: Stage
+STAGE_SPARSE: Stage
+STAGE_LORA: Stage
+
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "num_labels", "max_seq_len", "head_seed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_labels: int
+    max_seq_len: int
+    head_seed: int
+    def __init__(self, name: _Optional[str] = ..., num_labels: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., head_seed: _Optional[int] = ...) -> None: ...
+
+class DataSpec(_message.Message):
+    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "hf_split")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    DATA_HOME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TEXT_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NUM_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HF_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    data_home: str
+    path: str
+    text_column: str
+    label_column: str
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    partition: str
+    alpha: float
+    classes_per_device: int
+    num_devices: int
+    seed: int
+    max_examples_per_device: int
+    hf_split: str
+    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., hf_split: _Optional[str] = ...) -> None: ...
+
+class LoraSpec(_message.Message):
+    __slots__ = ("rank", "alpha", "dropout", "target_modules", "modules_to_save", "rank_pattern")
+    class RankPatternEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    MODULES_TO_SAVE_FIELD_NUMBER: _ClassVar[int]
+    RANK_PATTERN_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    modules_to_save: _containers.RepeatedScalarFieldContainer[str]
+    rank_pattern: _containers.ScalarMap[str, int]
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., modules_to_save: _Optional[_Iterable[str]] = ..., rank_pattern: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class AdapterSpec(_message.Message):
+    __slots__ = ("kind", "bottleneck")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    bottleneck: int
+    def __init__(self, kind: _Optional[str] = ..., bottleneck: _Optional[int] = ...) -> None: ...
+
+class Structure(_message.Message):
+    __slots__ = ("kind", "lora", "adapter", "mask_density", "mask_seed", "dense_patterns")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Structure.Kind]
+        FULL: _ClassVar[Structure.Kind]
+        LORA: _ClassVar[Structure.Kind]
+        BITFIT: _ClassVar[Structure.Kind]
+        ADAPTER: _ClassVar[Structure.Kind]
+    KIND_UNSPECIFIED: Structure.Kind
+    FULL: Structure.Kind
+    LORA: Structure.Kind
+    BITFIT: Structure.Kind
+    ADAPTER: Structure.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    MASK_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MASK_SEED_FIELD_NUMBER: _ClassVar[int]
+    DENSE_PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    kind: Structure.Kind
+    lora: LoraSpec
+    adapter: AdapterSpec
+    mask_density: float
+    mask_seed: int
+    dense_patterns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[Structure.Kind, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., adapter: _Optional[_Union[AdapterSpec, _Mapping]] = ..., mask_density: _Optional[float] = ..., mask_seed: _Optional[int] = ..., dense_patterns: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TrainSpec(_message.Message):
+    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed")
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    local_epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    max_steps: int
+    seed: int
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class UploadRule(_message.Message):
+    __slots__ = ("format", "density", "error_feedback", "value_type")
+    class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        FORMAT_UNSPECIFIED: _ClassVar[UploadRule.Format]
+        DENSE: _ClassVar[UploadRule.Format]
+        MASKED: _ClassVar[UploadRule.Format]
+        TOPK: _ClassVar[UploadRule.Format]
+    FORMAT_UNSPECIFIED: UploadRule.Format
+    DENSE: UploadRule.Format
+    MASKED: UploadRule.Format
+    TOPK: UploadRule.Format
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    VALUE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    format: UploadRule.Format
+    density: float
+    error_feedback: bool
+    value_type: str
+    def __init__(self, format: _Optional[_Union[UploadRule.Format, str]] = ..., density: _Optional[float] = ..., error_feedback: _Optional[bool] = ..., value_type: _Optional[str] = ...) -> None: ...
+
+class RunSpec(_message.Message):
+    __slots__ = ("run_id", "model", "data", "method", "chunk_bytes", "max_upload_bytes")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model: ModelSpec
+    data: DataSpec
+    method: str
+    chunk_bytes: int
+    max_upload_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., method: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ...) -> None: ...
+
+class RunSpecRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("device_id", "hardware", "versions", "model_fingerprint", "tokenizer_fingerprint")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    hardware: str
+    versions: _containers.ScalarMap[str, str]
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    def __init__(self, device_id: _Optional[str] = ..., hardware: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., model_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("run_id", "heartbeat_s", "num_examples")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    heartbeat_s: float
+    num_examples: int
+    def __init__(self, run_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class FetchTaskRequest(_message.Message):
+    __slots__ = ("device_id", "wait_s")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    wait_s: float
+    def __init__(self, device_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class TaskHeader(_message.Message):
+    __slots__ = ("kind", "round", "stage", "method", "structure", "train", "upload", "payload_bytes", "deadline_s")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[TaskHeader.Kind]
+        TRAIN: _ClassVar[TaskHeader.Kind]
+        WAIT: _ClassVar[TaskHeader.Kind]
+        STOP: _ClassVar[TaskHeader.Kind]
+    KIND_UNSPECIFIED: TaskHeader.Kind
+    TRAIN: TaskHeader.Kind
+    WAIT: TaskHeader.Kind
+    STOP: TaskHeader.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    kind: TaskHeader.Kind
+    round: int
+    stage: Stage
+    method: str
+    structure: Structure
+    train: TrainSpec
+    upload: UploadRule
+    payload_bytes: int
+    deadline_s: float
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., method: _Optional[str] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., upload: _Optional[_Union[UploadRule, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class TaskChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: TaskHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PhaseTimes(_message.Message):
+    __slots__ = ("download_s", "train_s", "encode_s", "upload_s")
+    DOWNLOAD_S_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_S_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_S_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_S_FIELD_NUMBER: _ClassVar[int]
+    download_s: float
+    train_s: float
+    encode_s: float
+    upload_s: float
+    def __init__(self, download_s: _Optional[float] = ..., train_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., upload_s: _Optional[float] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("device_id", "round", "num_examples", "payload_bytes", "train_loss", "times")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    num_examples: int
+    payload_bytes: int
+    train_loss: float
+    times: PhaseTimes
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., train_loss: _Optional[float] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("accepted", "round", "bytes_received")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    round: int
+    bytes_received: int
+    def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("round", "run_finished")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    run_finished: bool
+    def __init__(self, round: _Optional[int] = ..., run_finished: _Optional[bool] = ...) -> None: ...
