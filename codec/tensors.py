@@ -9,8 +9,6 @@ import numpy as np
 from .errors import CodecError
 from .mask import mask_indices
 
-VALUE_TYPES = ("float32", "float16", "bfloat16", "int8")
-
 
 @dataclass(frozen=True)
 class Dense:

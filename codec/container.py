@@ -1,0 +1,195 @@
+"""The versioned bundle: named tensors <-> bytes. FORMAT.md specifies the layout byte by byte.
+
+    magic "ELCB" | version u8 | flags u8 | reserved u16 | header_size u32 | header (zstd frame)
+    | per tensor: index payload, value payload | crc32 u32 of everything before it
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from typing import Mapping
+
+import numpy as np
+
+from . import zstd_frame
+from .errors import CodecError
+from .header import DENSE, MASKED, RAW, SPARSE, ZSTD, Entry, pack_header, parse_header
+from .index_coding import decode_indices, encode_indices
+from .mask import mask_size
+from .tensors import Dense, Masked, Sparse, Tensor
+from .values import ITEM_SIZE, check_value_type, decode_values, encode_values
+
+MAGIC = b"ELCB"
+VERSION = 1
+DEFAULT_MAX_ELEMENTS = 1 << 28
+MAX_HEADER_BYTES = 1 << 24
+_PREAMBLE = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, header_size
+_TRAILER = 4  # crc32
+
+
+def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32", level: int = 3,
+                  value_types: Mapping[str, str] | None = None) -> bytes:
+    """Bytes of `tensors` in insertion order. `value_types` overrides `value_type` for the names it lists."""
+    check_value_type(value_type)
+    overrides = dict(value_types or {})
+    unknown = set(overrides) - set(tensors)
+    if unknown:
+        raise CodecError(f"value_types: names not in the bundle: {sorted(unknown)}")
+    if not isinstance(level, int) or isinstance(level, bool):
+        raise CodecError(f"level: must be an int, got {level!r}")
+    entries, payloads = [], []
+    for name, t in tensors.items():
+        vt = check_value_type(overrides.get(name, value_type), f"value_types[{name!r}]")
+        entry, parts = _encode_tensor(name, t, vt, level)
+        entries.append(entry)
+        payloads += parts
+    header = zstd_frame.compress(pack_header(entries), level)
+    body = _PREAMBLE.pack(MAGIC, VERSION, 0, 0, len(header)) + header + b"".join(payloads)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_bundle(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
+    """Tensors in bundle order. Trusts nothing: any violation raises CodecError naming the field.
+
+    max_elements caps the sum over tensors of their element counts (prod(shape)), which bounds every
+    allocation decoding makes.
+    """
+    data = bytes(data)
+    if len(data) < _PREAMBLE.size + _TRAILER:
+        raise CodecError(f"length: {len(data)} bytes is shorter than the smallest bundle")
+    magic, version, flags, reserved, header_size = _PREAMBLE.unpack_from(data)
+    if magic != MAGIC:
+        raise CodecError(f"magic: {magic!r} is not {MAGIC!r}")
+    if version != VERSION:
+        raise CodecError(f"version: {version} is not supported (this codec reads {VERSION})")
+    if flags or reserved:
+        raise CodecError(f"flags: reserved bits set ({flags}, {reserved})")
+    if header_size > len(data) - _PREAMBLE.size - _TRAILER:
+        raise CodecError(f"header_size: {header_size} runs past the end of the bundle")
+    (crc,) = struct.unpack_from("<I", data, len(data) - _TRAILER)
+    if zlib.crc32(memoryview(data)[:-_TRAILER]) != crc:
+        raise CodecError("crc32: bundle checksum mismatch")
+    frame = data[_PREAMBLE.size:_PREAMBLE.size + header_size]
+    declared = zstd_frame.content_size(frame, "header")
+    if declared > MAX_HEADER_BYTES:
+        raise CodecError(f"header: declares {declared} bytes, more than {MAX_HEADER_BYTES}")
+    entries = parse_header(zstd_frame.decompress(frame, declared, "header"), max_elements)
+    body = memoryview(data)[_PREAMBLE.size + header_size:len(data) - _TRAILER]
+    if sum(e.index_size + e.value_size for e in entries) != len(body):
+        raise CodecError(f"index_size/value_size: payload sizes do not add up to the {len(body)} body bytes")
+    out, pos = {}, 0
+    for e in entries:
+        index_bytes = bytes(body[pos:pos + e.index_size])
+        value_bytes = bytes(body[pos + e.index_size:pos + e.index_size + e.value_size])
+        pos += e.index_size + e.value_size
+        out[e.name] = _decode_tensor(e, index_bytes, value_bytes)
+    return out
+
+
+def _encode_tensor(name: str, t: Tensor, value_type: str, level: int) -> tuple[Entry, list[bytes]]:
+    if not isinstance(name, str):
+        raise CodecError(f"name: must be str, got {type(name).__name__}")
+    try:
+        if len(name.encode("utf-8")) > 0xFFFF:
+            raise CodecError(f"name: {name[:40]!r}... is longer than 65535 bytes")
+    except UnicodeEncodeError:
+        raise CodecError(f"name: {name!r} is not encodable as UTF-8") from None
+    if isinstance(t, Dense):
+        values = _finite_float32(t.values, name)
+        entry, parts = Entry(name, DENSE, value_type, values.shape, values.size), []
+        values = values.reshape(-1)
+    elif isinstance(t, Sparse):
+        shape = _shape(t.shape, name)
+        indices = _sorted_indices(t.indices, math.prod(shape), name)
+        values = _finite_float32(t.values, name).reshape(-1)
+        if values.size != indices.size:
+            raise CodecError(f"{name}: values: {values.size} values for {indices.size} indices")
+        coder, param, index_payload = encode_indices(indices, math.prod(shape))
+        entry = Entry(name, SPARSE, value_type, shape, indices.size, index_coder=coder, index_param=param,
+                      index_size=len(index_payload))
+        parts = [index_payload]
+    elif isinstance(t, Masked):
+        shape = _shape(t.shape, name)
+        seed, density = _seed(t.seed, name), _density(t.density, name)
+        values = _finite_float32(t.values, name).reshape(-1)
+        if values.size != mask_size(shape, density):
+            raise CodecError(f"{name}: values: {values.size} values, the mask has {mask_size(shape, density)}")
+        entry, parts = Entry(name, MASKED, value_type, shape, values.size, seed=seed, density=density), []
+    else:
+        raise CodecError(f"{name}: form: {type(t).__name__} is not Dense, Sparse or Masked")
+    planes, entry.scale = encode_values(values, value_type, name)
+    packed = zstd_frame.compress(planes, level)
+    if len(packed) < len(planes):  # zstd only where it helps
+        entry.value_codec, planes = ZSTD, packed
+    entry.value_size = len(planes)
+    return entry, parts + [planes]
+
+
+def _decode_tensor(e: Entry, index_bytes: bytes, value_bytes: bytes) -> Tensor:
+    field = f"{e.name}: value_payload"
+    expected = e.count * ITEM_SIZE[e.value_type]
+    if e.value_codec == ZSTD:
+        value_bytes = zstd_frame.decompress(value_bytes, expected, field)
+    values = decode_values(value_bytes, e.value_type, e.count, e.scale, e.name)
+    if e.form == DENSE:
+        return Dense(values.reshape(e.shape))
+    if e.form == MASKED:
+        return Masked(e.shape, e.seed, e.density, values)
+    try:
+        indices = decode_indices(e.index_coder, e.index_param, index_bytes, math.prod(e.shape), e.count)
+    except CodecError as exc:
+        raise CodecError(f"{e.name}: {exc}") from None
+    return Sparse(e.shape, indices, values)
+
+
+def _shape(shape, name: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise CodecError(f"{name}: shape: {shape!r} is not a sequence") from None
+    if len(dims) > 32 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and 0 <= d < 1 << 63
+                                 for d in dims):
+        raise CodecError(f"{name}: shape: {shape!r} must be at most 32 non-negative ints")
+    return tuple(int(d) for d in dims)
+
+
+def _finite_float32(values, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "biuf":
+        raise CodecError(f"{name}: values: dtype {arr.dtype} is not real numeric")
+    if arr.ndim > 32:
+        raise CodecError(f"{name}: shape: {arr.ndim} dimensions, at most 32")
+    with np.errstate(over="ignore"):
+        arr = np.ascontiguousarray(arr, np.float32)
+    if not np.isfinite(arr).all():
+        raise CodecError(f"{name}: values: NaN or Inf (or beyond float32)")
+    return arr
+
+
+def _sorted_indices(indices, n: int, name: str) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise CodecError(f"{name}: indices: must be a 1-D integer array")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise CodecError(f"{name}: indices: outside [0, {n})")
+    idx = idx.astype(np.int64)
+    if np.any(np.diff(idx) <= 0):
+        raise CodecError(f"{name}: indices: not strictly increasing (sorted and unique)")
+    return idx
+
+
+def _seed(seed, name: str) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 1 << 64:
+        raise CodecError(f"{name}: seed: {seed!r} must be an int in [0, 2**64)")
+    return int(seed)
+
+
+def _density(density, name: str) -> float:
+    try:
+        d = float(density)
+    except (TypeError, ValueError):
+        raise CodecError(f"{name}: density: {density!r} is not a number") from None
+    if not 0.0 <= d <= 1.0:  # also false for NaN
+        raise CodecError(f"{name}: density: {density!r} outside [0, 1]")
+    return d

@@ -1,0 +1,135 @@
+"""The bundle's tensor table: one entry per tensor, packed little-endian as FORMAT.md lays out byte by byte.
+
+parse_header checks everything that can be checked without the payloads: enums, name uniqueness and
+encoding, shape against the element cap, count against the shape, and the masked density and count.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+from .errors import CodecError
+from .index_coding import CODER_NAMES
+from .mask import mask_size
+from .values import VALUE_TYPES
+
+DENSE, SPARSE, MASKED = 0, 1, 2
+RAW, ZSTD = 0, 1
+MAX_NDIM = 32
+
+
+@dataclass
+class Entry:
+    name: str
+    form: int
+    value_type: str
+    shape: tuple[int, ...]
+    count: int  # number of values carried
+    seed: int = 0  # masked only
+    density: float = 0.0  # masked only
+    index_coder: int = 0  # sparse only
+    index_param: int = 0  # sparse only
+    index_size: int = 0  # sparse only: bytes of the index payload
+    value_codec: int = RAW
+    value_size: int = 0  # bytes of the value payload as stored (compressed if ZSTD)
+    scale: float = 0.0  # int8 only
+
+
+def pack_header(entries: list[Entry]) -> bytes:
+    out = [struct.pack("<I", len(entries))]
+    for e in entries:
+        name = e.name.encode("utf-8")
+        out.append(struct.pack("<H", len(name)) + name)
+        out.append(struct.pack("<BBB", e.form, VALUE_TYPES.index(e.value_type), len(e.shape)))
+        out.append(struct.pack(f"<{len(e.shape)}Q", *e.shape) + struct.pack("<Q", e.count))
+        if e.form == MASKED:
+            out.append(struct.pack("<Qd", e.seed, e.density))
+        if e.form == SPARSE:
+            out.append(struct.pack("<BQQ", e.index_coder, e.index_param, e.index_size))
+        out.append(struct.pack("<BQ", e.value_codec, e.value_size))
+        if e.value_type == "int8":
+            out.append(struct.pack("<f", e.scale))
+    return b"".join(out)
+
+
+class _Reader:
+    """Reads fields off a buffer; running past its end is a CodecError naming the field."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, fmt: str, field: str) -> tuple:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise CodecError(f"header: truncated at {field}")
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return values
+
+    def raw(self, size: int, field: str) -> bytes:
+        if self.pos + size > len(self.data):
+            raise CodecError(f"header: truncated at {field}")
+        self.pos += size
+        return self.data[self.pos - size:self.pos]
+
+
+def parse_header(data: bytes, max_elements: int) -> list[Entry]:
+    r = _Reader(data)
+    (n_tensors,) = r.take("<I", "tensor_count")
+    entries, names, total = [], set(), 0
+    for _ in range(n_tensors):
+        e = _parse_entry(r, max_elements - total)
+        if e.name in names:
+            raise CodecError(f"name: {e.name!r} appears twice")
+        names.add(e.name)
+        total += math.prod(e.shape)
+        entries.append(e)
+    if r.pos != len(data):
+        raise CodecError(f"header: {len(data) - r.pos} trailing bytes after the last entry")
+    return entries
+
+
+def _parse_entry(r: _Reader, budget: int) -> Entry:
+    """One entry; `budget` is what is left of max_elements (the sum of every tensor's element count)."""
+    (name_len,) = r.take("<H", "name_len")
+    try:
+        name = r.raw(name_len, "name").decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError("name: not valid UTF-8") from None
+    form, value_type, ndim = r.take("<BBB", "form")
+    if form not in (DENSE, SPARSE, MASKED):
+        raise CodecError(f"{name}: form: unknown form {form}")
+    if value_type >= len(VALUE_TYPES):
+        raise CodecError(f"{name}: value_type: unknown value type {value_type}")
+    if ndim > MAX_NDIM:
+        raise CodecError(f"{name}: ndim: {ndim} > {MAX_NDIM}")
+    shape = r.take(f"<{ndim}Q", "shape")
+    n = math.prod(shape)
+    if n > budget:
+        raise CodecError(f"{name}: shape: {shape} takes the bundle past max_elements")
+    (count,) = r.take("<Q", "count")
+    e = Entry(name, form, VALUE_TYPES[value_type], tuple(shape), count)
+    if form == DENSE and count != n:
+        raise CodecError(f"{name}: count: dense tensor of {n} elements declares {count} values")
+    if form == SPARSE:
+        if count > n:
+            raise CodecError(f"{name}: count: {count} indices exceed the {n} elements of shape {shape}")
+        e.index_coder, e.index_param, e.index_size = r.take("<BQQ", "index_coder")
+        if e.index_coder not in CODER_NAMES:
+            raise CodecError(f"{name}: index_coder: unknown coder {e.index_coder}")
+    if form == MASKED:
+        e.seed, e.density = r.take("<Qd", "seed")
+        if not 0.0 <= e.density <= 1.0:  # also false for NaN
+            raise CodecError(f"{name}: density: {e.density} outside [0, 1]")
+        if count != mask_size(e.shape, e.density):
+            raise CodecError(f"{name}: count: mask of density {e.density} has {mask_size(e.shape, e.density)}"
+                             f" entries, header says {count}")
+    e.value_codec, e.value_size = r.take("<BQ", "value_codec")
+    if e.value_codec not in (RAW, ZSTD):
+        raise CodecError(f"{name}: value_codec: unknown codec {e.value_codec}")
+    if e.value_type == "int8":
+        (e.scale,) = r.take("<f", "scale")
+        if not (math.isfinite(e.scale) and e.scale > 0):
+            raise CodecError(f"{name}: scale: int8 scale {e.scale} must be finite and > 0")
+    return e

@@ -1,0 +1,53 @@
+"""zstd frames that always carry their content size and a checksum, and are opened only after checking both.
+
+A frame's header declares its decompressed size; it is compared with the size the bundle header implies
+(and with the caller's cap) before anything is allocated, so a small frame cannot inflate to gigabytes.
+"""
+from __future__ import annotations
+
+import zstandard
+
+from .errors import CodecError
+
+_MAGIC = b"\x28\xb5\x2f\xfd"
+_DECOMPRESSOR = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+
+
+def compress(data: bytes, level: int) -> bytes:
+    try:
+        return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True,
+                                        write_dict_id=False).compress(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"level: zstd rejected level {level}: {exc}") from None
+
+
+def content_size(frame: bytes, field: str) -> int:
+    """The decompressed size the frame declares; frames without one, or without a checksum, are rejected."""
+    if frame[:4] != _MAGIC:
+        raise CodecError(f"{field}: not a zstd frame")
+    try:
+        params = zstandard.get_frame_parameters(frame)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{field}: bad zstd frame header: {exc}") from None
+    if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise CodecError(f"{field}: zstd frame does not declare its content size")
+    if not params.has_checksum:
+        raise CodecError(f"{field}: zstd frame has no checksum")
+    if params.dict_id:
+        raise CodecError(f"{field}: zstd frame needs a dictionary")
+    return params.content_size
+
+
+def decompress(frame: bytes, expected_size: int, field: str) -> bytes:
+    """Exactly one frame of exactly `expected_size` bytes, checked before decompressing."""
+    declared = content_size(frame, field)
+    if declared != expected_size:
+        raise CodecError(f"{field}: zstd frame declares {declared} bytes, header implies {expected_size}")
+    try:
+        # One-shot decompression writes into a buffer of the declared size and fails if the data runs past it.
+        out = _DECOMPRESSOR.decompress(frame, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{field}: corrupt zstd frame: {exc}") from None
+    if len(out) != expected_size:
+        raise CodecError(f"{field}: zstd frame gave {len(out)} bytes, header implies {expected_size}")
+    return out
