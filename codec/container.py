@@ -161,7 +161,7 @@ def _finite_float32(values, name: str) -> np.ndarray:
     if arr.ndim > 32:
         raise CodecError(f"{name}: shape: {arr.ndim} dimensions, at most 32")
     with np.errstate(over="ignore"):
-        arr = np.ascontiguousarray(arr, np.float32)
+        arr = np.asarray(arr, np.float32, order="C")  # ascontiguousarray would make scalars 1-D
     if not np.isfinite(arr).all():
         raise CodecError(f"{name}: values: NaN or Inf (or beyond float32)")
     return arr

@@ -1,8 +1,9 @@
-"""Sorted unique flat indices <-> bytes: per tensor, the smallest of four coders, named in the header.
+"""Sorted unique flat indices <-> bytes: per tensor, the smaller of the coders below, named in the header.
 
 The bound to beat is log2(C(n, k)) bits for k of n positions (any coder must distinguish all subsets).
 Golomb-coded gaps are within ~2% of it up to density ~0.34; rANS on the bitmap is within ~0.5% at high
-density; a raw bitmap and "nothing" (k = 0 or k = n) cover tiny and full tensors.
+density, once the tensor is large enough to amortise its lane states; "none" covers k = 0 and k = n.
+A plain bitmap is not offered: Golomb with m = 1 is exactly the bitmap, cut after its last one.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 from . import golomb, rans
 from .errors import CodecError
 
-NONE, BITMAP, GOLOMB, RANS = 0, 1, 2, 3
-CODER_NAMES = {NONE: "none", BITMAP: "bitmap", GOLOMB: "golomb", RANS: "rans"}
+NONE, GOLOMB, RANS = 0, 1, 2
+CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans"}
 
 
 def bound_bits(n: int, k: int) -> float:
@@ -30,18 +31,12 @@ def encode_indices(indices: np.ndarray, n: int) -> tuple[int, int, bytes]:
     gaps = golomb.gaps_of(indices)
     m = golomb.best_parameter(gaps, n)
     golomb_size = -(-golomb.golomb_bits(gaps, m) // 8)
-    bitmap_size = -(-n // 8)
-    smallest = min(golomb_size, bitmap_size)
-    # rANS only when its estimate (entropy + class table + lane states) can beat the best exact size.
+    # rANS only when its estimate (entropy + class table + lane states) can beat Golomb's exact size.
     lanes = rans.choose_lanes(-(-n // rans.SYMBOL_BITS), bound_bits(n, k))
-    if bound_bits(n, k) / 8 + 68 + 8 * lanes < smallest:
+    if bound_bits(n, k) / 8 + 68 + 8 * lanes < golomb_size:
         payload = rans.encode(indices, n, lanes)
-        if payload is not None and len(payload) < smallest:
+        if payload is not None and len(payload) < golomb_size:
             return RANS, lanes, payload
-    if bitmap_size < golomb_size:
-        bitmap = np.zeros(bitmap_size * 8, np.uint8)
-        bitmap[indices] = 1
-        return BITMAP, 0, np.packbits(bitmap).tobytes()
     return GOLOMB, m, golomb.encode(gaps, m)
 
 
@@ -57,18 +52,6 @@ def decode_indices(coder: int, param: int, payload: bytes, n: int, k: int) -> np
         raise CodecError(f"index_coder: 'none' needs count 0 or n={n}, got {k}")
     if k == 0:
         raise CodecError(f"index_coder: count 0 must use coder 'none', not {CODER_NAMES.get(coder, coder)}")
-    if coder == BITMAP:
-        if param:
-            raise CodecError("index_param: bitmap takes no parameter")
-        if len(payload) != -(-n // 8):
-            raise CodecError(f"index_size: bitmap of n={n} needs {-(-n // 8)} bytes, got {len(payload)}")
-        bits = np.unpackbits(np.frombuffer(payload, np.uint8))
-        if bits[n:].any():
-            raise CodecError(f"index_payload: bitmap sets a position >= n={n}")
-        indices = np.flatnonzero(bits.view(bool)).astype(np.int64)
-        if indices.size != k:
-            raise CodecError(f"count: bitmap holds {indices.size} indices, count says {k}")
-        return indices
     if coder == GOLOMB:
         return golomb.decode(payload, param, n, k)
     if coder == RANS:

@@ -1,0 +1,146 @@
+"""Round trips of every tensor form, value type and index coder, including empty, scalar and full tensors."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edgelora import codec
+from edgelora.codec import golomb, index_coding, rans
+
+FAST = settings(max_examples=60, deadline=None)
+shapes = st.lists(st.integers(0, 7), max_size=3).map(tuple)  # includes () scalars and empty tensors
+value_types = st.sampled_from(codec.VALUE_TYPES)
+
+
+def finite_values(shape):
+    return hnp.arrays(np.float32, shape, elements=st.floats(-6e4, 6e4, width=32))
+
+
+def expected_after(values: np.ndarray, value_type: str) -> np.ndarray:
+    """What a value type may turn `values` into, checked as bounds so the test does not re-implement it."""
+    return {"float32": values, "float16": values.astype(np.float16).astype(np.float32)}.get(value_type)
+
+
+def assert_close(decoded: np.ndarray, values: np.ndarray, value_type: str) -> None:
+    assert decoded.dtype == np.float32 and decoded.shape == values.shape
+    if value_type in ("float32", "float16"):
+        np.testing.assert_array_equal(decoded, expected_after(values, value_type))
+    elif value_type == "bfloat16":  # 8 significant bits, round to nearest: relative error <= 2**-8
+        assert not (decoded.view(np.uint32) & 0xFFFF).any()
+        assert np.all(np.abs(decoded - values) <= np.abs(values) * 2.0 ** -8 + 2.0 ** -134)  # + subnormal step
+    else:  # int8: absolute error <= half a step of max|v| / 127
+        step = np.abs(values).max() / 127 if values.size else 0.0
+        assert np.all(np.abs(decoded - values) <= step / 2 * 1.0001 + 1e-30)
+
+
+@FAST
+@given(shape=shapes, value_type=value_types, data=st.data())
+def test_dense_round_trip(shape, value_type, data):
+    values = data.draw(finite_values(shape))
+    out = codec.decode_bundle(codec.encode_bundle({"w": codec.Dense(values)}, value_type=value_type))
+    assert list(out) == ["w"] and isinstance(out["w"], codec.Dense)
+    assert_close(out["w"].values, values, value_type)
+
+
+@FAST
+@given(shape=shapes, value_type=value_types, data=st.data())
+def test_sparse_round_trip(shape, value_type, data):
+    n = math.prod(shape)
+    chosen = data.draw(hnp.arrays(bool, n))  # any subset, from empty to full
+    indices = np.flatnonzero(chosen).astype(np.int64)
+    values = data.draw(finite_values(indices.size))
+    out = codec.decode_bundle(codec.encode_bundle({"s": codec.Sparse(shape, indices, values)},
+                                                  value_type=value_type))["s"]
+    assert isinstance(out, codec.Sparse) and out.shape == shape
+    np.testing.assert_array_equal(out.indices, indices)
+    assert out.indices.dtype == np.int64
+    assert_close(out.values, values, value_type)
+
+
+@FAST
+@given(shape=shapes, density=st.floats(0, 1), seed=st.integers(0, 2**64 - 1), value_type=value_types,
+       data=st.data())
+def test_masked_round_trip(shape, density, seed, value_type, data):
+    values = data.draw(finite_values(codec.mask_size(shape, density)))
+    out = codec.decode_bundle(codec.encode_bundle({"m": codec.Masked(shape, seed, density, values)},
+                                                  value_type=value_type))["m"]
+    assert isinstance(out, codec.Masked)
+    assert (out.shape, out.seed, out.density) == (shape, seed, density)
+    assert_close(out.values, values, value_type)
+
+
+def test_bundle_keeps_insertion_order_and_per_tensor_value_types():
+    tensors = {"z": codec.Dense(np.arange(6, dtype=np.float32).reshape(2, 3) / 7),
+               "a": codec.Sparse((10,), np.array([2, 5]), np.array([1.5, -2.25], np.float32)),
+               "m": codec.Masked((4, 4), 3, 0.5, np.linspace(-1, 1, 8, dtype=np.float32))}
+    data = codec.encode_bundle(tensors, value_type="float16", value_types={"z": "float32"})
+    out = codec.decode_bundle(data)
+    assert list(out) == ["z", "a", "m"]
+    np.testing.assert_array_equal(out["z"].values, tensors["z"].values)  # float32 override: exact
+    assert out["m"].values[1] == np.float16(np.linspace(-1, 1, 8)[1])  # float16: rounded
+    dense = codec.to_dense("m", out["m"])
+    np.testing.assert_array_equal(np.flatnonzero(dense.reshape(-1)), codec.mask_indices(3, "m", (4, 4), 0.5))
+
+
+def test_value_types_known_numbers():
+    values = np.array([1.0, -0.5, 1.00390625, 3.0e-3, 127.0], np.float32)
+    out = {vt: codec.decode_bundle(codec.encode_bundle({"v": codec.Dense(values)}, value_type=vt))["v"].values
+           for vt in codec.VALUE_TYPES}
+    # bfloat16 keeps 8 significant bits: 1 + 2**-8 is a tie between 1 and 1 + 2**-7 and rounds to even (1).
+    assert out["bfloat16"][2] == 1.0
+    # int8 scale is max|v| / 127 = 1: values round to whole numbers.
+    np.testing.assert_array_equal(out["int8"], [1.0, -0.0, 1.0, 0.0, 127.0])
+    assert out["float16"][3] == np.float32(np.float16(3.0e-3))
+
+
+def test_int8_scales_per_tensor():
+    small, large = np.array([0.01, -0.02], np.float32), np.array([100.0, 50.0], np.float32)
+    out = codec.decode_bundle(codec.encode_bundle({"s": codec.Dense(small), "l": codec.Dense(large)},
+                                                  value_type="int8"))
+    np.testing.assert_allclose(out["s"].values, small, atol=0.02 / 254)
+    np.testing.assert_allclose(out["l"].values, large, atol=100 / 254)
+
+
+@pytest.mark.parametrize("n,density,coder", [
+    (1000, 0.0, index_coding.NONE), (1000, 1.0, index_coding.NONE), (100_000, 0.01, index_coding.GOLOMB),
+    (100_000, 0.4, index_coding.RANS), (1000, 0.4, index_coding.GOLOMB)])
+def test_smallest_coder_is_chosen(n, density, coder):
+    rng = np.random.default_rng(0)
+    indices = np.sort(rng.choice(n, round(density * n), replace=False)).astype(np.int64)
+    chosen, param, payload = index_coding.encode_indices(indices, n)
+    assert chosen == coder
+    np.testing.assert_array_equal(index_coding.decode_indices(chosen, param, payload, n, indices.size), indices)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.0625, 0.25, 0.38, 0.5])
+def test_index_bits_within_three_percent_of_bound(density):
+    n = 200_000
+    rng = np.random.default_rng(1)
+    indices = np.sort(rng.choice(n, round(density * n), replace=False)).astype(np.int64)
+    _, _, payload = index_coding.encode_indices(indices, n)
+    assert 8 * len(payload) <= 1.03 * index_coding.bound_bits(n, indices.size)
+
+
+@FAST
+@given(n=st.integers(1, 3000), m=st.integers(1, 70), data=st.data())
+def test_golomb_any_parameter_round_trips(n, m, data):
+    indices = np.flatnonzero(data.draw(hnp.arrays(bool, n))).astype(np.int64)
+    if indices.size == 0:
+        return
+    m = min(m, n)
+    payload = golomb.encode(golomb.gaps_of(indices), m)
+    assert len(payload) == -(-golomb.golomb_bits(golomb.gaps_of(indices), m) // 8)
+    np.testing.assert_array_equal(golomb.decode(payload, m, n, indices.size), indices)
+
+
+@FAST
+@given(n=st.integers(1, 5000), p=st.floats(0.05, 0.95), lanes=st.integers(1, 40), seed=st.integers(0, 99))
+def test_rans_round_trips(n, p, lanes, seed):
+    indices = np.flatnonzero(np.random.default_rng(seed).random(n) < p).astype(np.int64)
+    lanes = min(lanes, -(-n // 16))
+    payload = rans.encode(indices, n, lanes)
+    if payload is None:  # the class table cannot represent this p; the encoder falls back to Golomb
+        return
+    np.testing.assert_array_equal(rans.decode(payload, lanes, n, indices.size), indices)
