@@ -27,7 +27,8 @@ def encode_values(values: np.ndarray, value_type: str, name: str) -> tuple[bytes
     if value_type == "float32":
         stored = values.astype("<f4")
     elif value_type == "float16":
-        stored = values.astype("<f2")
+        with np.errstate(over="ignore"):  # overflow becomes inf, rejected just below
+            stored = values.astype("<f2")
         if not np.isfinite(stored).all():
             raise CodecError(f"{name}: values: magnitude above 65504 does not fit float16")
     elif value_type == "bfloat16":
