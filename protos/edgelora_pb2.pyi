@@ -31,7 +31,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_labels: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., head_seed: _Optional[int] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "hf_split")
+    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "test_path", "test_fraction")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     DATA_HOME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -44,7 +44,8 @@ class DataSpec(_message.Message):
     NUM_DEVICES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_EXAMPLES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
-    HF_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    TEST_PATH_FIELD_NUMBER: _ClassVar[int]
+    TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     data_home: str
     path: str
@@ -57,8 +58,9 @@ class DataSpec(_message.Message):
     num_devices: int
     seed: int
     max_examples_per_device: int
-    hf_split: str
-    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., hf_split: _Optional[str] = ...) -> None: ...
+    test_path: str
+    test_fraction: float
+    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., test_path: _Optional[str] = ..., test_fraction: _Optional[float] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "dropout", "target_modules", "modules_to_save", "rank_pattern")

@@ -1,0 +1,209 @@
+"""The edge device runtime: connect, register, wait for tasks, train, encode, upload; reconnect with backoff.
+
+One process can host many virtual devices (`--device-ids 0-49`); they share one base model and train in turn.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from edgelora.device import DeviceHost, DeviceTrainer, DownloadError
+from edgelora.models import device_info, fingerprint_model, fingerprint_tokenizer
+from edgelora.protos import edgelora_pb2 as pb
+from edgelora.protos import edgelora_pb2_grpc as pb_grpc
+from edgelora.protos import serde
+from edgelora.tasks import PhaseTimes, Update
+
+log = logging.getLogger("edgelora.client")
+
+# Retries of idempotent unary calls are declared in the channel's service config, not hand-written loops.
+SERVICE_CONFIG = """{"methodConfig": [{
+  "name": [{"service": "edgelora.v1.Coordinator", "method": "GetRunSpec"},
+           {"service": "edgelora.v1.Coordinator", "method": "Heartbeat"}],
+  "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                  "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
+
+
+@dataclass
+class ClientOptions:
+    server: str
+    device_ids: list[str]
+    torch_device: str = "cpu"
+    give_up_s: float = 300.0       # stop retrying after the server has been unreachable this long
+    poll_s: float = 10.0           # long-poll hold per FetchTask
+    progress: bool = True
+    credentials: grpc.ChannelCredentials | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    token_for: dict[str, str] | None = None  # per-device auth tokens (see deploy/README.md)
+
+
+class Backoff:
+    def __init__(self, give_up_s: float) -> None:
+        self.give_up_s = give_up_s
+        self.delay = 0.25
+        self.since: float | None = None
+
+    def failed(self, what: str) -> None:
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since > self.give_up_s:
+            raise ConnectionError(f"server unreachable for {self.give_up_s:.0f} s ({what}); giving up")
+        log.warning("%s; retrying in %.1f s", what, self.delay)
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 10.0)
+
+    def ok(self) -> None:
+        self.delay, self.since = 0.25, None
+
+
+class EdgeClient:
+    def __init__(self, opts: ClientOptions) -> None:
+        self.opts = opts
+        self.backoff = Backoff(opts.give_up_s)
+        self.channel = self._connect()
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.spec = self._call(lambda: self.stub.GetRunSpec(pb.RunSpecRequest(), timeout=10), "get run spec")
+        self.model_cfg = serde.model_from_proto(self.spec.model)
+        self.data_cfg = serde.data_from_proto(self.spec.data)
+        self.host = DeviceHost(self.model_cfg, opts.torch_device)
+        self.model_fp = fingerprint_model(self.host.base)
+        self.tok_fp = fingerprint_tokenizer(self.host.tokenizer)
+        self.trainers = {d: DeviceTrainer(d, self.host, self.data_cfg, progress=opts.progress)
+                         for d in opts.device_ids}
+        self.info = device_info(opts.torch_device)
+        self.stopped: set[str] = set()
+        self.heartbeat_s = 5.0
+        self._stop = threading.Event()
+
+    def _connect(self) -> grpc.Channel:
+        opts = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
+                ("grpc.max_receive_message_length", 5 << 20)]
+        if self.opts.credentials is not None:
+            return grpc.secure_channel(self.opts.server, self.opts.credentials, options=opts)
+        return grpc.insecure_channel(self.opts.server, options=opts)
+
+    def _md(self, device_id: str | None = None) -> tuple[tuple[str, str], ...]:
+        md = tuple(self.opts.metadata)
+        if device_id is not None and self.opts.token_for and device_id in self.opts.token_for:
+            md += (("x-device-id", device_id), ("authorization", f"Bearer {self.opts.token_for[device_id]}"))
+        return md
+
+    def _call(self, fn, what: str):
+        while True:
+            try:
+                out = fn()
+                self.backoff.ok()
+                return out
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                self.backoff.failed(f"{what}: {e.code().name}")
+
+    # -- protocol --------------------------------------------------------------------------------------------
+    def register(self, device_id: str) -> None:
+        req = pb.RegisterRequest(device_id=device_id, hardware=self.info.hardware,
+                                 versions={**self.info.versions, "grpc": grpc.__version__},
+                                 model_fingerprint=self.model_fp, tokenizer_fingerprint=self.tok_fp)
+        reply = self._call(lambda: self.stub.Register(req, timeout=30, metadata=self._md(device_id)),
+                           f"register {device_id}")
+        self.heartbeat_s = reply.heartbeat_s or 5.0
+        log.info("device %s registered with %s", device_id, self.opts.server)
+
+    def fetch(self, device_id: str, wait_s: float) -> tuple[pb.TaskHeader, bytes, float]:
+        t0 = time.perf_counter()
+        stream = self.stub.FetchTask(pb.FetchTaskRequest(device_id=device_id, wait_s=wait_s),
+                                     timeout=wait_s + 600, metadata=self._md(device_id))
+        header, parts = None, []
+        for chunk in stream:
+            if chunk.WhichOneof("part") == "header":
+                header = chunk.header
+                t0 = time.perf_counter()
+            else:
+                parts.append(chunk.data)
+        if header is None:
+            raise DownloadError("task stream carried no header")
+        payload = b"".join(parts)
+        if header.kind == pb.TaskHeader.TRAIN and len(payload) != header.payload_bytes:
+            raise DownloadError(f"task payload truncated: {len(payload)} of {header.payload_bytes} bytes")
+        return header, payload, time.perf_counter() - t0
+
+    def submit(self, update: Update) -> pb.SubmitReply:
+        t = update.times
+        header = pb.UpdateHeader(device_id=update.device_id, round=update.round, num_examples=update.num_examples,
+                                 payload_bytes=len(update.payload), train_loss=update.train_loss,
+                                 times=serde.times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)))
+        msgs = serde.chunks(header, pb.UpdateChunk, update.payload, self.spec.chunk_bytes)
+        return self.stub.SubmitUpdate(msgs, timeout=600, metadata=self._md(update.device_id))
+
+    # -- main loop -------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        for d in self.opts.device_ids:
+            self.register(d)
+        beat = threading.Thread(target=self._heartbeats, daemon=True)
+        beat.start()
+        wait_s = self.opts.poll_s if len(self.opts.device_ids) == 1 else 0.0
+        try:
+            while len(self.stopped) < len(self.opts.device_ids):
+                busy = False
+                for d in self.opts.device_ids:
+                    if d not in self.stopped:
+                        busy |= self._serve_once(d, wait_s)
+                if not busy and wait_s == 0:
+                    time.sleep(0.5)
+        finally:
+            self._stop.set()
+        log.info("run finished; devices %s exit", ",".join(self.opts.device_ids))
+        return 0
+
+    def _serve_once(self, device_id: str, wait_s: float) -> bool:
+        try:
+            header, payload, download_s = self.fetch(device_id, wait_s)
+            self.backoff.ok()
+        except grpc.RpcError as e:
+            self._recover(device_id, e, "fetch task")
+            return False
+        if header.kind == pb.TaskHeader.STOP:
+            self.stopped.add(device_id)
+            return False
+        if header.kind != pb.TaskHeader.TRAIN:
+            return False
+        task = serde.task_from_proto(header)
+        try:
+            update = self.trainers[device_id].run(task, payload, download_s)
+        except DownloadError as e:
+            log.error("device %s round %d: %s", device_id, task.round, e)
+            return True
+        try:
+            reply = self.submit(update)
+            log.info("device %s round %d: uploaded %d bytes", device_id, task.round, reply.bytes_received)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
+                            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                log.error("device %s round %d: upload refused: %s %s", device_id, task.round, e.code().name,
+                          e.details())
+            self._recover(device_id, e, "upload")
+        return True
+
+    def _recover(self, device_id: str, e: grpc.RpcError, what: str) -> None:
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            self.backoff.failed(f"device {device_id} {what}: {e.code().name}")
+        elif e.code() == grpc.StatusCode.FAILED_PRECONDITION and "not registered" in (e.details() or ""):
+            self.register(device_id)  # the server restarted (e.g. resumed): join again
+        elif e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise PermissionError(f"device {device_id}: {e.code().name}: {e.details()}")
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            for d in self.opts.device_ids:
+                try:
+                    self.stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5, metadata=self._md(d))
+                except grpc.RpcError:
+                    pass  # the main loop handles reconnects
+
+    def close(self) -> None:
+        self._stop.set()
+        self.channel.close()

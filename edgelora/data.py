@@ -1,0 +1,207 @@
+"""Examples and their partition over devices.
+
+The server and every device derive the same partition from the DataConfig alone (seeded flwr-datasets
+partitioners), so training data never crosses the wire: a device loads only its own slice.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+from .configtools import ConfigError
+
+
+@dataclass(frozen=True)
+class Examples:
+    texts: tuple[str, ...]
+    labels: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: np.ndarray) -> "Examples":
+        return Examples(tuple(self.texts[i] for i in idx), self.labels[idx])
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: Examples
+    test: Examples
+    label_names: tuple[str, ...]
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    return _load_corpus_cached(_key(cfg))
+
+
+def _key(cfg: DataConfig) -> tuple:
+    return (cfg.dataset, cfg.resolved_data_home(), cfg.path, cfg.test_path, cfg.test_fraction, cfg.text_column,
+            cfg.label_column, tuple(cfg.remove), cfg.seed)
+
+
+@lru_cache(maxsize=2)
+def _load_corpus_cached(key: tuple) -> Corpus:
+    dataset, data_home, path, test_path, test_fraction, text_col, label_col, remove, seed = key
+    if dataset == "20newsgroups":
+        return _newsgroups(data_home, remove)
+    if dataset == "hf":
+        return _huggingface(path, text_col, label_col)
+    rows = _read_rows(Path(path), dataset, text_col, label_col)
+    if test_path:
+        test_rows = _read_rows(Path(test_path), dataset, text_col, label_col)
+    else:  # seeded hold-out: the server's test split never reaches a device
+        order = np.random.default_rng(seed).permutation(len(rows))
+        cut = int(round(len(rows) * test_fraction))
+        test_rows, rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+    return _from_rows(rows, test_rows)
+
+
+def _newsgroups(data_home: str | None, remove: tuple[str, ...]) -> Corpus:
+    from sklearn.datasets import fetch_20newsgroups
+
+    def split(name: str) -> tuple[Examples, list[str]]:
+        try:
+            b = fetch_20newsgroups(data_home=data_home, subset=name, remove=remove,
+                                   download_if_missing=data_home is None)
+        except OSError as e:
+            raise ConfigError(f"data.data_home: 20 Newsgroups not found under {data_home!r} ({e})") from None
+        return Examples(tuple(b.data), np.asarray(b.target, np.int64)), list(b.target_names)
+
+    train, names = split("train")
+    test, _ = split("test")
+    return Corpus(train, test, tuple(names))
+
+
+def _huggingface(name: str, text_col: str, label_col: str) -> Corpus:
+    from datasets import load_dataset
+
+    ds = load_dataset(name)
+    test_split = "test" if "test" in ds else "validation"
+    names = ds["train"].features[label_col].names if hasattr(ds["train"].features[label_col], "names") else None
+    tr = [(r[text_col], r[label_col]) for r in ds["train"]]
+    te = [(r[text_col], r[label_col]) for r in ds[test_split]]
+    return _from_rows(tr, te, names)
+
+
+def _read_rows(path: Path, kind: str, text_col: str, label_col: str) -> list[tuple[str, object]]:
+    if not path.exists():
+        raise ConfigError(f"data.path: {path} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        if kind == "csv":
+            reader = csv.DictReader(f)
+            for r in reader:
+                rows.append(_row(r, text_col, label_col, path, reader.line_num))
+        else:
+            for ln, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(f"data.path: {path}:{ln}: not JSON ({e})") from None
+                    rows.append(_row(r, text_col, label_col, path, ln))
+    if not rows:
+        raise ConfigError(f"data.path: {path} has no examples")
+    return rows
+
+
+def _row(r: dict, text_col: str, label_col: str, path: Path, ln: int) -> tuple[str, object]:
+    for col, what in ((text_col, "data.text_column"), (label_col, "data.label_column")):
+        if col not in r:
+            raise ConfigError(f"{what}: {path}:{ln} has no column {col!r} (has {sorted(r)})")
+    return str(r[text_col]), r[label_col]
+
+
+def _from_rows(train_rows, test_rows, names=None) -> Corpus:
+    raw = [l for _, l in train_rows] + [l for _, l in test_rows]
+    if all(isinstance(l, int) for l in raw):
+        label_names = tuple(names) if names else tuple(str(i) for i in range(max(raw) + 1))
+        index = {i: i for i in range(len(label_names))}
+    else:  # string labels: sorted order, so every machine maps them alike
+        label_names = tuple(sorted({str(l) for l in raw}))
+        index = {n: i for i, n in enumerate(label_names)}
+
+    def ex(rows) -> Examples:
+        key = (lambda l: l) if label_names and isinstance(next(iter(index)), int) else str
+        return Examples(tuple(t for t, _ in rows), np.asarray([index[key(l)] for _, l in rows], np.int64))
+
+    return Corpus(ex(train_rows), ex(test_rows), label_names)
+
+
+def partition_indices(labels: np.ndarray, cfg: DataConfig) -> list[np.ndarray]:
+    """Indices of each device's examples, derived from the config alone (flwr-datasets partitioners)."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    n = cfg.num_devices
+    if cfg.partition == "iid":
+        part = IidPartitioner(num_partitions=n)
+    elif cfg.partition == "dirichlet":
+        part = DirichletPartitioner(num_partitions=n, partition_by="label", alpha=cfg.alpha,
+                                    min_partition_size=1, self_balancing=False, seed=cfg.seed)
+    else:
+        part = PathologicalPartitioner(num_partitions=n, partition_by="label",
+                                       num_classes_per_partition=cfg.classes_per_device,
+                                       class_assignment_mode="random", seed=cfg.seed)
+    ds = Dataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
+    part.dataset = ds
+    try:
+        out = [np.asarray(part.load_partition(i)["idx"], np.int64) for i in range(n)]
+    except ValueError as e:
+        raise ConfigError(f"data.partition: {cfg.partition} could not split {len(labels)} examples over {n} "
+                          f"devices: {e}") from None
+    if cfg.max_examples_per_device:
+        out = [_cap(ix, cfg.max_examples_per_device, cfg.seed * 1_000_003 + i) for i, ix in enumerate(out)]
+    return out
+
+
+def _cap(idx: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    if len(idx) <= cap:
+        return np.sort(idx)
+    return np.sort(np.random.default_rng(seed).choice(idx, cap, replace=False))
+
+
+def device_examples(cfg: DataConfig, device_index: int) -> Examples:
+    if not 0 <= device_index < cfg.num_devices:
+        raise ConfigError(f"device index {device_index} is outside 0..{cfg.num_devices - 1} (data.num_devices)")
+    corpus = load_corpus(cfg)
+    return corpus.train.subset(_partitions(cfg)[device_index])
+
+
+@lru_cache(maxsize=4)
+def _partitions_cached(key: tuple, partition: str, alpha: float, classes: int, n: int, cap: int, seed: int):
+    cfg = DataConfig(dataset=key[0], data_home=key[1] or "", path=key[2], test_path=key[3], test_fraction=key[4],
+                     text_column=key[5], label_column=key[6], remove=list(key[7]), seed=seed, partition=partition,
+                     alpha=alpha, classes_per_device=classes, num_devices=n, max_examples_per_device=cap)
+    return partition_indices(load_corpus(cfg).train.labels, cfg)
+
+
+def _partitions(cfg: DataConfig) -> list[np.ndarray]:
+    return _partitions_cached(_key(cfg), cfg.partition, cfg.alpha, cfg.classes_per_device, cfg.num_devices,
+                              cfg.max_examples_per_device, cfg.seed)
+
+
+def test_examples(cfg: DataConfig) -> Examples:
+    test = load_corpus(cfg).test
+    if cfg.test_max_examples and len(test) > cfg.test_max_examples:
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(test), cfg.test_max_examples, replace=False))
+        return test.subset(idx)
+    return test
+
+
+def with_num_labels(run):
+    """The run config with model.num_labels filled in from the data when it was left at 0 (auto)."""
+    import dataclasses
+
+    if run.model.num_labels:
+        return run
+    n = len(load_corpus(run.data).label_names)
+    return run.replace(model=dataclasses.replace(run.model, num_labels=n))

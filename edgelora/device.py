@@ -1,0 +1,120 @@
+"""The device side of a round, with no transport: apply the download, train, compute and encode the update.
+
+A device is a generic executor of the task's Structure / TrainSpec / UploadRule, so methods live on the
+server. The gRPC edge client and the simulator both call DeviceTrainer.run().
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from edgelora import codec
+
+from .config import DataConfig, ModelConfig
+from .data import Examples, device_examples
+from .models import build_model, load_base_model, load_tokenizer, masked_names, trainable_params, trainable_state
+from .sparsity import global_topk, mask_bool
+from .tasks import PhaseTimes, Structure, Task, Update, UploadFormat
+from .training import train_local
+
+
+class DownloadError(ValueError):
+    """The task's payload does not fit this device's model (a server bug or a corrupted stream)."""
+
+
+class DeviceHost:
+    """One process's base model and built structure, shared by the virtual devices it hosts."""
+
+    def __init__(self, model: ModelConfig, torch_device: str = "cpu") -> None:
+        self.model_cfg = model
+        self.torch_device = torch.device(torch_device)
+        self.tokenizer = load_tokenizer(model.name)
+        self.base = load_base_model(model.name, model.num_labels, model.head_seed)
+        self._built: tuple[Structure, torch.nn.Module, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+
+    def build(self, structure: Structure):
+        """(model, initial trainable state, boolean masks) for a structure, rebuilt only when it changes."""
+        if self._built is None or self._built[0] != structure:
+            model = build_model(self.base, structure).to(self.torch_device)
+            init = trainable_state(model)
+            shapes = {n: tuple(v.shape) for n, v in init.items()}
+            masks = {n: mask_bool(structure.mask_seed, n, shapes[n], structure.mask_density)
+                     for n in masked_names(model, structure)}
+            self._built = (structure, model, init, masks)
+        return self._built[1:]
+
+
+class DeviceTrainer:
+    def __init__(self, device_id: str, host: DeviceHost, data: DataConfig, examples: Examples | None = None,
+                 progress: bool = False) -> None:
+        self.device_id = device_id
+        self.host = host
+        self.examples = examples if examples is not None else device_examples(data, device_index(device_id))
+        self.progress = progress
+        self.residual: dict[str, np.ndarray] = {}  # FLASC error feedback: what top-k did not send
+
+    def run(self, task: Task, payload: bytes, download_s: float = 0.0) -> Update:
+        model, init, masks = self.host.build(task.structure)
+        received = self._apply_download(model, init, payload)
+        t0 = time.perf_counter()
+        loss = train_local(model, self.examples, self.host.tokenizer, task.train, self.host.model_cfg.max_seq_len,
+                           self.host.torch_device,
+                           masks={n: torch.from_numpy(m) for n, m in masks.items()},
+                           progress=f"device {self.device_id} round {task.round}" if self.progress else None)
+        t1 = time.perf_counter()
+        trained = trainable_state(model)
+        delta = {n: trained[n] - received[n] for n in trained}
+        upload = self._encode(task, delta, masks)
+        t2 = time.perf_counter()
+        return Update(self.device_id, task.round, len(self.examples), upload, loss,
+                      PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1))
+
+    def _apply_download(self, model, init: dict[str, np.ndarray], payload: bytes) -> dict[str, np.ndarray]:
+        try:
+            tensors = codec.decode_bundle(payload)
+        except codec.CodecError as e:
+            raise DownloadError(f"download payload: {e}") from None
+        params = trainable_params(model)
+        missing = sorted(set(params) - set(tensors))
+        if missing:
+            raise DownloadError(f"download lacks trainable tensors {missing[:3]}")
+        received = {}
+        with torch.no_grad():
+            for name, t in tensors.items():
+                if name not in params:
+                    raise DownloadError(f"download names {name!r}, which this model does not train")
+                # Masked: untouched entries are W0's; Sparse (FLASC top-k): zeros elsewhere; Dense: all given.
+                base = init[name] if isinstance(t, codec.Masked) else None
+                value = codec.to_dense(name, t, base=base)
+                if value.shape != tuple(params[name].shape):
+                    raise DownloadError(f"download {name}: shape {value.shape} != model {tuple(params[name].shape)}")
+                params[name].copy_(torch.from_numpy(value))
+                received[name] = value
+        return received
+
+    def _encode(self, task: Task, delta: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> bytes:
+        rule = task.upload
+        if rule.format == UploadFormat.TOPK:
+            if rule.error_feedback:
+                delta = {n: d + self.residual.get(n, 0.0) for n, d in delta.items()}
+            sent = global_topk(delta, rule.density)
+            if rule.error_feedback:
+                self.residual = {n: delta[n] - codec.to_dense(n, sent[n]) for n in delta}
+            tensors: dict[str, codec.Tensor] = dict(sent)
+        elif rule.format == UploadFormat.MASKED:
+            s = task.structure
+            tensors = {n: (codec.Masked(d.shape, s.mask_seed, s.mask_density, d[masks[n]].astype(np.float32))
+                           if n in masks else codec.Dense(d)) for n, d in delta.items()}
+        else:
+            tensors = {n: codec.Dense(d) for n, d in delta.items()}
+        return codec.encode_bundle(tensors, value_type=rule.value_type)
+
+
+def device_index(device_id: str) -> int:
+    """Device ids are partition indices ("0".."N-1"): the id alone says which slice of the data it holds."""
+    try:
+        return int(device_id)
+    except ValueError:
+        raise ValueError(f"device id {device_id!r} is not an integer partition index") from None

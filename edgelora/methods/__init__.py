@@ -1,0 +1,28 @@
+"""The method registry: `method = { name = "..." }` in the run config picks one."""
+from __future__ import annotations
+
+from ..configtools import ConfigError, from_dict
+from .base import Method, MethodConfig, ModelHost
+from .baselines import FullFineTuning, Lora
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, Lora)}
+
+
+def method_config_from_dict(raw: dict | None):
+    raw = dict(raw or {})
+    name = raw.get("name", "lora")
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r}; allowed: {sorted(METHODS)}")
+    return from_dict(METHODS[name].Config, raw, "method")
+
+
+def make_method(run) -> Method:
+    return METHODS[run.method.name](run.method, run)
+
+
+def describe_methods() -> list[tuple[str, str]]:
+    return [(name, cls.summary) for name, cls in METHODS.items()]
+
+
+__all__ = ["METHODS", "Method", "MethodConfig", "ModelHost", "make_method", "method_config_from_dict",
+           "describe_methods"]

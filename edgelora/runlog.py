@@ -1,0 +1,136 @@
+"""The run folder: config.toml, metrics.jsonl, state/ (see state.py), the final adapter, accuracy.png.
+Also the per-round table in the terminal. Shared by the gRPC server and the simulator."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import RunConfig
+
+
+@dataclass
+class DeviceRecord:
+    device_id: str
+    status: str = "sampled"          # sampled -> completed | rejected | dropped
+    num_examples: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train_loss: float = float("nan")
+    download_s: float = 0.0
+    train_s: float = 0.0
+    encode_s: float = 0.0
+    upload_s: float = 0.0
+    task_sent_at: float = 0.0        # seconds since the round started
+    upload_done_at: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    stage: str
+    sampled: int = 0
+    completed: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0
+    train_loss: float | None = None
+    aggregated: bool = False
+    started_at: float = field(default_factory=time.time)
+    devices: dict[str, DeviceRecord] = field(default_factory=dict)
+
+    def close(self) -> None:
+        done = [d for d in self.devices.values() if d.status == "completed"]
+        self.sampled = len(self.devices)
+        self.completed = len(done)
+        self.bytes_down = sum(d.bytes_down for d in self.devices.values())
+        self.bytes_up = sum(d.bytes_up for d in self.devices.values())
+        losses = [d.train_loss for d in done if not math.isnan(d.train_loss)]
+        self.train_loss = sum(losses) / len(losses) if losses else None
+        self.seconds = time.time() - self.started_at
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["devices"] = [_clean(asdict(r)) for r in self.devices.values()]
+        return _clean(d)
+
+
+def _clean(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+class RunFolder:
+    def __init__(self, path: Path, run: RunConfig, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.run = run
+        if not resume:
+            (self.path / "config.toml").write_text(run.to_toml())
+            (self.path / "metrics.jsonl").write_text("")
+        self._header_printed = False
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def append(self, rec: RoundRecord) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec.to_json()) + "\n")
+        self.print_row(rec)
+        self.plot()
+
+    def records(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
+
+    COLUMNS = ("round", "stage", "devices", "accuracy", "test loss", "train loss", "MB down", "MB up", "seconds")
+
+    def print_row(self, rec: RoundRecord, out=sys.stdout) -> None:
+        widths = (5, 6, 7, 8, 9, 10, 8, 8, 7)
+        if not self._header_printed:
+            print("  ".join(c.rjust(w) for c, w in zip(self.COLUMNS, widths)), file=out)
+            print("  ".join("-" * w for w in widths), file=out)
+            self._header_printed = True
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)
+        cells = (str(rec.round), rec.stage, f"{rec.completed}/{rec.sampled}", fmt(rec.accuracy, ".4f"),
+                 fmt(rec.loss, ".4f"), fmt(rec.train_loss, ".4f"), f"{rec.bytes_down / 1e6:.3f}",
+                 f"{rec.bytes_up / 1e6:.3f}", f"{rec.seconds:.1f}")
+        print("  ".join(c.rjust(w) for c, w in zip(cells, widths)), file=out, flush=True)
+
+    def plot(self) -> None:
+        recs = [r for r in self.records() if r.get("accuracy") is not None]
+        if not recs:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        rounds = [r["round"] for r in recs]
+        a1.plot(rounds, [r["accuracy"] for r in recs], marker="o")
+        a1.set_xlabel("round"), a1.set_ylabel("test accuracy"), a1.grid(alpha=0.3)
+        cum, total = [], 0
+        by_round = {r["round"]: r for r in self.records()}
+        for rd in rounds:
+            total = sum(x["bytes_up"] + x["bytes_down"] for k, x in by_round.items() if k <= rd)
+            cum.append(total / 1e6)
+        a2.plot(cum, [r["accuracy"] for r in recs], marker="o")
+        a2.set_xlabel("total MB communicated (down + up)"), a2.set_ylabel("test accuracy"), a2.grid(alpha=0.3)
+        fig.suptitle(f"{self.run.method.name} on {self.run.data.dataset} ({self.run.model.name})")
+        fig.tight_layout()
+        fig.savefig(self.path / "accuracy.png", dpi=110)
+        plt.close(fig)
+
+    def save_final_model(self, model) -> Path:
+        """peft models save their adapter (PeftModel.from_pretrained loads it); others the trained model."""
+        target = self.path / ("adapter" if hasattr(model, "peft_config") else "model")
+        model.save_pretrained(str(target))
+        return target

@@ -1,0 +1,78 @@
+"""The server's whole state as one explicit value (fedjax's ServerState), checkpointed atomically.
+
+On disk: RUN_DIR/state/meta.json (scalars, RNG state) + RUN_DIR/state/tensors.elb (a codec bundle of the
+global weights, optimizer moments and method state, float32 = lossless). No pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgelora import codec
+
+from .tasks import Stage
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ServerState:
+    round: int                       # rounds completed (the next round is round + 1)
+    stage: Stage
+    stage_start: int                 # first round of the current stage
+    params: Arrays                   # global trainable weights, by trainable-parameter name
+    opt_state: Arrays = field(default_factory=dict)     # server optimizer (FedAdam m/v/step)
+    method_state: Arrays = field(default_factory=dict)  # e.g. SLoRA's accumulated Stage-1 delta
+    rng: dict = field(default_factory=dict)             # numpy bit-generator state of device sampling
+    finished: bool = False
+
+    def replace(self, **kw) -> "ServerState":
+        return dataclasses.replace(self, **kw)
+
+
+_GROUPS = ("params", "opt_state", "method_state")
+
+
+def save_state(state: ServerState, run_dir: Path) -> None:
+    """Write the state so that a crash at any instant leaves either the old or the new one on disk."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / "state.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    bundle = {f"{g}/{k}": codec.Dense(v) for g in _GROUPS for k, v in getattr(state, g).items()}
+    (tmp / "tensors.elb").write_bytes(codec.encode_bundle(bundle))
+    meta = {"round": state.round, "stage": state.stage.name, "stage_start": state.stage_start,
+            "rng": state.rng, "finished": state.finished}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final, old = run_dir / "state", run_dir / "state.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(run_dir: Path) -> ServerState:
+    run_dir = Path(run_dir)
+    d = run_dir / "state"
+    if not d.exists() and (run_dir / "state.old").exists():  # crashed between the two renames
+        d = run_dir / "state.old"
+    if not (d / "meta.json").exists():
+        raise FileNotFoundError(f"{run_dir} holds no server state (state/meta.json)")
+    meta = json.loads((d / "meta.json").read_text())
+    decoded = codec.decode_bundle((d / "tensors.elb").read_bytes())
+    groups: dict[str, Arrays] = {g: {} for g in _GROUPS}
+    for key, t in decoded.items():
+        g, _, name = key.partition("/")
+        groups[g][name] = codec.to_dense(key, t)
+    return ServerState(round=meta["round"], stage=Stage[meta["stage"]], stage_start=meta["stage_start"],
+                       rng=meta["rng"], finished=meta.get("finished", False), **groups)

@@ -1,0 +1,102 @@
+"""Domain types that cross the wire. protos/serde.py converts them to and from protobuf; nothing else
+touches *_pb2 types."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Stage(enum.IntEnum):
+    DENSE = 1    # ordinary federated training of the method's trainable weights
+    SPARSE = 2   # SLoRA/FLoRA Stage 1: sparse (masked) fine-tuning
+    LORA = 3     # SLoRA/FLoRA Stage 2: LoRA from the primed start
+
+
+class StructureKind(enum.IntEnum):
+    FULL = 1
+    LORA = 2
+    BITFIT = 3
+    ADAPTER = 4
+
+
+class UploadFormat(enum.IntEnum):
+    DENSE = 1    # every trainable value of the delta
+    MASKED = 2   # values at the structure's mask only
+    TOPK = 3     # global top-k of |delta| over every trainable tensor
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    modules_to_save: tuple[str, ...] = ("classifier",)
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str = "houlsby"
+    bottleneck: int = 64
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Which weights a device trains and how the model around them is built."""
+    kind: StructureKind = StructureKind.FULL
+    lora: LoraSpec | None = None
+    adapter: AdapterSpec | None = None
+    mask_density: float = 0.0      # 0 = no mask
+    mask_seed: int = 0
+    dense_patterns: tuple[str, ...] = ("classifier",)  # train densely even under a mask
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_steps: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class UploadRule:
+    format: UploadFormat = UploadFormat.DENSE
+    density: float = 1.0
+    error_feedback: bool = False
+    value_type: str = "float32"
+
+
+@dataclass(frozen=True)
+class Task:
+    round: int
+    stage: Stage
+    method: str
+    structure: Structure
+    train: TrainSpec
+    upload: UploadRule
+    deadline_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    download_s: float = 0.0
+    train_s: float = 0.0
+    encode_s: float = 0.0
+    upload_s: float = 0.0
+
+
+@dataclass
+class Update:
+    """What a device sends back: codec bytes of its delta, plus bookkeeping."""
+    device_id: str
+    round: int
+    num_examples: int
+    payload: bytes
+    train_loss: float = float("nan")
+    times: PhaseTimes = field(default_factory=PhaseTimes)

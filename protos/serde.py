@@ -1,0 +1,108 @@
+"""Domain types <-> protobuf, in matched x_to_proto / x_from_proto pairs (Flower's serde). Domain code never
+touches *_pb2 types; this is the only module that knows both."""
+from __future__ import annotations
+
+from edgelora.config import DataConfig, ModelConfig
+from edgelora.tasks import (AdapterSpec, LoraSpec, PhaseTimes, Stage, Structure, StructureKind, Task, TrainSpec,
+                            UploadFormat, UploadRule)
+
+from . import edgelora_pb2 as pb
+
+
+def model_to_proto(m: ModelConfig) -> pb.ModelSpec:
+    return pb.ModelSpec(name=m.name, num_labels=m.num_labels, max_seq_len=m.max_seq_len, head_seed=m.head_seed)
+
+
+def model_from_proto(p: pb.ModelSpec) -> ModelConfig:
+    return ModelConfig(name=p.name, num_labels=p.num_labels, max_seq_len=p.max_seq_len, head_seed=p.head_seed)
+
+
+def data_to_proto(d: DataConfig) -> pb.DataSpec:
+    return pb.DataSpec(dataset=d.dataset, data_home=d.data_home, path=d.path, text_column=d.text_column,
+                       label_column=d.label_column, remove=list(d.remove), partition=d.partition, alpha=d.alpha,
+                       classes_per_device=d.classes_per_device, num_devices=d.num_devices, seed=d.seed,
+                       max_examples_per_device=d.max_examples_per_device, test_path=d.test_path,
+                       test_fraction=d.test_fraction)
+
+
+def data_from_proto(p: pb.DataSpec) -> DataConfig:
+    cfg = DataConfig(dataset=p.dataset, data_home=p.data_home, path=p.path, text_column=p.text_column,
+                     label_column=p.label_column, remove=list(p.remove), partition=p.partition, alpha=p.alpha,
+                     classes_per_device=p.classes_per_device, num_devices=p.num_devices, seed=p.seed,
+                     max_examples_per_device=p.max_examples_per_device, test_path=p.test_path,
+                     test_fraction=p.test_fraction)
+    cfg.validate()
+    return cfg
+
+
+def lora_to_proto(s: LoraSpec) -> pb.LoraSpec:
+    return pb.LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout, target_modules=list(s.target_modules),
+                       modules_to_save=list(s.modules_to_save), rank_pattern=dict(s.rank_pattern))
+
+
+def lora_from_proto(p: pb.LoraSpec) -> LoraSpec:
+    return LoraSpec(rank=p.rank, alpha=p.alpha, dropout=p.dropout, target_modules=tuple(p.target_modules),
+                    modules_to_save=tuple(p.modules_to_save), rank_pattern=tuple(sorted(p.rank_pattern.items())))
+
+
+def structure_to_proto(s: Structure) -> pb.Structure:
+    p = pb.Structure(kind=int(s.kind), mask_density=s.mask_density, mask_seed=s.mask_seed,
+                     dense_patterns=list(s.dense_patterns))
+    if s.lora is not None:
+        p.lora.CopyFrom(lora_to_proto(s.lora))
+    if s.adapter is not None:
+        p.adapter.CopyFrom(pb.AdapterSpec(kind=s.adapter.kind, bottleneck=s.adapter.bottleneck))
+    return p
+
+
+def structure_from_proto(p: pb.Structure) -> Structure:
+    return Structure(kind=StructureKind(p.kind), lora=lora_from_proto(p.lora) if p.HasField("lora") else None,
+                     adapter=AdapterSpec(p.adapter.kind, p.adapter.bottleneck) if p.HasField("adapter") else None,
+                     mask_density=p.mask_density, mask_seed=p.mask_seed, dense_patterns=tuple(p.dense_patterns))
+
+
+def train_to_proto(t: TrainSpec) -> pb.TrainSpec:
+    return pb.TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
+                        momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps, seed=t.seed)
+
+
+def train_from_proto(p: pb.TrainSpec) -> TrainSpec:
+    return TrainSpec(local_epochs=p.local_epochs, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer,
+                     momentum=p.momentum, weight_decay=p.weight_decay, max_steps=p.max_steps, seed=p.seed)
+
+
+def upload_to_proto(u: UploadRule) -> pb.UploadRule:
+    return pb.UploadRule(format=int(u.format), density=u.density, error_feedback=u.error_feedback,
+                         value_type=u.value_type)
+
+
+def upload_from_proto(p: pb.UploadRule) -> UploadRule:
+    return UploadRule(format=UploadFormat(p.format), density=p.density, error_feedback=p.error_feedback,
+                      value_type=p.value_type)
+
+
+def task_to_proto(t: Task, payload_bytes: int) -> pb.TaskHeader:
+    return pb.TaskHeader(kind=pb.TaskHeader.TRAIN, round=t.round, stage=int(t.stage), method=t.method,
+                         structure=structure_to_proto(t.structure), train=train_to_proto(t.train),
+                         upload=upload_to_proto(t.upload), payload_bytes=payload_bytes, deadline_s=t.deadline_s)
+
+
+def task_from_proto(p: pb.TaskHeader) -> Task:
+    return Task(round=p.round, stage=Stage(p.stage), method=p.method, structure=structure_from_proto(p.structure),
+                train=train_from_proto(p.train), upload=upload_from_proto(p.upload), deadline_s=p.deadline_s)
+
+
+def times_to_proto(t: PhaseTimes) -> pb.PhaseTimes:
+    return pb.PhaseTimes(download_s=t.download_s, train_s=t.train_s, encode_s=t.encode_s, upload_s=t.upload_s)
+
+
+def times_from_proto(p: pb.PhaseTimes) -> PhaseTimes:
+    return PhaseTimes(download_s=p.download_s, train_s=p.train_s, encode_s=p.encode_s, upload_s=p.upload_s)
+
+
+def chunks(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):
+    """A header message, then the payload in pieces of at most chunk_bytes (no gRPC message over 4 MiB)."""
+    yield chunk_cls(header=header_msg)
+    view = memoryview(payload)
+    for start in range(0, len(payload), chunk_bytes):
+        yield chunk_cls(data=bytes(view[start:start + chunk_bytes]))

@@ -1,0 +1,60 @@
+"""Start and stop the coordinator: `run_server()` is a context manager that always stops the gRPC server."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from edgelora.config import RunConfig
+from edgelora.protos import edgelora_pb2_grpc as pb_grpc
+
+from .coordinator import Coordinator
+from .servicer import CoordinatorServicer
+
+log = logging.getLogger("edgelora.server")
+
+
+@contextlib.contextmanager
+def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=None, interceptors=()):
+    """Yield (coordinator, port) with a gRPC server listening; stop it on exit whatever happened."""
+    coord = Coordinator(run, Path(run_dir), resume=resume)
+    cfg = run.server
+    # The receive cap stays small: one chunk plus framing. Uploads arrive as many such messages.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+                         interceptors=list(interceptors),
+                         options=[("grpc.max_receive_message_length", cfg.chunk_bytes + 64 * 1024),
+                                  ("grpc.max_send_message_length", cfg.chunk_bytes + 64 * 1024)])
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
+    address = f"{cfg.host}:{cfg.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"server.port: could not listen on {address}")
+    server.start()
+    (Path(run_dir) / "server.addr").write_text(f"{cfg.host}:{port}\n")
+    log.info("coordinator listening on %s:%d, run folder %s", cfg.host, port, run_dir)
+    try:
+        yield coord, port
+    finally:
+        coord.stop()
+        server.stop(grace=2.0).wait()
+
+
+def serve(run: RunConfig, run_dir: Path, resume: bool = False, linger_s: float = 3.0, **kw) -> int:
+    """Run every round, then linger so devices hear STOP, then stop. Returns a process exit code."""
+    with run_server(run, run_dir, resume=resume, **kw) as (coord, port):
+        print(f"edgelora server listening on {run.server.host}:{port}; run folder {run_dir}", flush=True)
+        try:
+            state = coord.run_rounds()
+        except TimeoutError as e:
+            log.error("%s", e)
+            return 2
+        except KeyboardInterrupt:
+            log.warning("interrupted; state of round %d is in %s (resume with --resume)", coord.state.round, run_dir)
+            return 130
+        time.sleep(linger_s)  # devices long-polling now receive STOP
+        print(f"finished {state.round} rounds; run folder {run_dir}", flush=True)
+        return 0

@@ -1,0 +1,235 @@
+"""The round state machine. One driver thread runs rounds; gRPC handler threads call in to fetch tasks and
+submit updates. All shared state sits behind one condition variable."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgelora.aggregation import RunningMean
+from edgelora.config import RunConfig
+from edgelora.data import test_examples, with_num_labels
+from edgelora.engine import RoundEngine, RoundPlan, UpdateRejected, stage_name
+from edgelora.methods import ModelHost, make_method
+from edgelora.models import fingerprint_model, fingerprint_tokenizer, load_base_model, load_tokenizer
+from edgelora.runlog import DeviceRecord, RoundRecord, RunFolder
+from edgelora.state import ServerState, load_state, save_state
+from edgelora.tasks import PhaseTimes
+from edgelora.training import evaluate
+
+from .registry import DeviceRegistry
+
+log = logging.getLogger("edgelora.server")
+
+
+@dataclass
+class ActiveRound:
+    plan: RoundPlan
+    sampled: list[str]
+    record: RoundRecord
+    agg: RunningMean = field(default_factory=RunningMean)
+    in_flight: set[str] = field(default_factory=set)   # uploads being received right now
+    done: set[str] = field(default_factory=set)        # accepted uploads
+    open: bool = True
+
+
+class Coordinator:
+    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False) -> None:
+        run = with_num_labels(run)
+        self.run = run
+        self.folder = RunFolder(run_dir, run, resume=resume)
+        self.registry = DeviceRegistry(run.server.device_timeout_s)
+        self.tokenizer = load_tokenizer(run.model.name)
+        base = load_base_model(run.model.name, run.model.num_labels, run.model.head_seed)
+        self.model_fingerprint = fingerprint_model(base)
+        self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
+        self.engine = RoundEngine(run, make_method(run), ModelHost(base))
+        self.test = test_examples(run.data)
+        if resume:
+            self.state = load_state(run_dir)
+            log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
+        else:
+            self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
+            save_state(self.state, run_dir)
+        self.round: ActiveRound | None = None
+        self.cond = threading.Condition()
+        self.stopping = False
+
+    # -- called from gRPC handlers ------------------------------------------------------------------------
+    def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str) -> None:
+        if not device_id.isdigit() or int(device_id) >= self.run.data.num_devices:
+            raise UpdateRejected("invalid", f"device id {device_id!r} is not a partition index in "
+                                            f"0..{self.run.data.num_devices - 1}")
+        if model_fp != self.model_fingerprint:
+            raise UpdateRejected("precondition", f"base model fingerprint differs: device {model_fp[:12]}, server "
+                                                 f"{self.model_fingerprint[:12]} (other weights or head seed)")
+        if tok_fp != self.tokenizer_fingerprint:
+            raise UpdateRejected("precondition", f"tokenizer fingerprint differs: device {tok_fp[:12]}, server "
+                                                 f"{self.tokenizer_fingerprint[:12]}")
+        if self.registry.register(device_id, hardware, versions):
+            log.info("device %s registered (%s)", device_id, hardware)
+        with self.cond:
+            self.cond.notify_all()
+
+    def heartbeat(self, device_id: str) -> ServerState:
+        self._known(device_id)
+        return self.state
+
+    def next_task(self, device_id: str, wait_s: float) -> tuple[str, ActiveRound | None]:
+        """('train', round) | ('wait', None) | ('stop', None), holding the call up to wait_s."""
+        self._known(device_id)
+        deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
+        with self.cond:
+            while True:
+                if self.state.finished or self.stopping:
+                    return "stop", None
+                r = self.round
+                if r is not None and r.open and device_id in r.sampled and device_id not in r.done \
+                        and device_id not in r.in_flight:
+                    rec = r.record.devices[device_id]
+                    rec.task_sent_at = time.time() - r.record.started_at
+                    return "train", r
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "wait", None
+                self.cond.wait(left)
+
+    def count_download(self, r: ActiveRound, device_id: str, nbytes: int) -> None:
+        with self.cond:
+            r.record.devices[device_id].bytes_down += nbytes
+
+    def begin_upload(self, device_id: str, round_id: int) -> ActiveRound:
+        self._known(device_id)
+        with self.cond:
+            r = self.round
+            if r is None or not r.open or r.plan.task.round != round_id:
+                current = r.plan.task.round if r is not None and r.open else "none"
+                raise UpdateRejected("precondition", f"update for round {round_id}, but the open round is {current}")
+            if device_id not in r.sampled:
+                raise UpdateRejected("precondition", f"device {device_id} was not sampled in round {round_id}")
+            if device_id in r.done:
+                raise UpdateRejected("exists", f"device {device_id} already uploaded for round {round_id}")
+            if device_id in r.in_flight:
+                raise UpdateRejected("exists", f"device {device_id} has an upload for round {round_id} in progress")
+            r.in_flight.add(device_id)
+            return r
+
+    def finish_upload(self, r: ActiveRound, device_id: str, payload: bytes | None, num_examples: int,
+                      train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "") -> None:
+        """Validate and aggregate an upload (payload None: the stream failed). Raises UpdateRejected."""
+        try:
+            if payload is None:
+                raise UpdateRejected("invalid", error or "upload failed")
+            if num_examples <= 0:
+                raise UpdateRejected("invalid", f"num_examples must be > 0, got {num_examples}")
+            delta = self.engine.decode_update(r.plan, payload)
+        except UpdateRejected as e:
+            with self.cond:
+                r.in_flight.discard(device_id)
+                rec = r.record.devices[device_id]
+                rec.status, rec.error = "rejected", e.message
+                rec.bytes_up += wire_bytes
+            raise
+        with self.cond:
+            r.in_flight.discard(device_id)
+            if not r.open:
+                raise UpdateRejected("precondition", f"round {r.plan.task.round} closed before the upload finished")
+            r.agg.add(delta, self.engine.weight(num_examples))
+            r.done.add(device_id)
+            rec = r.record.devices[device_id]
+            rec.status, rec.error = "completed", ""
+            rec.num_examples, rec.train_loss, rec.bytes_up = num_examples, train_loss, rec.bytes_up + wire_bytes
+            rec.download_s, rec.train_s, rec.encode_s, rec.upload_s = (times.download_s, times.train_s,
+                                                                        times.encode_s, times.upload_s)
+            rec.upload_done_at = time.time() - r.record.started_at
+            if self.run.server.save_updates:
+                self._save_update(r.plan.task.round, device_id, payload, num_examples)
+            self.cond.notify_all()
+
+    # -- the driver ------------------------------------------------------------------------------------------
+    def run_rounds(self) -> ServerState:
+        cfg = self.run.server
+        self._wait_for_devices(cfg.registered_needed)
+        while not self.state.finished and not self.stopping:
+            self._run_one_round()
+        with self.cond:
+            self.cond.notify_all()
+        return self.state
+
+    def _wait_for_devices(self, needed: int) -> None:
+        deadline = time.monotonic() + self.run.server.registration_timeout_s
+        with self.cond:
+            while len(self.registry.live()) < needed and not self.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"only {len(self.registry.live())} of {needed} devices registered within "
+                                       f"server.registration_timeout_s = {self.run.server.registration_timeout_s}")
+                self.cond.wait(min(left, 1.0))
+
+    def _sample(self) -> tuple[list[str], dict]:
+        live = self.registry.live()
+        bitgen = np.random.PCG64()
+        bitgen.state = self.state.rng
+        k = min(self.run.server.devices_per_round, len(live))
+        picked = np.random.Generator(bitgen).choice(len(live), size=k, replace=False)
+        return sorted((live[i] for i in picked), key=lambda d: (len(d), d)), bitgen.state
+
+    def _run_one_round(self) -> None:
+        cfg = self.run.server
+        self._wait_for_devices(cfg.min_devices)
+        sampled, rng_state = self._sample()
+        plan = self.engine.plan(self.state)
+        rec = RoundRecord(round=plan.task.round, stage=stage_name(self.state.stage),
+                          devices={d: DeviceRecord(d) for d in sampled})
+        with self.cond:
+            self.round = ActiveRound(plan, sampled, rec)
+            self.cond.notify_all()
+        log.info("round %d: sampled %s", plan.task.round, sampled)
+        deadline = time.monotonic() + cfg.round_deadline_s
+        with self.cond:
+            r = self.round
+            while len(r.done) < len(sampled) and time.monotonic() < deadline and not self.stopping:
+                self.cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+            r.open = False
+            for d in sampled:
+                if d not in r.done and r.record.devices[d].status == "sampled":
+                    r.record.devices[d].status = "dropped"
+            self.cond.notify_all()
+        aggregated = len(r.done) >= cfg.min_devices
+        if not aggregated:
+            log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d)", plan.task.round,
+                        len(r.done), len(sampled), cfg.min_devices)
+        new_state = self.engine.finish(self.state, r.agg if aggregated else None, rng_state)
+        rec.aggregated = aggregated
+        if new_state.round % cfg.eval_every == 0 or new_state.finished:
+            rec.accuracy, rec.loss = evaluate(self.engine.model_for(new_state), self.test, self.tokenizer,
+                                              self.run.model.max_seq_len, self.engine.host.base.device)
+        save_state(new_state, self.folder.path)
+        rec.close()
+        self.folder.append(rec)
+        if new_state.finished:
+            target = self.folder.save_final_model(self.engine.model_for(new_state))
+            log.info("saved the final model to %s", target)
+        with self.cond:
+            self.state = new_state
+            self.cond.notify_all()
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _known(self, device_id: str) -> None:
+        if not self.registry.touch(device_id):
+            raise UpdateRejected("unknown", f"device {device_id!r} is not registered")
+
+    def _save_update(self, round_id: int, device_id: str, payload: bytes, num_examples: int) -> None:
+        d = self.folder.path / "updates" / f"round_{round_id:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"device_{device_id}.elb").write_bytes(payload)
+        (d / f"device_{device_id}.examples").write_text(str(num_examples))
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()

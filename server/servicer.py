@@ -1,0 +1,123 @@
+"""gRPC servicer: translates protobuf <-> domain and delegates to the Coordinator. No round logic here."""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from edgelora.engine import UpdateRejected
+from edgelora.protos import edgelora_pb2 as pb
+from edgelora.protos import edgelora_pb2_grpc as pb_grpc
+from edgelora.protos import serde
+
+from .coordinator import Coordinator
+
+log = logging.getLogger("edgelora.server")
+
+STATUS = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "unknown": grpc.StatusCode.FAILED_PRECONDITION,
+    "exists": grpc.StatusCode.ALREADY_EXISTS,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _abort(context: grpc.ServicerContext, e: UpdateRejected, what: str) -> None:
+    log.warning("%s refused: %s", what, e.message)
+    context.abort(STATUS[e.code], e.message)
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+        run = coord.run
+        self.spec = pb.RunSpec(run_id=coord.folder.path.name, model=serde.model_to_proto(run.model),
+                               data=serde.data_to_proto(run.data), method=run.method.name,
+                               chunk_bytes=run.server.chunk_bytes, max_upload_bytes=run.server.max_upload_bytes)
+
+    def GetRunSpec(self, request, context):
+        return self.spec
+
+    def Register(self, request, context):
+        try:
+            self.coord.register(request.device_id, request.hardware, dict(request.versions),
+                                request.model_fingerprint, request.tokenizer_fingerprint)
+        except UpdateRejected as e:
+            _abort(context, e, f"register {request.device_id!r}")
+        return pb.RegisterReply(run_id=self.spec.run_id, heartbeat_s=self.coord.run.server.heartbeat_s)
+
+    def Heartbeat(self, request, context):
+        try:
+            state = self.coord.heartbeat(request.device_id)
+        except UpdateRejected as e:
+            _abort(context, e, f"heartbeat {request.device_id!r}")
+        return pb.HeartbeatReply(round=state.round, run_finished=state.finished)
+
+    def FetchTask(self, request, context):
+        try:
+            kind, r = self.coord.next_task(request.device_id, request.wait_s)
+        except UpdateRejected as e:
+            _abort(context, e, f"fetch {request.device_id!r}")
+        if kind != "train":
+            k = pb.TaskHeader.STOP if kind == "stop" else pb.TaskHeader.WAIT
+            yield pb.TaskChunk(header=pb.TaskHeader(kind=k, round=self.coord.state.round))
+            return
+        header = serde.task_to_proto(r.plan.task, len(r.plan.payload))
+        for chunk in serde.chunks(header, pb.TaskChunk, r.plan.payload, self.coord.run.server.chunk_bytes):
+            self.coord.count_download(r, request.device_id, chunk.ByteSize())
+            yield chunk
+
+    def SubmitUpdate(self, request_iterator, context):
+        cfg = self.coord.run.server
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream: expected a header first")
+        if first.WhichOneof("part") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "upload stream must start with a header")
+        h = first.header
+        what = f"upload from {h.device_id!r} for round {h.round}"
+        if h.payload_bytes > cfg.max_upload_bytes:
+            _abort(context, UpdateRejected("exhausted", f"declared payload of {h.payload_bytes} bytes exceeds the "
+                                                        f"server's limit of {cfg.max_upload_bytes}"), what)
+        try:
+            r = self.coord.begin_upload(h.device_id, h.round)
+        except UpdateRejected as e:
+            _abort(context, e, what)
+        wire, parts, got, error = first.ByteSize(), [], 0, ""
+        started = time.perf_counter()
+        try:
+            for msg in request_iterator:
+                wire += msg.ByteSize()
+                if msg.WhichOneof("part") != "data":
+                    error = "upload stream carries a second header"
+                    break
+                got += len(msg.data)
+                if got > h.payload_bytes:
+                    raise UpdateRejected("exhausted", f"stream carries more than the declared {h.payload_bytes} bytes")
+                parts.append(msg.data)
+        except UpdateRejected as e:
+            self._reject(r, h, wire, e, context, what)
+        except grpc.RpcError:  # the device went away mid-stream
+            error = "stream broken off by the device"
+        upload_s = time.perf_counter() - started
+        if not error and got != h.payload_bytes:
+            error = f"truncated upload: got {got} of {h.payload_bytes} declared bytes"
+        times = serde.times_from_proto(h.times)
+        times = type(times)(times.download_s, times.train_s, times.encode_s, upload_s)
+        try:
+            self.coord.finish_upload(r, h.device_id, None if error else b"".join(parts), h.num_examples,
+                                     h.train_loss, times, wire, error)
+        except UpdateRejected as e:
+            _abort(context, e, what)
+        log.info("accepted %s: %d bytes", what, got)
+        return pb.SubmitReply(accepted=True, round=h.round, bytes_received=wire)
+
+    def _reject(self, r, h, wire, e, context, what):
+        try:
+            self.coord.finish_upload(r, h.device_id, None, 0, 0.0, serde.times_from_proto(h.times), wire, e.message)
+        except UpdateRejected:
+            pass
+        _abort(context, e, what)
