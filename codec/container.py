@@ -1,7 +1,8 @@
 """The versioned bundle: named tensors <-> bytes. FORMAT.md specifies the layout byte by byte.
 
     magic "ELCB" | version u8 | flags u8 | reserved u16 | header_size u32 | header (zstd frame)
-    | per tensor: index payload, value payload | crc32 u32 of everything before it
+    | index payload of each sparse tensor | value planes 0..3 (each raw or one zstd frame)
+    | crc32 u32 of everything before it
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import numpy as np
 
 from . import zstd_frame
 from .errors import CodecError
-from .header import DENSE, MASKED, RAW, SPARSE, ZSTD, Entry, pack_header, parse_header
+from .header import DENSE, MASKED, RAW, SPARSE, ZSTD, Entry, Table, pack_header, parse_header
 from .index_coding import decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor
-from .values import ITEM_SIZE, check_value_type, decode_values, encode_values
+from .values import check_value_type, decode_values, encode_values, pack_planes, plane_sizes, unpack_planes
 
 MAGIC = b"ELCB"
 VERSION = 1
@@ -38,15 +39,42 @@ def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32",
         raise CodecError(f"value_types: names not in the bundle: {sorted(unknown)}")
     if not isinstance(level, int) or isinstance(level, bool):
         raise CodecError(f"level: must be an int, got {level!r}")
-    entries, payloads = [], []
+    entries, index_payloads, stored = [], [], []
     for name, t in tensors.items():
         vt = check_value_type(overrides.get(name, value_type), f"value_types[{name!r}]")
-        entry, parts = _encode_tensor(name, t, vt, level)
+        entry, index_payload, values = _encode_tensor(name, t, vt)
+        stored_values, entry.scale = encode_values(values, vt, name)
         entries.append(entry)
-        payloads += parts
-    header = zstd_frame.compress(pack_header(entries), level)
-    body = _PREAMBLE.pack(MAGIC, VERSION, 0, 0, len(header)) + header + b"".join(payloads)
+        index_payloads.append(index_payload)
+        stored.append(stored_values)
+    table, planes = Table(entries), pack_planes(stored)
+    for j, plane in enumerate(planes):
+        packed = zstd_frame.compress(plane, level)
+        if len(packed) < len(plane):  # zstd only where it helps
+            table.plane_codecs[j], planes[j] = ZSTD, packed
+        table.plane_sizes[j] = len(planes[j])
+    return assemble(table, index_payloads, b"".join(planes), level=level)
+
+
+def assemble(table: Table, index_payloads: list[bytes], values_section: bytes, *, level: int = 3,
+             header_frame: bytes | None = None, preamble: tuple = (MAGIC, VERSION, 0, 0)) -> bytes:
+    """Lay out a bundle from its parts. Tests and the fuzzer pass odd parts to reach each check."""
+    frame = zstd_frame.compress(pack_header(table), level) if header_frame is None else header_frame
+    body = _PREAMBLE.pack(*preamble, len(frame)) + frame + b"".join(index_payloads) + values_section
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def take_apart(data: bytes) -> tuple[Table, list[bytes], bytes]:
+    """Inverse of assemble for a well-formed bundle: table, index payload per tensor, stored value planes."""
+    (header_size,) = struct.unpack_from("<I", data, 8)
+    frame = data[_PREAMBLE.size:_PREAMBLE.size + header_size]
+    table = parse_header(zstd_frame.decompress(frame, zstd_frame.content_size(frame, "header"), "header"),
+                         DEFAULT_MAX_ELEMENTS)
+    index_payloads, pos = [], _PREAMBLE.size + header_size
+    for e in table.entries:
+        index_payloads.append(data[pos:pos + e.index_size])
+        pos += e.index_size
+    return table, index_payloads, data[pos:len(data) - _TRAILER]
 
 
 def decode_bundle(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
@@ -56,6 +84,30 @@ def decode_bundle(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> d
     allocation decoding makes.
     """
     data = bytes(data)
+    table, body = _open(data, max_elements)
+    index_total = sum(e.index_size for e in table.entries)
+    if index_total + sum(table.plane_sizes) != len(body):
+        raise CodecError(f"index_size/plane_size: payload sizes do not add up to the {len(body)} body bytes")
+    types, counts = [e.value_type for e in table.entries], [e.count for e in table.entries]
+    planes, pos = [], index_total
+    for j, expected in enumerate(plane_sizes(types, counts)):
+        plane = bytes(body[pos:pos + table.plane_sizes[j]])
+        pos += table.plane_sizes[j]
+        if table.plane_codecs[j] == ZSTD:
+            plane = zstd_frame.decompress(plane, expected, f"plane[{j}]")
+        elif len(plane) != expected:
+            raise CodecError(f"plane_size[{j}]: {len(plane)} raw bytes, the table implies {expected}")
+        planes.append(plane)
+    stored = unpack_planes(planes, types, counts)
+    out, pos = {}, 0
+    for e, s in zip(table.entries, stored):
+        out[e.name] = _decode_tensor(e, bytes(body[pos:pos + e.index_size]), s)
+        pos += e.index_size
+    return out
+
+
+def _open(data: bytes, max_elements: int) -> tuple[Table, memoryview]:
+    """Check the preamble and checksum, and parse the table; returns it and the body after the header."""
     if len(data) < _PREAMBLE.size + _TRAILER:
         raise CodecError(f"length: {len(data)} bytes is shorter than the smallest bundle")
     magic, version, flags, reserved, header_size = _PREAMBLE.unpack_from(data)
@@ -74,20 +126,12 @@ def decode_bundle(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> d
     declared = zstd_frame.content_size(frame, "header")
     if declared > MAX_HEADER_BYTES:
         raise CodecError(f"header: declares {declared} bytes, more than {MAX_HEADER_BYTES}")
-    entries = parse_header(zstd_frame.decompress(frame, declared, "header"), max_elements)
-    body = memoryview(data)[_PREAMBLE.size + header_size:len(data) - _TRAILER]
-    if sum(e.index_size + e.value_size for e in entries) != len(body):
-        raise CodecError(f"index_size/value_size: payload sizes do not add up to the {len(body)} body bytes")
-    out, pos = {}, 0
-    for e in entries:
-        index_bytes = bytes(body[pos:pos + e.index_size])
-        value_bytes = bytes(body[pos + e.index_size:pos + e.index_size + e.value_size])
-        pos += e.index_size + e.value_size
-        out[e.name] = _decode_tensor(e, index_bytes, value_bytes)
-    return out
+    table = parse_header(zstd_frame.decompress(frame, declared, "header"), max_elements)
+    return table, memoryview(data)[_PREAMBLE.size + header_size:len(data) - _TRAILER]
 
 
-def _encode_tensor(name: str, t: Tensor, value_type: str, level: int) -> tuple[Entry, list[bytes]]:
+def _encode_tensor(name: str, t: Tensor, value_type: str) -> tuple[Entry, bytes, np.ndarray]:
+    """The table entry, index payload (empty unless Sparse) and flat float32 values of one tensor."""
     if not isinstance(name, str):
         raise CodecError(f"name: must be str, got {type(name).__name__}")
     try:
@@ -97,41 +141,29 @@ def _encode_tensor(name: str, t: Tensor, value_type: str, level: int) -> tuple[E
         raise CodecError(f"name: {name!r} is not encodable as UTF-8") from None
     if isinstance(t, Dense):
         values = _finite_float32(t.values, name)
-        entry, parts = Entry(name, DENSE, value_type, values.shape, values.size), []
-        values = values.reshape(-1)
-    elif isinstance(t, Sparse):
+        return Entry(name, DENSE, value_type, values.shape, values.size), b"", values.reshape(-1)
+    if isinstance(t, Sparse):
         shape = _shape(t.shape, name)
         indices = _sorted_indices(t.indices, math.prod(shape), name)
         values = _finite_float32(t.values, name).reshape(-1)
         if values.size != indices.size:
             raise CodecError(f"{name}: values: {values.size} values for {indices.size} indices")
-        coder, param, index_payload = encode_indices(indices, math.prod(shape))
+        coder, param, payload = encode_indices(indices, math.prod(shape))
         entry = Entry(name, SPARSE, value_type, shape, indices.size, index_coder=coder, index_param=param,
-                      index_size=len(index_payload))
-        parts = [index_payload]
-    elif isinstance(t, Masked):
+                      index_size=len(payload))
+        return entry, payload, values
+    if isinstance(t, Masked):
         shape = _shape(t.shape, name)
         seed, density = _seed(t.seed, name), _density(t.density, name)
         values = _finite_float32(t.values, name).reshape(-1)
         if values.size != mask_size(shape, density):
             raise CodecError(f"{name}: values: {values.size} values, the mask has {mask_size(shape, density)}")
-        entry, parts = Entry(name, MASKED, value_type, shape, values.size, seed=seed, density=density), []
-    else:
-        raise CodecError(f"{name}: form: {type(t).__name__} is not Dense, Sparse or Masked")
-    planes, entry.scale = encode_values(values, value_type, name)
-    packed = zstd_frame.compress(planes, level)
-    if len(packed) < len(planes):  # zstd only where it helps
-        entry.value_codec, planes = ZSTD, packed
-    entry.value_size = len(planes)
-    return entry, parts + [planes]
+        return Entry(name, MASKED, value_type, shape, values.size, seed=seed, density=density), b"", values
+    raise CodecError(f"{name}: form: {type(t).__name__} is not Dense, Sparse or Masked")
 
 
-def _decode_tensor(e: Entry, index_bytes: bytes, value_bytes: bytes) -> Tensor:
-    field = f"{e.name}: value_payload"
-    expected = e.count * ITEM_SIZE[e.value_type]
-    if e.value_codec == ZSTD:
-        value_bytes = zstd_frame.decompress(value_bytes, expected, field)
-    values = decode_values(value_bytes, e.value_type, e.count, e.scale, e.name)
+def _decode_tensor(e: Entry, index_bytes: bytes, stored: np.ndarray) -> Tensor:
+    values = decode_values(stored, e.value_type, e.scale, e.name)
     if e.form == DENSE:
         return Dense(values.reshape(e.shape))
     if e.form == MASKED:

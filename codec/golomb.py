@@ -33,25 +33,26 @@ def golomb_bits(gaps: np.ndarray, m: int) -> int:
     """Exact payload size in bits of the gaps under parameter m (before byte padding)."""
     b, u = _layout(m)
     k = gaps.size
-    unary = int((gaps // m).sum()) + k
     if b == 0:
-        return unary
-    return unary + k * (b - 1) + int(np.count_nonzero(gaps % m >= u))
+        return int(gaps.sum()) + k
+    quotients, remainders = np.divmod(gaps, m)
+    return int(quotients.sum()) + k + k * (b - 1) + int(np.count_nonzero(remainders >= u))
 
 
 def best_parameter(gaps: np.ndarray, n: int) -> int:
-    """m minimising golomb_bits, searched around the geometric optimum ceil(log(1+q) / -log q), q = 1 - p."""
+    """m minimising golomb_bits, searched around the geometric optimum ceil(log(1+q) / -log q), q = 1 - p
+    (Gallager & Van Voorhis), on an evenly strided sample of at most 2**16 gaps to keep encoding fast."""
     k = gaps.size
-    p = k / (n + 1)
-    q = 1.0 - p
+    q = 1.0 - k / (n + 1)
     m0 = 1 if q <= 0.5 else max(1, math.ceil(math.log1p(q) / -math.log(q)))
     candidates = {max(1, min(n, m)) for m in (m0 - 1, m0, m0 + 1, m0 + 2)}
-    return min(sorted(candidates), key=lambda m: golomb_bits(gaps, m))
+    sample = gaps[::max(1, k >> 16)]
+    return min(sorted(candidates), key=lambda m: golomb_bits(sample, m))
 
 
 def encode(gaps: np.ndarray, m: int) -> bytes:
     b, u = _layout(m)
-    quotients, remainders = gaps // m, gaps % m
+    quotients, remainders = np.divmod(gaps, m)
     ones = np.cumsum(quotients + 1) - 1  # where each unary part ends
     unary = np.zeros(int(ones[-1]) + 1 if ones.size else 0, np.uint8)
     unary[ones] = 1

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import CodecError
 from .index_coding import CODER_NAMES
 from .mask import mask_size
-from .values import VALUE_TYPES
+from .values import N_PLANES, VALUE_TYPES
 
 DENSE, SPARSE, MASKED = 0, 1, 2
 RAW, ZSTD = 0, 1
@@ -31,14 +31,20 @@ class Entry:
     index_coder: int = 0  # sparse only
     index_param: int = 0  # sparse only
     index_size: int = 0  # sparse only: bytes of the index payload
-    value_codec: int = RAW
-    value_size: int = 0  # bytes of the value payload as stored (compressed if ZSTD)
     scale: float = 0.0  # int8 only
 
 
-def pack_header(entries: list[Entry]) -> bytes:
-    out = [struct.pack("<I", len(entries))]
-    for e in entries:
+@dataclass
+class Table:
+    entries: list[Entry]
+    plane_codecs: list[int] = field(default_factory=lambda: [RAW] * N_PLANES)  # RAW bytes or one ZSTD frame
+    plane_sizes: list[int] = field(default_factory=lambda: [0] * N_PLANES)  # bytes of each plane as stored
+
+
+def pack_header(table: Table) -> bytes:
+    out = [struct.pack("<I", len(table.entries))]
+    out += [struct.pack("<BQ", c, n) for c, n in zip(table.plane_codecs, table.plane_sizes)]
+    for e in table.entries:
         name = e.name.encode("utf-8")
         out.append(struct.pack("<H", len(name)) + name)
         out.append(struct.pack("<BBB", e.form, VALUE_TYPES.index(e.value_type), len(e.shape)))
@@ -47,7 +53,6 @@ def pack_header(entries: list[Entry]) -> bytes:
             out.append(struct.pack("<Qd", e.seed, e.density))
         if e.form == SPARSE:
             out.append(struct.pack("<BQQ", e.index_coder, e.index_param, e.index_size))
-        out.append(struct.pack("<BQ", e.value_codec, e.value_size))
         if e.value_type == "int8":
             out.append(struct.pack("<f", e.scale))
     return b"".join(out)
@@ -74,9 +79,16 @@ class _Reader:
         return self.data[self.pos - size:self.pos]
 
 
-def parse_header(data: bytes, max_elements: int) -> list[Entry]:
+def parse_header(data: bytes, max_elements: int) -> Table:
     r = _Reader(data)
     (n_tensors,) = r.take("<I", "tensor_count")
+    codecs, sizes = [], []
+    for j in range(N_PLANES):
+        codec, size = r.take("<BQ", f"plane_codec[{j}]")
+        if codec not in (RAW, ZSTD):
+            raise CodecError(f"plane_codec[{j}]: unknown codec {codec}")
+        codecs.append(codec)
+        sizes.append(size)
     entries, names, total = [], set(), 0
     for _ in range(n_tensors):
         e = _parse_entry(r, max_elements - total)
@@ -87,7 +99,7 @@ def parse_header(data: bytes, max_elements: int) -> list[Entry]:
         entries.append(e)
     if r.pos != len(data):
         raise CodecError(f"header: {len(data) - r.pos} trailing bytes after the last entry")
-    return entries
+    return Table(entries, codecs, sizes)
 
 
 def _parse_entry(r: _Reader, budget: int) -> Entry:
@@ -125,9 +137,6 @@ def _parse_entry(r: _Reader, budget: int) -> Entry:
         if count != mask_size(e.shape, e.density):
             raise CodecError(f"{name}: count: mask of density {e.density} has {mask_size(e.shape, e.density)}"
                              f" entries, header says {count}")
-    e.value_codec, e.value_size = r.take("<BQ", "value_codec")
-    if e.value_codec not in (RAW, ZSTD):
-        raise CodecError(f"{name}: value_codec: unknown codec {e.value_codec}")
     if e.value_type == "int8":
         (e.scale,) = r.take("<f", "scale")
         if not (math.isfinite(e.scale) and e.scale > 0):

@@ -1,6 +1,6 @@
 """Decoding trusts nothing and encoding accepts only well-formed tensors: one test per check.
 
-Hostile bundles are built by taking a valid bundle apart (header entries + payloads), changing one thing,
+Hostile bundles are built by taking a valid bundle apart (table, index payloads, values), changing one thing,
 and putting it back together with a correct CRC, so each test reaches the check it names.
 """
 import dataclasses
@@ -15,8 +15,9 @@ import zstandard
 
 from edgelora import codec
 from edgelora.codec import container, header as hdr, zstd_frame
+from edgelora.codec.container import assemble, take_apart
 from edgelora.codec.index_coding import GOLOMB, NONE, RANS
-from edgelora.codec.values import VALUE_TYPES
+from edgelora.codec.values import VALUE_TYPES, pack_planes
 
 RNG = np.random.default_rng(7)
 TENSORS = {
@@ -26,42 +27,28 @@ TENSORS = {
 }
 
 
-def take_apart(data: bytes) -> tuple[list[hdr.Entry], list[bytes]]:
-    (header_size,) = struct.unpack_from("<I", data, 8)
-    frame = data[12:12 + header_size]
-    entries = hdr.parse_header(zstd_frame.decompress(frame, zstd_frame.content_size(frame, "h"), "h"), 1 << 40)
-    payloads, pos = [], 12 + header_size
-    for e in entries:
-        payloads.append(data[pos:pos + e.index_size])
-        payloads.append(data[pos + e.index_size:pos + e.index_size + e.value_size])
-        pos += e.index_size + e.value_size
-    return entries, payloads
-
-
-def assemble(entries, payloads, *, preamble=(b"ELCB", 1, 0, 0), header_frame=None) -> bytes:
-    frame = header_frame if header_frame is not None else zstd_frame.compress(hdr.pack_header(entries), 3)
-    body = struct.pack("<4sBBHI", *preamble, len(frame)) + frame + b"".join(payloads)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
 def with_crc(data: bytes) -> bytes:
     return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
 
 
-def rebuilt(value_type="float32", tensors=TENSORS, **changes):
-    """A valid bundle with one tensor's entry (changes["name"]) altered by `changes`; payloads unchanged."""
-    entries, payloads = take_apart(codec.encode_bundle(tensors, value_type=value_type))
-    name = changes.pop("name")
-    i = next(i for i, e in enumerate(entries) if e.name == name)
-    payload_changes = {k: changes.pop(k) for k in ("index_payload", "value_payload") if k in changes}
-    entries[i] = dataclasses.replace(entries[i], **changes)
-    if "index_payload" in payload_changes:
-        payloads[2 * i] = payload_changes["index_payload"]
-        entries[i].index_size = len(payloads[2 * i])
-    if "value_payload" in payload_changes:
-        payloads[2 * i + 1] = payload_changes["value_payload"]
-        entries[i].value_size = len(payloads[2 * i + 1])
-    return assemble(entries, payloads)
+def rebuilt(value_type="float32", *, name=None, index_payload=None, planes=None, codecs=None, **changes):
+    """A valid bundle of TENSORS with one entry altered by `changes`, and optionally the sparse tensor's index
+    payload or the four value planes (stored with `codecs`, default raw; sizes set to match) replaced."""
+    table, index_payloads, section = take_apart(codec.encode_bundle(TENSORS, value_type=value_type))
+    if name is not None:
+        i = next(i for i, e in enumerate(table.entries) if e.name == name)
+        table.entries[i] = dataclasses.replace(table.entries[i], **changes)
+        if index_payload is not None:
+            index_payloads[i] = index_payload
+            table.entries[i].index_size = len(index_payload)
+    if planes is not None:
+        table.plane_codecs, table.plane_sizes = codecs or [hdr.RAW] * 4, [len(p) for p in planes]
+        section = b"".join(planes)
+    return assemble(table, index_payloads, section)
+
+
+def f32_planes(dense=np.ones(12), sparse=np.ones(30), masked=np.ones(16)) -> list[bytes]:
+    return pack_planes([np.asarray(a, "<f4") for a in (dense, sparse, masked)])
 
 
 VALID = codec.encode_bundle(TENSORS)
@@ -128,16 +115,15 @@ def test_header_size_cap(monkeypatch):
 
 
 def test_header_trailing_bytes():
-    entries, payloads = take_apart(VALID)
-    frame = zstd_frame.compress(hdr.pack_header(entries) + b"\0", 3)
+    table, index_payloads, section = take_apart(VALID)
+    frame = zstd_frame.compress(hdr.pack_header(table) + b"\0", 3)
     with pytest.raises(codec.CodecError, match="trailing"):
-        codec.decode_bundle(assemble(entries, payloads, header_frame=frame))
+        codec.decode_bundle(assemble(table, index_payloads, section, header_frame=frame))
 
 
 @pytest.mark.parametrize("changes,field", [
     (dict(name="dense", form=7), "form"),
     (dict(name="sparse", index_coder=9), "index_coder"),
-    (dict(name="dense", value_codec=5), "value_codec"),
     (dict(name="dense", count=11), "count"),
     (dict(name="sparse", count=2001), "count"),
     (dict(name="sparse", shape=(2**32, 2**32)), "max_elements"),
@@ -152,22 +138,29 @@ def test_header_field_checks(changes, field):
 
 
 def test_duplicate_names():
-    entries, payloads = take_apart(VALID)
-    entries[2].name = "dense"
+    table, index_payloads, section = take_apart(VALID)
+    table.entries[2].name = "dense"
     with pytest.raises(codec.CodecError, match="appears twice"):
-        codec.decode_bundle(assemble(entries, payloads))
+        codec.decode_bundle(assemble(table, index_payloads, section))
+
+
+def test_unknown_plane_codec():
+    table, index_payloads, section = take_apart(VALID)
+    table.plane_codecs[2] = 2
+    with pytest.raises(codec.CodecError, match=r"plane_codec\[2\]"):
+        codec.decode_bundle(assemble(table, index_payloads, section))
 
 
 def test_unknown_value_type_and_bad_utf8_name():
-    entries, payloads = take_apart(VALID)
-    raw = bytearray(hdr.pack_header(entries))
-    raw[4 + 2 + len("dense") + 1] = len(VALUE_TYPES)  # value_type byte of the first entry
-    with pytest.raises(codec.CodecError, match="value_type"):
-        codec.decode_bundle(assemble(entries, payloads, header_frame=zstd_frame.compress(bytes(raw), 3)))
-    raw = bytearray(hdr.pack_header(entries))
-    raw[6] = 0xFF  # first byte of the first name
-    with pytest.raises(codec.CodecError, match="UTF-8"):
-        codec.decode_bundle(assemble(entries, payloads, header_frame=zstd_frame.compress(bytes(raw), 3)))
+    table, index_payloads, section = take_apart(VALID)
+    first_entry = 4 + 4 * (1 + 8)  # tensor_count, then codec and size of each value plane
+    for pos, byte, field in [(first_entry + 2 + len("dense") + 1, len(VALUE_TYPES), "value_type"),
+                             (first_entry + 2, 0xFF, "UTF-8")]:
+        raw = bytearray(hdr.pack_header(table))
+        raw[pos] = byte
+        frame = zstd_frame.compress(bytes(raw), 3)
+        with pytest.raises(codec.CodecError, match=field):
+            codec.decode_bundle(assemble(table, index_payloads, section, header_frame=frame))
 
 
 def test_max_elements_caps_the_bundle():
@@ -177,56 +170,60 @@ def test_max_elements_caps_the_bundle():
 
 
 def test_payload_sizes_must_add_up():
-    entries, payloads = take_apart(VALID)
-    with pytest.raises(codec.CodecError, match="value_size"):
-        codec.decode_bundle(assemble(entries, payloads + [b"\0"]))
-    entries[0].value_size += 1 << 60
-    with pytest.raises(codec.CodecError, match="value_size"):
-        codec.decode_bundle(assemble(entries, payloads))
+    table, index_payloads, section = take_apart(VALID)
+    with pytest.raises(codec.CodecError, match="plane_size"):
+        codec.decode_bundle(assemble(table, index_payloads, section + b"\0"))
+    table.plane_sizes[0] += 1 << 60
+    with pytest.raises(codec.CodecError, match="plane_size"):
+        codec.decode_bundle(assemble(table, index_payloads, section))
 
 
-def test_raw_value_size_must_match_count():
-    data = rebuilt(name="masked", value_codec=hdr.RAW, value_payload=b"\0" * 60)
-    with pytest.raises(codec.CodecError, match="value_size"):
-        codec.decode_bundle(data)
+def test_raw_plane_size_must_match_counts():
+    planes = f32_planes()
+    planes[3] = planes[3][:-1]
+    with pytest.raises(codec.CodecError, match=r"plane_size\[3\]: 57 raw bytes, the table implies 58"):
+        codec.decode_bundle(rebuilt(planes=planes))
 
 
 def test_nan_and_inf_in_payload_are_rejected():
     for bad in (np.nan, np.inf, -np.inf):
-        values = np.ones(12, "<f4")
-        values[5] = bad
-        data = rebuilt(name="dense", value_codec=hdr.RAW, value_payload=values.view(np.uint8).reshape(-1, 4).T.tobytes())
-        with pytest.raises(codec.CodecError, match="NaN or Inf"):
-            codec.decode_bundle(data)
+        masked = np.ones(16)
+        masked[5] = bad
+        with pytest.raises(codec.CodecError, match="masked: values: NaN or Inf"):
+            codec.decode_bundle(rebuilt(planes=f32_planes(masked=masked)))
 
 
 def test_zstd_bomb_is_rejected_before_decompressing():
     bomb = zstd_frame.compress(b"\0" * (64 << 20), 3)  # 64 MiB of zeros in a few KiB
-    data = rebuilt(name="dense", value_codec=hdr.ZSTD, value_payload=bomb)
+    planes = f32_planes()
+    planes[0] = bomb
     tracemalloc.start()
-    with pytest.raises(codec.CodecError, match="declares 67108864 bytes, header implies 48"):
-        codec.decode_bundle(data)
+    with pytest.raises(codec.CodecError, match=r"plane\[0\]: zstd frame declares 67108864 bytes, header implies 58"):
+        codec.decode_bundle(rebuilt(planes=planes, codecs=[hdr.ZSTD, hdr.RAW, hdr.RAW, hdr.RAW]))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 << 20
 
 
 def test_zstd_frame_that_lies_about_its_size():
-    frame = bytearray(zstd_frame.compress(RNG.bytes(200), 3))
-    assert frame[4] >> 5 == 1  # single-segment, 1-byte content size at offset 5
-    frame[5] = 48  # claims the 48 bytes the header implies; holds 200
-    with pytest.raises(codec.CodecError, match="corrupt zstd frame"):
-        codec.decode_bundle(rebuilt(name="dense", value_codec=hdr.ZSTD, value_payload=bytes(frame)))
+    frame = bytearray(zstd_frame.compress(RNG.bytes(400), 3))
+    assert frame[4] >> 5 == 0b011  # single segment; content size in 2 bytes at offset 5, stored minus 256
+    frame[5:7] = struct.pack("<H", 300 - 256)  # claims 300 bytes, holds 400
+    assert zstd_frame.content_size(bytes(frame), "f") == 300
+    with pytest.raises(codec.CodecError, match="plane: corrupt zstd frame"):
+        zstd_frame.decompress(bytes(frame), 300, "plane")
 
 
-def test_zstd_value_frames_need_checksum_and_no_trailing_data():
-    planes = np.ones(12, "<f4").view(np.uint8).reshape(-1, 4).T.tobytes()
-    no_sum = zstandard.ZstdCompressor(write_checksum=False).compress(planes)
+def test_zstd_plane_frames_need_checksum_and_no_trailing_data():
+    zstd_all = [hdr.ZSTD] * 4
+    no_sum = [zstandard.ZstdCompressor(write_checksum=False).compress(p) for p in f32_planes()]
     with pytest.raises(codec.CodecError, match="checksum"):
-        codec.decode_bundle(rebuilt(name="dense", value_codec=hdr.ZSTD, value_payload=no_sum))
-    trailing = zstd_frame.compress(planes, 3) + b"junk"
+        codec.decode_bundle(rebuilt(planes=no_sum, codecs=zstd_all))
+    trailing = [zstd_frame.compress(p, 3) + b"junk" for p in f32_planes()]
     with pytest.raises(codec.CodecError, match="corrupt zstd frame"):
-        codec.decode_bundle(rebuilt(name="dense", value_codec=hdr.ZSTD, value_payload=trailing))
+        codec.decode_bundle(rebuilt(planes=trailing, codecs=zstd_all))
+    assert list(codec.decode_bundle(rebuilt(planes=[zstd_frame.compress(p, 3) for p in f32_planes()],
+                                            codecs=zstd_all))) == ["dense", "sparse", "masked"]
 
 
 def test_int8_scale_and_code_range():
@@ -235,7 +232,7 @@ def test_int8_scale_and_code_range():
     with pytest.raises(codec.CodecError, match="scale"):
         codec.decode_bundle(rebuilt("int8", name="dense", scale=float("inf")))
     with pytest.raises(codec.CodecError, match="-128"):
-        codec.decode_bundle(rebuilt("int8", name="dense", value_codec=hdr.RAW, value_payload=b"\x80" * 12))
+        codec.decode_bundle(rebuilt("int8", planes=[b"\x80" * 58, b"", b"", b""]))
 
 
 SPARSE_N = 2000
@@ -262,15 +259,15 @@ def test_index_payload_checks(changes, field):
 def test_rans_payload_is_checked_end_to_end():
     n, idx = 100_000, np.flatnonzero(RNG.random(100_000) < 0.4)
     tensors = {"s": codec.Sparse((n,), idx, np.ones(idx.size, np.float32))}
-    entries, payloads = take_apart(codec.encode_bundle(tensors))
-    assert entries[0].index_coder == RANS
+    table, index_payloads, section = take_apart(codec.encode_bundle(tensors))
+    assert table.entries[0].index_coder == RANS
     # last word; top bit of lane 0's state (68 bytes of class table, then u64 states); a table entry
-    for pos, flip, field in [(len(payloads[0]) - 1, 0x40, "does not end"), (68 + 7, 0x80, "rans state"),
-                             (0, 0x01, "frequencies"), (70, 0x01, "rans")]:
-        bad = bytearray(payloads[0])
+    for pos, flip, field in [(len(index_payloads[0]) - 1, 0x40, "rans (word stream truncated|stream does not end)"),
+                             (68 + 7, 0x80, "rans state"), (0, 0x01, "frequencies"), (70, 0x01, "rans")]:
+        bad = bytearray(index_payloads[0])
         bad[pos] ^= flip
         with pytest.raises(codec.CodecError, match=field):
-            codec.decode_bundle(assemble(entries, [bytes(bad), payloads[1]]))
+            codec.decode_bundle(assemble(table, [bytes(bad)], section))
 
 
 @pytest.mark.parametrize("tensor,field", [

@@ -1,0 +1,128 @@
+"""Codec figures: index bits against the log2(C(n,k)) bound, coding time, bytes per value, and a LoRA update.
+
+    python -m benchmarks.codec --json codec.json
+
+Indices are uniformly random k-subsets (k = round(density * n)); values are standard normal. encode_ms and
+decode_ms time the index coder alone (best of --repeat); bundle_*_ms time a whole one-tensor bundle with
+float16 values. Figures are printed, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+
+from edgelora import codec
+from edgelora.codec import index_coding, values, zstd_frame
+
+SIZES = (1_000_000, 10_000_000)
+DENSITIES = (0.001, 0.01, 0.0625, 0.25, 0.5)
+LORA_MODULES = {  # MiniLM-L6 (hidden 384, intermediate 1536): module -> (in_features, out_features)
+    "attention.self.query": (384, 384), "attention.self.key": (384, 384), "attention.self.value": (384, 384),
+    "attention.output.dense": (384, 384), "intermediate.dense": (384, 1536), "output.dense": (1536, 384)}
+
+
+def best_ms(fn, repeat: int) -> tuple[float, object]:
+    best, out = math.inf, None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best, out
+
+
+def value_bytes(v: np.ndarray, value_type: str) -> tuple[int, np.ndarray]:
+    """Bytes the container stores for `v` (each byte plane zstd-compressed where smaller) and its decoding."""
+    stored, scale = values.encode_values(v, value_type, "bench")
+    size = sum(min(len(p), len(zstd_frame.compress(p, 3))) for p in values.pack_planes([stored]))
+    return size, values.decode_values(stored, value_type, scale, "bench")
+
+
+def measure(n: int, density: float, repeat: int, rng: np.random.Generator) -> dict:
+    k = round(density * n)
+    indices = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+    encode_ms, (coder, param, payload) = best_ms(lambda: index_coding.encode_indices(indices, n), repeat)
+    decode_ms, decoded = best_ms(lambda: index_coding.decode_indices(coder, param, payload, n, k), repeat)
+    assert np.array_equal(decoded, indices)
+    v = rng.standard_normal(k).astype(np.float32)
+    record = {"n": n, "density": density, "k": k, "coder": index_coding.CODER_NAMES[coder],
+              "bits_per_index": 8 * len(payload) / k, "bound_bits_per_index": index_coding.bound_bits(n, k) / k,
+              "encode_ms": encode_ms, "decode_ms": decode_ms}
+    record["ratio_to_bound"] = record["bits_per_index"] / record["bound_bits_per_index"]
+    for vt in codec.VALUE_TYPES:
+        size, back = value_bytes(v, vt)
+        record[f"bytes_per_value_{vt}"] = size / k
+        if vt == "int8":
+            record["int8_relative_rms_error"] = float(np.linalg.norm(back - v) / np.linalg.norm(v))
+            record["int8_max_error_over_max_abs"] = float(np.abs(back - v).max() / np.abs(v).max())
+    bundle = {"t": codec.Sparse((n,), indices, v)}
+    record["bundle_encode_ms"], data = best_ms(lambda: codec.encode_bundle(bundle, value_type="float16"), repeat)
+    record["bundle_decode_ms"], _ = best_ms(lambda: codec.decode_bundle(data), repeat)
+    record["bundle_bytes_float16"] = len(data)
+    return record
+
+
+def lora_update(rng: np.random.Generator, layers: int = 6, r: int = 8) -> dict[str, np.ndarray]:
+    out = {}
+    for layer in range(layers):
+        for module, (fan_in, fan_out) in LORA_MODULES.items():
+            prefix = f"base_model.model.encoder.layer.{layer}.{module}"
+            out[f"{prefix}.lora_A.weight"] = rng.standard_normal((r, fan_in)).astype(np.float32)
+            out[f"{prefix}.lora_B.weight"] = rng.standard_normal((fan_out, r)).astype(np.float32)
+    return out
+
+
+def top_k(t: np.ndarray, density: float) -> codec.Sparse:
+    flat = t.reshape(-1)
+    k = math.ceil(density * flat.size)
+    keep = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:])
+    return codec.Sparse(t.shape, keep.astype(np.int64), flat[keep])
+
+
+def lora_comparison(rng: np.random.Generator) -> dict:
+    update = lora_update(rng)
+    dense = codec.encode_bundle({n: codec.Dense(t) for n, t in update.items()}, value_type="float32")
+    sparse = codec.encode_bundle({n: top_k(t, 1 / 16) for n, t in update.items()}, value_type="float16")
+    params = sum(t.size for t in update.values())
+    return {"tensors": len(update), "parameters": params, "raw_float32_bytes": 4 * params,
+            "dense_float32_bytes": len(dense), "topk_float16_bytes": len(sparse), "ratio": len(dense) / len(sparse),
+            "ratio_to_raw": 4 * params / len(sparse)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the records here")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    parser.add_argument("--repeat", type=int, default=3, help="timings are the best of this many runs")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    records = []
+    print(f"{'n':>10} {'density':>7} {'coder':>6} {'bits/idx':>8} {'bound':>7} {'ratio':>6} {'enc ms':>7} "
+          f"{'dec ms':>7} | bytes/value f32 f16 bf16 int8 | int8 rel.err | bundle enc/dec ms")
+    for n in args.sizes:
+        for density in args.densities:
+            r = measure(n, density, args.repeat, rng)
+            records.append(r)
+            print(f"{n:>10} {density:>7} {r['coder']:>6} {r['bits_per_index']:>8.3f} "
+                  f"{r['bound_bits_per_index']:>7.3f} {r['ratio_to_bound']:>6.3f} {r['encode_ms']:>7.1f} "
+                  f"{r['decode_ms']:>7.1f} | {r['bytes_per_value_float32']:.2f} {r['bytes_per_value_float16']:.2f} "
+                  f"{r['bytes_per_value_bfloat16']:.2f} {r['bytes_per_value_int8']:.2f} | "
+                  f"{r['int8_relative_rms_error']:.4f} | {r['bundle_encode_ms']:.1f}/{r['bundle_decode_ms']:.1f}",
+                  flush=True)
+    lora = lora_comparison(rng)
+    print(f"\nMiniLM LoRA update (r=8, 6 layers, {lora['tensors']} tensors, {lora['parameters']} parameters):\n"
+          f"  top-k 1/16 float16 bundle {lora['topk_float16_bytes']} B vs dense float32 bundle "
+          f"{lora['dense_float32_bytes']} B: {lora['ratio']:.1f}x smaller (target >= 25x);\n"
+          f"  vs raw float32 (4 B/parameter, {lora['raw_float32_bytes']} B): {lora['ratio_to_raw']:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
