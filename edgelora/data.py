@@ -189,7 +189,7 @@ def _partitions(cfg: DataConfig) -> list[np.ndarray]:
                               cfg.max_examples_per_device, cfg.seed)
 
 
-def test_examples(cfg: DataConfig) -> Examples:
+def held_out_examples(cfg: DataConfig) -> Examples:
     test = load_corpus(cfg).test
     if cfg.test_max_examples and len(test) > cfg.test_max_examples:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(test), cfg.test_max_examples, replace=False))

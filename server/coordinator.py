@@ -12,7 +12,7 @@ import numpy as np
 
 from edgelora.aggregation import RunningMean
 from edgelora.config import RunConfig
-from edgelora.data import test_examples, with_num_labels
+from edgelora.data import held_out_examples, with_num_labels
 from edgelora.engine import RoundEngine, RoundPlan, UpdateRejected, stage_name
 from edgelora.methods import ModelHost, make_method
 from edgelora.models import fingerprint_model, fingerprint_tokenizer, load_base_model, load_tokenizer
@@ -48,7 +48,7 @@ class Coordinator:
         self.model_fingerprint = fingerprint_model(base)
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
         self.engine = RoundEngine(run, make_method(run), ModelHost(base))
-        self.test = test_examples(run.data)
+        self.test = held_out_examples(run.data)
         if resume:
             self.state = load_state(run_dir)
             log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
@@ -185,6 +185,10 @@ class Coordinator:
         plan = self.engine.plan(self.state)
         rec = RoundRecord(round=plan.task.round, stage=stage_name(self.state.stage),
                           devices={d: DeviceRecord(d) for d in sampled})
+        if cfg.save_updates:  # the weights this round starts from, as sent: lets anyone re-check the FedAvg
+            d = self.folder.path / "updates" / f"round_{plan.task.round:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "download.elb").write_bytes(plan.payload)
         with self.cond:
             self.round = ActiveRound(plan, sampled, rec)
             self.cond.notify_all()

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny randomly initialised BERT runs (seconds, no downloads)."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "server": {"rounds": 2, "devices_per_round": 2, "min_devices": 1, "round_deadline_s": 60.0,
+               "registration_timeout_s": 60.0, "heartbeat_s": 1.0},
+    "model": {"name": "tiny-bert", "max_seq_len": 32},
+    "data": {"num_devices": 2, "partition": "iid", "max_examples_per_device": 24, "test_max_examples": 32},
+    "train": {"batch_size": 8, "lr": 1e-3},
+    "method": {"name": "lora", "lora": {"rank": 4, "alpha": 8.0}},
+}
+
+
+def tiny_raw(**sections) -> dict:
+    raw = copy.deepcopy(TINY)
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+@pytest.fixture
+def tiny_config():
+    from edgelora.config import load_config
+
+    def make(**sections):
+        return load_config(tiny_raw(**sections))
+
+    return make
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgelora.cli", *args]

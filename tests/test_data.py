@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pytest
+
+from edgelora.config import DataConfig
+from edgelora.configtools import ConfigError
+from edgelora.data import device_examples, load_corpus, partition_indices, held_out_examples
+
+
+def _labels(n=400, classes=5, seed=0):
+    return np.random.default_rng(seed).integers(0, classes, n).astype(np.int64)
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet", "pathological"])
+def test_partitions_are_disjoint_seeded_and_cover(partition):
+    labels = _labels()
+    cfg = DataConfig(partition=partition, num_devices=8, alpha=0.3, classes_per_device=2, seed=7,
+                     max_examples_per_device=0)
+    a = partition_indices(labels, cfg)
+    b = partition_indices(labels, cfg)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)), "same config must give the same partition"
+    flat = np.concatenate(a)
+    assert len(flat) == len(set(flat.tolist())), "devices must not share examples"
+    if partition != "pathological":
+        assert len(flat) == len(labels)
+    if partition == "pathological":
+        assert all(len(set(labels[ix].tolist())) <= 2 for ix in a)
+
+
+def test_dirichlet_small_alpha_skews_labels():
+    labels = _labels(2000, 10)
+    skew = lambda alpha: np.mean([np.bincount(labels[ix], minlength=10).max() / max(len(ix), 1) for ix in
+                                  partition_indices(labels, DataConfig(partition="dirichlet", alpha=alpha,
+                                                                       num_devices=10, max_examples_per_device=0))])
+    assert skew(0.05) > skew(100.0) + 0.2
+
+
+def test_cap_per_device_is_seeded_subsample():
+    labels = _labels(1000)
+    cfg = DataConfig(partition="iid", num_devices=2, max_examples_per_device=50)
+    parts = partition_indices(labels, cfg)
+    assert [len(p) for p in parts] == [50, 50]
+
+
+def test_jsonl_and_csv_with_string_labels(tmp_path):
+    rows = [{"t": f"text {i}", "y": ["sports", "politics", "tech"][i % 3]} for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "d.csv").write_text("t,y\n" + "\n".join(f"{r['t']},{r['y']}" for r in rows))
+    for kind in ("jsonl", "csv"):
+        cfg = DataConfig(dataset=kind, path=str(tmp_path / f"d.{kind}"), text_column="t", label_column="y",
+                         test_fraction=0.2, num_devices=2, partition="iid")
+        corpus = load_corpus(cfg)
+        assert corpus.label_names == ("politics", "sports", "tech")
+        assert len(corpus.train) == 24 and len(corpus.test) == 6
+        ex = device_examples(cfg, 1)
+        assert len(ex) == 12 and all(t.startswith("text") for t in ex.texts)
+
+
+def test_missing_column_names_the_column(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(ConfigError, match="data.label_column"):
+        load_corpus(DataConfig(dataset="jsonl", path=str(tmp_path / "d.jsonl")))
+
+
+def test_newsgroups_offline_from_shared_copy():
+    cfg = DataConfig(num_devices=4, max_examples_per_device=30, test_max_examples=50)
+    if cfg.resolved_data_home() is None:
+        pytest.skip("../shared/datasets/20newsgroups is not beside this checkout")
+    corpus = load_corpus(cfg)
+    assert len(corpus.label_names) == 20 and len(corpus.train) == 11314 and len(corpus.test) == 7532
+    assert len(device_examples(cfg, 3)) == 30 and len(held_out_examples(cfg)) == 50
+    with pytest.raises(ConfigError, match="outside 0..3"):
+        device_examples(cfg, 4)

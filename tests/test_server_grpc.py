@@ -1,0 +1,152 @@
+"""A real coordinator on a real port, spoken to with raw gRPC stubs: every bad upload is refused with a
+status that names the problem, nothing bad is aggregated, and the round and the server go on."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from edgelora import codec
+from edgelora.protos import edgelora_pb2 as pb
+from edgelora.protos import edgelora_pb2_grpc as pb_grpc
+from edgelora.server.app import run_server
+
+
+@pytest.fixture
+def server(tiny_config, tmp_path):
+    started = []
+
+    def start(**sections):
+        run = tiny_config(**sections)
+        ctx = run_server(run, tmp_path / "run")
+        coord, port = ctx.__enter__()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        started.append((ctx, channel))
+        return coord, pb_grpc.CoordinatorStub(channel), tmp_path / "run"
+
+    yield start
+    for ctx, channel in started:
+        channel.close()
+        ctx.__exit__(None, None, None)
+
+
+def register(stub, coord, device_id, model_fp=None, tok_fp=None):
+    return stub.Register(pb.RegisterRequest(device_id=device_id, hardware="test",
+                                            model_fingerprint=model_fp or coord.model_fingerprint,
+                                            tokenizer_fingerprint=tok_fp or coord.tokenizer_fingerprint), timeout=10)
+
+
+def fetch(stub, device_id, wait_s=20.0):
+    header, data = None, b""
+    for chunk in stub.FetchTask(pb.FetchTaskRequest(device_id=device_id, wait_s=wait_s), timeout=60):
+        if chunk.WhichOneof("part") == "header":
+            header = chunk.header
+        else:
+            data += chunk.data
+    return header, data
+
+
+def submit(stub, device_id, round_id, payload, declared=None, num_examples=10, chunk=64 * 1024):
+    def msgs():
+        yield pb.UpdateChunk(header=pb.UpdateHeader(device_id=device_id, round=round_id, num_examples=num_examples,
+                                                    payload_bytes=len(payload) if declared is None else declared))
+        for s in range(0, len(payload), chunk):
+            yield pb.UpdateChunk(data=payload[s:s + chunk])
+    return stub.SubmitUpdate(msgs(), timeout=30)
+
+
+def refused(fn, code, match):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.code() == code, e.value.details()
+    assert match in e.value.details(), e.value.details()
+
+
+def delta_bundle(payload, value=0.5, **overrides):
+    shapes = {n: np.shape(t.values) for n, t in codec.decode_bundle(payload).items()}
+    tensors = {n: codec.Dense(np.full(s, value, np.float32)) for n, s in shapes.items()}
+    tensors.update(overrides)
+    return codec.encode_bundle(tensors), shapes
+
+
+def test_bad_inputs_are_refused_and_the_round_goes_on(server):
+    coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 2, "min_devices": 1,
+                                          "round_deadline_s": 6.0, "max_upload_bytes": 2_000_000,
+                                          "chunk_bytes": 256 * 1024})
+    refused(lambda: register(stub, coord, "9"), grpc.StatusCode.INVALID_ARGUMENT, "not a partition index")
+    refused(lambda: register(stub, coord, "0", model_fp="ab" * 32), grpc.StatusCode.FAILED_PRECONDITION,
+            "base model fingerprint differs")
+    refused(lambda: register(stub, coord, "0", tok_fp="cd" * 32), grpc.StatusCode.FAILED_PRECONDITION,
+            "tokenizer fingerprint differs")
+    register(stub, coord, "0")
+    register(stub, coord, "1")
+    w0 = {k: v.copy() for k, v in coord.state.params.items()}
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()
+
+    header, payload = fetch(stub, "0")
+    assert header.kind == pb.TaskHeader.TRAIN and header.round == 1 and len(payload) == header.payload_bytes
+    good, shapes = delta_bundle(payload)
+    name = next(iter(shapes))
+
+    refused(lambda: submit(stub, "7", 1, good), grpc.StatusCode.FAILED_PRECONDITION, "not registered")
+    refused(lambda: submit(stub, "0", 5, good), grpc.StatusCode.FAILED_PRECONDITION, "open round is 1")
+    renamed = {("bert.not_a_weight" if n == name else n): codec.Dense(np.zeros(s, np.float32)) for n, s in shapes.items()}
+    wrong_name = codec.encode_bundle(renamed)
+    refused(lambda: submit(stub, "0", 1, wrong_name), grpc.StatusCode.INVALID_ARGUMENT, "unknown tensor name")
+    wrong_shape, _ = delta_bundle(payload, **{name: codec.Dense(np.zeros((2, 2), np.float32))})
+    refused(lambda: submit(stub, "0", 1, wrong_shape), grpc.StatusCode.INVALID_ARGUMENT, f"tensor {name}: shape")
+    refused(lambda: submit(stub, "0", 1, good, declared=3_000_000), grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "exceeds the server's limit")
+    refused(lambda: submit(stub, "0", 1, good[:-10], declared=len(good)), grpc.StatusCode.INVALID_ARGUMENT,
+            "truncated upload")
+    refused(lambda: submit(stub, "0", 1, good + b"xx", declared=len(good)), grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "more than the declared")
+    refused(lambda: submit(stub, "0", 1, b"not a codec bundle at all"), grpc.StatusCode.INVALID_ARGUMENT, "payload")
+    refused(lambda: submit(stub, "0", 1, good, chunk=len(good)) if len(good) > 300_000 else
+            submit(stub, "0", 1, good + bytes(400_000), chunk=400_000, declared=len(good) + 400_000),
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+
+    reply = submit(stub, "0", 1, good)
+    assert reply.accepted and reply.round == 1
+    refused(lambda: submit(stub, "0", 1, good), grpc.StatusCode.ALREADY_EXISTS, "already uploaded")
+
+    driver.join(timeout=60)  # device 1 never reports: the deadline drops it, the round aggregates device 0
+    assert not driver.is_alive()
+    rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert (rec["sampled"], rec["completed"], rec["aggregated"]) == (2, 1, True)
+    statuses = {d["device_id"]: d["status"] for d in rec["devices"]}
+    assert statuses == {"0": "completed", "1": "dropped"}
+    for k, v in coord.state.params.items():  # only the good upload was aggregated: W0 + 0.5
+        np.testing.assert_allclose(v, w0[k] + 0.5, rtol=0, atol=1e-6)
+    header, _ = fetch(stub, "0", wait_s=5)
+    assert header.kind == pb.TaskHeader.STOP
+
+
+def test_round_without_enough_devices_is_abandoned_and_the_server_goes_on(server):
+    coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 2,
+                                          "round_deadline_s": 2.0})
+    register(stub, coord, "0")
+    register(stub, coord, "1")
+    w0 = {k: v.copy() for k, v in coord.state.params.items()}
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()
+    header, payload = fetch(stub, "0")
+    good, _ = delta_bundle(payload)
+    submit(stub, "0", 1, good)
+    # round 1 closes with 1 of 2 (< min_devices): abandoned, weights unchanged; round 2 starts anyway
+    deadline = time.monotonic() + 30
+    while not (run_dir / "metrics.jsonl").read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    header, _ = fetch(stub, "1", wait_s=20)
+    assert header.kind == pb.TaskHeader.TRAIN and header.round == 2
+    driver.join(timeout=60)
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["aggregated"]) for r in recs] == [(1, False), (2, False)]
+    for k, v in coord.state.params.items():
+        np.testing.assert_array_equal(v, w0[k])
+    assert coord.state.finished and coord.state.round == 2
