@@ -91,7 +91,7 @@ def parse_header(data: bytes, max_elements: int) -> Table:
         sizes.append(size)
     entries, names, total = [], set(), 0
     for _ in range(n_tensors):
-        e = _parse_entry(r, max_elements - total)
+        e = _parse_entry(r, max_elements - total, max_elements)
         if e.name in names:
             raise CodecError(f"name: {e.name!r} appears twice")
         names.add(e.name)
@@ -102,7 +102,7 @@ def parse_header(data: bytes, max_elements: int) -> Table:
     return Table(entries, codecs, sizes)
 
 
-def _parse_entry(r: _Reader, budget: int) -> Entry:
+def _parse_entry(r: _Reader, budget: int, max_elements: int) -> Entry:
     """One entry; `budget` is what is left of max_elements (the sum of every tensor's element count)."""
     (name_len,) = r.take("<H", "name_len")
     try:
@@ -120,6 +120,8 @@ def _parse_entry(r: _Reader, budget: int) -> Entry:
     n = math.prod(shape)
     if n > budget:
         raise CodecError(f"{name}: shape: {shape} takes the bundle past max_elements")
+    if math.prod(d for d in shape if d) > max_elements:  # numpy cannot make (0, 2**62, 2**62) either
+        raise CodecError(f"{name}: shape: {shape} has axes beyond max_elements={max_elements}")
     (count,) = r.take("<Q", "count")
     e = Entry(name, form, VALUE_TYPES[value_type], tuple(shape), count)
     if form == DENSE and count != n:

@@ -48,7 +48,8 @@ def decode_values(stored: np.ndarray, value_type: str, scale: float, name: str) 
     elif value_type == "int8":
         if stored.size and stored.min() < -INT8_LEVELS:
             raise CodecError(f"{name}: values: int8 code -128 is never written")
-        out = stored.astype(np.float32) * np.float32(scale)
+        with np.errstate(over="ignore"):  # a hostile scale may overflow to inf, rejected below
+            out = stored.astype(np.float32) * np.float32(scale)
     else:
         out = stored.astype(np.float32)
     if not np.isfinite(out).all():

@@ -127,6 +127,7 @@ def test_header_trailing_bytes():
     (dict(name="dense", count=11), "count"),
     (dict(name="sparse", count=2001), "count"),
     (dict(name="sparse", shape=(2**32, 2**32)), "max_elements"),
+    (dict(name="sparse", shape=(2**62, 0, 2**62), count=0, index_coder=NONE, index_param=0), "axes beyond"),
     (dict(name="masked", density=float("nan")), "density"),
     (dict(name="masked", density=1.5), "density"),
     (dict(name="masked", count=15), "count"),
