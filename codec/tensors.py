@@ -43,9 +43,14 @@ def to_dense(name: str, t: Tensor, base: np.ndarray | None = None) -> np.ndarray
         raise CodecError(f"{name}: base shape {out.shape} != tensor shape {shape}")
     flat = out.reshape(-1)
     if isinstance(t, Sparse):
-        flat[np.asarray(t.indices, dtype=np.int64)] = t.values
+        positions = np.asarray(t.indices, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= flat.size):
+            raise CodecError(f"{name}: indices: outside [0, {flat.size})")
     elif isinstance(t, Masked):
-        flat[mask_indices(t.seed, name, shape, t.density)] = t.values
+        positions = mask_indices(t.seed, name, shape, t.density)
     else:
         raise CodecError(f"{name}: unknown tensor form {type(t).__name__}")
+    if np.size(t.values) != positions.size:
+        raise CodecError(f"{name}: values: {np.size(t.values)} values for {positions.size} positions")
+    flat[positions] = np.asarray(t.values, np.float32).reshape(-1)
     return out
