@@ -77,6 +77,7 @@ class EdgeClient:
         self.info = device_info(opts.torch_device)
         self.stopped: set[str] = set()
         self.heartbeat_s = 5.0
+        self._beat: threading.Thread | None = None
         self._stop = threading.Event()
 
     def _connect(self) -> grpc.Channel:
@@ -143,8 +144,8 @@ class EdgeClient:
     def run(self) -> int:
         for d in self.opts.device_ids:
             self.register(d)
-        beat = threading.Thread(target=self._heartbeats, daemon=True)
-        beat.start()
+        self._beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        self._beat.start()
         wait_s = self.opts.poll_s if len(self.opts.device_ids) == 1 else 0.0
         try:
             while len(self.stopped) < len(self.opts.device_ids):
@@ -205,5 +206,9 @@ class EdgeClient:
                     pass  # the main loop handles reconnects
 
     def close(self) -> None:
+        # Join the heartbeat thread before closing the channel: a gRPC call still in flight on a closed
+        # channel at interpreter exit aborts the process.
         self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=10)
         self.channel.close()

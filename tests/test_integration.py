@@ -1,0 +1,127 @@
+"""Real processes: a server and two clients on localhost with tiny-bert."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+
+from edgelora import codec
+from edgelora.state import load_state
+
+from .conftest import cli, tiny_raw
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        assert proc.poll() is None, f"server exited early with {proc.returncode}"
+        time.sleep(0.2)
+    raise TimeoutError(path)
+
+
+def _start(tmp_path: Path, raw: dict, extra=()):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(tomli_w.dumps(raw))
+    run_dir = tmp_path / "run"
+    log = open(tmp_path / "server.log", "a")
+    server = subprocess.Popen(cli("-v", "server", "--config", str(cfg), "--out", str(run_dir), *extra),
+                              stdout=log, stderr=subprocess.STDOUT)
+    return server, run_dir
+
+
+def _clients(tmp_path: Path, addr: str, ids=("0", "1")):
+    return [subprocess.Popen(cli("-v", "client", "--server", addr, "--device-id", d, "--quiet", "--give-up-s", "60"),
+                             stdout=open(tmp_path / f"client_{d}.log", "w"), stderr=subprocess.STDOUT) for d in ids]
+
+
+def _dense(path: Path) -> dict[str, np.ndarray]:
+    return {n: codec.to_dense(n, t) for n, t in codec.decode_bundle(path.read_bytes()).items()}
+
+
+def test_two_clients_two_rounds_global_weights_are_the_weighted_mean(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["goal", "match", "vote", "senate", "cpu", "kernel", "bake", "recipe"]
+    rows = [{"text": " ".join(rng.choice(words[2 * (i % 4):2 * (i % 4) + 2], 6)), "label": i % 4} for i in range(81)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    raw = tiny_raw(server={"rounds": 2, "save_updates": True},
+                   data={"dataset": "jsonl", "path": str(tmp_path / "d.jsonl"), "partition": "iid",
+                         "max_examples_per_device": 0, "test_fraction": 0.25, "num_devices": 2},
+                   train={"batch_size": 8})
+    server, run_dir = _start(tmp_path, raw, ("--port", "0"))
+    clients = _clients(tmp_path, _wait_for(run_dir / "server.addr", server))
+    assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    assert [c.wait(timeout=60) for c in clients] == [0, 0]
+
+    final = load_state(run_dir)
+    assert final.round == 2 and final.finished
+    weights = None
+    for rnd in (1, 2):
+        d = run_dir / "updates" / f"round_{rnd:04d}"
+        start = _dense(d / "download.elb")
+        if weights is not None:  # the round began from the previous round's aggregate
+            for k in start:
+                np.testing.assert_allclose(start[k], weights[k], atol=1e-6)
+        n = {p.stem.split("_")[1]: int(p.read_text()) for p in d.glob("device_*.examples")}
+        assert sorted(n) == ["0", "1"] and n["0"] != n["1"], "unequal example counts make the weighting visible"
+        deltas = {dev: _dense(d / f"device_{dev}.elb") for dev in n}
+        total = sum(n.values())
+        # FedAvg of weights == start + example-weighted mean of the deltas, computed here from wire bytes
+        weights = {k: start[k] + sum(n[dev] * deltas[dev][k].astype(np.float64) for dev in n) / total for k in start}
+    for k, v in final.params.items():
+        np.testing.assert_allclose(v, weights[k], rtol=0, atol=1e-6)
+
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2]
+    for r in recs:
+        assert r["sampled"] == 2 and r["completed"] == 2 and r["accuracy"] is not None
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["seconds"] > 0
+        assert {d["device_id"] for d in r["devices"]} == {"0", "1"}
+        # bytes up are the serialized protobuf messages: at least the codec payload the server kept
+        for d in r["devices"]:
+            size = (run_dir / "updates" / f"round_{r['round']:04d}" / f"device_{d['device_id']}.elb").stat().st_size
+            assert size <= d["bytes_up"] <= size + 1024
+    assert (run_dir / "accuracy.png").stat().st_size > 0
+    from peft import PeftModel
+
+    from edgelora.models import load_base_model
+
+    model = PeftModel.from_pretrained(load_base_model("tiny-bert", 4, 0), str(run_dir / "adapter"))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_killed_mid_run_resumes_and_clients_reconnect(tmp_path):
+    port = _free_port()
+    raw = tiny_raw(server={"rounds": 3, "port": port})
+    server, run_dir = _start(tmp_path, raw)
+    addr = _wait_for(run_dir / "server.addr", server)
+    clients = _clients(tmp_path, addr)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.kill()  # a crash, not a clean stop
+    server.wait()
+    assert load_state(run_dir).round >= 1
+    resumed = subprocess.Popen(cli("-v", "server", "--resume", str(run_dir), "--port", str(port)),
+                               stdout=open(tmp_path / "server2.log", "w"), stderr=subprocess.STDOUT)
+    assert resumed.wait(timeout=240) == 0, (tmp_path / "server2.log").read_text()[-3000:]
+    assert [c.wait(timeout=60) for c in clients] == [0, 0]
+    rounds = [json.loads(l)["round"] for l in metrics.read_text().splitlines()]
+    assert rounds[-1] == 3 and sorted(set(rounds)) == [1, 2, 3]
+    assert load_state(run_dir).finished
