@@ -16,7 +16,7 @@ from .errors import CodecError
 
 NONE, GOLOMB, RANS = 0, 1, 2
 CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans"}
-RANS_MIN_GAIN = 0.005
+RANS_MIN_GAIN = 0.005  # rANS must be expected to save this fraction over Golomb to be worth its time
 
 
 def bound_bits(n: int, k: int) -> float:
@@ -35,7 +35,7 @@ def encode_indices(indices: np.ndarray, n: int) -> tuple[int, int, bytes]:
     # rANS runs ~10x slower than Golomb, so it is tried only when its estimate (entropy + class table + lane
     # states) beats Golomb's exact size by RANS_MIN_GAIN; the smaller of the two is kept.
     lanes = rans.choose_lanes(-(-n // rans.SYMBOL_BITS), bound_bits(n, k))
-    if bound_bits(n, k) / 8 + 68 + 8 * lanes < (1 - RANS_MIN_GAIN) * golomb_size:
+    if bound_bits(n, k) / 8 + rans.TABLE_BYTES + 8 * lanes < (1 - RANS_MIN_GAIN) * golomb_size:
         payload = rans.encode(indices, n, lanes)
         if payload is not None and len(payload) < golomb_size:
             return RANS, lanes, payload

@@ -30,7 +30,7 @@ _BY_CLASS = np.argsort(_POPCOUNT, kind="stable")
 _CLASS_OFFSET = np.concatenate([[0], np.cumsum(_CLASS_SIZES)]).astype(np.int64)
 _RANK = np.empty(1 << 16, np.int64)
 _RANK[_BY_CLASS] = np.arange(1 << 16) - _CLASS_OFFSET[_POPCOUNT[_BY_CLASS]]
-_TABLE_BYTES = 4 * (SYMBOL_BITS + 1)
+TABLE_BYTES = 4 * (SYMBOL_BITS + 1)
 _U32 = np.uint64(0xFFFFFFFF)
 _MASK = np.uint64((1 << PRECISION) - 1)
 
@@ -43,14 +43,14 @@ def class_frequencies(p: float) -> list[int] | None:
     words, whose share is at least 2**-16, far above the carry.
     """
     total = 1 << PRECISION
-    order = range(SYMBOL_BITS, -1, -1) if p <= 0.5 else range(SYMBOL_BITS + 1)
+    order = list(range(SYMBOL_BITS, -1, -1) if p <= 0.5 else range(SYMBOL_BITS + 1))
     freqs = [0] * (SYMBOL_BITS + 1)
     ideal_so_far, assigned = 0.0, 0
-    for c in list(order)[:-1]:
+    for c in order[:-1]:
         ideal_so_far += total * _CLASS_SIZES[c] * p ** c * (1 - p) ** (SYMBOL_BITS - c)
         freqs[c] = max(1, round((ideal_so_far - assigned) / _CLASS_SIZES[c]))
         assigned += _CLASS_SIZES[c] * freqs[c]
-    last = list(order)[-1]
+    last = order[-1]
     freqs[last] = total - assigned
     return freqs if freqs[last] >= 1 else None
 
@@ -104,17 +104,17 @@ def decode(payload: bytes, lanes: int, n: int, k: int) -> np.ndarray:
     n_words = -(-n // SYMBOL_BITS)
     if not -(-n_words // MAX_STEPS) <= lanes <= n_words:
         raise CodecError(f"index_param: rans lanes={lanes} outside [{-(-n_words // MAX_STEPS)}, {n_words}]")
-    body = len(payload) - _TABLE_BYTES - 8 * lanes
+    body = len(payload) - TABLE_BYTES - 8 * lanes
     if body < 0 or body % 4:
         raise CodecError(f"index_payload: rans payload of {len(payload)} bytes does not fit {lanes} lanes")
     freqs = np.frombuffer(payload, "<u4", SYMBOL_BITS + 1).astype(np.int64)
     if freqs.min() < 1 or sum(c * int(f) for c, f in zip(_CLASS_SIZES, freqs)) != 1 << PRECISION:
         raise CodecError("index_payload: rans class frequencies do not sum to 2**24")
     f_class, class_start = _tables([int(f) for f in freqs])
-    x = np.frombuffer(payload, "<u8", lanes, _TABLE_BYTES).astype(np.uint64)
+    x = np.frombuffer(payload, "<u8", lanes, TABLE_BYTES).astype(np.uint64)
     if x.min() < STATE_LOW or x.max() >= 1 << 63:
         raise CodecError("index_payload: rans state outside [2**31, 2**63)")
-    words = np.frombuffer(payload, "<u4", body // 4, _TABLE_BYTES + 8 * lanes).astype(np.uint64)
+    words = np.frombuffer(payload, "<u4", body // 4, TABLE_BYTES + 8 * lanes).astype(np.uint64)
     symbols = np.empty(n_words, np.int64)
     pos = 0
     for t in range(-(-n_words // lanes)):
