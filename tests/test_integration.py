@@ -39,8 +39,8 @@ def _start(tmp_path: Path, raw: dict, extra=()):
     return server, run_dir
 
 
-def _clients(tmp_path: Path, addr: str, ids=("0", "1")):
-    return [subprocess.Popen(cli("-v", "client", "--server", addr, "--device-id", d, "--quiet", "--give-up-s", "60"),
+def _clients(tmp_path: Path, addr: str, ids=("0", "1"), flag="--device-id"):
+    return [subprocess.Popen(cli("-v", "client", "--server", addr, flag, d, "--quiet", "--give-up-s", "60"),
                              stdout=open(tmp_path / f"client_{d}.log", "w"), stderr=subprocess.STDOUT) for d in ids]
 
 
@@ -110,7 +110,7 @@ def test_server_killed_mid_run_resumes_and_clients_reconnect(tmp_path):
     raw = tiny_raw(server={"rounds": 3, "port": port})
     server, run_dir = _start(tmp_path, raw)
     addr = _wait_for(run_dir / "server.addr", server)
-    clients = _clients(tmp_path, addr)
+    clients = _clients(tmp_path, addr, ids=("0-1",), flag="--device-ids")  # both devices in one process
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not metrics.read_text().strip() and time.monotonic() < deadline:
@@ -121,7 +121,9 @@ def test_server_killed_mid_run_resumes_and_clients_reconnect(tmp_path):
     resumed = subprocess.Popen(cli("-v", "server", "--resume", str(run_dir), "--port", str(port)),
                                stdout=open(tmp_path / "server2.log", "w"), stderr=subprocess.STDOUT)
     assert resumed.wait(timeout=240) == 0, (tmp_path / "server2.log").read_text()[-3000:]
-    assert [c.wait(timeout=60) for c in clients] == [0, 0]
+    assert [c.wait(timeout=60) for c in clients] == [0]
     rounds = [json.loads(l)["round"] for l in metrics.read_text().splitlines()]
     assert rounds[-1] == 3 and sorted(set(rounds)) == [1, 2, 3]
     assert load_state(run_dir).finished
+    recs = [json.loads(l) for l in metrics.read_text().splitlines()]
+    assert all(r["completed"] == 2 for r in recs if r["round"] == 3)

@@ -41,3 +41,21 @@ def test_fresh_lora_model_computes_the_base_function():
     ids = torch.randint(0, 1000, (2, 8))
     with torch.no_grad():
         np.testing.assert_allclose(model(input_ids=ids).logits.numpy(), base(input_ids=ids).logits.numpy(), atol=1e-6)
+
+
+def test_a_local_model_path_loads_like_a_hub_id(tmp_path):
+    base = load_base_model("tiny-bert", 3, 0)
+    base.save_pretrained(tmp_path / "m")
+    load_tokenizer("tiny-bert").save_pretrained(tmp_path / "m")
+    again = load_base_model(str(tmp_path / "m"), 3, 0)
+    assert fingerprint_model(again) == fingerprint_model(base)
+    assert fingerprint_tokenizer(load_tokenizer(str(tmp_path / "m"))) == fingerprint_tokenizer(load_tokenizer("tiny-bert"))
+
+
+def test_an_unloadable_model_names_the_field(tmp_path):
+    import pytest
+
+    from edgelora.configtools import ConfigError
+
+    with pytest.raises(ConfigError, match="model.name"):
+        load_base_model(str(tmp_path / "missing"), 3, 0)
