@@ -99,6 +99,40 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    """Many virtual devices in one process (edgelora.simulate): same engine, codec and protobuf bytes."""
+    import tomllib
+
+    from edgelora.config import load_config
+    from edgelora.simulate import has_state, simulate
+
+    run_dir = Path(args.resume or args.out or default_run_dir())
+    resume = bool(args.resume) or has_state(run_dir)
+    source = run_dir / "config.toml" if resume else args.config
+    if source is None:
+        raise ConfigError("simulate: give --config RUN.toml (see examples/), or --resume RUN_DIR")
+    try:
+        raw = tomllib.loads(Path(source).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"simulate: cannot read {source}: {e}") from None
+    server, data, model = (raw.setdefault(k, {}) for k in ("server", "data", "model"))
+    data.setdefault("num_devices", 100)      # the simulator's defaults: 100 devices, 10 per round
+    server.setdefault("devices_per_round", 10)
+    for value, table, key in ((args.model, model, "name"), (args.rounds, server, "rounds"),
+                              (args.devices, data, "num_devices"), (args.per_round, server, "devices_per_round")):
+        if value is not None:
+            table[key] = value
+    server["devices_per_round"] = min(server["devices_per_round"], data["num_devices"])
+    server["min_devices"] = min(server.get("min_devices", 1), server["devices_per_round"])
+    run = load_config(raw)
+    print(f"edgelora simulate: {run.method.name}, {run.server.rounds} rounds, {run.server.devices_per_round} of "
+          f"{run.data.num_devices} devices per round, {run.model.name}; run folder {run_dir}"
+          + (" (resumed)" if resume else ""), flush=True)
+    state = simulate(run, run_dir, resume=resume, progress=not args.quiet)
+    print(f"finished {state.round} rounds; run folder {run_dir}", flush=True)
+    return 0
+
+
 DEMO_CONFIG = {
     "server": {"rounds": 3, "devices_per_round": 4, "min_devices": 2, "round_deadline_s": 240.0},
     "data": {"dataset": "20newsgroups", "num_devices": 4, "partition": "dirichlet", "alpha": 0.5,
@@ -204,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the methods")
     m.set_defaults(fn=cmd_methods)
+
+    sim = sub.add_parser("simulate", help="run many virtual devices in one process (no sockets, real wire bytes)")
+    sim.add_argument("--config", help="run config (TOML), e.g. examples/slora.toml")
+    sim.add_argument("--out", help="run folder (default runs/<timestamp>); an existing run there is resumed")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last completed round")
+    sim.add_argument("--model", help="override model.name (e.g. tiny-bert)")
+    sim.add_argument("--rounds", type=int, help="override server.rounds")
+    sim.add_argument("--devices", type=int, help="override data.num_devices (default 100)")
+    sim.add_argument("--per-round", type=int, help="override server.devices_per_round (default 10)")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    sim.set_defaults(fn=cmd_simulate)
     return ap
 
 

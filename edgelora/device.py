@@ -58,6 +58,9 @@ class DeviceTrainer:
     def run(self, task: Task, payload: bytes, download_s: float = 0.0) -> Update:
         model, init, masks = self.host.build(task.structure)
         received = self._apply_download(model, init, payload)
+        # Dropout draws from torch's global RNG: seed it per (task, device) so a run is reproducible, and the
+        # simulator and a real deployment train identically.
+        torch.manual_seed(task.train.seed * 1_000_003 + device_index(self.device_id))
         t0 = time.perf_counter()
         loss = train_local(model, self.examples, self.host.tokenizer, task.train, self.host.model_cfg.max_seq_len,
                            self.host.torch_device,

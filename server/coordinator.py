@@ -17,6 +17,7 @@ from edgelora.engine import RoundEngine, RoundPlan, UpdateRejected, stage_name
 from edgelora.methods import ModelHost, make_method
 from edgelora.models import fingerprint_model, fingerprint_tokenizer, load_base_model, load_tokenizer
 from edgelora.runlog import DeviceRecord, RoundRecord, RunFolder
+from edgelora.sampling import sample_devices
 from edgelora.state import ServerState, load_state, save_state
 from edgelora.tasks import PhaseTimes
 from edgelora.training import evaluate
@@ -171,12 +172,7 @@ class Coordinator:
                 self.cond.wait(min(left, 1.0))
 
     def _sample(self) -> tuple[list[str], dict]:
-        live = self.registry.live()
-        bitgen = np.random.PCG64()
-        bitgen.state = self.state.rng
-        k = min(self.run.server.devices_per_round, len(live))
-        picked = np.random.Generator(bitgen).choice(len(live), size=k, replace=False)
-        return sorted((live[i] for i in picked), key=lambda d: (len(d), d)), bitgen.state
+        return sample_devices(self.registry.live(), self.state.rng, self.run.server.devices_per_round)
 
     def _run_one_round(self) -> None:
         cfg = self.run.server

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from ..configtools import ConfigError, from_dict
 from .base import Method, MethodConfig, ModelHost
+from .adapter import Houlsby, Pfeiffer
 from .baselines import FullFineTuning, Lora
+from .flasc import Flasc
+from .slora import FLora, SLora
+from .sparse import BitFit, SparseFineTuning
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, Lora)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, Lora, SparseFineTuning, SLora, FLora,
+                                                        BitFit, Houlsby, Pfeiffer, Flasc)}
 
 
 def method_config_from_dict(raw: dict | None):

@@ -1,0 +1,158 @@
+"""The in-process simulator: the server's RoundEngine and the device's DeviceTrainer in one process, many
+virtual devices, no sockets. Every payload still travels as codec bytes inside the same protobuf messages the
+gRPC servicer streams (serialised and parsed back), so bytes are counted exactly as on the wire: the sum of
+ByteSize() over a task's TaskChunk messages down, over an upload's UpdateChunk messages up.
+
+Same seeds -> the same device sampling (edgelora.sampling), the same tasks and, aggregated in the same
+order, the same global weights as a gRPC run. The run folder is the gRPC server's (RunFolder, state/ after
+every round), so `--resume` continues from the last completed round.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .aggregation import RunningMean
+from .config import RunConfig
+from .data import device_examples, held_out_examples, with_num_labels
+from .device import DeviceHost, DeviceTrainer, DownloadError
+from .engine import RoundEngine, RoundPlan, UpdateRejected, stage_name
+from .methods import ModelHost, make_method
+from .models import load_base_model, load_tokenizer
+from .protos import edgelora_pb2 as pb
+from .protos import serde
+from .runlog import DeviceRecord, RoundRecord, RunFolder
+from .sampling import sample_devices
+from .state import ServerState, load_state, save_state
+from .tasks import PhaseTimes, Task, Update
+from .training import evaluate
+
+log = logging.getLogger("edgelora.simulate")
+
+
+def has_state(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / "state" / "meta.json").exists() or (run_dir / "state.old" / "meta.json").exists()
+
+
+class Simulator:
+    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+        run = with_num_labels(run)
+        self.run = run
+        self.folder = RunFolder(run_dir, run, resume=resume)
+        self.tokenizer = load_tokenizer(run.model.name)
+        # Same construction order as the Coordinator: the method's initial weights (e.g. LoRA's random A)
+        # come from the torch RNG right after the base model seeds it.
+        base = load_base_model(run.model.name, run.model.num_labels, run.model.head_seed)
+        self.engine = RoundEngine(run, make_method(run), ModelHost(base))
+        if resume:
+            self.state = load_state(run_dir)
+            if self.state.finished and self.state.round < run.server.rounds:  # --rounds extends a finished run
+                self.state = self.state.replace(finished=False)
+            log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
+        else:
+            self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
+            save_state(self.state, run_dir)
+        self.test = held_out_examples(run.data)
+        self.devices = [str(i) for i in range(run.data.num_devices)]  # every virtual device is always live
+        self.device_host = DeviceHost(run.model)
+        self.trainers: dict[str, DeviceTrainer] = {}  # created on first use; keeps FLASC error-feedback residuals
+        self.progress = progress
+
+    def trainer(self, device_id: str) -> DeviceTrainer:
+        if device_id not in self.trainers:
+            self.trainers[device_id] = DeviceTrainer(device_id, self.device_host, self.run.data,
+                                                     examples=device_examples(self.run.data, int(device_id)))
+        return self.trainers[device_id]
+
+    # -- the wire, without sockets ---------------------------------------------------------------------------
+    def send_task(self, plan: RoundPlan) -> tuple[Task, bytes, int]:
+        """What FetchTask streams: header + payload chunks; returns what the device parses and the bytes."""
+        header = serde.task_to_proto(plan.task, len(plan.payload))
+        wire, task, parts = 0, None, []
+        for msg in serde.chunks(header, pb.TaskChunk, plan.payload, self.run.server.chunk_bytes):
+            wire += msg.ByteSize()
+            got = pb.TaskChunk.FromString(msg.SerializeToString())
+            if got.WhichOneof("part") == "header":
+                task = serde.task_from_proto(got.header)
+            else:
+                parts.append(got.data)
+        return task, b"".join(parts), wire
+
+    def send_update(self, update: Update) -> tuple[bytes, int, int, PhaseTimes]:
+        """What SubmitUpdate receives: header + payload chunks (as EdgeClient.submit builds them)."""
+        t = update.times
+        header = pb.UpdateHeader(device_id=update.device_id, round=update.round, num_examples=update.num_examples,
+                                 payload_bytes=len(update.payload), train_loss=update.train_loss,
+                                 times=serde.times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)))
+        wire, parts, h = 0, [], None
+        for msg in serde.chunks(header, pb.UpdateChunk, update.payload, self.run.server.chunk_bytes):
+            wire += msg.ByteSize()
+            got = pb.UpdateChunk.FromString(msg.SerializeToString())
+            if got.WhichOneof("part") == "header":
+                h = got.header
+            else:
+                parts.append(got.data)
+        return b"".join(parts), wire, h.num_examples, serde.times_from_proto(h.times)
+
+    # -- rounds ---------------------------------------------------------------------------------------------
+    def run_rounds(self) -> ServerState:
+        from tqdm.auto import tqdm
+
+        cfg = self.run.server
+        bar = tqdm(total=cfg.rounds, initial=self.state.round, desc=f"simulate {self.run.method.name}",
+                   unit="round", disable=not self.progress, leave=False)
+        while not self.state.finished:
+            self.run_one_round()
+            bar.update(1)
+        bar.close()
+        return self.state
+
+    def run_one_round(self) -> None:
+        cfg = self.run.server
+        sampled, rng_state = sample_devices(self.devices, self.state.rng, cfg.devices_per_round)
+        plan = self.engine.plan(self.state)
+        rec = RoundRecord(round=plan.task.round, stage=stage_name(self.state.stage),
+                          devices={d: DeviceRecord(d) for d in sampled})
+        agg = RunningMean()
+        for d in sampled:  # aggregated in sampled (numeric id) order, as one client hosting them all uploads
+            r = rec.devices[d]
+            r.task_sent_at = time.time() - rec.started_at
+            t0 = time.perf_counter()
+            task, payload, r.bytes_down = self.send_task(plan)
+            try:
+                update = self.trainer(d).run(task, payload, time.perf_counter() - t0)
+            except DownloadError as e:
+                r.status, r.error = "dropped", str(e)
+                continue
+            body, r.bytes_up, num_examples, times = self.send_update(update)
+            try:
+                if num_examples <= 0:
+                    raise UpdateRejected("invalid", f"num_examples must be > 0, got {num_examples}")
+                delta = self.engine.decode_update(plan, body)
+            except UpdateRejected as e:
+                r.status, r.error = "rejected", e.message
+                continue
+            agg.add(delta, self.engine.weight(num_examples))
+            r.status, r.num_examples, r.train_loss = "completed", num_examples, update.train_loss
+            r.download_s, r.train_s, r.encode_s = times.download_s, times.train_s, times.encode_s
+            r.upload_done_at = time.time() - rec.started_at
+        aggregated = agg.count >= cfg.min_devices
+        new_state = self.engine.finish(self.state, agg if aggregated else None, rng_state)
+        rec.aggregated = aggregated
+        if new_state.round % cfg.eval_every == 0 or new_state.finished:
+            rec.accuracy, rec.loss = evaluate(self.engine.model_for(new_state), self.test, self.tokenizer,
+                                              self.run.model.max_seq_len, self.engine.host.base.device)
+        save_state(new_state, self.folder.path)
+        rec.close()
+        self.folder.append(rec)
+        if new_state.finished:
+            self.folder.save_final_model(self.engine.model_for(new_state))
+        self.state = new_state
+
+
+def simulate(run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> ServerState:
+    return Simulator(run, Path(run_dir), resume=resume, progress=progress).run_rounds()
