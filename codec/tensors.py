@@ -14,6 +14,10 @@ from .mask import mask_indices
 class Dense:
     values: np.ndarray  # any shape
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.values))
+
 
 @dataclass(frozen=True)
 class Sparse:

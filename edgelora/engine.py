@@ -76,8 +76,7 @@ class RoundEngine:
         total_nnz = 0
         delta = {}
         for name, t in tensors.items():
-            shape = tuple(getattr(t, "shape", None) or np.shape(t.values)) if not isinstance(t, codec.Dense) \
-                else tuple(np.shape(t.values))
+            shape = tuple(t.shape)
             if shape != plan.shapes[name]:
                 raise UpdateRejected("invalid", f"tensor {name}: shape {shape} != expected {plan.shapes[name]}")
             expected_form = self._expected_form(plan, name)

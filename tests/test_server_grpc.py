@@ -67,7 +67,7 @@ def refused(fn, code, match):
 
 
 def delta_bundle(payload, value=0.5, **overrides):
-    shapes = {n: np.shape(t.values) for n, t in codec.decode_bundle(payload).items()}
+    shapes = {n: t.shape for n, t in codec.decode_bundle(payload).items()}
     tensors = {n: codec.Dense(np.full(s, value, np.float32)) for n, s in shapes.items()}
     tensors.update(overrides)
     return codec.encode_bundle(tensors), shapes
