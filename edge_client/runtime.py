@@ -18,6 +18,8 @@ from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
 from edgelora.tasks import PhaseTimes, Update
 
+from .throttle import LinkThrottle
+
 log = logging.getLogger("edgelora.client")
 
 # Retries of idempotent unary calls are declared in the channel's service config, not hand-written loops.
@@ -39,6 +41,7 @@ class ClientOptions:
     credentials: grpc.ChannelCredentials | None = None
     metadata: tuple[tuple[str, str], ...] = ()
     token_for: dict[str, str] | None = None  # per-device auth tokens (see deploy/README.md)
+    throttle: LinkThrottle | None = None     # application-level link emulation (--uplink-mbps/--downlink-mbps)
 
 
 class Backoff:
@@ -66,7 +69,8 @@ class EdgeClient:
         self.backoff = Backoff(opts.give_up_s)
         self.channel = self._connect()
         self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.spec = self._call(lambda: self.stub.GetRunSpec(pb.RunSpecRequest(), timeout=10), "get run spec")
+        self.spec = self._call(lambda: self.stub.GetRunSpec(pb.RunSpecRequest(), timeout=10,
+                                                           metadata=self._md(opts.device_ids[0])), "get run spec")
         self.model_cfg = serde.model_from_proto(self.spec.model)
         self.data_cfg = serde.data_from_proto(self.spec.data)
         self.host = DeviceHost(self.model_cfg, opts.torch_device)
@@ -119,6 +123,8 @@ class EdgeClient:
         stream = self.stub.FetchTask(pb.FetchTaskRequest(device_id=device_id, wait_s=wait_s),
                                      timeout=wait_s + 600, metadata=self._md(device_id))
         header, parts = None, []
+        if self.opts.throttle is not None:
+            stream = self.opts.throttle.paced_download(stream)
         for chunk in stream:
             if chunk.WhichOneof("part") == "header":
                 header = chunk.header
@@ -137,7 +143,12 @@ class EdgeClient:
         header = pb.UpdateHeader(device_id=update.device_id, round=update.round, num_examples=update.num_examples,
                                  payload_bytes=len(update.payload), train_loss=update.train_loss,
                                  times=serde.times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)))
-        msgs = serde.chunks(header, pb.UpdateChunk, update.payload, self.spec.chunk_bytes)
+        throttle = self.opts.throttle
+        if throttle is None:
+            msgs = serde.chunks(header, pb.UpdateChunk, update.payload, self.spec.chunk_bytes)
+        else:
+            msgs = throttle.paced_upload(serde.chunks(header, pb.UpdateChunk, update.payload,
+                                                      throttle.upload_chunk_bytes(self.spec.chunk_bytes)))
         return self.stub.SubmitUpdate(msgs, timeout=600, metadata=self._md(update.device_id))
 
     # -- main loop -------------------------------------------------------------------------------------------

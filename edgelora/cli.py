@@ -59,7 +59,78 @@ def cmd_server(args) -> int:
         run = run.replace(server=_replace(run.server, port=args.port))
     if args.host is not None:
         run = run.replace(server=_replace(run.server, host=args.host))
-    return serve(run, run_dir, resume=bool(args.resume))
+    return serve(run, run_dir, resume=bool(args.resume), **_server_security(args, run.server.host))
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _server_security(args, host: str) -> dict:
+    """TLS credentials and the device-token interceptor from the server flags (deploy/README.md).
+    Plaintext must be asked for with --insecure, except on a loopback address, where nothing leaves the machine."""
+    import grpc
+
+    from edgelora.server.auth import DeviceTokenInterceptor
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("server: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ConfigError("server: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    kw: dict = {}
+    if args.tls_cert:
+        kw["credentials"] = grpc.ssl_server_credentials([(_read(args.tls_key), _read(args.tls_cert))],
+                                                        root_certificates=_read(args.tls_client_ca),
+                                                        require_client_auth=bool(args.tls_client_ca))
+    elif args.insecure or host in LOOPBACK:
+        print(f"edgelora server: WARNING: plaintext gRPC on {host} (no TLS); anyone on the path can read and "
+              f"forge updates", file=sys.stderr)
+    else:
+        raise ConfigError(f"server: listening on {host} without TLS: give --tls-cert/--tls-key, or --insecure "
+                          f"to accept plaintext")
+    if args.tokens:
+        kw["interceptors"] = (DeviceTokenInterceptor(_tokens(args.tokens)),)
+    return kw
+
+
+def _tokens(path: str) -> dict[str, str]:
+    from edgelora.server.auth import load_tokens
+
+    try:
+        return load_tokens(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--tokens: {e}") from None
+
+
+def _client_security(args, ids: list[str]) -> dict:
+    import grpc
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("client: --tls-cert and --tls-key go together")
+    kw: dict = {}
+    host = args.server.rsplit(":", 1)[0]
+    if args.tls_ca or args.tls_cert:
+        kw["credentials"] = grpc.ssl_channel_credentials(root_certificates=_read(args.tls_ca),
+                                                         private_key=_read(args.tls_key),
+                                                         certificate_chain=_read(args.tls_cert))
+    elif args.insecure or host in LOOPBACK:
+        print(f"edgelora client: WARNING: plaintext gRPC to {args.server} (no TLS)", file=sys.stderr)
+    else:
+        raise ConfigError(f"client: {args.server} without TLS: give --tls-ca, or --insecure to accept plaintext")
+    if args.token and len(ids) != 1:
+        raise ConfigError("client: --token is one device's token; give --tokens FILE for --device-ids")
+    if args.token:
+        kw["token_for"] = {ids[0]: args.token}
+    elif args.tokens:
+        tokens = _tokens(args.tokens)
+        missing = [d for d in ids if d not in tokens]
+        if missing:
+            raise ConfigError(f"client: {args.tokens} has no token for devices {missing}")
+        kw["token_for"] = {d: tokens[d] for d in ids}
+    return kw
 
 
 def _replace(obj, **kw):
@@ -83,8 +154,16 @@ def cmd_client(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here")
+    from edgelora.edge_client.throttle import LinkThrottle
+
+    for flag, v in (("--uplink-mbps", args.uplink_mbps), ("--downlink-mbps", args.downlink_mbps)):
+        if v is not None and not v > 0:
+            raise ConfigError(f"{flag}: must be > 0 Mbit/s, got {v}")
     client = EdgeClient(ClientOptions(server=args.server, device_ids=ids, torch_device=device,
-                                      give_up_s=args.give_up_s, progress=not args.quiet))
+                                      give_up_s=args.give_up_s, progress=not args.quiet,
+                                      throttle=LinkThrottle(args.uplink_mbps, args.downlink_mbps)
+                                      if args.uplink_mbps or args.downlink_mbps else None,
+                                      **_client_security(args, ids)))
     try:
         return client.run()
     finally:
@@ -163,7 +242,8 @@ def cmd_demo(args) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"edgelora demo: 1 server + {run.data.num_devices} clients, {run.server.rounds} rounds of "
           f"{run.method.name} on {run.data.dataset} ({run.model.name}); run folder {run_dir}", flush=True)
-    server = subprocess.Popen(exe + ["server", "--config", str(cfg_path), "--out", str(run_dir), "--port", "0"],
+    server = subprocess.Popen(exe + ["server", "--config", str(cfg_path), "--out", str(run_dir), "--port", "0",
+                                     "--insecure"],
                               env=env)
     clients: list[subprocess.Popen] = []
     try:
@@ -171,7 +251,7 @@ def cmd_demo(args) -> int:
         for i in range(run.data.num_devices):
             log = open(logs / f"client_{i}.log", "w")
             clients.append(subprocess.Popen(exe + ["client", "--server", addr, "--device-id", str(i), "--quiet",
-                                                   "--verbose", "--give-up-s", "60"],
+                                                   "--verbose", "--give-up-s", "60", "--insecure"],
                                             env=env, stdout=log, stderr=subprocess.STDOUT))
         rc = server.wait()
         for c in clients:
@@ -218,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="override server.host")
     s.add_argument("--port", type=int, help="override server.port (0 = any free port)")
     s.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key turns on TLS")
+    s.add_argument("--tls-key", help="server private key (PEM)")
+    s.add_argument("--tls-client-ca", help="mutual TLS: devices must present a certificate signed by this CA")
+    s.add_argument("--tokens", help="per-device tokens file (TOML [tokens] id = token); calls without a "
+                                    "matching token are refused")
+    s.add_argument("--insecure", action="store_true", help="accept plaintext gRPC on a non-loopback address")
     s.set_defaults(fn=cmd_server)
 
     c = sub.add_parser("client", help="run one or many edge devices")
@@ -228,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--give-up-s", type=float, default=300.0, help="exit after the server is unreachable this long")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--uplink-mbps", type=float, help="throttle uploads to this rate in the application (no root)")
+    c.add_argument("--downlink-mbps", type=float, help="throttle downloads to this rate in the application")
+    c.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate; turns on TLS")
+    c.add_argument("--tls-cert", help="mutual TLS: this device's certificate chain (PEM)")
+    c.add_argument("--tls-key", help="mutual TLS: this device's private key (PEM)")
+    c.add_argument("--token", help="this device's auth token (one --device-id)")
+    c.add_argument("--tokens", help="tokens file (TOML [tokens] id = token) for --device-ids")
+    c.add_argument("--insecure", action="store_true", help="accept plaintext gRPC to a non-loopback server")
     c.set_defaults(fn=cmd_client)
 
     d = sub.add_parser("demo", help="server + 4 clients on localhost: 3 rounds of federated LoRA")

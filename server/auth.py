@@ -1,0 +1,106 @@
+"""Per-device tokens, checked by one server interceptor: a device may act only as its own id.
+
+Tokens file (TOML), shared by `edgelora server --tokens FILE` and `edgelora client --tokens FILE`:
+
+    [tokens]
+    "0" = "b3c1...long random string..."
+    "1" = "9f0e..."
+
+Every call carries metadata `x-device-id: <id>` and `authorization: Bearer <token>` (edge_client/runtime.py).
+No or an unknown token -> UNAUTHENTICATED. A token used for another id, in the metadata or in the request's
+`device_id` (the message for unary calls, the first chunk's header for SubmitUpdate) -> PERMISSION_DENIED.
+"""
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import secrets
+import tomllib
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger("edgelora.server.auth")
+
+
+def load_tokens(path: str | Path) -> dict[str, str]:
+    """device id -> token, from a tokens file; errors name the file and the entry."""
+    raw = tomllib.loads(Path(path).read_text())
+    tokens = raw.get("tokens")
+    if not isinstance(tokens, dict) or not tokens:
+        raise ValueError(f"{path}: expected a [tokens] table of device id = token")
+    for dev, tok in tokens.items():
+        if not isinstance(tok, str) or len(tok) < 16:
+            raise ValueError(f"{path}: tokens.{dev}: must be a string of at least 16 characters")
+    if len(set(tokens.values())) != len(tokens):
+        raise ValueError(f"{path}: two devices share a token; each device needs its own")
+    return dict(tokens)
+
+
+def make_tokens(device_ids) -> str:
+    """A tokens file (TOML text) with a fresh random token per device id."""
+    return "[tokens]\n" + "".join(f'"{d}" = "{secrets.token_urlsafe(32)}"\n' for d in device_ids)
+
+
+def _deny(code: grpc.StatusCode, message: str):
+    def abort(request, context):
+        context.abort(code, message)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class DeviceTokenInterceptor(grpc.ServerInterceptor):
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self.tokens = {d: t.encode() for d, t in tokens.items()}
+
+    def _owner(self, token: str) -> str | None:
+        found = None
+        for dev, tok in self.tokens.items():  # compare against every token: no early exit to time
+            if hmac.compare_digest(tok, token.encode()):
+                found = dev
+        return found
+
+    def intercept_service(self, continuation, details):
+        md = dict(details.invocation_metadata or ())
+        auth, claimed = md.get("authorization", ""), md.get("x-device-id", "")
+        owner = self._owner(auth[len("Bearer "):]) if auth.startswith("Bearer ") else None
+        if owner is None:
+            why = "unknown device token" if auth else "missing device token (authorization: Bearer ...)"
+            log.warning("%s refused: %s", details.method, why)
+            return _deny(grpc.StatusCode.UNAUTHENTICATED, why)
+        if claimed != owner:
+            log.warning("%s refused: token of device %s used as %r", details.method, owner, claimed)
+            return _deny(grpc.StatusCode.PERMISSION_DENIED, f"this token may act only as device {owner}")
+        return _bind_to_device(continuation(details), owner)
+
+
+def _check(device_id: str, owner: str, context) -> None:
+    if device_id and device_id != owner:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this token may act only as device {owner}, "
+                                                         f"not {device_id!r}")
+
+
+def _bind_to_device(handler, owner: str):
+    """Wrap the method so the device_id inside the request must be the token's owner too."""
+    if handler is None:
+        return None
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        def uu(request, context):
+            _check(getattr(request, "device_id", ""), owner, context)
+            return handler.unary_unary(request, context)
+        return grpc.unary_unary_rpc_method_handler(uu, **kw)
+    if handler.unary_stream:
+        def us(request, context):
+            _check(getattr(request, "device_id", ""), owner, context)
+            yield from handler.unary_stream(request, context)
+        return grpc.unary_stream_rpc_method_handler(us, **kw)
+    if handler.stream_unary:
+        def su(requests, context):
+            first = next(requests, None)
+            if first is not None and first.WhichOneof("part") == "header":
+                _check(first.header.device_id, owner, context)
+            return handler.stream_unary(requests if first is None else itertools.chain([first], requests),
+                                        context)
+        return grpc.stream_unary_rpc_method_handler(su, **kw)
+    return handler  # no bidirectional methods in the contract
