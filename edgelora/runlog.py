@@ -24,8 +24,10 @@ class DeviceRecord:
     train_s: float = 0.0
     encode_s: float = 0.0
     upload_s: float = 0.0
-    task_sent_at: float = 0.0        # seconds since the round started
-    upload_done_at: float = 0.0
+    task_sent_at: float = 0.0        # seconds since the round started (server clock), when each phase began/ended:
+    download_done_at: float = 0.0    # last task chunk handed to gRPC
+    upload_started_at: float = 0.0   # upload header received
+    upload_done_at: float = 0.0      # upload decoded and aggregated
     error: str = ""
 
 
@@ -61,6 +63,27 @@ class RoundRecord:
         return _clean(d)
 
 
+PHASES = ("download", "train (+ model build, encode)", "upload", "waiting for stragglers", "aggregate + evaluate")
+
+
+def round_phases(rec: dict, deadline_s: float) -> list[float] | None:
+    """Seconds per PHASES for one metrics.jsonl record, means over its completed devices (None: none completed).
+    A device waits from the round's start until its task goes out, and from its upload until the last upload
+    (or the deadline, when a device was dropped)."""
+    done = [d for d in rec.get("devices", []) if d["status"] == "completed"]
+    if not done:
+        return None
+    dropped = any(d["status"] == "dropped" for d in rec["devices"])
+    collected = deadline_s if dropped else max(d["upload_done_at"] for d in done)
+    mean = lambda f: sum(f(d) for d in done) / len(done)
+    # train: from the task leaving to the upload arriving (server clock), less the device's own download time
+    down, up = mean(lambda d: d["download_s"]), mean(lambda d: d["upload_s"])
+    train = mean(lambda d: max(d["train_s"] + d["encode_s"],
+                               d["upload_started_at"] - d["task_sent_at"] - d["download_s"]))
+    return [down, train, up, max(0.0, collected - down - train - up),
+            max(0.0, rec.get("seconds", collected) - collected)]
+
+
 def _clean(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
@@ -84,6 +107,7 @@ class RunFolder:
             f.write(json.dumps(rec.to_json()) + "\n")
         self.print_row(rec)
         self.plot()
+        self.plot_round_time()
 
     def records(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -127,6 +151,30 @@ class RunFolder:
         fig.suptitle(f"{self.run.method.name} on {self.run.data.dataset} ({self.run.model.name})")
         fig.tight_layout()
         fig.savefig(self.path / "accuracy.png", dpi=110)
+        plt.close(fig)
+
+    def plot_round_time(self) -> None:
+        """RUN_DIR/round_time.png: where each round's wall-clock time went, averaged over its completed devices."""
+        rows = [(r["round"], round_phases(r, self.run.server.round_deadline_s)) for r in self.records()]
+        rows = [r for r in rows if r[1] is not None]
+        if not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 3), 3.6))
+        bottom = [0.0] * len(rows)
+        for i, name in enumerate(PHASES):
+            vals = [r[1][i] for r in rows]
+            ax.bar([r[0] for r in rows], vals, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_xticks([r[0] for r in rows])
+        ax.set_xlabel("round"), ax.set_ylabel("seconds (mean over completed devices)"), ax.legend(fontsize=8)
+        ax.set_title(f"where round time goes: {self.run.method.name} ({self.run.model.name})")
+        fig.tight_layout()
+        fig.savefig(self.path / "round_time.png", dpi=110)
         plt.close(fig)
 
     def save_final_model(self, model) -> Path:

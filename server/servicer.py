@@ -68,6 +68,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for chunk in serde.chunks(header, pb.TaskChunk, r.plan.payload, self.coord.run.server.chunk_bytes):
             self.coord.count_download(r, request.device_id, chunk.ByteSize())
             yield chunk
+        r.record.devices[request.device_id].download_done_at = time.time() - r.record.started_at
 
     def SubmitUpdate(self, request_iterator, context):
         cfg = self.coord.run.server
@@ -86,6 +87,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             r = self.coord.begin_upload(h.device_id, h.round)
         except UpdateRejected as e:
             _abort(context, e, what)
+        r.record.devices[h.device_id].upload_started_at = time.time() - r.record.started_at
         wire, parts, got, error = first.ByteSize(), [], 0, ""
         started = time.perf_counter()
         try:
