@@ -52,7 +52,7 @@ def with_app_throttle(raw: dict, run_dir: Path) -> None:
     (run_dir / "run.toml").write_text(tomli_w.dumps(raw))
     exe = [sys.executable, "-m", "edgelora.cli"]
     server = subprocess.Popen(exe + ["server", "--config", str(run_dir / "run.toml"), "--out", str(run_dir),
-                                     "--port", "0"], stdout=open(run_dir / "server.log", "w"), stderr=subprocess.STDOUT)
+                                     "--port", "0", "--insecure"], stdout=open(run_dir / "server.log", "w"), stderr=subprocess.STDOUT)
     clients = []
     try:
         addr_file, deadline = run_dir / "server.addr", time.monotonic() + 300
@@ -61,7 +61,7 @@ def with_app_throttle(raw: dict, run_dir: Path) -> None:
                 raise RuntimeError(f"server did not start; see {run_dir / 'server.log'}")
             time.sleep(0.2)
         clients = [subprocess.Popen(exe + ["client", "--server", addr_file.read_text().strip(), "--device-id", d,
-                                           "--quiet", "--uplink-mbps", str(UP_MBIT), "--downlink-mbps",
+                                           "--quiet", "--insecure", "--uplink-mbps", str(UP_MBIT), "--downlink-mbps",
                                            str(DOWN_MBIT)], stdout=open(run_dir / f"client_{d}.log", "w"),
                                     stderr=subprocess.STDOUT) for d in ("0", "1")]
         if server.wait(timeout=1800) != 0:

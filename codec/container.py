@@ -15,7 +15,7 @@ import numpy as np
 
 from . import zstd_frame
 from .errors import CodecError
-from .header import DENSE, MASKED, RAW, SPARSE, ZSTD, Entry, Table, pack_header, parse_header
+from .header import DENSE, MASKED, SPARSE, ZSTD, Entry, Table, pack_header, parse_header
 from .index_coding import decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from edgelora.codec import CodecError
 from edgelora.device import DeviceHost, DeviceTrainer, DownloadError
 from edgelora.models import device_info, fingerprint_model, fingerprint_tokenizer
 from edgelora.protos import edgelora_pb2 as pb
@@ -178,6 +179,9 @@ class EdgeClient:
         except grpc.RpcError as e:
             self._recover(device_id, e, "fetch task")
             return False
+        except (DownloadError, CodecError) as e:  # a broken task stream: ask again after a pause
+            self.backoff.failed(f"device {device_id} fetch task: {e}")
+            return False
         if header.kind == pb.TaskHeader.STOP:
             self.stopped.add(device_id)
             return False
@@ -186,8 +190,9 @@ class EdgeClient:
         task = serde.task_from_proto(header)
         try:
             update = self.trainers[device_id].run(task, payload, download_s)
-        except DownloadError as e:
+        except (DownloadError, CodecError) as e:
             log.error("device %s round %d: %s", device_id, task.round, e)
+            self.backoff.failed(f"device {device_id} round {task.round}: unusable task")
             return True
         try:
             reply = self.submit(update)
@@ -207,14 +212,22 @@ class EdgeClient:
             self.register(device_id)  # the server restarted (e.g. resumed): join again
         elif e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise PermissionError(f"device {device_id}: {e.code().name}: {e.details()}")
+        else:  # refused or failed on the server's side: never retry in a tight loop
+            self.backoff.failed(f"device {device_id} {what}: {e.code().name}: {e.details()}")
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             for d in self.opts.device_ids:
+                if self._stop.is_set():
+                    return
                 try:
                     self.stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5, metadata=self._md(d))
-                except grpc.RpcError:
-                    pass  # the main loop handles reconnects
+                except grpc.RpcError as e:  # reconnects are the main loop's; a restarted server needs a Register
+                    if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "not registered" in (e.details() or ""):
+                        try:
+                            self.register(d)
+                        except grpc.RpcError:
+                            pass
 
     def close(self) -> None:
         # Join the heartbeat thread before closing the channel: a gRPC call still in flight on a closed

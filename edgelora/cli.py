@@ -62,7 +62,6 @@ def cmd_server(args) -> int:
     return serve(run, run_dir, resume=bool(args.resume), **_server_security(args, run.server.host))
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def _read(path: str | None) -> bytes | None:
@@ -71,7 +70,7 @@ def _read(path: str | None) -> bytes | None:
 
 def _server_security(args, host: str) -> dict:
     """TLS credentials and the device-token interceptor from the server flags (deploy/README.md).
-    Plaintext must be asked for with --insecure, except on a loopback address, where nothing leaves the machine."""
+    Plaintext must be asked for with --insecure, on every address, and prints a warning."""
     import grpc
 
     from edgelora.server.auth import DeviceTokenInterceptor
@@ -85,7 +84,7 @@ def _server_security(args, host: str) -> dict:
         kw["credentials"] = grpc.ssl_server_credentials([(_read(args.tls_key), _read(args.tls_cert))],
                                                         root_certificates=_read(args.tls_client_ca),
                                                         require_client_auth=bool(args.tls_client_ca))
-    elif args.insecure or host in LOOPBACK:
+    elif args.insecure:
         print(f"edgelora server: WARNING: plaintext gRPC on {host} (no TLS); anyone on the path can read and "
               f"forge updates", file=sys.stderr)
     else:
@@ -111,12 +110,11 @@ def _client_security(args, ids: list[str]) -> dict:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("client: --tls-cert and --tls-key go together")
     kw: dict = {}
-    host = args.server.rsplit(":", 1)[0]
     if args.tls_ca or args.tls_cert:
         kw["credentials"] = grpc.ssl_channel_credentials(root_certificates=_read(args.tls_ca),
                                                          private_key=_read(args.tls_key),
                                                          certificate_chain=_read(args.tls_cert))
-    elif args.insecure or host in LOOPBACK:
+    elif args.insecure:
         print(f"edgelora client: WARNING: plaintext gRPC to {args.server} (no TLS)", file=sys.stderr)
     else:
         raise ConfigError(f"client: {args.server} without TLS: give --tls-ca, or --insecure to accept plaintext")
@@ -303,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-client-ca", help="mutual TLS: devices must present a certificate signed by this CA")
     s.add_argument("--tokens", help="per-device tokens file (TOML [tokens] id = token); calls without a "
                                     "matching token are refused")
-    s.add_argument("--insecure", action="store_true", help="accept plaintext gRPC on a non-loopback address")
+    s.add_argument("--insecure", action="store_true", help="accept plaintext gRPC (no TLS); prints a warning")
     s.set_defaults(fn=cmd_server)
 
     c = sub.add_parser("client", help="run one or many edge devices")
@@ -321,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-key", help="mutual TLS: this device's private key (PEM)")
     c.add_argument("--token", help="this device's auth token (one --device-id)")
     c.add_argument("--tokens", help="tokens file (TOML [tokens] id = token) for --device-ids")
-    c.add_argument("--insecure", action="store_true", help="accept plaintext gRPC to a non-loopback server")
+    c.add_argument("--insecure", action="store_true", help="accept plaintext gRPC (no TLS); prints a warning")
     c.set_defaults(fn=cmd_client)
 
     d = sub.add_parser("demo", help="server + 4 clients on localhost: 3 rounds of federated LoRA")

@@ -34,6 +34,7 @@ class ServerConfig:
     seed: int = field(0, "seeds device sampling")
     chunk_bytes: int = field(1 << 20, "payload bytes per gRPC message (at most 4 MiB)")
     max_upload_bytes: int = field(256 << 20, "an upload larger than this is refused (RESOURCE_EXHAUSTED)")
+    max_update_abs: float = field(1e3, "an upload with any |delta| above this is refused (INVALID_ARGUMENT): finite but huge values would wreck the global model")
     save_updates: bool = field(False, "keep every accepted upload's codec bytes in RUN_DIR/updates/")
     value_type: ValueType = field("float32", "codec value type of tensor payloads, both directions")
 
@@ -43,10 +44,17 @@ class ServerConfig:
         check(1 <= self.min_devices <= self.devices_per_round, "server.min_devices",
               f"must be between 1 and devices_per_round ({self.devices_per_round})")
         check(0 <= self.port < 65536, "server.port", "must be in 0..65535")
-        check(1024 <= self.chunk_bytes <= 4 << 20, "server.chunk_bytes", "must be in 1 KiB..4 MiB")
+        check(1024 <= self.chunk_bytes <= (4 << 20) - (64 << 10), "server.chunk_bytes",
+              "must be in 1 KiB..(4 MiB - 64 KiB): a chunk plus framing stays under 4 MiB")
         check(self.max_upload_bytes > 0, "server.max_upload_bytes", "must be > 0")
         check(self.round_deadline_s > 0, "server.round_deadline_s", "must be > 0")
         check(self.eval_every >= 1, "server.eval_every", "must be >= 1")
+        check(self.seed >= 0, "server.seed", "must be >= 0")
+        check(self.min_registered >= 0, "server.min_registered", "must be >= 0")
+        for name in ("registration_timeout_s", "heartbeat_s", "device_timeout_s", "max_update_abs"):
+            check(getattr(self, name) > 0, f"server.{name}", "must be > 0")
+        check(self.device_timeout_s > self.heartbeat_s, "server.device_timeout_s",
+              f"must exceed server.heartbeat_s ({self.heartbeat_s}), or live devices look dead")
 
     @property
     def registered_needed(self) -> int:
@@ -64,6 +72,7 @@ class ModelConfig:
         check(bool(self.name), "model.name", "must not be empty")
         check(self.num_labels >= 0, "model.num_labels", "must be >= 0")
         check(8 <= self.max_seq_len <= 4096, "model.max_seq_len", "must be in 8..4096")
+        check(self.head_seed >= 0, "model.head_seed", "must be >= 0")
 
 
 @dataclass
@@ -89,6 +98,8 @@ class DataConfig:
         check(self.alpha > 0, "data.alpha", "must be > 0")
         check(self.classes_per_device >= 1, "data.classes_per_device", "must be >= 1")
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        for name in ("seed", "max_examples_per_device", "test_max_examples"):
+            check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
         bad = sorted(set(self.remove) - {"headers", "footers", "quotes"})
         check(not bad, "data.remove", f"unknown part(s) {bad}; allowed: headers, footers, quotes")
         if self.dataset in ("jsonl", "csv", "hf"):
@@ -121,6 +132,8 @@ class TrainConfig:
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.lr > 0, "train.lr", "must be > 0")
         check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        check(self.momentum >= 0, "train.momentum", "must be >= 0")
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
 
 
 @dataclass
@@ -136,6 +149,8 @@ class AggregatorConfig:
     def validate(self) -> None:
         check(self.lr > 0, "aggregator.lr", "must be > 0")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "aggregator.beta1/beta2", "must be in [0, 1)")
+        check(self.eps > 0, "aggregator.eps", "must be > 0")
+        check(self.weight_decay >= 0, "aggregator.weight_decay", "must be >= 0")
 
 
 @dataclass

@@ -68,10 +68,10 @@ def _newsgroups(data_home: str | None, remove: tuple[str, ...]) -> Corpus:
 
     def split(name: str) -> tuple[Examples, list[str]]:
         try:
-            b = fetch_20newsgroups(data_home=data_home, subset=name, remove=remove,
-                                   download_if_missing=data_home is None)
-        except OSError as e:
-            raise ConfigError(f"data.data_home: 20 Newsgroups not found under {data_home!r} ({e})") from None
+            b = fetch_20newsgroups(data_home=data_home, subset=name, remove=remove, download_if_missing=True)
+        except Exception as e:  # offline and not cached: URLError, OSError, ...
+            raise ConfigError(f"data.data_home: 20 Newsgroups is not under {data_home!r} and could not be "
+                              f"downloaded ({type(e).__name__}: {e})") from None
         return Examples(tuple(b.data), np.asarray(b.target, np.int64)), list(b.target_names)
 
     train, names = split("train")
@@ -151,10 +151,12 @@ def partition_indices(labels: np.ndarray, cfg: DataConfig) -> list[np.ndarray]:
         part = PathologicalPartitioner(num_partitions=n, partition_by="label",
                                        num_classes_per_partition=cfg.classes_per_device,
                                        class_assignment_mode="random", seed=cfg.seed)
-    ds = Dataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
+    # Shuffle first (seeded): IidPartitioner takes contiguous shards, and files are often sorted by label.
+    order = np.random.default_rng(cfg.seed).permutation(len(labels))
+    ds = Dataset.from_dict({"label": labels[order].tolist(), "idx": order.tolist()})
     part.dataset = ds
     try:
-        out = [np.asarray(part.load_partition(i)["idx"], np.int64) for i in range(n)]
+        out = [np.sort(np.asarray(part.load_partition(i)["idx"], np.int64)) for i in range(n)]
     except ValueError as e:
         raise ConfigError(f"data.partition: {cfg.partition} could not split {len(labels)} examples over {n} "
                           f"devices: {e}") from None
@@ -187,6 +189,11 @@ def _partitions_cached(key: tuple, partition: str, alpha: float, classes: int, n
 def _partitions(cfg: DataConfig) -> list[np.ndarray]:
     return _partitions_cached(_key(cfg), cfg.partition, cfg.alpha, cfg.classes_per_device, cfg.num_devices,
                               cfg.max_examples_per_device, cfg.seed)
+
+
+def partition_sizes(cfg: DataConfig) -> list[int]:
+    """Examples per device: the server knows them from the config, so FedAvg never trusts a device's count."""
+    return [len(ix) for ix in _partitions(cfg)]
 
 
 def held_out_examples(cfg: DataConfig) -> Examples:

@@ -5,6 +5,7 @@ server. The gRPC edge client and the simulator both call DeviceTrainer.run().
 """
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -115,9 +116,13 @@ class DeviceTrainer:
         return codec.encode_bundle(tensors, value_type=rule.value_type)
 
 
+def is_device_id(device_id: str) -> bool:
+    """Canonical partition indices only ("0", "17"; not "017" or non-ASCII digits), so one partition has one id."""
+    return re.fullmatch(r"0|[1-9][0-9]{0,8}", device_id) is not None
+
+
 def device_index(device_id: str) -> int:
     """Device ids are partition indices ("0".."N-1"): the id alone says which slice of the data it holds."""
-    try:
-        return int(device_id)
-    except ValueError:
-        raise ValueError(f"device id {device_id!r} is not an integer partition index") from None
+    if not is_device_id(device_id):
+        raise ValueError(f"device id {device_id!r} is not a partition index like 0, 1, 17")
+    return int(device_id)

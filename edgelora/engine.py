@@ -2,8 +2,10 @@
 method. The gRPC server (server/) and the in-process simulator drive the same engine."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -11,6 +13,7 @@ from edgelora import codec
 
 from .aggregation import RunningMean, apply_aggregate
 from .config import RunConfig
+from .data import partition_sizes
 from .methods import Method, ModelHost
 from .models import load_trainable_state, masked_names
 from .sparsity import topk_count
@@ -18,10 +21,14 @@ from .state import ServerState
 from .tasks import Stage, Task, UploadFormat
 
 
+log = logging.getLogger("edgelora.server")
+
+
 class UpdateRejected(Exception):
     """An upload the server refuses. `code` maps to a gRPC status in the servicer:
     invalid -> INVALID_ARGUMENT, precondition -> FAILED_PRECONDITION, exists -> ALREADY_EXISTS,
-    exhausted -> RESOURCE_EXHAUSTED, unknown -> NOT_FOUND."""
+    exhausted -> RESOURCE_EXHAUSTED, unknown (device not registered) -> FAILED_PRECONDITION,
+    unavailable -> UNAVAILABLE."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -42,6 +49,17 @@ class RoundEngine:
         self.run = run
         self.method = method
         self.host = host
+
+    @cached_property
+    def partition_sizes(self) -> list[int]:
+        return partition_sizes(self.run.data)
+
+    def check_examples(self, device_id: str, num_examples: int) -> None:
+        """FedAvg weights come from the partition the config assigns, never from what a device claims."""
+        expected = self.partition_sizes[int(device_id)]
+        if num_examples != expected:
+            raise UpdateRejected("invalid", f"num_examples {num_examples} != {expected}, the size of device "
+                                            f"{device_id}'s partition")
 
     def init_state(self, rng_state: dict) -> ServerState:
         stage = self.method.initial_stage()
@@ -94,6 +112,10 @@ class RoundEngine:
                 delta[name] = codec.to_dense(name, t)
             except codec.CodecError as e:
                 raise UpdateRejected("invalid", f"tensor {name}: {e}") from None
+            peak = float(np.abs(delta[name]).max()) if delta[name].size else 0.0
+            if peak > self.run.server.max_update_abs:
+                raise UpdateRejected("invalid", f"tensor {name}: |delta| reaches {peak:.3g}, above "
+                                                f"server.max_update_abs = {self.run.server.max_update_abs:g}")
         if rule.format == UploadFormat.TOPK:
             k = topk_count(sum(math.prod(s) for s in plan.shapes.values()), rule.density)
             if total_nnz > k:
@@ -117,6 +139,9 @@ class RoundEngine:
         if agg is not None and agg.count:
             mean = agg.mean()
             params, opt_state = apply_aggregate(params, mean, opt_state, self.run.aggregator)
+            if not all(np.isfinite(v).all() for v in params.values()):  # never commit a broken model
+                log.warning("round %d: the aggregate is not finite; weights left unchanged", state.round + 1)
+                mean, params, opt_state = None, state.params, state.opt_state
         new = state.replace(round=state.round + 1, params=params, opt_state=opt_state, rng=rng_state)
         new = self.method.after_round(new, self.host, mean)
         if new.round >= self.run.server.rounds:

@@ -85,7 +85,8 @@ def round_phases(rec: dict, deadline_s: float) -> list[float] | None:
 
 
 def _clean(d: dict) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+    # JSON has no NaN/Infinity: a non-finite number (e.g. a diverged loss) is written as null
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 class RunFolder:
@@ -108,6 +109,10 @@ class RunFolder:
         self.print_row(rec)
         self.plot()
         self.plot_round_time()
+
+    def drop_rows_after(self, round_id: int) -> None:
+        rows = [r for r in self.records() if r["round"] <= round_id]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def records(self) -> list[dict]:
         if not self.metrics_path.exists():

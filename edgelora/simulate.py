@@ -20,6 +20,7 @@ from .config import RunConfig
 from .data import device_examples, held_out_examples, with_num_labels
 from .device import DeviceHost, DeviceTrainer, DownloadError
 from .engine import RoundEngine, RoundPlan, UpdateRejected, stage_name
+from .rounds import close_round
 from .methods import ModelHost, make_method
 from .models import load_base_model, load_tokenizer
 from .protos import edgelora_pb2 as pb
@@ -50,6 +51,7 @@ class Simulator:
         self.engine = RoundEngine(run, make_method(run), ModelHost(base))
         if resume:
             self.state = load_state(run_dir)
+            self.folder.drop_rows_after(self.state.round)  # rows of a round whose state never landed
             if self.state.finished and self.state.round < run.server.rounds:  # --rounds extends a finished run
                 self.state = self.state.replace(finished=False)
             log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
@@ -130,8 +132,7 @@ class Simulator:
                 continue
             body, r.bytes_up, num_examples, times = self.send_update(update)
             try:
-                if num_examples <= 0:
-                    raise UpdateRejected("invalid", f"num_examples must be > 0, got {num_examples}")
+                self.engine.check_examples(d, num_examples)
                 delta = self.engine.decode_update(plan, body)
             except UpdateRejected as e:
                 r.status, r.error = "rejected", e.message
@@ -140,18 +141,10 @@ class Simulator:
             r.status, r.num_examples, r.train_loss = "completed", num_examples, update.train_loss
             r.download_s, r.train_s, r.encode_s = times.download_s, times.train_s, times.encode_s
             r.upload_done_at = time.time() - rec.started_at
-        aggregated = agg.count >= cfg.min_devices
-        new_state = self.engine.finish(self.state, agg if aggregated else None, rng_state)
-        rec.aggregated = aggregated
-        if new_state.round % cfg.eval_every == 0 or new_state.finished:
-            rec.accuracy, rec.loss = evaluate(self.engine.model_for(new_state), self.test, self.tokenizer,
-                                              self.run.model.max_seq_len, self.engine.host.base.device)
-        save_state(new_state, self.folder.path)
-        rec.close()
-        self.folder.append(rec)
-        if new_state.finished:
-            self.folder.save_final_model(self.engine.model_for(new_state))
-        self.state = new_state
+        self.state = close_round(self.engine, self.folder, self.state, agg, rng_state, rec, self._evaluate)
+
+    def _evaluate(self, model) -> tuple[float, float]:
+        return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.engine.host.base.device)
 
 
 def simulate(run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> ServerState:

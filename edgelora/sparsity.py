@@ -39,7 +39,7 @@ def global_topk(tensors: dict[str, np.ndarray], density: float) -> dict[str, cod
         above = np.flatnonzero(mag > thresh)
         ties = np.flatnonzero(mag == thresh)[: k - above.size]
         chosen = np.sort(np.concatenate([above, ties]))
-    out, start = {}, 0
+    out = {}
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     for i, n in enumerate(names):
         lo, hi = np.searchsorted(chosen, [bounds[i], bounds[i + 1]])

@@ -59,13 +59,18 @@ def save_state(state: ServerState, run_dir: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    dir_fd = os.open(run_dir, os.O_RDONLY)  # make the renames themselves durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_state(run_dir: Path) -> ServerState:
     run_dir = Path(run_dir)
     d = run_dir / "state"
-    if not d.exists() and (run_dir / "state.old").exists():  # crashed between the two renames
-        d = run_dir / "state.old"
+    if not d.exists() and (run_dir / "state.old").exists():  # crashed between the two renames: put it back
+        (run_dir / "state.old").rename(d)
     if not (d / "meta.json").exists():
         raise FileNotFoundError(f"{run_dir} holds no server state (state/meta.json)")
     meta = json.loads((d / "meta.json").read_text())

@@ -3,6 +3,7 @@ submit updates. All shared state sits behind one condition variable."""
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,9 @@ import numpy as np
 from edgelora.aggregation import RunningMean
 from edgelora.config import RunConfig
 from edgelora.data import held_out_examples, with_num_labels
+from edgelora.device import is_device_id
 from edgelora.engine import RoundEngine, RoundPlan, UpdateRejected, stage_name
+from edgelora.rounds import close_round
 from edgelora.methods import ModelHost, make_method
 from edgelora.models import fingerprint_model, fingerprint_tokenizer, load_base_model, load_tokenizer
 from edgelora.runlog import DeviceRecord, RoundRecord, RunFolder
@@ -52,6 +55,7 @@ class Coordinator:
         self.test = held_out_examples(run.data)
         if resume:
             self.state = load_state(run_dir)
+            self.folder.drop_rows_after(self.state.round)  # rows of a round whose state never landed
             log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
         else:
             self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
@@ -62,7 +66,7 @@ class Coordinator:
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
     def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str) -> None:
-        if not device_id.isdigit() or int(device_id) >= self.run.data.num_devices:
+        if not is_device_id(device_id) or int(device_id) >= self.run.data.num_devices:
             raise UpdateRejected("invalid", f"device id {device_id!r} is not a partition index in "
                                             f"0..{self.run.data.num_devices - 1}")
         if model_fp != self.model_fingerprint:
@@ -86,8 +90,10 @@ class Coordinator:
         deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
         with self.cond:
             while True:
-                if self.state.finished or self.stopping:
+                if self.state.finished:
                     return "stop", None
+                if self.stopping:  # unfinished: devices back off and reconnect to a resumed server
+                    raise UpdateRejected("unavailable", "the coordinator is shutting down; retry later")
                 r = self.round
                 if r is not None and r.open and device_id in r.sampled and device_id not in r.done \
                         and device_id not in r.in_flight:
@@ -125,8 +131,7 @@ class Coordinator:
         try:
             if payload is None:
                 raise UpdateRejected("invalid", error or "upload failed")
-            if num_examples <= 0:
-                raise UpdateRejected("invalid", f"num_examples must be > 0, got {num_examples}")
+            self.engine.check_examples(device_id, num_examples)
             delta = self.engine.decode_update(r.plan, payload)
         except UpdateRejected as e:
             with self.cond:
@@ -154,6 +159,10 @@ class Coordinator:
     # -- the driver ------------------------------------------------------------------------------------------
     def run_rounds(self) -> ServerState:
         cfg = self.run.server
+        if self.state.finished:  # resumed after the last round: make sure the final model is on disk
+            if not any((self.folder.path / d).exists() for d in ("adapter", "model")):
+                self.folder.save_final_model(self.engine.model_for(self.state))
+            return self.state
         self._wait_for_devices(cfg.registered_needed)
         while not self.state.finished and not self.stopping:
             self._run_one_round()
@@ -183,7 +192,8 @@ class Coordinator:
                           devices={d: DeviceRecord(d) for d in sampled})
         if cfg.save_updates:  # the weights this round starts from, as sent: lets anyone re-check the FedAvg
             d = self.folder.path / "updates" / f"round_{plan.task.round:04d}"
-            d.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(d, ignore_errors=True)  # a round re-run after a crash starts clean
+            d.mkdir(parents=True)
             (d / "download.elb").write_bytes(plan.payload)
         with self.cond:
             self.round = ActiveRound(plan, sampled, rec)
@@ -199,26 +209,23 @@ class Coordinator:
                 if d not in r.done and r.record.devices[d].status == "sampled":
                     r.record.devices[d].status = "dropped"
             self.cond.notify_all()
-        aggregated = len(r.done) >= cfg.min_devices
-        if not aggregated:
+        if self.stopping:  # interrupted mid-round: keep the last saved state, the round re-runs on resume
+            log.warning("round %d interrupted; it re-runs on --resume", plan.task.round)
+            return
+        if len(r.done) < cfg.min_devices:
             log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d)", plan.task.round,
                         len(r.done), len(sampled), cfg.min_devices)
-        new_state = self.engine.finish(self.state, r.agg if aggregated else None, rng_state)
-        rec.aggregated = aggregated
-        if new_state.round % cfg.eval_every == 0 or new_state.finished:
-            rec.accuracy, rec.loss = evaluate(self.engine.model_for(new_state), self.test, self.tokenizer,
-                                              self.run.model.max_seq_len, self.engine.host.base.device)
-        save_state(new_state, self.folder.path)
-        rec.close()
-        self.folder.append(rec)
+        new_state = close_round(self.engine, self.folder, self.state, r.agg, rng_state, rec, self._evaluate)
         if new_state.finished:
-            target = self.folder.save_final_model(self.engine.model_for(new_state))
-            log.info("saved the final model to %s", target)
+            log.info("saved the final model in %s", self.folder.path)
         with self.cond:
             self.state = new_state
             self.cond.notify_all()
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def _evaluate(self, model) -> tuple[float, float]:
+        return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.engine.host.base.device)
+
     def _known(self, device_id: str) -> None:
         if not self.registry.touch(device_id):
             raise UpdateRejected("unknown", f"device {device_id!r} is not registered")

@@ -21,6 +21,7 @@ STATUS = {
     "unknown": grpc.StatusCode.FAILED_PRECONDITION,
     "exists": grpc.StatusCode.ALREADY_EXISTS,
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -75,9 +76,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             first = next(request_iterator)
         except StopIteration:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream: expected a header first")
+            _abort(context, UpdateRejected("invalid", "empty upload stream: expected a header first"), "upload")
         if first.WhichOneof("part") != "header":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "upload stream must start with a header")
+            _abort(context, UpdateRejected("invalid", "upload stream must start with a header"), "upload")
         h = first.header
         what = f"upload from {h.device_id!r} for round {h.round}"
         if h.payload_bytes > cfg.max_upload_bytes:

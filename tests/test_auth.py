@@ -114,10 +114,10 @@ def test_impostors_are_refused_and_a_good_device_trains(tmp_path, certs):
     assert "token of device 1 used as '0'" in log and "missing device token" in log
 
 
-def test_plaintext_off_loopback_must_be_asked_for(tmp_path):
-    out = subprocess.run(cli("server", "--host", "10.213.0.1", "--out", str(tmp_path / "r")), capture_output=True,
+def test_plaintext_must_be_asked_for_even_on_loopback(tmp_path):
+    out = subprocess.run(cli("server", "--host", "127.0.0.1", "--out", str(tmp_path / "r")), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "--insecure" in out.stderr
-    out = subprocess.run(cli("client", "--server", "10.213.0.1:1", "--device-id", "0"), capture_output=True,
+    out = subprocess.run(cli("client", "--server", "127.0.0.1:1", "--device-id", "0"), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "--insecure" in out.stderr

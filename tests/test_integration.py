@@ -34,13 +34,13 @@ def _start(tmp_path: Path, raw: dict, extra=()):
     cfg.write_text(tomli_w.dumps(raw))
     run_dir = tmp_path / "run"
     log = open(tmp_path / "server.log", "a")
-    server = subprocess.Popen(cli("-v", "server", "--config", str(cfg), "--out", str(run_dir), *extra),
+    server = subprocess.Popen(cli("-v", "server", "--insecure", "--config", str(cfg), "--out", str(run_dir), *extra),
                               stdout=log, stderr=subprocess.STDOUT)
     return server, run_dir
 
 
 def _clients(tmp_path: Path, addr: str, ids=("0", "1"), flag="--device-id"):
-    return [subprocess.Popen(cli("-v", "client", "--server", addr, flag, d, "--quiet", "--give-up-s", "60"),
+    return [subprocess.Popen(cli("-v", "client", "--insecure", "--server", addr, flag, d, "--quiet", "--give-up-s", "60"),
                              stdout=open(tmp_path / f"client_{d}.log", "w"), stderr=subprocess.STDOUT) for d in ids]
 
 
@@ -117,13 +117,12 @@ def test_server_killed_mid_run_resumes_and_clients_reconnect(tmp_path):
         time.sleep(0.1)
     server.kill()  # a crash, not a clean stop
     server.wait()
-    assert load_state(run_dir).round >= 1
-    resumed = subprocess.Popen(cli("-v", "server", "--resume", str(run_dir), "--port", str(port)),
+    resumed = subprocess.Popen(cli("-v", "server", "--insecure", "--resume", str(run_dir), "--port", str(port)),
                                stdout=open(tmp_path / "server2.log", "w"), stderr=subprocess.STDOUT)
     assert resumed.wait(timeout=240) == 0, (tmp_path / "server2.log").read_text()[-3000:]
     assert [c.wait(timeout=60) for c in clients] == [0]
     rounds = [json.loads(l)["round"] for l in metrics.read_text().splitlines()]
-    assert rounds[-1] == 3 and sorted(set(rounds)) == [1, 2, 3]
+    assert rounds == [1, 2, 3]  # a row whose state never landed is dropped and its round re-run
     assert load_state(run_dir).finished
     recs = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert all(r["completed"] == 2 for r in recs if r["round"] == 3)

@@ -50,7 +50,8 @@ def fetch(stub, device_id, wait_s=20.0):
     return header, data
 
 
-def submit(stub, device_id, round_id, payload, declared=None, num_examples=10, chunk=64 * 1024):
+def submit(stub, device_id, round_id, payload, declared=None, num_examples=None, chunk=64 * 1024):
+    num_examples = 24 if num_examples is None else num_examples  # the tiny config's partition size
     def msgs():
         yield pb.UpdateChunk(header=pb.UpdateHeader(device_id=device_id, round=round_id, num_examples=num_examples,
                                                     payload_bytes=len(payload) if declared is None else declared))
@@ -111,6 +112,10 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
             submit(stub, "0", 1, good + bytes(400_000), chunk=400_000, declared=len(good) + 400_000),
             grpc.StatusCode.RESOURCE_EXHAUSTED, "")
 
+    refused(lambda: submit(stub, "0", 1, good, num_examples=10_000), grpc.StatusCode.INVALID_ARGUMENT,
+            "num_examples 10000 != 24")
+    huge, _ = delta_bundle(payload, value=3e38)  # finite, but would wreck the global model
+    refused(lambda: submit(stub, "0", 1, huge), grpc.StatusCode.INVALID_ARGUMENT, "max_update_abs")
     reply = submit(stub, "0", 1, good)
     assert reply.accepted and reply.round == 1
     refused(lambda: submit(stub, "0", 1, good), grpc.StatusCode.ALREADY_EXISTS, "already uploaded")
