@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgelora.runlog import wait_for_server_addr
+
 UP_MBIT, DOWN_MBIT, GOAL, BIG = 1.0, 10.0, 1.15, 100_000
 
 
@@ -55,12 +57,8 @@ def with_app_throttle(raw: dict, run_dir: Path) -> None:
                                      "--port", "0", "--insecure"], stdout=open(run_dir / "server.log", "w"), stderr=subprocess.STDOUT)
     clients = []
     try:
-        addr_file, deadline = run_dir / "server.addr", time.monotonic() + 300
-        while not (addr_file.exists() and addr_file.read_text().strip()):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start; see {run_dir / 'server.log'}")
-            time.sleep(0.2)
-        clients = [subprocess.Popen(exe + ["client", "--server", addr_file.read_text().strip(), "--device-id", d,
+        addr = wait_for_server_addr(run_dir, server, timeout_s=300)
+        clients = [subprocess.Popen(exe + ["client", "--server", addr, "--device-id", d,
                                            "--quiet", "--insecure", "--uplink-mbps", str(UP_MBIT), "--downlink-mbps",
                                            str(DOWN_MBIT)], stdout=open(run_dir / f"client_{d}.log", "w"),
                                     stderr=subprocess.STDOUT) for d in ("0", "1")]

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import tomli_w
 
+from edgelora.runlog import wait_for_server_addr
+
 SUBNET = "10.213.0"          # private, and it exists only inside the namespaces made here
 HUB_IP = f"{SUBNET}.1"
 PORT = 50051
@@ -278,7 +280,10 @@ class Emulation:
         server = self._start(self.net.hub, exe + ["server", "--config", str(cfg_path), "--out", str(self.run_dir),
                                                   "--host", HUB_IP, "--port", str(PORT), *server_sec],
                              logs / "server.log", env)
-        addr = _wait_for_addr(self.run_dir / "server.addr", server, timeout_s=300)
+        try:
+            addr = wait_for_server_addr(self.run_dir, server, timeout_s=300)
+        except (RuntimeError, TimeoutError) as e:
+            raise EmulationError(f"coordinator: {e}") from None
         clients = [self._start(ns, exe + ["client", "--server", addr, "--device-id", str(i), "--quiet",
                                           "--give-up-s", "120", *client_sec[i]], logs / f"client_{i}.log", env)
                    for i, ns in enumerate(self.net.device_ns)]
@@ -312,15 +317,6 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _wait_for_addr(path: Path, proc: subprocess.Popen, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            raise EmulationError(f"coordinator exited with {proc.returncode} before listening")
-        time.sleep(0.2)
-    raise EmulationError(f"coordinator did not write {path} within {timeout_s:.0f} s")
 
 
 def bytes_report(metrics: Path, before: dict, after: dict, retrans: dict, cfg: EmulationConfig) -> dict:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -225,6 +224,7 @@ def cmd_demo(args) -> int:
     import tomli_w
 
     from edgelora.config import load_config
+    from edgelora.runlog import wait_for_server_addr
 
     raw = {k: dict(v) for k, v in DEMO_CONFIG.items()}
     raw["model"]["name"] = args.model
@@ -245,7 +245,7 @@ def cmd_demo(args) -> int:
                               env=env)
     clients: list[subprocess.Popen] = []
     try:
-        addr = _wait_for_addr(run_dir / "server.addr", server, timeout_s=300)
+        addr = wait_for_server_addr(run_dir, server, timeout_s=300)
         for i in range(run.data.num_devices):
             log = open(logs / f"client_{i}.log", "w")
             clients.append(subprocess.Popen(exe + ["client", "--server", addr, "--device-id", str(i), "--quiet",
@@ -273,15 +273,6 @@ def cmd_demo(args) -> int:
                     p.kill()
 
 
-def _wait_for_addr(path: Path, proc: subprocess.Popen, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before listening")
-        time.sleep(0.2)
-    raise TimeoutError(f"server did not write {path} within {timeout_s} s")
 
 
 def build_parser() -> argparse.ArgumentParser:

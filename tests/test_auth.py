@@ -3,7 +3,6 @@ still trains in the same run."""
 from __future__ import annotations
 
 import subprocess
-import time
 
 import grpc
 import pytest
@@ -11,6 +10,7 @@ import tomli_w
 
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
+from edgelora.runlog import wait_for_server_addr
 from edgelora.server.auth import load_tokens
 
 from .conftest import cli, tiny_raw
@@ -27,14 +27,6 @@ def certs(tmp_path_factory):
     return good, other
 
 
-def _wait_for(path, proc, timeout=120.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        assert proc.poll() is None, f"server exited early with {proc.returncode}"
-        time.sleep(0.2)
-    raise TimeoutError(path)
 
 
 def _stub(addr, pki, device_pki=None, device="0"):
@@ -68,7 +60,7 @@ def test_impostors_are_refused_and_a_good_device_trains(tmp_path, certs):
                               stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
     good = None
     try:
-        addr = _wait_for(run_dir / "server.addr", server)
+        addr = wait_for_server_addr(run_dir, server, 120)
         channel, stub = _stub(addr, pki)
         spec = pb.RunSpecRequest()
         reg = pb.RegisterRequest(device_id="0", hardware="impostor")

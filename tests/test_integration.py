@@ -12,6 +12,7 @@ import pytest
 import tomli_w
 
 from edgelora import codec
+from edgelora.runlog import wait_for_server_addr
 from edgelora.state import load_state
 
 from .conftest import cli, tiny_raw
@@ -19,14 +20,6 @@ from .conftest import cli, tiny_raw
 pytestmark = pytest.mark.slow
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        assert proc.poll() is None, f"server exited early with {proc.returncode}"
-        time.sleep(0.2)
-    raise TimeoutError(path)
 
 
 def _start(tmp_path: Path, raw: dict, extra=()):
@@ -58,7 +51,7 @@ def test_two_clients_two_rounds_global_weights_are_the_weighted_mean(tmp_path):
                          "max_examples_per_device": 0, "test_fraction": 0.25, "num_devices": 2},
                    train={"batch_size": 8})
     server, run_dir = _start(tmp_path, raw, ("--port", "0"))
-    clients = _clients(tmp_path, _wait_for(run_dir / "server.addr", server))
+    clients = _clients(tmp_path, wait_for_server_addr(run_dir, server, 120))
     assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()[-3000:]
     assert [c.wait(timeout=60) for c in clients] == [0, 0]
 
@@ -109,7 +102,7 @@ def test_server_killed_mid_run_resumes_and_clients_reconnect(tmp_path):
     port = _free_port()
     raw = tiny_raw(server={"rounds": 3, "port": port})
     server, run_dir = _start(tmp_path, raw)
-    addr = _wait_for(run_dir / "server.addr", server)
+    addr = wait_for_server_addr(run_dir, server, 120)
     clients = _clients(tmp_path, addr, ids=("0-1",), flag="--device-ids")  # both devices in one process
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
