@@ -160,6 +160,9 @@ class RunFolder:
         rounds = [r["round"] for r in recs]
         a1.plot(rounds, [r["accuracy"] for r in recs], marker="o")
         a1.set_xlabel("round"), a1.set_ylabel("test accuracy"), a1.grid(alpha=0.3)
+        from matplotlib.ticker import MaxNLocator
+
+        a1.xaxis.set_major_locator(MaxNLocator(integer=True))
         cum, total = [], 0
         by_round = {r["round"]: r for r in self.records()}
         for rd in rounds:
