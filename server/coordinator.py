@@ -39,6 +39,7 @@ class ActiveRound:
     in_flight: set[str] = field(default_factory=set)   # uploads being received right now
     done: set[str] = field(default_factory=set)        # accepted uploads
     open: bool = True
+    deadline: float = 0.0                              # time.monotonic() at which the round closes
 
 
 class Coordinator:
@@ -62,6 +63,7 @@ class Coordinator:
             save_state(self.state, run_dir)
         self.round: ActiveRound | None = None
         self.cond = threading.Condition()
+        self._decoding = threading.BoundedSemaphore(2)
         self.stopping = False
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
@@ -132,7 +134,8 @@ class Coordinator:
             if payload is None:
                 raise UpdateRejected("invalid", error or "upload failed")
             self.engine.check_examples(device_id, num_examples)
-            delta = self.engine.decode_update(r.plan, payload)
+            with self._decoding:  # a few decodes at a time: memory stays bounded however many devices upload
+                delta = self.engine.decode_update(r.plan, payload)
         except UpdateRejected as e:
             with self.cond:
                 r.in_flight.discard(device_id)
@@ -195,11 +198,11 @@ class Coordinator:
             shutil.rmtree(d, ignore_errors=True)  # a round re-run after a crash starts clean
             d.mkdir(parents=True)
             (d / "download.elb").write_bytes(plan.payload)
+        deadline = time.monotonic() + cfg.round_deadline_s
         with self.cond:
-            self.round = ActiveRound(plan, sampled, rec)
+            self.round = ActiveRound(plan, sampled, rec, deadline=deadline)
             self.cond.notify_all()
         log.info("round %d: sampled %s", plan.task.round, sampled)
-        deadline = time.monotonic() + cfg.round_deadline_s
         with self.cond:
             r = self.round
             while len(r.done) < len(sampled) and time.monotonic() < deadline and not self.stopping:

@@ -66,6 +66,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.TaskChunk(header=pb.TaskHeader(kind=k, round=self.coord.state.round))
             return
         header = serde.task_to_proto(r.plan.task, len(r.plan.payload))
+        header.deadline_s = max(0.0, r.deadline - time.monotonic())  # what is left of the round, not its length
         for chunk in serde.chunks(header, pb.TaskChunk, r.plan.payload, self.coord.run.server.chunk_bytes):
             self.coord.count_download(r, request.device_id, chunk.ByteSize())
             yield chunk
@@ -97,6 +98,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 if msg.WhichOneof("part") != "data":
                     error = "upload stream carries a second header"
                     break
+                if not msg.data:  # an endless stream of empty chunks would hold the upload open forever
+                    raise UpdateRejected("invalid", "upload stream carries an empty data chunk")
+                if not r.open:
+                    raise UpdateRejected("precondition", f"round {h.round} closed during the upload")
                 got += len(msg.data)
                 if got > h.payload_bytes:
                     raise UpdateRejected("exhausted", f"stream carries more than the declared {h.payload_bytes} bytes")

@@ -91,6 +91,7 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
 
     header, payload = fetch(stub, "0")
     assert header.kind == pb.TaskHeader.TRAIN and header.round == 1 and len(payload) == header.payload_bytes
+    assert 0 < header.deadline_s <= 6.0  # the time left in the round
     good, shapes = delta_bundle(payload)
     name = next(iter(shapes))
 
@@ -108,6 +109,11 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
     refused(lambda: submit(stub, "0", 1, good + b"xx", declared=len(good)), grpc.StatusCode.RESOURCE_EXHAUSTED,
             "more than the declared")
     refused(lambda: submit(stub, "0", 1, b"not a codec bundle at all"), grpc.StatusCode.INVALID_ARGUMENT, "payload")
+
+    def empty_chunks():
+        yield pb.UpdateChunk(header=pb.UpdateHeader(device_id="0", round=1, num_examples=24, payload_bytes=len(good)))
+        yield pb.UpdateChunk(data=b"")
+    refused(lambda: stub.SubmitUpdate(empty_chunks(), timeout=30), grpc.StatusCode.INVALID_ARGUMENT, "empty data chunk")
     refused(lambda: submit(stub, "0", 1, good, chunk=len(good)) if len(good) > 300_000 else
             submit(stub, "0", 1, good + bytes(400_000), chunk=400_000, declared=len(good) + 400_000),
             grpc.StatusCode.RESOURCE_EXHAUSTED, "")
