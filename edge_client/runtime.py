@@ -196,6 +196,7 @@ class EdgeClient:
             return True
         try:
             reply = self.submit(update)
+            self.trainers[device_id].accepted()
             log.info("device %s round %d: uploaded %d bytes", device_id, task.round, reply.bytes_received)
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,

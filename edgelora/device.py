@@ -55,6 +55,7 @@ class DeviceTrainer:
         self.examples = examples if examples is not None else device_examples(data, device_index(device_id))
         self.progress = progress
         self.residual: dict[str, np.ndarray] = {}  # FLASC error feedback: what top-k did not send
+        self._pending_residual: dict[str, np.ndarray] | None = None
 
     def run(self, task: Task, payload: bytes, download_s: float = 0.0) -> Update:
         model, init, masks = self.host.build(task.structure)
@@ -74,6 +75,12 @@ class DeviceTrainer:
         t2 = time.perf_counter()
         return Update(self.device_id, task.round, len(self.examples), upload, loss,
                       PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1))
+
+    def accepted(self) -> None:
+        """The server accepted the last update: only now does error feedback keep what it did not send, so a
+        refused and retried upload does not count the residual twice."""
+        if self._pending_residual is not None:
+            self.residual, self._pending_residual = self._pending_residual, None
 
     def _apply_download(self, model, init: dict[str, np.ndarray], payload: bytes) -> dict[str, np.ndarray]:
         try:
@@ -105,7 +112,7 @@ class DeviceTrainer:
                 delta = {n: d + self.residual.get(n, 0.0) for n, d in delta.items()}
             sent = global_topk(delta, rule.density)
             if rule.error_feedback:
-                self.residual = {n: delta[n] - codec.to_dense(n, sent[n]) for n in delta}
+                self._pending_residual = {n: delta[n] - codec.to_dense(n, sent[n]) for n in delta}
             tensors: dict[str, codec.Tensor] = dict(sent)
         elif rule.format == UploadFormat.MASKED:
             s = task.structure

@@ -138,6 +138,7 @@ class Simulator:
                 r.status, r.error = "rejected", e.message
                 continue
             agg.add(delta, self.engine.weight(num_examples))
+            self.trainer(d).accepted()
             r.status, r.num_examples, r.train_loss = "completed", num_examples, update.train_loss
             r.download_s, r.train_s, r.encode_s = times.download_s, times.train_s, times.encode_s
             r.upload_done_at = time.time() - rec.started_at

@@ -29,6 +29,10 @@ from .registry import DeviceRegistry
 
 log = logging.getLogger("edgelora.server")
 
+# A device may fetch its round's task again (it reconnected, or its upload was refused), but not forever:
+# one that keeps failing would otherwise retrain in a loop until the deadline.
+MAX_TASKS_PER_ROUND = 3
+
 
 @dataclass
 class ActiveRound:
@@ -40,6 +44,7 @@ class ActiveRound:
     done: set[str] = field(default_factory=set)        # accepted uploads
     open: bool = True
     deadline: float = 0.0                              # time.monotonic() at which the round closes
+    handed_out: dict[str, int] = field(default_factory=dict)  # tasks given per device (retries after refusals)
 
 
 class Coordinator:
@@ -98,7 +103,8 @@ class Coordinator:
                     raise UpdateRejected("unavailable", "the coordinator is shutting down; retry later")
                 r = self.round
                 if r is not None and r.open and device_id in r.sampled and device_id not in r.done \
-                        and device_id not in r.in_flight:
+                        and device_id not in r.in_flight and r.handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND:
+                    r.handed_out[device_id] = r.handed_out.get(device_id, 0) + 1
                     rec = r.record.devices[device_id]
                     rec.task_sent_at = time.time() - r.record.started_at
                     return "train", r

@@ -181,3 +181,29 @@ def test_every_method_is_registered_with_a_description():
     names = dict(describe_methods())
     assert set(names) >= {"fft", "lora", "sft", "slora", "flora", "bitfit", "houlsby", "pfeiffer", "flasc"}
     assert all(names[n] for n in names) and set(METHODS) == set(names)
+
+
+def test_error_feedback_keeps_what_topk_did_not_send_once_accepted():
+    import numpy as np
+
+    from edgelora import codec
+    from edgelora.data import Examples
+    from edgelora.device import DeviceTrainer
+    from edgelora.tasks import Stage, Structure, Task, TrainSpec, UploadFormat, UploadRule
+
+    trainer = DeviceTrainer("0", host=None, data=None, examples=Examples(("x",), np.zeros(1, np.int64)))
+    task = Task(1, Stage.DENSE, "flasc", Structure(), TrainSpec(),
+                UploadRule(format=UploadFormat.TOPK, density=0.25, error_feedback=True))
+
+    def sent(delta):
+        (t,) = codec.decode_bundle(trainer._encode(task, {"a": np.array(delta, np.float32)}, {})).values()
+        return t.indices.tolist(), t.values.tolist()
+
+    assert sent([5, 1, 0.5, 0.1]) == ([0], [5.0])  # k = ceil(0.25 * 4) = 1
+    assert sent([5, 1, 0.5, 0.1]) == ([0], [5.0])  # refused and retried: the residual is not counted twice
+    trainer.accepted()
+    np.testing.assert_allclose(trainer.residual["a"], [0, 1, 0.5, 0.1])
+    # next round: delta + residual = [0, 1, 0.5, 0.3]; the residual's largest entry now travels
+    assert sent([0, 0, 0, 0.2]) == ([1], [1.0])
+    trainer.accepted()
+    np.testing.assert_allclose(trainer.residual["a"], [0, 0, 0.5, 0.3], atol=1e-7)

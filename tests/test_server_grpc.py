@@ -125,6 +125,8 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
     reply = submit(stub, "0", 1, good)
     assert reply.accepted and reply.round == 1
     refused(lambda: submit(stub, "0", 1, good), grpc.StatusCode.ALREADY_EXISTS, "already uploaded")
+    # a device may fetch its task again (reconnects, refused uploads), but at most 3 times a round
+    assert [fetch(stub, "1", wait_s=0.5)[0].kind for _ in range(4)] == [pb.TaskHeader.TRAIN] * 3 + [pb.TaskHeader.WAIT]
 
     driver.join(timeout=60)  # device 1 never reports: the deadline drops it, the round aggregates device 0
     assert not driver.is_alive()
