@@ -67,6 +67,16 @@ def refused(fn, code, match):
     assert match in e.value.details(), e.value.details()
 
 
+def start_rounds(coord, stub):
+    """Register devices 0 and 1, then drive the rounds in a thread; returns (W0, the driver thread)."""
+    register(stub, coord, "0")
+    register(stub, coord, "1")
+    w0 = {k: v.copy() for k, v in coord.state.params.items()}
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()
+    return w0, driver
+
+
 def delta_bundle(payload, value=0.5, **overrides):
     shapes = {n: t.shape for n, t in codec.decode_bundle(payload).items()}
     tensors = {n: codec.Dense(np.full(s, value, np.float32)) for n, s in shapes.items()}
@@ -83,11 +93,7 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
             "base model fingerprint differs")
     refused(lambda: register(stub, coord, "0", tok_fp="cd" * 32), grpc.StatusCode.FAILED_PRECONDITION,
             "tokenizer fingerprint differs")
-    register(stub, coord, "0")
-    register(stub, coord, "1")
-    w0 = {k: v.copy() for k, v in coord.state.params.items()}
-    driver = threading.Thread(target=coord.run_rounds, daemon=True)
-    driver.start()
+    w0, driver = start_rounds(coord, stub)
 
     header, payload = fetch(stub, "0")
     assert header.kind == pb.TaskHeader.TRAIN and header.round == 1 and len(payload) == header.payload_bytes
@@ -143,11 +149,7 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
 def test_round_without_enough_devices_is_abandoned_and_the_server_goes_on(server):
     coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 2,
                                           "round_deadline_s": 2.0})
-    register(stub, coord, "0")
-    register(stub, coord, "1")
-    w0 = {k: v.copy() for k, v in coord.state.params.items()}
-    driver = threading.Thread(target=coord.run_rounds, daemon=True)
-    driver.start()
+    w0, driver = start_rounds(coord, stub)
     header, payload = fetch(stub, "0")
     good, _ = delta_bundle(payload)
     submit(stub, "0", 1, good)
