@@ -5,12 +5,23 @@ A frame's header declares its decompressed size; it is compared with the size th
 """
 from __future__ import annotations
 
+import threading
+
 import zstandard
 
 from .errors import CodecError
 
 _MAGIC = b"\x28\xb5\x2f\xfd"
-_DECOMPRESSOR = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+# zstandard's (de)compressor objects are not thread-safe, and the server decodes uploads in several gRPC
+# handler threads at once: sharing one corrupted concurrent decodes. One decompressor per thread.
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+    return d
 
 
 def compress(data: bytes, level: int) -> bytes:
@@ -45,7 +56,7 @@ def decompress(frame: bytes, expected_size: int, field: str) -> bytes:
         raise CodecError(f"{field}: zstd frame declares {declared} bytes, header implies {expected_size}")
     try:
         # One-shot decompression writes into a buffer of the declared size and fails if the data runs past it.
-        out = _DECOMPRESSOR.decompress(frame, allow_extra_data=False)
+        out = _decompressor().decompress(frame, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise CodecError(f"{field}: corrupt zstd frame: {exc}") from None
     if len(out) != expected_size:
