@@ -17,7 +17,7 @@ from edgelora.models import device_info, fingerprint_model, fingerprint_tokenize
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
-from edgelora.tasks import PhaseTimes, Update
+from edgelora.tasks import Update
 
 from .throttle import LinkThrottle
 
@@ -140,10 +140,7 @@ class EdgeClient:
         return header, payload, time.perf_counter() - t0
 
     def submit(self, update: Update) -> pb.SubmitReply:
-        t = update.times
-        header = pb.UpdateHeader(device_id=update.device_id, round=update.round, num_examples=update.num_examples,
-                                 payload_bytes=len(update.payload), train_loss=update.train_loss,
-                                 times=serde.times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)))
+        header = serde.update_header_to_proto(update)
         throttle = self.opts.throttle
         if throttle is None:
             msgs = serde.chunks(header, pb.UpdateChunk, update.payload, self.spec.chunk_bytes)

@@ -61,8 +61,6 @@ def cmd_server(args) -> int:
     return serve(run, run_dir, resume=bool(args.resume), **_server_security(args, run.server.host))
 
 
-
-
 def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
@@ -271,8 +269,6 @@ def cmd_demo(args) -> int:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,30 +1,64 @@
-"""Closing a round, the same way for the gRPC coordinator and the simulator."""
+"""The server side of a run, opened and advanced the same way by the gRPC coordinator and the simulator."""
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from pathlib import Path
+
+import numpy as np
 
 from .aggregation import RunningMean
+from .config import RunConfig
+from .data import held_out_examples, with_num_labels
 from .engine import RoundEngine
+from .methods import ModelHost, make_method
+from .models import load_base_model, load_tokenizer
 from .runlog import RoundRecord, RunFolder
-from .state import ServerState, save_state
+from .state import ServerState, load_state, save_state
+from .training import evaluate
+
+log = logging.getLogger("edgelora.server")
 
 
-def close_round(engine: RoundEngine, folder: RunFolder, state: ServerState, agg: RunningMean | None,
-                rng_state: dict, rec: RoundRecord, evaluate: Callable[[object], tuple[float, float]]) -> ServerState:
-    """Aggregate if enough devices reported, evaluate when due, then persist.
+class ServerRun:
+    """Run folder, W0, round engine, test split and the current ServerState (fresh, or loaded to resume)."""
 
-    Order matters for crash safety: the metrics row and the final model are written before the state, so
-    a crash in between re-runs the round on resume (RunFolder drops rows past the saved round) instead of
-    losing its row or its adapter."""
-    cfg = engine.run.server
-    aggregated = agg is not None and agg.count >= cfg.min_devices
-    new_state = engine.finish(state, agg if aggregated else None, rng_state)
-    rec.aggregated = aggregated and new_state.params is not state.params
-    if new_state.round % cfg.eval_every == 0 or new_state.finished:
-        rec.accuracy, rec.loss = evaluate(engine.model_for(new_state))
-    rec.close()
-    folder.append(rec)
-    if new_state.finished:
-        folder.save_final_model(engine.model_for(new_state))
-    save_state(new_state, folder.path)
-    return new_state
+    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False) -> None:
+        run = with_num_labels(run)
+        self.run = run
+        self.folder = RunFolder(run_dir, run, resume=resume)
+        self.tokenizer = load_tokenizer(run.model.name)
+        # The method's initial weights (e.g. LoRA's random A) come from the torch RNG right after the base
+        # model seeds it: keep this order, or a simulated and a gRPC run start from different weights.
+        self.base = load_base_model(run.model.name, run.model.num_labels, run.model.head_seed)
+        self.engine = RoundEngine(run, make_method(run), ModelHost(self.base))
+        self.test = held_out_examples(run.data)
+        if resume:
+            self.state = load_state(run_dir)
+            self.folder.drop_rows_after(self.state.round)  # rows of a round whose state never landed
+            log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
+        else:
+            self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
+            save_state(self.state, run_dir)
+
+    def evaluate(self, model) -> tuple[float, float]:
+        return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.base.device)
+
+    def close_round(self, agg: RunningMean | None, rng_state: dict, rec: RoundRecord) -> ServerState:
+        """Aggregate if enough devices reported, evaluate when due, then persist; returns the new state
+        (the caller installs it, the coordinator under its lock).
+
+        Order matters for crash safety: the metrics row and the final model are written before the state, so
+        a crash in between re-runs the round on resume (RunFolder drops rows past the saved round) instead of
+        losing its row or its adapter."""
+        cfg, state = self.run.server, self.state
+        aggregated = agg is not None and agg.count >= cfg.min_devices
+        new_state = self.engine.finish(state, agg if aggregated else None, rng_state)
+        rec.aggregated = aggregated and new_state.params is not state.params
+        if new_state.round % cfg.eval_every == 0 or new_state.finished:
+            rec.accuracy, rec.loss = self.evaluate(self.engine.model_for(new_state))
+        rec.close()
+        self.folder.append(rec)
+        if new_state.finished:
+            self.folder.save_final_model(self.engine.model_for(new_state))
+        save_state(new_state, self.folder.path)
+        return new_state

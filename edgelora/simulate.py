@@ -13,23 +13,17 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .aggregation import RunningMean
 from .config import RunConfig
-from .data import device_examples, held_out_examples, with_num_labels
 from .device import DeviceHost, DeviceTrainer, DownloadError
-from .engine import RoundEngine, RoundPlan, UpdateRejected, stage_name
-from .rounds import close_round
-from .methods import ModelHost, make_method
-from .models import load_base_model, load_tokenizer
+from .engine import RoundPlan, UpdateRejected, stage_name
 from .protos import edgelora_pb2 as pb
 from .protos import serde
-from .runlog import DeviceRecord, RoundRecord, RunFolder
+from .rounds import ServerRun
+from .runlog import DeviceRecord, RoundRecord
 from .sampling import sample_devices
-from .state import ServerState, load_state, save_state
+from .state import ServerState
 from .tasks import PhaseTimes, Task, Update
-from .training import evaluate
 
 log = logging.getLogger("edgelora.simulate")
 
@@ -39,26 +33,12 @@ def has_state(run_dir: Path) -> bool:
     return (run_dir / "state" / "meta.json").exists() or (run_dir / "state.old" / "meta.json").exists()
 
 
-class Simulator:
+class Simulator(ServerRun):
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
-        run = with_num_labels(run)
-        self.run = run
-        self.folder = RunFolder(run_dir, run, resume=resume)
-        self.tokenizer = load_tokenizer(run.model.name)
-        # Same construction order as the Coordinator: the method's initial weights (e.g. LoRA's random A)
-        # come from the torch RNG right after the base model seeds it.
-        base = load_base_model(run.model.name, run.model.num_labels, run.model.head_seed)
-        self.engine = RoundEngine(run, make_method(run), ModelHost(base))
-        if resume:
-            self.state = load_state(run_dir)
-            self.folder.drop_rows_after(self.state.round)  # rows of a round whose state never landed
-            if self.state.finished and self.state.round < run.server.rounds:  # --rounds extends a finished run
-                self.state = self.state.replace(finished=False)
-            log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
-        else:
-            self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
-            save_state(self.state, run_dir)
-        self.test = held_out_examples(run.data)
+        super().__init__(run, run_dir, resume)
+        run = self.run
+        if self.state.finished and self.state.round < run.server.rounds:  # --rounds extends a finished run
+            self.state = self.state.replace(finished=False)
         self.devices = [str(i) for i in range(run.data.num_devices)]  # every virtual device is always live
         self.device_host = DeviceHost(run.model)
         self.trainers: dict[str, DeviceTrainer] = {}  # created on first use; keeps FLASC error-feedback residuals
@@ -66,8 +46,7 @@ class Simulator:
 
     def trainer(self, device_id: str) -> DeviceTrainer:
         if device_id not in self.trainers:
-            self.trainers[device_id] = DeviceTrainer(device_id, self.device_host, self.run.data,
-                                                     examples=device_examples(self.run.data, int(device_id)))
+            self.trainers[device_id] = DeviceTrainer(device_id, self.device_host, self.run.data)
         return self.trainers[device_id]
 
     # -- the wire, without sockets ---------------------------------------------------------------------------
@@ -86,10 +65,7 @@ class Simulator:
 
     def send_update(self, update: Update) -> tuple[bytes, int, int, PhaseTimes]:
         """What SubmitUpdate receives: header + payload chunks (as EdgeClient.submit builds them)."""
-        t = update.times
-        header = pb.UpdateHeader(device_id=update.device_id, round=update.round, num_examples=update.num_examples,
-                                 payload_bytes=len(update.payload), train_loss=update.train_loss,
-                                 times=serde.times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)))
+        header = serde.update_header_to_proto(update)
         wire, parts, h = 0, [], None
         for msg in serde.chunks(header, pb.UpdateChunk, update.payload, self.run.server.chunk_bytes):
             wire += msg.ByteSize()
@@ -142,10 +118,7 @@ class Simulator:
             r.status, r.num_examples, r.train_loss = "completed", num_examples, update.train_loss
             r.download_s, r.train_s, r.encode_s = times.download_s, times.train_s, times.encode_s
             r.upload_done_at = time.time() - rec.started_at
-        self.state = close_round(self.engine, self.folder, self.state, agg, rng_state, rec, self._evaluate)
-
-    def _evaluate(self, model) -> tuple[float, float]:
-        return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.engine.host.base.device)
+        self.state = self.close_round(agg, rng_state, rec)
 
 
 def simulate(run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> ServerState:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edgelora.config import DataConfig, ModelConfig
 from edgelora.tasks import (AdapterSpec, LoraSpec, PhaseTimes, Stage, Structure, StructureKind, Task, TrainSpec,
-                            UploadFormat, UploadRule)
+                            Update, UploadFormat, UploadRule)
 
 from . import edgelora_pb2 as pb
 
@@ -98,6 +98,14 @@ def times_to_proto(t: PhaseTimes) -> pb.PhaseTimes:
 
 def times_from_proto(p: pb.PhaseTimes) -> PhaseTimes:
     return PhaseTimes(download_s=p.download_s, train_s=p.train_s, encode_s=p.encode_s, upload_s=p.upload_s)
+
+
+def update_header_to_proto(u: Update) -> pb.UpdateHeader:
+    """The header of an upload stream. upload_s is left out: the server measures it."""
+    t = u.times
+    return pb.UpdateHeader(device_id=u.device_id, round=u.round, num_examples=u.num_examples,
+                           payload_bytes=len(u.payload), train_loss=u.train_loss,
+                           times=times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)))
 
 
 def chunks(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):

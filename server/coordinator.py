@@ -9,21 +9,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from edgelora.aggregation import RunningMean
 from edgelora.config import RunConfig
-from edgelora.data import held_out_examples, with_num_labels
 from edgelora.device import is_device_id
-from edgelora.engine import RoundEngine, RoundPlan, UpdateRejected, stage_name
-from edgelora.rounds import close_round
-from edgelora.methods import ModelHost, make_method
-from edgelora.models import fingerprint_model, fingerprint_tokenizer, load_base_model, load_tokenizer
-from edgelora.runlog import DeviceRecord, RoundRecord, RunFolder
+from edgelora.engine import RoundPlan, UpdateRejected, stage_name
+from edgelora.models import fingerprint_model, fingerprint_tokenizer
+from edgelora.rounds import ServerRun
+from edgelora.runlog import DeviceRecord, RoundRecord
 from edgelora.sampling import sample_devices
-from edgelora.state import ServerState, load_state, save_state
+from edgelora.state import ServerState
 from edgelora.tasks import PhaseTimes
-from edgelora.training import evaluate
 
 from .registry import DeviceRegistry
 
@@ -47,25 +42,12 @@ class ActiveRound:
     handed_out: dict[str, int] = field(default_factory=dict)  # tasks given per device (retries after refusals)
 
 
-class Coordinator:
+class Coordinator(ServerRun):
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False) -> None:
-        run = with_num_labels(run)
-        self.run = run
-        self.folder = RunFolder(run_dir, run, resume=resume)
-        self.registry = DeviceRegistry(run.server.device_timeout_s)
-        self.tokenizer = load_tokenizer(run.model.name)
-        base = load_base_model(run.model.name, run.model.num_labels, run.model.head_seed)
-        self.model_fingerprint = fingerprint_model(base)
+        super().__init__(run, run_dir, resume)
+        self.registry = DeviceRegistry(self.run.server.device_timeout_s)
+        self.model_fingerprint = fingerprint_model(self.base)
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
-        self.engine = RoundEngine(run, make_method(run), ModelHost(base))
-        self.test = held_out_examples(run.data)
-        if resume:
-            self.state = load_state(run_dir)
-            self.folder.drop_rows_after(self.state.round)  # rows of a round whose state never landed
-            log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
-        else:
-            self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
-            save_state(self.state, run_dir)
         self.round: ActiveRound | None = None
         self.cond = threading.Condition()
         self._decoding = threading.BoundedSemaphore(2)
@@ -224,7 +206,7 @@ class Coordinator:
         if len(r.done) < cfg.min_devices:
             log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d)", plan.task.round,
                         len(r.done), len(sampled), cfg.min_devices)
-        new_state = close_round(self.engine, self.folder, self.state, r.agg, rng_state, rec, self._evaluate)
+        new_state = self.close_round(r.agg, rng_state, rec)
         if new_state.finished:
             log.info("saved the final model in %s", self.folder.path)
         with self.cond:
@@ -232,9 +214,6 @@ class Coordinator:
             self.cond.notify_all()
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def _evaluate(self, model) -> tuple[float, float]:
-        return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.engine.host.base.device)
-
     def _known(self, device_id: str) -> None:
         if not self.registry.touch(device_id):
             raise UpdateRejected("unknown", f"device {device_id!r} is not registered")
