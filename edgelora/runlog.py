@@ -89,6 +89,15 @@ def _clean(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def wait_for_server_addr(run_dir: Path, proc, timeout_s: float = 300.0) -> str:
     """HOST:PORT from RUN_DIR/server.addr, which a server started with port 0 writes once it listens.
     Raises RuntimeError if the server process `proc` exits first, TimeoutError after timeout_s."""
@@ -121,8 +130,9 @@ class RunFolder:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec.to_json()) + "\n")
         self.print_row(rec)
-        self.plot()
-        self.plot_round_time()
+        rows = self.records()
+        self.plot(rows)
+        self.plot_round_time(rows)
 
     def drop_rows_after(self, round_id: int) -> None:
         rows = [r for r in self.records() if r["round"] <= round_id]
@@ -147,45 +157,38 @@ class RunFolder:
                  f"{rec.bytes_up / 1e6:.3f}", f"{rec.seconds:.1f}")
         print("  ".join(c.rjust(w) for c, w in zip(cells, widths)), file=out, flush=True)
 
-    def plot(self) -> None:
-        recs = [r for r in self.records() if r.get("accuracy") is not None]
-        if not recs:
+    def plot(self, rows: list[dict] | None = None) -> None:
+        """RUN_DIR/accuracy.png: accuracy per round and against the total bytes communicated so far."""
+        rows = self.records() if rows is None else rows
+        rounds, acc, cum, total = [], [], [], 0
+        for r in rows:  # rows are in round order; rounds without an evaluation still add their bytes
+            total += r["bytes_up"] + r["bytes_down"]
+            if r.get("accuracy") is not None:
+                rounds.append(r["round"]), acc.append(r["accuracy"]), cum.append(total / 1e6)
+        if not rounds:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-        rounds = [r["round"] for r in recs]
-        a1.plot(rounds, [r["accuracy"] for r in recs], marker="o")
-        a1.set_xlabel("round"), a1.set_ylabel("test accuracy"), a1.grid(alpha=0.3)
+        plt = _pyplot()
         from matplotlib.ticker import MaxNLocator
 
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        a1.plot(rounds, acc, marker="o")
+        a1.set_xlabel("round"), a1.set_ylabel("test accuracy"), a1.grid(alpha=0.3)
         a1.xaxis.set_major_locator(MaxNLocator(integer=True))
-        cum, total = [], 0
-        by_round = {r["round"]: r for r in self.records()}
-        for rd in rounds:
-            total = sum(x["bytes_up"] + x["bytes_down"] for k, x in by_round.items() if k <= rd)
-            cum.append(total / 1e6)
-        a2.plot(cum, [r["accuracy"] for r in recs], marker="o")
+        a2.plot(cum, acc, marker="o")
         a2.set_xlabel("total MB communicated (down + up)"), a2.set_ylabel("test accuracy"), a2.grid(alpha=0.3)
         fig.suptitle(f"{self.run.method.name} on {self.run.data.dataset} ({self.run.model.name})")
         fig.tight_layout()
         fig.savefig(self.path / "accuracy.png", dpi=110)
         plt.close(fig)
 
-    def plot_round_time(self) -> None:
+    def plot_round_time(self, rows: list[dict] | None = None) -> None:
         """RUN_DIR/round_time.png: where each round's wall-clock time went, averaged over its completed devices."""
-        rows = [(r["round"], round_phases(r, self.run.server.round_deadline_s)) for r in self.records()]
+        rows = [(r["round"], round_phases(r, self.run.server.round_deadline_s))
+                for r in (self.records() if rows is None else rows)]
         rows = [r for r in rows if r[1] is not None]
         if not rows:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 3), 3.6))
         bottom = [0.0] * len(rows)
         for i, name in enumerate(PHASES):
