@@ -7,6 +7,7 @@ train only the masked entries (plus the classifier, densely) and upload values o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -45,12 +46,21 @@ def masked_download(params: dict[str, np.ndarray], structure: Structure) -> dict
     out: dict[str, codec.Tensor] = {}
     for n, v in params.items():
         if structure.mask_density > 0 and not _dense(n, structure.dense_patterns):
-            m = mask_bool(structure.mask_seed, n, v.shape, structure.mask_density)
+            m = _server_mask(structure.mask_seed, n, tuple(v.shape), structure.mask_density)
             out[n] = codec.Masked(tuple(v.shape), structure.mask_seed, structure.mask_density,
                                   np.ascontiguousarray(v[m], np.float32))
         else:
             out[n] = codec.Dense(v)
     return out
+
+
+@lru_cache(maxsize=1024)
+def _server_mask(seed: int, name: str, shape: tuple[int, ...], density: float) -> np.ndarray:
+    """The mask never changes during a run: derive it once, not in every round's download (~0.17 s for
+    MiniLM). Read-only, since the cache hands the same array to every round."""
+    m = mask_bool(seed, name, shape, density)
+    m.flags.writeable = False
+    return m
 
 
 def _dense(name: str, patterns) -> bool:
