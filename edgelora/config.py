@@ -92,13 +92,14 @@ class DataConfig:
     seed: int = field(0, "seeds partitioning and per-device subsampling")
     max_examples_per_device: int = field(300, "cap on each device's examples (0 = no cap)")
     test_max_examples: int = field(500, "cap on the server's test examples (0 = all), seeded subsample")
+    validation_examples: int = field(0, "> 0: carve this many examples (seeded by data.seed) out of the training split before partitioning, and evaluate on them instead of the test split: for choosing hyperparameters without ever looking at the test split")
 
     def validate(self) -> None:
         check(self.num_devices >= 1, "data.num_devices", "must be >= 1")
         check(self.alpha > 0, "data.alpha", "must be > 0")
         check(self.classes_per_device >= 1, "data.classes_per_device", "must be >= 1")
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
-        for name in ("seed", "max_examples_per_device", "test_max_examples"):
+        for name in ("seed", "max_examples_per_device", "test_max_examples", "validation_examples"):
             check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
         bad = sorted(set(self.remove) - {"headers", "footers", "quotes"})
         check(not bad, "data.remove", f"unknown part(s) {bad}; allowed: headers, footers, quotes")
@@ -126,6 +127,7 @@ class TrainConfig:
     momentum: float = field(0.9, "sgd momentum")
     weight_decay: float = field(0.0, "device weight decay")
     max_steps: int = field(0, "cap on local steps per round (0 = no cap)")
+    precision: Literal["auto", "fp32", "bf16"] = field("auto", "autocast for local training and evaluation: bf16 (torch.autocast), fp32, or auto = bf16 where the hardware runs it fast (CUDA with bf16, a CPU with AMX or AVX512-BF16), fp32 elsewhere; each machine resolves auto for itself")
 
     def validate(self) -> None:
         check(self.local_epochs >= 1, "train.local_epochs", "must be >= 1")

@@ -41,7 +41,8 @@ class ServerRun:
             save_state(self.state, run_dir)
 
     def evaluate(self, model) -> tuple[float, float]:
-        return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.base.device)
+        return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.base.device,
+                        precision=self.run.train.precision)
 
     def close_round(self, agg: RunningMean | None, rng_state: dict, rec: RoundRecord) -> ServerState:
         """Aggregate if enough devices reported, evaluate when due, then persist; returns the new state

@@ -62,6 +62,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_steps: int = 0
     seed: int = 0
+    precision: str = "fp32"    # "auto" | "fp32" | "bf16" (edgelora.training.resolve_precision)
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ class Structure(_message.Message):
     def __init__(self, kind: _Optional[_Union[Structure.Kind, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., adapter: _Optional[_Union[AdapterSpec, _Mapping]] = ..., mask_density: _Optional[float] = ..., mask_seed: _Optional[int] = ..., dense_patterns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed")
+    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed", "precision")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class TrainSpec(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     lr: float
@@ -139,7 +140,8 @@ class TrainSpec(_message.Message):
     weight_decay: float
     max_steps: int
     seed: int
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class UploadRule(_message.Message):
     __slots__ = ("format", "density", "error_feedback", "value_type")

@@ -63,12 +63,14 @@ def structure_from_proto(p: pb.Structure) -> Structure:
 
 def train_to_proto(t: TrainSpec) -> pb.TrainSpec:
     return pb.TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
-                        momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps, seed=t.seed)
+                        momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps, seed=t.seed,
+                        precision=t.precision)
 
 
 def train_from_proto(p: pb.TrainSpec) -> TrainSpec:
     return TrainSpec(local_epochs=p.local_epochs, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer,
-                     momentum=p.momentum, weight_decay=p.weight_decay, max_steps=p.max_steps, seed=p.seed)
+                     momentum=p.momentum, weight_decay=p.weight_decay, max_steps=p.max_steps, seed=p.seed,
+                     precision=p.precision or "fp32")
 
 
 def upload_to_proto(u: UploadRule) -> pb.UploadRule:

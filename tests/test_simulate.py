@@ -36,6 +36,7 @@ def method_run(name: str, **extra):
     raw = tiny_raw(server={"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 1.0},
                    data={"num_devices": 3, "max_examples_per_device": 16, "test_max_examples": 16},
                    method={"name": name, **METHOD_CONFIGS[name]}, **extra)
+    raw["train"]["precision"] = "fp32"  # bit-identity is asserted in fp32, whatever `auto` picks on this CPU
     raw["method"] = {"name": name, **METHOD_CONFIGS[name]}  # replace, not merge, conftest's lora table
     return load_config(raw)
 

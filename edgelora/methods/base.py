@@ -59,7 +59,7 @@ class Method:
         t = self.run.train
         return TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
                          momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps,
-                         seed=self.run.server.seed * 100_003 + state.round + 1)
+                         precision=t.precision, seed=self.run.server.seed * 100_003 + state.round + 1)
 
     def upload_rule(self, state: ServerState) -> UploadRule:
         return UploadRule(format=UploadFormat.DENSE, value_type=self.run.server.value_type)
