@@ -38,16 +38,32 @@ class Corpus:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
+    """The train and evaluation splits. With data.validation_examples > 0 the evaluation split is a seeded
+    validation set carved out of the training split (which then no longer holds it): the test split is
+    not used at all, so hyperparameters chosen on it never saw the test data."""
     return _load_corpus_cached(_key(cfg))
 
 
 def _key(cfg: DataConfig) -> tuple:
     return (cfg.dataset, cfg.resolved_data_home(), cfg.path, cfg.test_path, cfg.test_fraction, cfg.text_column,
-            cfg.label_column, tuple(cfg.remove), cfg.seed)
+            cfg.label_column, tuple(cfg.remove), cfg.seed, cfg.validation_examples)
 
 
 @lru_cache(maxsize=2)
 def _load_corpus_cached(key: tuple) -> Corpus:
+    corpus = _read_corpus(key[:-1])
+    n_val = key[-1]
+    if not n_val:
+        return corpus
+    if n_val >= len(corpus.train):
+        raise ConfigError(f"data.validation_examples: {n_val} is not less than the {len(corpus.train)} training "
+                          f"examples")
+    order = np.random.default_rng([key[8], 0x5A1]).permutation(len(corpus.train))
+    return Corpus(corpus.train.subset(np.sort(order[n_val:])), corpus.train.subset(np.sort(order[:n_val])),
+                  corpus.label_names)
+
+
+def _read_corpus(key: tuple) -> Corpus:
     dataset, data_home, path, test_path, test_fraction, text_col, label_col, remove, seed = key
     if dataset == "20newsgroups":
         return _newsgroups(data_home, remove)
@@ -181,7 +197,8 @@ def device_examples(cfg: DataConfig, device_index: int) -> Examples:
 @lru_cache(maxsize=4)
 def _partitions_cached(key: tuple, partition: str, alpha: float, classes: int, n: int, cap: int, seed: int):
     cfg = DataConfig(dataset=key[0], data_home=key[1] or "", path=key[2], test_path=key[3], test_fraction=key[4],
-                     text_column=key[5], label_column=key[6], remove=list(key[7]), seed=seed, partition=partition,
+                     text_column=key[5], label_column=key[6], remove=list(key[7]), validation_examples=key[9],
+                     seed=seed, partition=partition,
                      alpha=alpha, classes_per_device=classes, num_devices=n, max_examples_per_device=cap)
     return partition_indices(load_corpus(cfg).train.labels, cfg)
 

@@ -72,3 +72,24 @@ def test_newsgroups_offline_from_shared_copy():
     assert len(device_examples(cfg, 3)) == 30 and len(held_out_examples(cfg)) == 50
     with pytest.raises(ConfigError, match="outside 0..3"):
         device_examples(cfg, 4)
+
+
+def test_validation_split_is_carved_from_train_and_replaces_the_test_split(tmp_path):
+    from edgelora.data import partition_sizes
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 3}) + "\n" for i in range(100)))
+    plain = DataConfig(dataset="jsonl", path=str(path), test_fraction=0.2, num_devices=2, partition="iid",
+                       max_examples_per_device=0)
+    val = DataConfig(**{**plain.__dict__, "validation_examples": 10})
+    base, carved = load_corpus(plain), load_corpus(val)
+    assert len(base.train) == 80 and len(carved.train) == 70
+    held = held_out_examples(val)
+    assert len(held) == 10
+    assert set(held.texts) <= set(base.train.texts), "validation examples come from the training split"
+    assert not set(held.texts) & set(carved.train.texts), "and leave it"
+    assert not set(held.texts) & set(base.test.texts), "the test split is never used"
+    assert sum(partition_sizes(val)) == 70
+    assert held.texts == held_out_examples(val).texts, "seeded"
+    with pytest.raises(ConfigError, match="data.validation_examples: 80 is not less than the 80"):
+        load_corpus(DataConfig(**{**plain.__dict__, "validation_examples": 80}))
