@@ -1,4 +1,5 @@
-"""`edgelora server | client | demo | methods`. Transport code is imported lazily, per subcommand."""
+"""`edgelora server | client | demo | simulate | sweep | centralized | methods`. Transport code is imported
+lazily, per subcommand."""
 from __future__ import annotations
 
 import argparse
@@ -207,6 +208,42 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """A grid of simulator runs that stops and resumes (edgelora.sweep), or its report (edgelora.report)."""
+    if bool(args.config) == bool(args.report):
+        raise ConfigError("sweep: give --config SWEEP.toml to run a sweep, or --report DIR to summarise one")
+    if args.report:
+        from edgelora.report import write_report
+
+        try:
+            written = write_report(Path(args.report))
+        except FileNotFoundError as e:
+            raise ConfigError(f"sweep --report: {e}") from None
+        for p in written:
+            print(p)
+        return 0
+    from edgelora.sweep import main_sweep
+
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ConfigError(f"--max-minutes: must be > 0, got {args.max_minutes}")
+    return main_sweep(args.config, args.out, args.max_minutes, progress=not args.quiet)
+
+
+def cmd_centralized(args) -> int:
+    """The ceiling for a run config: its structure trained on the union of the devices' data in one place."""
+    from edgelora.centralized import train_centralized
+    from edgelora.config import load_config
+
+    run = load_config(args.config)
+    run_dir = Path(args.out) if args.out else default_run_dir()
+    print(f"edgelora centralized: {run.method.name} on the union of {run.data.num_devices} partitions, the "
+          f"examples of {run.server.rounds} rounds x {run.server.devices_per_round} devices; run folder {run_dir}",
+          flush=True)
+    recs = train_centralized(run, run_dir, device=args.device)
+    print(f"finished; final accuracy {recs[-1]['accuracy']:.4f}; run folder {run_dir}", flush=True)
+    return 0
+
+
 DEMO_CONFIG = {
     "server": {"rounds": 3, "devices_per_round": 4, "min_devices": 2, "round_deadline_s": 240.0},
     "data": {"dataset": "20newsgroups", "num_devices": 4, "partition": "dirichlet", "alpha": 0.5,
@@ -329,6 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
     sim.set_defaults(fn=cmd_simulate)
+
+    sw = sub.add_parser("sweep", help="run a resumable grid of simulator runs, or report on one")
+    sw.add_argument("--config", help="sweep file (TOML), e.g. examples/sweeps/smoke.toml")
+    sw.add_argument("--out", help="sweep folder (default runs/sweeps/<name>); run again to continue it")
+    sw.add_argument("--max-minutes", type=float, help="stop cleanly between rounds after this many minutes")
+    sw.add_argument("--report", metavar="DIR", help="write DIR/summary.csv, summary.md and plots from finished rounds")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    sw.set_defaults(fn=cmd_sweep)
+
+    ce = sub.add_parser("centralized", help="train a run config's structure on all devices' data in one place")
+    ce.add_argument("--config", required=True, help="run config (TOML)")
+    ce.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    ce.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ce.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    ce.set_defaults(fn=cmd_centralized)
     return ap
 
 

@@ -2,9 +2,9 @@
 Also the per-round table in the terminal. Shared by the gRPC server and the simulator."""
 from __future__ import annotations
 
+import functools
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,7 +89,7 @@ def _clean(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -112,11 +112,20 @@ def wait_for_server_addr(run_dir: Path, proc, timeout_s: float = 300.0) -> str:
     raise TimeoutError(f"server did not write {path} within {timeout_s:.0f} s")
 
 
+def read_records(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] when the file does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
 class RunFolder:
     def __init__(self, path: Path, run: RunConfig, resume: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.run = run
+        self.echo = functools.partial(print, flush=True)  # where the round table goes (a sweep sends it through its progress bar)
         if not resume:
             (self.path / "config.toml").write_text(run.to_toml())
             (self.path / "metrics.jsonl").write_text("")
@@ -139,23 +148,21 @@ class RunFolder:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def records(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
+        return read_records(self.metrics_path)
 
     COLUMNS = ("round", "stage", "devices", "accuracy", "test loss", "train loss", "MB down", "MB up", "seconds")
 
-    def print_row(self, rec: RoundRecord, out=sys.stdout) -> None:
-        widths = (5, 6, 7, 8, 9, 10, 8, 8, 7)
+    def print_row(self, rec: RoundRecord) -> None:
+        widths = (5, 7, 7, 8, 9, 10, 8, 8, 7)
         if not self._header_printed:
-            print("  ".join(c.rjust(w) for c, w in zip(self.COLUMNS, widths)), file=out)
-            print("  ".join("-" * w for w in widths), file=out)
+            self.echo("  ".join(c.rjust(w) for c, w in zip(self.COLUMNS, widths)))
+            self.echo("  ".join("-" * w for w in widths))
             self._header_printed = True
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
         cells = (str(rec.round), rec.stage, f"{rec.completed}/{rec.sampled}", fmt(rec.accuracy, ".4f"),
                  fmt(rec.loss, ".4f"), fmt(rec.train_loss, ".4f"), f"{rec.bytes_down / 1e6:.3f}",
                  f"{rec.bytes_up / 1e6:.3f}", f"{rec.seconds:.1f}")
-        print("  ".join(c.rjust(w) for c, w in zip(cells, widths)), file=out, flush=True)
+        self.echo("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
 
     def plot(self, rows: list[dict] | None = None) -> None:
         """RUN_DIR/accuracy.png: accuracy per round and against the total bytes communicated so far."""
@@ -167,7 +174,7 @@ class RunFolder:
                 rounds.append(r["round"]), acc.append(r["accuracy"]), cum.append(total / 1e6)
         if not rounds:
             return
-        plt = _pyplot()
+        plt = pyplot()
         from matplotlib.ticker import MaxNLocator
 
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -188,7 +195,7 @@ class RunFolder:
         rows = [r for r in rows if r[1] is not None]
         if not rows:
             return
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 3), 3.6))
         bottom = [0.0] * len(rows)
         for i, name in enumerate(PHASES):

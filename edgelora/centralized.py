@@ -1,0 +1,86 @@
+"""The ceiling for a federated run: the same model, structure, tokenizer, max_seq_len and training examples,
+trained in one place with one optimizer.
+
+The examples are the union of every device's partition (what the federation holds, caps included), and the
+budget is the number of examples the federated run sees: rounds x devices_per_round x mean partition size x
+local_epochs. Training is cut into `server.rounds` equal slices, so metrics.jsonl has one row per slice with
+the federated run's round numbers (stage "central", no bytes): the two runs plot on the same axes.
+
+Not resumable: an interrupted centralized run starts again (it costs about one federated run's compute).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .configtools import ConfigError
+from .data import Examples, device_examples, held_out_examples, with_num_labels
+from .device import DeviceHost
+from .methods import make_method
+from .runlog import RoundRecord, RunFolder
+from .state import ServerState
+from .tasks import Stage
+from .training import evaluate, make_optimizer, train_local
+
+
+def union_of_partitions(run: RunConfig) -> Examples:
+    parts = [device_examples(run.data, i) for i in range(run.data.num_devices)]
+    return Examples(tuple(t for p in parts for t in p.texts), np.concatenate([p.labels for p in parts]))
+
+
+def examples_seen_budget(run: RunConfig, n_union: int) -> int:
+    """Examples a federated run of this config trains on: rounds x K x mean partition size x local epochs."""
+    mean_size = n_union / run.data.num_devices
+    per_round = run.server.devices_per_round * mean_size * run.train.local_epochs
+    if run.train.max_steps:
+        per_round = min(per_round, run.server.devices_per_round * run.train.max_steps * run.train.batch_size)
+    return int(round(run.server.rounds * per_round))
+
+
+def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=None) -> list[dict]:
+    run = with_num_labels(run)
+    method = make_method(run)
+    if method.initial_stage() != Stage.DENSE:
+        raise ConfigError(f"centralized: method {run.method.name!r} changes structure between stages; "
+                          f"give its stage's own method (sft for SLoRA's Stage 1, lora for Stage 2)")
+    folder = RunFolder(run_dir, run)
+    if echo is not None:
+        folder.echo = echo
+    host = DeviceHost(run.model, device)  # the device's own model builder: same structure, same masks
+    model, _, masks = host.build(method.structure(_state_at(0)))
+    masks = {n: torch.from_numpy(m) for n, m in masks.items()}
+    examples = union_of_partitions(run)
+    test = held_out_examples(run.data)
+    budget = examples_seen_budget(run, len(examples))
+    per_round = math.ceil(budget / run.server.rounds)
+    # One seeded stream of epochs over the union, cut into per-round slices; one optimizer throughout.
+    gen = np.random.default_rng(run.server.seed)
+    stream = np.concatenate([gen.permutation(len(examples)) for _ in range(math.ceil(budget / len(examples)) + 1)])
+    spec = method.train_spec(_state_at(0))
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec)
+    for r in range(1, run.server.rounds + 1):
+        rec = RoundRecord(round=r, stage="central", sampled=1, completed=1)
+        part = examples.subset(stream[(r - 1) * per_round: r * per_round])
+        # local_epochs = 1 and an in-order slice: train_local's own shuffle is seeded per round for determinism
+        spec_r = dataclasses.replace(method.train_spec(_state_at(r - 1)), local_epochs=1, max_steps=0)
+        torch.manual_seed(spec_r.seed)
+        loss = train_local(model, part, host.tokenizer, spec_r, run.model.max_seq_len, host.torch_device,
+                           masks=masks, optimizer=opt)
+        if r % run.server.eval_every == 0 or r == run.server.rounds:
+            rec.accuracy, rec.loss = evaluate(model, test, host.tokenizer, run.model.max_seq_len, host.torch_device,
+                                              precision=run.train.precision)
+        rec.close()
+        rec.sampled = rec.completed = 1  # one party holds all the data
+        rec.train_loss = loss
+        folder.append(rec)
+    folder.save_final_model(model)
+    return folder.records()
+
+
+def _state_at(round_done: int) -> ServerState:
+    return ServerState(round=round_done, stage=Stage.DENSE, stage_start=1, params={})

@@ -1,0 +1,272 @@
+"""`edgelora sweep --report DIR`: a summary of whatever runs of a sweep have finished rounds, and its plots.
+
+Writes DIR/summary.csv (one row per run), DIR/summary.md (the same, plus the mean and spread over seeds of
+each method x partition) and, where the sweep has the runs for them:
+- accuracy_rounds.png: accuracy per round, one panel per partition, one line per run;
+- accuracy_bytes.png: accuracy against total MB communicated (FLASC Fig. 2);
+- gap_heterogeneity.png: final accuracy of FFT minus each PEFT method, per partition (SLoRA Fig. 1),
+  when [report] names `fft` and `peft` variants;
+- time_to_target.png: communication time to reach [report] target_accuracy when the uplink is 1x, 4x, 16x
+  slower than the downlink (FLASC Fig. 3), computed from the measured bytes per device and round.
+
+    [report]
+    fft = "fft"                   # the FFT variant the gap is measured against
+    peft = ["lora", "houlsby"]    # the PEFT variants whose gap is plotted
+    target_accuracy = 0.30        # for time_to_target.png
+    downlink_mbps = 10.0
+    uplink_slowdowns = [1, 4, 16]
+    time_methods = ["lora", "flasc-1_16"]
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .runlog import pyplot, read_records
+
+CSV_COLUMNS = ("run", "method", "partition", "seed", "rounds_done", "final_accuracy", "best_accuracy", "bytes_up",
+               "bytes_down", "seconds")
+
+
+def collect(out: Path) -> list[dict]:
+    """One row per planned run that has at least one finished round, in plan order; with its metrics rows."""
+    out = Path(out)
+    plan_path = out / "plan.json"
+    if not plan_path.exists():
+        raise FileNotFoundError(f"{out} is not a sweep folder (no plan.json; run `edgelora sweep --config ...` first)")
+    rows = []
+    for p in json.loads(plan_path.read_text()):
+        recs = read_records(out / "runs" / p["run"] / "metrics.jsonl")
+        if not recs:
+            continue
+        accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
+        rows.append({**p, "rounds_done": recs[-1]["round"],
+                     "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
+                     "bytes_up": sum(r["bytes_up"] for r in recs), "bytes_down": sum(r["bytes_down"] for r in recs),
+                     "seconds": round(sum(r["seconds"] for r in recs), 1), "records": recs})
+    return rows
+
+
+def report_settings(out: Path) -> dict[str, Any]:
+    path = Path(out) / "sweep.toml"
+    return tomllib.loads(path.read_text()).get("report", {}) if path.exists() else {}
+
+
+def write_report(out: Path) -> list[Path]:
+    out = Path(out)
+    rows = collect(out)
+    settings = report_settings(out)
+    written = [_write_csv(out / "summary.csv", rows), _write_markdown(out / "summary.md", rows, settings)]
+    if rows:
+        written.append(plot_accuracy_rounds(rows, out / "accuracy_rounds.png"))
+        written.append(plot_accuracy_bytes(rows, out / "accuracy_bytes.png"))
+    if settings.get("fft") and settings.get("peft"):
+        p = plot_gap(rows, settings["fft"], settings["peft"], out / "gap_heterogeneity.png")
+        written += [p] if p else []
+    if settings.get("target_accuracy"):
+        p = plot_time_to_target(rows, settings, out / "time_to_target.png")
+        written += [p] if p else []
+    return written
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in rows:
+            w.writerow([_fmt(r[c]) for c in CSV_COLUMNS])
+    return path
+
+
+def group_by_variant(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["partition"]), []).append(r)
+    return groups
+
+
+def spread(values: list[float]) -> str:
+    """mean, and min-max when there are several: '0.4120 (0.4010-0.4230, n=2)'."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, n={len(values)})"
+
+
+def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
+    lines = ["| run | method | partition | seed | rounds | final acc | best acc | MB up | MB down | seconds |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['method']} | {r['partition']} | {r['seed']} | {r['rounds_done']} | "
+                     f"{_fmt(r['final_accuracy'])} | {_fmt(r['best_accuracy'])} | {r['bytes_up'] / 1e6:.1f} | "
+                     f"{r['bytes_down'] / 1e6:.1f} | {r['seconds']:.0f} |")
+    lines += ["", "Mean over seeds (min-max):", "",
+              "| method | partition | final acc | best acc | MB up + down (mean) |", "|---|---|---|---|---:|"]
+    for (m, p), g in group_by_variant(rows).items():
+        finals = [r["final_accuracy"] for r in g if r["final_accuracy"] is not None]
+        bests = [r["best_accuracy"] for r in g if r["best_accuracy"] is not None]
+        mb = statistics.mean((r["bytes_up"] + r["bytes_down"]) / 1e6 for r in g)
+        lines.append(f"| {m} | {p} | {spread(finals)} | {spread(bests)} | {mb:.1f} |")
+    if settings.get("target_accuracy"):
+        lines += ["", f"Communication time to reach accuracy {settings['target_accuracy']} "
+                      f"(downlink {settings.get('downlink_mbps', 10.0)} Mbit/s; seconds, '-' = not reached):", ""]
+        slow = settings.get("uplink_slowdowns", [1, 4, 16])
+        lines += ["| run | " + " | ".join(f"uplink {s}x slower" for s in slow) + " |",
+                  "|---|" + "---:|" * len(slow)]
+        for r in rows:
+            if r["method"] in settings.get("time_methods", [r["method"]]):
+                cells = [time_to_target(r["records"], settings["target_accuracy"],
+                                        settings.get("downlink_mbps", 10.0), s) for s in slow]
+                lines.append(f"| {r['run']} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def per_device_bytes(rec: dict) -> tuple[float, float]:
+    """Mean bytes one sampled device downloaded and uploaded in a round (devices transfer in parallel)."""
+    n = max(rec.get("sampled") or len(rec.get("devices", [])) or 1, 1)
+    return rec["bytes_down"] / n, rec["bytes_up"] / n
+
+
+def communication_seconds(rec: dict, downlink_mbps: float, uplink_mbps: float) -> float:
+    down, up = per_device_bytes(rec)
+    return down * 8 / (downlink_mbps * 1e6) + up * 8 / (uplink_mbps * 1e6)
+
+
+def time_to_target(records: list[dict], target: float, downlink_mbps: float, slowdown: float) -> float | None:
+    """Communication seconds until the first evaluated round at or above `target` (FLASC Fig. 3: link time
+    only, compute excluded); None when the run never reached it."""
+    total = 0.0
+    for rec in records:
+        total += communication_seconds(rec, downlink_mbps, downlink_mbps / slowdown)
+        if rec.get("accuracy") is not None and rec["accuracy"] >= target:
+            return total
+    return None
+
+
+def _label(r: dict) -> str:
+    return f"{r['method']} s{r['seed']}"
+
+
+def _panels(rows: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        if r["partition"] not in seen:
+            seen.append(r["partition"])
+    return seen
+
+
+def plot_accuracy_rounds(rows: list[dict], path: Path) -> Path:
+    plt = pyplot()
+    parts = _panels(rows)
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts) + 1.5, 3.6), squeeze=False, sharey=True)
+    colors = _colors(rows)
+    for ax, part in zip(axes[0], parts):
+        for r in (r for r in rows if r["partition"] == part):
+            pts = [(x["round"], x["accuracy"]) for x in r["records"] if x.get("accuracy") is not None]
+            ax.plot(*zip(*pts), label=_label(r), color=colors[r["method"]], alpha=1.0 if r["seed"] == 0 else 0.5,
+                    linestyle="--" if r["mode"] == "centralized" else "-")
+        ax.set_title(part), ax.set_xlabel("round"), ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, plt, path)
+
+
+def plot_accuracy_bytes(rows: list[dict], path: Path) -> Path:
+    plt = pyplot()
+    parts = _panels(rows)
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts) + 1.5, 3.6), squeeze=False, sharey=True)
+    colors = _colors(rows)
+    for ax, part in zip(axes[0], parts):
+        for r in (r for r in rows if r["partition"] == part and r["mode"] == "federated"):
+            total, pts = 0, []
+            for x in r["records"]:
+                total += x["bytes_up"] + x["bytes_down"]
+                if x.get("accuracy") is not None:
+                    pts.append((total / 1e6, x["accuracy"]))
+            ax.plot(*zip(*pts), label=_label(r), color=colors[r["method"]], alpha=1.0 if r["seed"] == 0 else 0.5)
+        ax.set_xscale("log"), ax.set_title(part), ax.grid(alpha=0.3, which="both")
+        ax.set_xlabel("total MB communicated (down + up, indices included)")
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, plt, path)
+
+
+def gap_table(rows: list[dict], fft: str, peft: list[str]) -> dict[str, dict[str, float]]:
+    """{peft variant: {partition: mean final accuracy of fft - mean final accuracy of the variant}}."""
+    groups = group_by_variant(rows)
+    mean = lambda g: statistics.mean(r["final_accuracy"] for r in g)
+    out: dict[str, dict[str, float]] = {}
+    for m in peft:
+        for part in _panels(rows):
+            if (fft, part) in groups and (m, part) in groups:
+                out.setdefault(m, {})[part] = mean(groups[(fft, part)]) - mean(groups[(m, part)])
+    return out
+
+
+def plot_gap(rows: list[dict], fft: str, peft: list[str], path: Path) -> Path | None:
+    gaps = gap_table([r for r in rows if r["final_accuracy"] is not None], fft, peft)
+    if not gaps:
+        return None
+    plt = pyplot()
+    parts = [p for p in _panels(rows) if any(p in g for g in gaps.values())]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    width = 0.8 / len(gaps)
+    for i, (m, g) in enumerate(gaps.items()):
+        xs = [j + i * width for j, p in enumerate(parts) if p in g]
+        ax.bar(xs, [100 * g[p] for p in parts if p in g], width, label=m)
+    ax.set_xticks([j + width * (len(gaps) - 1) / 2 for j in range(len(parts))], parts)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("data distribution (more heterogeneous to the right)")
+    ax.set_ylabel(f"{fft} minus PEFT final accuracy (points)")
+    ax.legend(fontsize=8), ax.grid(alpha=0.3, axis="y")
+    return _save(fig, plt, path)
+
+
+def plot_time_to_target(rows: list[dict], settings: dict, path: Path) -> Path | None:
+    target, down = settings["target_accuracy"], settings.get("downlink_mbps", 10.0)
+    slow = settings.get("uplink_slowdowns", [1, 4, 16])
+    chosen = [r for r in rows if r["method"] in settings.get("time_methods", [r["method"]]) and r["mode"] == "federated"]
+    if not chosen:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.8 / len(chosen)
+    for i, r in enumerate(chosen):
+        vals = [time_to_target(r["records"], target, down, s) for s in slow]
+        xs = [j + i * width for j in range(len(slow))]
+        ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=r["run"])
+        for x, v in zip(xs, vals):
+            if v is None:
+                ax.text(x, 0, "not\nreached", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks([j + width * (len(chosen) - 1) / 2 for j in range(len(slow))], [f"{s}x" for s in slow])
+    ax.set_xlabel(f"uplink slowdown vs a {down:g} Mbit/s downlink")
+    ax.set_ylabel(f"communication s to accuracy {target}")
+    ax.set_yscale("log"), ax.legend(fontsize=7), ax.grid(alpha=0.3, axis="y")
+    return _save(fig, plt, path)
+
+
+def _colors(rows: list[dict]) -> dict[str, Any]:
+    plt = pyplot()
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    return {m: cycle[i % len(cycle)] for i, m in enumerate(names)}
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

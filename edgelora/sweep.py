@@ -1,0 +1,261 @@
+"""Resumable experiment sweeps: `edgelora sweep --config SWEEP.toml [--out DIR] [--max-minutes M]`.
+
+A sweep file names a base run config and the variants to combine:
+
+    [sweep]
+    name = "smoke"
+    base = "../lora.toml"            # a run config, relative to this file
+    seeds = [0, 1]                    # each seed sets server.seed, data.seed and model.head_seed
+    [sweep.set]                       # dotted overrides applied to every run
+    "server.rounds" = 2
+    [methods.lora]                    # a method variant: dotted overrides; any "method.*" key replaces the
+    "method.name" = "lora"            #   base's [method] table as a whole (method configs differ)
+    [methods.lora-central]
+    mode = "centralized"              # the ceiling: edgelora.centralized instead of the simulator
+    "method.name" = "lora"
+    [partitions.iid]
+    "data.partition" = "iid"
+    [[grid]]                          # runs = union over grid blocks of methods x partitions x seeds
+    methods = ["lora", "lora-central"]
+    partitions = ["iid"]
+    seeds = [0]                       # optional; default sweep.seeds
+
+Each run is an ordinary simulator run folder, DIR/runs/<method>-<partition>-s<seed>. Running the same
+command again skips finished runs (metrics.jsonl holds the last round) and resumes unfinished ones from their
+last completed round (state/ is saved after every round), so a sweep survives Ctrl-C or a machine going away.
+`--max-minutes` stops between rounds once the budget is spent. A run whose folder holds another config than
+the sweep now asks for is refused by name rather than silently mixed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, load_config
+from .configtools import ConfigError
+
+log = logging.getLogger("edgelora.sweep")
+
+SEED_KEYS = ("server.seed", "data.seed", "model.head_seed")
+MODES = ("federated", "centralized")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    method: str        # the method variant's name in the sweep file (e.g. flasc-1/16)
+    partition: str
+    seed: int
+    mode: str
+    raw: dict = field(hash=False, compare=False)  # the run config as TOML tables
+
+    def config(self) -> RunConfig:
+        return load_config(self.raw)
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    runs: list[RunSpec]
+    report: dict[str, Any]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"sweep: {path}: not valid TOML: {e}") from None
+    unknown = sorted(set(raw) - {"sweep", "methods", "partitions", "grid", "report"})
+    if unknown:
+        raise ConfigError(f"sweep: unknown section(s) {unknown}; allowed: sweep, methods, partitions, grid, report")
+    head = raw.get("sweep", {})
+    bad = sorted(set(head) - {"name", "base", "seeds", "set"})
+    if bad:
+        raise ConfigError(f"sweep: unknown key(s) {bad} in [sweep]; allowed: base, name, seeds, set")
+    if "base" not in head:
+        raise ConfigError("sweep.base: required (the run config every run starts from)")
+    base_path = (path.parent / head["base"]).resolve()
+    try:
+        base = tomllib.loads(base_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep.base: {base_path} does not exist") from None
+    methods, partitions = raw.get("methods", {}), raw.get("partitions", {"default": {}})
+    grids = raw.get("grid") or [{"methods": list(methods), "partitions": list(partitions)}]
+    seeds = head.get("seeds", [0])
+    runs: dict[str, RunSpec] = {}
+    for i, g in enumerate(grids):
+        where = f"grid[{i}]"
+        bad = sorted(set(g) - {"methods", "partitions", "seeds"})
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {bad}; allowed: methods, partitions, seeds")
+        for m in g.get("methods", list(methods)):
+            if m not in methods:
+                raise ConfigError(f"{where}.methods: {m!r} is not a [methods.X] table; have {sorted(methods)}")
+            for p in g.get("partitions", list(partitions)):
+                if p not in partitions:
+                    raise ConfigError(f"{where}.partitions: {p!r} is not a [partitions.X] table; have "
+                                      f"{sorted(partitions)}")
+                for s in g.get("seeds", seeds):
+                    if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+                        raise ConfigError(f"{where}.seeds: {s!r} is not an integer >= 0")
+                    spec = _run_spec(base, head.get("set", {}), m, methods[m], p, partitions[p], s)
+                    runs.setdefault(spec.name, spec)
+    return Sweep(head.get("name", path.stem), path, list(runs.values()), raw.get("report", {}))
+
+
+def _run_spec(base: dict, common: dict, method: str, method_set: dict, partition: str, partition_set: dict,
+              seed: int) -> RunSpec:
+    raw = json.loads(json.dumps(base))  # a deep copy of plain TOML data
+    method_set = dict(method_set)
+    mode = method_set.pop("mode", "federated")
+    if mode not in MODES:
+        raise ConfigError(f"methods.{method}.mode: {mode!r} is not one of {list(MODES)}")
+    for where, overrides in ((f"sweep.set", common), (f"methods.{method}", method_set),
+                             (f"partitions.{partition}", partition_set)):
+        if any(k.startswith("method.") for k in overrides):
+            raw["method"] = {}
+        for key, value in overrides.items():
+            _set(raw, key, value, where)
+    for key in SEED_KEYS:
+        _set(raw, key, seed, "seeds")
+    name = f"{method}-{partition}-s{seed}".replace("/", "_")
+    spec = RunSpec(name, method, partition, seed, mode, raw)
+    try:
+        spec.config()  # validate every run before the first one starts
+    except ConfigError as e:
+        raise ConfigError(f"run {name}: {e}") from None
+    return spec
+
+
+def _set(raw: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"{where}: {dotted!r} is not a dotted run-config key like \"train.lr\"")
+    table = raw
+    for p in parts[:-1]:
+        table = table.setdefault(p, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {dotted!r}: {p} is not a table")
+    table[parts[-1]] = value
+
+
+# -- running -------------------------------------------------------------------------------------------------
+def run_dir(out: Path, spec: RunSpec) -> Path:
+    return Path(out) / "runs" / spec.name
+
+
+def rounds_done(folder: Path) -> int:
+    from .runlog import read_records
+
+    rows = read_records(folder / "metrics.jsonl")
+    return max((r["round"] for r in rows), default=0)
+
+
+def is_finished(folder: Path, run: RunConfig) -> bool:
+    return rounds_done(folder) >= run.server.rounds
+
+
+def _check_same_config(folder: Path, run: RunConfig, name: str) -> None:
+    from .data import with_num_labels
+
+    saved = folder / "config.toml"
+    if not saved.exists():
+        return
+    old, new = load_config(saved), with_num_labels(run)
+    old = old.replace(server=new.server.__class__(**{**old.server.__dict__, "rounds": new.server.rounds}))
+    if old.to_toml() != new.to_toml():
+        raise ConfigError(f"run {name}: {saved} holds another config than the sweep asks for now; move that "
+                          f"folder away (or give the changed variant a new name) and run the sweep again")
+
+
+class Budget:
+    def __init__(self, max_minutes: float | None) -> None:
+        self.deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+
+    def spent(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progress: bool = True,
+              only: list[str] | None = None) -> dict[str, str]:
+    """Run (or continue) every run of the sweep; returns {run name: finished | stopped | skipped}."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.toml").write_text(sweep.path.read_text())
+    (out / "plan.json").write_text(json.dumps(
+        [{"run": s.name, "method": s.method, "partition": s.partition, "seed": s.seed, "mode": s.mode}
+         for s in sweep.runs], indent=1) + "\n")
+    specs = [s for s in sweep.runs if not only or s.name in only]
+    configs = {s.name: s.config() for s in specs}
+    budget = Budget(max_minutes)
+    total = sum(c.server.rounds for c in configs.values())
+    done = sum(min(rounds_done(run_dir(out, s)), configs[s.name].server.rounds) for s in specs)
+    bar = tqdm(total=total, initial=done, desc=f"sweep {sweep.name}", unit="round", disable=not progress,
+               dynamic_ncols=True)
+    status: dict[str, str] = {}
+    try:
+        for i, spec in enumerate(specs, 1):
+            run, folder = configs[spec.name], run_dir(out, spec)
+            _check_same_config(folder, run, spec.name)
+            if is_finished(folder, run):
+                status[spec.name] = "skipped"
+                continue
+            if budget.spent():
+                status[spec.name] = "stopped"
+                continue
+            bar.write(f"[{i}/{len(specs)}] {spec.name} ({spec.mode}, {run.server.rounds} rounds) -> {folder}")
+            status[spec.name] = _run_one(spec, run, folder, budget, bar)
+    finally:
+        bar.close()
+    return status
+
+
+def _run_one(spec: RunSpec, run: RunConfig, folder: Path, budget: Budget, bar) -> str:
+    if spec.mode == "centralized":
+        from .centralized import train_centralized
+
+        before = rounds_done(folder)
+        train_centralized(run, folder, echo=bar.write)
+        bar.update(run.server.rounds - before)
+        return "finished"
+    from .simulate import Simulator, has_state
+
+    sim = Simulator(run, folder, resume=has_state(folder), progress=False)
+    sim.folder.echo = bar.write
+    while not sim.state.finished:
+        if budget.spent():
+            return "stopped"
+        sim.run_one_round()
+        bar.update(1)
+    return "finished"
+
+
+def main_sweep(config: str, out: str | None, max_minutes: float | None, progress: bool = True) -> int:
+    sweep = load_sweep(config)
+    out_dir = Path(out) if out else Path("runs") / "sweeps" / sweep.name
+    print(f"edgelora sweep {sweep.name}: {len(sweep.runs)} runs -> {out_dir}"
+          + (f" (stops after {max_minutes:g} min)" if max_minutes else ""), flush=True)
+    # SIGTERM ends a sweep like Ctrl-C: the round under way is lost, every completed round is on disk.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        status = run_sweep(sweep, out_dir, max_minutes, progress)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished rounds are saved in {out_dir} (run the same command to continue)",
+              flush=True)
+        return 130
+    counts = {k: sum(1 for v in status.values() if v == k) for k in ("finished", "skipped", "stopped")}
+    print(f"sweep {sweep.name}: {counts['finished']} finished now, {counts['skipped']} already done, "
+          f"{counts['stopped']} left for later; report: edgelora sweep --report {out_dir}", flush=True)
+    return 0

@@ -1,0 +1,185 @@
+"""edgelora sweep: the grid it plans, its refusals, and a sweep stopped by Ctrl-C (SIGINT) mid-run that,
+run again, ends exactly where an uninterrupted sweep ends: same metrics, same bytes, same final weights.
+Plus the centralized ceiling's example budget and the report's files."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgelora.configtools import ConfigError
+from edgelora.state import load_state
+from edgelora.sweep import load_sweep, rounds_done, run_sweep
+
+from .conftest import REPO, TINY, cli
+
+SWEEP = """
+[sweep]
+name = "t"
+base = "base.toml"
+seeds = [0]
+[sweep.set]
+"server.rounds" = {rounds}
+"train.precision" = "fp32"
+[methods.lora]
+"method.name" = "lora"
+"method.lora" = {{ rank = 4, alpha = 8.0 }}
+[methods.fft]
+"method.name" = "fft"
+"train.lr" = 1e-4
+[partitions.iid]
+"data.partition" = "iid"
+[partitions.dir]
+"data.partition" = "dirichlet"
+"data.alpha" = 0.5
+[[grid]]
+methods = ["lora", "fft"]
+partitions = ["iid"]
+[[grid]]
+methods = ["lora"]
+partitions = ["dir"]
+seeds = [0, 3]
+"""
+
+
+def write_sweep(folder: Path, rounds: int = 3, text: str = SWEEP) -> Path:
+    import tomli_w
+
+    base = {k: dict(v) for k, v in TINY.items()}
+    base["data"] = {**base["data"], "num_devices": 4, "max_examples_per_device": 12, "test_max_examples": 16}
+    base["server"] = {**base["server"], "devices_per_round": 2}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.toml").write_text(tomli_w.dumps(base))
+    path = folder / "sweep.toml"
+    path.write_text(text.format(rounds=rounds))
+    return path
+
+
+def test_grid_is_the_union_of_blocks_with_seeds_and_overrides(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path))
+    assert [r.name for r in sweep.runs] == ["lora-iid-s0", "fft-iid-s0", "lora-dir-s0", "lora-dir-s3"]
+    run = {r.name: r for r in sweep.runs}["lora-dir-s3"].config()
+    assert (run.server.seed, run.data.seed, run.model.head_seed) == (3, 3, 3)
+    assert (run.data.partition, run.data.alpha, run.server.rounds) == ("dirichlet", 0.5, 3)
+    assert run.method.name == "lora" and run.method.lora.rank == 4
+    fft = {r.name: r for r in sweep.runs}["fft-iid-s0"].config()
+    assert fft.method.name == "fft" and fft.train.lr == 1e-4  # the base's [method] table was replaced
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('methods = ["lora"]\npartitions = ["dir"]', 'methods = ["lorax"]\npartitions = ["dir"]'), "grid[1].methods: 'lorax'"),
+    (('"data.alpha" = 0.5', '"data.alpha" = -1.0'), "run lora-dir-s0: data.alpha: must be > 0"),
+    (('base = "base.toml"', 'base = "nope.toml"'), "sweep.base:"),
+    (('[partitions.iid]', '[partition.iid]'), "unknown section(s) ['partition']"),
+    (('seeds = [0, 3]', 'seeds = [0, -3]'), "grid[1].seeds: -3"),
+])
+def test_bad_sweep_files_name_what_is_wrong(tmp_path, edit, message):
+    path = write_sweep(tmp_path)
+    path.write_text(path.read_text().replace(*edit))
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    assert message in str(e.value)
+
+
+def _final_params(out: Path, name: str) -> dict:
+    return load_state(out / "runs" / name).params
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_to_the_same_results(tmp_path):
+    path = write_sweep(tmp_path / "cfg", rounds=3)
+    ref = tmp_path / "ref"
+    assert set(run_sweep(load_sweep(path), ref, progress=False).values()) == {"finished"}
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(cli("sweep", "--config", str(path), "--out", str(out), "--quiet"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = out / "runs" / "lora-iid-s0"
+    deadline = time.monotonic() + 240
+    while rounds_done(first) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text
+    assert "interrupted" in text and "Traceback" not in text
+    assert 1 <= rounds_done(first) < 3, "Ctrl-C came after the first round and before the last"
+    assert not (out / "runs" / "lora-dir-s3" / "metrics.jsonl").exists()
+
+    status = run_sweep(load_sweep(path), out, progress=False)
+    assert status["lora-iid-s0"] == "finished" and status["lora-dir-s3"] == "finished"
+    assert set(run_sweep(load_sweep(path), out, progress=False).values()) == {"skipped"}
+
+    for spec in load_sweep(path).runs:
+        a, b = _records(ref, spec.name), _records(out, spec.name)
+        assert [r["round"] for r in b] == [1, 2, 3], spec.name
+        for key in ("accuracy", "loss", "bytes_up", "bytes_down", "train_loss"):
+            assert [r[key] for r in a] == [r[key] for r in b], (spec.name, key)
+        pa, pb = _final_params(ref, spec.name), _final_params(out, spec.name)
+        assert pa.keys() == pb.keys()
+        for k in pa:
+            np.testing.assert_array_equal(pa[k], pb[k], err_msg=f"{spec.name} {k}")
+
+
+def _records(out: Path, name: str) -> list[dict]:
+    from edgelora.runlog import read_records
+
+    return read_records(out / "runs" / name / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_max_minutes_stops_between_rounds_and_report_summarises_what_finished(tmp_path):
+    path = write_sweep(tmp_path / "cfg", rounds=2)
+    out = tmp_path / "out"
+    status = run_sweep(load_sweep(path), out, max_minutes=1e-6, progress=False)
+    assert set(status.values()) == {"stopped"} and not (out / "runs").exists()
+    run_sweep(load_sweep(path), out, progress=False, only=["lora-iid-s0", "fft-iid-s0"])
+    rc = subprocess.run(cli("sweep", "--report", str(out)), cwd=REPO, capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["run"] for r in rows] == ["lora-iid-s0", "fft-iid-s0"]
+    assert list(rows[0]) == ["run", "method", "partition", "seed", "rounds_done", "final_accuracy",
+                             "best_accuracy", "bytes_up", "bytes_down", "seconds"]
+    metrics = _records(out, "fft-iid-s0")
+    assert int(rows[1]["bytes_up"]) == sum(r["bytes_up"] for r in metrics)
+    assert float(rows[1]["final_accuracy"]) == pytest.approx(metrics[-1]["accuracy"], abs=5e-5)
+    assert (out / "accuracy_rounds.png").stat().st_size > 0 and (out / "accuracy_bytes.png").stat().st_size > 0
+    assert "| lora | iid |" in (out / "summary.md").read_text()
+
+
+def test_a_changed_run_config_is_refused_not_mixed(tmp_path):
+    path = write_sweep(tmp_path / "cfg", rounds=2)
+    out = tmp_path / "out"
+    run_sweep(load_sweep(path), out, max_minutes=1e-6, progress=False)
+    folder = out / "runs" / "lora-iid-s0"
+    folder.mkdir(parents=True)
+    other = load_sweep(path).runs[0].config()
+    from edgelora.data import with_num_labels
+
+    (folder / "config.toml").write_text(with_num_labels(other.replace(
+        train=other.train.__class__(**{**other.train.__dict__, "lr": 0.5}))).to_toml())
+    with pytest.raises(ConfigError, match="lora-iid-s0: .* holds another config"):
+        run_sweep(load_sweep(path), out, progress=False)
+
+
+def test_centralized_trains_the_federated_runs_example_budget_on_the_union(tmp_path, tiny_config):
+    from edgelora.centralized import examples_seen_budget, train_centralized, union_of_partitions
+    from edgelora.data import device_examples
+
+    run = tiny_config(server={"rounds": 3, "devices_per_round": 2}, train={"precision": "fp32"},
+                      data={"num_devices": 4, "max_examples_per_device": 10, "test_max_examples": 16})
+    union = union_of_partitions(run)
+    assert len(union) == 40 and union.texts[:10] == device_examples(run.data, 0).texts
+    assert examples_seen_budget(run, len(union)) == 3 * 2 * 10  # rounds x K x mean partition size
+    recs = train_centralized(run, tmp_path / "c")
+    assert [r["round"] for r in recs] == [1, 2, 3]
+    assert all(r["stage"] == "central" and r["bytes_up"] == 0 and r["accuracy"] is not None for r in recs)
+    assert (tmp_path / "c" / "adapter" / "adapter_config.json").exists()
+    with pytest.raises(ConfigError, match="centralized: method 'slora' changes structure"):
+        train_centralized(tiny_config(method={"name": "slora"}), tmp_path / "s")
