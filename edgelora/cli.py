@@ -137,19 +137,24 @@ def _replace(obj, **kw):
     return new
 
 
-def cmd_client(args) -> int:
+def _torch_device(device: str) -> str:
+    """--device cpu|cuda|auto -> a torch device name; cuda without a GPU is a clear error."""
     import torch
 
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
+    return device
+
+
+def cmd_client(args) -> int:
     from edgelora.edge_client.runtime import ClientOptions, EdgeClient
 
     ids = parse_device_ids(args.device_ids) if args.device_ids else [args.device_id]
     if ids == [None]:
         raise ConfigError("client: give --device-id ID or --device-ids RANGE")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here")
+    device = _torch_device(args.device)
     from edgelora.edge_client.throttle import LinkThrottle
 
     for flag, v in (("--uplink-mbps", args.uplink_mbps), ("--downlink-mbps", args.downlink_mbps)):
@@ -226,7 +231,7 @@ def cmd_sweep(args) -> int:
 
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ConfigError(f"--max-minutes: must be > 0, got {args.max_minutes}")
-    return main_sweep(args.config, args.out, args.max_minutes, progress=not args.quiet)
+    return main_sweep(args.config, args.out, args.max_minutes, progress=not args.quiet, device=_torch_device(args.device))
 
 
 def cmd_centralized(args) -> int:
@@ -235,11 +240,12 @@ def cmd_centralized(args) -> int:
     from edgelora.config import load_config
 
     run = load_config(args.config)
+    device = _torch_device(args.device)
     run_dir = Path(args.out) if args.out else default_run_dir()
     print(f"edgelora centralized: {run.method.name} on the union of {run.data.num_devices} partitions, the "
           f"examples of {run.server.rounds} rounds x {run.server.devices_per_round} devices; run folder {run_dir}",
           flush=True)
-    recs = train_centralized(run, run_dir, device=args.device)
+    recs = train_centralized(run, run_dir, device=device)
     print(f"finished; final accuracy {recs[-1]['accuracy']:.4f}; run folder {run_dir}", flush=True)
     return 0
 
@@ -372,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", help="sweep folder (default runs/sweeps/<name>); run again to continue it")
     sw.add_argument("--max-minutes", type=float, help="stop cleanly between rounds after this many minutes")
     sw.add_argument("--report", metavar="DIR", help="write DIR/summary.csv, summary.md and plots from finished rounds")
+    sw.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the virtual devices train")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
     sw.set_defaults(fn=cmd_sweep)
@@ -379,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce = sub.add_parser("centralized", help="train a run config's structure on all devices' data in one place")
     ce.add_argument("--config", required=True, help="run config (TOML)")
     ce.add_argument("--out", help="run folder (default runs/<timestamp>)")
-    ce.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ce.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     ce.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
     ce.set_defaults(fn=cmd_centralized)
     return ap

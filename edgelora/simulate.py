@@ -34,13 +34,14 @@ def has_state(run_dir: Path) -> bool:
 
 
 class Simulator(ServerRun):
-    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+                 torch_device: str = "cpu") -> None:
         super().__init__(run, run_dir, resume)
         run = self.run
         if self.state.finished and self.state.round < run.server.rounds:  # --rounds extends a finished run
             self.state = self.state.replace(finished=False)
         self.devices = [str(i) for i in range(run.data.num_devices)]  # every virtual device is always live
-        self.device_host = DeviceHost(run.model)
+        self.device_host = DeviceHost(run.model, torch_device)  # where the virtual devices train
         self.trainers: dict[str, DeviceTrainer] = {}  # created on first use; keeps FLASC error-feedback residuals
         self.progress = progress
 
