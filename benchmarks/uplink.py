@@ -47,7 +47,7 @@ def with_tc(raw: dict, run_dir: Path, tag: str) -> None:
     print_report(Emulation(cfg, run_dir, tag=tag).run())
 
 
-def with_app_throttle(raw: dict, run_dir: Path) -> None:
+def with_app_throttle(raw: dict, run_dir: Path, up_mbit: float = UP_MBIT, down_mbit: float = DOWN_MBIT) -> None:
     import tomli_w
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,8 +59,8 @@ def with_app_throttle(raw: dict, run_dir: Path) -> None:
     try:
         addr = wait_for_server_addr(run_dir, server, timeout_s=300)
         clients = [subprocess.Popen(exe + ["client", "--server", addr, "--device-id", d,
-                                           "--quiet", "--insecure", "--uplink-mbps", str(UP_MBIT), "--downlink-mbps",
-                                           str(DOWN_MBIT)], stdout=open(run_dir / f"client_{d}.log", "w"),
+                                           "--quiet", "--insecure", "--uplink-mbps", str(up_mbit), "--downlink-mbps",
+                                           str(down_mbit)], stdout=open(run_dir / f"client_{d}.log", "w"),
                                     stderr=subprocess.STDOUT) for d in ("0", "1")]
         if server.wait(timeout=1800) != 0:
             raise RuntimeError(f"server failed; see {run_dir / 'server.log'}")
