@@ -49,6 +49,7 @@ class RoundEngine:
         self.run = run
         self.method = method
         self.host = host
+        self.before_switch: ServerState | None = None  # set by finish() when the round ended a stage
 
     @cached_property
     def partition_sizes(self) -> list[int]:
@@ -143,7 +144,11 @@ class RoundEngine:
                 log.warning("round %d: the aggregate is not finite; weights left unchanged", state.round + 1)
                 mean, params, opt_state = None, state.params, state.opt_state
         new = state.replace(round=state.round + 1, params=params, opt_state=opt_state, rng=rng_state)
+        aggregated = new
         new = self.method.after_round(new, self.host, mean)
+        # A stage switch (SLoRA's priming) replaces the weights: keep the state it started from, so the round
+        # can report the accuracy on both sides of the switch.
+        self.before_switch = aggregated if new.stage != aggregated.stage else None
         if new.round >= self.run.server.rounds:
             new = new.replace(finished=True)
         return new

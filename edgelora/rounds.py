@@ -57,6 +57,9 @@ class ServerRun:
         rec.aggregated = aggregated and new_state.params is not state.params
         if new_state.round % cfg.eval_every == 0 or new_state.finished:
             rec.accuracy, rec.loss = self.evaluate(self.engine.model_for(new_state))
+        if self.engine.before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it
+            rec.accuracy_before_switch, rec.loss_before_switch = self.evaluate(
+                self.engine.model_for(self.engine.before_switch))
         rec.close()
         self.folder.append(rec)
         if new_state.finished:

@@ -43,6 +43,8 @@ class RoundRecord:
     bytes_up: int = 0
     seconds: float = 0.0
     train_loss: float | None = None
+    accuracy_before_switch: float | None = None  # a round that ends a stage (SLoRA's priming): the model before it
+    loss_before_switch: float | None = None
     aggregated: bool = False
     started_at: float = field(default_factory=time.time)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)

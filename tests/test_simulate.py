@@ -98,7 +98,11 @@ def test_simulator_resume_continues_exactly_across_the_slora_switch(tmp_path):
     assert a.round == b.round == 2
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
-    assert [r["stage"] for r in _records(tmp_path / "resumed")] == ["sparse", "lora"]
+    recs = _records(tmp_path / "resumed")
+    assert [r["stage"] for r in recs] == ["sparse", "lora"]
+    # the switch round reports Stage 1's model too (before priming replaced it); other rounds do not
+    assert 0 <= recs[0]["accuracy_before_switch"] <= 1 and recs[0]["loss_before_switch"] > 0
+    assert recs[1]["accuracy_before_switch"] is None
 
 
 @pytest.mark.parametrize("name", list(METHOD_CONFIGS))
