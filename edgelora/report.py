@@ -85,7 +85,7 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in rows:
-            w.writerow([_fmt(r[c]) for c in CSV_COLUMNS])
+            w.writerow([_fmt(r[c]) if c.endswith("accuracy") else r[c] for c in CSV_COLUMNS])
     return path
 
 
@@ -168,38 +168,46 @@ def _panels(rows: list[dict]) -> list[str]:
     return seen
 
 
+def round_points(records: list[dict]) -> list[tuple[float, float]]:
+    return [(x["round"], x["accuracy"]) for x in records if x.get("accuracy") is not None]
+
+
+def byte_points(records: list[dict]) -> list[tuple[float, float]]:
+    """(total MB communicated so far, accuracy); rounds without an evaluation still add their bytes."""
+    total, pts = 0, []
+    for x in records:
+        total += x["bytes_up"] + x["bytes_down"]
+        if x.get("accuracy") is not None:
+            pts.append((total / 1e6, x["accuracy"]))
+    return pts
+
+
 def plot_accuracy_rounds(rows: list[dict], path: Path) -> Path:
+    return _plot_panels(rows, path, round_points, "round")
+
+
+def plot_accuracy_bytes(rows: list[dict], path: Path) -> Path:
+    federated = [r for r in rows if r["mode"] == "federated"]  # a centralized run moves no bytes
+    return _plot_panels(federated, path, byte_points, "total MB communicated (down + up, indices included)",
+                        log_x=True)
+
+
+def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, log_x: bool = False) -> Path:
+    """One panel per partition, one line per run (centralized dashed, later seeds lighter)."""
     plt = pyplot()
     parts = _panels(rows)
     fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts) + 1.5, 3.6), squeeze=False, sharey=True)
     colors = _colors(rows)
     for ax, part in zip(axes[0], parts):
         for r in (r for r in rows if r["partition"] == part):
-            pts = [(x["round"], x["accuracy"]) for x in r["records"] if x.get("accuracy") is not None]
-            ax.plot(*zip(*pts), label=_label(r), color=colors[r["method"]], alpha=1.0 if r["seed"] == 0 else 0.5,
-                    linestyle="--" if r["mode"] == "centralized" else "-")
-        ax.set_title(part), ax.set_xlabel("round"), ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return _save(fig, plt, path)
-
-
-def plot_accuracy_bytes(rows: list[dict], path: Path) -> Path:
-    plt = pyplot()
-    parts = _panels(rows)
-    fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts) + 1.5, 3.6), squeeze=False, sharey=True)
-    colors = _colors(rows)
-    for ax, part in zip(axes[0], parts):
-        for r in (r for r in rows if r["partition"] == part and r["mode"] == "federated"):
-            total, pts = 0, []
-            for x in r["records"]:
-                total += x["bytes_up"] + x["bytes_down"]
-                if x.get("accuracy") is not None:
-                    pts.append((total / 1e6, x["accuracy"]))
-            ax.plot(*zip(*pts), label=_label(r), color=colors[r["method"]], alpha=1.0 if r["seed"] == 0 else 0.5)
-        ax.set_xscale("log"), ax.set_title(part), ax.grid(alpha=0.3, which="both")
-        ax.set_xlabel("total MB communicated (down + up, indices included)")
-    axes[0][0].set_ylabel("test accuracy")
+            pts = points(r["records"])
+            if pts:
+                ax.plot(*zip(*pts), label=_label(r), color=colors[r["method"]],
+                        alpha=1.0 if r["seed"] == 0 else 0.5, linestyle="--" if r["mode"] == "centralized" else "-")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_title(part), ax.set_xlabel(xlabel), ax.grid(alpha=0.3, which="both" if log_x else "major")
+    axes[0][0].set_ylabel("accuracy (server's evaluation split)")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, plt, path)
 
