@@ -45,7 +45,8 @@ def collect(out: Path) -> list[dict]:
         if not recs:
             continue
         accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
-        rows.append({**p, "rounds_done": recs[-1]["round"],
+        planned = tomllib.loads((out / "runs" / p["run"] / "config.toml").read_text())["server"]["rounds"]
+        rows.append({**p, "rounds_done": recs[-1]["round"], "rounds_planned": planned,
                      "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
                      "bytes_up": sum(r["bytes_up"] for r in recs), "bytes_down": sum(r["bytes_down"] for r in recs),
                      "seconds": round(sum(r["seconds"] for r in recs), 1), "records": recs})
@@ -119,6 +120,14 @@ def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
         bests = [r["best_accuracy"] for r in g if r["best_accuracy"] is not None]
         mb = statistics.mean((r["bytes_up"] + r["bytes_down"]) / 1e6 for r in g)
         lines.append(f"| {m} | {p} | {spread(finals)} | {spread(bests)} | {mb:.1f} |")
+    choices = lr_choices(rows)
+    if choices:
+        lines += ["", "Learning-rate choice (score: mean accuracy of the last 3 evaluated rounds; * = chosen):", "",
+                  "| method | learning rate: score |", "|---|---|"]
+        for fam, c in choices.items():
+            cells = ", ".join(f"{lr}: {v:.4f}{' *' if lr == c['best'] else ''}" for lr, v in
+                              sorted(c["scores"].items(), key=lambda kv: float(kv[0])))
+            lines.append(f"| {fam} | {cells} |")
     if settings.get("target_accuracy"):
         lines += ["", f"Communication time to reach accuracy {settings['target_accuracy']} "
                       f"(downlink {settings.get('downlink_mbps', 10.0)} Mbit/s; seconds, '-' = not reached):", ""]
@@ -132,6 +141,28 @@ def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
                 lines.append(f"| {r['run']} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tail_accuracy(records: list[dict], last: int = 3) -> float | None:
+    """Mean accuracy of the last `last` evaluated rounds: the tuning score, steadier than the final round."""
+    accs = [x["accuracy"] for x in records if x.get("accuracy") is not None][-last:]
+    return statistics.mean(accs) if accs else None
+
+
+def lr_choices(rows: list[dict]) -> dict[str, dict]:
+    """For variants named `<family>-lr<value>` (a learning-rate grid): {family: {"scores": {lr: score},
+    "best": lr}}, scored by tail_accuracy over every seed that finished all its rounds."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        family, sep, lr = r["method"].rpartition("-lr")
+        if not sep or r["rounds_done"] < r["rounds_planned"]:
+            continue
+        score = tail_accuracy(r["records"])
+        if score is not None:
+            out.setdefault(family, {"scores": {}})["scores"][lr] = score
+    for fam in out.values():
+        fam["best"] = max(fam["scores"], key=fam["scores"].get)
+    return out
 
 
 def per_device_bytes(rec: dict) -> tuple[float, float]:

@@ -15,6 +15,9 @@ A sweep file names a base run config and the variants to combine:
     "method.name" = "lora"
     [partitions.iid]
     "data.partition" = "iid"
+    [partitions."dir0.1"]             # a name with a dot needs quotes in TOML
+    "data.partition" = "dirichlet"
+    "data.alpha" = 0.1
     [[grid]]                          # runs = union over grid blocks of methods x partitions x seeds
     methods = ["lora", "lora-central"]
     partitions = ["iid"]
