@@ -64,9 +64,9 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
     spec = method.train_spec(_state_at(0))
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec)
     for r in range(1, run.server.rounds + 1):
-        rec = RoundRecord(round=r, stage="central", sampled=1, completed=1)
+        rec = RoundRecord(round=r, stage="central")
         part = examples.subset(stream[(r - 1) * per_round: r * per_round])
-        # local_epochs = 1 and an in-order slice: train_local's own shuffle is seeded per round for determinism
+        # one pass over this round's slice (train_local shuffles it, seeded per round)
         spec_r = dataclasses.replace(method.train_spec(_state_at(r - 1)), local_epochs=1, max_steps=0)
         torch.manual_seed(spec_r.seed)
         loss = train_local(model, part, host.tokenizer, spec_r, run.model.max_seq_len, host.torch_device,
