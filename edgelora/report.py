@@ -238,8 +238,16 @@ def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, log_x: bool 
         if log_x:
             ax.set_xscale("log")
         ax.set_title(part), ax.set_xlabel(xlabel), ax.grid(alpha=0.3, which="both" if log_x else "major")
+        if not log_x:
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("accuracy (server's evaluation split)")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    labelled = {}  # every panel's runs in one legend (a run shows in one panel only)
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(l, h)
+    axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, plt, path)
 
 
