@@ -63,9 +63,9 @@ def write_report(out: Path) -> list[Path]:
     rows = collect(out)
     settings = report_settings(out)
     written = [_write_csv(out / "summary.csv", rows), _write_markdown(out / "summary.md", rows, settings)]
-    if rows:
-        written.append(plot_accuracy_rounds(rows, out / "accuracy_rounds.png"))
-        written.append(plot_accuracy_bytes(rows, out / "accuracy_bytes.png"))
+    for plot, name in ((plot_accuracy_rounds, "accuracy_rounds.png"), (plot_accuracy_bytes, "accuracy_bytes.png")):
+        p = plot(rows, out / name)
+        written += [p] if p else []
     if settings.get("fft") and settings.get("peft"):
         p = plot_gap(rows, settings["fft"], settings["peft"], out / "gap_heterogeneity.png")
         written += [p] if p else []
@@ -213,18 +213,20 @@ def byte_points(records: list[dict]) -> list[tuple[float, float]]:
     return pts
 
 
-def plot_accuracy_rounds(rows: list[dict], path: Path) -> Path:
+def plot_accuracy_rounds(rows: list[dict], path: Path) -> Path | None:
     return _plot_panels(rows, path, round_points, "round")
 
 
-def plot_accuracy_bytes(rows: list[dict], path: Path) -> Path:
+def plot_accuracy_bytes(rows: list[dict], path: Path) -> Path | None:
     federated = [r for r in rows if r["mode"] == "federated"]  # a centralized run moves no bytes
     return _plot_panels(federated, path, byte_points, "total MB communicated (down + up, indices included)",
                         log_x=True)
 
 
-def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, log_x: bool = False) -> Path:
-    """One panel per partition, one line per run (centralized dashed, later seeds lighter)."""
+def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, log_x: bool = False) -> Path | None:
+    """One panel per partition, one line per run (centralized dashed, later seeds lighter); None: no runs."""
+    if not rows:
+        return None
     plt = pyplot()
     parts = _panels(rows)
     fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts) + 1.5, 3.6), squeeze=False, sharey=True)

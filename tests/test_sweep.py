@@ -183,3 +183,11 @@ def test_centralized_trains_the_federated_runs_example_budget_on_the_union(tmp_p
     assert (tmp_path / "c" / "adapter" / "adapter_config.json").exists()
     with pytest.raises(ConfigError, match="centralized: method 'slora' changes structure"):
         train_centralized(tiny_config(method={"name": "slora"}), tmp_path / "s")
+
+
+def test_report_of_centralized_runs_only_draws_no_bytes_plot(tmp_path):
+    from edgelora.report import plot_accuracy_bytes
+
+    central = {"run": "c", "method": "c", "partition": "iid", "seed": 0, "mode": "centralized",
+               "records": [{"round": 1, "accuracy": 0.5, "bytes_up": 0, "bytes_down": 0}]}
+    assert plot_accuracy_bytes([central], tmp_path / "b.png") is None and not (tmp_path / "b.png").exists()
