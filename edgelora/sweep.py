@@ -31,8 +31,8 @@ the sweep now asks for is refused by name rather than silently mixed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import signal
 import time
 import tomllib
@@ -42,8 +42,6 @@ from typing import Any
 
 from .config import RunConfig, load_config
 from .configtools import ConfigError
-
-log = logging.getLogger("edgelora.sweep")
 
 SEED_KEYS = ("server.seed", "data.seed", "model.head_seed")
 MODES = ("federated", "centralized")
@@ -67,7 +65,6 @@ class Sweep:
     name: str
     path: Path
     runs: list[RunSpec]
-    report: dict[str, Any]
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -113,7 +110,7 @@ def load_sweep(path: str | Path) -> Sweep:
                         raise ConfigError(f"{where}.seeds: {s!r} is not an integer >= 0")
                     spec = _run_spec(base, head.get("set", {}), m, methods[m], p, partitions[p], s)
                     runs.setdefault(spec.name, spec)
-    return Sweep(head.get("name", path.stem), path, list(runs.values()), raw.get("report", {}))
+    return Sweep(head.get("name", path.stem), path, list(runs.values()))  # [report] is read by edgelora.report
 
 
 def _run_spec(base: dict, common: dict, method: str, method_set: dict, partition: str, partition_set: dict,
@@ -175,7 +172,7 @@ def _check_same_config(folder: Path, run: RunConfig, name: str) -> None:
     if not saved.exists():
         return
     old, new = load_config(saved), with_num_labels(run)
-    old = old.replace(server=new.server.__class__(**{**old.server.__dict__, "rounds": new.server.rounds}))
+    old = old.replace(server=dataclasses.replace(old.server, rounds=new.server.rounds))  # more rounds extend a run
     if old.to_toml() != new.to_toml():
         raise ConfigError(f"run {name}: {saved} holds another config than the sweep asks for now; move that "
                           f"folder away (or give the changed variant a new name) and run the sweep again")
