@@ -84,6 +84,7 @@ class DataConfig:
     test_fraction: float = field(0.2, "jsonl/csv without test_path: fraction held out for the server's test split")
     text_column: str = field("text", "jsonl/csv/hf: column with the text")
     label_column: str = field("label", "jsonl/csv/hf: column with the label (int or string)")
+    label_names: list[str] = field([], "jsonl/csv/hf: the classes in output order, written as the labels appear in the data (integers compare by value); [] = the sorted set of observed labels, numbers sorted as numbers")
     remove: list[str] = field(["headers", "footers", "quotes"], "20newsgroups: parts of each post to strip")
     partition: Literal["iid", "dirichlet", "pathological"] = field("dirichlet", "how training data is split over devices")
     alpha: float = field(0.5, "dirichlet: concentration (smaller = more skewed labels)")

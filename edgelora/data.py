@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import logging
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +18,8 @@ import numpy as np
 
 from .config import DataConfig
 from .configtools import ConfigError
+
+log = logging.getLogger("edgelora.data")
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 
 def _key(cfg: DataConfig) -> tuple:
     return (cfg.dataset, cfg.resolved_data_home(), cfg.path, cfg.test_path, cfg.test_fraction, cfg.text_column,
-            cfg.label_column, tuple(cfg.remove), cfg.seed, cfg.validation_examples)
+            cfg.label_column, tuple(cfg.remove), cfg.seed, tuple(cfg.label_names), cfg.validation_examples)
 
 
 @lru_cache(maxsize=2)
@@ -64,11 +68,11 @@ def _load_corpus_cached(key: tuple) -> Corpus:
 
 
 def _read_corpus(key: tuple) -> Corpus:
-    dataset, data_home, path, test_path, test_fraction, text_col, label_col, remove, seed = key
+    dataset, data_home, path, test_path, test_fraction, text_col, label_col, remove, seed, explicit = key
     if dataset == "20newsgroups":
         return _newsgroups(data_home, remove)
     if dataset == "hf":
-        return _huggingface(path, text_col, label_col)
+        return _huggingface(path, text_col, label_col, explicit)
     rows = _read_rows(Path(path), dataset, text_col, label_col)
     if test_path:
         test_rows = _read_rows(Path(test_path), dataset, text_col, label_col)
@@ -76,7 +80,7 @@ def _read_corpus(key: tuple) -> Corpus:
         order = np.random.default_rng(seed).permutation(len(rows))
         cut = int(round(len(rows) * test_fraction))
         test_rows, rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
-    return _from_rows(rows, test_rows)
+    return _from_rows(rows, test_rows, explicit=explicit)
 
 
 def _newsgroups(data_home: str | None, remove: tuple[str, ...]) -> Corpus:
@@ -95,7 +99,7 @@ def _newsgroups(data_home: str | None, remove: tuple[str, ...]) -> Corpus:
     return Corpus(train, test, tuple(names))
 
 
-def _huggingface(name: str, text_col: str, label_col: str) -> Corpus:
+def _huggingface(name: str, text_col: str, label_col: str, explicit: tuple[str, ...]) -> Corpus:
     from datasets import load_dataset
 
     ds = load_dataset(name)
@@ -103,7 +107,7 @@ def _huggingface(name: str, text_col: str, label_col: str) -> Corpus:
     names = ds["train"].features[label_col].names if hasattr(ds["train"].features[label_col], "names") else None
     tr = [(r[text_col], r[label_col]) for r in ds["train"]]
     te = [(r[text_col], r[label_col]) for r in ds[test_split]]
-    return _from_rows(tr, te, names)
+    return _from_rows(tr, te, names, explicit)
 
 
 def _read_rows(path: Path, kind: str, text_col: str, label_col: str) -> list[tuple[str, object]]:
@@ -136,20 +140,58 @@ def _row(r: dict, text_col: str, label_col: str, path: Path, ln: int) -> tuple[s
     return str(r[text_col]), r[label_col]
 
 
-def _from_rows(train_rows, test_rows, names=None) -> Corpus:
+def _from_rows(train_rows, test_rows, names=None, explicit: tuple[str, ...] = ()) -> Corpus:
+    """Examples with labels mapped to class ids by one rule for every source.
+
+    The class list is `explicit` (data.label_names) when given, else `names` (a dataset's own list, indexed
+    by integer labels), else the sorted set of observed labels: numbers sorted as numbers (CSV cells that
+    all parse as integers count as numbers), everything else as strings. Labels 1, 2, 10 are 3 classes in
+    that order, never 11 classes or ('1', '10', '2').
+    """
     raw = [l for _, l in train_rows] + [l for _, l in test_rows]
-    if all(isinstance(l, int) for l in raw):
-        label_names = tuple(names) if names else tuple(str(i) for i in range(max(raw) + 1))
+    if names and not explicit:  # a dataset's own ClassLabel names, indexed by integer labels
+        bad = sorted({l for l in raw if not (isinstance(l, int) and 0 <= l < len(names))}, key=str)
+        if bad:
+            raise ConfigError(f"data.label_column: label(s) {bad[:5]} are not indices into the dataset's "
+                              f"{len(names)} label names")
+        label_names, key = tuple(names), (lambda l: l)
         index = {i: i for i in range(len(label_names))}
-    else:  # string labels: sorted order, so every machine maps them alike
-        label_names = tuple(sorted({str(l) for l in raw}))
-        index = {n: i for i, n in enumerate(label_names)}
+    else:
+        key = _label_key(raw + list(explicit))
+        if explicit:  # listed as they appear in the data; integers compare by value ("01" is 1)
+            label_names = tuple(explicit)
+            index = {key(n): i for i, n in enumerate(label_names)}
+            unknown = sorted({key(l) for l in raw} - set(index), key=str)
+            if unknown:
+                raise ConfigError(f"data.label_names: the data has label(s) {unknown[:5]} that are not in the "
+                                  f"list ({len(unknown)} in all)")
+        else:
+            values = sorted({key(l) for l in raw})
+            label_names, index = tuple(str(v) for v in values), {v: i for i, v in enumerate(values)}
+    seen = {index[key(l)] for _, l in train_rows}
+    empty = [n for i, n in enumerate(label_names) if i not in seen]
+    if empty:
+        log.warning("%d of %d classes have no training example: %s%s", len(empty), len(label_names),
+                    ", ".join(empty[:8]), " ..." if len(empty) > 8 else "")
 
     def ex(rows) -> Examples:
-        key = (lambda l: l) if label_names and isinstance(next(iter(index)), int) else str
         return Examples(tuple(t for t, _ in rows), np.asarray([index[key(l)] for _, l in rows], np.int64))
 
     return Corpus(ex(train_rows), ex(test_rows), label_names)
+
+
+def _label_key(raw: list):
+    """How labels compare: as integers when every label is one (or a string of one: CSV cells), else as
+    strings."""
+    def is_int(l) -> bool:
+        if isinstance(l, bool):
+            return False
+        return isinstance(l, int) or isinstance(l, str) and _INT.fullmatch(l.strip()) is not None
+
+    return (lambda l: int(l)) if raw and all(is_int(l) for l in raw) else str
+
+
+_INT = re.compile(r"[+-]?\d+")
 
 
 def partition_indices(labels: np.ndarray, cfg: DataConfig) -> list[np.ndarray]:
@@ -197,7 +239,8 @@ def device_examples(cfg: DataConfig, device_index: int) -> Examples:
 @lru_cache(maxsize=4)
 def _partitions_cached(key: tuple, partition: str, alpha: float, classes: int, n: int, cap: int, seed: int):
     cfg = DataConfig(dataset=key[0], data_home=key[1] or "", path=key[2], test_path=key[3], test_fraction=key[4],
-                     text_column=key[5], label_column=key[6], remove=list(key[7]), validation_examples=key[9],
+                     text_column=key[5], label_column=key[6], remove=list(key[7]), label_names=list(key[9]),
+                     validation_examples=key[10],
                      seed=seed, partition=partition,
                      alpha=alpha, classes_per_device=classes, num_devices=n, max_examples_per_device=cap)
     return partition_indices(load_corpus(cfg).train.labels, cfg)
@@ -219,6 +262,11 @@ def held_out_examples(cfg: DataConfig) -> Examples:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(test), cfg.test_max_examples, replace=False))
         return test.subset(idx)
     return test
+
+
+def label_names(cfg: DataConfig) -> tuple[str, ...]:
+    """The class of each classifier output, in order."""
+    return load_corpus(cfg).label_names
 
 
 def with_num_labels(run):

@@ -212,7 +212,20 @@ class RunFolder:
         plt.close(fig)
 
     def save_final_model(self, model) -> Path:
-        """peft models save their adapter (PeftModel.from_pretrained loads it); others the trained model."""
+        """peft models save their adapter (PeftModel.from_pretrained loads it); others the trained model.
+
+        The class names go where Hugging Face looks for them: `id2label`/`label2id` in the model's
+        config.json (beside adapter_config.json for an adapter), and RUN_DIR/labels.json."""
+        from .data import label_names
+
         target = self.path / ("adapter" if hasattr(model, "peft_config") else "model")
+        names = label_names(self.run.data)
+        config = model.config
+        if len(names) == config.num_labels:
+            config.id2label = dict(enumerate(names))
+            config.label2id = {n: i for i, n in enumerate(names)}
+            (self.path / "labels.json").write_text(json.dumps(list(names), indent=1) + "\n")
         model.save_pretrained(str(target))
+        if hasattr(model, "peft_config"):
+            config.save_pretrained(str(target))
         return target

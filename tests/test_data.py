@@ -93,3 +93,56 @@ def test_validation_split_is_carved_from_train_and_replaces_the_test_split(tmp_p
     assert held.texts == held_out_examples(val).texts, "seeded"
     with pytest.raises(ConfigError, match="data.validation_examples: 80 is not less than the 80"):
         load_corpus(DataConfig(**{**plain.__dict__, "validation_examples": 80}))
+
+
+def _write(tmp_path, kind: str, labels: list, name="d"):
+    path = tmp_path / f"{name}.{kind}"
+    if kind == "jsonl":
+        path.write_text("\n".join(json.dumps({"text": f"text {i}", "label": l}) for i, l in enumerate(labels)))
+    else:
+        path.write_text("text,label\n" + "\n".join(f"text {i},{l}" for i, l in enumerate(labels)))
+    return DataConfig(dataset=kind, path=str(path), test_fraction=0.25, num_devices=2, partition="iid")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_one_based_integer_labels_are_four_classes_not_five(tmp_path, kind):
+    labels = [1, 2, 3, 4] * 10  # AG News
+    corpus = load_corpus(_write(tmp_path, kind, labels))
+    assert corpus.label_names == ("1", "2", "3", "4")
+    pairs = {(t, int(y)) for t, y in zip(corpus.train.texts + corpus.test.texts,
+                                          np.concatenate([corpus.train.labels, corpus.test.labels]))}
+    assert pairs == {(f"text {i}", l - 1) for i, l in enumerate(labels)}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_numbers_sort_as_numbers(tmp_path, kind):
+    corpus = load_corpus(_write(tmp_path, kind, [10, 1, 2] * 8))
+    assert corpus.label_names == ("1", "2", "10")  # not 11 classes, not ('1', '10', '2')
+    by_text = dict(zip(corpus.train.texts + corpus.test.texts,
+                       np.concatenate([corpus.train.labels, corpus.test.labels]).tolist()))
+    assert by_text["text 0"] == 2 and by_text["text 1"] == 0 and by_text["text 2"] == 1
+
+
+def test_strings_sort_as_strings_even_when_some_look_numeric(tmp_path):
+    corpus = load_corpus(_write(tmp_path, "csv", ["b", "10", "a", "9"] * 5))
+    assert corpus.label_names == ("10", "9", "a", "b")
+
+
+def test_explicit_label_names_set_the_order_and_refuse_unknown_labels(tmp_path):
+    cfg = _write(tmp_path, "jsonl", ["pos", "neg"] * 10)
+    corpus = load_corpus(DataConfig(**{**cfg.__dict__, "label_names": ["pos", "neg", "neutral"]}))
+    assert corpus.label_names == ("pos", "neg", "neutral")
+    assert set(corpus.train.labels.tolist()) == {0, 1}
+    with pytest.raises(ConfigError, match=r"data.label_names: .*'neg'"):
+        load_corpus(DataConfig(**{**cfg.__dict__, "label_names": ["pos"]}))
+    ints = _write(tmp_path, "jsonl", [1, 2, 3, 4] * 5, name="ints")
+    assert load_corpus(DataConfig(**{**ints.__dict__, "label_names": ["4", "3", "2", "1"]})).label_names == \
+        ("4", "3", "2", "1")
+
+
+def test_a_class_without_training_examples_is_warned(tmp_path, caplog):
+    cfg = _write(tmp_path, "jsonl", ["a", "b"] * 10)
+    with caplog.at_level("WARNING", logger="edgelora.data"):
+        corpus = load_corpus(DataConfig(**{**cfg.__dict__, "label_names": ["a", "b", "c"]}))
+    assert len(corpus.label_names) == 3
+    assert "1 of 3 classes have no training example: c" in caplog.text

@@ -90,6 +90,12 @@ def test_two_clients_two_rounds_global_weights_are_the_weighted_mean(tmp_path):
 
     model = PeftModel.from_pretrained(load_base_model("tiny-bert", 4, 0), str(run_dir / "adapter"))
     assert any("lora_A" in n for n, _ in model.named_parameters())
+    # the class names, where Hugging Face pipelines look for them and in the run folder
+    from transformers import AutoConfig
+
+    saved = AutoConfig.from_pretrained(str(run_dir / "adapter"))
+    assert saved.id2label == {0: "0", 1: "1", 2: "2", 3: "3"} and saved.label2id["3"] == 3
+    assert json.loads((run_dir / "labels.json").read_text()) == ["0", "1", "2", "3"]
 
 
 def _free_port() -> int:
