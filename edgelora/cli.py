@@ -14,10 +14,14 @@ from pathlib import Path
 from .configtools import ConfigError
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:  # transformers' "Loading weights" bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -172,10 +176,19 @@ def cmd_client(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from edgelora.methods import describe_methods
+    from edgelora.methods import describe_method_fields, describe_methods
 
+    if args.name:
+        summary = dict(describe_methods()).get(args.name)
+        rows = describe_method_fields(args.name)
+        print(f"{args.name}: {summary}\n[method] fields (key = default: help):")
+        width = max(len(k) + len(d) for k, d, _ in rows) + 3
+        for key, default, text in rows:
+            print(f"  {f'{key} = {default}':{width}s} {text}")
+        return 0
     for name, summary in describe_methods():
         print(f"{name:10s} {summary}")
+    print("\nedgelora methods NAME lists a method's config fields")
     return 0
 
 
@@ -196,19 +209,25 @@ def cmd_simulate(args) -> int:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"simulate: cannot read {source}: {e}") from None
     server, data, model = (raw.setdefault(k, {}) for k in ("server", "data", "model"))
-    data.setdefault("num_devices", 100)      # the simulator's defaults: 100 devices, 10 per round
-    server.setdefault("devices_per_round", 10)
     for value, table, key in ((args.model, model, "name"), (args.rounds, server, "rounds"),
                               (args.devices, data, "num_devices"), (args.per_round, server, "devices_per_round")):
         if value is not None:
             table[key] = value
-    server["devices_per_round"] = min(server["devices_per_round"], data["num_devices"])
-    server["min_devices"] = min(server.get("min_devices", 1), server["devices_per_round"])
+    # The simulator's defaults, 100 devices and 10 a round, give way to a smaller fleet; a K the user set
+    # (config or --per-round) above the fleet is refused by load_config, as the server refuses it.
+    data.setdefault("num_devices", 100)
+    server.setdefault("devices_per_round", min(10, data["num_devices"]))
+    server.setdefault("min_devices", 1)
     run = load_config(raw)
     print(f"edgelora simulate: {run.method.name}, {run.server.rounds} rounds, {run.server.devices_per_round} of "
           f"{run.data.num_devices} devices per round, {run.model.name}; run folder {run_dir}"
           + (" (resumed)" if resume else ""), flush=True)
-    state = simulate(run, run_dir, resume=resume, progress=not args.quiet)
+    try:
+        state = simulate(run, run_dir, resume=resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\nedgelora simulate: interrupted; finished rounds are saved in {run_dir} (continue with "
+              f"--resume {run_dir})", file=sys.stderr, flush=True)
+        return 130
     print(f"finished {state.round} rounds; run folder {run_dir}", flush=True)
     return 0
 
@@ -358,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=3)
     d.set_defaults(fn=cmd_demo)
 
-    m = sub.add_parser("methods", help="list the methods")
+    m = sub.add_parser("methods", help="list the methods, or one method's config fields")
+    m.add_argument("name", nargs="?", help="a method: print its [method] fields with defaults and help")
     m.set_defaults(fn=cmd_methods)
 
     sim = sub.add_parser("simulate", help="run many virtual devices in one process (no sockets, real wire bytes)")
@@ -394,12 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(getattr(args, "verbose", False))
+    _setup_logging(getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
     try:
         return args.fn(args)
     except ConfigError as e:
         print(f"edgelora: config error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # a device that cannot reach its server (edge_client.runtime)
+        print(f"edgelora {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nedgelora {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -36,13 +36,53 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+PRESETS = ("minilm", "tiny-bert")
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_pretrained(loader, name: str, **kw):
+    """`loader.from_pretrained` for a preset, a local folder, a model in the Hugging Face cache, or a Hub id,
+    with one clear error instead of the Hub client's retries and traceback when none of them works."""
+    path = resolve_model_name(name)
+    if not os.path.isdir(path):
+        try:  # a Hub id already in the local cache loads offline
+            return loader.from_pretrained(path, local_files_only=True, **kw)
+        except (OSError, ValueError):
+            pass
+        if not _hub_reachable():
+            raise ConfigError(f"model.name: {name!r} is not a local path or a known preset ({', '.join(PRESETS)}), "
+                              f"and the Hugging Face Hub is unreachable")
+    import logging
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings, one per attempt
+    try:
+        return loader.from_pretrained(path, **kw)
+    except OSError as e:
+        raise ConfigError(f"model.name: cannot load {name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hub_log.setLevel(level)
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     # tiny-bert borrows MiniLM's WordPiece vocabulary: no download, and real tokenisation in tests.
-    path = default_model_path() if name == "tiny-bert" else resolve_model_name(name)
-    return AutoTokenizer.from_pretrained(path)
+    return from_pretrained(AutoTokenizer, "minilm" if name == "tiny-bert" else name)
 
 
 def load_base_model(name: str, num_labels: int, head_seed: int) -> nn.Module:
@@ -57,13 +97,10 @@ def load_base_model(name: str, num_labels: int, head_seed: int) -> nn.Module:
                          intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
         model = BertForSequenceClassification(cfg)
     else:
-        path = resolve_model_name(name)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we seed it
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-        except OSError as e:
-            raise ConfigError(f"model.name: cannot load {name!r}: {e}") from None
+            model = from_pretrained(AutoModelForSequenceClassification, name, num_labels=num_labels)
         finally:
             hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0

@@ -29,5 +29,24 @@ def describe_methods() -> list[tuple[str, str]]:
     return [(name, cls.summary) for name, cls in METHODS.items()]
 
 
+def describe_method_fields(name: str) -> list[tuple[str, str, str]]:
+    """(key, default, help) of every field of method `name`'s [method] table, nested tables dotted."""
+    import dataclasses
+
+    if name not in METHODS:
+        raise ConfigError(f"methods: unknown method {name!r}; allowed: {sorted(METHODS)}")
+
+    def rows(cls, prefix: str):
+        default = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from rows(type(value), f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")
+
+    return list(rows(METHODS[name].Config, ""))
+
+
 __all__ = ["METHODS", "Method", "MethodConfig", "ModelHost", "make_method", "method_config_from_dict",
-           "describe_methods"]
+           "describe_methods", "describe_method_fields"]

@@ -1,0 +1,83 @@
+"""What a new user sees when something goes wrong: one line on stderr, never a traceback (the CLI run as a
+subprocess, as a user runs it)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import tomli_w
+
+from edgelora.sweep import rounds_done
+
+from .conftest import REPO, cli, tiny_raw
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(tmp_path: Path, **sections) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(tomli_w.dumps(tiny_raw(**sections)))
+    return path
+
+
+def test_unknown_model_without_the_hub_is_one_line(tmp_path):
+    # HF_ENDPOINT at a closed local port: the Hub is unreachable however the test machine is connected
+    p = _run("simulate", "--config", str(_config(tmp_path)), "--model", "not-a-model", "--out", str(tmp_path / "r"),
+             "--quiet", env={"HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}", "HF_HUB_OFFLINE": "0"})
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "'not-a-model' is not a local path or a known preset" in p.stderr
+    assert "Hugging Face Hub is unreachable" in p.stderr
+
+
+def test_client_without_a_server_is_one_line():
+    p = _run("client", "--server", f"127.0.0.1:{_free_port()}", "--device-id", "0", "--give-up-s", "2",
+             "--insecure", "--quiet")
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    assert "unreachable" in p.stderr.splitlines()[-1], p.stderr
+
+
+def test_simulate_refuses_more_devices_a_round_than_devices_as_the_server_does(tmp_path):
+    p = _run("simulate", "--config", str(_config(tmp_path)), "--devices", "3", "--per-round", "5",
+             "--out", str(tmp_path / "r"), "--quiet")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "server.devices_per_round: (5) exceeds data.num_devices (3)" in p.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_in_simulate_is_one_line_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "r"
+    proc = subprocess.Popen(cli("simulate", "--config", str(_config(tmp_path, server={"rounds": 50})), "--out",
+                                str(out), "--quiet"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 180
+    while rounds_done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert f"interrupted; finished rounds are saved in {out} (continue with --resume {out})" in err
+
+
+def test_methods_name_prints_its_fields_with_defaults():
+    p = _run("methods", "slora")
+    assert p.returncode == 0, p.stderr
+    assert "stage1_rounds = 0" in p.stdout and "lora.rank = 8" in p.stdout and "Stage 1 mask density" in p.stdout
+    bad = _run("methods", "sloar")
+    assert bad.returncode == 2 and "unknown method 'sloar'" in bad.stderr and "Traceback" not in bad.stderr
