@@ -68,13 +68,21 @@ class RoundRecord:
 PHASES = ("download", "train (+ model build, encode)", "upload", "waiting for stragglers", "aggregate + evaluate")
 
 
-def round_phases(rec: dict, deadline_s: float) -> list[float] | None:
-    """Seconds per PHASES for one metrics.jsonl record, means over its completed devices (None: none completed).
-    A device waits from the round's start until its task goes out, and from its upload until the last upload
-    (or the deadline, when a device was dropped)."""
+def round_phases(rec: dict, deadline_s: float, sequential: bool = False) -> list[float] | None:
+    """Seconds per PHASES for one metrics.jsonl record (None: no device completed).
+
+    Devices in parallel (a server and its clients): means over the completed devices. A device waits from the
+    round's start until its task goes out, and from its upload until the last upload (or the deadline, when
+    a device was dropped). Devices one after another (`sequential`: the simulator): sums over the devices,
+    with no waiting; every second not spent in a device's download, training or upload is the server's."""
     done = [d for d in rec.get("devices", []) if d["status"] == "completed"]
     if not done:
         return None
+    if sequential:
+        total = lambda f: sum(f(d) for d in done)
+        down, train, up = (total(lambda d: d["download_s"]), total(lambda d: d["train_s"] + d["encode_s"]),
+                           total(lambda d: d["upload_s"]))
+        return [down, train, up, 0.0, max(0.0, rec.get("seconds", 0.0) - down - train - up)]
     dropped = any(d["status"] == "dropped" for d in rec["devices"])
     collected = deadline_s if dropped else max(d["upload_done_at"] for d in done)
     mean = lambda f: sum(f(d) for d in done) / len(done)
@@ -132,6 +140,7 @@ class RunFolder:
             (self.path / "config.toml").write_text(run.to_toml())
             (self.path / "metrics.jsonl").write_text("")
         self._header_printed = False
+        self.sequential_devices = False  # the simulator runs its devices one after another (round_phases)
 
     @property
     def metrics_path(self) -> Path:
@@ -185,31 +194,49 @@ class RunFolder:
         a1.xaxis.set_major_locator(MaxNLocator(integer=True))
         a2.plot(cum, acc, marker="o")
         a2.set_xlabel("total MB communicated (down + up)"), a2.set_ylabel("test accuracy"), a2.grid(alpha=0.3)
-        fig.suptitle(f"{self.run.method.name} on {self.run.data.dataset} ({self.run.model.name})")
+        fig.suptitle(f"{self.run.method.name} on {self.data_label()} ({self.run.model.name})")
         fig.tight_layout()
         fig.savefig(self.path / "accuracy.png", dpi=110)
         plt.close(fig)
 
     def plot_round_time(self, rows: list[dict] | None = None) -> None:
-        """RUN_DIR/round_time.png: where each round's wall-clock time went, averaged over its completed devices."""
-        rows = [(r["round"], round_phases(r, self.run.server.round_deadline_s))
+        """RUN_DIR/round_time.png: where each round's wall-clock time went (round_phases), and below it the
+        download and upload alone on their own scale (next to training they are often too thin to see)."""
+        rows = [(r["round"], round_phases(r, self.run.server.round_deadline_s, self.sequential_devices))
                 for r in (self.records() if rows is None else rows)]
         rows = [r for r in rows if r[1] is not None]
         if not rows:
             return
         plt = pyplot()
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 3), 3.6))
+        fig, (top, comm) = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(rows) + 5), 5.6), sharex=True,
+                                        gridspec_kw={"height_ratios": [3, 2]})
+        x = [r[0] for r in rows]
         bottom = [0.0] * len(rows)
         for i, name in enumerate(PHASES):
             vals = [r[1][i] for r in rows]
-            ax.bar([r[0] for r in rows], vals, bottom=bottom, label=name)
+            if self.sequential_devices and name == "waiting for stragglers":
+                continue  # devices take turns: nobody waits
+            top.bar(x, vals, bottom=bottom, label=name)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_xticks([r[0] for r in rows])
-        ax.set_xlabel("round"), ax.set_ylabel("seconds (mean over completed devices)"), ax.legend(fontsize=8)
-        ax.set_title(f"where round time goes: {self.run.method.name} ({self.run.model.name})")
+        how = "sum over devices, in turn" if self.sequential_devices else \
+            "mean over devices"
+        top.set_ylabel(f"seconds ({how})", fontsize=8)
+        top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
+        for i, name in ((0, "download"), (2, "upload")):
+            comm.plot(x, [r[1][i] for r in rows], marker="o", label=name, color=f"C{i}")
+        comm.set_ylabel("seconds"), comm.set_xlabel("round"), comm.grid(alpha=0.3)
+        comm.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        if len(x) <= 30:
+            comm.set_xticks(x)
+        top.set_title(f"where round time goes: {self.run.method.name} on {self.data_label()} ({self.run.model.name})")
         fig.tight_layout()
         fig.savefig(self.path / "round_time.png", dpi=110)
         plt.close(fig)
+
+    def data_label(self) -> str:
+        """The data's name for plot titles: the file's name for csv/jsonl, else the dataset's."""
+        d = self.run.data
+        return Path(d.path).name if d.dataset in ("csv", "jsonl") and d.path else (d.path or d.dataset)
 
     def save_final_model(self, model) -> Path:
         """peft models save their adapter (PeftModel.from_pretrained loads it); others the trained model.

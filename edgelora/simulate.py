@@ -37,6 +37,7 @@ class Simulator(ServerRun):
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
                  torch_device: str = "cpu") -> None:
         super().__init__(run, run_dir, resume)
+        self.folder.sequential_devices = True
         run = self.run
         if self.state.finished and self.state.round < run.server.rounds:  # --rounds extends a finished run
             self.state = self.state.replace(finished=False)
@@ -84,6 +85,8 @@ class Simulator(ServerRun):
         cfg = self.run.server
         bar = tqdm(total=cfg.rounds, initial=self.state.round, desc=f"simulate {self.run.method.name}",
                    unit="round", disable=not self.progress, leave=False)
+        if self.progress:  # the round table goes above the bar, not onto its line
+            self.folder.echo = bar.write
         while not self.state.finished:
             self.run_one_round()
             bar.update(1)
