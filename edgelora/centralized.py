@@ -42,7 +42,8 @@ def examples_seen_budget(run: RunConfig, n_union: int) -> int:
     return int(round(run.server.rounds * per_round))
 
 
-def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=None) -> list[dict]:
+def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=None,
+                      tensorboard: bool = False) -> list[dict]:
     run = with_num_labels(run)
     method = make_method(run)
     if method.initial_stage() != Stage.DENSE:
@@ -51,6 +52,8 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
     folder = RunFolder(run_dir, run)
     if echo is not None:
         folder.echo = echo
+    if tensorboard:
+        folder.log_to_tensorboard()
     host = DeviceHost(run.model, device)  # the device's own model builder: same structure, same masks
     model, _, masks = host.build(method.structure(_state_at(0)))
     masks = {n: torch.from_numpy(m) for n, m in masks.items()}

@@ -63,7 +63,8 @@ def cmd_server(args) -> int:
         run = run.replace(server=_replace(run.server, port=args.port))
     if args.host is not None:
         run = run.replace(server=_replace(run.server, host=args.host))
-    return serve(run, run_dir, resume=bool(args.resume), **_server_security(args, run.server.host))
+    return serve(run, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
+                 **_server_security(args, run.server.host))
 
 
 def _read(path: str | None) -> bytes | None:
@@ -223,7 +224,7 @@ def cmd_simulate(args) -> int:
           f"{run.data.num_devices} devices per round, {run.model.name}; run folder {run_dir}"
           + (" (resumed)" if resume else ""), flush=True)
     try:
-        state = simulate(run, run_dir, resume=resume, progress=not args.quiet)
+        state = simulate(run, run_dir, resume=resume, progress=not args.quiet, tensorboard=args.tensorboard)
     except KeyboardInterrupt:
         print(f"\nedgelora simulate: interrupted; finished rounds are saved in {run_dir} (continue with "
               f"--resume {run_dir})", file=sys.stderr, flush=True)
@@ -250,7 +251,8 @@ def cmd_sweep(args) -> int:
 
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ConfigError(f"--max-minutes: must be > 0, got {args.max_minutes}")
-    return main_sweep(args.config, args.out, args.max_minutes, progress=not args.quiet, device=_torch_device(args.device))
+    return main_sweep(args.config, args.out, args.max_minutes, progress=not args.quiet,
+                      device=_torch_device(args.device), tensorboard=args.tensorboard)
 
 
 def cmd_centralized(args) -> int:
@@ -264,7 +266,7 @@ def cmd_centralized(args) -> int:
     print(f"edgelora centralized: {run.method.name} on the union of {run.data.num_devices} partitions, the "
           f"examples of {run.server.rounds} rounds x {run.server.devices_per_round} devices; run folder {run_dir}",
           flush=True)
-    recs = train_centralized(run, run_dir, device=device)
+    recs = train_centralized(run, run_dir, device=device, tensorboard=args.tensorboard)
     print(f"finished; final accuracy {recs[-1]['accuracy']:.4f}; run folder {run_dir}", flush=True)
     return 0
 
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", help="per-device tokens file (TOML [tokens] id = token); calls without a "
                                     "matching token are refused")
     s.add_argument("--insecure", action="store_true", help="accept plaintext gRPC (no TLS); prints a warning")
+    s.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
     s.set_defaults(fn=cmd_server)
 
     c = sub.add_parser("client", help="run one or many edge devices")
@@ -391,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--per-round", type=int, help="override server.devices_per_round (default 10)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    sim.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
     sim.set_defaults(fn=cmd_simulate)
 
     sw = sub.add_parser("sweep", help="run a resumable grid of simulator runs, or report on one")
@@ -401,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the virtual devices train")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    sw.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
     sw.set_defaults(fn=cmd_sweep)
 
     ce = sub.add_parser("centralized", help="train a run config's structure on all devices' data in one place")
@@ -408,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--out", help="run folder (default runs/<timestamp>)")
     ce.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     ce.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    ce.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
     ce.set_defaults(fn=cmd_centralized)
     return ap
 

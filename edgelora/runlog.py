@@ -141,14 +141,42 @@ class RunFolder:
             (self.path / "metrics.jsonl").write_text("")
         self._header_printed = False
         self.sequential_devices = False  # the simulator runs its devices one after another (round_phases)
+        self._tensorboard = None
+
+    def log_to_tensorboard(self) -> None:
+        """Also write each round's metrics to RUN_DIR/tb (`tensorboard --logdir runs` shows runs side by side)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from .configtools import ConfigError
+
+            raise ConfigError("--tensorboard: the tensorboard package is not installed "
+                              "(pip install 'edgelora[tensorboard]')") from None
+        self._tensorboard = SummaryWriter(str(self.path / "tb"))
+
+    def _write_tensorboard(self, rec: dict) -> None:
+        tb, step = self._tensorboard, rec["round"]
+        scalars = {"accuracy": rec.get("accuracy"), "loss/test": rec.get("loss"), "loss/train": rec.get("train_loss"),
+                   "MB/down": rec["bytes_down"] / 1e6, "MB/up": rec["bytes_up"] / 1e6,
+                   "seconds/round": rec.get("seconds")}
+        phases = round_phases(rec, self.run.server.round_deadline_s, self.sequential_devices)
+        for name, value in zip(PHASES, phases or ()):
+            scalars[f"seconds/{name.split(' (')[0]}"] = value
+        for tag, value in scalars.items():
+            if value is not None:
+                tb.add_scalar(tag, value, step)
+        tb.flush()
 
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
     def append(self, rec: RoundRecord) -> None:
+        row = rec.to_json()
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec.to_json()) + "\n")
+            f.write(json.dumps(row) + "\n")
+        if self._tensorboard is not None:
+            self._write_tensorboard(row)
         self.print_row(rec)
         rows = self.records()
         self.plot(rows)

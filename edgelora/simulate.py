@@ -125,5 +125,9 @@ class Simulator(ServerRun):
         self.state = self.close_round(agg, rng_state, rec)
 
 
-def simulate(run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> ServerState:
-    return Simulator(run, Path(run_dir), resume=resume, progress=progress).run_rounds()
+def simulate(run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+             tensorboard: bool = False) -> ServerState:
+    sim = Simulator(run, Path(run_dir), resume=resume, progress=progress)
+    if tensorboard:
+        sim.folder.log_to_tensorboard()
+    return sim.run_rounds()

@@ -187,7 +187,7 @@ class Budget:
 
 
 def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progress: bool = True,
-              only: list[str] | None = None, device: str = "cpu") -> dict[str, str]:
+              only: list[str] | None = None, device: str = "cpu", tensorboard: bool = False) -> dict[str, str]:
     """Run (or continue) every run of the sweep; returns {run name: finished | stopped | skipped}."""
     from tqdm.auto import tqdm
 
@@ -216,24 +216,27 @@ def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progres
                 status[spec.name] = "stopped"
                 continue
             bar.write(f"[{i}/{len(specs)}] {spec.name} ({spec.mode}, {run.server.rounds} rounds) -> {folder}")
-            status[spec.name] = _run_one(spec, run, folder, budget, bar, device)
+            status[spec.name] = _run_one(spec, run, folder, budget, bar, device, tensorboard)
     finally:
         bar.close()
     return status
 
 
-def _run_one(spec: RunSpec, run: RunConfig, folder: Path, budget: Budget, bar, device: str) -> str:
+def _run_one(spec: RunSpec, run: RunConfig, folder: Path, budget: Budget, bar, device: str,
+             tensorboard: bool) -> str:
     if spec.mode == "centralized":
         from .centralized import train_centralized
 
         before = rounds_done(folder)
-        train_centralized(run, folder, device=device, echo=bar.write)
+        train_centralized(run, folder, device=device, echo=bar.write, tensorboard=tensorboard)
         bar.update(run.server.rounds - before)
         return "finished"
     from .simulate import Simulator, has_state
 
     sim = Simulator(run, folder, resume=has_state(folder), progress=False, torch_device=device)
     sim.folder.echo = bar.write
+    if tensorboard:
+        sim.folder.log_to_tensorboard()
     while not sim.state.finished:
         if budget.spent():
             return "stopped"
@@ -243,7 +246,7 @@ def _run_one(spec: RunSpec, run: RunConfig, folder: Path, budget: Budget, bar, d
 
 
 def main_sweep(config: str, out: str | None, max_minutes: float | None, progress: bool = True,
-               device: str = "cpu") -> int:
+               device: str = "cpu", tensorboard: bool = False) -> int:
     sweep = load_sweep(config)
     out_dir = Path(out) if out else Path("runs") / "sweeps" / sweep.name
     print(f"edgelora sweep {sweep.name}: {len(sweep.runs)} runs -> {out_dir}"
@@ -251,7 +254,7 @@ def main_sweep(config: str, out: str | None, max_minutes: float | None, progress
     # SIGTERM ends a sweep like Ctrl-C: the round under way is lost, every completed round is on disk.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        status = run_sweep(sweep, out_dir, max_minutes, progress, device=device)
+        status = run_sweep(sweep, out_dir, max_minutes, progress, device=device, tensorboard=tensorboard)
     except KeyboardInterrupt:
         print(f"interrupted; finished rounds are saved in {out_dir} (run the same command to continue)",
               flush=True)

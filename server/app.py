@@ -19,9 +19,12 @@ log = logging.getLogger("edgelora.server")
 
 
 @contextlib.contextmanager
-def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=None, interceptors=()):
+def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=None, interceptors=(),
+               tensorboard: bool = False):
     """Yield (coordinator, port) with a gRPC server listening; stop it on exit whatever happened."""
     coord = Coordinator(run, Path(run_dir), resume=resume)
+    if tensorboard:
+        coord.folder.log_to_tensorboard()
     cfg = run.server
     # The receive cap stays small: one chunk plus framing. Uploads arrive as many such messages.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),

@@ -118,3 +118,18 @@ def test_cli_simulates_every_example(name, tmp_path, monkeypatch):
     assert [r["round"] for r in recs] == [1, 2] and all(r["completed"] == 3 for r in recs)
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in recs)
     assert load_state(out).finished
+
+
+def test_tensorboard_logs_every_round_beside_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    simulate(load_config(tiny_raw()), out, progress=False, tensorboard=True)
+    recs = _records(out)
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"accuracy", "loss/test", "loss/train", "MB/down", "MB/up", "seconds/round", "seconds/train"} <= tags
+    acc = [(e.step, e.value) for e in events.Scalars("accuracy")]
+    assert acc == [(r["round"], pytest.approx(r["accuracy"])) for r in recs] and len(acc) == 2
+    assert [e.value for e in events.Scalars("MB/up")] == [pytest.approx(r["bytes_up"] / 1e6) for r in recs]
