@@ -195,9 +195,7 @@ def cmd_methods(args) -> int:
 
 def cmd_simulate(args) -> int:
     """Many virtual devices in one process (edgelora.simulate): same engine, codec and protobuf bytes."""
-    import tomllib
-
-    from edgelora.config import load_config
+    from edgelora.config import load_config, read_run_toml
     from edgelora.simulate import has_state, simulate
 
     run_dir = Path(args.resume or args.out or default_run_dir())
@@ -205,10 +203,7 @@ def cmd_simulate(args) -> int:
     source = run_dir / "config.toml" if resume else args.config
     if source is None:
         raise ConfigError("simulate: give --config RUN.toml (see examples/), or --resume RUN_DIR")
-    try:
-        raw = tomllib.loads(Path(source).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"simulate: cannot read {source}: {e}") from None
+    raw = read_run_toml(source)
     server, data, model = (raw.setdefault(k, {}) for k in ("server", "data", "model"))
     for value, table, key in ((args.model, model, "name"), (args.rounds, server, "rounds"),
                               (args.devices, data, "num_devices"), (args.per_round, server, "devices_per_round")):

@@ -174,6 +174,50 @@ class RunConfig:
         return dataclasses.replace(self, **sections)
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict, with one clear error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path}: cannot read it ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path}: not valid TOML: {e}") from None
+
+
+def read_run_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A run config file as a dict, its relative data paths resolved against the file's folder."""
+    raw = read_toml(path, what)
+    resolve_data_paths(raw, Path(path).resolve().parent)
+    return raw
+
+
+def resolve_data_paths(raw: dict[str, Any], folder: Path) -> None:
+    """Make data.path (a file, not a Hugging Face dataset name), data.test_path and data.data_home absolute:
+    relative to `folder`, the config file's own, so a server, a client or a sweep started from anywhere
+    reads the same files. A path that exists only relative to the working directory (run folders and
+    configs written before this rule) is taken from there, with a warning."""
+    import logging
+
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    keys = ["test_path", "data_home"] + (["path"] if data.get("dataset") in ("csv", "jsonl") else [])
+    for key in keys:
+        value = data.get(key)
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        here, cwd = folder / value, Path.cwd() / value
+        if not here.exists() and cwd.exists():
+            logging.getLogger("edgelora.config").warning(
+                "data.%s = %r is relative to the working directory, not to the config's folder %s: "
+                "reading %s", key, value, folder, cwd.resolve())
+            here = cwd
+        data[key] = str(here.resolve())
+
+
 def load_config(source: str | Path | dict | None = None) -> RunConfig:
     """Load and validate a run config from a TOML path, a TOML dict, or None (all defaults)."""
     from .methods import method_config_from_dict
@@ -183,13 +227,7 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
     elif isinstance(source, dict):
         raw = dict(source)
     else:
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raw = read_run_toml(source)
     allowed = {"server", "model", "data", "train", "aggregator", "method"}
     unknown = sorted(set(raw) - allowed)
     if unknown:

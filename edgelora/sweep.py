@@ -35,12 +35,11 @@ import dataclasses
 import json
 import signal
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, load_config
+from .config import RunConfig, load_config, read_run_toml, read_toml
 from .configtools import ConfigError
 
 SEED_KEYS = ("server.seed", "data.seed", "model.head_seed")
@@ -69,12 +68,7 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"sweep: {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"sweep: {path}: not valid TOML: {e}") from None
+    raw = read_toml(path, "sweep:")
     unknown = sorted(set(raw) - {"sweep", "methods", "partitions", "grid", "report"})
     if unknown:
         raise ConfigError(f"sweep: unknown section(s) {unknown}; allowed: sweep, methods, partitions, grid, report")
@@ -84,11 +78,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"sweep: unknown key(s) {bad} in [sweep]; allowed: base, name, seeds, set")
     if "base" not in head:
         raise ConfigError("sweep.base: required (the run config every run starts from)")
-    base_path = (path.parent / head["base"]).resolve()
-    try:
-        base = tomllib.loads(base_path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"sweep.base: {base_path} does not exist") from None
+    base = read_run_toml((path.parent / head["base"]).resolve(), "sweep.base:")
     methods, partitions = raw.get("methods", {}), raw.get("partitions", {"default": {}})
     grids = raw.get("grid") or [{"methods": list(methods), "partitions": list(partitions)}]
     seeds = head.get("seeds", [0])

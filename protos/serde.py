@@ -22,7 +22,8 @@ def data_to_proto(d: DataConfig) -> pb.DataSpec:
                        label_column=d.label_column, remove=list(d.remove), partition=d.partition, alpha=d.alpha,
                        classes_per_device=d.classes_per_device, num_devices=d.num_devices, seed=d.seed,
                        max_examples_per_device=d.max_examples_per_device, test_path=d.test_path,
-                       test_fraction=d.test_fraction)
+                       test_fraction=d.test_fraction, validation_examples=d.validation_examples,
+                       label_names=list(d.label_names))
 
 
 def data_from_proto(p: pb.DataSpec) -> DataConfig:
@@ -30,7 +31,8 @@ def data_from_proto(p: pb.DataSpec) -> DataConfig:
                      label_column=p.label_column, remove=list(p.remove), partition=p.partition, alpha=p.alpha,
                      classes_per_device=p.classes_per_device, num_devices=p.num_devices, seed=p.seed,
                      max_examples_per_device=p.max_examples_per_device, test_path=p.test_path,
-                     test_fraction=p.test_fraction)
+                     test_fraction=p.test_fraction, validation_examples=p.validation_examples,
+                     label_names=list(p.label_names))
     cfg.validate()
     return cfg
 

@@ -43,3 +43,33 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("[server\nrounds = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_relative_data_paths_resolve_against_the_config_files_folder(tmp_path, monkeypatch):
+    from edgelora.config import load_config
+
+    (tmp_path / "cfg" / "data").mkdir(parents=True)
+    (tmp_path / "cfg" / "data" / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    (tmp_path / "cfg" / "run.toml").write_text('[data]\ndataset = "jsonl"\npath = "data/train.jsonl"\n'
+                                               'test_path = "data/test.jsonl"\n')
+    monkeypatch.chdir(tmp_path)  # anywhere but the config's folder
+    cfg = load_config("cfg/run.toml")
+    assert cfg.data.path == str(tmp_path / "cfg" / "data" / "train.jsonl")
+    assert cfg.data.test_path == str(tmp_path / "cfg" / "data" / "test.jsonl")  # resolved even before it exists
+    # a Hugging Face dataset name is not a path
+    (tmp_path / "cfg" / "hf.toml").write_text('[data]\ndataset = "hf"\npath = "ag_news"\n')
+    assert load_config("cfg/hf.toml").data.path == "ag_news"
+
+
+def test_a_path_written_relative_to_the_working_directory_still_loads_with_a_warning(tmp_path, monkeypatch,
+                                                                                      caplog):
+    from edgelora.config import load_config
+
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0}\n')
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "config.toml").write_text('[data]\ndataset = "jsonl"\npath = "d.jsonl"\n')
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="edgelora.config"):
+        cfg = load_config("runs/r1/config.toml")
+    assert cfg.data.path == str(tmp_path / "d.jsonl")
+    assert "relative to the working directory" in caplog.text

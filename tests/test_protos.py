@@ -30,3 +30,21 @@ def test_chunks_never_exceed_the_chunk_size():
     assert all(len(m.data) <= 4 << 20 for m in msgs[1:])
     assert all(m.ByteSize() <= (4 << 20) + 16 for m in msgs)
     assert b"".join(m.data for m in msgs[1:]) == payload
+
+
+def test_every_data_field_reaches_the_device():
+    """A device derives its partition from the DataSpec alone: a field left off the wire (the validation
+    carve, the class order) would make it train on other examples than the server counts."""
+    import dataclasses
+
+    from edgelora.config import DataConfig
+
+    cfg = DataConfig(dataset="jsonl", data_home="/h", path="/d.jsonl", test_path="/t.jsonl", test_fraction=0.3,
+                     text_column="t", label_column="y", label_names=["b", "a"], remove=["quotes"],
+                     partition="pathological", alpha=0.7, classes_per_device=3, num_devices=9, seed=5,
+                     max_examples_per_device=11, test_max_examples=500, validation_examples=13)
+    back = serde.data_from_proto(pb.DataSpec.FromString(serde.data_to_proto(cfg).SerializeToString()))
+    server_only = {"test_max_examples"}  # the server's evaluation subsample
+    for f in dataclasses.fields(DataConfig):
+        if f.name not in server_only:
+            assert getattr(back, f.name) == getattr(cfg, f.name), f.name
