@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from edgelora.codec import CodecError
+from edgelora.configtools import ConfigError
 from edgelora.device import DeviceHost, DeviceTrainer, DownloadError
 from edgelora.models import device_info, fingerprint_model, fingerprint_tokenizer
 from edgelora.protos import edgelora_pb2 as pb
@@ -77,8 +78,13 @@ class EdgeClient:
         self.host = DeviceHost(self.model_cfg, opts.torch_device)
         self.model_fp = fingerprint_model(self.host.base)
         self.tok_fp = fingerprint_tokenizer(self.host.tokenizer)
-        self.trainers = {d: DeviceTrainer(d, self.host, self.data_cfg, progress=opts.progress)
-                         for d in opts.device_ids}
+        self.trainers: dict[str, DeviceTrainer] = {}
+        self.data_errors: dict[str, str] = {}  # devices whose data did not load: the server hears why
+        for d in opts.device_ids:
+            try:
+                self.trainers[d] = DeviceTrainer(d, self.host, self.data_cfg, progress=opts.progress)
+            except (ConfigError, OSError, ValueError) as e:
+                self.data_errors[d] = str(e)
         self.info = device_info(opts.torch_device)
         self.stopped: set[str] = set()
         self.heartbeat_s = 5.0
@@ -113,7 +119,8 @@ class EdgeClient:
     def register(self, device_id: str) -> None:
         req = pb.RegisterRequest(device_id=device_id, hardware=self.info.hardware,
                                  versions={**self.info.versions, "grpc": grpc.__version__},
-                                 model_fingerprint=self.model_fp, tokenizer_fingerprint=self.tok_fp)
+                                 model_fingerprint=self.model_fp, tokenizer_fingerprint=self.tok_fp,
+                                 data_error=self.data_errors.get(device_id, ""))
         reply = self._call(lambda: self.stub.Register(req, timeout=30, metadata=self._md(device_id)),
                            f"register {device_id}")
         self.heartbeat_s = reply.heartbeat_s or 5.0
@@ -153,6 +160,12 @@ class EdgeClient:
     def run(self) -> int:
         for d in self.opts.device_ids:
             self.register(d)
+        for d, error in self.data_errors.items():
+            log.error("device %s cannot load its data (the server was told): %s", d, error)
+            self.stopped.add(d)
+        if len(self.data_errors) == len(self.opts.device_ids):
+            raise ConfigError(f"device(s) {', '.join(self.data_errors)} cannot load their data (the server was "
+                              f"told): {next(iter(self.data_errors.values()))}")
         self._beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         self._beat.start()
         wait_s = self.opts.poll_s if len(self.opts.device_ids) == 1 else 0.0
@@ -218,6 +231,8 @@ class EdgeClient:
             for d in self.opts.device_ids:
                 if self._stop.is_set():
                     return
+                if d in self.data_errors:  # it never joined: nothing to keep alive
+                    continue
                 try:
                     self.stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5, metadata=self._md(d))
                 except grpc.RpcError as e:  # reconnects are the main loop's; a restarted server needs a Register

@@ -52,12 +52,20 @@ class Coordinator(ServerRun):
         self.cond = threading.Condition()
         self._decoding = threading.BoundedSemaphore(2)
         self.stopping = False
+        self.data_errors: dict[str, str] = {}  # devices that told Register they cannot load their data
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
-    def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str) -> None:
+    def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str,
+                 data_error: str = "") -> None:
         if not is_device_id(device_id) or int(device_id) >= self.run.data.num_devices:
             raise UpdateRejected("invalid", f"device id {device_id!r} is not a partition index in "
                                             f"0..{self.run.data.num_devices - 1}")
+        if data_error:  # it will never train: logged, never sampled, and nobody waits for it
+            log.error("device %s cannot load its data, and will not train: %s", device_id, data_error)
+            with self.cond:
+                self.data_errors[device_id] = data_error
+                self.cond.notify_all()
+            return
         if model_fp != self.model_fingerprint:
             raise UpdateRejected("precondition", f"base model fingerprint differs: device {model_fp[:12]}, server "
                                                  f"{self.model_fingerprint[:12]} (other weights or head seed)")
@@ -165,6 +173,11 @@ class Coordinator(ServerRun):
         deadline = time.monotonic() + self.run.server.registration_timeout_s
         with self.cond:
             while len(self.registry.live()) < needed and not self.stopping:
+                able = self.run.data.num_devices - len(self.data_errors)
+                if able < needed:  # waiting longer cannot help
+                    bad = ", ".join(f"{d} ({e})" for d, e in sorted(self.data_errors.items()))
+                    raise TimeoutError(f"{needed} devices are needed, but only {able} of data.num_devices = "
+                                       f"{self.run.data.num_devices} can train: devices {bad} cannot load their data")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"only {len(self.registry.live())} of {needed} devices registered within "

@@ -44,7 +44,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Register(self, request, context):
         try:
             self.coord.register(request.device_id, request.hardware, dict(request.versions),
-                                request.model_fingerprint, request.tokenizer_fingerprint)
+                                request.model_fingerprint, request.tokenizer_fingerprint, request.data_error)
         except UpdateRejected as e:
             _abort(context, e, f"register {request.device_id!r}")
         return pb.RegisterReply(run_id=self.spec.run_id, heartbeat_s=self.coord.run.server.heartbeat_s)

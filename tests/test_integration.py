@@ -125,3 +125,22 @@ def test_server_killed_mid_run_resumes_and_clients_reconnect(tmp_path):
     assert load_state(run_dir).finished
     recs = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert all(r["completed"] == 2 for r in recs if r["round"] == 3)
+
+
+def test_a_device_that_cannot_load_its_data_tells_the_server_which_stops_waiting(tmp_path):
+    rows = [{"text": f"word{i % 4} text", "label": i % 4} for i in range(40)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    raw = tiny_raw(server={"rounds": 1, "registration_timeout_s": 300.0},
+                   data={"dataset": "jsonl", "path": str(data), "partition": "iid", "num_devices": 2})
+    server, run_dir = _start(tmp_path, raw, ("--port", "0"))
+    addr = wait_for_server_addr(run_dir, server, 120)
+    data.unlink()  # the server has read it; the device, started now, cannot
+    client = subprocess.run(cli("client", "--insecure", "--server", addr, "--device-id", "0", "--quiet",
+                                "--give-up-s", "30"), capture_output=True, text=True, timeout=120)
+    assert client.returncode == 2 and "Traceback" not in client.stderr, client.stderr
+    assert "cannot load their data (the server was told)" in client.stderr and str(data) in client.stderr
+    # 2 devices are needed, device 0 never can be one: the server stops now, not after the 300 s timeout
+    assert server.wait(timeout=60) == 2
+    log = (tmp_path / "server.log").read_text()
+    assert "device 0 cannot load its data" in log and "only 1 of data.num_devices = 2 can train" in log
