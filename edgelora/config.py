@@ -75,14 +75,20 @@ class ModelConfig:
         check(self.head_seed >= 0, "model.head_seed", "must be >= 0")
 
 
+FILE_DATASETS = ("csv", "json", "jsonl", "parquet")  # data.dataset values read from a local file
+
+
 @dataclass
 class DataConfig:
-    dataset: Literal["20newsgroups", "jsonl", "csv", "hf"] = field("20newsgroups", "where examples come from")
+    dataset: Literal["20newsgroups", "csv", "json", "jsonl", "parquet", "hf"] = field("20newsgroups", "where examples come from: 20newsgroups (scikit-learn's cache), a local csv, json (JSON lines or one document; jsonl is the same) or parquet file, or hf (a Hugging Face dataset name)")
     data_home: str = field("", "20newsgroups: scikit-learn data home ('' = $EDGELORA_DATA_HOME, then ../shared/datasets/20newsgroups, then scikit-learn's default, which downloads when online)")
-    path: str = field("", "jsonl/csv: file of training examples; hf: dataset name")
-    test_path: str = field("", "jsonl/csv: file of test examples ('' = hold out test_fraction of path)")
-    test_fraction: float = field(0.2, "jsonl/csv without test_path: fraction held out for the server's test split")
-    text_column: str = field("text", "jsonl/csv/hf: column with the text")
+    path: str = field("", "csv/json/parquet: file of training examples, relative to the config file's folder; hf: dataset name")
+    test_path: str = field("", "csv/json/parquet: file of test examples ('' = hold out test_fraction of path)")
+    test_fraction: float = field(0.2, "csv/json/parquet without test_path: fraction held out for the server's test split")
+    text_column: str = field("text", "column with the text")
+    text_columns: list[str] = field([], "several columns joined with a space into the text, e.g. [\"title\", \"description\"] (replaces text_column)")
+    column_names: list[str] = field([], "csv: names for a headerless file's columns, e.g. [\"label\", \"title\", \"description\"]; json: names of [text, label] pairs")
+    json_field: str = field("", "json: the key of a one-object file that holds the examples")
     label_column: str = field("label", "jsonl/csv/hf: column with the label (int or string)")
     label_names: list[str] = field([], "jsonl/csv/hf: the classes in output order, written as the labels appear in the data (integers compare by value); [] = the sorted set of observed labels, numbers sorted as numbers")
     remove: list[str] = field(["headers", "footers", "quotes"], "20newsgroups: parts of each post to strip")
@@ -104,7 +110,7 @@ class DataConfig:
             check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
         bad = sorted(set(self.remove) - {"headers", "footers", "quotes"})
         check(not bad, "data.remove", f"unknown part(s) {bad}; allowed: headers, footers, quotes")
-        if self.dataset in ("jsonl", "csv", "hf"):
+        if self.dataset in FILE_DATASETS + ("hf",):
             check(bool(self.path), "data.path", f"required for dataset = {self.dataset!r}")
 
     def resolved_data_home(self) -> str | None:
@@ -204,7 +210,7 @@ def resolve_data_paths(raw: dict[str, Any], folder: Path) -> None:
     data = raw.get("data")
     if not isinstance(data, dict):
         return
-    keys = ["test_path", "data_home"] + (["path"] if data.get("dataset") in ("csv", "jsonl") else [])
+    keys = ["test_path", "data_home"] + (["path"] if data.get("dataset") in FILE_DATASETS else [])
     for key in keys:
         value = data.get(key)
         if not isinstance(value, str) or not value or Path(value).is_absolute():

@@ -5,8 +5,6 @@ partitioners), so training data never crosses the wire: a device loads only its 
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import logging
 import re
@@ -45,42 +43,60 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     """The train and evaluation splits. With data.validation_examples > 0 the evaluation split is a seeded
     validation set carved out of the training split (which then no longer holds it): the test split is
     not used at all, so hyperparameters chosen on it never saw the test data."""
-    return _load_corpus_cached(_key(cfg))
+    return _load_corpus_cached(_Source.of(cfg))
 
 
-def _key(cfg: DataConfig) -> tuple:
-    return (cfg.dataset, cfg.resolved_data_home(), cfg.path, cfg.test_path, cfg.test_fraction, cfg.text_column,
-            cfg.label_column, tuple(cfg.remove), cfg.seed, tuple(cfg.label_names), cfg.validation_examples)
+@dataclass(frozen=True)
+class _Source:
+    """The DataConfig fields that decide the corpus (not its partition): the cache key."""
+    dataset: str
+    data_home: str | None
+    path: str
+    test_path: str
+    test_fraction: float
+    text_columns: tuple[str, ...]
+    label_column: str
+    column_names: tuple[str, ...]
+    json_field: str
+    remove: tuple[str, ...]
+    seed: int
+    label_names: tuple[str, ...]
+    validation_examples: int
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> "_Source":
+        return cls(cfg.dataset, cfg.resolved_data_home(), cfg.path, cfg.test_path, cfg.test_fraction,
+                   tuple(cfg.text_columns) or (cfg.text_column,), cfg.label_column, tuple(cfg.column_names),
+                   cfg.json_field, tuple(cfg.remove), cfg.seed, tuple(cfg.label_names), cfg.validation_examples)
 
 
 @lru_cache(maxsize=2)
-def _load_corpus_cached(key: tuple) -> Corpus:
-    corpus = _read_corpus(key[:-1])
-    n_val = key[-1]
+def _load_corpus_cached(src: _Source) -> Corpus:
+    corpus = _read_corpus(src)
+    n_val = src.validation_examples
     if not n_val:
         return corpus
     if n_val >= len(corpus.train):
         raise ConfigError(f"data.validation_examples: {n_val} is not less than the {len(corpus.train)} training "
                           f"examples")
-    order = np.random.default_rng([key[8], 0x5A1]).permutation(len(corpus.train))
+    order = np.random.default_rng([src.seed, 0x5A1]).permutation(len(corpus.train))
     return Corpus(corpus.train.subset(np.sort(order[n_val:])), corpus.train.subset(np.sort(order[:n_val])),
                   corpus.label_names)
 
 
-def _read_corpus(key: tuple) -> Corpus:
-    dataset, data_home, path, test_path, test_fraction, text_col, label_col, remove, seed, explicit = key
-    if dataset == "20newsgroups":
-        return _newsgroups(data_home, remove)
-    if dataset == "hf":
-        return _huggingface(path, text_col, label_col, explicit)
-    rows = _read_rows(Path(path), dataset, text_col, label_col)
-    if test_path:
-        test_rows = _read_rows(Path(test_path), dataset, text_col, label_col)
+def _read_corpus(src: _Source) -> Corpus:
+    if src.dataset == "20newsgroups":
+        return _newsgroups(src.data_home, src.remove)
+    if src.dataset == "hf":
+        return _huggingface(src.path, src.text_columns, src.label_column, src.label_names)
+    rows = _read_rows(Path(src.path), src, "data.path")
+    if src.test_path:
+        test_rows = _read_rows(Path(src.test_path), src, "data.test_path")
     else:  # seeded hold-out: the server's test split never reaches a device
-        order = np.random.default_rng(seed).permutation(len(rows))
-        cut = int(round(len(rows) * test_fraction))
+        order = np.random.default_rng(src.seed).permutation(len(rows))
+        cut = int(round(len(rows) * src.test_fraction))
         test_rows, rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
-    return _from_rows(rows, test_rows, explicit=explicit)
+    return _from_rows(rows, test_rows, explicit=src.label_names)
 
 
 def _newsgroups(data_home: str | None, remove: tuple[str, ...]) -> Corpus:
@@ -99,45 +115,120 @@ def _newsgroups(data_home: str | None, remove: tuple[str, ...]) -> Corpus:
     return Corpus(train, test, tuple(names))
 
 
-def _huggingface(name: str, text_col: str, label_col: str, explicit: tuple[str, ...]) -> Corpus:
+def _huggingface(name: str, text_cols: tuple[str, ...], label_col: str, explicit: tuple[str, ...]) -> Corpus:
     from datasets import load_dataset
 
     ds = load_dataset(name)
     test_split = "test" if "test" in ds else "validation"
     names = ds["train"].features[label_col].names if hasattr(ds["train"].features[label_col], "names") else None
-    tr = [(r[text_col], r[label_col]) for r in ds["train"]]
-    te = [(r[text_col], r[label_col]) for r in ds[test_split]]
-    return _from_rows(tr, te, names, explicit)
+    return _from_rows(_columns(ds["train"], text_cols, label_col, name), _columns(ds[test_split], text_cols,
+                                                                                 label_col, name), names, explicit)
 
 
-def _read_rows(path: Path, kind: str, text_col: str, label_col: str) -> list[tuple[str, object]]:
+def _read_rows(path: Path, src: _Source, what: str) -> list[tuple[str, object]]:
+    """(text, label) rows of a local csv, json/jsonl or parquet file, read by the `datasets` library."""
     if not path.exists():
-        raise ConfigError(f"data.path: {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        if kind == "csv":
-            reader = csv.DictReader(f)
-            for r in reader:
-                rows.append(_row(r, text_col, label_col, path, reader.line_num))
+        raise ConfigError(f"{what}: {path} does not exist")
+    from datasets import Dataset
+    from datasets.utils import logging as ds_logging
+
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        if src.dataset == "csv":
+            names = list(src.column_names) or None
+            table = Dataset.from_csv(str(path), column_names=names, header=None if names else "infer",
+                                     keep_in_memory=True)
+        elif src.dataset == "parquet":
+            table = Dataset.from_parquet(str(path), keep_in_memory=True)
         else:
-            for ln, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"data.path: {path}:{ln}: not JSON ({e})") from None
-                    rows.append(_row(r, text_col, label_col, path, ln))
+            table = _read_json(path, src, what)
+    except ConfigError:
+        raise
+    except Exception as e:  # pyarrow/pandas parse errors: name the file and the format asked for
+        raise ConfigError(f"{what}: {path} cannot be read as {src.dataset}: {_first_line(e)}") from None
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
+    rows = _columns(table, src.text_columns, src.label_column, path)
     if not rows:
-        raise ConfigError(f"data.path: {path} has no examples")
+        raise ConfigError(f"{what}: {path} has no examples")
     return rows
 
 
-def _row(r: dict, text_col: str, label_col: str, path: Path, ln: int) -> tuple[str, object]:
-    for col, what in ((text_col, "data.text_column"), (label_col, "data.label_column")):
-        if col not in r:
-            raise ConfigError(f"{what}: {path}:{ln} has no column {col!r} (has {sorted(r)})")
-    return str(r[text_col]), r[label_col]
+def _read_json(path: Path, src: _Source, what: str):
+    """JSON lines, or one JSON document: an array of records, or an object whose `data.json_field` holds
+    records or [text, label] pairs (named by data.column_names, default text, label)."""
+    from datasets import Dataset
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":  # not even the first value parses
+            raise ConfigError(f"{what}: {path}:{e.lineno}: not JSON ({e.msg}); expected JSON lines (one object "
+                              f"per line) or one JSON document") from None
+        bad = _bad_json_line(path)  # several values: JSON lines, each line must parse
+        if bad is not None:
+            raise ConfigError(f"{what}: {path}:{bad}: not JSON; expected JSON lines (one object per line)") from None
+        return Dataset.from_json(str(path), keep_in_memory=True)
+    if isinstance(doc, dict) and src.json_field:
+        if src.json_field not in doc:
+            raise ConfigError(f"data.json_field: {src.json_field!r} is not a key of {path} (keys: {sorted(doc)[:10]})")
+        doc = doc[src.json_field]
+    elif isinstance(doc, dict):
+        if not any(isinstance(v, (list, dict)) for v in doc.values()):
+            doc = [doc]  # a record: JSON lines with a single line
+        else:
+            raise ConfigError(f"{what}: {path} is one JSON object with keys {sorted(doc)[:10]}; give "
+                              f"data.json_field = the key that holds the examples (a list of records, or of "
+                              f"[text, label] pairs), or use JSON lines (one object per line)")
+    if not isinstance(doc, list) or not doc:
+        raise ConfigError(f"{what}: {path}: expected a non-empty list of examples, found "
+                          f"{type(doc).__name__ if doc else 'none'}")
+    if all(isinstance(r, dict) for r in doc):
+        return Dataset.from_list(doc)
+    if all(isinstance(r, list) for r in doc):
+        names = list(src.column_names) or ["text", "label"]
+        bad = next((i for i, r in enumerate(doc) if len(r) != len(names)), None)
+        if bad is not None:
+            raise ConfigError(f"{what}: {path}: example {bad} has {len(doc[bad])} values, but data.column_names "
+                              f"names {len(names)} ({names})")
+        return Dataset.from_dict({n: [r[i] for r in doc] for i, n in enumerate(names)})
+    raise ConfigError(f"{what}: {path}: examples must all be objects (records) or all lists ([text, label] pairs)")
+
+
+def _bad_json_line(path: Path) -> int | None:
+    """The first line of a JSON-lines file that is not JSON (None when every line is)."""
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError:
+                    return ln
+    return None
+
+
+def _columns(table, text_cols: tuple[str, ...], label_col: str, where) -> list[tuple[str, object]]:
+    """(text, label) pairs; several text columns are joined with a space (AG News: title + description)."""
+    have = list(table.column_names)
+    what = "data.text_columns" if len(text_cols) > 1 else "data.text_column"
+    for col, key in [(c, what) for c in text_cols] + [(label_col, "data.label_column")]:
+        if col not in have:
+            raise ConfigError(f"{key}: {where} has no column {col!r} (has {have})")
+    labels = table[label_col]
+    parts = [table[c] for c in text_cols]
+    rows = []
+    for i, label in enumerate(labels):
+        if label is None:
+            raise ConfigError(f"data.label_column: {where}: example {i + 1} has no {label_col!r}")
+        rows.append((" ".join("" if p[i] is None else str(p[i]) for p in parts), label))
+    return rows
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _from_rows(train_rows, test_rows, names=None, explicit: tuple[str, ...] = ()) -> Corpus:
@@ -237,17 +328,14 @@ def device_examples(cfg: DataConfig, device_index: int) -> Examples:
 
 
 @lru_cache(maxsize=4)
-def _partitions_cached(key: tuple, partition: str, alpha: float, classes: int, n: int, cap: int, seed: int):
-    cfg = DataConfig(dataset=key[0], data_home=key[1] or "", path=key[2], test_path=key[3], test_fraction=key[4],
-                     text_column=key[5], label_column=key[6], remove=list(key[7]), label_names=list(key[9]),
-                     validation_examples=key[10],
-                     seed=seed, partition=partition,
-                     alpha=alpha, classes_per_device=classes, num_devices=n, max_examples_per_device=cap)
-    return partition_indices(load_corpus(cfg).train.labels, cfg)
+def _partitions_cached(src: _Source, partition: str, alpha: float, classes: int, n: int, cap: int, seed: int):
+    cfg = DataConfig(seed=seed, partition=partition, alpha=alpha, classes_per_device=classes, num_devices=n,
+                     max_examples_per_device=cap)
+    return partition_indices(_load_corpus_cached(src).train.labels, cfg)
 
 
 def _partitions(cfg: DataConfig) -> list[np.ndarray]:
-    return _partitions_cached(_key(cfg), cfg.partition, cfg.alpha, cfg.classes_per_device, cfg.num_devices,
+    return _partitions_cached(_Source.of(cfg), cfg.partition, cfg.alpha, cfg.classes_per_device, cfg.num_devices,
                               cfg.max_examples_per_device, cfg.seed)
 
 

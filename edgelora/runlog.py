@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
+from .config import FILE_DATASETS, RunConfig
 
 
 @dataclass
@@ -264,7 +264,7 @@ class RunFolder:
     def data_label(self) -> str:
         """The data's name for plot titles: the file's name for csv/jsonl, else the dataset's."""
         d = self.run.data
-        return Path(d.path).name if d.dataset in ("csv", "jsonl") and d.path else (d.path or d.dataset)
+        return Path(d.path).name if d.dataset in FILE_DATASETS and d.path else (d.path or d.dataset)
 
     def save_final_model(self, model) -> Path:
         """peft models save their adapter (PeftModel.from_pretrained loads it); others the trained model.

@@ -31,7 +31,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_labels: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., head_seed: _Optional[int] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "test_path", "test_fraction", "validation_examples", "label_names")
+    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "test_path", "test_fraction", "validation_examples", "label_names", "text_columns", "column_names", "json_field")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     DATA_HOME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,9 @@ class DataSpec(_message.Message):
     TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_NAMES_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     data_home: str
     path: str
@@ -64,7 +67,10 @@ class DataSpec(_message.Message):
     test_fraction: float
     validation_examples: int
     label_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., test_path: _Optional[str] = ..., test_fraction: _Optional[float] = ..., validation_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    text_columns: _containers.RepeatedScalarFieldContainer[str]
+    column_names: _containers.RepeatedScalarFieldContainer[str]
+    json_field: str
+    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., test_path: _Optional[str] = ..., test_fraction: _Optional[float] = ..., validation_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., text_columns: _Optional[_Iterable[str]] = ..., column_names: _Optional[_Iterable[str]] = ..., json_field: _Optional[str] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "dropout", "target_modules", "modules_to_save", "rank_pattern")

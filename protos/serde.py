@@ -23,7 +23,8 @@ def data_to_proto(d: DataConfig) -> pb.DataSpec:
                        classes_per_device=d.classes_per_device, num_devices=d.num_devices, seed=d.seed,
                        max_examples_per_device=d.max_examples_per_device, test_path=d.test_path,
                        test_fraction=d.test_fraction, validation_examples=d.validation_examples,
-                       label_names=list(d.label_names))
+                       label_names=list(d.label_names), text_columns=list(d.text_columns),
+                       column_names=list(d.column_names), json_field=d.json_field)
 
 
 def data_from_proto(p: pb.DataSpec) -> DataConfig:
@@ -32,7 +33,8 @@ def data_from_proto(p: pb.DataSpec) -> DataConfig:
                      classes_per_device=p.classes_per_device, num_devices=p.num_devices, seed=p.seed,
                      max_examples_per_device=p.max_examples_per_device, test_path=p.test_path,
                      test_fraction=p.test_fraction, validation_examples=p.validation_examples,
-                     label_names=list(p.label_names))
+                     label_names=list(p.label_names), text_columns=list(p.text_columns),
+                     column_names=list(p.column_names), json_field=p.json_field)
     cfg.validate()
     return cfg
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,60 @@ def test_a_class_without_training_examples_is_warned(tmp_path, caplog):
         corpus = load_corpus(DataConfig(**{**cfg.__dict__, "label_names": ["a", "b", "c"]}))
     assert len(corpus.label_names) == 3
     assert "1 of 3 classes have no training example: c" in caplog.text
+
+
+AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ag_news" / "test.csv"
+
+
+def test_headerless_csv_with_two_text_columns_joined(tmp_path):
+    # AG News's layout: no header; label, title, description
+    (tmp_path / "ag.csv").write_text('"3","Fears for pension","Unions say they are disappointed"\n'
+                                     '"4","Race is on","A second team sets a launch date"\n' * 10)
+    cfg = DataConfig(dataset="csv", path=str(tmp_path / "ag.csv"), column_names=["label", "title", "description"],
+                     text_columns=["title", "description"], test_fraction=0.25, num_devices=2, partition="iid")
+    corpus = load_corpus(cfg)
+    assert corpus.label_names == ("3", "4")
+    texts = set(corpus.train.texts + corpus.test.texts)
+    assert texts == {"Fears for pension Unions say they are disappointed", "Race is on A second team sets a launch date"}
+    with pytest.raises(ConfigError, match=r"data.text_columns: .* has no column 'body' \(has \['label', 'title'"):
+        load_corpus(DataConfig(**{**cfg.__dict__, "text_columns": ["title", "body"]}))
+
+
+def test_the_real_ag_news_test_split_reads_as_four_classes():
+    if not AG_NEWS.exists():
+        pytest.skip("../shared/datasets/ag_news is not beside this checkout")
+    corpus = load_corpus(DataConfig(dataset="csv", path=str(AG_NEWS), column_names=["label", "title", "description"],
+                                    text_columns=["title", "description"], num_devices=4))
+    assert corpus.label_names == ("1", "2", "3", "4") and len(corpus.train) + len(corpus.test) == 7600
+    assert corpus.train.texts[0].count(" ") > 5
+
+
+def test_one_json_object_needs_json_field_and_says_so(tmp_path):
+    doc = {"train": [["set a warning", "alarm"], ["play jazz", "music"]] * 5, "val": []}
+    (tmp_path / "full.json").write_text(json.dumps(doc, indent=2))
+    cfg = DataConfig(dataset="json", path=str(tmp_path / "full.json"), test_fraction=0.2, num_devices=2,
+                     partition="iid")
+    with pytest.raises(ConfigError, match=r"is one JSON object with keys \['train', 'val'\]; give data.json_field"):
+        load_corpus(cfg)
+    with pytest.raises(ConfigError, match=r"data.json_field: 'test' is not a key"):
+        load_corpus(DataConfig(**{**cfg.__dict__, "json_field": "test"}))
+    corpus = load_corpus(DataConfig(**{**cfg.__dict__, "json_field": "train"}))  # [text, label] pairs
+    assert corpus.label_names == ("alarm", "music") and len(corpus.train) == 8
+
+
+def test_json_array_of_records_and_parquet_read_like_json_lines(tmp_path):
+    rows = [{"text": f"text {i}", "label": i % 3} for i in range(12)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(tmp_path / "a.parquet")
+    for kind, name in (("json", "a.json"), ("parquet", "a.parquet")):
+        corpus = load_corpus(DataConfig(dataset=kind, path=str(tmp_path / name), test_fraction=0.25, num_devices=2,
+                                        partition="iid"))
+        assert corpus.label_names == ("0", "1", "2") and len(corpus.train) == 9
+
+
+def test_a_malformed_json_line_is_named_by_file_and_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": \n{"text": "c", "label": 1}\n')
+    with pytest.raises(ConfigError, match=r"data.path: .*d.jsonl:2: not JSON"):
+        load_corpus(DataConfig(dataset="jsonl", path=str(tmp_path / "d.jsonl")))

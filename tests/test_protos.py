@@ -41,6 +41,7 @@ def test_every_data_field_reaches_the_device():
 
     cfg = DataConfig(dataset="jsonl", data_home="/h", path="/d.jsonl", test_path="/t.jsonl", test_fraction=0.3,
                      text_column="t", label_column="y", label_names=["b", "a"], remove=["quotes"],
+                     text_columns=["t", "u"], column_names=["y", "t", "u"], json_field="train",
                      partition="pathological", alpha=0.7, classes_per_device=3, num_devices=9, seed=5,
                      max_examples_per_device=11, test_max_examples=500, validation_examples=13)
     back = serde.data_from_proto(pb.DataSpec.FromString(serde.data_to_proto(cfg).SerializeToString()))
