@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,3 +82,13 @@ def test_methods_name_prints_its_fields_with_defaults():
     assert "stage1_rounds = 0" in p.stdout and "lora.rank = 8" in p.stdout and "Stage 1 mask density" in p.stdout
     bad = _run("methods", "sloar")
     assert bad.returncode == 2 and "unknown method 'sloar'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_quiet_hides_transformers_loading_bars():
+    code = ("from edgelora.cli import _setup_logging; _setup_logging(False, quiet={q}); "
+            "from edgelora.models import load_base_model; load_base_model('minilm', 3, 0)")
+    loud = subprocess.run([sys.executable, "-c", code.format(q=False)], capture_output=True, text=True, timeout=120)
+    quiet = subprocess.run([sys.executable, "-c", code.format(q=True)], capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
+    assert "Loading weights" in loud.stderr  # the bar exists, so its absence below means something
+    assert "Loading weights" not in quiet.stderr
