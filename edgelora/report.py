@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 import tomllib
 from pathlib import Path

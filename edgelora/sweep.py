@@ -110,7 +110,7 @@ def _run_spec(base: dict, common: dict, method: str, method_set: dict, partition
     mode = method_set.pop("mode", "federated")
     if mode not in MODES:
         raise ConfigError(f"methods.{method}.mode: {mode!r} is not one of {list(MODES)}")
-    for where, overrides in ((f"sweep.set", common), (f"methods.{method}", method_set),
+    for where, overrides in (("sweep.set", common), (f"methods.{method}", method_set),
                              (f"partitions.{partition}", partition_set)):
         if any(k.startswith("method.") for k in overrides):
             raw["method"] = {}

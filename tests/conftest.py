@@ -40,3 +40,19 @@ def tiny_config():
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgelora.cli", *args]
+
+
+def interrupt_after_first_round(proc, run_dir: Path, timeout_s: float = 240.0) -> str:
+    """Ctrl-C (SIGINT) a running `edgelora` process once RUN_DIR has a finished round; returns its output."""
+    import signal
+    import time
+
+    from edgelora.sweep import rounds_done
+
+    deadline = time.monotonic() + timeout_s
+    while rounds_done(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return (out or "") + (err or "")

@@ -3,18 +3,15 @@ subprocess, as a user runs it)."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import tomli_w
 
-from edgelora.sweep import rounds_done
 
-from .conftest import REPO, cli, tiny_raw
+from .conftest import REPO, cli, interrupt_after_first_round, tiny_raw
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -65,12 +62,7 @@ def test_ctrl_c_in_simulate_is_one_line_and_says_how_to_resume(tmp_path):
     proc = subprocess.Popen(cli("simulate", "--config", str(_config(tmp_path, server={"rounds": 50})), "--out",
                                 str(out), "--quiet"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 180
-    while rounds_done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    err = interrupt_after_first_round(proc, out)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert f"interrupted; finished rounds are saved in {out} (continue with --resume {out})" in err

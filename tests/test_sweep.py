@@ -4,10 +4,7 @@ Plus the centralized ceiling's example budget and the report's files."""
 from __future__ import annotations
 
 import csv
-import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ from edgelora.configtools import ConfigError
 from edgelora.state import load_state
 from edgelora.sweep import load_sweep, rounds_done, run_sweep
 
-from .conftest import REPO, TINY, cli
+from .conftest import REPO, TINY, cli, interrupt_after_first_round
 
 SWEEP = """
 [sweep]
@@ -101,12 +98,7 @@ def test_interrupted_sweep_resumes_to_the_same_results(tmp_path):
     proc = subprocess.Popen(cli("sweep", "--config", str(path), "--out", str(out), "--quiet"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = out / "runs" / "lora-iid-s0"
-    deadline = time.monotonic() + 240
-    while rounds_done(first) < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the sweep finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    text, _ = proc.communicate(timeout=120)
+    text = interrupt_after_first_round(proc, first)
     assert proc.returncode == 130, text
     assert "interrupted" in text and "Traceback" not in text
     assert 1 <= rounds_done(first) < 3, "Ctrl-C came after the first round and before the last"
