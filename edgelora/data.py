@@ -5,6 +5,7 @@ partitioners), so training data never crosses the wire: a device loads only its 
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import re
@@ -162,7 +163,7 @@ def _read_json(path: Path, src: _Source, what: str):
     from datasets import Dataset
 
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(_text(path, what))
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":  # not even the first value parses
             raise ConfigError(f"{what}: {path}:{e.lineno}: not JSON ({e.msg}); expected JSON lines (one object "
@@ -197,9 +198,17 @@ def _read_json(path: Path, src: _Source, what: str):
     raise ConfigError(f"{what}: {path}: examples must all be objects (records) or all lists ([text, label] pairs)")
 
 
+def _text(path: Path, what: str) -> str:
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text ({e})") from None
+
+
 def _bad_json_line(path: Path) -> int | None:
     """The first line of a JSON-lines file that is not JSON (None when every line is)."""
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
             if line.strip():
                 try:

@@ -204,3 +204,13 @@ def test_a_malformed_json_line_is_named_by_file_and_line(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": \n{"text": "c", "label": 1}\n')
     with pytest.raises(ConfigError, match=r"data.path: .*d.jsonl:2: not JSON"):
         load_corpus(DataConfig(dataset="jsonl", path=str(tmp_path / "d.jsonl")))
+
+
+def test_gzipped_json_lines_still_read(tmp_path):
+    import gzip
+
+    rows = [{"text": f"text {i}", "label": ["a", "b"][i % 2]} for i in range(10)]
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    corpus = load_corpus(DataConfig(dataset="jsonl", path=str(tmp_path / "d.jsonl.gz"), num_devices=2))
+    assert corpus.label_names == ("a", "b") and len(corpus.train) + len(corpus.test) == 10
