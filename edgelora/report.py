@@ -53,8 +53,16 @@ def collect(out: Path) -> list[dict]:
 
 
 def report_settings(out: Path) -> dict[str, Any]:
+    """The sweep file's [report] table, plus `partition_order`: its [partitions] in the order written."""
     path = Path(out) / "sweep.toml"
-    return tomllib.loads(path.read_text()).get("report", {}) if path.exists() else {}
+    raw = tomllib.loads(path.read_text()) if path.exists() else {}
+    return {**raw.get("report", {}), "partition_order": list(raw.get("partitions", {}))}
+
+
+def in_partition_order(rows: list[dict], order: list[str]) -> list[dict]:
+    """Rows with their partitions in the sweep file's order (IID first, the most heterogeneous last), which
+    the plots follow, instead of the order runs happened to run in."""
+    return sorted(rows, key=lambda r: order.index(r["partition"]) if r["partition"] in order else len(order))
 
 
 def write_report(out: Path) -> list[Path]:
@@ -62,6 +70,7 @@ def write_report(out: Path) -> list[Path]:
     rows = collect(out)
     settings = report_settings(out)
     written = [_write_csv(out / "summary.csv", rows), _write_markdown(out / "summary.md", rows, settings)]
+    rows = in_partition_order(rows, settings["partition_order"])
     for plot, name in ((plot_accuracy_rounds, "accuracy_rounds.png"), (plot_accuracy_bytes, "accuracy_bytes.png")):
         p = plot(rows, out / name)
         written += [p] if p else []

@@ -183,3 +183,18 @@ def test_report_of_centralized_runs_only_draws_no_bytes_plot(tmp_path):
     central = {"run": "c", "method": "c", "partition": "iid", "seed": 0, "mode": "centralized",
                "records": [{"round": 1, "accuracy": 0.5, "bytes_up": 0, "bytes_down": 0}]}
     assert plot_accuracy_bytes([central], tmp_path / "b.png") is None and not (tmp_path / "b.png").exists()
+
+
+def test_report_orders_partitions_as_the_sweep_file_does_not_as_runs_finished(tmp_path):
+    from edgelora.report import gap_table, in_partition_order, report_settings
+
+    (tmp_path / "sweep.toml").write_text('[partitions.iid]\n[partitions.dir1]\n[partitions."dir0.1"]\n'
+                                         '[report]\nfft = "fft"\n')
+    settings = report_settings(tmp_path)
+    assert settings["partition_order"] == ["iid", "dir1", "dir0.1"] and settings["fft"] == "fft"
+    run = lambda m, p, acc: {"method": m, "partition": p, "final_accuracy": acc}
+    rows = [run("fft", p, a) for p, a in (("dir0.1", 0.1), ("iid", 0.5), ("dir1", 0.4))]
+    rows += [run("lora", p, a) for p, a in (("dir0.1", 0.05), ("iid", 0.45), ("dir1", 0.3))]
+    gaps = gap_table(in_partition_order(rows, settings["partition_order"]), "fft", ["lora"])["lora"]
+    assert list(gaps) == ["iid", "dir1", "dir0.1"]
+    assert [round(v, 4) for v in gaps.values()] == [0.05, 0.1, 0.05]
