@@ -168,10 +168,13 @@ def _read_json(path: Path, src: _Source, what: str):
         if e.msg != "Extra data":  # not even the first value parses
             raise ConfigError(f"{what}: {path}:{e.lineno}: not JSON ({e.msg}); expected JSON lines (one object "
                               f"per line) or one JSON document") from None
-        bad = _bad_json_line(path)  # several values: JSON lines, each line must parse
-        if bad is not None:
+        try:  # several values: JSON lines
+            return Dataset.from_json(str(path), keep_in_memory=True)
+        except Exception as parse_error:  # find the line to name (only on this failure path: a full scan)
+            bad = _bad_json_line(path)
+            if bad is None:
+                raise ConfigError(f"{what}: {path} cannot be read as JSON lines: {_first_line(parse_error)}") from None
             raise ConfigError(f"{what}: {path}:{bad}: not JSON; expected JSON lines (one object per line)") from None
-        return Dataset.from_json(str(path), keep_in_memory=True)
     if isinstance(doc, dict) and src.json_field:
         if src.json_field not in doc:
             raise ConfigError(f"data.json_field: {src.json_field!r} is not a key of {path} (keys: {sorted(doc)[:10]})")
@@ -198,9 +201,13 @@ def _read_json(path: Path, src: _Source, what: str):
     raise ConfigError(f"{what}: {path}: examples must all be objects (records) or all lists ([text, label] pairs)")
 
 
+def _open_text(path: Path):
+    return (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8")
+
+
 def _text(path: Path, what: str) -> str:
     try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+        with _open_text(path) as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: {path} is not UTF-8 text ({e})") from None
@@ -208,7 +215,7 @@ def _text(path: Path, what: str) -> str:
 
 def _bad_json_line(path: Path) -> int | None:
     """The first line of a JSON-lines file that is not JSON (None when every line is)."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+    with _open_text(path) as f:
         for ln, line in enumerate(f, 1):
             if line.strip():
                 try:
