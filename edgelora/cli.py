@@ -330,6 +330,10 @@ def cmd_demo(args) -> int:
                     p.kill()
 
 
+def _tensorboard_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgelora", description=__doc__)
     ap.add_argument("--verbose", "-v", action="store_true", help="log at INFO level")
@@ -348,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", help="per-device tokens file (TOML [tokens] id = token); calls without a "
                                     "matching token are refused")
     s.add_argument("--insecure", action="store_true", help="accept plaintext gRPC (no TLS); prints a warning")
-    s.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
+    _tensorboard_flag(s)
     s.set_defaults(fn=cmd_server)
 
     c = sub.add_parser("client", help="run one or many edge devices")
@@ -389,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--per-round", type=int, help="override server.devices_per_round (default 10)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
-    sim.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
+    _tensorboard_flag(sim)
     sim.set_defaults(fn=cmd_simulate)
 
     sw = sub.add_parser("sweep", help="run a resumable grid of simulator runs, or report on one")
@@ -400,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the virtual devices train")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
-    sw.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
+    _tensorboard_flag(sw)
     sw.set_defaults(fn=cmd_sweep)
 
     ce = sub.add_parser("centralized", help="train a run config's structure on all devices' data in one place")
@@ -408,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--out", help="run folder (default runs/<timestamp>)")
     ce.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     ce.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
-    ce.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
+    _tensorboard_flag(ce)
     ce.set_defaults(fn=cmd_centralized)
     return ap
 
