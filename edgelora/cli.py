@@ -3,6 +3,7 @@ lazily, per subcommand."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -266,6 +267,26 @@ def cmd_centralized(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Held-out accuracy of finished runs, e.g. on the whole test split where the runs scored a subsample."""
+    from edgelora.rounds import evaluate_run
+
+    if args.max_examples is not None and args.max_examples < 0:
+        raise ConfigError("evaluate: --max-examples must be >= 0 (0 = the whole split)")
+    device = _torch_device(args.device)
+    rows = []
+    print(f"{'run':<32} {'rounds':>6} {'examples':>8} {'accuracy':>9} {'loss':>8} {'recorded':>9}", flush=True)
+    for d in args.run_dirs:
+        r = evaluate_run(Path(d), args.max_examples, device)
+        rec = "-" if r["recorded_accuracy"] is None else f"{r['recorded_accuracy']:.4f}"
+        print(f"{r['run']:<32} {r['rounds']:>6} {r['examples']:>8} {r['accuracy']:>9.4f} {r['loss']:>8.4f} "
+              f"{rec:>9}", flush=True)
+        rows.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
 DEMO_CONFIG = {
     "server": {"rounds": 3, "devices_per_round": 4, "min_devices": 2, "round_deadline_s": 240.0},
     "data": {"dataset": "20newsgroups", "num_devices": 4, "partition": "dirichlet", "alpha": 0.5,
@@ -414,6 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
     _tensorboard_flag(ce)
     ce.set_defaults(fn=cmd_centralized)
+
+    ev = sub.add_parser("evaluate", help="score run folders' models on their held-out split (e.g. all of it)")
+    ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (simulate, server, sweep or centralized)")
+    ev.add_argument("--max-examples", type=int, metavar="N",
+                    help="held-out examples to score, seeded subsample (0 = the whole split; default: the run's "
+                         "data.test_max_examples, which reproduces its last recorded accuracy)")
+    ev.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
+    ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    ev.add_argument("--quiet", action="store_true", help="no model-loading bars")
+    ev.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    ev.set_defaults(fn=cmd_evaluate)
     return ap
 
 

@@ -12,7 +12,7 @@ from .data import held_out_examples, with_num_labels
 from .engine import RoundEngine
 from .methods import ModelHost, make_method
 from .models import load_base_model, load_tokenizer
-from .runlog import RoundRecord, RunFolder
+from .runlog import RoundRecord, RunFolder, read_records
 from .state import ServerState, load_state, save_state
 from .training import evaluate
 
@@ -66,3 +66,46 @@ class ServerRun:
             self.folder.save_final_model(self.engine.model_for(new_state))
         save_state(new_state, self.folder.path)
         return new_state
+
+
+def evaluate_run(run_dir: Path, max_examples: int | None = None, device: str = "cpu") -> dict:
+    """A run folder's model on its held-out split (the test split, or the validation carve the run used),
+    capped at `max_examples` (0 = the whole split; None = the run's own data.test_max_examples).
+
+    The model is the server state's (simulator and gRPC runs: what the last metrics row evaluated), or, for a
+    centralized run, which keeps no server state, its saved final adapter/ or model/."""
+    import dataclasses
+
+    from .config import load_config
+    from .configtools import ConfigError
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").exists():
+        raise ConfigError(f"evaluate: {run_dir} is not a run folder (no config.toml)")
+    run = with_num_labels(load_config(run_dir / "config.toml"))
+    if max_examples is not None:
+        run = run.replace(data=dataclasses.replace(run.data, test_max_examples=max_examples))
+    base = load_base_model(run.model.name, run.model.num_labels, run.model.head_seed).to(device)
+    if (run_dir / "state" / "meta.json").exists() or (run_dir / "state.old" / "meta.json").exists():
+        state = load_state(run_dir)
+        model, rounds = RoundEngine(run, make_method(run), ModelHost(base)).model_for(state), state.round
+    elif (run_dir / "adapter").is_dir():
+        from peft import PeftModel
+        model, rounds = PeftModel.from_pretrained(base, str(run_dir / "adapter")), None
+    elif (run_dir / "model").is_dir():
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "model")).to(device)
+        rounds = None
+    else:
+        raise ConfigError(f"evaluate: {run_dir} holds neither a server state (state/) nor a saved final model "
+                          f"(adapter/ or model/)")
+    rows = read_records(run_dir / "metrics.jsonl")
+    if rounds is None:
+        rounds = len(rows)
+    test = held_out_examples(run.data)
+    acc, loss = evaluate(model, test, load_tokenizer(run.model.name), run.model.max_seq_len, device,
+                         precision=run.train.precision)
+    recorded = next((r["accuracy"] for r in reversed(rows) if r.get("round") == rounds
+                     and r.get("accuracy") is not None), None)
+    return {"run": run_dir.name, "rounds": rounds, "examples": len(test), "accuracy": acc, "loss": loss,
+            "recorded_accuracy": recorded}
