@@ -76,10 +76,12 @@ def evaluate_run(run_dir: Path, max_examples: int | None = None, device: str = "
     centralized run, which keeps no server state, its saved final adapter/ or model/."""
     import dataclasses
 
+    import torch
+
     from .config import load_config
     from .configtools import ConfigError
 
-    run_dir = Path(run_dir)
+    run_dir, device = Path(run_dir), torch.device(device)
     if not (run_dir / "config.toml").exists():
         raise ConfigError(f"evaluate: {run_dir} is not a run folder (no config.toml)")
     run = with_num_labels(load_config(run_dir / "config.toml"))

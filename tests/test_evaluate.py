@@ -31,7 +31,7 @@ def test_simulated_run_reproduces_its_recorded_accuracy(tiny_config, tmp_path, m
 
 
 def test_centralized_run_is_scored_from_its_saved_adapter(tiny_config, tmp_path):
-    run = tiny_config(train={"precision": "fp32"}, server={"rounds": 1})
+    run = tiny_config(train={"precision": "auto"}, server={"rounds": 1})  # auto: resolved for the device
     recs = train_centralized(run, tmp_path)
     row = evaluate_run(tmp_path)
     assert row["rounds"] == 1 and row["accuracy"] == pytest.approx(recs[-1]["accuracy"], abs=1e-9)
