@@ -14,7 +14,7 @@ import grpc
 from edgelora.codec import CodecError
 from edgelora.configtools import ConfigError
 from edgelora.device import DeviceHost, DeviceTrainer, DownloadError
-from edgelora.models import device_info, fingerprint_model, fingerprint_tokenizer
+from edgelora.models import fingerprint_model, hardware_info, fingerprint_tokenizer
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
@@ -44,6 +44,7 @@ class ClientOptions:
     metadata: tuple[tuple[str, str], ...] = ()
     token_for: dict[str, str] | None = None  # per-device auth tokens (see deploy/README.md)
     throttle: LinkThrottle | None = None     # application-level link emulation (--uplink-mbps/--downlink-mbps)
+    tier: int | None = None                  # capability tier of every hosted device (--tier); None: the server's
 
 
 class Backoff:
@@ -85,8 +86,9 @@ class EdgeClient:
                 self.trainers[d] = DeviceTrainer(d, self.host, self.data_cfg, progress=opts.progress)
             except (ConfigError, OSError, ValueError) as e:
                 self.data_errors[d] = str(e)
-        self.info = device_info(opts.torch_device)
+        self.info = hardware_info(opts.torch_device)
         self.stopped: set[str] = set()
+        self.late = 0  # tasks let go because the round's deadline passed before the upload could start
         self.heartbeat_s = 5.0
         self._beat: threading.Thread | None = None
         self._stop = threading.Event()
@@ -120,14 +122,21 @@ class EdgeClient:
         req = pb.RegisterRequest(device_id=device_id, hardware=self.info.hardware,
                                  versions={**self.info.versions, "grpc": grpc.__version__},
                                  model_fingerprint=self.model_fp, tokenizer_fingerprint=self.tok_fp,
-                                 data_error=self.data_errors.get(device_id, ""))
-        reply = self._call(lambda: self.stub.Register(req, timeout=30, metadata=self._md(device_id)),
-                           f"register {device_id}")
+                                 data_error=self.data_errors.get(device_id, ""), tier=self.opts.tier)
+        try:
+            reply = self._call(lambda: self.stub.Register(req, timeout=30, metadata=self._md(device_id)),
+                               f"register {device_id}")
+        except grpc.RpcError as e:  # e.g. another base model, or a tier the run does not plan for
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                raise ConfigError(f"device {device_id}: the server refused it: {e.details()}") from None
+            raise
         self.heartbeat_s = reply.heartbeat_s or 5.0
         log.info("device %s registered with %s", device_id, self.opts.server)
 
-    def fetch(self, device_id: str, wait_s: float) -> tuple[pb.TaskHeader, bytes, float]:
+    def fetch(self, device_id: str, wait_s: float) -> tuple[pb.TaskHeader, bytes, float, float]:
+        """(header, payload, download seconds, time.monotonic() when the header arrived)."""
         t0 = time.perf_counter()
+        header_at = time.monotonic()
         stream = self.stub.FetchTask(pb.FetchTaskRequest(device_id=device_id, wait_s=wait_s),
                                      timeout=wait_s + 600, metadata=self._md(device_id))
         header, parts = None, []
@@ -136,7 +145,7 @@ class EdgeClient:
         for chunk in stream:
             if chunk.WhichOneof("part") == "header":
                 header = chunk.header
-                t0 = time.perf_counter()
+                t0, header_at = time.perf_counter(), time.monotonic()
             else:
                 parts.append(chunk.data)
         if header is None:
@@ -144,7 +153,7 @@ class EdgeClient:
         payload = b"".join(parts)
         if header.kind == pb.TaskHeader.TRAIN and len(payload) != header.payload_bytes:
             raise DownloadError(f"task payload truncated: {len(payload)} of {header.payload_bytes} bytes")
-        return header, payload, time.perf_counter() - t0
+        return header, payload, time.perf_counter() - t0, header_at
 
     def submit(self, update: Update) -> pb.SubmitReply:
         header = serde.update_header_to_proto(update)
@@ -184,7 +193,7 @@ class EdgeClient:
 
     def _serve_once(self, device_id: str, wait_s: float) -> bool:
         try:
-            header, payload, download_s = self.fetch(device_id, wait_s)
+            header, payload, download_s, header_at = self.fetch(device_id, wait_s)
             self.backoff.ok()
         except grpc.RpcError as e:
             self._recover(device_id, e, "fetch task")
@@ -204,6 +213,13 @@ class EdgeClient:
             log.error("device %s round %d: %s", device_id, task.round, e)
             self.backoff.failed(f"device {device_id} round {task.round}: unusable task")
             return True
+        # The task says how long its round stays open: an upload that could only arrive after it closes would
+        # be refused anyway, so the device lets the round go instead of spending its uplink on it.
+        if task.deadline_s > 0 and time.monotonic() > header_at + task.deadline_s:
+            self.late += 1
+            log.warning("device %s round %d: trained past the task's deadline (%.1f s); not uploading",
+                        device_id, task.round, task.deadline_s)
+            return True
         try:
             reply = self.submit(update)
             self.trainers[device_id].accepted()
@@ -219,8 +235,8 @@ class EdgeClient:
     def _recover(self, device_id: str, e: grpc.RpcError, what: str) -> None:
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             self.backoff.failed(f"device {device_id} {what}: {e.code().name}")
-        elif e.code() == grpc.StatusCode.FAILED_PRECONDITION and "not registered" in (e.details() or ""):
-            self.register(device_id)  # the server restarted (e.g. resumed): join again
+        elif serde.refusal_code(e) == "unknown":
+            self.register(device_id)  # the server restarted (e.g. resumed) and does not know it: join again
         elif e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise PermissionError(f"device {device_id}: {e.code().name}: {e.details()}")
         else:  # refused or failed on the server's side: never retry in a tight loop
@@ -236,10 +252,10 @@ class EdgeClient:
                 try:
                     self.stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5, metadata=self._md(d))
                 except grpc.RpcError as e:  # reconnects are the main loop's; a restarted server needs a Register
-                    if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "not registered" in (e.details() or ""):
+                    if serde.refusal_code(e) == "unknown":
                         try:
                             self.register(d)
-                        except grpc.RpcError:
+                        except (grpc.RpcError, ConfigError):  # the main loop meets the same refusal and says so
                             pass
 
     def close(self) -> None:

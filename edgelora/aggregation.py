@@ -1,13 +1,20 @@
-"""Aggregation math as pure functions on dicts of numpy arrays (Flower's aggregate.py, fedjax's fed_avg).
+"""Aggregators: `[aggregator] name = "..."` picks one, as `[method]` picks a method (Flower's strategies,
+aggregate.py's pure functions).
 
-Devices upload deltas (trained - received). FedAvg adds the example-weighted mean delta; FedAdam feeds the
-same mean delta, as a negative pseudo-gradient, to a server AdamW (Reddi et al. 2021, Alg. 2).
+An Aggregator has three hooks and no state of its own: `start()` gives the round's accumulator, devices'
+deltas (trained - received) are `add`ed to it as they arrive, and `finish(params, acc, opt_state)` returns the
+new weights and server-optimizer state, which live in ServerState (checkpointed). FedAvg adds the weighted mean
+delta; FedAdam feeds the same mean delta, as a negative pseudo-gradient, to a server AdamW (Reddi et al. 2021,
+Alg. 2).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 
-from .config import AggregatorConfig
+from .configtools import ConfigError, check, field, from_dict
 
 Arrays = dict[str, np.ndarray]
 
@@ -41,7 +48,7 @@ def fedavg_step(params: Arrays, mean_delta: Arrays) -> Arrays:
     return {k: (v + mean_delta[k]).astype(np.float32) if k in mean_delta else v for k, v in params.items()}
 
 
-def fedadam_step(params: Arrays, mean_delta: Arrays, opt_state: Arrays, cfg: AggregatorConfig
+def fedadam_step(params: Arrays, mean_delta: Arrays, opt_state: Arrays, cfg: "FedAdamConfig"
                  ) -> tuple[Arrays, Arrays]:
     """One AdamW step with gradient g = -mean_delta, exactly torch.optim.AdamW's update (bias-corrected)."""
     step = int(opt_state.get("step", np.zeros(1))[0]) + 1
@@ -59,8 +66,93 @@ def fedadam_step(params: Arrays, mean_delta: Arrays, opt_state: Arrays, cfg: Agg
     return new_params, new_state
 
 
-def apply_aggregate(params: Arrays, mean_delta: Arrays, opt_state: Arrays, cfg: AggregatorConfig
-                    ) -> tuple[Arrays, Arrays]:
-    if cfg.name == "fedadam":
-        return fedadam_step(params, mean_delta, opt_state, cfg)
-    return fedavg_step(params, mean_delta), opt_state
+# -- configs ----------------------------------------------------------------------------------------------------
+@dataclass
+class FedAvgConfig:
+    name: str = field("fedavg", "the aggregator (fedavg, fedadam)")
+    weighted: bool = field(True, "weight device deltas by example count (false = unweighted mean, FLASC's reference)")
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class FedAdamConfig(FedAvgConfig):
+    name: str = field("fedadam", "the mean delta is a pseudo-gradient for a server AdamW")
+    lr: float = field(1e-3, "server learning rate")
+    beta1: float = field(0.9, "first-moment decay")
+    beta2: float = field(0.999, "second-moment decay")
+    eps: float = field(1e-8, "denominator epsilon")
+    weight_decay: float = field(0.0, "decoupled weight decay (AdamW)")
+
+    def validate(self) -> None:
+        check(self.lr > 0, "aggregator.lr", "must be > 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "aggregator.beta1/beta2", "must be in [0, 1)")
+        check(self.eps > 0, "aggregator.eps", "must be > 0")
+        check(self.weight_decay >= 0, "aggregator.weight_decay", "must be >= 0")
+
+
+# -- aggregators ------------------------------------------------------------------------------------------------
+class Aggregator:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type] = FedAvgConfig
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def weight(self, num_examples: int) -> float:
+        return float(num_examples) if self.cfg.weighted else 1.0
+
+    def start(self):
+        """The round's accumulator: `add(delta, weight)` per accepted upload, `count` of them."""
+        return RunningMean()
+
+    def finish(self, params: Arrays, acc, opt_state: Arrays) -> tuple[Arrays, Arrays]:
+        raise NotImplementedError
+
+    def mean_delta(self, acc) -> Arrays:
+        """The delta the round applies (what a stage switch, e.g. SLoRA's, sees as the round's update)."""
+        return acc.mean()
+
+
+class FedAvg(Aggregator):
+    name = "fedavg"
+    summary = "FedAvg: add the (example-weighted) mean delta"
+    Config = FedAvgConfig
+
+    def finish(self, params, acc, opt_state):
+        return fedavg_step(params, self.mean_delta(acc)), opt_state
+
+
+class FedAdam(Aggregator):
+    name = "fedadam"
+    summary = "FedAdam (Reddi et al. 2021): the mean delta as a pseudo-gradient for a server AdamW"
+    Config = FedAdamConfig
+
+    def finish(self, params, acc, opt_state):
+        return fedadam_step(params, self.mean_delta(acc), opt_state, self.cfg)
+
+
+AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (FedAvg, FedAdam)}
+
+# Run folders written before the aggregator registry carry FedAdam's fields under every aggregator, at their
+# defaults: those are dropped when another aggregator is named; any other value is an error naming the field.
+_LEGACY_DEFAULTS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+
+
+def aggregator_config_from_dict(raw: dict | None):
+    raw = dict(raw or {})
+    name = raw.get("name", "fedavg")
+    if name not in AGGREGATORS:
+        raise ConfigError(f"aggregator.name: unknown aggregator {name!r}; allowed: {sorted(AGGREGATORS)}")
+    cls = AGGREGATORS[name].Config
+    own = set(cls.__dataclass_fields__)
+    for key, default in _LEGACY_DEFAULTS.items():
+        if key in raw and key not in own and raw[key] == default:
+            del raw[key]
+    return from_dict(cls, raw, "aggregator")
+
+
+def make_aggregator(cfg) -> Aggregator:
+    return AGGREGATORS[cfg.name](cfg)

@@ -55,7 +55,7 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
     if tensorboard:
         folder.log_to_tensorboard()
     host = DeviceHost(run.model, device)  # the device's own model builder: same structure, same masks
-    model, _, masks = host.build(method.structure(_state_at(0)))
+    model, _, masks = host.prepare(method.structure(_state_at(0)))
     masks = {n: torch.from_numpy(m) for n, m in masks.items()}
     examples = union_of_partitions(run)
     test = held_out_examples(run.data)
@@ -71,6 +71,8 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
         part = examples.subset(stream[(r - 1) * per_round: r * per_round])
         # one pass over this round's slice (train_local shuffles it, seeded per round)
         spec_r = dataclasses.replace(method.train_spec(_state_at(r - 1)), local_epochs=1, max_steps=0)
+        for group in opt.param_groups:  # train.lr_schedule steps per round, as the federated run's does
+            group["lr"] = spec_r.lr
         torch.manual_seed(spec_r.seed)
         loss = train_local(model, part, host.tokenizer, spec_r, run.model.max_seq_len, host.torch_device,
                            masks=masks, optimizer=opt)

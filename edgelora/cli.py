@@ -166,8 +166,10 @@ def cmd_client(args) -> int:
     for flag, v in (("--uplink-mbps", args.uplink_mbps), ("--downlink-mbps", args.downlink_mbps)):
         if v is not None and not v > 0:
             raise ConfigError(f"{flag}: must be > 0 Mbit/s, got {v}")
+    if args.tier is not None and args.tier < 0:
+        raise ConfigError(f"--tier: must be >= 0, got {args.tier}")
     client = EdgeClient(ClientOptions(server=args.server, device_ids=ids, torch_device=device,
-                                      give_up_s=args.give_up_s, progress=not args.quiet,
+                                      give_up_s=args.give_up_s, progress=not args.quiet, tier=args.tier,
                                       throttle=LinkThrottle(args.uplink_mbps, args.downlink_mbps)
                                       if args.uplink_mbps or args.downlink_mbps else None,
                                       **_client_security(args, ids)))
@@ -380,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--server", required=True, help="HOST:PORT of the coordinator")
     c.add_argument("--device-id", help="this device's id (its partition index)")
     c.add_argument("--device-ids", help="host many virtual devices, e.g. 0-49 or 0,3,7")
+    c.add_argument("--tier", type=int, help="this machine's capability tier, 0 = the slowest (FLASC tiers: "
+                                            "method.tiers); unset: the server assigns one")
     c.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to train")
     c.add_argument("--give-up-s", type=float, default=300.0, help="exit after the server is unreachable this long")
     c.add_argument("--quiet", action="store_true", help="no progress bars")

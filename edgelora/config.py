@@ -5,6 +5,7 @@ Every field has a `help`; errors name the field (`train.lr: expected a number, g
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class ServerConfig:
     port: int = field(0, "port; 0 picks a free one (written to RUN_DIR/server.addr)")
     rounds: int = field(3, "number of federated rounds R")
     devices_per_round: int = field(4, "K: devices sampled each round from the live ones")
+    over_selection: float = field(0.0, "sample ceil(K x (1 + this)) devices and close the round at the K-th accepted upload (Bonawitz et al. 2019 sample 30 % more: 0.3); later uploads are refused")
     min_devices: int = field(1, "a round aggregates only if at least this many devices reported in time")
     min_registered: int = field(0, "wait for this many registered devices before round 1 (0 = devices_per_round)")
     registration_timeout_s: float = field(600.0, "give up waiting for min_registered after this long")
@@ -35,7 +37,7 @@ class ServerConfig:
     chunk_bytes: int = field(1 << 20, "payload bytes per gRPC message (at most 4 MiB)")
     max_upload_bytes: int = field(256 << 20, "an upload larger than this is refused (RESOURCE_EXHAUSTED)")
     max_update_abs: float = field(1e3, "an upload with any |delta| above this is refused (INVALID_ARGUMENT): finite but huge values would wreck the global model")
-    save_updates: bool = field(False, "keep every accepted upload's codec bytes in RUN_DIR/updates/")
+    save_updates: bool = field(False, "keep every accepted upload's codec bytes in RUN_DIR/updates/ (with the round's download.elb, or download_<device>.elb where devices got different downloads)")
     value_type: ValueType = field("float32", "codec value type of tensor payloads, both directions")
 
     def validate(self) -> None:
@@ -51,10 +53,16 @@ class ServerConfig:
         check(self.eval_every >= 1, "server.eval_every", "must be >= 1")
         check(self.seed >= 0, "server.seed", "must be >= 0")
         check(self.min_registered >= 0, "server.min_registered", "must be >= 0")
+        check(0 <= self.over_selection <= 10, "server.over_selection", "must be in [0, 10]")
         for name in ("registration_timeout_s", "heartbeat_s", "device_timeout_s", "max_update_abs"):
             check(getattr(self, name) > 0, f"server.{name}", "must be > 0")
         check(self.device_timeout_s > self.heartbeat_s, "server.device_timeout_s",
               f"must exceed server.heartbeat_s ({self.heartbeat_s}), or live devices look dead")
+
+    @property
+    def sampled_per_round(self) -> int:
+        """Devices sampled each round: K, or ceil(K x (1 + over_selection))."""
+        return math.ceil(self.devices_per_round * (1 + self.over_selection) - 1e-9)
 
     @property
     def registered_needed(self) -> int:
@@ -130,6 +138,7 @@ class TrainConfig:
     local_epochs: int = field(1, "local epochs per round")
     batch_size: int = field(16, "local batch size")
     lr: float = field(5e-4, "device learning rate")
+    lr_schedule: Literal["constant", "cosine"] = field("constant", "the device learning rate across rounds: constant, or cosine from lr in a stage's first round towards 0 after its last (each SLoRA/FLoRA stage runs its own, from its own lr)")
     optimizer: Literal["sgd", "adamw"] = field("adamw", "device optimizer (fresh each round)")
     momentum: float = field(0.9, "sgd momentum")
     weight_decay: float = field(0.0, "device weight decay")
@@ -146,29 +155,12 @@ class TrainConfig:
 
 
 @dataclass
-class AggregatorConfig:
-    name: Literal["fedavg", "fedadam"] = field("fedavg", "fedavg: example-weighted mean; fedadam: the mean delta is a pseudo-gradient for a server AdamW")
-    lr: float = field(1e-3, "fedadam: server learning rate")
-    beta1: float = field(0.9, "fedadam: first-moment decay")
-    beta2: float = field(0.999, "fedadam: second-moment decay")
-    eps: float = field(1e-8, "fedadam: denominator epsilon")
-    weight_decay: float = field(0.0, "fedadam: decoupled weight decay (AdamW)")
-    weighted: bool = field(True, "weight device deltas by example count (false = unweighted mean, FLASC's reference)")
-
-    def validate(self) -> None:
-        check(self.lr > 0, "aggregator.lr", "must be > 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "aggregator.beta1/beta2", "must be in [0, 1)")
-        check(self.eps > 0, "aggregator.eps", "must be > 0")
-        check(self.weight_decay >= 0, "aggregator.weight_decay", "must be >= 0")
-
-
-@dataclass
 class RunConfig:
     server: ServerConfig
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
-    aggregator: AggregatorConfig
+    aggregator: Any  # the aggregator's own Config dataclass (see edgelora.aggregation); has `name`
     method: Any  # the method's own Config dataclass (see edgelora.methods); has `name`
 
     def to_toml(self) -> str:
@@ -226,6 +218,7 @@ def resolve_data_paths(raw: dict[str, Any], folder: Path) -> None:
 
 def load_config(source: str | Path | dict | None = None) -> RunConfig:
     """Load and validate a run config from a TOML path, a TOML dict, or None (all defaults)."""
+    from .aggregation import aggregator_config_from_dict
     from .methods import method_config_from_dict
 
     if source is None:
@@ -243,7 +236,7 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
         model=from_dict(ModelConfig, raw.get("model"), "model"),
         data=from_dict(DataConfig, raw.get("data"), "data"),
         train=from_dict(TrainConfig, raw.get("train"), "train"),
-        aggregator=from_dict(AggregatorConfig, raw.get("aggregator"), "aggregator"),
+        aggregator=aggregator_config_from_dict(raw.get("aggregator")),
         method=method_config_from_dict(raw.get("method")),
     )
     check(cfg.server.devices_per_round <= cfg.data.num_devices, "server.devices_per_round",

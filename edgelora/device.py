@@ -15,9 +15,9 @@ from edgelora import codec
 
 from .config import DataConfig, ModelConfig
 from .data import Examples, device_examples
-from .models import build_model, load_base_model, load_tokenizer, masked_names, trainable_params, trainable_state
-from .sparsity import global_topk, mask_bool
-from .tasks import PhaseTimes, Structure, Task, Update, UploadFormat
+from .models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
+from .sparsity import global_topk
+from .tasks import PhaseTimes, Task, Update, UploadFormat
 from .training import train_local
 
 
@@ -25,26 +25,13 @@ class DownloadError(ValueError):
     """The task's payload does not fit this device's model (a server bug or a corrupted stream)."""
 
 
-class DeviceHost:
-    """One process's base model and built structure, shared by the virtual devices it hosts."""
+class DeviceHost(ModelHost):
+    """One process's base model, tokenizer and built structure, shared by the virtual devices it hosts."""
 
     def __init__(self, model: ModelConfig, torch_device: str = "cpu") -> None:
+        super().__init__(load_base_model(model.name, model.num_labels, model.head_seed), torch_device)
         self.model_cfg = model
-        self.torch_device = torch.device(torch_device)
         self.tokenizer = load_tokenizer(model.name)
-        self.base = load_base_model(model.name, model.num_labels, model.head_seed)
-        self._built: tuple[Structure, torch.nn.Module, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
-
-    def build(self, structure: Structure):
-        """(model, initial trainable state, boolean masks) for a structure, rebuilt only when it changes."""
-        if self._built is None or self._built[0] != structure:
-            model = build_model(self.base, structure).to(self.torch_device)
-            init = trainable_state(model)
-            shapes = {n: tuple(v.shape) for n, v in init.items()}
-            masks = {n: mask_bool(structure.mask_seed, n, shapes[n], structure.mask_density)
-                     for n in masked_names(model, structure)}
-            self._built = (structure, model, init, masks)
-        return self._built[1:]
 
 
 class DeviceTrainer:
@@ -58,7 +45,7 @@ class DeviceTrainer:
         self._pending_residual: dict[str, np.ndarray] | None = None
 
     def run(self, task: Task, payload: bytes, download_s: float = 0.0) -> Update:
-        model, init, masks = self.host.build(task.structure)
+        model, init, masks = self.host.prepare(task.structure)
         received = self._apply_download(model, init, payload)
         # Dropout draws from torch's global RNG: seed it per (task, device) so a run is reproducible, and the
         # simulator and a real deployment train identically.

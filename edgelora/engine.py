@@ -1,9 +1,11 @@
-"""One round's logic, with no transport: plan a task, validate and decode uploads, aggregate, step the
-method. The gRPC server (server/) and the in-process simulator drive the same engine."""
+"""One round's logic, with no transport: plan each device's task, validate and decode uploads against that
+device's own plan, aggregate, step the method. The gRPC coordinator (server/) and the in-process simulator
+drive the same Round; they only move bytes."""
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -11,21 +13,23 @@ import numpy as np
 
 from edgelora import codec
 
-from .aggregation import RunningMean, apply_aggregate
+from .aggregation import make_aggregator
 from .config import RunConfig
 from .data import partition_sizes
-from .methods import Method, ModelHost
-from .models import load_trainable_state, masked_names
+from .methods import Instruction, Method, ModelHost
+from .models import is_masked, load_trainable_state
+from .runlog import DeviceRecord, RoundRecord
 from .sparsity import topk_count
 from .state import ServerState
-from .tasks import Stage, Task, UploadFormat
+from .tasks import DeviceInfo, PhaseTimes, Stage, Task, UploadFormat
 
 
 log = logging.getLogger("edgelora.server")
 
 
 class UpdateRejected(Exception):
-    """An upload the server refuses. `code` maps to a gRPC status in the servicer:
+    """A request the server refuses. `code` travels to the device in the trailing metadata (protos.serde
+    REFUSAL_KEY) beside a gRPC status the servicer maps it to:
     invalid -> INVALID_ARGUMENT, precondition -> FAILED_PRECONDITION, exists -> ALREADY_EXISTS,
     exhausted -> RESOURCE_EXHAUSTED, unknown (device not registered) -> FAILED_PRECONDITION,
     unavailable -> UNAVAILABLE."""
@@ -37,11 +41,81 @@ class UpdateRejected(Exception):
 
 
 @dataclass(frozen=True)
-class RoundPlan:
-    task: Task
-    payload: bytes                       # codec bytes of the download, identical for every sampled device
+class DevicePlan:
+    """One device's round: its instruction, the encoded download, and what its upload must look like."""
+    instruction: Instruction
+    payload: bytes                       # codec bytes of the download (shared by devices with equal instructions)
     shapes: dict[str, tuple[int, ...]]   # the trainable tensors every upload must carry
     masked: frozenset[str]               # tensors that travel as Masked under an UploadFormat.MASKED rule
+
+    @property
+    def task(self) -> Task:
+        return self.instruction.task
+
+
+class Round:
+    """One round from sampling to aggregation, with no transport and no threads (the coordinator calls it
+    under its lock, except `check`, which only reads). Plans are made when the round opens, one per distinct
+    instruction, so every device's download is ready before any device asks."""
+
+    def __init__(self, engine: "RoundEngine", state: ServerState, sampled: list[str], rng_state: dict,
+                 devices: dict[str, DeviceInfo]) -> None:
+        self.engine = engine
+        self.state = state                   # the state the round starts from
+        self.number = state.round + 1
+        self.sampled = sampled
+        # Over-selection: the round closes at the K-th accepted upload, however many devices were sampled.
+        self.target = min(engine.run.server.devices_per_round, len(sampled))
+        self.rng_state = rng_state           # the sampler's state after this round's draw
+        self.record = RoundRecord(round=self.number, stage=stage_name(state.stage),
+                                  devices={d: DeviceRecord(d) for d in sampled})
+        self.agg = engine.aggregator.start()
+        self.done: set[str] = set()          # accepted uploads
+        self.in_flight: set[str] = set()     # uploads being received (coordinator)
+        self.handed_out: dict[str, int] = {}  # tasks given per device (coordinator: retries after refusals)
+        self.open = True
+        self.deadline = 0.0                  # time.monotonic() at which the coordinator closes the round
+        by_instruction: dict[Instruction, DevicePlan] = {}
+        self.plans: dict[str, DevicePlan] = {}
+        for d in sampled:
+            ins = engine.method.configure(state, devices[d])
+            if ins not in by_instruction:
+                by_instruction[ins] = engine.plan(state, ins)
+            self.plans[d] = by_instruction[ins]
+
+    @property
+    def full(self) -> bool:
+        """K updates have been accepted: nothing more is needed (the rest of an over-selected sample is late)."""
+        return len(self.done) >= self.target
+
+    def check(self, device_id: str, payload: bytes, num_examples: int) -> dict[str, np.ndarray]:
+        """The dense delta of an upload checked against this device's own plan, or UpdateRejected."""
+        self.engine.check_examples(device_id, num_examples)
+        return self.engine.decode_update(self.plans[device_id], payload)
+
+    def accept(self, device_id: str, delta: dict[str, np.ndarray], num_examples: int, train_loss: float,
+               times: PhaseTimes, wire_bytes: int) -> None:
+        self.agg.add(delta, self.engine.aggregator.weight(num_examples))
+        self.done.add(device_id)
+        rec = self.record.devices[device_id]
+        rec.status, rec.error = "completed", ""
+        rec.num_examples, rec.train_loss, rec.bytes_up = num_examples, train_loss, rec.bytes_up + wire_bytes
+        rec.download_s, rec.train_s, rec.encode_s, rec.upload_s = (times.download_s, times.train_s,
+                                                                    times.encode_s, times.upload_s)
+        rec.upload_done_at = time.time() - self.record.started_at
+
+    def reject(self, device_id: str, message: str, wire_bytes: int) -> None:
+        rec = self.record.devices[device_id]
+        rec.status, rec.error = "rejected", message
+        rec.bytes_up += wire_bytes
+
+    def close(self) -> None:
+        """No more uploads. A sampled device that never delivered is `late` when the round had its K updates
+        without it (over-selection), `dropped` otherwise."""
+        self.open = False
+        for d in self.sampled:
+            if d not in self.done and self.record.devices[d].status == "sampled":
+                self.record.devices[d].status = "late" if self.full else "dropped"
 
 
 class RoundEngine:
@@ -49,7 +123,7 @@ class RoundEngine:
         self.run = run
         self.method = method
         self.host = host
-        self.before_switch: ServerState | None = None  # set by finish() when the round ended a stage
+        self.aggregator = make_aggregator(run.aggregator)
 
     @cached_property
     def partition_sizes(self) -> list[int]:
@@ -67,19 +141,19 @@ class RoundEngine:
         params = self.method.init_params(self.host, stage)
         return ServerState(round=0, stage=stage, stage_start=1, params=params, rng=rng_state)
 
-    def plan(self, state: ServerState) -> RoundPlan:
-        m = self.method
-        structure = m.structure(state)
-        task = Task(round=state.round + 1, stage=state.stage, method=m.name, structure=structure,
-                    train=m.train_spec(state), upload=m.upload_rule(state), deadline_s=self.run.server.round_deadline_s)
-        download = m.download(state)
-        payload = codec.encode_bundle(download, value_type=task.upload.value_type)
-        model = self.host.build(structure)
-        shapes = {n: tuple(v.shape) for n, v in state.params.items()}
-        masked = frozenset(masked_names(model, structure)) if task.upload.format == UploadFormat.MASKED else frozenset()
-        return RoundPlan(task, payload, shapes, masked)
+    def open_round(self, state: ServerState, sampled: list[str], rng_state: dict,
+                   devices: dict[str, DeviceInfo]) -> Round:
+        return Round(self, state, sampled, rng_state, devices)
 
-    def decode_update(self, plan: RoundPlan, payload: bytes) -> dict[str, np.ndarray]:
+    def plan(self, state: ServerState, ins: Instruction) -> DevicePlan:
+        task = ins.task
+        payload = codec.encode_bundle(self.method.download(state, ins), value_type=task.upload.value_type)
+        shapes = {n: tuple(v.shape) for n, v in state.params.items()}
+        masked = frozenset(n for n in shapes if is_masked(n, task.structure)) \
+            if task.upload.format == UploadFormat.MASKED else frozenset()
+        return DevicePlan(ins, payload, shapes, masked)
+
+    def decode_update(self, plan: DevicePlan, payload: bytes) -> dict[str, np.ndarray]:
         """Validate an upload against the round's plan and return the dense delta, or raise UpdateRejected."""
         try:
             tensors = codec.decode_bundle(payload, max_elements=max(1, sum(math.prod(s) for s in plan.shapes.values())))
@@ -120,12 +194,12 @@ class RoundEngine:
         if rule.format == UploadFormat.TOPK:
             k = topk_count(sum(math.prod(s) for s in plan.shapes.values()), rule.density)
             if total_nnz > k:
-                raise UpdateRejected("invalid", f"top-k upload carries {total_nnz} entries; density "
-                                                f"{rule.density} allows {k}")
+                raise UpdateRejected("invalid", f"top-k upload carries {total_nnz} entries; this device's plan "
+                                                f"({plan.instruction.describe()}) allows {k}")
         return delta
 
     @staticmethod
-    def _expected_form(plan: RoundPlan, name: str) -> type:
+    def _expected_form(plan: DevicePlan, name: str) -> type:
         fmt = plan.task.upload.format
         if fmt == UploadFormat.TOPK:
             return codec.Sparse
@@ -133,34 +207,30 @@ class RoundEngine:
             return codec.Masked
         return codec.Dense
 
-    def finish(self, state: ServerState, agg: RunningMean | None, rng_state: dict) -> ServerState:
-        """Aggregate what arrived (None = round abandoned: weights unchanged) and let the method step."""
-        mean = None
+    def finish(self, state: ServerState, agg, rng_state: dict) -> tuple[ServerState, ServerState | None]:
+        """Aggregate what arrived (None = round abandoned: weights unchanged) and let the method step.
+        Returns the new state, and the aggregated state before a stage switch replaced it (SLoRA's priming),
+        so the round can report the accuracy on both sides; None when no stage ended."""
+        aggregated = False
         params, opt_state = state.params, state.opt_state
         if agg is not None and agg.count:
-            mean = agg.mean()
-            params, opt_state = apply_aggregate(params, mean, opt_state, self.run.aggregator)
-            if not all(np.isfinite(v).all() for v in params.values()):  # never commit a broken model
+            params, opt_state = self.aggregator.finish(params, agg, opt_state)
+            aggregated = all(np.isfinite(v).all() for v in params.values())
+            if not aggregated:  # never commit a broken model
                 log.warning("round %d: the aggregate is not finite; weights left unchanged", state.round + 1)
-                mean, params, opt_state = None, state.params, state.opt_state
+                params, opt_state = state.params, state.opt_state
         new = state.replace(round=state.round + 1, params=params, opt_state=opt_state, rng=rng_state)
-        aggregated = new
-        new = self.method.after_round(new, self.host, mean)
-        # A stage switch (SLoRA's priming) replaces the weights: keep the state it started from, so the round
-        # can report the accuracy on both sides of the switch.
-        self.before_switch = aggregated if new.stage != aggregated.stage else None
+        before = new
+        new = self.method.after_round(new, self.host, aggregated)
         if new.round >= self.run.server.rounds:
             new = new.replace(finished=True)
-        return new
+        return new, (before if new.stage != before.stage else None)
 
     def model_for(self, state: ServerState):
         """The server's model holding the global weights (for evaluation and saving)."""
         model = self.host.build(self.method.structure(state))
         load_trainable_state(model, state.params)
         return model
-
-    def weight(self, num_examples: int) -> float:
-        return float(num_examples) if self.run.aggregator.weighted else 1.0
 
 
 def stage_name(stage: Stage) -> str:

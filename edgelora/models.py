@@ -170,6 +170,34 @@ def build_model(base: nn.Module, structure: Structure) -> nn.Module:
     return model
 
 
+class ModelHost:
+    """W0 and the model built on it for one structure at a time, rebuilt only when the structure changes.
+    The server's host (initial weights, priming, evaluation) and a device's (training) are this one class."""
+
+    def __init__(self, base: nn.Module, torch_device: str | torch.device = "cpu") -> None:
+        self.torch_device = torch.device(torch_device)
+        self.base = base.to(self.torch_device)
+        self._built: tuple[Structure, nn.Module] | None = None
+        self._prepared: tuple[Structure, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+
+    def build(self, structure: Structure) -> nn.Module:
+        if self._built is None or self._built[0] != structure:
+            self._built = (structure, build_model(self.base, structure).to(self.torch_device))
+        return self._built[1]
+
+    def prepare(self, structure: Structure) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(model, its trainable state as built, the boolean masks of its masked tensors) for training."""
+        from .sparsity import mask_bool
+
+        model = self.build(structure)
+        if self._prepared is None or self._prepared[0] != structure:
+            init = trainable_state(model)
+            masks = {n: mask_bool(structure.mask_seed, n, tuple(init[n].shape), structure.mask_density)
+                     for n in masked_names(model, structure)}
+            self._prepared = (structure, init, masks)
+        return model, self._prepared[1], self._prepared[2]
+
+
 def _is_head(name: str) -> bool:
     return any(p in name.split(".") for p in HEAD_PATTERNS)
 
@@ -200,18 +228,21 @@ def load_trainable_state(model: nn.Module, state: dict[str, np.ndarray]) -> None
 
 def masked_names(model: nn.Module, structure: Structure) -> list[str]:
     """Trainable tensors the structure's sparse mask applies to (everything but dense_patterns)."""
-    if structure.mask_density <= 0:
-        return []
-    return [n for n in trainable_params(model) if not matches_any(n, structure.dense_patterns)]
+    return [n for n in trainable_params(model) if is_masked(n, structure)]
+
+
+def is_masked(name: str, structure: Structure) -> bool:
+    """The one rule for which trainable tensors a structure's sparse mask covers: all but dense_patterns."""
+    return structure.mask_density > 0 and not matches_any(name, structure.dense_patterns)
 
 
 @dataclass(frozen=True)
-class DeviceInfo:
+class HardwareInfo:
     hardware: str
     versions: dict[str, str]
 
 
-def device_info(torch_device: str) -> DeviceInfo:
+def hardware_info(torch_device: str) -> HardwareInfo:
     import platform
 
     import peft
@@ -220,5 +251,5 @@ def device_info(torch_device: str) -> DeviceInfo:
     hw = f"{platform.machine()} {os.cpu_count()} cpu"
     if torch_device.startswith("cuda") and torch.cuda.is_available():
         hw += f", {torch.cuda.get_device_name(0)}"
-    return DeviceInfo(hw, {"torch": torch.__version__, "transformers": transformers.__version__,
+    return HardwareInfo(hw, {"torch": torch.__version__, "transformers": transformers.__version__,
                            "peft": peft.__version__, "python": platform.python_version()})

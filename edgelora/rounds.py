@@ -6,14 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .aggregation import RunningMean
 from .config import RunConfig
 from .data import held_out_examples, with_num_labels
-from .engine import RoundEngine
+from .engine import Round, RoundEngine
 from .methods import ModelHost, make_method
 from .models import load_base_model, load_tokenizer
-from .runlog import RoundRecord, RunFolder, read_records
+from .runlog import RunFolder, read_records
+from .sampling import sample_devices
 from .state import ServerState, load_state, save_state
+from .tasks import DeviceInfo
 from .training import evaluate
 
 log = logging.getLogger("edgelora.server")
@@ -44,22 +45,31 @@ class ServerRun:
         return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.base.device,
                         precision=self.run.train.precision)
 
-    def close_round(self, agg: RunningMean | None, rng_state: dict, rec: RoundRecord) -> ServerState:
+    def device_info(self, device_id: str) -> DeviceInfo:
+        """What the server knows of a device when its task is planned."""
+        return DeviceInfo(device_id)
+
+    def open_round(self, live: list[str]) -> Round:
+        """Sample this round's devices from `live` (the checkpointed sampler) and plan each one's task."""
+        sampled, rng_state = sample_devices(live, self.state.rng, self.run.server.sampled_per_round)
+        return self.engine.open_round(self.state, sampled, rng_state, {d: self.device_info(d) for d in sampled})
+
+    def close_round(self, rnd: Round) -> ServerState:
         """Aggregate if enough devices reported, evaluate when due, then persist; returns the new state
         (the caller installs it, the coordinator under its lock).
 
         Order matters for crash safety: the metrics row and the final model are written before the state, so
         a crash in between re-runs the round on resume (RunFolder drops rows past the saved round) instead of
         losing its row or its adapter."""
-        cfg, state = self.run.server, self.state
-        aggregated = agg is not None and agg.count >= cfg.min_devices
-        new_state = self.engine.finish(state, agg if aggregated else None, rng_state)
+        cfg, state, rec = self.run.server, self.state, rnd.record
+        rnd.close()
+        aggregated = rnd.agg.count >= cfg.min_devices
+        new_state, before_switch = self.engine.finish(state, rnd.agg if aggregated else None, rnd.rng_state)
         rec.aggregated = aggregated and new_state.params is not state.params
         if new_state.round % cfg.eval_every == 0 or new_state.finished:
             rec.accuracy, rec.loss = self.evaluate(self.engine.model_for(new_state))
-        if self.engine.before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it
-            rec.accuracy_before_switch, rec.loss_before_switch = self.evaluate(
-                self.engine.model_for(self.engine.before_switch))
+        if before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it
+            rec.accuracy_before_switch, rec.loss_before_switch = self.evaluate(self.engine.model_for(before_switch))
         rec.close()
         self.folder.append(rec)
         if new_state.finished:

@@ -13,15 +13,12 @@ import logging
 import time
 from pathlib import Path
 
-from .aggregation import RunningMean
 from .config import RunConfig
 from .device import DeviceHost, DeviceTrainer, DownloadError
-from .engine import RoundPlan, UpdateRejected, stage_name
+from .engine import DevicePlan, UpdateRejected
 from .protos import edgelora_pb2 as pb
 from .protos import serde
 from .rounds import ServerRun
-from .runlog import DeviceRecord, RoundRecord
-from .sampling import sample_devices
 from .state import ServerState
 from .tasks import PhaseTimes, Task, Update
 
@@ -52,7 +49,7 @@ class Simulator(ServerRun):
         return self.trainers[device_id]
 
     # -- the wire, without sockets ---------------------------------------------------------------------------
-    def send_task(self, plan: RoundPlan) -> tuple[Task, bytes, int]:
+    def send_task(self, plan: DevicePlan) -> tuple[Task, bytes, int]:
         """What FetchTask streams: header + payload chunks; returns what the device parses and the bytes."""
         header = serde.task_to_proto(plan.task, len(plan.payload))
         wire, task, parts = 0, None, []
@@ -94,35 +91,28 @@ class Simulator(ServerRun):
         return self.state
 
     def run_one_round(self) -> None:
-        cfg = self.run.server
-        sampled, rng_state = sample_devices(self.devices, self.state.rng, cfg.devices_per_round)
-        plan = self.engine.plan(self.state)
-        rec = RoundRecord(round=plan.task.round, stage=stage_name(self.state.stage),
-                          devices={d: DeviceRecord(d) for d in sampled})
-        agg = RunningMean()
-        for d in sampled:  # aggregated in sampled (numeric id) order, as one client hosting them all uploads
-            r = rec.devices[d]
-            r.task_sent_at = time.time() - rec.started_at
+        rnd = self.open_round(self.devices)
+        for d in rnd.sampled:  # aggregated in sampled (numeric id) order, as one client hosting them all uploads
+            if rnd.full:  # over-selection: K updates arrived; the rest of the sample is late
+                break
+            r = rnd.record.devices[d]
+            r.task_sent_at = time.time() - rnd.record.started_at
             t0 = time.perf_counter()
-            task, payload, r.bytes_down = self.send_task(plan)
+            task, payload, r.bytes_down = self.send_task(rnd.plans[d])
             try:
                 update = self.trainer(d).run(task, payload, time.perf_counter() - t0)
             except DownloadError as e:
                 r.status, r.error = "dropped", str(e)
                 continue
-            body, r.bytes_up, num_examples, times = self.send_update(update)
+            body, bytes_up, num_examples, times = self.send_update(update)
             try:
-                self.engine.check_examples(d, num_examples)
-                delta = self.engine.decode_update(plan, body)
+                delta = rnd.check(d, body, num_examples)
             except UpdateRejected as e:
-                r.status, r.error = "rejected", e.message
+                rnd.reject(d, e.message, bytes_up)
                 continue
-            agg.add(delta, self.engine.weight(num_examples))
+            rnd.accept(d, delta, num_examples, update.train_loss, times, bytes_up)
             self.trainer(d).accepted()
-            r.status, r.num_examples, r.train_loss = "completed", num_examples, update.train_loss
-            r.download_s, r.train_s, r.encode_s = times.download_s, times.train_s, times.encode_s
-            r.upload_done_at = time.time() - rec.started_at
-        self.state = self.close_round(agg, rng_state, rec)
+        self.state = self.close_round(rnd)
 
 
 def simulate(run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,

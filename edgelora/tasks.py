@@ -85,6 +85,16 @@ class Task:
 
 
 @dataclass(frozen=True)
+class DeviceInfo:
+    """What the server knows of a device when a method plans its task (Flower's ClientProxy): its tier
+    (given by the device, or assigned by the server), and the link rates measured in its earlier rounds."""
+    device_id: str
+    tier: int | None = None          # None: the device gave none (a method may assign one)
+    uplink_bps: float = 0.0          # bits per second measured on its last upload (0: not yet measured)
+    downlink_bps: float = 0.0        # bits per second measured on its last download (0: not yet measured)
+
+
+@dataclass(frozen=True)
 class PhaseTimes:
     download_s: float = 0.0
     train_s: float = 0.0

@@ -196,7 +196,7 @@ class RunSpecRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("device_id", "hardware", "versions", "model_fingerprint", "tokenizer_fingerprint", "data_error")
+    __slots__ = ("device_id", "hardware", "versions", "model_fingerprint", "tokenizer_fingerprint", "data_error", "tier")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,13 +210,15 @@ class RegisterRequest(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DATA_ERROR_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     hardware: str
     versions: _containers.ScalarMap[str, str]
     model_fingerprint: str
     tokenizer_fingerprint: str
     data_error: str
-    def __init__(self, device_id: _Optional[str] = ..., hardware: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., model_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., data_error: _Optional[str] = ...) -> None: ...
+    tier: int
+    def __init__(self, device_id: _Optional[str] = ..., hardware: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., model_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., data_error: _Optional[str] = ..., tier: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("run_id", "heartbeat_s", "num_examples")

@@ -120,3 +120,21 @@ def chunks(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):
     view = memoryview(payload)
     for start in range(0, len(payload), chunk_bytes):
         yield chunk_cls(data=bytes(view[start:start + chunk_bytes]))
+
+
+# Refusals travel as a gRPC status plus a typed code in the trailing metadata, so a device decides by the
+# code (e.g. "unknown": register again) and never by the text of the message.
+REFUSAL_KEY = "edgelora-refusal"
+
+
+def refusal_metadata(code: str) -> tuple[tuple[str, str], ...]:
+    return ((REFUSAL_KEY, code),)
+
+
+def refusal_code(error) -> str:
+    """The typed refusal code of a grpc.RpcError from the coordinator ("" when it carries none)."""
+    try:
+        md = error.trailing_metadata() or ()
+    except Exception:  # an error raised before any reply (e.g. the channel never connected)
+        return ""
+    return next((v for k, v in md if k == REFUSAL_KEY), "")

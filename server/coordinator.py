@@ -6,19 +6,15 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgelora.aggregation import RunningMean
 from edgelora.config import RunConfig
 from edgelora.device import is_device_id
-from edgelora.engine import RoundPlan, UpdateRejected, stage_name
+from edgelora.engine import Round, UpdateRejected
 from edgelora.models import fingerprint_model, fingerprint_tokenizer
 from edgelora.rounds import ServerRun
-from edgelora.runlog import DeviceRecord, RoundRecord
-from edgelora.sampling import sample_devices
 from edgelora.state import ServerState
-from edgelora.tasks import PhaseTimes
+from edgelora.tasks import DeviceInfo, PhaseTimes
 
 from .registry import DeviceRegistry
 
@@ -29,26 +25,13 @@ log = logging.getLogger("edgelora.server")
 MAX_TASKS_PER_ROUND = 3
 
 
-@dataclass
-class ActiveRound:
-    plan: RoundPlan
-    sampled: list[str]
-    record: RoundRecord
-    agg: RunningMean = field(default_factory=RunningMean)
-    in_flight: set[str] = field(default_factory=set)   # uploads being received right now
-    done: set[str] = field(default_factory=set)        # accepted uploads
-    open: bool = True
-    deadline: float = 0.0                              # time.monotonic() at which the round closes
-    handed_out: dict[str, int] = field(default_factory=dict)  # tasks given per device (retries after refusals)
-
-
 class Coordinator(ServerRun):
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False) -> None:
         super().__init__(run, run_dir, resume)
         self.registry = DeviceRegistry(self.run.server.device_timeout_s)
         self.model_fingerprint = fingerprint_model(self.base)
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
-        self.round: ActiveRound | None = None
+        self.round: Round | None = None
         self.cond = threading.Condition()
         self._decoding = threading.BoundedSemaphore(2)
         self.stopping = False
@@ -56,7 +39,7 @@ class Coordinator(ServerRun):
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
     def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str,
-                 data_error: str = "") -> None:
+                 data_error: str = "", tier: int | None = None) -> None:
         if not is_device_id(device_id) or int(device_id) >= self.run.data.num_devices:
             raise UpdateRejected("invalid", f"device id {device_id!r} is not a partition index in "
                                             f"0..{self.run.data.num_devices - 1}")
@@ -72,8 +55,12 @@ class Coordinator(ServerRun):
         if tok_fp != self.tokenizer_fingerprint:
             raise UpdateRejected("precondition", f"tokenizer fingerprint differs: device {tok_fp[:12]}, server "
                                                  f"{self.tokenizer_fingerprint[:12]}")
-        if self.registry.register(device_id, hardware, versions):
-            log.info("device %s registered (%s)", device_id, hardware)
+        tiers = self.engine.method.tiers()
+        if tier is not None and not 0 <= tier < tiers:
+            raise UpdateRejected("invalid", f"device {device_id} gives tier {tier}, but this run plans for "
+                                            f"{tiers} tier(s): 0..{tiers - 1} (method.tiers)")
+        if self.registry.register(device_id, hardware, versions, tier):
+            log.info("device %s registered (%s%s)", device_id, hardware, "" if tier is None else f", tier {tier}")
         with self.cond:
             self.cond.notify_all()
 
@@ -81,7 +68,7 @@ class Coordinator(ServerRun):
         self._known(device_id)
         return self.state
 
-    def next_task(self, device_id: str, wait_s: float) -> tuple[str, ActiveRound | None]:
+    def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None]:
         """('train', round) | ('wait', None) | ('stop', None), holding the call up to wait_s."""
         self._known(device_id)
         deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
@@ -92,7 +79,7 @@ class Coordinator(ServerRun):
                 if self.stopping:  # unfinished: devices back off and reconnect to a resumed server
                     raise UpdateRejected("unavailable", "the coordinator is shutting down; retry later")
                 r = self.round
-                if r is not None and r.open and device_id in r.sampled and device_id not in r.done \
+                if r is not None and r.open and not r.full and device_id in r.sampled and device_id not in r.done \
                         and device_id not in r.in_flight and r.handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND:
                     r.handed_out[device_id] = r.handed_out.get(device_id, 0) + 1
                     rec = r.record.devices[device_id]
@@ -103,16 +90,18 @@ class Coordinator(ServerRun):
                     return "wait", None
                 self.cond.wait(left)
 
-    def count_download(self, r: ActiveRound, device_id: str, nbytes: int) -> None:
+    def count_download(self, r: Round, device_id: str, nbytes: int) -> None:
         with self.cond:
             r.record.devices[device_id].bytes_down += nbytes
 
-    def begin_upload(self, device_id: str, round_id: int) -> ActiveRound:
+    def begin_upload(self, device_id: str, round_id: int) -> Round:
         self._known(device_id)
         with self.cond:
             r = self.round
-            if r is None or not r.open or r.plan.task.round != round_id:
-                current = r.plan.task.round if r is not None and r.open else "none"
+            if r is not None and r.number == round_id and (not r.open or r.full) and device_id in r.sampled:
+                raise UpdateRejected("precondition", self._closed(r))
+            if r is None or not r.open or r.number != round_id:
+                current = r.number if r is not None and r.open else "none"
                 raise UpdateRejected("precondition", f"update for round {round_id}, but the open round is {current}")
             if device_id not in r.sampled:
                 raise UpdateRejected("precondition", f"device {device_id} was not sampled in round {round_id}")
@@ -120,39 +109,32 @@ class Coordinator(ServerRun):
                 raise UpdateRejected("exists", f"device {device_id} already uploaded for round {round_id}")
             if device_id in r.in_flight:
                 raise UpdateRejected("exists", f"device {device_id} has an upload for round {round_id} in progress")
+            if r.full:
+                raise UpdateRejected("precondition", self._closed(r))
             r.in_flight.add(device_id)
             return r
 
-    def finish_upload(self, r: ActiveRound, device_id: str, payload: bytes | None, num_examples: int,
+    def finish_upload(self, r: Round, device_id: str, payload: bytes | None, num_examples: int,
                       train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "") -> None:
         """Validate and aggregate an upload (payload None: the stream failed). Raises UpdateRejected."""
         try:
             if payload is None:
                 raise UpdateRejected("invalid", error or "upload failed")
-            self.engine.check_examples(device_id, num_examples)
             with self._decoding:  # a few decodes at a time: memory stays bounded however many devices upload
-                delta = self.engine.decode_update(r.plan, payload)
+                delta = r.check(device_id, payload, num_examples)
         except UpdateRejected as e:
             with self.cond:
                 r.in_flight.discard(device_id)
-                rec = r.record.devices[device_id]
-                rec.status, rec.error = "rejected", e.message
-                rec.bytes_up += wire_bytes
+                r.reject(device_id, e.message, wire_bytes)
             raise
         with self.cond:
             r.in_flight.discard(device_id)
-            if not r.open:
-                raise UpdateRejected("precondition", f"round {r.plan.task.round} closed before the upload finished")
-            r.agg.add(delta, self.engine.weight(num_examples))
-            r.done.add(device_id)
-            rec = r.record.devices[device_id]
-            rec.status, rec.error = "completed", ""
-            rec.num_examples, rec.train_loss, rec.bytes_up = num_examples, train_loss, rec.bytes_up + wire_bytes
-            rec.download_s, rec.train_s, rec.encode_s, rec.upload_s = (times.download_s, times.train_s,
-                                                                        times.encode_s, times.upload_s)
-            rec.upload_done_at = time.time() - r.record.started_at
+            if not r.open or r.full:
+                r.reject(device_id, self._closed(r), wire_bytes)
+                raise UpdateRejected("precondition", self._closed(r))
+            r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes)
             if self.run.server.save_updates:
-                self._save_update(r.plan.task.round, device_id, payload, num_examples)
+                self._save_update(r.number, device_id, payload, num_examples)
             self.cond.notify_all()
 
     # -- the driver ------------------------------------------------------------------------------------------
@@ -184,42 +166,44 @@ class Coordinator(ServerRun):
                                        f"server.registration_timeout_s = {self.run.server.registration_timeout_s}")
                 self.cond.wait(min(left, 1.0))
 
-    def _sample(self) -> tuple[list[str], dict]:
-        return sample_devices(self.registry.live(), self.state.rng, self.run.server.devices_per_round)
+    def device_info(self, device_id: str) -> DeviceInfo:
+        entry = self.registry.entry(device_id)
+        return DeviceInfo(device_id, tier=entry.tier if entry is not None else None)
 
     def _run_one_round(self) -> None:
         cfg = self.run.server
         self._wait_for_devices(cfg.min_devices)
-        sampled, rng_state = self._sample()
-        plan = self.engine.plan(self.state)
-        rec = RoundRecord(round=plan.task.round, stage=stage_name(self.state.stage),
-                          devices={d: DeviceRecord(d) for d in sampled})
+        r = self.open_round(self.registry.live())
         if cfg.save_updates:  # the weights this round starts from, as sent: lets anyone re-check the FedAvg
-            d = self.folder.path / "updates" / f"round_{plan.task.round:04d}"
+            d = self.folder.path / "updates" / f"round_{r.number:04d}"
             shutil.rmtree(d, ignore_errors=True)  # a round re-run after a crash starts clean
             d.mkdir(parents=True)
-            (d / "download.elb").write_bytes(plan.payload)
-        deadline = time.monotonic() + cfg.round_deadline_s
+            if len({p.payload for p in r.plans.values()}) == 1:  # every device got the same download
+                (d / "download.elb").write_bytes(next(iter(r.plans.values())).payload)
+            else:
+                for device_id, plan in r.plans.items():
+                    (d / f"download_{device_id}.elb").write_bytes(plan.payload)
+        r.deadline = time.monotonic() + cfg.round_deadline_s
         with self.cond:
-            self.round = ActiveRound(plan, sampled, rec, deadline=deadline)
+            self.round = r
             self.cond.notify_all()
-        log.info("round %d: sampled %s", plan.task.round, sampled)
+        log.info("round %d: sampled %s", r.number, r.sampled)
         with self.cond:
-            r = self.round
-            while len(r.done) < len(sampled) and time.monotonic() < deadline and not self.stopping:
-                self.cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-            r.open = False
-            for d in sampled:
-                if d not in r.done and r.record.devices[d].status == "sampled":
-                    r.record.devices[d].status = "dropped"
+            while not r.full and time.monotonic() < r.deadline and not self.stopping:
+                if self._all_outstanding_offline(r):
+                    log.warning("round %d: every device it still waits for (%s) is offline; closing it now",
+                                r.number, ", ".join(d for d in r.sampled if d not in r.done))
+                    break
+                self.cond.wait(min(1.0, max(0.0, r.deadline - time.monotonic())))
+            r.close()
             self.cond.notify_all()
         if self.stopping:  # interrupted mid-round: keep the last saved state, the round re-runs on resume
-            log.warning("round %d interrupted; it re-runs on --resume", plan.task.round)
+            log.warning("round %d interrupted; it re-runs on --resume", r.number)
             return
         if len(r.done) < cfg.min_devices:
-            log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d)", plan.task.round,
-                        len(r.done), len(sampled), cfg.min_devices)
-        new_state = self.close_round(r.agg, rng_state, rec)
+            log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d)", r.number,
+                        len(r.done), len(r.sampled), cfg.min_devices)
+        new_state = self.close_round(r)
         if new_state.finished:
             log.info("saved the final model in %s", self.folder.path)
         with self.cond:
@@ -227,6 +211,17 @@ class Coordinator(ServerRun):
             self.cond.notify_all()
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def _all_outstanding_offline(self, r: Round) -> bool:
+        """No upload under way and every sampled device without an accepted one has stopped heartbeating."""
+        live = set(self.registry.live())
+        return not r.in_flight and all(d in r.done or d not in live for d in r.sampled)
+
+    @staticmethod
+    def _closed(r: Round) -> str:
+        if r.full and r.target < len(r.sampled):
+            return f"round {r.number} closed: its {r.target} updates have arrived (over-selection)"
+        return f"round {r.number} has closed (deadline passed, or every device it waited for went offline)"
+
     def _known(self, device_id: str) -> None:
         if not self.registry.touch(device_id):
             raise UpdateRejected("unknown", f"device {device_id!r} is not registered")

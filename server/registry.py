@@ -5,12 +5,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from edgelora.sampling import device_sort_key
+
 
 @dataclass
 class DeviceEntry:
     device_id: str
     hardware: str
     versions: dict[str, str]
+    tier: int | None = None
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -21,12 +24,16 @@ class DeviceRegistry:
         self._devices: dict[str, DeviceEntry] = {}
         self._lock = threading.Lock()
 
-    def register(self, device_id: str, hardware: str, versions: dict[str, str]) -> bool:
+    def register(self, device_id: str, hardware: str, versions: dict[str, str], tier: int | None = None) -> bool:
         """Add or refresh a device; True when it was new."""
         with self._lock:
             new = device_id not in self._devices
-            self._devices[device_id] = DeviceEntry(device_id, hardware, dict(versions))
+            self._devices[device_id] = DeviceEntry(device_id, hardware, dict(versions), tier)
             return new
+
+    def entry(self, device_id: str) -> DeviceEntry | None:
+        with self._lock:
+            return self._devices.get(device_id)
 
     def touch(self, device_id: str) -> bool:
         with self._lock:
@@ -48,8 +55,4 @@ class DeviceRegistry:
         now = time.monotonic()
         with self._lock:
             return sorted((d.device_id for d in self._devices.values() if now - d.last_seen <= self.timeout_s),
-                          key=_id_key)
-
-
-def _id_key(device_id: str):
-    return (0, int(device_id), "") if device_id.isdigit() else (1, 0, device_id)
+                          key=device_sort_key)

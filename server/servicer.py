@@ -27,6 +27,7 @@ STATUS = {
 
 def _abort(context: grpc.ServicerContext, e: UpdateRejected, what: str) -> None:
     log.warning("%s refused: %s", what, e.message)
+    context.set_trailing_metadata(serde.refusal_metadata(e.code))
     context.abort(STATUS[e.code], e.message)
 
 
@@ -44,7 +45,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Register(self, request, context):
         try:
             self.coord.register(request.device_id, request.hardware, dict(request.versions),
-                                request.model_fingerprint, request.tokenizer_fingerprint, request.data_error)
+                                request.model_fingerprint, request.tokenizer_fingerprint, request.data_error,
+                                request.tier if request.HasField("tier") else None)
         except UpdateRejected as e:
             _abort(context, e, f"register {request.device_id!r}")
         return pb.RegisterReply(run_id=self.spec.run_id, heartbeat_s=self.coord.run.server.heartbeat_s)
@@ -65,9 +67,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             k = pb.TaskHeader.STOP if kind == "stop" else pb.TaskHeader.WAIT
             yield pb.TaskChunk(header=pb.TaskHeader(kind=k, round=self.coord.state.round))
             return
-        header = serde.task_to_proto(r.plan.task, len(r.plan.payload))
+        plan = r.plans[request.device_id]
+        header = serde.task_to_proto(plan.task, len(plan.payload))
         header.deadline_s = max(0.0, r.deadline - time.monotonic())  # what is left of the round, not its length
-        for chunk in serde.chunks(header, pb.TaskChunk, r.plan.payload, self.coord.run.server.chunk_bytes):
+        for chunk in serde.chunks(header, pb.TaskChunk, plan.payload, self.coord.run.server.chunk_bytes):
             self.coord.count_download(r, request.device_id, chunk.ByteSize())
             yield chunk
         r.record.devices[request.device_id].download_done_at = time.time() - r.record.started_at

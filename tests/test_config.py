@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from edgelora.config import load_config
@@ -22,10 +24,20 @@ def test_defaults_are_the_demo_setting():
     ({"method": {"name": "nope"}}, "method.name"),
     ({"servers": {}}, "unknown section"),
     ({"server": {"devices_per_round": 5}}, "server.devices_per_round"),
+    ({"aggregator": {"name": "krum"}}, "aggregator.name"),
+    ({"aggregator": {"name": "fedadam", "lr": 0}}, "aggregator.lr"),
+    ({"aggregator": {"name": "fedavg", "lr": 0.01}}, "unknown key(s) ['lr']"),  # fedavg has no server lr
 ])
 def test_errors_name_the_field(raw, field):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(raw)
+
+
+def test_run_folders_written_before_the_aggregator_registry_still_load():
+    """They carry FedAdam's fields under fedavg, at their defaults: dropped, so resume and sweeps go on."""
+    old = {"aggregator": {"name": "fedavg", "lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-08,
+                          "weight_decay": 0.0, "weighted": False}}
+    assert load_config(old).aggregator == load_config({"aggregator": {"name": "fedavg", "weighted": False}}).aggregator
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):

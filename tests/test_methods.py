@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import subprocess
 import sys
 
@@ -13,12 +14,14 @@ import torch
 from edgelora import codec
 from edgelora.config import load_config
 from edgelora.device import DeviceHost, DeviceTrainer
-from edgelora.engine import RoundEngine
+from edgelora.configtools import ConfigError
+from edgelora.engine import RoundEngine, UpdateRejected
 from edgelora.methods import METHODS, ModelHost, make_method
 from edgelora.methods.priming import svd_prime_lora
 from edgelora.models import build_model, load_base_model, trainable_state
 from edgelora.sparsity import mask_bool, topk_count
-from edgelora.tasks import LoraSpec, Structure, StructureKind
+from edgelora.state import ServerState
+from edgelora.tasks import DeviceInfo, LoraSpec, Stage, Structure, StructureKind
 
 from .conftest import tiny_raw
 
@@ -99,7 +102,7 @@ def test_slora_switch_primes_lora_and_carries_the_head(tiny_base):
     rng = np.random.default_rng(2)
     w1 = {n: v + rng.normal(scale=0.01, size=v.shape).astype(np.float32) for n, v in state.params.items()}
     new = engine.method.after_round(state.replace(round=1, params=w1, opt_state={"step": np.ones(1)}),
-                                    engine.host, None)
+                                    engine.host, False)
     assert new.stage.name == "LORA" and new.stage_start == 2 and new.opt_state == {}
     head = "base_model.model.classifier.modules_to_save.default.weight"
     np.testing.assert_array_equal(new.params[head], w1["classifier.weight"])
@@ -111,8 +114,9 @@ def test_slora_switch_primes_lora_and_carries_the_head(tiny_base):
                                _rank_r(d, 4), atol=1e-6)
 
 
-def _flasc_engine(**method):
-    raw = tiny_raw(method={"name": "flasc", "lora": {"rank": 4, "alpha": 8.0}, **method})
+def _flasc_engine(num_devices: int = 2, **method):
+    raw = tiny_raw(method={"name": "flasc", "lora": {"rank": 4, "alpha": 8.0}, **method},
+                   data={"num_devices": num_devices})
     run = load_config(raw)
     run = run.replace(model=type(run.model)(name="tiny-bert", num_labels=20, max_seq_len=32))
     return run, RoundEngine(run, make_method(run), ModelHost(load_base_model("tiny-bert", 20, 0)))
@@ -135,7 +139,7 @@ def test_flasc_payloads_hold_exactly_ceil_dn_largest_entries_both_ways():
     rng = np.random.default_rng(3)
     state = engine.init_state(np.random.PCG64(0).state)
     state = state.replace(params={n: rng.normal(size=v.shape).astype(np.float32) for n, v in state.params.items()})
-    plan = engine.plan(state)
+    plan = engine.plan(state, engine.method.configure(state, DeviceInfo("0")))
     down = codec.decode_bundle(plan.payload)
     assert all(isinstance(t, codec.Sparse) for t in down.values())
     _assert_topk(down, state.params, 0.3)
@@ -143,7 +147,7 @@ def test_flasc_payloads_hold_exactly_ceil_dn_largest_entries_both_ways():
     host = DeviceHost(run.model)
     trainer = DeviceTrainer("0", host, run.data)
     update = trainer.run(plan.task, plan.payload)
-    model, _, _ = host.build(plan.task.structure)
+    model = host.build(plan.task.structure)
     received = {n: codec.to_dense(n, t) for n, t in down.items()}
     delta = {n: v - received[n] for n, v in trainable_state(model).items()}
     up = codec.decode_bundle(update.payload)
@@ -151,12 +155,62 @@ def test_flasc_payloads_hold_exactly_ceil_dn_largest_entries_both_ways():
     assert engine.decode_update(plan, update.payload)  # and the server accepts it
 
 
+def test_flasc_tiers_plan_each_device_and_hold_each_upload_to_its_own_plan():
+    """3 tiers (FLASC's heterogeneous setting): tier i of 3 gets densities / 4^(2-i), tier = index mod 3 when
+    the device gives none; every payload holds exactly ceil(d_tier x N) entries both ways, devices of one tier
+    share one download, and an upload with more entries than its device's plan allows is refused by name."""
+    run, engine = _flasc_engine(num_devices=5, download_density=0.5, upload_density=0.25, tiers=3)
+    state = engine.init_state(np.random.PCG64(0).state)
+    rng = np.random.default_rng(5)
+    state = state.replace(params={n: rng.normal(size=v.shape).astype(np.float32) for n, v in state.params.items()})
+    n = sum(v.size for v in state.params.values())
+    devices = {d: DeviceInfo(d) for d in ("0", "1", "2", "3")} | {"4": DeviceInfo("4", tier=2)}
+    rnd = engine.open_round(state, list(devices), {}, devices)
+    expect = {"0": 0, "1": 1, "2": 2, "3": 0, "4": 2}
+    assert {d: p.instruction.tier for d, p in rnd.plans.items()} == expect
+    assert rnd.plans["0"] is rnd.plans["3"] and rnd.plans["2"] is rnd.plans["4"]  # one download per tier
+    host = DeviceHost(run.model)
+    uploads = {}
+    for d in ("0", "1", "2"):
+        tier, plan = expect[d], rnd.plans[d]
+        down_d, up_d = 0.5 / 4 ** (2 - tier), 0.25 / 4 ** (2 - tier)
+        assert plan.instruction.download_density == down_d and plan.task.upload.density == up_d
+        down = codec.decode_bundle(plan.payload)
+        assert sum(len(t.indices) for t in down.values()) == math.ceil(down_d * n)
+        uploads[d] = DeviceTrainer(d, host, run.data).run(plan.task, plan.payload).payload
+        up = codec.decode_bundle(uploads[d])
+        assert sum(len(t.indices) for t in up.values()) == math.ceil(up_d * n)
+        assert rnd.check(d, uploads[d], engine.partition_sizes[int(d)])  # accepted against its own plan
+    with pytest.raises(UpdateRejected, match=r"this device's plan \(tier 0, download density 0.03125, upload "
+                                             r"density 0.015625\) allows"):
+        rnd.check("0", uploads["2"], engine.partition_sizes[0])  # tier 2's upload is 16x denser than tier 0 may send
+
+
+@pytest.mark.parametrize("method, match", [
+    ({"tiers": 0}, "method.tiers: must be >= 1"),
+    ({"tier_densities": [[0.5, 0.1], [1.0]]}, "method.tier_densities: must be a list of"),
+    ({"tier_densities": [[0.5, 0.1], [1.0, 2.0]]}, "method.tier_densities: must be a list of"),
+    ({"tiers": 3, "tier_densities": [[0.5, 0.1], [1.0, 1.0]]}, "method.tiers: is 3 but tier_densities lists 2"),
+])
+def test_flasc_tier_settings_are_checked_at_load(method, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        load_config(tiny_raw(method={"name": "flasc", **method}))
+
+
+def test_flasc_tier_densities_override_the_4x_rule():
+    _, engine = _flasc_engine(tier_densities=[[0.1, 0.05], [1.0, 0.5]])
+    state = engine.init_state(np.random.PCG64(0).state)
+    ins = engine.method.configure(state, DeviceInfo("7"))  # 7 mod 2 = tier 1
+    assert (ins.tier, ins.download_density, ins.task.upload.density) == (1, 1.0, 0.5)
+
+
 def test_flasc_density_decays_by_round():
     _, engine = _flasc_engine(download_density=0.4, upload_density=0.2, density_decay=0.5, decay_every=2)
     state = engine.init_state(np.random.PCG64(0).state)
     assert engine.method.upload_rule(state.replace(round=3)).density == pytest.approx(0.1)
     n = sum(v.size for v in state.params.values())
-    down = engine.method.download(state.replace(round=4))
+    at4 = state.replace(round=4)
+    down = engine.method.download(at4, engine.method.configure(at4, DeviceInfo("0")))
     assert sum(len(t.indices) for t in down.values()) == math.ceil(0.1 * n)
 
 
@@ -207,3 +261,22 @@ def test_error_feedback_keeps_what_topk_did_not_send_once_accepted():
     assert sent([0, 0, 0, 0.2]) == ([1], [1.0])
     trainer.accepted()
     np.testing.assert_allclose(trainer.residual["a"], [0, 0, 0.5, 0.3], atol=1e-7)
+
+
+def test_cosine_lr_schedule_runs_per_stage():
+    """train.lr_schedule = cosine: lr x (1 + cos(pi (t - first) / span)) / 2 in round t of a stage spanning
+    `span` rounds; SLoRA's Stage 1 runs its own from stage1_lr and Stage 2 its own from train.lr."""
+    raw = tiny_raw(server={"rounds": 4}, train={"lr": 0.01, "lr_schedule": "cosine"})
+    m = make_method(load_config(raw))
+    at = lambda r, **kw: m.train_spec(ServerState(round=r, stage=Stage.DENSE, stage_start=1, params={}, **kw)).lr
+    assert [at(r) for r in range(4)] == pytest.approx([0.01, 0.01 * (1 + math.cos(math.pi / 4)) / 2, 0.005,
+                                                       0.01 * (1 + math.cos(3 * math.pi / 4)) / 2])
+    assert make_method(load_config(tiny_raw(train={"lr": 0.01}))).train_spec(
+        ServerState(round=1, stage=Stage.DENSE, stage_start=1, params={})).lr == 0.01  # constant by default
+    raw = tiny_raw(server={"rounds": 6}, train={"lr": 0.01, "lr_schedule": "cosine"},
+                   method={"name": "slora", "stage1_rounds": 2, "stage1_lr": 0.1})
+    s = make_method(load_config(raw))
+    lr = lambda r, stage, start: s.train_spec(ServerState(round=r, stage=stage, stage_start=start, params={})).lr
+    assert [lr(0, Stage.SPARSE, 1), lr(1, Stage.SPARSE, 1)] == pytest.approx([0.1, 0.05])
+    assert [lr(r, Stage.LORA, 3) for r in (2, 3, 4, 5)] == pytest.approx(
+        [0.01 * (1 + math.cos(math.pi * i / 4)) / 2 for i in range(4)])

@@ -13,6 +13,7 @@ import pytest
 from edgelora import codec
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
+from edgelora.protos import serde
 from edgelora.server.app import run_server
 
 
@@ -60,11 +61,15 @@ def submit(stub, device_id, round_id, payload, declared=None, num_examples=None,
     return stub.SubmitUpdate(msgs(), timeout=30)
 
 
-def refused(fn, code, match):
+def refused(fn, code, match, refusal=None):
+    """The call fails with `code`, a message containing `match` and, when given, the typed refusal code the
+    device decides by (trailing metadata)."""
     with pytest.raises(grpc.RpcError) as e:
         fn()
     assert e.value.code() == code, e.value.details()
     assert match in e.value.details(), e.value.details()
+    if refusal is not None:
+        assert serde.refusal_code(e.value) == refusal
 
 
 def start_rounds(coord, stub):
@@ -101,8 +106,9 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
     good, shapes = delta_bundle(payload)
     name = next(iter(shapes))
 
-    refused(lambda: submit(stub, "7", 1, good), grpc.StatusCode.FAILED_PRECONDITION, "not registered")
-    refused(lambda: submit(stub, "0", 5, good), grpc.StatusCode.FAILED_PRECONDITION, "open round is 1")
+    refused(lambda: submit(stub, "7", 1, good), grpc.StatusCode.FAILED_PRECONDITION, "not registered", "unknown")
+    refused(lambda: submit(stub, "0", 5, good), grpc.StatusCode.FAILED_PRECONDITION, "open round is 1",
+            "precondition")
     renamed = {("bert.not_a_weight" if n == name else n): codec.Dense(np.zeros(s, np.float32)) for n, s in shapes.items()}
     wrong_name = codec.encode_bundle(renamed)
     refused(lambda: submit(stub, "0", 1, wrong_name), grpc.StatusCode.INVALID_ARGUMENT, "unknown tensor name")
@@ -165,3 +171,56 @@ def test_round_without_enough_devices_is_abandoned_and_the_server_goes_on(server
     for k, v in coord.state.params.items():
         np.testing.assert_array_equal(v, w0[k])
     assert coord.state.finished and coord.state.round == 2
+
+
+def test_over_selection_closes_at_the_kth_upload_and_refuses_the_next(server):
+    """13 sampled (K = 10, over_selection = 0.3): the round closes at the 10th accepted upload, the 11th is
+    refused with FAILED_PRECONDITION saying so, and the new weights are W0 + the mean of exactly those 10."""
+    coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 10, "over_selection": 0.3,
+                                          "min_registered": 13, "round_deadline_s": 60.0},
+                                  data={"num_devices": 13, "max_examples_per_device": 24})
+    ids = [str(i) for i in range(13)]
+    for d in ids:
+        register(stub, coord, d)
+    w0 = {k: v.copy() for k, v in coord.state.params.items()}
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()
+    tasks = {d: fetch(stub, d) for d in ids}
+    assert all(h.kind == pb.TaskHeader.TRAIN and h.round == 1 for h, _ in tasks.values())  # all 13 sampled
+    sizes = coord.engine.partition_sizes
+    for i, d in enumerate(ids[:10]):  # device i sends delta (i + 1) / 100 everywhere
+        payload, _ = delta_bundle(tasks[d][1], value=(i + 1) / 100)
+        submit(stub, d, 1, payload, num_examples=sizes[i])
+    late, _ = delta_bundle(tasks["10"][1], value=5.0)
+    refused(lambda: submit(stub, "10", 1, late, num_examples=sizes[10]), grpc.StatusCode.FAILED_PRECONDITION,
+            "its 10 updates have arrived (over-selection)", "precondition")
+    driver.join(timeout=60)
+    assert coord.state.finished
+    expect = sum(sizes[i] * (i + 1) / 100 for i in range(10)) / sum(sizes[:10])
+    for k, v in coord.state.params.items():
+        np.testing.assert_allclose(v, w0[k] + np.float32(expect), rtol=0, atol=1e-6, err_msg=k)
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    status = {x["device_id"]: x["status"] for x in row["devices"]}
+    assert row["sampled"] == 13 and row["completed"] == 10
+    assert [status[d] for d in ids[10:]] == ["late", "late", "late"]
+
+
+def test_a_round_whose_outstanding_devices_all_went_offline_closes_early(server):
+    """Both sampled devices stop heartbeating after fetching their task: the round closes once the registry
+    sees them gone (device_timeout_s = 2), well before its 60 s deadline."""
+    coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 1,
+                                          "round_deadline_s": 60.0, "heartbeat_s": 0.5, "device_timeout_s": 2.0})
+    _, driver = start_rounds(coord, stub)
+    fetch(stub, "0")
+    fetch(stub, "1")
+    last_contact = time.monotonic()
+    deadline = time.monotonic() + 30
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+        assert time.monotonic() < deadline, "round 1 never closed"
+        time.sleep(0.1)
+    closed_after = time.monotonic() - last_contact
+    assert closed_after < 2 * 2.0 + 1.0  # within 2 x device_timeout_s (+1 s: the driver waits in 1 s steps)
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert [x["status"] for x in row["devices"]] == ["dropped", "dropped"] and not row["aggregated"]
+    coord.stop()
+    driver.join(timeout=30)

@@ -28,12 +28,16 @@ METHOD_CONFIGS = {
     "pfeiffer": {"bottleneck": 8},
     "flasc": {"download_density": 0.5, "upload_density": 0.2, "error_feedback": True,
               "lora": {"rank": 4, "alpha": 8.0}},
+    # 3 devices, server-assigned tiers 0, 1, 2: each device's own download and upload density
+    "flasc-tiers": {"name": "flasc", "download_density": 0.5, "upload_density": 0.4, "tiers": 3,
+                    "lora": {"rank": 4, "alpha": 8.0}},
 }
 
 
-def method_run(name: str, **extra):
+def method_run(name: str, server: dict | None = None, **extra):
     # 3 devices, 2 per round: sampling matters, and a sum of two terms is exact in any arrival order.
-    raw = tiny_raw(server={"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 1.0},
+    raw = tiny_raw(server={"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 1.0,
+                           **(server or {})},
                    data={"num_devices": 3, "max_examples_per_device": 16, "test_max_examples": 16},
                    method={"name": name, **METHOD_CONFIGS[name]}, **extra)
     raw["train"]["precision"] = "fp32"  # bit-identity is asserted in fp32, whatever `auto` picks on this CPU
@@ -84,6 +88,57 @@ def test_simulator_matches_grpc_bit_for_bit(name, tmp_path):
         assert sorted(d["device_id"] for d in x["devices"]) == sorted(d["device_id"] for d in y["devices"])
         assert (x["bytes_down"], x["bytes_up"]) == (y["bytes_down"], y["bytes_up"]), x["round"]
         assert x["accuracy"] == y["accuracy"]
+
+
+@pytest.mark.parametrize("client_tier", [None, 0])
+def test_tiers_over_grpc_every_payload_holds_its_devices_density(client_tier, tmp_path):
+    """Saved downloads and uploads of a real gRPC run: device d's hold exactly ceil(density x N) entries at
+    its tier's densities, the server's assignment (d mod 3) or, when the client says --tier 0, tier 0."""
+    import math
+
+    from edgelora import codec
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+    from edgelora.server.app import run_server
+
+    run = method_run("flasc-tiers", server={"rounds": 1, "devices_per_round": 3, "min_registered": 3,
+                                            "save_updates": True})
+    with run_server(run, tmp_path / "run") as (coord, port):
+        client = EdgeClient(ClientOptions(server=f"127.0.0.1:{port}", device_ids=["0", "1", "2"], progress=False,
+                                          give_up_s=30.0, tier=client_tier))
+        t = threading.Thread(target=client.run, daemon=True)
+        t.start()
+        try:
+            coord.run_rounds()
+        finally:
+            t.join(timeout=30)
+            client.close()
+    n = sum(v.size for v in load_state(tmp_path / "run").params.values())
+    saved = tmp_path / "run" / "updates" / "round_0001"
+    nnz = lambda path: sum(len(x.indices) for x in codec.decode_bundle(path.read_bytes()).values())
+    for d in range(3):
+        tier = d % 3 if client_tier is None else client_tier
+        scale = 4 ** (2 - tier)
+        assert nnz(saved / f"device_{d}.elb") == math.ceil(0.4 / scale * n), d
+        down = saved / ("download.elb" if client_tier is not None else f"download_{d}.elb")
+        assert nnz(down) == math.ceil(0.5 / scale * n), d
+
+
+def test_a_tier_the_run_does_not_plan_for_is_refused_at_registration(tmp_path):
+    from edgelora.configtools import ConfigError
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+    from edgelora.server.app import run_server
+
+    run = method_run("flasc-tiers", server={"rounds": 1})
+    with run_server(run, tmp_path / "run") as (coord, port):
+        client = EdgeClient(ClientOptions(server=f"127.0.0.1:{port}", device_ids=["0"], progress=False,
+                                          give_up_s=10.0, tier=3))
+        try:
+            with pytest.raises(ConfigError, match=r"device 0: the server refused it: device 0 gives tier 3, but "
+                                                  r"this run plans for 3 tier\(s\): 0..2 \(method.tiers\)"):
+                client.run()
+        finally:
+            client.close()
+        assert "0" not in coord.registry
 
 
 def test_simulator_resume_continues_exactly_across_the_slora_switch(tmp_path):

@@ -73,3 +73,29 @@ def test_throttled_device_uploads_at_the_link_rate(tiny_config, tmp_path):
     # the bucket starts with one 16 KiB chunk of credit; the rest goes at the rate (server-side clock)
     assert dev["upload_s"] == pytest.approx((dev["bytes_up"] - 16384) * 8 / (up_mbps * 1e6), rel=0.15)
     assert dev["download_s"] == pytest.approx((dev["bytes_down"] - 16384) * 8 / (down_mbps * 1e6), rel=0.25)
+
+
+def test_a_device_past_its_tasks_deadline_lets_the_round_go_instead_of_uploading(tiny_config, tmp_path):
+    """Task.deadline_s is honoured on the device: a download slowed past the round's deadline (~52 kB at
+    0.08 Mbit/s, ~3.6 s after the first 16 KiB of credit, against a 2.5 s deadline) means no upload at all,
+    not a late one the server refuses."""
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+    from edgelora.server.app import run_server
+
+    run = tiny_config(server={"rounds": 1, "devices_per_round": 1, "min_registered": 1, "round_deadline_s": 2.5,
+                              "chunk_bytes": 16384},  # paced chunk by chunk
+                      method={"name": "lora", "lora": {"rank": 32, "alpha": 32.0}})
+    with run_server(run, tmp_path / "run") as (coord, port):
+        driver = threading.Thread(target=coord.run_rounds, daemon=True)
+        driver.start()
+        client = EdgeClient(ClientOptions(f"127.0.0.1:{port}", ["0"], progress=False, poll_s=2.0,
+                                          throttle=LinkThrottle(downlink_mbps=0.08)))
+        try:
+            assert client.run() == 0
+        finally:
+            client.close()
+        driver.join(timeout=30)
+    assert client.late == 1
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    dev = row["devices"][0]
+    assert dev["status"] == "dropped" and dev["bytes_up"] == 0 and not row["aggregated"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..configtools import ConfigError, from_dict
-from .base import Method, MethodConfig, ModelHost
+from .base import Instruction, Method, MethodConfig, ModelHost
 from .adapter import Houlsby, Pfeiffer
 from .baselines import FullFineTuning, Lora
 from .flasc import Flasc
@@ -48,5 +48,5 @@ def describe_method_fields(name: str) -> list[tuple[str, str, str]]:
     return list(rows(METHODS[name].Config, ""))
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "ModelHost", "make_method", "method_config_from_dict",
+__all__ = ["METHODS", "Instruction", "Method", "MethodConfig", "ModelHost", "make_method", "method_config_from_dict",
            "describe_methods", "describe_method_fields"]

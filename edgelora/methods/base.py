@@ -3,32 +3,32 @@ train, what goes down, how devices upload, and what happens between stages. The 
 executor of those decisions (edgelora.device), so a new method never touches the transport."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from torch import nn
-
 from edgelora import codec
 
 from ..config import RunConfig
 from ..configtools import field
-from ..models import build_model, trainable_state
+from ..models import ModelHost, trainable_state
 from ..state import ServerState
-from ..tasks import Stage, Structure, TrainSpec, UploadFormat, UploadRule
+from ..tasks import DeviceInfo, Stage, Structure, Task, TrainSpec, UploadFormat, UploadRule
 
 
-class ModelHost:
-    """The server's copy of W0 and the structures built on it (for initial weights, priming and evaluation)."""
+@dataclass(frozen=True)
+class Instruction:
+    """A method's decision for one device and round (Flower's FitIns): the task it trains, and how much of
+    the server's weights go down (FLASC's download density; 1 = all). Devices given equal instructions share
+    one encoded download."""
+    task: Task
+    download_density: float = 1.0
+    tier: int | None = None          # the device's tier, where the method plans by tier (FLASC)
 
-    def __init__(self, base: nn.Module) -> None:
-        self.base = base
-        self._built: tuple[Structure, nn.Module] | None = None
-
-    def build(self, structure: Structure) -> nn.Module:
-        if self._built is None or self._built[0] != structure:
-            self._built = (structure, build_model(self.base, structure))
-        return self._built[1]
+    def describe(self) -> str:
+        tier = f"tier {self.tier}, " if self.tier is not None else ""
+        return f"{tier}download density {self.download_density:g}, upload density {self.task.upload.density:g}"
 
 
 @dataclass
@@ -49,32 +49,59 @@ class Method:
         self.run = run
 
     # -- decisions ------------------------------------------------------------------------------------------
+    def configure(self, state: ServerState, device: DeviceInfo) -> Instruction:
+        """What `device` trains in the round after `state` (by default the same for every device)."""
+        return Instruction(Task(round=state.round + 1, stage=state.stage, method=self.name,
+                                structure=self.structure(state), train=self.train_spec(state),
+                                upload=self.upload_rule(state), deadline_s=self.run.server.round_deadline_s))
+
+    def tiers(self) -> int:
+        """How many device tiers this method plans for (a device may name one in 0..tiers-1)."""
+        return 1
+
     def initial_stage(self) -> Stage:
         return Stage.DENSE
 
     def structure(self, state: ServerState) -> Structure:
         raise NotImplementedError
 
+    def stage_rounds(self, state: ServerState) -> tuple[int, int]:
+        """(first, last) round of the stage `state` is in: the span a learning-rate schedule runs over."""
+        return 1, self.run.server.rounds
+
+    def stage_lr(self, state: ServerState) -> float:
+        """The device learning rate at the start of the current stage."""
+        return self.run.train.lr
+
+    def round_lr(self, state: ServerState) -> float:
+        """The device learning rate of the round after `state` (train.lr_schedule)."""
+        lr = self.stage_lr(state)
+        if self.run.train.lr_schedule == "cosine":
+            first, last = self.stage_rounds(state)
+            progress = (state.round + 1 - first) / max(1, last - first + 1)  # 0 in the first round
+            lr *= 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        return lr
+
     def train_spec(self, state: ServerState) -> TrainSpec:
         t = self.run.train
-        return TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
+        return TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=self.round_lr(state),
+                         optimizer=t.optimizer,
                          momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps,
                          precision=t.precision, seed=self.run.server.seed * 100_003 + state.round + 1)
 
     def upload_rule(self, state: ServerState) -> UploadRule:
         return UploadRule(format=UploadFormat.DENSE, value_type=self.run.server.value_type)
 
-    def download(self, state: ServerState) -> dict[str, codec.Tensor]:
-        """What every sampled device receives this round: by default the global trainable weights."""
+    def download(self, state: ServerState, ins: Instruction) -> dict[str, codec.Tensor]:
+        """What a device given `ins` receives: by default the global trainable weights."""
         return {n: codec.Dense(v) for n, v in state.params.items()}
 
     # -- state ----------------------------------------------------------------------------------------------
     def init_params(self, host: ModelHost, stage: Stage) -> dict[str, np.ndarray]:
         return trainable_state(host.build(self.structure(_probe(stage))))
 
-    def after_round(self, state: ServerState, host: ModelHost, mean_delta: dict[str, np.ndarray] | None
-                    ) -> ServerState:
-        """Called after each round's aggregation (mean_delta None when the round was abandoned)."""
+    def after_round(self, state: ServerState, host: ModelHost, aggregated: bool) -> ServerState:
+        """Called after each round (aggregated False when the round was abandoned: weights unchanged)."""
         return state
 
 

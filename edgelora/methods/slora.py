@@ -8,7 +8,6 @@ right stage; the server optimizer state restarts at the switch because the train
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -84,23 +83,27 @@ class SLora(Method):
     def structure(self, state):
         return self._sparse() if state.stage == Stage.SPARSE else self._lora()
 
-    def train_spec(self, state):
-        spec = super().train_spec(state)
+    def stage_rounds(self, state):
+        if state.stage == Stage.SPARSE:
+            return 1, self.stage1_rounds
+        return state.stage_start, self.run.server.rounds
+
+    def stage_lr(self, state):
         if state.stage == Stage.SPARSE and self.cfg.stage1_lr:
-            spec = dataclasses.replace(spec, lr=self.cfg.stage1_lr)
-        return spec
+            return self.cfg.stage1_lr
+        return super().stage_lr(state)
 
     def upload_rule(self, state):
         masked = state.stage == Stage.SPARSE and self.cfg.density < 1
         return UploadRule(format=UploadFormat.MASKED if masked else UploadFormat.DENSE,
                           value_type=self.run.server.value_type)
 
-    def download(self, state):
+    def download(self, state, ins):
         if state.stage == Stage.SPARSE:
-            return masked_download(state.params, self._sparse())
-        return super().download(state)
+            return masked_download(state.params, ins.task.structure)
+        return super().download(state, ins)
 
-    def after_round(self, state, host, mean_delta):
+    def after_round(self, state, host, aggregated):
         if state.stage != Stage.SPARSE or state.round < self.stage1_rounds:
             return state
         params = prime_from_stage1(host, self._lora(), state.params, self.cfg.split, self.cfg.head)

@@ -14,6 +14,7 @@ import numpy as np
 from edgelora import codec
 
 from ..configtools import check, field
+from ..models import is_masked
 from ..sparsity import mask_bool
 from ..tasks import Structure, StructureKind, UploadFormat, UploadRule
 from .base import Method, MethodConfig
@@ -45,7 +46,7 @@ def masked_download(params: dict[str, np.ndarray], structure: Structure) -> dict
     only the masked values loses nothing."""
     out: dict[str, codec.Tensor] = {}
     for n, v in params.items():
-        if structure.mask_density > 0 and not _dense(n, structure.dense_patterns):
+        if is_masked(n, structure):
             m = _server_mask(structure.mask_seed, n, tuple(v.shape), structure.mask_density)
             out[n] = codec.Masked(tuple(v.shape), structure.mask_seed, structure.mask_density,
                                   np.ascontiguousarray(v[m], np.float32))
@@ -63,12 +64,6 @@ def _server_mask(seed: int, name: str, shape: tuple[int, ...], density: float) -
     return m
 
 
-def _dense(name: str, patterns) -> bool:
-    from ..models import matches_any
-
-    return matches_any(name, tuple(patterns))
-
-
 class SparseFineTuning(Method):
     name = "sft"
     summary = "random-mask sparse fine-tuning at density d: one seeded mask, devices upload masked values only"
@@ -81,8 +76,8 @@ class SparseFineTuning(Method):
         fmt = UploadFormat.MASKED if self.cfg.density < 1 else UploadFormat.DENSE
         return UploadRule(format=fmt, value_type=self.run.server.value_type)
 
-    def download(self, state):
-        return masked_download(state.params, self.structure(state))
+    def download(self, state, ins):
+        return masked_download(state.params, ins.task.structure)
 
 
 @dataclass
