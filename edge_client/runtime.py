@@ -45,6 +45,13 @@ class ClientOptions:
     token_for: dict[str, str] | None = None  # per-device auth tokens (see deploy/README.md)
     throttle: LinkThrottle | None = None     # application-level link emulation (--uplink-mbps/--downlink-mbps)
     tier: int | None = None                  # capability tier of every hosted device (--tier); None: the server's
+    declared_uplink_mbps: float = 0.0        # link rates declared at Register (default: the throttle's, if any)
+    declared_downlink_mbps: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.throttle is not None:
+            self.declared_uplink_mbps = self.declared_uplink_mbps or (self.throttle.uplink_mbps or 0.0)
+            self.declared_downlink_mbps = self.declared_downlink_mbps or (self.throttle.downlink_mbps or 0.0)
 
 
 class Backoff:
@@ -122,7 +129,8 @@ class EdgeClient:
         req = pb.RegisterRequest(device_id=device_id, hardware=self.info.hardware,
                                  versions={**self.info.versions, "grpc": grpc.__version__},
                                  model_fingerprint=self.model_fp, tokenizer_fingerprint=self.tok_fp,
-                                 data_error=self.data_errors.get(device_id, ""), tier=self.opts.tier)
+                                 data_error=self.data_errors.get(device_id, ""), tier=self.opts.tier,
+                                 uplink_mbps=self.opts.declared_uplink_mbps, downlink_mbps=self.opts.declared_downlink_mbps)
         try:
             reply = self._call(lambda: self.stub.Register(req, timeout=30, metadata=self._md(device_id)),
                                f"register {device_id}")

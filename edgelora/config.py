@@ -39,6 +39,8 @@ class ServerConfig:
     max_update_abs: float = field(1e3, "an upload with any |delta| above this is refused (INVALID_ARGUMENT): finite but huge values would wreck the global model")
     save_updates: bool = field(False, "keep every accepted upload's codec bytes in RUN_DIR/updates/ (with the round's download.elb, or download_<device>.elb where devices got different downloads)")
     value_type: ValueType = field("float32", "codec value type of tensor payloads, both directions")
+    simulated_uplink_mbps: list[float] = field([], "simulator only: device i's uplink is entry i mod len (Mbit/s); its uploads are timed at that rate and it declares it, as a throttled client would (empty: no link emulation)")
+    simulated_downlink_mbps: list[float] = field([], "simulator only: device i's downlink, as simulated_uplink_mbps")
 
     def validate(self) -> None:
         check(self.rounds >= 1, "server.rounds", "must be >= 1")
@@ -54,6 +56,9 @@ class ServerConfig:
         check(self.seed >= 0, "server.seed", "must be >= 0")
         check(self.min_registered >= 0, "server.min_registered", "must be >= 0")
         check(0 <= self.over_selection <= 10, "server.over_selection", "must be in [0, 10]")
+        for name in ("simulated_uplink_mbps", "simulated_downlink_mbps"):
+            check(all(isinstance(v, (int, float)) and v > 0 for v in getattr(self, name)), f"server.{name}",
+                  "must be a list of rates > 0 (Mbit/s)")
         for name in ("registration_timeout_s", "heartbeat_s", "device_timeout_s", "max_update_abs"):
             check(getattr(self, name) > 0, f"server.{name}", "must be > 0")
         check(self.device_timeout_s > self.heartbeat_s, "server.device_timeout_s",

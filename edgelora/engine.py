@@ -109,6 +109,25 @@ class Round:
         rec.status, rec.error = "rejected", message
         rec.bytes_up += wire_bytes
 
+    def measured_devices(self) -> dict:
+        """ServerState.devices after this round: link rates and bytes per sent entry of every device that
+        delivered, measured on this round's transfers (upload: the server's clock, first to last chunk;
+        download: the device's report), merged over what earlier rounds measured."""
+        out = {d: dict(v) for d, v in self.state.devices.items()}
+        for d in self.done:
+            rec, plan = self.record.devices[d], self.plans[d]
+            info = out.setdefault(d, {})
+            if rec.upload_s > 0 and rec.bytes_up > 0:
+                info["uplink_bps"] = 8.0 * rec.bytes_up / rec.upload_s
+            if rec.download_s > 0 and rec.bytes_down > 0:
+                info["downlink_bps"] = 8.0 * rec.bytes_down / rec.download_s
+            total = sum(math.prod(s) for s in plan.shapes.values())
+            if plan.task.upload.format == UploadFormat.TOPK and rec.bytes_up:
+                info["up_bytes_per_entry"] = rec.bytes_up / max(1, topk_count(total, plan.task.upload.density))
+            if plan.instruction.download_density < 1 and rec.bytes_down:
+                info["down_bytes_per_entry"] = rec.bytes_down / max(1, topk_count(total, plan.instruction.download_density))
+        return out
+
     def close(self) -> None:
         """No more uploads. A sampled device that never delivered is `late` when the round had its K updates
         without it (over-selection), `dropped` otherwise."""
@@ -207,7 +226,8 @@ class RoundEngine:
             return codec.Masked
         return codec.Dense
 
-    def finish(self, state: ServerState, agg, rng_state: dict) -> tuple[ServerState, ServerState | None]:
+    def finish(self, state: ServerState, agg, rng_state: dict, devices: dict | None = None
+               ) -> tuple[ServerState, ServerState | None]:
         """Aggregate what arrived (None = round abandoned: weights unchanged) and let the method step.
         Returns the new state, and the aggregated state before a stage switch replaced it (SLoRA's priming),
         so the round can report the accuracy on both sides; None when no stage ended."""
@@ -219,7 +239,8 @@ class RoundEngine:
             if not aggregated:  # never commit a broken model
                 log.warning("round %d: the aggregate is not finite; weights left unchanged", state.round + 1)
                 params, opt_state = state.params, state.opt_state
-        new = state.replace(round=state.round + 1, params=params, opt_state=opt_state, rng=rng_state)
+        new = state.replace(round=state.round + 1, params=params, opt_state=opt_state, rng=rng_state,
+                            devices=state.devices if devices is None else devices)
         before = new
         new = self.method.after_round(new, self.host, aggregated)
         if new.round >= self.run.server.rounds:

@@ -1,6 +1,7 @@
 """The server side of a run, opened and advanced the same way by the gRPC coordinator and the simulator."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .tasks import DeviceInfo
 from .training import evaluate
 
 log = logging.getLogger("edgelora.server")
+
+_MEASURED = ("uplink_bps", "downlink_bps", "up_bytes_per_entry", "down_bytes_per_entry")
 
 
 class ServerRun:
@@ -46,7 +49,14 @@ class ServerRun:
                         precision=self.run.train.precision)
 
     def device_info(self, device_id: str) -> DeviceInfo:
-        """What the server knows of a device when its task is planned."""
+        """What the server knows of a device when its task is planned: what it measured (ServerState.devices)
+        and what the device declared (declared_device)."""
+        m = self.state.devices.get(device_id, {})
+        return dataclasses.replace(self.declared_device(device_id), **{k: float(v) for k, v in m.items()
+                                                                       if k in _MEASURED})
+
+    def declared_device(self, device_id: str) -> DeviceInfo:
+        """What the device said of itself (the coordinator: at Register)."""
         return DeviceInfo(device_id)
 
     def open_round(self, live: list[str]) -> Round:
@@ -64,7 +74,8 @@ class ServerRun:
         cfg, state, rec = self.run.server, self.state, rnd.record
         rnd.close()
         aggregated = rnd.agg.count >= cfg.min_devices
-        new_state, before_switch = self.engine.finish(state, rnd.agg if aggregated else None, rnd.rng_state)
+        new_state, before_switch = self.engine.finish(state, rnd.agg if aggregated else None, rnd.rng_state,
+                                                      rnd.measured_devices())
         rec.aggregated = aggregated and new_state.params is not state.params
         if new_state.round % cfg.eval_every == 0 or new_state.finished:
             rec.accuracy, rec.loss = self.evaluate(self.engine.model_for(new_state))
@@ -84,8 +95,6 @@ def evaluate_run(run_dir: Path, max_examples: int | None = None, device: str = "
 
     The model is the server state's (simulator and gRPC runs: what the last metrics row evaluated), or, for a
     centralized run, which keeps no server state, its saved final adapter/ or model/."""
-    import dataclasses
-
     import torch
 
     from .config import load_config

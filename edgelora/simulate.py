@@ -9,6 +9,7 @@ every round), so `--resume` continues from the last completed round.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from .protos import edgelora_pb2 as pb
 from .protos import serde
 from .rounds import ServerRun
 from .state import ServerState
-from .tasks import PhaseTimes, Task, Update
+from .tasks import DeviceInfo, PhaseTimes, Task, Update
 
 log = logging.getLogger("edgelora.simulate")
 
@@ -75,6 +76,21 @@ class Simulator(ServerRun):
                 parts.append(got.data)
         return b"".join(parts), wire, h.num_examples, serde.times_from_proto(h.times)
 
+    # -- emulated links ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _rate(rates: list[float], device_id: str) -> float:
+        return float(rates[int(device_id) % len(rates)]) * 1e6 if rates else 0.0
+
+    def _link_seconds(self, rates: list[float], device_id: str, nbytes: int) -> float | None:
+        bps = self._rate(rates, device_id)
+        return 8.0 * nbytes / bps if bps else None
+
+    def declared_device(self, device_id: str) -> DeviceInfo:
+        """A simulated device declares its emulated links, as a throttled client does at Register."""
+        cfg = self.run.server
+        return DeviceInfo(device_id, declared_uplink_bps=self._rate(cfg.simulated_uplink_mbps, device_id),
+                          declared_downlink_bps=self._rate(cfg.simulated_downlink_mbps, device_id))
+
     # -- rounds ---------------------------------------------------------------------------------------------
     def run_rounds(self) -> ServerState:
         from tqdm.auto import tqdm
@@ -99,12 +115,16 @@ class Simulator(ServerRun):
             r.task_sent_at = time.time() - rnd.record.started_at
             t0 = time.perf_counter()
             task, payload, r.bytes_down = self.send_task(rnd.plans[d])
+            down_s = self._link_seconds(self.run.server.simulated_downlink_mbps, d, r.bytes_down)
             try:
-                update = self.trainer(d).run(task, payload, time.perf_counter() - t0)
+                update = self.trainer(d).run(task, payload, time.perf_counter() - t0 if down_s is None else down_s)
             except DownloadError as e:
                 r.status, r.error = "dropped", str(e)
                 continue
             body, bytes_up, num_examples, times = self.send_update(update)
+            up_s = self._link_seconds(self.run.server.simulated_uplink_mbps, d, bytes_up)
+            if up_s is not None:  # what the server's clock would read behind that uplink
+                times = dataclasses.replace(times, upload_s=up_s)
             try:
                 delta = rnd.check(d, body, num_examples)
             except UpdateRejected as e:

@@ -31,6 +31,9 @@ class ServerState:
     method_state: Arrays = field(default_factory=dict)  # e.g. SLoRA's accumulated Stage-1 delta
     rng: dict = field(default_factory=dict)             # numpy bit-generator state of device sampling
     finished: bool = False
+    # What the server has measured of each device (link rates, bytes per sent entry), by device id: a resumed
+    # server plans bandwidth-aware densities as the uninterrupted one would.
+    devices: dict = field(default_factory=dict)
 
     def replace(self, **kw) -> "ServerState":
         return dataclasses.replace(self, **kw)
@@ -48,7 +51,7 @@ def save_state(state: ServerState, run_dir: Path) -> None:
     bundle = {f"{g}/{k}": codec.Dense(v) for g in _GROUPS for k, v in getattr(state, g).items()}
     (tmp / "tensors.elb").write_bytes(codec.encode_bundle(bundle))
     meta = {"round": state.round, "stage": state.stage.name, "stage_start": state.stage_start,
-            "rng": state.rng, "finished": state.finished}
+            "rng": state.rng, "finished": state.finished, "devices": state.devices}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -80,4 +83,5 @@ def load_state(run_dir: Path) -> ServerState:
         g, _, name = key.partition("/")
         groups[g][name] = codec.to_dense(key, t)
     return ServerState(round=meta["round"], stage=Stage[meta["stage"]], stage_start=meta["stage_start"],
-                       rng=meta["rng"], finished=meta.get("finished", False), **groups)
+                       rng=meta["rng"], finished=meta.get("finished", False), devices=meta.get("devices", {}),
+                       **groups)

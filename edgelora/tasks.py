@@ -90,8 +90,12 @@ class DeviceInfo:
     (given by the device, or assigned by the server), and the link rates measured in its earlier rounds."""
     device_id: str
     tier: int | None = None          # None: the device gave none (a method may assign one)
-    uplink_bps: float = 0.0          # bits per second measured on its last upload (0: not yet measured)
-    downlink_bps: float = 0.0        # bits per second measured on its last download (0: not yet measured)
+    uplink_bps: float = 0.0          # measured on its last accepted upload (0: not yet measured)
+    downlink_bps: float = 0.0        # measured on its last download (0: not yet measured)
+    declared_uplink_bps: float = 0.0    # what the device says its links are (0: it said nothing)
+    declared_downlink_bps: float = 0.0
+    up_bytes_per_entry: float = 0.0     # wire bytes per sent entry of its last sparse upload (0: unknown)
+    down_bytes_per_entry: float = 0.0   # the same for its last sparse download
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,7 @@ class RunSpecRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("device_id", "hardware", "versions", "model_fingerprint", "tokenizer_fingerprint", "data_error", "tier")
+    __slots__ = ("device_id", "hardware", "versions", "model_fingerprint", "tokenizer_fingerprint", "data_error", "tier", "uplink_mbps", "downlink_mbps")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,8 @@ class RegisterRequest(_message.Message):
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DATA_ERROR_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     hardware: str
     versions: _containers.ScalarMap[str, str]
@@ -218,7 +220,9 @@ class RegisterRequest(_message.Message):
     tokenizer_fingerprint: str
     data_error: str
     tier: int
-    def __init__(self, device_id: _Optional[str] = ..., hardware: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., model_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., data_error: _Optional[str] = ..., tier: _Optional[int] = ...) -> None: ...
+    uplink_mbps: float
+    downlink_mbps: float
+    def __init__(self, device_id: _Optional[str] = ..., hardware: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., model_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., data_error: _Optional[str] = ..., tier: _Optional[int] = ..., uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("run_id", "heartbeat_s", "num_examples")

@@ -39,7 +39,8 @@ class Coordinator(ServerRun):
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
     def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str,
-                 data_error: str = "", tier: int | None = None) -> None:
+                 data_error: str = "", tier: int | None = None, links: tuple[float, float] = (0.0, 0.0)) -> None:
+        """`links`: the (uplink, downlink) Mbit/s the device declares (0 = says nothing)."""
         if not is_device_id(device_id) or int(device_id) >= self.run.data.num_devices:
             raise UpdateRejected("invalid", f"device id {device_id!r} is not a partition index in "
                                             f"0..{self.run.data.num_devices - 1}")
@@ -59,7 +60,7 @@ class Coordinator(ServerRun):
         if tier is not None and not 0 <= tier < tiers:
             raise UpdateRejected("invalid", f"device {device_id} gives tier {tier}, but this run plans for "
                                             f"{tiers} tier(s): 0..{tiers - 1} (method.tiers)")
-        if self.registry.register(device_id, hardware, versions, tier):
+        if self.registry.register(device_id, hardware, versions, tier, *links):
             log.info("device %s registered (%s%s)", device_id, hardware, "" if tier is None else f", tier {tier}")
         with self.cond:
             self.cond.notify_all()
@@ -166,9 +167,12 @@ class Coordinator(ServerRun):
                                        f"server.registration_timeout_s = {self.run.server.registration_timeout_s}")
                 self.cond.wait(min(left, 1.0))
 
-    def device_info(self, device_id: str) -> DeviceInfo:
-        entry = self.registry.entry(device_id)
-        return DeviceInfo(device_id, tier=entry.tier if entry is not None else None)
+    def declared_device(self, device_id: str) -> DeviceInfo:
+        e = self.registry.entry(device_id)
+        if e is None:
+            return DeviceInfo(device_id)
+        return DeviceInfo(device_id, tier=e.tier, declared_uplink_bps=e.uplink_mbps * 1e6,
+                          declared_downlink_bps=e.downlink_mbps * 1e6)
 
     def _run_one_round(self) -> None:
         cfg = self.run.server

@@ -14,6 +14,8 @@ class DeviceEntry:
     hardware: str
     versions: dict[str, str]
     tier: int | None = None
+    uplink_mbps: float = 0.0      # declared by the device at Register (0: nothing declared)
+    downlink_mbps: float = 0.0
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -24,11 +26,13 @@ class DeviceRegistry:
         self._devices: dict[str, DeviceEntry] = {}
         self._lock = threading.Lock()
 
-    def register(self, device_id: str, hardware: str, versions: dict[str, str], tier: int | None = None) -> bool:
+    def register(self, device_id: str, hardware: str, versions: dict[str, str], tier: int | None = None,
+                 uplink_mbps: float = 0.0, downlink_mbps: float = 0.0) -> bool:
         """Add or refresh a device; True when it was new."""
         with self._lock:
             new = device_id not in self._devices
-            self._devices[device_id] = DeviceEntry(device_id, hardware, dict(versions), tier)
+            self._devices[device_id] = DeviceEntry(device_id, hardware, dict(versions), tier, uplink_mbps,
+                                                   downlink_mbps)
             return new
 
     def entry(self, device_id: str) -> DeviceEntry | None:

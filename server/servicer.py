@@ -46,7 +46,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             self.coord.register(request.device_id, request.hardware, dict(request.versions),
                                 request.model_fingerprint, request.tokenizer_fingerprint, request.data_error,
-                                request.tier if request.HasField("tier") else None)
+                                request.tier if request.HasField("tier") else None,
+                                (request.uplink_mbps, request.downlink_mbps))
         except UpdateRejected as e:
             _abort(context, e, f"register {request.device_id!r}")
         return pb.RegisterReply(run_id=self.spec.run_id, heartbeat_s=self.coord.run.server.heartbeat_s)

@@ -280,3 +280,32 @@ def test_cosine_lr_schedule_runs_per_stage():
     assert [lr(0, Stage.SPARSE, 1), lr(1, Stage.SPARSE, 1)] == pytest.approx([0.1, 0.05])
     assert [lr(r, Stage.LORA, 3) for r in (2, 3, 4, 5)] == pytest.approx(
         [0.01 * (1 + math.cos(math.pi * i / 4)) / 2 for i in range(4)])
+
+
+def test_deadline_policy_fits_each_devices_transfer_into_its_share_of_the_deadline():
+    """density = rate / 8 x budget / (N x bytes per entry), clipped to [min, max]: a device declaring 1 Mbit/s
+    up gets 1/8 of the upload density of one declaring 8; measured rates and bytes per entry win over
+    declared ones (link_rates = measured) and are ignored under link_rates = declared; no known rate ->
+    the configured densities."""
+    from edgelora.methods.flasc import fit_density
+
+    assert fit_density(8e6, 2.0, 1000, 4.0, 0.01, 1.0) == 1.0  # 2 MB of room for 4 kB: clipped to max
+    assert fit_density(8e3, 2.0, 1000, 4.0, 0.01, 1.0) == pytest.approx(0.5)
+    assert fit_density(8e1, 2.0, 1000, 4.0, 0.01, 1.0) == 0.01 and fit_density(0.0, 2.0, 1000, 4.0, 0.01, 1.0) is None
+    kw = dict(density_policy="deadline", min_density=0.001, max_density=1.0, transfer_fraction=0.5)
+    run, engine = _flasc_engine(**kw)
+    run_d, engine_d = _flasc_engine(link_rates="declared", **kw)
+    state = engine.init_state(np.random.PCG64(0).state)
+    n = sum(v.size for v in state.params.values())
+    budget = 0.5 * run.server.round_deadline_s / 2
+    slow, fast = DeviceInfo("0", declared_uplink_bps=1e3), DeviceInfo("1", declared_uplink_bps=8e3)
+    d_slow = engine.method.configure(state, slow).task.upload.density
+    d_fast = engine.method.configure(state, fast).task.upload.density
+    assert d_slow == pytest.approx(1e3 / 8 * budget / (n * 6.0)) and d_fast == pytest.approx(8 * d_slow)
+    measured = DeviceInfo("0", declared_uplink_bps=1e3, uplink_bps=2e3, up_bytes_per_entry=3.0)
+    assert engine.method.configure(state, measured).task.upload.density == pytest.approx(4 * d_slow)
+    assert engine_d.method.configure(state, measured).task.upload.density == pytest.approx(d_slow)
+    unknown = engine.method.configure(state, DeviceInfo("0"))
+    assert (unknown.task.upload.density, unknown.download_density) == (0.25, 0.25)  # FlascConfig's defaults
+    with pytest.raises(ConfigError, match="method.density_policy"):
+        load_config(tiny_raw(method={"name": "flasc", "density_policy": "deadline", "tiers": 2}))

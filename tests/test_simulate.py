@@ -31,13 +31,17 @@ METHOD_CONFIGS = {
     # 3 devices, server-assigned tiers 0, 1, 2: each device's own download and upload density
     "flasc-tiers": {"name": "flasc", "download_density": 0.5, "upload_density": 0.4, "tiers": 3,
                     "lora": {"rank": 4, "alpha": 8.0}},
+    # densities from declared links (the gRPC client declares what the simulator emulates): 7.5 kB each way
+    "flasc-bandwidth": {"name": "flasc", "density_policy": "deadline", "link_rates": "declared",
+                        "min_density": 0.001, "transfer_fraction": 0.0005, "lora": {"rank": 4, "alpha": 8.0}},
 }
+SERVER_EXTRAS = {"flasc-bandwidth": {"simulated_uplink_mbps": [2.0], "simulated_downlink_mbps": [4.0]}}
 
 
 def method_run(name: str, server: dict | None = None, **extra):
     # 3 devices, 2 per round: sampling matters, and a sum of two terms is exact in any arrival order.
     raw = tiny_raw(server={"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 1.0,
-                           **(server or {})},
+                           **SERVER_EXTRAS.get(name, {}), **(server or {})},
                    data={"num_devices": 3, "max_examples_per_device": 16, "test_max_examples": 16},
                    method={"name": name, **METHOD_CONFIGS[name]}, **extra)
     raw["train"]["precision"] = "fp32"  # bit-identity is asserted in fp32, whatever `auto` picks on this CPU
@@ -49,9 +53,13 @@ def grpc_run(run, run_dir):
     from edgelora.edge_client.runtime import ClientOptions, EdgeClient
     from edgelora.server.app import run_server
 
+    cfg = run.server  # the links the simulator emulates, declared (one rate for the one client's devices)
+    assert len(cfg.simulated_uplink_mbps) <= 1 and len(cfg.simulated_downlink_mbps) <= 1
     with run_server(run, run_dir) as (coord, port):
         client = EdgeClient(ClientOptions(server=f"127.0.0.1:{port}", device_ids=["0", "1", "2"], progress=False,
-                                          give_up_s=30.0))
+                                          give_up_s=30.0,
+                                          declared_uplink_mbps=sum(cfg.simulated_uplink_mbps),
+                                          declared_downlink_mbps=sum(cfg.simulated_downlink_mbps)))
         t = threading.Thread(target=client.run, daemon=True)
         t.start()
         try:
@@ -139,6 +147,24 @@ def test_a_tier_the_run_does_not_plan_for_is_refused_at_registration(tmp_path):
         finally:
             client.close()
         assert "0" not in coord.registry
+
+
+def test_simulated_links_deadline_policy_fits_every_upload_into_its_budget(tmp_path):
+    """Emulated uplinks of 1 and 8 Mbit/s (devices 0, 2 and 1): with measured rates, round 2 plans each device
+    from its round-1 upload, so every upload takes about the budget (transfer_fraction x deadline / 2) however
+    slow its link: the 8 Mbit/s device sends about 8x the bytes of a 1 Mbit/s one."""
+    run = method_run("flasc-bandwidth", server={"devices_per_round": 3, "simulated_uplink_mbps": [1.0, 8.0],
+                                                "simulated_downlink_mbps": [50.0], "round_deadline_s": 80.0})
+    import dataclasses
+    m = run.method  # measured rates; rank 32, so that 8 Mbit/s still needs a top-k (~35 k entries)
+    run = run.replace(method=dataclasses.replace(m, link_rates="measured",
+                                                 lora=dataclasses.replace(m.lora, rank=32, alpha=32.0)))
+    simulate(run, tmp_path, progress=False)
+    budget = run.method.transfer_fraction * 80.0 / 2
+    second = {d["device_id"]: d for d in _records(tmp_path)[1]["devices"]}
+    for d in second.values():
+        assert d["status"] == "completed" and 0.75 * budget < d["upload_s"] < 1.1 * budget, d
+    assert 6 < second["1"]["bytes_up"] / second["0"]["bytes_up"] < 10
 
 
 def test_simulator_resume_continues_exactly_across_the_slora_switch(tmp_path):

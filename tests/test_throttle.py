@@ -99,3 +99,53 @@ def test_a_device_past_its_tasks_deadline_lets_the_round_go_instead_of_uploading
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     dev = row["devices"][0]
     assert dev["status"] == "dropped" and dev["bytes_up"] == 0 and not row["aggregated"]
+
+
+def test_deadline_policy_gives_a_1_mbit_uplink_an_eighth_of_an_8_mbit_uplinks_density(tiny_config, tmp_path):
+    """Two clients behind app-throttled uplinks of 1 and 8 Mbit/s (declared at Register): their uploads carry
+    ceil(d x N) entries at the densities the deadline policy implies, 1 : 8 within one rounding, and both
+    arrive inside the round's deadline; the server then holds its measured rates for the next round."""
+    import math
+
+    from edgelora import codec
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+    from edgelora.methods import ModelHost, make_method
+    from edgelora.models import load_base_model
+    from edgelora.server.app import run_server
+    from edgelora.state import load_state
+    from edgelora.tasks import Stage
+
+    method = {"name": "flasc", "lora": {"rank": 32, "alpha": 32.0}, "density_policy": "deadline",
+              "min_density": 0.001, "max_density": 1.0, "transfer_fraction": 0.05}
+    probe = tiny_config(method=method)
+    n = sum(v.size for v in make_method(probe).init_params(
+        ModelHost(load_base_model("tiny-bert", 20, 0)), Stage.DENSE).values())
+    budget_s = 0.8 * n * 6.0 / 8e6 * 8  # the budget in which 8 Mbit/s moves 80 % of the entries at 6 B each
+    deadline_s = 2 * budget_s / 0.05
+    run = tiny_config(server={"rounds": 1, "devices_per_round": 2, "min_registered": 2, "save_updates": True,
+                              "round_deadline_s": deadline_s}, method=method)
+    with run_server(run, tmp_path / "run") as (coord, port):
+        driver = threading.Thread(target=coord.run_rounds, daemon=True)
+        driver.start()
+        clients = [EdgeClient(ClientOptions(f"127.0.0.1:{port}", [d], progress=False, poll_s=2.0,
+                                            throttle=LinkThrottle(uplink_mbps=mbps)))
+                   for d, mbps in (("0", 1.0), ("1", 8.0))]
+        threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for c in clients:
+            c.close()
+        driver.join(timeout=30)
+    saved = tmp_path / "run" / "updates" / "round_0001"
+    nnz = {d: sum(len(t.indices) for t in codec.decode_bundle((saved / f"device_{d}.elb").read_bytes()).values())
+           for d in ("0", "1")}
+    for d, mbps in (("0", 1.0), ("1", 8.0)):
+        assert nnz[d] == math.ceil(min(1.0, mbps * 1e6 / 8 * budget_s / (n * 6.0)) * n), d
+    assert abs(nnz["1"] - 8 * nnz["0"]) <= 8  # 1 : 8, within one rounding of the slow side
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert [x["status"] for x in row["devices"]] == ["completed", "completed"]
+    assert all(x["upload_done_at"] < deadline_s for x in row["devices"])
+    measured = load_state(tmp_path / "run").devices
+    assert all(measured[d]["uplink_bps"] > 0 and measured[d]["up_bytes_per_entry"] > 0 for d in ("0", "1"))

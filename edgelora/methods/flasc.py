@@ -9,11 +9,22 @@ Heterogeneous tiers (the reference code's train_sparse_lora_het.py): with `tiers
 (0 = the slowest) gets both densities divided by 4^(T-i-1), so the top tier gets the configured ones; or
 `tier_densities` lists [download, upload] per tier. A device's tier is its own (`edgelora client --tier`)
 or, when it gives none, the server's assignment: partition index mod T, as the reference assigns them.
+
+Bandwidth-aware densities (`density_policy = "deadline"`; none of the papers has it): each device gets the
+largest density in [min_density, max_density], each way, whose transfer fits its share of the round deadline
+(transfer_fraction x server.round_deadline_s, half down, half up) at its link rate: the rate the server
+measured on its last round or, before any, the one it declared (`link_rates = "declared"` uses only that,
+so a simulated and a gRPC run plan alike). Size = entries x bytes per entry, measured on the device's last
+sparse transfer or, before any, the value's bytes + 2 for its index. A device with no known rate gets the
+configured densities.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
+
+from edgelora.codec.values import ITEM_SIZE
 
 from ..configtools import check, field
 from ..sparsity import global_topk
@@ -32,6 +43,11 @@ class FlascConfig(LoraMethodConfig):
     lora: LoraConfig = field(LoraConfig(rank=16, alpha=16.0, dropout=0.1), "LoRA hyperparameters (FLASC: r = 16, alpha 16, dropout 0.1)")
     tiers: int = field(1, "device tiers (FLASC's heterogeneous setting): tier i of T gets both densities / 4^(T-i-1); 1 = every device alike")
     tier_densities: list[list[float]] = field([], "[download, upload] density per tier, tier 0 first; overrides the 4^(T-i-1) rule (its length sets tiers)")
+    density_policy: Literal["fixed", "deadline"] = field("fixed", "fixed: the configured (or tier) densities; deadline: per device, the largest density whose transfer fits its share of the round deadline at its link rate")
+    min_density: float = field(1 / 256, "deadline policy: the sparsest a device is sent or asked to send")
+    max_density: float = field(1.0, "deadline policy: the densest")
+    transfer_fraction: float = field(0.5, "deadline policy: share of server.round_deadline_s a device's transfers may take (half down, half up)")
+    link_rates: Literal["measured", "declared"] = field("measured", "deadline policy: measured = the rates measured on the device's last round, else declared; declared = only what the device declared at Register (client --uplink-mbps)")
 
     def validate(self) -> None:
         check(0 < self.download_density <= 1, "method.download_density", "must be in (0, 1]")
@@ -43,6 +59,11 @@ class FlascConfig(LoraMethodConfig):
                   "must be a list of [download, upload] pairs, each density in (0, 1]")
             check(self.tiers in (1, len(self.tier_densities)), "method.tiers",
                   f"is {self.tiers} but tier_densities lists {len(self.tier_densities)} tiers")
+        check(0 < self.min_density <= self.max_density <= 1, "method.min_density/max_density",
+              "must satisfy 0 < min_density <= max_density <= 1")
+        check(0 < self.transfer_fraction <= 1, "method.transfer_fraction", "must be in (0, 1]")
+        check(self.density_policy == "fixed" or self.tier_count() == 1, "method.density_policy",
+              "deadline plans each device from its link rate; it does not combine with tiers")
 
     def tier_count(self) -> int:
         return len(self.tier_densities) or self.tiers
@@ -81,6 +102,8 @@ class Flasc(Lora):
 
     def configure(self, state, device):
         ins = super().configure(state, device)
+        if self.cfg.density_policy == "deadline":
+            return self._fit_to_deadline(state, device, ins)
         if self.tiers() == 1:
             return dataclasses.replace(ins, download_density=self.density(self.cfg.download_density, state))
         tier = self.tier_of(device)
@@ -90,3 +113,30 @@ class Flasc(Lora):
 
     def download(self, state, ins):
         return dict(global_topk(state.params, ins.download_density))
+
+    def _fit_to_deadline(self, state, device: DeviceInfo, ins):
+        cfg = self.cfg
+        entries = sum(v.size for v in state.params.values())
+        budget_s = cfg.transfer_fraction * self.run.server.round_deadline_s / 2
+        per_entry = ITEM_SIZE[self.run.server.value_type] + 2.0
+        measured = cfg.link_rates == "measured"
+        up_bps = (device.uplink_bps if measured else 0.0) or device.declared_uplink_bps
+        down_bps = (device.downlink_bps if measured else 0.0) or device.declared_downlink_bps
+        up = fit_density(up_bps, budget_s, entries, (device.up_bytes_per_entry if measured else 0.0) or per_entry,
+                         cfg.min_density, cfg.max_density)
+        down = fit_density(down_bps, budget_s, entries,
+                           (device.down_bytes_per_entry if measured else 0.0) or per_entry,
+                           cfg.min_density, cfg.max_density)
+        up = self.density(cfg.upload_density, state) if up is None else up
+        down = self.density(cfg.download_density, state) if down is None else down
+        task = dataclasses.replace(ins.task, upload=dataclasses.replace(ins.task.upload, density=up))
+        return dataclasses.replace(ins, task=task, download_density=down)
+
+
+def fit_density(rate_bps: float, budget_s: float, entries: int, bytes_per_entry: float, lo: float, hi: float
+                ) -> float | None:
+    """The density whose top-k of `entries` (bytes_per_entry each) crosses a link of rate_bps in budget_s,
+    clipped to [lo, hi]; None when the rate is unknown (0)."""
+    if rate_bps <= 0:
+        return None
+    return min(hi, max(lo, rate_bps / 8.0 * budget_s / (entries * bytes_per_entry)))
