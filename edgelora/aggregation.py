@@ -2,13 +2,22 @@
 aggregate.py's pure functions).
 
 An Aggregator has three hooks and no state of its own: `start()` gives the round's accumulator, devices'
-deltas (trained - received) are `add`ed to it as they arrive, and `finish(params, acc, opt_state)` returns the
-new weights and server-optimizer state, which live in ServerState (checkpointed). FedAvg adds the weighted mean
-delta; FedAdam feeds the same mean delta, as a negative pseudo-gradient, to a server AdamW (Reddi et al. 2021,
-Alg. 2).
+deltas (trained - received) are `add`ed to it as they arrive (after `clip`), and `finish(params, acc,
+opt_state)` returns the new weights and server-optimizer state, which live in ServerState (checkpointed).
+
+- fedavg: the (example-weighted) mean delta; `clip_norm` scales each delta to global L2 norm <= C first.
+  Memory: one running sum, whatever the number of devices.
+- fedadam: the same mean delta as a negative pseudo-gradient for a server AdamW (Reddi et al. 2021, Alg. 2).
+- median / trimmed-mean: coordinate-wise median, or the mean after dropping the floor(beta K) largest and
+  smallest values of each coordinate (Yin et al. 2018): robust to a minority of arbitrary updates. Memory:
+  all K deltas of the round (K copies of the trainable weights).
+- dp-fedavg: central DP (McMahan et al. 2018, DP-FedAvg): each delta clipped to C, unweighted sum + Gaussian
+  noise N(0, (z C)^2) per coordinate, divided by K = server.devices_per_round (a fixed denominator); epsilon
+  spent at `delta` is reported every round by dp-accounting's RDP accountant. Memory: the running sum.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -66,14 +75,43 @@ def fedadam_step(params: Arrays, mean_delta: Arrays, opt_state: Arrays, cfg: "Fe
     return new_params, new_state
 
 
+class UpdateList:
+    """Every accepted delta of the round, for aggregators that need them all (median, trimmed mean)."""
+
+    def __init__(self) -> None:
+        self.deltas: list[Arrays] = []
+        self.count = 0
+
+    def add(self, delta: Arrays, weight: float) -> None:
+        self.deltas.append({k: v.astype(np.float32) for k, v in delta.items()})
+        self.count += 1
+
+    def stacked(self, name: str) -> np.ndarray:
+        return np.stack([d[name] for d in self.deltas])
+
+
+def global_norm(delta: Arrays) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+
+
+def clip_to_norm(delta: Arrays, c: float) -> Arrays:
+    """delta x min(1, c / ||delta||), the norm taken over every tensor together."""
+    norm = global_norm(delta)
+    if norm <= c:
+        return delta
+    scale = c / norm
+    return {k: (v * scale).astype(np.float32) for k, v in delta.items()}
+
+
 # -- configs ----------------------------------------------------------------------------------------------------
 @dataclass
 class FedAvgConfig:
-    name: str = field("fedavg", "the aggregator (fedavg, fedadam)")
+    name: str = field("fedavg", "the aggregator (edgelora.aggregation: fedavg, fedadam, median, trimmed-mean, dp-fedavg)")
     weighted: bool = field(True, "weight device deltas by example count (false = unweighted mean, FLASC's reference)")
+    clip_norm: float = field(0.0, "> 0: scale each device's delta to global L2 norm <= clip_norm before it is added")
 
     def validate(self) -> None:
-        pass
+        check(self.clip_norm >= 0, "aggregator.clip_norm", "must be >= 0 (0 = no clipping)")
 
 
 @dataclass
@@ -92,23 +130,66 @@ class FedAdamConfig(FedAvgConfig):
         check(self.weight_decay >= 0, "aggregator.weight_decay", "must be >= 0")
 
 
+@dataclass
+class MedianConfig:
+    name: str = field("median", "coordinate-wise median of the round's deltas (unweighted)")
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class TrimmedMeanConfig:
+    name: str = field("trimmed-mean", "coordinate-wise mean after trimming beta K values at each end (unweighted)")
+    beta: float = field(0.2, "fraction of the round's deltas trimmed at each end of every coordinate")
+
+    def validate(self) -> None:
+        check(0 <= self.beta < 0.5, "aggregator.beta", "must be in [0, 0.5)")
+
+
+@dataclass
+class DpFedAvgConfig:
+    name: str = field("dp-fedavg", "central differential privacy: clip, sum, Gaussian noise, divide by K")
+    clip_norm: float = field(1.0, "C: each delta is scaled to global L2 norm <= C (the sum's sensitivity)")
+    noise_multiplier: float = field(1.0, "z: the noise on the sum has std z x C per coordinate")
+    delta: float = field(1e-5, "the delta at which the epsilon spent is reported")
+    noise_seed: int = field(0, "seeds the noise (with the aggregation step): runs and resumes are reproducible")
+
+    def validate(self) -> None:
+        check(self.clip_norm > 0, "aggregator.clip_norm", "must be > 0 (it bounds the sensitivity)")
+        check(self.noise_multiplier >= 0, "aggregator.noise_multiplier", "must be >= 0")
+        check(0 < self.delta < 1, "aggregator.delta", "must be in (0, 1)")
+
+
 # -- aggregators ------------------------------------------------------------------------------------------------
 class Aggregator:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = FedAvgConfig
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, run=None) -> None:
         self.cfg = cfg
+        self.run = run
 
     def weight(self, num_examples: int) -> float:
-        return float(num_examples) if self.cfg.weighted else 1.0
+        return float(num_examples) if getattr(self.cfg, "weighted", False) else 1.0
+
+    def clip(self, delta: Arrays) -> Arrays:
+        """What of a device's delta enters the aggregate (clip_norm, where the config has one)."""
+        c = getattr(self.cfg, "clip_norm", 0.0)
+        return clip_to_norm(delta, c) if c > 0 else delta
 
     def start(self):
         """The round's accumulator: `add(delta, weight)` per accepted upload, `count` of them."""
         return RunningMean()
 
-    def finish(self, params: Arrays, acc, opt_state: Arrays) -> tuple[Arrays, Arrays]:
+    def privacy_spent(self, rounds: int) -> float | None:
+        """Epsilon spent after `rounds` rounds (None: the aggregator promises no privacy). Every round counts,
+        aggregated or not: an upper bound."""
+        return None
+
+    def finish(self, params: Arrays, acc, opt_state: Arrays, round_number: int = 0) -> tuple[Arrays, Arrays]:
+        """The new weights and server-optimizer state after round `round_number` (1-based)."""
         raise NotImplementedError
 
     def mean_delta(self, acc) -> Arrays:
@@ -121,7 +202,7 @@ class FedAvg(Aggregator):
     summary = "FedAvg: add the (example-weighted) mean delta"
     Config = FedAvgConfig
 
-    def finish(self, params, acc, opt_state):
+    def finish(self, params, acc, opt_state, round_number=0):
         return fedavg_step(params, self.mean_delta(acc)), opt_state
 
 
@@ -130,11 +211,80 @@ class FedAdam(Aggregator):
     summary = "FedAdam (Reddi et al. 2021): the mean delta as a pseudo-gradient for a server AdamW"
     Config = FedAdamConfig
 
-    def finish(self, params, acc, opt_state):
+    def finish(self, params, acc, opt_state, round_number=0):
         return fedadam_step(params, self.mean_delta(acc), opt_state, self.cfg)
 
 
-AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (FedAvg, FedAdam)}
+class Median(Aggregator):
+    name = "median"
+    summary = "coordinate-wise median of the deltas (robust; holds all K deltas)"
+    Config = MedianConfig
+
+    def start(self):
+        return UpdateList()
+
+    def mean_delta(self, acc):
+        return {k: np.median(acc.stacked(k), axis=0).astype(np.float32) for k in acc.deltas[0]}
+
+    def finish(self, params, acc, opt_state, round_number=0):
+        return fedavg_step(params, self.mean_delta(acc)), opt_state
+
+
+class TrimmedMean(Median):
+    name = "trimmed-mean"
+    summary = "coordinate-wise beta-trimmed mean of the deltas (robust; holds all K deltas)"
+    Config = TrimmedMeanConfig
+
+    def mean_delta(self, acc):
+        m = int(math.floor(self.cfg.beta * acc.count))
+        out = {}
+        for k in acc.deltas[0]:
+            v = np.sort(acc.stacked(k), axis=0)
+            out[k] = v[m:acc.count - m].mean(axis=0, dtype=np.float64).astype(np.float32)
+        return out
+
+
+class DpFedAvg(Aggregator):
+    name = "dp-fedavg"
+    summary = "DP-FedAvg: clip to C, sum, add N(0, (zC)^2), divide by K; epsilon from an RDP accountant"
+    Config = DpFedAvgConfig
+
+    def finish(self, params, acc, opt_state, round_number=0):
+        rng = np.random.default_rng([self.cfg.noise_seed, round_number])  # resumes draw the same noise
+        std = self.cfg.noise_multiplier * self.cfg.clip_norm
+        k = self.run.server.devices_per_round
+        mean = {}
+        for name, total in acc.sum.items():  # unweighted: acc.sum is the plain sum of clipped deltas
+            mean[name] = ((total + rng.normal(0.0, std, size=total.shape)) / k).astype(np.float32)
+        return fedavg_step(params, mean), opt_state
+
+    def privacy_spent(self, rounds: int) -> float:
+        return dp_epsilon(self.cfg.noise_multiplier, self.run.server.devices_per_round / self.run.data.num_devices,
+                          rounds, self.cfg.delta)
+
+
+def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float:
+    """Epsilon at `delta` after `rounds` Gaussian mechanisms at noise_multiplier, each on a sample of rate q
+    (dp-accounting's RDP accountant; Poisson sampling, the usual approximation of sampling K of N)."""
+    import logging
+
+    try:
+        import dp_accounting
+        from dp_accounting import rdp
+    except ImportError:
+        raise ConfigError("aggregator dp-fedavg needs dp-accounting: pip install 'edgelora[dp]'") from None
+    if noise_multiplier == 0:
+        return math.inf
+    logging.getLogger("absl").setLevel(logging.ERROR)  # warns of orders it skips; the epsilon is the library's
+    acc = rdp.RdpAccountant()
+    event = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sampling_rate < 1:
+        event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
+    acc.compose(event, rounds)
+    return float(acc.get_epsilon(delta))
+
+
+AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (FedAvg, FedAdam, Median, TrimmedMean, DpFedAvg)}
 
 # Run folders written before the aggregator registry carry FedAdam's fields under every aggregator, at their
 # defaults: those are dropped when another aggregator is named; any other value is an error naming the field.
@@ -154,5 +304,5 @@ def aggregator_config_from_dict(raw: dict | None):
     return from_dict(cls, raw, "aggregator")
 
 
-def make_aggregator(cfg) -> Aggregator:
-    return AGGREGATORS[cfg.name](cfg)
+def make_aggregator(run) -> Aggregator:
+    return AGGREGATORS[run.aggregator.name](run.aggregator, run)

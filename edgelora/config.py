@@ -244,6 +244,11 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
         aggregator=aggregator_config_from_dict(raw.get("aggregator")),
         method=method_config_from_dict(raw.get("method")),
     )
+    # Noise lands on every coordinate of the aggregate; a masked upload's devices never receive the entries
+    # outside the mask, so server and devices would drift apart there.
+    check(not (cfg.aggregator.name == "dp-fedavg" and cfg.method.name in ("sft", "slora")), "aggregator.name",
+          f"dp-fedavg adds noise outside {cfg.method.name}'s sparse mask, which devices never receive; use it "
+          f"with a dense-update method (lora, flasc, fft, flora, bitfit, adapters)")
     check(cfg.server.devices_per_round <= cfg.data.num_devices, "server.devices_per_round",
           f"({cfg.server.devices_per_round}) exceeds data.num_devices ({cfg.data.num_devices})")
     return cfg

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgelora import codec
 
-from .aggregation import make_aggregator
+from .aggregation import global_norm, make_aggregator
 from .config import RunConfig
 from .data import partition_sizes
 from .methods import Instruction, Method, ModelHost
@@ -95,7 +95,8 @@ class Round:
 
     def accept(self, device_id: str, delta: dict[str, np.ndarray], num_examples: int, train_loss: float,
                times: PhaseTimes, wire_bytes: int) -> None:
-        self.agg.add(delta, self.engine.aggregator.weight(num_examples))
+        aggregator = self.engine.aggregator
+        self.agg.add(aggregator.clip(delta), aggregator.weight(num_examples))
         self.done.add(device_id)
         rec = self.record.devices[device_id]
         rec.status, rec.error = "completed", ""
@@ -103,6 +104,7 @@ class Round:
         rec.download_s, rec.train_s, rec.encode_s, rec.upload_s = (times.download_s, times.train_s,
                                                                     times.encode_s, times.upload_s)
         rec.upload_done_at = time.time() - self.record.started_at
+        rec.update_norm = global_norm(delta)
 
     def reject(self, device_id: str, message: str, wire_bytes: int) -> None:
         rec = self.record.devices[device_id]
@@ -142,7 +144,7 @@ class RoundEngine:
         self.run = run
         self.method = method
         self.host = host
-        self.aggregator = make_aggregator(run.aggregator)
+        self.aggregator = make_aggregator(run)
 
     @cached_property
     def partition_sizes(self) -> list[int]:
@@ -234,7 +236,7 @@ class RoundEngine:
         aggregated = False
         params, opt_state = state.params, state.opt_state
         if agg is not None and agg.count:
-            params, opt_state = self.aggregator.finish(params, agg, opt_state)
+            params, opt_state = self.aggregator.finish(params, agg, opt_state, state.round + 1)
             aggregated = all(np.isfinite(v).all() for v in params.values())
             if not aggregated:  # never commit a broken model
                 log.warning("round %d: the aggregate is not finite; weights left unchanged", state.round + 1)

@@ -77,6 +77,7 @@ class ServerRun:
         new_state, before_switch = self.engine.finish(state, rnd.agg if aggregated else None, rnd.rng_state,
                                                       rnd.measured_devices())
         rec.aggregated = aggregated and new_state.params is not state.params
+        rec.epsilon = self.engine.aggregator.privacy_spent(new_state.round)
         if new_state.round % cfg.eval_every == 0 or new_state.finished:
             rec.accuracy, rec.loss = self.evaluate(self.engine.model_for(new_state))
         if before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it

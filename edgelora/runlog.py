@@ -28,6 +28,7 @@ class DeviceRecord:
     download_done_at: float = 0.0    # last task chunk handed to gRPC
     upload_started_at: float = 0.0   # upload header received
     upload_done_at: float = 0.0      # upload decoded and aggregated
+    update_norm: float = 0.0         # global L2 norm of the accepted delta, before any clipping
     error: str = ""
 
 
@@ -46,6 +47,7 @@ class RoundRecord:
     accuracy_before_switch: float | None = None  # a round that ends a stage (SLoRA's priming): the model before it
     loss_before_switch: float | None = None
     aggregated: bool = False
+    epsilon: float | None = None     # dp-fedavg: privacy spent after this round, at the aggregator's delta
     started_at: float = field(default_factory=time.time)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
 
