@@ -8,7 +8,8 @@ from edgelora.tasks import Stage
 def _state(v: float, rnd: int) -> ServerState:
     return ServerState(round=rnd, stage=Stage.LORA, stage_start=3, params={"a.weight": np.full((2, 3), v, np.float32)},
                        opt_state={"step": np.array([2.0], np.float32)}, method_state={"acc": np.ones(4, np.float32)},
-                       rng=np.random.PCG64(5).state)
+                       rng=np.random.PCG64(5).state,
+                       devices={"7": {"uplink_bps": 1.5e6, "downlink_bps": 8e6, "up_bytes_per_entry": 3.25}})
 
 
 def test_state_round_trips_exactly(tmp_path):
@@ -19,6 +20,7 @@ def test_state_round_trips_exactly(tmp_path):
     np.testing.assert_array_equal(back.params["a.weight"], s.params["a.weight"])
     np.testing.assert_array_equal(back.opt_state["step"], [2.0])
     np.testing.assert_array_equal(back.method_state["acc"], np.ones(4))
+    assert back.devices == s.devices  # measured links survive a restart (bandwidth-aware densities)
 
 
 def test_a_crash_between_renames_keeps_the_previous_state(tmp_path):
