@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
 
-from edgelora.runlog import wait_for_server_addr
+from benchmarks.uplink import throttled_fleet
 
 BASE = Path(__file__).resolve().parents[1] / "examples" / "sweeps" / "cpu-base.toml"
 DENSITY = 0.25
@@ -65,30 +63,8 @@ def run_config(policy: str, uplinks: list[float], rounds: int, entries: int | No
 def run_fleet(raw: dict, run_dir: Path, uplinks: list[float]) -> None:
     import os
 
-    import tomli_w
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.toml").write_text(tomli_w.dumps(raw))
-    exe = [sys.executable, "-m", "edgelora.cli"]
-    server = subprocess.Popen(exe + ["server", "--config", str(run_dir / "run.toml"), "--out", str(run_dir),
-                                     "--port", "0", "--insecure"], stdout=open(run_dir / "server.log", "w"),
-                              stderr=subprocess.STDOUT)
-    clients = []
-    try:
-        addr = wait_for_server_addr(run_dir, server, timeout_s=300)
-        # one thread per device process: the devices share this machine's cores, as they would not in a fleet
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        clients = [subprocess.Popen(exe + ["client", "--server", addr, "--device-id", str(i), "--quiet", "--insecure",
-                                           "--uplink-mbps", str(up), "--downlink-mbps", str(DOWN_MBIT)],
-                                    stdout=open(run_dir / f"client_{i}.log", "w"), stderr=subprocess.STDOUT, env=env)
-                   for i, up in enumerate(uplinks)]
-        if server.wait(timeout=1800) != 0:
-            raise RuntimeError(f"server failed; see {run_dir / 'server.log'}")
-    finally:
-        for p in [server, *clients]:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(timeout=30)
+    # one thread per device process: the devices share this machine's cores, as they would not in a fleet
+    throttled_fleet(raw, run_dir, [(up, DOWN_MBIT) for up in uplinks], env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def records(run_dir: Path, policy: str) -> list[dict]:

@@ -48,6 +48,12 @@ def with_tc(raw: dict, run_dir: Path, tag: str) -> None:
 
 
 def with_app_throttle(raw: dict, run_dir: Path, up_mbit: float = UP_MBIT, down_mbit: float = DOWN_MBIT) -> None:
+    throttled_fleet(raw, run_dir, [(up_mbit, down_mbit)] * 2)
+
+
+def throttled_fleet(raw: dict, run_dir: Path, links: list[tuple[float, float]], env: dict | None = None) -> None:
+    """A server and one client process per (uplink, downlink) Mbit/s pair, device i behind the client's
+    application throttle at links[i]; returns when the server has finished the run."""
     import tomli_w
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,10 +64,10 @@ def with_app_throttle(raw: dict, run_dir: Path, up_mbit: float = UP_MBIT, down_m
     clients = []
     try:
         addr = wait_for_server_addr(run_dir, server, timeout_s=300)
-        clients = [subprocess.Popen(exe + ["client", "--server", addr, "--device-id", d,
-                                           "--quiet", "--insecure", "--uplink-mbps", str(up_mbit), "--downlink-mbps",
-                                           str(down_mbit)], stdout=open(run_dir / f"client_{d}.log", "w"),
-                                    stderr=subprocess.STDOUT) for d in ("0", "1")]
+        clients = [subprocess.Popen(exe + ["client", "--server", addr, "--device-id", str(i),
+                                           "--quiet", "--insecure", "--uplink-mbps", str(up), "--downlink-mbps",
+                                           str(down)], stdout=open(run_dir / f"client_{i}.log", "w"),
+                                    stderr=subprocess.STDOUT, env=env) for i, (up, down) in enumerate(links)]
         if server.wait(timeout=1800) != 0:
             raise RuntimeError(f"server failed; see {run_dir / 'server.log'}")
     finally:

@@ -215,7 +215,7 @@ class FedAdam(Aggregator):
         return fedadam_step(params, self.mean_delta(acc), opt_state, self.cfg)
 
 
-class Median(Aggregator):
+class Median(FedAvg):
     name = "median"
     summary = "coordinate-wise median of the deltas (robust; holds all K deltas)"
     Config = MedianConfig
@@ -225,9 +225,6 @@ class Median(Aggregator):
 
     def mean_delta(self, acc):
         return {k: np.median(acc.stacked(k), axis=0).astype(np.float32) for k in acc.deltas[0]}
-
-    def finish(self, params, acc, opt_state, round_number=0):
-        return fedavg_step(params, self.mean_delta(acc)), opt_state
 
 
 class TrimmedMean(Median):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgelora import codec
-from edgelora.aggregation import (DpFedAvg, DpFedAvgConfig, FedAvg, FedAvgConfig, Median, MedianConfig,
+from edgelora.aggregation import (DpFedAvg, FedAvg, FedAvgConfig, Median, MedianConfig,
                                   TrimmedMean, TrimmedMeanConfig, clip_to_norm, dp_epsilon, global_norm)
 from edgelora.config import load_config
 from edgelora.configtools import ConfigError

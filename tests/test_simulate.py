@@ -49,7 +49,7 @@ def method_run(name: str, server: dict | None = None, **extra):
     return load_config(raw)
 
 
-def grpc_run(run, run_dir):
+def grpc_run(run, run_dir, **client_options):
     from edgelora.edge_client.runtime import ClientOptions, EdgeClient
     from edgelora.server.app import run_server
 
@@ -59,7 +59,7 @@ def grpc_run(run, run_dir):
         client = EdgeClient(ClientOptions(server=f"127.0.0.1:{port}", device_ids=["0", "1", "2"], progress=False,
                                           give_up_s=30.0,
                                           declared_uplink_mbps=sum(cfg.simulated_uplink_mbps),
-                                          declared_downlink_mbps=sum(cfg.simulated_downlink_mbps)))
+                                          declared_downlink_mbps=sum(cfg.simulated_downlink_mbps), **client_options))
         t = threading.Thread(target=client.run, daemon=True)
         t.start()
         try:
@@ -120,21 +120,10 @@ def test_tiers_over_grpc_every_payload_holds_its_devices_density(client_tier, tm
     import math
 
     from edgelora import codec
-    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
-    from edgelora.server.app import run_server
 
     run = method_run("flasc-tiers", server={"rounds": 1, "devices_per_round": 3, "min_registered": 3,
                                             "save_updates": True})
-    with run_server(run, tmp_path / "run") as (coord, port):
-        client = EdgeClient(ClientOptions(server=f"127.0.0.1:{port}", device_ids=["0", "1", "2"], progress=False,
-                                          give_up_s=30.0, tier=client_tier))
-        t = threading.Thread(target=client.run, daemon=True)
-        t.start()
-        try:
-            coord.run_rounds()
-        finally:
-            t.join(timeout=30)
-            client.close()
+    grpc_run(run, tmp_path / "run", tier=client_tier)
     n = sum(v.size for v in load_state(tmp_path / "run").params.values())
     saved = tmp_path / "run" / "updates" / "round_0001"
     nnz = lambda path: sum(len(x.indices) for x in codec.decode_bundle(path.read_bytes()).values())
