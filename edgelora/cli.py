@@ -15,6 +15,12 @@ from pathlib import Path
 from .configtools import ConfigError
 
 
+def _verbose_flag(sub: argparse.ArgumentParser) -> None:
+    """-v after the subcommand too; SUPPRESS as the default, so a subcommand without it does not reset the
+    `edgelora -v server ...` given before it."""
+    sub.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -368,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last saved round")
     s.add_argument("--host", help="override server.host")
     s.add_argument("--port", type=int, help="override server.port (0 = any free port)")
-    s.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    _verbose_flag(s)
     s.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key turns on TLS")
     s.add_argument("--tls-key", help="server private key (PEM)")
     s.add_argument("--tls-client-ca", help="mutual TLS: devices must present a certificate signed by this CA")
@@ -387,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to train")
     c.add_argument("--give-up-s", type=float, default=300.0, help="exit after the server is unreachable this long")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
-    c.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    _verbose_flag(c)
     c.add_argument("--uplink-mbps", type=float, help="throttle uploads to this rate in the application (no root)")
     c.add_argument("--downlink-mbps", type=float, help="throttle downloads to this rate in the application")
     c.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate; turns on TLS")
@@ -417,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--devices", type=int, help="override data.num_devices (default 100)")
     sim.add_argument("--per-round", type=int, help="override server.devices_per_round (default 10)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
-    sim.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    _verbose_flag(sim)
     _tensorboard_flag(sim)
     sim.set_defaults(fn=cmd_simulate)
 
@@ -428,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--report", metavar="DIR", help="write DIR/summary.csv, summary.md and plots from finished rounds")
     sw.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the virtual devices train")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
-    sw.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    _verbose_flag(sw)
     _tensorboard_flag(sw)
     sw.set_defaults(fn=cmd_sweep)
 
@@ -436,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--config", required=True, help="run config (TOML)")
     ce.add_argument("--out", help="run folder (default runs/<timestamp>)")
     ce.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
-    ce.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    _verbose_flag(ce)
     _tensorboard_flag(ce)
     ce.set_defaults(fn=cmd_centralized)
 
@@ -448,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     ev.add_argument("--quiet", action="store_true", help="no model-loading bars")
-    ev.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    _verbose_flag(ev)
     ev.set_defaults(fn=cmd_evaluate)
     return ap
 

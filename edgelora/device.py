@@ -61,7 +61,7 @@ class DeviceTrainer:
         upload = self._encode(task, delta, masks)
         t2 = time.perf_counter()
         return Update(self.device_id, task.round, len(self.examples), upload, loss,
-                      PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1))
+                      PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1), task_id=task.task_id)
 
     def accepted(self) -> None:
         """The server accepted the last update: only now does error feedback keep what it did not send, so a

@@ -3,8 +3,10 @@ device's own plan, aggregate, step the method. The gRPC coordinator (server/) an
 drive the same Round; they only move bytes."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -73,6 +75,7 @@ class Round:
         self.done: set[str] = set()          # accepted uploads
         self.in_flight: set[str] = set()     # uploads being received (coordinator)
         self.handed_out: dict[str, int] = {}  # tasks given per device (coordinator: retries after refusals)
+        self._task_ids: dict[str, set[str]] = {}  # issued per device, until its update is accepted
         self.open = True
         self.deadline = 0.0                  # time.monotonic() at which the coordinator closes the round
         by_instruction: dict[Instruction, DevicePlan] = {}
@@ -82,6 +85,21 @@ class Round:
             if ins not in by_instruction:
                 by_instruction[ins] = engine.plan(state, ins)
             self.plans[d] = by_instruction[ins]
+
+    def hand_out(self, device_id: str) -> Task:
+        """The device's task, under a fresh single-use id its upload must carry (replays are refused)."""
+        tid = secrets.token_hex(8)
+        self._task_ids.setdefault(device_id, set()).add(tid)
+        self.handed_out[device_id] = self.handed_out.get(device_id, 0) + 1
+        return dataclasses.replace(self.plans[device_id].task, task_id=tid)
+
+    def check_task_id(self, device_id: str, task_id: str) -> None:
+        """An upload must answer a task handed to its device in this round whose update was not yet accepted
+        (a replayed, another round's or another device's id is refused)."""
+        if task_id not in self._task_ids.get(device_id, ()):
+            raise UpdateRejected("precondition", f"round {self.number}: the upload's task id {task_id[:16]!r} was not "
+                                                 f"handed to device {device_id} in this round, or its update was "
+                                                 f"accepted already")
 
     @property
     def full(self) -> bool:
@@ -98,6 +116,7 @@ class Round:
         aggregator = self.engine.aggregator
         self.agg.add(aggregator.clip(delta), aggregator.weight(num_examples))
         self.done.add(device_id)
+        self._task_ids.pop(device_id, None)  # every id it was given is spent
         rec = self.record.devices[device_id]
         rec.status, rec.error = "completed", ""
         rec.num_examples, rec.train_loss, rec.bytes_up = num_examples, train_loss, rec.bytes_up + wire_bytes

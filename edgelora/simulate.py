@@ -50,9 +50,9 @@ class Simulator(ServerRun):
         return self.trainers[device_id]
 
     # -- the wire, without sockets ---------------------------------------------------------------------------
-    def send_task(self, plan: DevicePlan) -> tuple[Task, bytes, int]:
+    def send_task(self, task: Task, plan: DevicePlan) -> tuple[Task, bytes, int]:
         """What FetchTask streams: header + payload chunks; returns what the device parses and the bytes."""
-        header = serde.task_to_proto(plan.task, len(plan.payload))
+        header = serde.task_to_proto(task, len(plan.payload))
         wire, task, parts = 0, None, []
         for msg in serde.chunks(header, pb.TaskChunk, plan.payload, self.run.server.chunk_bytes):
             wire += msg.ByteSize()
@@ -63,7 +63,7 @@ class Simulator(ServerRun):
                 parts.append(got.data)
         return task, b"".join(parts), wire
 
-    def send_update(self, update: Update) -> tuple[bytes, int, int, PhaseTimes]:
+    def send_update(self, update: Update) -> tuple[bytes, int, int, PhaseTimes, str]:
         """What SubmitUpdate receives: header + payload chunks (as EdgeClient.submit builds them)."""
         header = serde.update_header_to_proto(update)
         wire, parts, h = 0, [], None
@@ -74,7 +74,7 @@ class Simulator(ServerRun):
                 h = got.header
             else:
                 parts.append(got.data)
-        return b"".join(parts), wire, h.num_examples, serde.times_from_proto(h.times)
+        return b"".join(parts), wire, h.num_examples, serde.times_from_proto(h.times), h.task_id
 
     # -- emulated links ---------------------------------------------------------------------------------------
     @staticmethod
@@ -114,18 +114,19 @@ class Simulator(ServerRun):
             r = rnd.record.devices[d]
             r.task_sent_at = time.time() - rnd.record.started_at
             t0 = time.perf_counter()
-            task, payload, r.bytes_down = self.send_task(rnd.plans[d])
+            task, payload, r.bytes_down = self.send_task(rnd.hand_out(d), rnd.plans[d])
             down_s = self._link_seconds(self.run.server.simulated_downlink_mbps, d, r.bytes_down)
             try:
                 update = self.trainer(d).run(task, payload, time.perf_counter() - t0 if down_s is None else down_s)
             except DownloadError as e:
                 r.status, r.error = "dropped", str(e)
                 continue
-            body, bytes_up, num_examples, times = self.send_update(update)
+            body, bytes_up, num_examples, times, task_id = self.send_update(update)
             up_s = self._link_seconds(self.run.server.simulated_uplink_mbps, d, bytes_up)
             if up_s is not None:  # what the server's clock would read behind that uplink
                 times = dataclasses.replace(times, upload_s=up_s)
             try:
+                rnd.check_task_id(d, task_id)
                 delta = rnd.check(d, body, num_examples)
             except UpdateRejected as e:
                 rnd.reject(d, e.message, bytes_up)

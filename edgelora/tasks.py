@@ -82,6 +82,7 @@ class Task:
     train: TrainSpec
     upload: UploadRule
     deadline_s: float = 0.0
+    task_id: str = ""          # single-use id of this hand-out (edgelora.engine.Round.hand_out)
 
 
 @dataclass(frozen=True)
@@ -115,3 +116,4 @@ class Update:
     payload: bytes
     train_loss: float = float("nan")
     times: PhaseTimes = field(default_factory=PhaseTimes)
+    task_id: str = ""          # the task this update answers

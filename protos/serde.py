@@ -90,12 +90,14 @@ def upload_from_proto(p: pb.UploadRule) -> UploadRule:
 def task_to_proto(t: Task, payload_bytes: int) -> pb.TaskHeader:
     return pb.TaskHeader(kind=pb.TaskHeader.TRAIN, round=t.round, stage=int(t.stage), method=t.method,
                          structure=structure_to_proto(t.structure), train=train_to_proto(t.train),
-                         upload=upload_to_proto(t.upload), payload_bytes=payload_bytes, deadline_s=t.deadline_s)
+                         upload=upload_to_proto(t.upload), payload_bytes=payload_bytes, deadline_s=t.deadline_s,
+                         task_id=t.task_id)
 
 
 def task_from_proto(p: pb.TaskHeader) -> Task:
     return Task(round=p.round, stage=Stage(p.stage), method=p.method, structure=structure_from_proto(p.structure),
-                train=train_from_proto(p.train), upload=upload_from_proto(p.upload), deadline_s=p.deadline_s)
+                train=train_from_proto(p.train), upload=upload_from_proto(p.upload), deadline_s=p.deadline_s,
+                task_id=p.task_id)
 
 
 def times_to_proto(t: PhaseTimes) -> pb.PhaseTimes:
@@ -111,7 +113,7 @@ def update_header_to_proto(u: Update) -> pb.UpdateHeader:
     t = u.times
     return pb.UpdateHeader(device_id=u.device_id, round=u.round, num_examples=u.num_examples,
                            payload_bytes=len(u.payload), train_loss=u.train_loss,
-                           times=times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)))
+                           times=times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)), task_id=u.task_id)
 
 
 def chunks(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):

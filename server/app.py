@@ -13,7 +13,7 @@ from edgelora.config import RunConfig
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 
 from .coordinator import Coordinator
-from .servicer import CoordinatorServicer
+from .servicer import CHUNK_SLACK, RECEIVE_LIMIT, CoordinatorServicer
 
 log = logging.getLogger("edgelora.server")
 
@@ -26,11 +26,11 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
     if tensorboard:
         coord.folder.log_to_tensorboard()
     cfg = run.server
-    # The receive cap stays small: one chunk plus framing. Uploads arrive as many such messages.
+    # Uploads arrive as many chunk-sized messages; the servicer refuses a chunk over chunk_bytes by name.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
                          interceptors=list(interceptors),
-                         options=[("grpc.max_receive_message_length", cfg.chunk_bytes + 64 * 1024),
-                                  ("grpc.max_send_message_length", cfg.chunk_bytes + 64 * 1024)])
+                         options=[("grpc.max_receive_message_length", RECEIVE_LIMIT),
+                                  ("grpc.max_send_message_length", cfg.chunk_bytes + CHUNK_SLACK)])
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
     address = f"{cfg.host}:{cfg.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

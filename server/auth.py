@@ -76,8 +76,9 @@ class DeviceTokenInterceptor(grpc.ServerInterceptor):
 
 def _check(device_id: str, owner: str, context) -> None:
     if device_id and device_id != owner:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this token may act only as device {owner}, "
-                                                         f"not {device_id!r}")
+        why = f"this token may act only as device {owner}, not {device_id!r}"
+        log.warning("request naming device %r refused: %s", device_id, why)  # every refusal is logged
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
 
 
 def _bind_to_device(handler, owner: str):

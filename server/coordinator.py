@@ -14,7 +14,7 @@ from edgelora.engine import Round, UpdateRejected
 from edgelora.models import fingerprint_model, fingerprint_tokenizer
 from edgelora.rounds import ServerRun
 from edgelora.state import ServerState
-from edgelora.tasks import DeviceInfo, PhaseTimes
+from edgelora.tasks import DeviceInfo, PhaseTimes, Task
 
 from .registry import DeviceRegistry
 
@@ -69,33 +69,33 @@ class Coordinator(ServerRun):
         self._known(device_id)
         return self.state
 
-    def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None]:
-        """('train', round) | ('wait', None) | ('stop', None), holding the call up to wait_s."""
+    def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None, Task | None]:
+        """('train', round, task) | ('wait', None, None) | ('stop', None, None), holding the call up to wait_s."""
         self._known(device_id)
         deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
         with self.cond:
             while True:
                 if self.state.finished:
-                    return "stop", None
+                    return "stop", None, None
                 if self.stopping:  # unfinished: devices back off and reconnect to a resumed server
                     raise UpdateRejected("unavailable", "the coordinator is shutting down; retry later")
                 r = self.round
                 if r is not None and r.open and not r.full and device_id in r.sampled and device_id not in r.done \
                         and device_id not in r.in_flight and r.handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND:
-                    r.handed_out[device_id] = r.handed_out.get(device_id, 0) + 1
+                    task = r.hand_out(device_id)
                     rec = r.record.devices[device_id]
                     rec.task_sent_at = time.time() - r.record.started_at
-                    return "train", r
+                    return "train", r, task
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return "wait", None
+                    return "wait", None, None
                 self.cond.wait(left)
 
     def count_download(self, r: Round, device_id: str, nbytes: int) -> None:
         with self.cond:
             r.record.devices[device_id].bytes_down += nbytes
 
-    def begin_upload(self, device_id: str, round_id: int) -> Round:
+    def begin_upload(self, device_id: str, round_id: int, task_id: str) -> Round:
         self._known(device_id)
         with self.cond:
             r = self.round
@@ -110,6 +110,7 @@ class Coordinator(ServerRun):
                 raise UpdateRejected("exists", f"device {device_id} already uploaded for round {round_id}")
             if device_id in r.in_flight:
                 raise UpdateRejected("exists", f"device {device_id} has an upload for round {round_id} in progress")
+            r.check_task_id(device_id, task_id)
             if r.full:
                 raise UpdateRejected("precondition", self._closed(r))
             r.in_flight.add(device_id)
@@ -145,15 +146,18 @@ class Coordinator(ServerRun):
             if not any((self.folder.path / d).exists() for d in ("adapter", "model")):
                 self.folder.save_final_model(self.engine.model_for(self.state))
             return self.state
-        self._wait_for_devices(cfg.registered_needed)
+        self._wait_for_devices(cfg.registered_needed, before_first_round=True)
         while not self.state.finished and not self.stopping:
             self._run_one_round()
         with self.cond:
             self.cond.notify_all()
         return self.state
 
-    def _wait_for_devices(self, needed: int) -> None:
+    def _wait_for_devices(self, needed: int, before_first_round: bool = False) -> None:
+        """Hold until `needed` devices are live. Before round 1 that has server.registration_timeout_s; between
+        rounds a coordinator keeps waiting (devices come back), saying how many are live of those registered."""
         deadline = time.monotonic() + self.run.server.registration_timeout_s
+        said = None
         with self.cond:
             while len(self.registry.live()) < needed and not self.stopping:
                 able = self.run.data.num_devices - len(self.data_errors)
@@ -161,11 +165,16 @@ class Coordinator(ServerRun):
                     bad = ", ".join(f"{d} ({e})" for d, e in sorted(self.data_errors.items()))
                     raise TimeoutError(f"{needed} devices are needed, but only {able} of data.num_devices = "
                                        f"{self.run.data.num_devices} can train: devices {bad} cannot load their data")
+                live, registered = len(self.registry.live()), len(self.registry)
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"only {len(self.registry.live())} of {needed} devices registered within "
+                if before_first_round and left <= 0:
+                    raise TimeoutError(f"only {live} of {needed} devices live ({registered} registered) within "
                                        f"server.registration_timeout_s = {self.run.server.registration_timeout_s}")
-                self.cond.wait(min(left, 1.0))
+                if not before_first_round and said != (live, registered):
+                    log.warning("round %d waits: %d devices live of %d registered, %d needed (server.min_devices); "
+                                "it goes on when they return", self.state.round + 1, live, registered, needed)
+                    said = (live, registered)
+                self.cond.wait(min(left, 1.0) if before_first_round else 1.0)
 
     def declared_device(self, device_id: str) -> DeviceInfo:
         e = self.registry.entry(device_id)

@@ -15,6 +15,12 @@ from .coordinator import Coordinator
 
 log = logging.getLogger("edgelora.server")
 
+# gRPC refuses a message over its receive limit before the servicer sees it, and the servicer then learns only
+# that the stream broke. So gRPC's limit is the largest message the protocol allows (chunk_bytes is at most
+# 4 MiB - 64 KiB), and the per-run chunk cap is checked here, where the refusal can say what was wrong.
+RECEIVE_LIMIT = 4 << 20
+CHUNK_SLACK = 64 * 1024
+
 STATUS = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "precondition": grpc.StatusCode.FAILED_PRECONDITION,
@@ -61,7 +67,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def FetchTask(self, request, context):
         try:
-            kind, r = self.coord.next_task(request.device_id, request.wait_s)
+            kind, r, task = self.coord.next_task(request.device_id, request.wait_s)
         except UpdateRejected as e:
             _abort(context, e, f"fetch {request.device_id!r}")
         if kind != "train":
@@ -69,7 +75,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.TaskChunk(header=pb.TaskHeader(kind=k, round=self.coord.state.round))
             return
         plan = r.plans[request.device_id]
-        header = serde.task_to_proto(plan.task, len(plan.payload))
+        header = serde.task_to_proto(task, len(plan.payload))
         header.deadline_s = max(0.0, r.deadline - time.monotonic())  # what is left of the round, not its length
         for chunk in serde.chunks(header, pb.TaskChunk, plan.payload, self.coord.run.server.chunk_bytes):
             self.coord.count_download(r, request.device_id, chunk.ByteSize())
@@ -90,7 +96,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             _abort(context, UpdateRejected("exhausted", f"declared payload of {h.payload_bytes} bytes exceeds the "
                                                         f"server's limit of {cfg.max_upload_bytes}"), what)
         try:
-            r = self.coord.begin_upload(h.device_id, h.round)
+            r = self.coord.begin_upload(h.device_id, h.round, h.task_id)
         except UpdateRejected as e:
             _abort(context, e, what)
         r.record.devices[h.device_id].upload_started_at = time.time() - r.record.started_at
@@ -104,6 +110,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     break
                 if not msg.data:  # an endless stream of empty chunks would hold the upload open forever
                     raise UpdateRejected("invalid", "upload stream carries an empty data chunk")
+                if len(msg.data) > cfg.chunk_bytes + CHUNK_SLACK:
+                    raise UpdateRejected("exhausted", f"upload chunk of {len(msg.data)} bytes exceeds server.chunk_bytes "
+                                                      f"= {cfg.chunk_bytes} (+ {CHUNK_SLACK} bytes of slack)")
                 if not r.open:
                     raise UpdateRejected("precondition", f"round {h.round} closed during the upload")
                 got += len(msg.data)
@@ -113,7 +122,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except UpdateRejected as e:
             self._reject(r, h, wire, e, context, what)
         except grpc.RpcError:  # the device went away mid-stream
-            error = "stream broken off by the device"
+            error = ("stream broken off: the device went away, or sent a message over gRPC's receive limit of "
+                     f"{RECEIVE_LIMIT} bytes")
         upload_s = time.perf_counter() - started
         if not error and got != h.payload_bytes:
             error = f"truncated upload: got {got} of {h.payload_bytes} declared bytes"

@@ -104,6 +104,8 @@ def test_impostors_are_refused_and_a_good_device_trains(tmp_path, certs):
     assert rec["aggregated"] and [d["device_id"] for d in rec["devices"]] == ["0"]
     log = (tmp_path / "server.log").read_text()
     assert "token of device 1 used as '0'" in log and "missing device token" in log
+    # an id named inside a request that the token does not own: refused and logged too
+    assert "request naming device '0' refused: this token may act only as device 1" in log
 
 
 def test_plaintext_must_be_asked_for_even_on_loopback(tmp_path):

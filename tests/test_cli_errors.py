@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomli_w
-
 
 from .conftest import REPO, cli, interrupt_after_first_round, tiny_raw
 
@@ -84,3 +84,13 @@ def test_quiet_hides_transformers_loading_bars():
     assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
     assert "Loading weights" in loud.stderr  # the bar exists, so its absence below means something
     assert "Loading weights" not in quiet.stderr
+
+
+@pytest.mark.parametrize("argv, verbose", [(["-v", "server", "--config", "x.toml"], True),
+                                           (["server", "-v", "--config", "x.toml"], True),
+                                           (["server", "--config", "x.toml"], False),
+                                           (["--verbose", "simulate", "--config", "x.toml"], True)])
+def test_verbose_counts_before_and_after_the_subcommand(argv, verbose):
+    from edgelora.cli import build_parser
+
+    assert getattr(build_parser().parse_args(argv), "verbose", False) is verbose

@@ -41,6 +41,9 @@ def register(stub, coord, device_id, model_fp=None, tok_fp=None):
                                             tokenizer_fingerprint=tok_fp or coord.tokenizer_fingerprint), timeout=10)
 
 
+TASK_IDS: dict[str, str] = {}  # the last task id handed to each device id: submit() answers it by default
+
+
 def fetch(stub, device_id, wait_s=20.0):
     header, data = None, b""
     for chunk in stub.FetchTask(pb.FetchTaskRequest(device_id=device_id, wait_s=wait_s), timeout=60):
@@ -48,14 +51,17 @@ def fetch(stub, device_id, wait_s=20.0):
             header = chunk.header
         else:
             data += chunk.data
+    TASK_IDS[device_id] = header.task_id
     return header, data
 
 
-def submit(stub, device_id, round_id, payload, declared=None, num_examples=None, chunk=64 * 1024):
+def submit(stub, device_id, round_id, payload, declared=None, num_examples=None, chunk=64 * 1024, task_id=None):
     num_examples = 24 if num_examples is None else num_examples  # the tiny config's partition size
+    task_id = TASK_IDS.get(device_id, "") if task_id is None else task_id
     def msgs():
         yield pb.UpdateChunk(header=pb.UpdateHeader(device_id=device_id, round=round_id, num_examples=num_examples,
-                                                    payload_bytes=len(payload) if declared is None else declared))
+                                                    payload_bytes=len(payload) if declared is None else declared,
+                                                    task_id=task_id))
         for s in range(0, len(payload), chunk):
             yield pb.UpdateChunk(data=payload[s:s + chunk])
     return stub.SubmitUpdate(msgs(), timeout=30)
@@ -123,7 +129,8 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
     refused(lambda: submit(stub, "0", 1, b"not a codec bundle at all"), grpc.StatusCode.INVALID_ARGUMENT, "payload")
 
     def empty_chunks():
-        yield pb.UpdateChunk(header=pb.UpdateHeader(device_id="0", round=1, num_examples=24, payload_bytes=len(good)))
+        yield pb.UpdateChunk(header=pb.UpdateHeader(device_id="0", round=1, num_examples=24, payload_bytes=len(good),
+                                                    task_id=TASK_IDS["0"]))
         yield pb.UpdateChunk(data=b"")
     refused(lambda: stub.SubmitUpdate(empty_chunks(), timeout=30), grpc.StatusCode.INVALID_ARGUMENT, "empty data chunk")
     refused(lambda: submit(stub, "0", 1, good, chunk=len(good)) if len(good) > 300_000 else
@@ -222,5 +229,89 @@ def test_a_round_whose_outstanding_devices_all_went_offline_closes_early(server)
     assert closed_after < 2 * 2.0 + 1.0  # within 2 x device_timeout_s (+1 s: the driver waits in 1 s steps)
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert [x["status"] for x in row["devices"]] == ["dropped", "dropped"] and not row["aggregated"]
+    coord.stop()
+    driver.join(timeout=30)
+
+
+def test_replayed_relabelled_and_foreign_uploads_are_refused_by_task_id(server, caplog):
+    """The probe: device 1's round-1 upload re-sent as round 2 without fetching round 2's task was accepted.
+    Now every upload must carry the single-use id of a task handed to its own device in the open round."""
+    coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 2,
+                                          "round_deadline_s": 20.0})
+    _, driver = start_rounds(coord, stub)
+    h0, p0 = fetch(stub, "0")
+    h1, p1 = fetch(stub, "1")
+    assert h0.task_id and h1.task_id and h0.task_id != h1.task_id
+    up0, _ = delta_bundle(p0, value=0.01)
+    up1, _ = delta_bundle(p1, value=0.01)
+    refused(lambda: submit(stub, "1", 1, up1, task_id=h0.task_id), grpc.StatusCode.FAILED_PRECONDITION,
+            "was not handed to device 1", "precondition")  # another device's id
+    refused(lambda: submit(stub, "1", 1, up1, task_id=""), grpc.StatusCode.FAILED_PRECONDITION, "task id ''")
+    submit(stub, "0", 1, up0)
+    submit(stub, "1", 1, up1)
+    # round 2 opens; device 1 replays its round-1 upload relabelled as round 2, without fetching round 2's task
+    deadline = time.monotonic() + 30
+    while coord.state.round < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    refused(lambda: submit(stub, "1", 2, up1, task_id=h1.task_id), grpc.StatusCode.FAILED_PRECONDITION,
+            "was not handed to device 1 in this round")
+    assert "refused" in caplog.text and "was not handed to device 1" in caplog.text  # logged, not only answered
+    coord.stop()
+    driver.join(timeout=30)
+
+
+def test_between_rounds_the_coordinator_waits_for_devices_to_return(server, caplog):
+    """Fewer live devices than min_devices after round 1: the coordinator neither exits nor times out
+    (registration_timeout_s = 1 s applies before round 1 only); it logs live against registered and goes on
+    when the device is back."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="edgelora.server")
+    coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 2,
+                                          "round_deadline_s": 20.0, "registration_timeout_s": 1.0,
+                                          "heartbeat_s": 0.5, "device_timeout_s": 1.5})
+    _, driver = start_rounds(coord, stub)
+    quiet = {d: threading.Event() for d in ("0", "1")}
+
+    def beat(device_id):  # what a client's heartbeat thread does, until the device goes quiet
+        while not quiet[device_id].wait(0.3):
+            stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id), timeout=5)
+
+    for d in quiet:
+        threading.Thread(target=beat, args=(d,), daemon=True).start()
+    tasks = {d: fetch(stub, d) for d in ("0", "1")}
+    quiet["1"].set()  # device 1 goes quiet mid-round: round 1 closes early without it (and is abandoned)
+    submit(stub, "0", 1, delta_bundle(tasks["0"][1], value=0.01)[0])
+    deadline = time.monotonic() + 20
+    while "1 devices live of 2 registered, 2 needed" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.1)
+    time.sleep(1.5)
+    assert driver.is_alive() and coord.state.round == 1  # still waiting, well past registration_timeout_s
+    assert not json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["aggregated"]
+    h, p = fetch(stub, "1")  # device 1 is back: any call counts as a heartbeat
+    h0, p0 = fetch(stub, "0")
+    assert h.kind == h0.kind == pb.TaskHeader.TRAIN and h.round == 2
+    for d, payload in (("0", p0), ("1", p)):
+        submit(stub, d, 2, delta_bundle(payload, value=0.01)[0])
+    driver.join(timeout=30)
+    quiet["0"].set()
+    assert coord.state.finished and coord.state.round == 2
+
+
+def test_an_oversized_chunk_is_refused_and_logged_with_the_real_reason(server, caplog):
+    coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 1, "chunk_bytes": 4096,
+                                          "round_deadline_s": 10.0})
+    register(stub, coord, "0")
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()
+    h, payload = fetch(stub, "0")
+    big, _ = delta_bundle(payload, value=0.01)
+    big += bytes(max(0, 200_000 - len(big)))
+    refused(lambda: submit(stub, "0", 1, big, chunk=200_000), grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "upload chunk of 200000 bytes exceeds server.chunk_bytes = 4096")
+    assert "refused: upload chunk of 200000 bytes exceeds server.chunk_bytes" in caplog.text
+    assert "stream broken off" not in caplog.text
     coord.stop()
     driver.join(timeout=30)
