@@ -71,7 +71,7 @@ def cmd_server(args) -> int:
     if args.host is not None:
         run = run.replace(server=_replace(run.server, host=args.host))
     return serve(run, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard,
-                 **_server_security(args, run.server.host))
+                 metrics_port=args.metrics_port, **_server_security(args, run.server.host))
 
 
 def _read(path: str | None) -> bytes | None:
@@ -275,6 +275,40 @@ def cmd_centralized(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    """RUN_DIR: every round's row and the last round's devices; HOST:PORT: the live server's metrics."""
+    from edgelora.runlog import read_records
+
+    target = Path(args.target)
+    if target.is_dir():
+        rows = read_records(target / "metrics.jsonl")
+        if not rows:
+            raise ConfigError(f"status: {target} has no finished round yet (metrics.jsonl is empty or missing)")
+        print(f"{'round':>5} {'stage':>7} {'devices':>7} {'accuracy':>8} {'MB down':>8} {'MB up':>8} {'seconds':>7}")
+        for r in rows:
+            acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
+            print(f"{r['round']:>5} {r['stage']:>7} {r['completed']:>3}/{r['sampled']:<3} {acc:>8} "
+                  f"{r['bytes_down'] / 1e6:>8.3f} {r['bytes_up'] / 1e6:>8.3f} {r['seconds']:>7.1f}")
+        last = rows[-1]
+        print(f"round {last['round']} devices: " + ", ".join(
+            f"{d['device_id']} {d['status']}" + (f" ({d['error']})" if d.get("error") else "") for d in last["devices"]))
+        return 0
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{args.target}/metrics"
+    try:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"no metrics at {url} ({e}); start the server with --metrics-port") from None
+    wanted = ("edgelora_round ", "edgelora_stage{", "edgelora_devices{", "edgelora_rounds_completed_total",
+              "edgelora_bytes_total{", "edgelora_refusals_total{")
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            print(line)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     """Held-out accuracy of finished runs, e.g. on the whole test split where the runs scored a subsample."""
     from edgelora.rounds import evaluate_run
@@ -381,8 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", help="per-device tokens file (TOML [tokens] id = token); calls without a "
                                     "matching token are refused")
     s.add_argument("--insecure", action="store_true", help="accept plaintext gRPC (no TLS); prints a warning")
+    s.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = any free port, written to "
+                        "RUN_DIR/metrics.addr)")
     _tensorboard_flag(s)
     s.set_defaults(fn=cmd_server)
+
+    st = sub.add_parser("status", help="a run's round table and its devices' states (a run folder, or the "
+                                       "metrics endpoint of a live server)")
+    st.add_argument("target", metavar="RUN_DIR|HOST:PORT", help="a run folder, or a server's --metrics-port address")
+    st.set_defaults(fn=cmd_status)
 
     c = sub.add_parser("client", help="run one or many edge devices")
     c.add_argument("--server", required=True, help="HOST:PORT of the coordinator")

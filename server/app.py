@@ -20,11 +20,21 @@ log = logging.getLogger("edgelora.server")
 
 @contextlib.contextmanager
 def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=None, interceptors=(),
-               tensorboard: bool = False):
-    """Yield (coordinator, port) with a gRPC server listening; stop it on exit whatever happened."""
+               tensorboard: bool = False, metrics_port: int | None = None):
+    """Yield (coordinator, port) with a gRPC server listening; stop it on exit whatever happened.
+    `metrics_port` (0 = any free one): Prometheus metrics at http://HOST:PORT/metrics, written to
+    RUN_DIR/metrics.addr."""
     coord = Coordinator(run, Path(run_dir), resume=resume)
     if tensorboard:
         coord.folder.log_to_tensorboard()
+    http = None
+    if metrics_port is not None:
+        from .metrics import CoordinatorMetrics, serve_metrics
+
+        coord.metrics = CoordinatorMetrics(coord)
+        http = serve_metrics(coord.metrics, run.server.host, metrics_port)
+        (Path(run_dir) / "metrics.addr").write_text(f"{run.server.host}:{http.server_port}\n")
+        log.info("metrics at http://%s:%d/metrics", run.server.host, http.server_port)
     cfg = run.server
     # Uploads arrive as many chunk-sized messages; the servicer refuses a chunk over chunk_bytes by name.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
@@ -44,6 +54,8 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
     finally:
         coord.stop()
         server.stop(grace=2.0).wait()
+        if http is not None:
+            http.shutdown()
 
 
 def serve(run: RunConfig, run_dir: Path, resume: bool = False, linger_s: float = 3.0, **kw) -> int:

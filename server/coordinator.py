@@ -36,6 +36,7 @@ class Coordinator(ServerRun):
         self._decoding = threading.BoundedSemaphore(2)
         self.stopping = False
         self.data_errors: dict[str, str] = {}  # devices that told Register they cannot load their data
+        self.metrics = None  # server.metrics.CoordinatorMetrics when --metrics-port serves them
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
     def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str,
@@ -217,6 +218,8 @@ class Coordinator(ServerRun):
             log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d)", r.number,
                         len(r.done), len(r.sampled), cfg.min_devices)
         new_state = self.close_round(r)
+        if self.metrics is not None:
+            self.metrics.round_closed(r.record, new_state)
         if new_state.finished:
             log.info("saved the final model in %s", self.folder.path)
         with self.cond:

@@ -31,8 +31,10 @@ STATUS = {
 }
 
 
-def _abort(context: grpc.ServicerContext, e: UpdateRejected, what: str) -> None:
+def _abort(coord: Coordinator, context: grpc.ServicerContext, e: UpdateRejected, what: str) -> None:
     log.warning("%s refused: %s", what, e.message)
+    if coord.metrics is not None:
+        coord.metrics.refused(e.code)
     context.set_trailing_metadata(serde.refusal_metadata(e.code))
     context.abort(STATUS[e.code], e.message)
 
@@ -55,21 +57,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                 request.tier if request.HasField("tier") else None,
                                 (request.uplink_mbps, request.downlink_mbps))
         except UpdateRejected as e:
-            _abort(context, e, f"register {request.device_id!r}")
+            _abort(self.coord, context, e, f"register {request.device_id!r}")
         return pb.RegisterReply(run_id=self.spec.run_id, heartbeat_s=self.coord.run.server.heartbeat_s)
 
     def Heartbeat(self, request, context):
         try:
             state = self.coord.heartbeat(request.device_id)
         except UpdateRejected as e:
-            _abort(context, e, f"heartbeat {request.device_id!r}")
+            _abort(self.coord, context, e, f"heartbeat {request.device_id!r}")
         return pb.HeartbeatReply(round=state.round, run_finished=state.finished)
 
     def FetchTask(self, request, context):
         try:
             kind, r, task = self.coord.next_task(request.device_id, request.wait_s)
         except UpdateRejected as e:
-            _abort(context, e, f"fetch {request.device_id!r}")
+            _abort(self.coord, context, e, f"fetch {request.device_id!r}")
         if kind != "train":
             k = pb.TaskHeader.STOP if kind == "stop" else pb.TaskHeader.WAIT
             yield pb.TaskChunk(header=pb.TaskHeader(kind=k, round=self.coord.state.round))
@@ -87,18 +89,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             first = next(request_iterator)
         except StopIteration:
-            _abort(context, UpdateRejected("invalid", "empty upload stream: expected a header first"), "upload")
+            _abort(self.coord, context, UpdateRejected("invalid", "empty upload stream: expected a header first"), "upload")
         if first.WhichOneof("part") != "header":
-            _abort(context, UpdateRejected("invalid", "upload stream must start with a header"), "upload")
+            _abort(self.coord, context, UpdateRejected("invalid", "upload stream must start with a header"), "upload")
         h = first.header
         what = f"upload from {h.device_id!r} for round {h.round}"
         if h.payload_bytes > cfg.max_upload_bytes:
-            _abort(context, UpdateRejected("exhausted", f"declared payload of {h.payload_bytes} bytes exceeds the "
+            _abort(self.coord, context, UpdateRejected("exhausted", f"declared payload of {h.payload_bytes} bytes exceeds the "
                                                         f"server's limit of {cfg.max_upload_bytes}"), what)
         try:
             r = self.coord.begin_upload(h.device_id, h.round, h.task_id)
         except UpdateRejected as e:
-            _abort(context, e, what)
+            _abort(self.coord, context, e, what)
         r.record.devices[h.device_id].upload_started_at = time.time() - r.record.started_at
         wire, parts, got, error = first.ByteSize(), [], 0, ""
         started = time.perf_counter()
@@ -133,7 +135,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.coord.finish_upload(r, h.device_id, None if error else b"".join(parts), h.num_examples,
                                      h.train_loss, times, wire, error)
         except UpdateRejected as e:
-            _abort(context, e, what)
+            _abort(self.coord, context, e, what)
         log.info("accepted %s: %d bytes", what, got)
         return pb.SubmitReply(accepted=True, round=h.round, bytes_received=wire)
 
@@ -142,4 +144,4 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.coord.finish_upload(r, h.device_id, None, 0, 0.0, serde.times_from_proto(h.times), wire, e.message)
         except UpdateRejected:
             pass
-        _abort(context, e, what)
+        _abort(self.coord, context, e, what)
