@@ -13,7 +13,8 @@ import grpc
 
 from edgelora.codec import CodecError
 from edgelora.configtools import ConfigError
-from edgelora.device import DeviceHost, DeviceTrainer, DownloadError
+from edgelora.data import own_examples
+from edgelora.device import DeviceHost, DeviceTrainer, DownloadError, device_seed
 from edgelora.models import fingerprint_model, hardware_info, fingerprint_tokenizer
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
@@ -45,6 +46,10 @@ class ClientOptions:
     token_for: dict[str, str] | None = None  # per-device auth tokens (see deploy/README.md)
     throttle: LinkThrottle | None = None     # application-level link emulation (--uplink-mbps/--downlink-mbps)
     tier: int | None = None                  # capability tier of every hosted device (--tier); None: the server's
+    data: str | None = None                  # own data (--data PATH): for runs with data.mode = own
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_fraction: float = 0.2               # own data held out for federated evaluation
     declared_uplink_mbps: float = 0.0        # link rates declared at Register (default: the throttle's, if any)
     declared_downlink_mbps: float = 0.0
 
@@ -88,10 +93,24 @@ class EdgeClient:
         self.tok_fp = fingerprint_tokenizer(self.host.tokenizer)
         self.trainers: dict[str, DeviceTrainer] = {}
         self.data_errors: dict[str, str] = {}  # devices whose data did not load: the server hears why
+        own = self.data_cfg.mode == "own"
+        if own != (opts.data is not None):
+            raise ConfigError("this run trains on each device's own data (data.mode = own): give --data PATH" if own
+                              else "this run trains partitions of a shared dataset (data.mode = partitions): "
+                                   "--data is for runs with data.mode = own")
         for d in opts.device_ids:
             try:
-                self.trainers[d] = DeviceTrainer(d, self.host, self.data_cfg, progress=opts.progress)
+                if own:
+                    train, held_out = own_examples(opts.data, tuple(self.data_cfg.label_names), opts.text_column,
+                                                   opts.label_column, opts.eval_fraction, seed=device_seed(d))
+                    self.trainers[d] = DeviceTrainer(d, self.host, self.data_cfg, examples=train,
+                                                     progress=opts.progress, eval_examples=held_out)
+                    log.info("device %s: %d own examples to train, %d held out", d, len(train), len(held_out))
+                else:
+                    self.trainers[d] = DeviceTrainer(d, self.host, self.data_cfg, progress=opts.progress)
             except (ConfigError, OSError, ValueError) as e:
+                if own:  # the device's own file: refuse to start, naming what is wrong
+                    raise ConfigError(f"device {d}: {e}") from None
                 self.data_errors[d] = str(e)
         self.info = hardware_info(opts.torch_device)
         self.stopped: set[str] = set()

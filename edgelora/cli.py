@@ -174,8 +174,12 @@ def cmd_client(args) -> int:
             raise ConfigError(f"{flag}: must be > 0 Mbit/s, got {v}")
     if args.tier is not None and args.tier < 0:
         raise ConfigError(f"--tier: must be >= 0, got {args.tier}")
+    if not 0 <= args.eval_fraction < 1:
+        raise ConfigError(f"--eval-fraction: must be in [0, 1), got {args.eval_fraction}")
     client = EdgeClient(ClientOptions(server=args.server, device_ids=ids, torch_device=device,
                                       give_up_s=args.give_up_s, progress=not args.quiet, tier=args.tier,
+                                      data=args.data, text_column=args.text_column, label_column=args.label_column,
+                                      eval_fraction=args.eval_fraction,
                                       throttle=LinkThrottle(args.uplink_mbps, args.downlink_mbps)
                                       if args.uplink_mbps or args.downlink_mbps else None,
                                       **_client_security(args, ids)))
@@ -428,8 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("client", help="run one or many edge devices")
     c.add_argument("--server", required=True, help="HOST:PORT of the coordinator")
-    c.add_argument("--device-id", help="this device's id (its partition index)")
+    c.add_argument("--device-id", help="this device's id: its partition index, or with --data its name")
     c.add_argument("--device-ids", help="host many virtual devices, e.g. 0-49 or 0,3,7")
+    c.add_argument("--data", metavar="PATH", help="this device's own examples (csv, json/jsonl, parquet), for runs "
+                                                  "with data.mode = own; they never leave the device")
+    c.add_argument("--text-column", default="text", help="--data: the column with the text")
+    c.add_argument("--label-column", default="label", help="--data: the column with the label")
+    c.add_argument("--eval-fraction", type=float, default=0.2,
+                   help="--data: share held out for federated evaluation (default 0.2)")
     c.add_argument("--tier", type=int, help="this machine's capability tier, 0 = the slowest (FLASC tiers: "
                                             "method.tiers); unset: the server assigns one")
     c.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to train")

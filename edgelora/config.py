@@ -37,6 +37,7 @@ class ServerConfig:
     chunk_bytes: int = field(1 << 20, "payload bytes per gRPC message (at most 4 MiB)")
     max_upload_bytes: int = field(256 << 20, "an upload larger than this is refused (RESOURCE_EXHAUSTED)")
     max_update_abs: float = field(1e3, "an upload with any |delta| above this is refused (INVALID_ARGUMENT): finite but huge values would wreck the global model")
+    max_examples_per_device: int = field(10_000, "data.mode = own: FedAvg weighs a device's update by the example count it reports, at most this (a larger claim is weighted at the cap and logged)")
     save_updates: bool = field(False, "keep every accepted upload's codec bytes in RUN_DIR/updates/ (with the round's download.elb, or download_<device>.elb where devices got different downloads)")
     value_type: ValueType = field("float32", "codec value type of tensor payloads, both directions")
     simulated_uplink_mbps: list[float] = field([], "simulator only: device i's uplink is entry i mod len (Mbit/s); its uploads are timed at that rate and it declares it, as a throttled client would (empty: no link emulation)")
@@ -56,6 +57,7 @@ class ServerConfig:
         check(self.seed >= 0, "server.seed", "must be >= 0")
         check(self.min_registered >= 0, "server.min_registered", "must be >= 0")
         check(0 <= self.over_selection <= 10, "server.over_selection", "must be in [0, 10]")
+        check(self.max_examples_per_device >= 1, "server.max_examples_per_device", "must be >= 1")
         for name in ("simulated_uplink_mbps", "simulated_downlink_mbps"):
             check(all(isinstance(v, (int, float)) and v > 0 for v in getattr(self, name)), f"server.{name}",
                   "must be a list of rates > 0 (Mbit/s)")
@@ -93,6 +95,7 @@ FILE_DATASETS = ("csv", "json", "jsonl", "parquet")  # data.dataset values read 
 
 @dataclass
 class DataConfig:
+    mode: Literal["partitions", "own"] = field("partitions", "partitions: device i trains partition i of the dataset below (experiments, reproducible bit for bit); own: each device trains on its own file (edgelora client --data PATH), device ids are names, the run names its classes in data.label_names, and the dataset below, if any, is only the server's test split")
     dataset: Literal["20newsgroups", "csv", "json", "jsonl", "parquet", "hf"] = field("20newsgroups", "where examples come from: 20newsgroups (scikit-learn's cache), a local csv, json (JSON lines or one document; jsonl is the same) or parquet file, or hf (a Hugging Face dataset name)")
     data_home: str = field("", "20newsgroups: scikit-learn data home ('' = $EDGELORA_DATA_HOME, then ../shared/datasets/20newsgroups, then scikit-learn's default, which downloads when online)")
     path: str = field("", "csv/json/parquet: file of training examples, relative to the config file's folder; hf: dataset name")
@@ -115,6 +118,8 @@ class DataConfig:
     validation_examples: int = field(0, "> 0: carve this many examples (seeded by data.seed) out of the training split before partitioning, and evaluate on them instead of the test split: for choosing hyperparameters without ever looking at the test split")
 
     def validate(self) -> None:
+        check(self.mode == "partitions" or bool(self.label_names), "data.label_names",
+              "data.mode = own needs the run's classes listed in order: devices map their own labels to them")
         check(self.num_devices >= 1, "data.num_devices", "must be >= 1")
         check(self.alpha > 0, "data.alpha", "must be > 0")
         check(self.classes_per_device >= 1, "data.classes_per_device", "must be >= 1")
@@ -123,7 +128,10 @@ class DataConfig:
             check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
         bad = sorted(set(self.remove) - {"headers", "footers", "quotes"})
         check(not bad, "data.remove", f"unknown part(s) {bad}; allowed: headers, footers, quotes")
-        if self.dataset in FILE_DATASETS + ("hf",):
+        if self.mode == "own":  # devices bring the data; the server's test split is optional
+            check(not self.test_path or self.dataset in FILE_DATASETS, "data.dataset",
+                  f"data.mode = own reads data.test_path as one of {FILE_DATASETS}, not {self.dataset!r}")
+        elif self.dataset in FILE_DATASETS + ("hf",):
             check(bool(self.path), "data.path", f"required for dataset = {self.dataset!r}")
 
     def resolved_data_home(self) -> str | None:
@@ -249,6 +257,6 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
     check(not (cfg.aggregator.name == "dp-fedavg" and cfg.method.name in ("sft", "slora")), "aggregator.name",
           f"dp-fedavg adds noise outside {cfg.method.name}'s sparse mask, which devices never receive; use it "
           f"with a dense-update method (lora, flasc, fft, flora, bitfit, adapters)")
-    check(cfg.server.devices_per_round <= cfg.data.num_devices, "server.devices_per_round",
+    check(cfg.data.mode == "own" or cfg.server.devices_per_round <= cfg.data.num_devices, "server.devices_per_round",
           f"({cfg.server.devices_per_round}) exceeds data.num_devices ({cfg.data.num_devices})")
     return cfg

@@ -361,7 +361,7 @@ def partition_sizes(cfg: DataConfig) -> list[int]:
 
 
 def held_out_examples(cfg: DataConfig) -> Examples:
-    test = load_corpus(cfg).test
+    test = _own_test(cfg) if cfg.mode == "own" else load_corpus(cfg).test
     if cfg.test_max_examples and len(test) > cfg.test_max_examples:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(test), cfg.test_max_examples, replace=False))
         return test.subset(idx)
@@ -370,7 +370,38 @@ def held_out_examples(cfg: DataConfig) -> Examples:
 
 def label_names(cfg: DataConfig) -> tuple[str, ...]:
     """The class of each classifier output, in order."""
-    return load_corpus(cfg).label_names
+    return tuple(cfg.label_names) if cfg.mode == "own" else load_corpus(cfg).label_names
+
+
+def _own_test(cfg: DataConfig) -> Examples:
+    """data.mode = own: the server's test split is data.test_path when given (labels mapped to
+    data.label_names), else none: the devices' federated evaluation reports instead."""
+    if not cfg.test_path:
+        return Examples((), np.zeros(0, np.int64))
+    rows = _read_rows(Path(cfg.test_path), _Source.of(cfg), "data.test_path")
+    return _from_rows([], rows, explicit=tuple(cfg.label_names)).test
+
+
+def own_examples(path: str | Path, label_names: tuple[str, ...], text_column: str = "text",
+                 label_column: str = "label", eval_fraction: float = 0.2, seed: int = 0) -> tuple[Examples, Examples]:
+    """A device's own file (csv, json/jsonl or parquet, by extension) as (train, held-out evaluation)
+    examples, labels mapped to the run's classes. A label the run does not know is refused by name."""
+    path = Path(path)
+    kind = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "jsonl", ".gz": "jsonl"}.get(path.suffix)
+    if kind is None:
+        raise ConfigError(f"--data {path}: expected a .csv, .json, .jsonl(.gz) or .parquet file")
+    src = _Source(kind, None, str(path), "", 0.0, (text_column,), label_column, (), "", (), seed,
+                  tuple(label_names), 0)
+    rows = _read_rows(path, src, "--data")
+    try:
+        corpus = _from_rows(rows, [], explicit=tuple(label_names))
+    except ConfigError as e:
+        raise ConfigError(f"--data {path}: {str(e).replace('data.label_names: the data has', 'the file has')}; "
+                          f"the run's classes (data.label_names) are {list(label_names)[:8]}"
+                          f"{' ...' if len(label_names) > 8 else ''}") from None
+    order = np.random.default_rng(seed).permutation(len(corpus.train))
+    cut = int(round(len(order) * eval_fraction))
+    return corpus.train.subset(np.sort(order[cut:])), corpus.train.subset(np.sort(order[:cut]))
 
 
 def with_num_labels(run):
@@ -379,5 +410,5 @@ def with_num_labels(run):
 
     if run.model.num_labels:
         return run
-    n = len(load_corpus(run.data).label_names)
+    n = len(label_names(run.data))
     return run.replace(model=dataclasses.replace(run.model, num_labels=n))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from .data import Examples, device_examples
 from .models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
 from .sparsity import global_topk
 from .tasks import PhaseTimes, Task, Update, UploadFormat
-from .training import train_local
+from .training import evaluate, train_local
 
 
 class DownloadError(ValueError):
@@ -36,10 +37,13 @@ class DeviceHost(ModelHost):
 
 class DeviceTrainer:
     def __init__(self, device_id: str, host: DeviceHost, data: DataConfig, examples: Examples | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, eval_examples: Examples | None = None) -> None:
+        """`examples`: the device's own training data (data.mode = own), else its partition of the run's
+        dataset; `eval_examples`: its held-out data for federated evaluation."""
         self.device_id = device_id
         self.host = host
         self.examples = examples if examples is not None else device_examples(data, device_index(device_id))
+        self.eval_examples = eval_examples
         self.progress = progress
         self.residual: dict[str, np.ndarray] = {}  # FLASC error feedback: what top-k did not send
         self._pending_residual: dict[str, np.ndarray] | None = None
@@ -47,9 +51,14 @@ class DeviceTrainer:
     def run(self, task: Task, payload: bytes, download_s: float = 0.0) -> Update:
         model, init, masks = self.host.prepare(task.structure)
         received = self._apply_download(model, init, payload)
+        scored = (0, 0.0, 0.0)
+        if task.evaluate and self.eval_examples is not None and len(self.eval_examples):
+            acc, loss = evaluate(model, self.eval_examples, self.host.tokenizer, self.host.model_cfg.max_seq_len,
+                                 self.host.torch_device, precision=task.train.precision)
+            scored = (len(self.eval_examples), loss, acc)
         # Dropout draws from torch's global RNG: seed it per (task, device) so a run is reproducible, and the
         # simulator and a real deployment train identically.
-        torch.manual_seed(task.train.seed * 1_000_003 + device_index(self.device_id))
+        torch.manual_seed(task.train.seed * 1_000_003 + device_seed(self.device_id))
         t0 = time.perf_counter()
         loss = train_local(model, self.examples, self.host.tokenizer, task.train, self.host.model_cfg.max_seq_len,
                            self.host.torch_device,
@@ -61,7 +70,8 @@ class DeviceTrainer:
         upload = self._encode(task, delta, masks)
         t2 = time.perf_counter()
         return Update(self.device_id, task.round, len(self.examples), upload, loss,
-                      PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1), task_id=task.task_id)
+                      PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1), task_id=task.task_id,
+                      eval_examples=scored[0], eval_loss=scored[1], eval_accuracy=scored[2])
 
     def accepted(self) -> None:
         """The server accepted the last update: only now does error feedback keep what it did not send, so a
@@ -113,6 +123,19 @@ class DeviceTrainer:
 def is_device_id(device_id: str) -> bool:
     """Canonical partition indices only ("0", "17"; not "017" or non-ASCII digits), so one partition has one id."""
     return re.fullmatch(r"0|[1-9][0-9]{0,8}", device_id) is not None
+
+
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def is_device_name(device_id: str) -> bool:
+    """Device ids of a run on the devices' own data (data.mode = own): names, bound to tokens or mTLS."""
+    return NAME.fullmatch(device_id) is not None
+
+
+def device_seed(device_id: str) -> int:
+    """A stable integer per device for seeding: the partition index, or a hash of a name."""
+    return int(device_id) if is_device_id(device_id) else zlib.crc32(device_id.encode())
 
 
 def device_index(device_id: str) -> int:

@@ -112,9 +112,10 @@ class Round:
         return self.engine.decode_update(self.plans[device_id], payload)
 
     def accept(self, device_id: str, delta: dict[str, np.ndarray], num_examples: int, train_loss: float,
-               times: PhaseTimes, wire_bytes: int) -> None:
+               times: PhaseTimes, wire_bytes: int, evaluation: tuple[int, float, float] = (0, 0.0, 0.0)) -> None:
+        """`evaluation`: (examples, loss, accuracy) of the device's federated evaluation, if it ran one."""
         aggregator = self.engine.aggregator
-        self.agg.add(aggregator.clip(delta), aggregator.weight(num_examples))
+        self.agg.add(aggregator.clip(delta), aggregator.weight(self.engine.counted_examples(device_id, num_examples)))
         self.done.add(device_id)
         self._task_ids.pop(device_id, None)  # every id it was given is spent
         rec = self.record.devices[device_id]
@@ -124,6 +125,7 @@ class Round:
                                                                     times.encode_s, times.upload_s)
         rec.upload_done_at = time.time() - self.record.started_at
         rec.update_norm = global_norm(delta)
+        rec.eval_examples, rec.eval_loss, rec.eval_accuracy = evaluation
 
     def reject(self, device_id: str, message: str, wire_bytes: int) -> None:
         rec = self.record.devices[device_id]
@@ -170,11 +172,26 @@ class RoundEngine:
         return partition_sizes(self.run.data)
 
     def check_examples(self, device_id: str, num_examples: int) -> None:
-        """FedAvg weights come from the partition the config assigns, never from what a device claims."""
+        """Partitions: FedAvg weights come from the partition the config assigns, never from what a device
+        claims. Own data: a device must have trained on something (the count is capped when weighted)."""
+        if self.run.data.mode == "own":
+            if num_examples < 1:
+                raise UpdateRejected("invalid", f"num_examples {num_examples}: an update must come from >= 1 example")
+            return
         expected = self.partition_sizes[int(device_id)]
         if num_examples != expected:
             raise UpdateRejected("invalid", f"num_examples {num_examples} != {expected}, the size of device "
                                             f"{device_id}'s partition")
+
+    def counted_examples(self, device_id: str, num_examples: int) -> int:
+        """The example count FedAvg weighs an accepted update by: own data caps what a device reports at
+        server.max_examples_per_device (and says so)."""
+        cap = self.run.server.max_examples_per_device
+        if self.run.data.mode == "own" and num_examples > cap:
+            log.warning("device %s reports %d examples; weighted at server.max_examples_per_device = %d",
+                        device_id, num_examples, cap)
+            return cap
+        return num_examples
 
     def init_state(self, rng_state: dict) -> ServerState:
         stage = self.method.initial_stage()

@@ -78,7 +78,7 @@ class ServerRun:
                                                       rnd.measured_devices())
         rec.aggregated = aggregated and new_state.params is not state.params
         rec.epsilon = self.engine.aggregator.privacy_spent(new_state.round)
-        if new_state.round % cfg.eval_every == 0 or new_state.finished:
+        if len(self.test) and (new_state.round % cfg.eval_every == 0 or new_state.finished):
             rec.accuracy, rec.loss = self.evaluate(self.engine.model_for(new_state))
         if before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it
             rec.accuracy_before_switch, rec.loss_before_switch = self.evaluate(self.engine.model_for(before_switch))

@@ -29,6 +29,9 @@ class DeviceRecord:
     upload_started_at: float = 0.0   # upload header received
     upload_done_at: float = 0.0      # upload decoded and aggregated
     update_norm: float = 0.0         # global L2 norm of the accepted delta, before any clipping
+    eval_examples: int = 0           # federated evaluation: held-out examples the device scored (0 = none)
+    eval_loss: float = 0.0
+    eval_accuracy: float = 0.0
     error: str = ""
 
 
@@ -48,6 +51,11 @@ class RoundRecord:
     loss_before_switch: float | None = None
     aggregated: bool = False
     epsilon: float | None = None     # dp-fedavg: privacy spent after this round, at the aggregator's delta
+    # federated evaluation (data.mode = own): the model this round started from, scored by its devices on their
+    # held-out data, example-weighted
+    fed_accuracy: float | None = None
+    fed_loss: float | None = None
+    fed_examples: int = 0
     started_at: float = field(default_factory=time.time)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
 
@@ -59,6 +67,11 @@ class RoundRecord:
         self.bytes_up = sum(d.bytes_up for d in self.devices.values())
         losses = [d.train_loss for d in done if not math.isnan(d.train_loss)]
         self.train_loss = sum(losses) / len(losses) if losses else None
+        scored = [d for d in done if d.eval_examples]
+        self.fed_examples = sum(d.eval_examples for d in scored)
+        if self.fed_examples:
+            self.fed_accuracy = sum(d.eval_accuracy * d.eval_examples for d in scored) / self.fed_examples
+            self.fed_loss = sum(d.eval_loss * d.eval_examples for d in scored) / self.fed_examples
         self.seconds = time.time() - self.started_at
 
     def to_json(self) -> dict:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .config import RunConfig
+from .configtools import ConfigError
 from .device import DeviceHost, DeviceTrainer, DownloadError
 from .engine import DevicePlan, UpdateRejected
 from .protos import edgelora_pb2 as pb
@@ -34,6 +35,9 @@ def has_state(run_dir: Path) -> bool:
 class Simulator(ServerRun):
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
                  torch_device: str = "cpu") -> None:
+        if run.data.mode == "own":
+            raise ConfigError("simulate runs partitions of one dataset (data.mode = partitions); data.mode = own "
+                              "is for real devices, each with its own file (edgelora client --data PATH)")
         super().__init__(run, run_dir, resume)
         self.folder.sequential_devices = True
         run = self.run

@@ -83,6 +83,7 @@ class Task:
     upload: UploadRule
     deadline_s: float = 0.0
     task_id: str = ""          # single-use id of this hand-out (edgelora.engine.Round.hand_out)
+    evaluate: bool = False     # federated evaluation: score the downloaded model on the device's held-out data
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,6 @@ class Update:
     train_loss: float = float("nan")
     times: PhaseTimes = field(default_factory=PhaseTimes)
     task_id: str = ""          # the task this update answers
+    eval_examples: int = 0     # federated evaluation of the downloaded model (0 = none)
+    eval_loss: float = 0.0
+    eval_accuracy: float = 0.0

@@ -31,7 +31,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_labels: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., head_seed: _Optional[int] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "test_path", "test_fraction", "validation_examples", "label_names", "text_columns", "column_names", "json_field")
+    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "test_path", "test_fraction", "validation_examples", "label_names", "text_columns", "column_names", "json_field", "mode")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     DATA_HOME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class DataSpec(_message.Message):
     TEXT_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     COLUMN_NAMES_FIELD_NUMBER: _ClassVar[int]
     JSON_FIELD_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     data_home: str
     path: str
@@ -70,7 +71,8 @@ class DataSpec(_message.Message):
     text_columns: _containers.RepeatedScalarFieldContainer[str]
     column_names: _containers.RepeatedScalarFieldContainer[str]
     json_field: str
-    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., test_path: _Optional[str] = ..., test_fraction: _Optional[float] = ..., validation_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., text_columns: _Optional[_Iterable[str]] = ..., column_names: _Optional[_Iterable[str]] = ..., json_field: _Optional[str] = ...) -> None: ...
+    mode: str
+    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., test_path: _Optional[str] = ..., test_fraction: _Optional[float] = ..., validation_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., text_columns: _Optional[_Iterable[str]] = ..., column_names: _Optional[_Iterable[str]] = ..., json_field: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "dropout", "target_modules", "modules_to_save", "rank_pattern")
@@ -243,7 +245,7 @@ class FetchTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "round", "stage", "method", "structure", "train", "upload", "payload_bytes", "deadline_s", "task_id")
+    __slots__ = ("kind", "round", "stage", "method", "structure", "train", "upload", "payload_bytes", "deadline_s", "task_id", "evaluate")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[TaskHeader.Kind]
@@ -264,6 +266,7 @@ class TaskHeader(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     round: int
     stage: Stage
@@ -274,7 +277,8 @@ class TaskHeader(_message.Message):
     payload_bytes: int
     deadline_s: float
     task_id: str
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., method: _Optional[str] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., upload: _Optional[_Union[UploadRule, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., task_id: _Optional[str] = ...) -> None: ...
+    evaluate: bool
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., method: _Optional[str] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., upload: _Optional[_Union[UploadRule, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., task_id: _Optional[str] = ..., evaluate: _Optional[bool] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -297,7 +301,7 @@ class PhaseTimes(_message.Message):
     def __init__(self, download_s: _Optional[float] = ..., train_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., upload_s: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("device_id", "round", "num_examples", "payload_bytes", "train_loss", "times", "task_id")
+    __slots__ = ("device_id", "round", "num_examples", "payload_bytes", "train_loss", "times", "task_id", "eval_examples", "eval_loss", "eval_accuracy")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -305,6 +309,9 @@ class UpdateHeader(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     round: int
     num_examples: int
@@ -312,7 +319,10 @@ class UpdateHeader(_message.Message):
     train_loss: float
     times: PhaseTimes
     task_id: str
-    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., train_loss: _Optional[float] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., task_id: _Optional[str] = ...) -> None: ...
+    eval_examples: int
+    eval_loss: float
+    eval_accuracy: float
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., train_loss: _Optional[float] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., task_id: _Optional[str] = ..., eval_examples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -24,7 +24,7 @@ def data_to_proto(d: DataConfig) -> pb.DataSpec:
                        max_examples_per_device=d.max_examples_per_device, test_path=d.test_path,
                        test_fraction=d.test_fraction, validation_examples=d.validation_examples,
                        label_names=list(d.label_names), text_columns=list(d.text_columns),
-                       column_names=list(d.column_names), json_field=d.json_field)
+                       column_names=list(d.column_names), json_field=d.json_field, mode=d.mode)
 
 
 def data_from_proto(p: pb.DataSpec) -> DataConfig:
@@ -34,7 +34,7 @@ def data_from_proto(p: pb.DataSpec) -> DataConfig:
                      max_examples_per_device=p.max_examples_per_device, test_path=p.test_path,
                      test_fraction=p.test_fraction, validation_examples=p.validation_examples,
                      label_names=list(p.label_names), text_columns=list(p.text_columns),
-                     column_names=list(p.column_names), json_field=p.json_field)
+                     column_names=list(p.column_names), json_field=p.json_field, mode=p.mode or "partitions")
     cfg.validate()
     return cfg
 
@@ -91,13 +91,13 @@ def task_to_proto(t: Task, payload_bytes: int) -> pb.TaskHeader:
     return pb.TaskHeader(kind=pb.TaskHeader.TRAIN, round=t.round, stage=int(t.stage), method=t.method,
                          structure=structure_to_proto(t.structure), train=train_to_proto(t.train),
                          upload=upload_to_proto(t.upload), payload_bytes=payload_bytes, deadline_s=t.deadline_s,
-                         task_id=t.task_id)
+                         task_id=t.task_id, evaluate=t.evaluate)
 
 
 def task_from_proto(p: pb.TaskHeader) -> Task:
     return Task(round=p.round, stage=Stage(p.stage), method=p.method, structure=structure_from_proto(p.structure),
                 train=train_from_proto(p.train), upload=upload_from_proto(p.upload), deadline_s=p.deadline_s,
-                task_id=p.task_id)
+                task_id=p.task_id, evaluate=p.evaluate)
 
 
 def times_to_proto(t: PhaseTimes) -> pb.PhaseTimes:
@@ -113,7 +113,8 @@ def update_header_to_proto(u: Update) -> pb.UpdateHeader:
     t = u.times
     return pb.UpdateHeader(device_id=u.device_id, round=u.round, num_examples=u.num_examples,
                            payload_bytes=len(u.payload), train_loss=u.train_loss,
-                           times=times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)), task_id=u.task_id)
+                           times=times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)), task_id=u.task_id,
+                           eval_examples=u.eval_examples, eval_loss=u.eval_loss, eval_accuracy=u.eval_accuracy)
 
 
 def chunks(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from edgelora.config import RunConfig
-from edgelora.device import is_device_id
+from edgelora.device import is_device_id, is_device_name
 from edgelora.engine import Round, UpdateRejected
 from edgelora.models import fingerprint_model, fingerprint_tokenizer
 from edgelora.rounds import ServerRun
@@ -42,7 +42,11 @@ class Coordinator(ServerRun):
     def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str,
                  data_error: str = "", tier: int | None = None, links: tuple[float, float] = (0.0, 0.0)) -> None:
         """`links`: the (uplink, downlink) Mbit/s the device declares (0 = says nothing)."""
-        if not is_device_id(device_id) or int(device_id) >= self.run.data.num_devices:
+        if self.run.data.mode == "own":
+            if not is_device_name(device_id):
+                raise UpdateRejected("invalid", f"device id {device_id!r} is not a name of 1-64 letters, digits, "
+                                                f"'.', '_' or '-'")
+        elif not is_device_id(device_id) or int(device_id) >= self.run.data.num_devices:
             raise UpdateRejected("invalid", f"device id {device_id!r} is not a partition index in "
                                             f"0..{self.run.data.num_devices - 1}")
         if data_error:  # it will never train: logged, never sampled, and nobody waits for it
@@ -118,7 +122,8 @@ class Coordinator(ServerRun):
             return r
 
     def finish_upload(self, r: Round, device_id: str, payload: bytes | None, num_examples: int,
-                      train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "") -> None:
+                      train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "",
+                      evaluation: tuple[int, float, float] = (0, 0.0, 0.0)) -> None:
         """Validate and aggregate an upload (payload None: the stream failed). Raises UpdateRejected."""
         try:
             if payload is None:
@@ -135,7 +140,7 @@ class Coordinator(ServerRun):
             if not r.open or r.full:
                 r.reject(device_id, self._closed(r), wire_bytes)
                 raise UpdateRejected("precondition", self._closed(r))
-            r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes)
+            r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes, evaluation)
             if self.run.server.save_updates:
                 self._save_update(r.number, device_id, payload, num_examples)
             self.cond.notify_all()
@@ -162,7 +167,7 @@ class Coordinator(ServerRun):
         with self.cond:
             while len(self.registry.live()) < needed and not self.stopping:
                 able = self.run.data.num_devices - len(self.data_errors)
-                if able < needed:  # waiting longer cannot help
+                if self.run.data.mode == "partitions" and able < needed:  # waiting longer cannot help
                     bad = ", ".join(f"{d} ({e})" for d, e in sorted(self.data_errors.items()))
                     raise TimeoutError(f"{needed} devices are needed, but only {able} of data.num_devices = "
                                        f"{self.run.data.num_devices} can train: devices {bad} cannot load their data")

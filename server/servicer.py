@@ -133,7 +133,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         times = type(times)(times.download_s, times.train_s, times.encode_s, upload_s)
         try:
             self.coord.finish_upload(r, h.device_id, None if error else b"".join(parts), h.num_examples,
-                                     h.train_loss, times, wire, error)
+                                     h.train_loss, times, wire, error,
+                                     (h.eval_examples, h.eval_loss, h.eval_accuracy))
         except UpdateRejected as e:
             _abort(self.coord, context, e, what)
         log.info("accepted %s: %d bytes", what, got)

@@ -144,3 +144,50 @@ def test_a_device_that_cannot_load_its_data_tells_the_server_which_stops_waiting
     assert server.wait(timeout=60) == 2
     log = (tmp_path / "server.log").read_text()
     assert "device 0 cannot load its data" in log and "only 1 of data.num_devices = 2 can train" in log
+
+
+def test_own_data_deployment_three_named_devices_train_on_their_own_files(tmp_path):
+    """data.mode = own: a server and 3 client processes named alpha, bravo, charlie, each with --data cut from
+    AG News at test time (deploy/examples/own-data/make_data.py); 2 rounds; weights from the counts the
+    devices report; every round carries the devices' federated evaluation and the server's test accuracy.
+    A device whose file has a label the run does not know refuses to start, naming it."""
+    import tomllib
+
+    from .conftest import REPO
+
+    example = REPO / "deploy" / "examples" / "own-data"
+    subprocess.run([*cli()[:1], str(example / "make_data.py"), "--out", str(tmp_path), "--per-device", "60",
+                    "--test", "80"], check=True, capture_output=True, cwd=REPO)
+    raw = tomllib.loads((example / "run.toml").read_text())
+    raw["server"].update(rounds=2, port=0, registration_timeout_s=300.0)
+    raw["model"].update(name="tiny-bert", max_seq_len=32)
+    raw["data"]["test_path"] = str(tmp_path / "test.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nsome words,1\nother words,9\n")
+    server, run_dir = _start(tmp_path, raw)
+    addr = wait_for_server_addr(run_dir, server, 120)
+    refused = subprocess.run(cli("client", "--insecure", "--server", addr, "--device-id", "delta", "--data", str(bad),
+                                 "--quiet", "--give-up-s", "30"), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "device delta" in refused.stderr and "label(s) [9]" in refused.stderr
+    names = ("alpha", "bravo", "charlie")
+    clients = [subprocess.Popen(cli("-v", "client", "--insecure", "--server", addr, "--device-id", n, "--data",
+                                    str(tmp_path / f"device_{n}.csv"), "--quiet", "--give-up-s", "60"),
+                                stdout=open(tmp_path / f"client_{n}.log", "w"), stderr=subprocess.STDOUT)
+               for n in names]
+    try:
+        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for c in clients:
+            assert c.wait(timeout=60) == 0
+    finally:
+        for p in (server, *clients):
+            if p.poll() is None:
+                p.kill()
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["completed"] == 3 for r in rows)
+    for r in rows:
+        assert sorted(d["device_id"] for d in r["devices"]) == list(names)
+        assert [d["num_examples"] for d in r["devices"]] == [48, 48, 48]  # 60 rows, 20 % held out
+        assert r["fed_examples"] == 36 and 0 <= r["fed_accuracy"] <= 1 and r["fed_loss"] > 0
+        assert r["accuracy"] is not None  # the server's optional test split
+    assert "device alpha registered" in (tmp_path / "server.log").read_text()

@@ -309,3 +309,22 @@ def test_deadline_policy_fits_each_devices_transfer_into_its_share_of_the_deadli
     assert (unknown.task.upload.density, unknown.download_density) == (0.25, 0.25)  # FlascConfig's defaults
     with pytest.raises(ConfigError, match="method.density_policy"):
         load_config(tiny_raw(method={"name": "flasc", "density_policy": "deadline", "tiers": 2}))
+
+
+def test_own_data_weighs_reported_counts_up_to_the_cap(caplog):
+    """data.mode = own: an update is weighted by the example count its device reports, at most
+    server.max_examples_per_device (a larger claim is weighted at the cap and logged); a zero count is refused.
+    Partitions: the count must equal the partition's size."""
+    from edgelora.engine import UpdateRejected
+
+    raw = tiny_raw(server={"max_examples_per_device": 100},
+                   data={"mode": "own", "label_names": ["a", "b"], "dataset": "csv"})
+    run = load_config(raw)
+    engine = RoundEngine(run, make_method(run), ModelHost(load_base_model("tiny-bert", 2, 0)))
+    engine.check_examples("phone-7", 250)
+    assert engine.counted_examples("phone-7", 40) == 40 and engine.counted_examples("phone-7", 250) == 100
+    assert "device phone-7 reports 250 examples; weighted at server.max_examples_per_device = 100" in caplog.text
+    with pytest.raises(UpdateRejected, match="num_examples 0"):
+        engine.check_examples("phone-7", 0)
+    with pytest.raises(ConfigError, match="data.label_names: data.mode = own needs the run's classes"):
+        load_config(tiny_raw(data={"mode": "own"}))

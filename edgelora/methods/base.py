@@ -51,9 +51,12 @@ class Method:
     # -- decisions ------------------------------------------------------------------------------------------
     def configure(self, state: ServerState, device: DeviceInfo) -> Instruction:
         """What `device` trains in the round after `state` (by default the same for every device)."""
+        # own data: devices score the model they receive on their held-out part every eval_every rounds
+        evaluate = self.run.data.mode == "own" and state.round % self.run.server.eval_every == 0
         return Instruction(Task(round=state.round + 1, stage=state.stage, method=self.name,
                                 structure=self.structure(state), train=self.train_spec(state),
-                                upload=self.upload_rule(state), deadline_s=self.run.server.round_deadline_s))
+                                upload=self.upload_rule(state), deadline_s=self.run.server.round_deadline_s,
+                                evaluate=evaluate))
 
     def tiers(self) -> int:
         """How many device tiers this method plans for (a device may name one in 0..tiers-1)."""
