@@ -77,13 +77,14 @@ def take_apart(data: bytes) -> tuple[Table, list[bytes], bytes]:
     return table, index_payloads, data[pos:len(data) - _TRAILER]
 
 
-def decode_bundle(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
+def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
     """Tensors in bundle order. Trusts nothing: any violation raises CodecError naming the field.
 
     max_elements caps the sum over tensors of their element counts (prod(shape)), which bounds every
     allocation decoding makes.
     """
-    data = bytes(data)
+    if not isinstance(data, (bytes, bytearray)):  # a bytearray (the server's upload buffer) is read in place
+        data = bytes(data)
     table, body = _open(data, max_elements)
     index_total = sum(e.index_size for e in table.entries)
     if index_total + sum(table.plane_sizes) != len(body):

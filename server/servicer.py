@@ -102,7 +102,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except UpdateRejected as e:
             _abort(self.coord, context, e, what)
         r.record.devices[h.device_id].upload_started_at = time.time() - r.record.started_at
-        wire, parts, got, error = first.ByteSize(), [], 0, ""
+        # One buffer of the declared size (capped above), filled in place: the payload is held once, never as a
+        # list of chunks plus their join (calloc'd, so a device that declares more than it sends costs nothing).
+        buf, got, error, wire = bytearray(h.payload_bytes), 0, "", first.ByteSize()
+        view = memoryview(buf)
         started = time.perf_counter()
         try:
             for msg in request_iterator:
@@ -117,10 +120,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                                       f"= {cfg.chunk_bytes} (+ {CHUNK_SLACK} bytes of slack)")
                 if not r.open:
                     raise UpdateRejected("precondition", f"round {h.round} closed during the upload")
-                got += len(msg.data)
-                if got > h.payload_bytes:
+                if got + len(msg.data) > h.payload_bytes:
                     raise UpdateRejected("exhausted", f"stream carries more than the declared {h.payload_bytes} bytes")
-                parts.append(msg.data)
+                view[got:got + len(msg.data)] = msg.data
+                got += len(msg.data)
         except UpdateRejected as e:
             self._reject(r, h, wire, e, context, what)
         except grpc.RpcError:  # the device went away mid-stream
@@ -132,7 +135,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         times = serde.times_from_proto(h.times)
         times = type(times)(times.download_s, times.train_s, times.encode_s, upload_s)
         try:
-            self.coord.finish_upload(r, h.device_id, None if error else b"".join(parts), h.num_examples,
+            view.release()
+            self.coord.finish_upload(r, h.device_id, None if error else buf, h.num_examples,
                                      h.train_loss, times, wire, error,
                                      (h.eval_examples, h.eval_loss, h.eval_accuracy))
         except UpdateRejected as e:
