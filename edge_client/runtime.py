@@ -25,6 +25,11 @@ from .throttle import LinkThrottle
 
 log = logging.getLogger("edgelora.client")
 
+UPLOAD_ATTEMPTS = 4  # streams per update: the first, then resumes from what the server holds
+# Broken links (and a request iterator that failed mid-stream) end a call with these: resume, do not retrain.
+RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNKNOWN)
+
 # Retries of idempotent unary calls are declared in the channel's service config, not hand-written loops.
 SERVICE_CONFIG = """{"methodConfig": [{
   "name": [{"service": "edgelora.v1.Coordinator", "method": "GetRunSpec"},
@@ -115,6 +120,7 @@ class EdgeClient:
         self.info = hardware_info(opts.torch_device)
         self.stopped: set[str] = set()
         self.late = 0  # tasks let go because the round's deadline passed before the upload could start
+        self.payload_bytes_sent: dict[str, int] = {}
         self.heartbeat_s = 5.0
         self._beat: threading.Thread | None = None
         self._stop = threading.Event()
@@ -183,14 +189,45 @@ class EdgeClient:
         return header, payload, time.perf_counter() - t0, header_at
 
     def submit(self, update: Update) -> pb.SubmitReply:
+        """Stream the update; if the stream breaks, ask the server how much it holds and send only the rest
+        (up to UPLOAD_ATTEMPTS streams), instead of training again."""
+        offset = 0
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                reply = self._stream(update, offset)
+                if reply.accepted:
+                    return reply
+                broke = "the server kept a partial upload"  # it saw the stream break before we did
+            except grpc.RpcError as e:
+                if e.code() not in RESUMABLE or attempt == UPLOAD_ATTEMPTS:
+                    raise
+                broke = e.code().name
+            self.backoff.failed(f"device {update.device_id} upload: {broke}")
+            offset = self._call(lambda: self.stub.UploadOffset(
+                pb.UploadOffsetRequest(device_id=update.device_id, round=update.round, task_id=update.task_id),
+                timeout=30, metadata=self._md(update.device_id)), "upload offset").offset
+            log.info("device %s round %d: resuming the upload at byte %d of %d", update.device_id, update.round,
+                     offset, len(update.payload))
+        raise ConnectionError(f"device {update.device_id}: upload did not complete in {UPLOAD_ATTEMPTS} streams")
+
+    def _stream(self, update: Update, offset: int) -> pb.SubmitReply:
         header = serde.update_header_to_proto(update)
+        header.offset = offset
+        rest = memoryview(update.payload)[offset:]
         throttle = self.opts.throttle
-        if throttle is None:
-            msgs = serde.chunks(header, pb.UpdateChunk, update.payload, self.spec.chunk_bytes)
-        else:
-            msgs = throttle.paced_upload(serde.chunks(header, pb.UpdateChunk, update.payload,
-                                                      throttle.upload_chunk_bytes(self.spec.chunk_bytes)))
-        return self.stub.SubmitUpdate(msgs, timeout=600, metadata=self._md(update.device_id))
+        chunk = self.spec.chunk_bytes if throttle is None else throttle.upload_chunk_bytes(self.spec.chunk_bytes)
+        msgs = serde.chunks(header, pb.UpdateChunk, rest, chunk)
+        if throttle is not None:
+            msgs = throttle.paced_upload(msgs)
+        return self.stub.SubmitUpdate(self._counted(update.device_id, msgs), timeout=600,
+                                      metadata=self._md(update.device_id))
+
+    def _counted(self, device_id: str, msgs):
+        """Payload bytes handed to gRPC, per device (what a resume saves shows here)."""
+        for m in msgs:
+            if m.WhichOneof("part") == "data":
+                self.payload_bytes_sent[device_id] = self.payload_bytes_sent.get(device_id, 0) + len(m.data)
+            yield m
 
     # -- main loop -------------------------------------------------------------------------------------------
     def run(self) -> int:

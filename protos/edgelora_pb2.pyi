@@ -301,7 +301,7 @@ class PhaseTimes(_message.Message):
     def __init__(self, download_s: _Optional[float] = ..., train_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., upload_s: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("device_id", "round", "num_examples", "payload_bytes", "train_loss", "times", "task_id", "eval_examples", "eval_loss", "eval_accuracy")
+    __slots__ = ("device_id", "round", "num_examples", "payload_bytes", "train_loss", "times", "task_id", "offset", "eval_examples", "eval_loss", "eval_accuracy")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class UpdateHeader(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -319,10 +320,11 @@ class UpdateHeader(_message.Message):
     train_loss: float
     times: PhaseTimes
     task_id: str
+    offset: int
     eval_examples: int
     eval_loss: float
     eval_accuracy: float
-    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., train_loss: _Optional[float] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., task_id: _Optional[str] = ..., eval_examples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., train_loss: _Optional[float] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., task_id: _Optional[str] = ..., offset: _Optional[int] = ..., eval_examples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -355,3 +357,19 @@ class HeartbeatReply(_message.Message):
     round: int
     run_finished: bool
     def __init__(self, round: _Optional[int] = ..., run_finished: _Optional[bool] = ...) -> None: ...
+
+class UploadOffsetRequest(_message.Message):
+    __slots__ = ("device_id", "round", "task_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    task_id: str
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class UploadOffsetReply(_message.Message):
+    __slots__ = ("offset",)
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    def __init__(self, offset: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=edgelora__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=edgelora__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.UploadOffset = channel.unary_unary(
+                '/edgelora.v1.Coordinator/UploadOffset',
+                request_serializer=edgelora__pb2.UploadOffsetRequest.SerializeToString,
+                response_deserializer=edgelora__pb2.UploadOffsetReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -98,6 +103,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadOffset(self, request, context):
+        """How many payload bytes of a broken-off upload the server holds: the device resumes from there
+        (SubmitUpdate with UpdateHeader.offset) instead of training again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +138,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=edgelora__pb2.HeartbeatRequest.FromString,
                     response_serializer=edgelora__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'UploadOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadOffset,
+                    request_deserializer=edgelora__pb2.UploadOffsetRequest.FromString,
+                    response_serializer=edgelora__pb2.UploadOffsetReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +280,33 @@ class Coordinator:
             '/edgelora.v1.Coordinator/Heartbeat',
             edgelora__pb2.HeartbeatRequest.SerializeToString,
             edgelora__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgelora.v1.Coordinator/UploadOffset',
+            edgelora__pb2.UploadOffsetRequest.SerializeToString,
+            edgelora__pb2.UploadOffsetReply.FromString,
             options,
             channel_credentials,
             insecure,

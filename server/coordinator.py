@@ -100,7 +100,10 @@ class Coordinator(ServerRun):
         with self.cond:
             r.record.devices[device_id].bytes_down += nbytes
 
-    def begin_upload(self, device_id: str, round_id: int, task_id: str) -> Round:
+    def begin_upload(self, device_id: str, round_id: int, task_id: str, payload_bytes: int = 0,
+                     offset: int = 0) -> tuple[Round, bytearray]:
+        """Open an upload: (the round, the buffer its payload goes into). offset > 0 resumes a broken-off
+        upload of the same task from that byte, into the buffer the server kept."""
         self._known(device_id)
         with self.cond:
             r = self.round
@@ -118,8 +121,19 @@ class Coordinator(ServerRun):
             r.check_task_id(device_id, task_id)
             if r.full:
                 raise UpdateRejected("precondition", self._closed(r))
+            held = r.partial.pop(device_id, None)
+            if offset:
+                have = held[2] if held is not None and held[0] == task_id and len(held[1]) == payload_bytes else 0
+                if have != offset:
+                    if held is not None:
+                        r.partial[device_id] = held
+                    raise UpdateRejected("precondition", f"resume at byte {offset}, but the server holds {have} bytes "
+                                                         f"of this upload (ask UploadOffset)")
+                buf = held[1]
+            else:  # one buffer of the declared size, filled in place (calloc'd: a false claim costs nothing)
+                buf = bytearray(payload_bytes)
             r.in_flight.add(device_id)
-            return r
+            return r, buf
 
     def finish_upload(self, r: Round, device_id: str, payload: bytes | None, num_examples: int,
                       train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "",
@@ -144,6 +158,24 @@ class Coordinator(ServerRun):
             if self.run.server.save_updates:
                 self._save_update(r.number, device_id, payload, num_examples)
             self.cond.notify_all()
+
+    def keep_partial(self, r: Round, device_id: str, task_id: str, buf: bytearray, got: int, wire_bytes: int) -> None:
+        """An upload broke off after `got` bytes: keep them until the round closes, for a resume."""
+        with self.cond:
+            r.in_flight.discard(device_id)
+            r.partial[device_id] = (task_id, buf, got)
+            r.record.devices[device_id].bytes_up += wire_bytes
+            self.cond.notify_all()
+
+    def upload_offset(self, device_id: str, round_id: int, task_id: str) -> int:
+        """Payload bytes held of the device's broken-off upload for this task (0: none)."""
+        self._known(device_id)
+        with self.cond:
+            r = self.round
+            # The device may see its stream break before this server does: let the broken stream settle first.
+            self.cond.wait_for(lambda: r is None or device_id not in r.in_flight, timeout=30)
+            held = r.partial.get(device_id) if r is not None and r.number == round_id and r.open else None
+            return held[2] if held is not None and held[0] == task_id else 0
 
     # -- the driver ------------------------------------------------------------------------------------------
     def run_rounds(self) -> ServerState:

@@ -98,13 +98,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             _abort(self.coord, context, UpdateRejected("exhausted", f"declared payload of {h.payload_bytes} bytes exceeds the "
                                                         f"server's limit of {cfg.max_upload_bytes}"), what)
         try:
-            r = self.coord.begin_upload(h.device_id, h.round, h.task_id)
+            r, buf = self.coord.begin_upload(h.device_id, h.round, h.task_id, h.payload_bytes, h.offset)
         except UpdateRejected as e:
             _abort(self.coord, context, e, what)
-        r.record.devices[h.device_id].upload_started_at = time.time() - r.record.started_at
-        # One buffer of the declared size (capped above), filled in place: the payload is held once, never as a
-        # list of chunks plus their join (calloc'd, so a device that declares more than it sends costs nothing).
-        buf, got, error, wire = bytearray(h.payload_bytes), 0, "", first.ByteSize()
+        if not h.offset:
+            r.record.devices[h.device_id].upload_started_at = time.time() - r.record.started_at
+        # The payload is held once, in the buffer of its declared size, never as chunks plus their join.
+        got, error, wire, broken = h.offset, "", first.ByteSize(), False
         view = memoryview(buf)
         started = time.perf_counter()
         try:
@@ -126,10 +126,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 got += len(msg.data)
         except UpdateRejected as e:
             self._reject(r, h, wire, e, context, what)
-        except grpc.RpcError:  # the device went away mid-stream
-            error = ("stream broken off: the device went away, or sent a message over gRPC's receive limit of "
-                     f"{RECEIVE_LIMIT} bytes")
+        except grpc.RpcError:  # the device went away mid-stream (or sent a message over gRPC's receive limit)
+            broken = True
         upload_s = time.perf_counter() - started
+        if broken:
+            view.release()
+            self.coord.keep_partial(r, h.device_id, h.task_id, buf, got, wire)
+            log.warning("%s broke off at byte %d of %d; kept until the round closes, for the device to resume "
+                        "(or a message over gRPC's receive limit of %d bytes was refused)", what, got,
+                        h.payload_bytes, RECEIVE_LIMIT)
+            return pb.SubmitReply(accepted=False, round=h.round, bytes_received=wire)
         if not error and got != h.payload_bytes:
             error = f"truncated upload: got {got} of {h.payload_bytes} declared bytes"
         times = serde.times_from_proto(h.times)
@@ -143,6 +149,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             _abort(self.coord, context, e, what)
         log.info("accepted %s: %d bytes", what, got)
         return pb.SubmitReply(accepted=True, round=h.round, bytes_received=wire)
+
+    def UploadOffset(self, request, context):
+        try:
+            offset = self.coord.upload_offset(request.device_id, request.round, request.task_id)
+        except UpdateRejected as e:
+            _abort(self.coord, context, e, f"upload offset {request.device_id!r}")
+        return pb.UploadOffsetReply(offset=offset)
 
     def _reject(self, r, h, wire, e, context, what):
         try:
