@@ -31,6 +31,7 @@ class ServerConfig:
     registration_timeout_s: float = field(600.0, "give up waiting for min_registered after this long")
     round_deadline_s: float = field(900.0, "devices that have not reported this long after the task are dropped")
     heartbeat_s: float = field(5.0, "how often devices send a heartbeat")
+    max_connections: int = field(4096, "gRPC handler threads: a device waiting for its task holds one (a long poll), so this bounds the devices that can wait at once")
     device_timeout_s: float = field(60.0, "a device with no heartbeat for this long is not live")
     eval_every: int = field(1, "evaluate the global model every this many rounds (and after the last)")
     seed: int = field(0, "seeds device sampling")
@@ -58,6 +59,7 @@ class ServerConfig:
         check(self.min_registered >= 0, "server.min_registered", "must be >= 0")
         check(0 <= self.over_selection <= 10, "server.over_selection", "must be in [0, 10]")
         check(self.max_examples_per_device >= 1, "server.max_examples_per_device", "must be >= 1")
+        check(self.max_connections >= 8, "server.max_connections", "must be >= 8")
         for name in ("simulated_uplink_mbps", "simulated_downlink_mbps"):
             check(all(isinstance(v, (int, float)) and v > 0 for v in getattr(self, name)), f"server.{name}",
                   "must be a list of rates > 0 (Mbit/s)")

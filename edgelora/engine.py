@@ -76,6 +76,7 @@ class Round:
         self.in_flight: set[str] = set()     # uploads being received (coordinator)
         self.handed_out: dict[str, int] = {}  # tasks given per device (coordinator: retries after refusals)
         self._task_ids: dict[str, set[str]] = {}  # issued per device, until its update is accepted
+        self.partial: dict[str, tuple[str, bytearray, int]] = {}  # broken-off uploads: (task id, buffer, bytes held)
         self.open = True
         self.deadline = 0.0                  # time.monotonic() at which the coordinator closes the round
         by_instruction: dict[Instruction, DevicePlan] = {}

@@ -37,7 +37,9 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
         log.info("metrics at http://%s:%d/metrics", run.server.host, http.server_port)
     cfg = run.server
     # Uploads arrive as many chunk-sized messages; the servicer refuses a chunk over chunk_bytes by name.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+    # Each waiting device holds a handler thread (FetchTask long-polls), so the pool is sized for the fleet:
+    # threads start on demand, and an idle one costs its stack's touched pages only.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_connections, thread_name_prefix="rpc"),
                          interceptors=list(interceptors),
                          options=[("grpc.max_receive_message_length", RECEIVE_LIMIT),
                                   ("grpc.max_send_message_length", cfg.chunk_bytes + CHUNK_SLACK)])

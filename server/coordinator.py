@@ -32,7 +32,11 @@ class Coordinator(ServerRun):
         self.model_fingerprint = fingerprint_model(self.base)
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
         self.round: Round | None = None
-        self.cond = threading.Condition()
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)
+        # Devices long-polling FetchTask wait on their own condition, woken only when a round opens or closes,
+        # the state changes or the server stops: not by every registration or upload (thousands of waiters).
+        self.task_ready = threading.Condition(lock)
         self._decoding = threading.BoundedSemaphore(2)
         self.stopping = False
         self.data_errors: dict[str, str] = {}  # devices that told Register they cannot load their data
@@ -94,7 +98,7 @@ class Coordinator(ServerRun):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return "wait", None, None
-                self.cond.wait(left)
+                self.task_ready.wait(left)
 
     def count_download(self, r: Round, device_id: str, nbytes: int) -> None:
         with self.cond:
@@ -188,7 +192,7 @@ class Coordinator(ServerRun):
         while not self.state.finished and not self.stopping:
             self._run_one_round()
         with self.cond:
-            self.cond.notify_all()
+            self._notify_all()
         return self.state
 
     def _wait_for_devices(self, needed: int, before_first_round: bool = False) -> None:
@@ -237,7 +241,7 @@ class Coordinator(ServerRun):
         r.deadline = time.monotonic() + cfg.round_deadline_s
         with self.cond:
             self.round = r
-            self.cond.notify_all()
+            self._notify_all()
         log.info("round %d: sampled %s", r.number, r.sampled)
         with self.cond:
             while not r.full and time.monotonic() < r.deadline and not self.stopping:
@@ -247,7 +251,7 @@ class Coordinator(ServerRun):
                     break
                 self.cond.wait(min(1.0, max(0.0, r.deadline - time.monotonic())))
             r.close()
-            self.cond.notify_all()
+            self._notify_all()
         if self.stopping:  # interrupted mid-round: keep the last saved state, the round re-runs on resume
             log.warning("round %d interrupted; it re-runs on --resume", r.number)
             return
@@ -261,7 +265,7 @@ class Coordinator(ServerRun):
             log.info("saved the final model in %s", self.folder.path)
         with self.cond:
             self.state = new_state
-            self.cond.notify_all()
+            self._notify_all()
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _all_outstanding_offline(self, r: Round) -> bool:
@@ -285,7 +289,12 @@ class Coordinator(ServerRun):
         (d / f"device_{device_id}.elb").write_bytes(payload)
         (d / f"device_{device_id}.examples").write_text(str(num_examples))
 
+    def _notify_all(self) -> None:
+        """Wake everything that waits on the coordinator, long-polling devices included (lock held)."""
+        self.cond.notify_all()
+        self.task_ready.notify_all()
+
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
-            self.cond.notify_all()
+            self._notify_all()

@@ -315,3 +315,39 @@ def test_an_oversized_chunk_is_refused_and_logged_with_the_real_reason(server, c
     assert "stream broken off" not in caplog.text
     coord.stop()
     driver.join(timeout=30)
+
+
+def test_heartbeats_are_answered_while_100_devices_wait_in_fetchtask(server):
+    """The probe: with 64 or more clients long-polling FetchTask, every other call queued behind them (a 64-thread
+    pool) and half the heartbeats hit DEADLINE_EXCEEDED. 100 devices, each on its own connection, wait for a
+    task that never comes; every one of their heartbeats is answered within 2 s."""
+    coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 1, "min_registered": 101,
+                                          "registration_timeout_s": 600.0},
+                                  data={"num_devices": 101, "max_examples_per_device": 4})
+    stubs, channels = {}, []
+    for i in range(100):  # a connection of its own per device
+        channels.append(grpc.insecure_channel(f"127.0.0.1:{_port(run_dir)}",
+                                              options=[("grpc.use_local_subchannel_pool", 1)]))
+        stubs[str(i)] = pb_grpc.CoordinatorStub(channels[-1])
+        register(stubs[str(i)], coord, str(i))
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()  # waits for a 101st device: no round starts, every FetchTask waits its full wait_s
+    def wait_for_task(s, d):
+        try:
+            list(s.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=20), timeout=60))
+        except grpc.RpcError:  # the server stops at the end of the test
+            pass
+
+    waiting = [threading.Thread(target=wait_for_task, args=(s, d), daemon=True) for d, s in stubs.items()]
+    for t in waiting:
+        t.start()
+    time.sleep(2.0)
+    for d, s in stubs.items():
+        assert s.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=2.0).round == 0
+    coord.stop()
+    for ch in channels:
+        ch.close()
+
+
+def _port(run_dir):
+    return int((run_dir / "server.addr").read_text().strip().rsplit(":", 1)[1])
