@@ -5,6 +5,7 @@ One process can host many virtual devices (`--device-ids 0-49`); they share one 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class ClientOptions:
 
 
 class Backoff:
+    """Exponential backoff with jitter (each wait uniform in [d/2, d], d doubling to 10 s): devices cut off
+    together do not all come back in the same instant when the link returns."""
+
     def __init__(self, give_up_s: float) -> None:
         self.give_up_s = give_up_s
         self.delay = 0.25
@@ -75,11 +79,14 @@ class Backoff:
         self.since = self.since or now
         if now - self.since > self.give_up_s:
             raise ConnectionError(f"server unreachable for {self.give_up_s:.0f} s ({what}); giving up")
-        log.warning("%s; retrying in %.1f s", what, self.delay)
-        time.sleep(self.delay)
+        wait = self.delay * random.uniform(0.5, 1.0)
+        log.warning("%s; retrying in %.1f s", what, wait)
+        time.sleep(wait)
         self.delay = min(self.delay * 2, 10.0)
 
     def ok(self) -> None:
+        if self.since is not None:
+            log.info("reconnected: the server answers again after %.1f s", time.monotonic() - self.since)
         self.delay, self.since = 0.25, None
 
 

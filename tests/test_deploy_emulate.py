@@ -104,3 +104,70 @@ def test_interrupted_emulation_removes_its_namespaces(tmp_path):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 130, out
     assert not any(n.startswith(f"el{tag}") for n in _namespaces()), out
+
+
+@needs_root
+@pytest.mark.slow
+def test_r5_every_link_down_for_60_s_devices_reconnect_and_the_run_finishes(tmp_path):
+    """R5: after round 1, every device's link goes down for 60 s (ip link set eth0 down in its namespace), then
+    comes back. Devices reconnect with jittered backoff within 30 s of the link returning, and the run finishes
+    with a row for every round (the round the outage hit closes early once its devices stop heartbeating, and
+    the coordinator waits for them instead of exiting)."""
+    import re
+    from datetime import datetime
+
+    import tomli_w
+
+    from deploy.emulate import HUB_IP, PORT, Network
+    from edgelora.runlog import wait_for_server_addr
+
+    raw = tiny_raw(server={"rounds": 3, "devices_per_round": 2, "min_devices": 2, "min_registered": 2,
+                           "heartbeat_s": 1.0, "device_timeout_s": 10.0, "round_deadline_s": 300.0})
+    (tmp_path / "run.toml").write_text(tomli_w.dumps(raw))
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    net = Network(2, tag=f"r{os.getpid() % 10000}")
+    procs = []
+    try:
+        net.up({"0": LinkSpec(), "1": LinkSpec()})
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        exe = [sys.executable, "-m", "edgelora.cli", "-v"]
+        procs.append(subprocess.Popen(net.exec(net.hub) + exe + [
+            "server", "--config", str(tmp_path / "run.toml"), "--out", str(run_dir), "--host", HUB_IP,
+            "--port", str(PORT), "--insecure"], stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
+            env=env, cwd=REPO))
+        addr = wait_for_server_addr(run_dir, procs[0], 120)
+        for i, ns in enumerate(net.device_ns):
+            procs.append(subprocess.Popen(net.exec(ns) + exe + [
+                "client", "--server", addr, "--device-id", str(i), "--quiet", "--insecure", "--give-up-s", "180"],
+                stdout=open(logs / f"client_{i}.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO))
+        deadline = time.monotonic() + 180
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+            assert time.monotonic() < deadline and procs[0].poll() is None, "round 1 never finished"
+            time.sleep(0.5)
+        for ns in net.device_ns:
+            subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
+        time.sleep(60)
+        for ns in net.device_ns:
+            subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+        link_up = datetime.now()
+        assert procs[0].wait(timeout=240) == 0, (logs / "server.log").read_text()[-3000:]
+        for p in procs[1:]:
+            assert p.wait(timeout=60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        net.close()
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[0]["aggregated"] and rows[-1]["aggregated"]
+    # each device's first "reconnected" after the link came back, from its log's wall clock (1 s resolution)
+    waits = []
+    for i in range(2):
+        times = [datetime.combine(link_up.date(), datetime.strptime(m, "%H:%M:%S").time())
+                 for m in re.findall(r"^(\d\d:\d\d:\d\d) edgelora.client INFO reconnected",
+                                     (logs / f"client_{i}.log").read_text(), re.M)]
+        after = [t for t in times if (t - link_up).total_seconds() >= -1]
+        assert after, f"device {i} never logged a reconnect after the link returned"
+        waits.append((after[0] - link_up).total_seconds())
+    assert max(waits) < 30, waits
