@@ -1,6 +1,6 @@
 """Uniform densities against the deadline policy on devices with very different uplinks.
 
-    python -m benchmarks.heterogeneous --json PATH [--rounds 3] [--uplinks 0.5,1,4,8] [--out DIR]
+    python -m benchmarks.heterogeneous --json PATH [--rounds 3] [--uplinks 0.5,1,4,8] [--batch-size 16] [--out DIR]
 
 A real server and one client process per device (4 by default), each behind the client's application
 throttle at its own uplink (0.5, 1, 4 and 8 Mbit/s; downlinks 100 Mbit/s), FLASC on MiniLM with 1 local step
@@ -41,14 +41,14 @@ def lora_entries(raw: dict) -> int:
     return sum(v.size for v in make_method(run).init_params(host, Stage.DENSE).values())
 
 
-def run_config(policy: str, uplinks: list[float], rounds: int, entries: int | None) -> dict:
+def run_config(policy: str, uplinks: list[float], rounds: int, entries: int | None, batch_size: int = 16) -> dict:
     raw = tomllib.loads(BASE.read_text())
     raw["data"]["path"] = str((BASE.parent / raw["data"]["path"]).resolve())
     n = len(uplinks)
     raw["server"].update(rounds=rounds, devices_per_round=n, min_devices=n, min_registered=n, eval_every=rounds,
                          round_deadline_s=120.0)
     raw["data"].update(num_devices=n, max_examples_per_device=64, test_max_examples=100, partition="iid")
-    raw["train"].update(lr=3e-3, max_steps=1)
+    raw["train"].update(lr=3e-3, max_steps=1, batch_size=batch_size)
     raw["method"] = {"name": "flasc", "download_density": DENSITY, "upload_density": DENSITY,
                      "lora": {"rank": 10, "alpha": 10.0}}
     if policy == "deadline":
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--uplinks", default="0.5,1,4,8", help="Mbit/s, one device each")
+    ap.add_argument("--batch-size", type=int, default=16, help="the one local step's batch: device compute per round")
     ap.add_argument("--out", default=f"runs/heterogeneous-{time.strftime('%Y%m%d-%H%M%S')}")
     a = ap.parse_args(argv)
     uplinks = [float(x) for x in a.uplinks.split(",")]
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
           f"{', '.join(f'{u:g}' for u in uplinks)} Mbit/s up, {a.rounds} rounds; {a.out}", flush=True)
     rows = []
     for policy in ("uniform", "deadline"):
-        raw = run_config(policy, uplinks, a.rounds, entries)
+        raw = run_config(policy, uplinks, a.rounds, entries, a.batch_size)
         raw["server"]["save_updates"] = True
         run_dir = Path(a.out) / policy
         run_fleet(raw, run_dir, uplinks)
