@@ -279,8 +279,17 @@ def cmd_centralized(args) -> int:
     return 0
 
 
+def _print_rounds(rows: list[dict]) -> None:
+    print(f"{'round':>5} {'stage':>7} {'devices':>7} {'accuracy':>8} {'MB down':>8} {'MB up':>8} {'seconds':>7}")
+    for r in rows:
+        acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
+        print(f"{r['round']:>5} {r['stage']:>7} {r['completed']:>3}/{r['sampled']:<3} {acc:>8} "
+              f"{r['bytes_down'] / 1e6:>8.3f} {r['bytes_up'] / 1e6:>8.3f} {r['seconds']:>7.1f}")
+
+
 def cmd_status(args) -> int:
-    """RUN_DIR: every round's row and the last round's devices; HOST:PORT: the live server's metrics."""
+    """RUN_DIR: every round's row and the last round's devices; HOST:PORT (a server's --metrics-port): the
+    same, live, with every registered device's state now."""
     from edgelora.runlog import read_records
 
     target = Path(args.target)
@@ -288,11 +297,7 @@ def cmd_status(args) -> int:
         rows = read_records(target / "metrics.jsonl")
         if not rows:
             raise ConfigError(f"status: {target} has no finished round yet (metrics.jsonl is empty or missing)")
-        print(f"{'round':>5} {'stage':>7} {'devices':>7} {'accuracy':>8} {'MB down':>8} {'MB up':>8} {'seconds':>7}")
-        for r in rows:
-            acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
-            print(f"{r['round']:>5} {r['stage']:>7} {r['completed']:>3}/{r['sampled']:<3} {acc:>8} "
-                  f"{r['bytes_down'] / 1e6:>8.3f} {r['bytes_up'] / 1e6:>8.3f} {r['seconds']:>7.1f}")
+        _print_rounds(rows)
         last = rows[-1]
         print(f"round {last['round']} devices: " + ", ".join(
             f"{d['device_id']} {d['status']}" + (f" ({d['error']})" if d.get("error") else "") for d in last["devices"]))
@@ -300,16 +305,17 @@ def cmd_status(args) -> int:
     import urllib.error
     import urllib.request
 
-    url = f"http://{args.target}/metrics"
+    url = f"http://{args.target}/status"
     try:
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"no metrics at {url} ({e}); start the server with --metrics-port") from None
-    wanted = ("edgelora_round ", "edgelora_stage{", "edgelora_devices{", "edgelora_rounds_completed_total",
-              "edgelora_bytes_total{", "edgelora_refusals_total{")
-    for line in text.splitlines():
-        if line.startswith(wanted):
-            print(line)
+        st = json.loads(urllib.request.urlopen(url, timeout=10).read().decode())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ConnectionError(f"no status at {url} ({e}); start the server with --metrics-port") from None
+    _print_rounds(st["rows"])
+    where = f"round {st['open_round']} open" if st["open_round"] else ("finished" if st["finished"] else "between rounds")
+    print(f"{st['round']} rounds done ({st['stage']}), {where}; {len(st['devices'])} devices:")
+    for d in st["devices"]:
+        print(f"  {d['device_id']:<16} {d['state']:<10} last seen {d['last_seen_s']:.1f} s ago"
+              + (f", tier {d['tier']}" if d.get("tier") is not None else ""))
     return 0
 
 
@@ -425,9 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     _tensorboard_flag(s)
     s.set_defaults(fn=cmd_server)
 
-    st = sub.add_parser("status", help="a run's round table and its devices' states (a run folder, or the "
-                                       "metrics endpoint of a live server)")
-    st.add_argument("target", metavar="RUN_DIR|HOST:PORT", help="a run folder, or a server's --metrics-port address")
+    st = sub.add_parser("status", help="a run's round table and its devices' states (a run folder, or a live "
+                                       "server's --metrics-port address)")
+    st.add_argument("target", metavar="RUN_DIR|HOST:PORT", help="a run folder, or HOST:PORT of a server's --metrics-port")
     st.set_defaults(fn=cmd_status)
 
     c = sub.add_parser("client", help="run one or many edge devices")

@@ -32,7 +32,7 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
         from .metrics import CoordinatorMetrics, serve_metrics
 
         coord.metrics = CoordinatorMetrics(coord)
-        http = serve_metrics(coord.metrics, run.server.host, metrics_port)
+        http = serve_metrics(coord.metrics, coord, run.server.host, metrics_port)
         (Path(run_dir) / "metrics.addr").write_text(f"{run.server.host}:{http.server_port}\n")
         log.info("metrics at http://%s:%d/metrics", run.server.host, http.server_port)
     cfg = run.server

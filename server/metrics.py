@@ -1,11 +1,17 @@
-"""Prometheus metrics of a coordinator (`edgelora server --metrics-port P`, the prometheus_client library).
+"""Prometheus metrics of a coordinator (`edgelora server --metrics-port P`, the prometheus_client library),
+and its status as JSON (`/status`: the round table and every device's state, for `edgelora status HOST:PORT`).
 
 Counters and histograms are fed when a round closes and when a request is refused; the device gauges are read
 from the registry at scrape time, so they are never stale. Each coordinator has its own CollectorRegistry.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 PHASES = ("download", "train", "encode", "upload")
@@ -63,8 +69,46 @@ class CoordinatorMetrics:
         self.refusals.labels(code=code).inc()
 
 
-def serve_metrics(metrics: CoordinatorMetrics, host: str, port: int):
-    """Start the /metrics HTTP endpoint in a daemon thread; returns the HTTP server (`.server_port`,
-    `.shutdown()`)."""
-    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+def status(coord) -> dict:
+    """The finished rounds' rows and every registered device's state, read now."""
+    now = time.monotonic()
+    r = coord.round
+    devices = []
+    for d in sorted(coord.registry.entries(), key=lambda e: (len(e.device_id), e.device_id)):
+        state = "live" if now - d.last_seen <= coord.registry.timeout_s else "offline"
+        if r is not None and r.open and d.device_id in r.sampled:
+            state = ("uploaded" if d.device_id in r.done else "uploading" if d.device_id in r.in_flight
+                     else "training" if r.handed_out.get(d.device_id) else "sampled")
+        devices.append({"device_id": d.device_id, "state": state, "last_seen_s": round(now - d.last_seen, 1),
+                        "tier": d.tier})
+    return {"round": coord.state.round, "stage": coord.state.stage.name.lower(), "finished": coord.state.finished,
+            "open_round": r.number if r is not None and r.open else None,
+            "rows": coord.folder.records(), "devices": devices}
+
+
+def serve_metrics(metrics: CoordinatorMetrics, coord, host: str, port: int) -> ThreadingHTTPServer:
+    """/metrics (Prometheus text) and /status (JSON) in a daemon thread; returns the HTTP server
+    (`.server_port`, `.shutdown()`)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/metrics"):
+                body, kind = generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+            elif self.path.startswith("/status"):
+                body, kind = json.dumps(status(coord)).encode(), "application/json"
+            else:
+                self.send_error(404, "try /metrics or /status")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # no per-scrape lines in the server log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -35,6 +35,10 @@ class DeviceRegistry:
                                                    downlink_mbps)
             return new
 
+    def entries(self) -> list[DeviceEntry]:
+        with self._lock:
+            return list(self._devices.values())
+
     def entry(self, device_id: str) -> DeviceEntry | None:
         with self._lock:
             return self._devices.get(device_id)

@@ -1,4 +1,5 @@
-"""The coordinator's Prometheus endpoint, scraped during a real run, and `edgelora status`."""
+"""The coordinator's Prometheus endpoint, scraped during a real run, and `edgelora status` on a live server
+(its /status) and on a run folder."""
 from __future__ import annotations
 
 import re
@@ -50,7 +51,10 @@ def test_metrics_endpoint_sees_the_rounds_counter_advance_and_status_reads_it(ti
     assert _value(final, 'edgelora_devices{state="registered"}') == 2
     assert _value(final, 'edgelora_bytes_total{direction="up"}') > 0
     assert _value(final, 'edgelora_phase_seconds_count{phase="train"}') == 6  # 2 devices x 3 rounds
-    assert status.returncode == 0 and "edgelora_rounds_completed_total 3.0" in status.stdout
+    assert status.returncode == 0, status.stderr
+    assert "3 rounds done (dense), finished; 2 devices:" in status.stdout
+    assert re.search(r"^  0 +live ", status.stdout, re.M) and re.search(r"^  1 +live ", status.stdout, re.M)
+    assert len([l for l in status.stdout.splitlines() if re.match(r"\s+[123] +dense", l)]) == 3
     folder = subprocess.run(cli("status", str(run_dir)), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert folder.returncode == 0 and "round 3 devices: 0 completed, 1 completed" in folder.stdout
     assert len([l for l in folder.stdout.splitlines() if re.match(r"\s+[123] +dense", l)]) == 3
