@@ -115,3 +115,29 @@ def test_plaintext_must_be_asked_for_even_on_loopback(tmp_path):
     out = subprocess.run(cli("client", "--server", "127.0.0.1:1", "--device-id", "0"), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "--insecure" in out.stderr
+
+
+def test_device_names_bind_to_their_tokens_as_indices_do(tiny_config, tmp_path):
+    """data.mode = own: ids are names; a tokens file keyed by names lets 'alpha' register as alpha only
+    (a real in-process server behind the token interceptor, plaintext loopback)."""
+    from edgelora.server.app import run_server
+    from edgelora.server.auth import DeviceTokenInterceptor, make_tokens
+
+    (tmp_path / "tokens.toml").write_text(make_tokens(["alpha", "bravo"]))
+    tokens = load_tokens(tmp_path / "tokens.toml")
+    run = tiny_config(data={"mode": "own", "label_names": ["a", "b"], "dataset": "csv"})
+    with run_server(run, tmp_path / "run", interceptors=[DeviceTokenInterceptor(tokens)]) as (coord, port):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+
+            def register(name, as_):
+                md = (("x-device-id", as_), ("authorization", f"Bearer {tokens[name]}"))
+                return stub.Register(pb.RegisterRequest(device_id=as_, model_fingerprint=coord.model_fingerprint,
+                                                        tokenizer_fingerprint=coord.tokenizer_fingerprint),
+                                     timeout=10, metadata=md)
+
+            register("alpha", "alpha")
+            assert "alpha" in coord.registry
+            with pytest.raises(grpc.RpcError) as e:
+                register("alpha", "bravo")  # alpha's token used as bravo
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "bravo" not in coord.registry
