@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -83,9 +81,8 @@ def _rss_mb(pid: int) -> float:
 
 def measure(n: int, procs: int, seconds: float, fps: tuple[str, str]) -> dict:
     import numpy as np
-    import tomli_w
 
-    from edgelora.runlog import wait_for_server_addr
+    from benchmarks.uplink import start_server
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{n}-"))
     raw = {"server": {"rounds": 1, "devices_per_round": 1, "min_registered": n + 1, "registration_timeout_s": 3600.0,
@@ -93,12 +90,8 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str]) -> dict:
            "model": {"name": "tiny-bert", "max_seq_len": 32},
            "data": {"num_devices": n + 1, "max_examples_per_device": 4, "test_max_examples": 8, "partition": "iid"},
            "method": {"name": "lora"}}
-    (tmp / "run.toml").write_text(tomli_w.dumps(raw))
-    server = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "server", "--config", str(tmp / "run.toml"),
-                               "--out", str(tmp / "run"), "--port", "0", "--insecure"],
-                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT)
+    server, addr = start_server(raw, tmp)
     try:
-        addr = wait_for_server_addr(tmp / "run", server, 300)
         ctx = mp.get_context("spawn")
         ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         ids = [str(i) for i in range(n)]

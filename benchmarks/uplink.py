@@ -51,19 +51,30 @@ def with_app_throttle(raw: dict, run_dir: Path, up_mbit: float = UP_MBIT, down_m
     throttled_fleet(raw, run_dir, [(up_mbit, down_mbit)] * 2)
 
 
-def throttled_fleet(raw: dict, run_dir: Path, links: list[tuple[float, float]], env: dict | None = None) -> None:
-    """A server and one client process per (uplink, downlink) Mbit/s pair, device i behind the client's
-    application throttle at links[i]; returns when the server has finished the run."""
+def start_server(raw: dict, run_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`edgelora server` on 127.0.0.1 for the run config `raw` (written to RUN_DIR/run.toml, its log to
+    RUN_DIR/server.log); returns the process and HOST:PORT once it listens."""
     import tomli_w
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.toml").write_text(tomli_w.dumps(raw))
+    server = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "server", "--config", str(run_dir / "run.toml"),
+                               "--out", str(run_dir), "--port", "0", "--insecure"],
+                              stdout=open(run_dir / "server.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        return server, wait_for_server_addr(run_dir, server, timeout_s=300)
+    except BaseException:
+        server.terminate()
+        raise
+
+
+def throttled_fleet(raw: dict, run_dir: Path, links: list[tuple[float, float]], env: dict | None = None) -> None:
+    """A server and one client process per (uplink, downlink) Mbit/s pair, device i behind the client's
+    application throttle at links[i]; returns when the server has finished the run."""
     exe = [sys.executable, "-m", "edgelora.cli"]
-    server = subprocess.Popen(exe + ["server", "--config", str(run_dir / "run.toml"), "--out", str(run_dir),
-                                     "--port", "0", "--insecure"], stdout=open(run_dir / "server.log", "w"), stderr=subprocess.STDOUT)
+    server, addr = start_server(raw, run_dir)
     clients = []
     try:
-        addr = wait_for_server_addr(run_dir, server, timeout_s=300)
         clients = [subprocess.Popen(exe + ["client", "--server", addr, "--device-id", str(i),
                                            "--quiet", "--insecure", "--uplink-mbps", str(up), "--downlink-mbps",
                                            str(down)], stdout=open(run_dir / f"client_{i}.log", "w"),

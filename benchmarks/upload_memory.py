@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +27,10 @@ def vm_hwm_mib(pid: int) -> float:
 
 def main(argv=None) -> int:
     import grpc
-    import tomli_w
 
+    from benchmarks.uplink import start_server
     from edgelora.protos import edgelora_pb2 as pb
     from edgelora.protos import edgelora_pb2_grpc as pb_grpc
-    from edgelora.runlog import wait_for_server_addr
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.upload_memory", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,12 +43,8 @@ def main(argv=None) -> int:
            "model": {"name": "tiny-bert", "max_seq_len": 32},
            "data": {"num_devices": 1, "max_examples_per_device": 8, "test_max_examples": 8},
            "method": {"name": "lora", "lora": {"rank": 4, "alpha": 8.0}}}
-    (tmp / "run.toml").write_text(tomli_w.dumps(raw))
-    server = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "server", "--config", str(tmp / "run.toml"),
-                               "--out", str(tmp / "run"), "--port", "0", "--insecure"],
-                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT)
+    server, addr = start_server(raw, tmp)
     try:
-        addr = wait_for_server_addr(tmp / "run", server, 300)
         stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 8 << 20)]))
         spec = stub.GetRunSpec(pb.RunSpecRequest(), timeout=30)
         # the server checks the fingerprints: the device's are the server's own, read from a real device host
