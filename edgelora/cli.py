@@ -280,11 +280,9 @@ def cmd_centralized(args) -> int:
 
 
 def _print_rounds(rows: list[dict]) -> None:
-    print(f"{'round':>5} {'stage':>7} {'devices':>7} {'accuracy':>8} {'MB down':>8} {'MB up':>8} {'seconds':>7}")
-    for r in rows:
-        acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
-        print(f"{r['round']:>5} {r['stage']:>7} {r['completed']:>3}/{r['sampled']:<3} {acc:>8} "
-              f"{r['bytes_down'] / 1e6:>8.3f} {r['bytes_up'] / 1e6:>8.3f} {r['seconds']:>7.1f}")
+    from edgelora.runlog import round_table_header, round_table_row
+
+    print("\n".join(round_table_header() + [round_table_row(r) for r in rows]))
 
 
 def cmd_status(args) -> int:

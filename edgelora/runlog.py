@@ -109,6 +109,27 @@ def round_phases(rec: dict, deadline_s: float, sequential: bool = False) -> list
             max(0.0, rec.get("seconds", collected) - collected)]
 
 
+ROUND_COLUMNS = ("round", "stage", "devices", "accuracy", "test loss", "train loss", "MB down", "MB up", "seconds")
+_ROUND_WIDTHS = (5, 7, 7, 8, 9, 10, 8, 8, 7)
+_ROW_FIELDS = ("round", "stage", "completed", "sampled", "accuracy", "loss", "train_loss", "bytes_down", "bytes_up",
+               "seconds")
+
+
+def round_table_header() -> list[str]:
+    """The per-round table's two header lines (the run's terminal output, and `edgelora status`)."""
+    return ["  ".join(c.rjust(w) for c, w in zip(ROUND_COLUMNS, _ROUND_WIDTHS)),
+            "  ".join("-" * w for w in _ROUND_WIDTHS)]
+
+
+def round_table_row(row: dict) -> str:
+    """One metrics.jsonl row as a line of the per-round table."""
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    cells = (str(row["round"]), row["stage"], f"{row['completed']}/{row['sampled']}", fmt(row.get("accuracy"), ".4f"),
+             fmt(row.get("loss"), ".4f"), fmt(row.get("train_loss"), ".4f"), f"{row['bytes_down'] / 1e6:.3f}",
+             f"{row['bytes_up'] / 1e6:.3f}", f"{row['seconds']:.1f}")
+    return "  ".join(c.rjust(w) for c, w in zip(cells, _ROUND_WIDTHS))
+
+
 def _clean(d: dict) -> dict:
     # JSON has no NaN/Infinity: a non-finite number (e.g. a diverged loss) is written as null
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
@@ -204,19 +225,12 @@ class RunFolder:
     def records(self) -> list[dict]:
         return read_records(self.metrics_path)
 
-    COLUMNS = ("round", "stage", "devices", "accuracy", "test loss", "train loss", "MB down", "MB up", "seconds")
-
     def print_row(self, rec: RoundRecord) -> None:
-        widths = (5, 7, 7, 8, 9, 10, 8, 8, 7)
         if not self._header_printed:
-            self.echo("  ".join(c.rjust(w) for c, w in zip(self.COLUMNS, widths)))
-            self.echo("  ".join("-" * w for w in widths))
+            for line in round_table_header():
+                self.echo(line)
             self._header_printed = True
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)
-        cells = (str(rec.round), rec.stage, f"{rec.completed}/{rec.sampled}", fmt(rec.accuracy, ".4f"),
-                 fmt(rec.loss, ".4f"), fmt(rec.train_loss, ".4f"), f"{rec.bytes_down / 1e6:.3f}",
-                 f"{rec.bytes_up / 1e6:.3f}", f"{rec.seconds:.1f}")
-        self.echo("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+        self.echo(round_table_row({f: getattr(rec, f) for f in _ROW_FIELDS}))  # a diverged loss shows as nan
 
     def plot(self, rows: list[dict] | None = None) -> None:
         """RUN_DIR/accuracy.png: accuracy per round and against the total bytes communicated so far."""
