@@ -16,7 +16,7 @@ from edgelora.codec import CodecError
 from edgelora.configtools import ConfigError
 from edgelora.data import own_examples
 from edgelora.device import DeviceHost, DeviceTrainer, DownloadError, device_seed
-from edgelora.models import fingerprint_model, hardware_info, fingerprint_tokenizer
+from edgelora.models import fingerprint_model, fingerprint_tokenizer, hardware_info
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde

@@ -193,7 +193,7 @@ class Aggregator:
         raise NotImplementedError
 
     def mean_delta(self, acc) -> Arrays:
-        """The delta the round applies (what a stage switch, e.g. SLoRA's, sees as the round's update)."""
+        """The delta the round applies: the mean by default, an order statistic for the robust aggregators."""
         return acc.mean()
 
 

@@ -54,6 +54,11 @@ class DevicePlan:
     def task(self) -> Task:
         return self.instruction.task
 
+    @cached_property
+    def entries(self) -> int:
+        """N: trainable entries over every tensor (what top-k densities and the decode bound count)."""
+        return sum(math.prod(s) for s in self.shapes.values())
+
 
 class Round:
     """One round from sampling to aggregation, with no transport and no threads (the coordinator calls it
@@ -145,11 +150,11 @@ class Round:
                 info["uplink_bps"] = 8.0 * rec.bytes_up / rec.upload_s
             if rec.download_s > 0 and rec.bytes_down > 0:
                 info["downlink_bps"] = 8.0 * rec.bytes_down / rec.download_s
-            total = sum(math.prod(s) for s in plan.shapes.values())
             if plan.task.upload.format == UploadFormat.TOPK and rec.bytes_up:
-                info["up_bytes_per_entry"] = rec.bytes_up / max(1, topk_count(total, plan.task.upload.density))
+                info["up_bytes_per_entry"] = rec.bytes_up / max(1, topk_count(plan.entries, plan.task.upload.density))
             if plan.instruction.download_density < 1 and rec.bytes_down:
-                info["down_bytes_per_entry"] = rec.bytes_down / max(1, topk_count(total, plan.instruction.download_density))
+                info["down_bytes_per_entry"] = rec.bytes_down / max(1, topk_count(plan.entries,
+                                                                                  plan.instruction.download_density))
         return out
 
     def close(self) -> None:
@@ -214,7 +219,7 @@ class RoundEngine:
     def decode_update(self, plan: DevicePlan, payload: bytes) -> dict[str, np.ndarray]:
         """Validate an upload against the round's plan and return the dense delta, or raise UpdateRejected."""
         try:
-            tensors = codec.decode_bundle(payload, max_elements=max(1, sum(math.prod(s) for s in plan.shapes.values())))
+            tensors = codec.decode_bundle(payload, max_elements=max(1, plan.entries))
         except codec.CodecError as e:
             raise UpdateRejected("invalid", f"payload: {e}") from None
         missing = sorted(set(plan.shapes) - set(tensors))
@@ -250,7 +255,7 @@ class RoundEngine:
                 raise UpdateRejected("invalid", f"tensor {name}: |delta| reaches {peak:.3g}, above "
                                                 f"server.max_update_abs = {self.run.server.max_update_abs:g}")
         if rule.format == UploadFormat.TOPK:
-            k = topk_count(sum(math.prod(s) for s in plan.shapes.values()), rule.density)
+            k = topk_count(plan.entries, rule.density)
             if total_nnz > k:
                 raise UpdateRejected("invalid", f"top-k upload carries {total_nnz} entries; this device's plan "
                                                 f"({plan.instruction.describe()}) allows {k}")

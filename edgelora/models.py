@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .configtools import ConfigError
+from .sparsity import mask_bool
 from .tasks import Structure, StructureKind
 
 # Every dense layer of BERT-style attention and feed-forward blocks (SLoRA Sec. 5, FLASC's setup).
@@ -187,8 +188,6 @@ class ModelHost:
 
     def prepare(self, structure: Structure) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(model, its trainable state as built, the boolean masks of its masked tensors) for training."""
-        from .sparsity import mask_bool
-
         model = self.build(structure)
         if self._prepared is None or self._prepared[0] != structure:
             init = trainable_state(model)

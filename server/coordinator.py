@@ -123,8 +123,6 @@ class Coordinator(ServerRun):
             if device_id in r.in_flight:
                 raise UpdateRejected("exists", f"device {device_id} has an upload for round {round_id} in progress")
             r.check_task_id(device_id, task_id)
-            if r.full:
-                raise UpdateRejected("precondition", self._closed(r))
             held = r.partial.pop(device_id, None)
             if offset:
                 have = held[2] if held is not None and held[0] == task_id and len(held[1]) == payload_bytes else 0

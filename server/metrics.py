@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from edgelora.sampling import device_sort_key
+
 PHASES = ("download", "train", "encode", "upload")
 
 
@@ -74,7 +76,7 @@ def status(coord) -> dict:
     now = time.monotonic()
     r = coord.round
     devices = []
-    for d in sorted(coord.registry.entries(), key=lambda e: (len(e.device_id), e.device_id)):
+    for d in sorted(coord.registry.entries(), key=lambda e: device_sort_key(e.device_id)):
         state = "live" if now - d.last_seen <= coord.registry.timeout_s else "offline"
         if r is not None and r.open and d.device_id in r.sampled:
             state = ("uploaded" if d.device_id in r.done else "uploading" if d.device_id in r.in_flight
