@@ -14,6 +14,24 @@ from edgelora.edge_client.throttle import LinkThrottle, TokenBucket
 from .conftest import tiny_raw
 
 
+def serve_one_client(run, run_dir, throttle: LinkThrottle, connect=lambda port: f"127.0.0.1:{port}"):
+    """A real server in this process driving every round, and one EdgeClient (device 0) behind `throttle`,
+    reaching the server at `connect(port)`; returns the client once the run is over."""
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+    from edgelora.server.app import run_server
+
+    with run_server(run, run_dir) as (coord, port):
+        driver = threading.Thread(target=coord.run_rounds, daemon=True)
+        driver.start()
+        client = EdgeClient(ClientOptions(connect(port), ["0"], progress=False, poll_s=2.0, throttle=throttle))
+        try:
+            assert client.run() == 0
+        finally:
+            client.close()
+        driver.join(timeout=30)
+    return client
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.t = 0.0
@@ -56,22 +74,10 @@ def test_paced_upload_keeps_order_and_rate():
 
 @pytest.mark.slow
 def test_throttled_device_uploads_at_the_link_rate(tiny_config, tmp_path):
-    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
-    from edgelora.server.app import run_server
-
     up_mbps, down_mbps = 0.4, 2.0
     run = tiny_config(server={"rounds": 1, "devices_per_round": 1, "min_registered": 1},
                       method={"name": "lora", "lora": {"rank": 32, "alpha": 32.0}})  # ~100 kB each way
-    with run_server(run, tmp_path / "run") as (coord, port):
-        driver = threading.Thread(target=coord.run_rounds, daemon=True)
-        driver.start()
-        client = EdgeClient(ClientOptions(f"127.0.0.1:{port}", ["0"], progress=False, poll_s=2.0,
-                                          throttle=LinkThrottle(up_mbps, down_mbps)))
-        try:
-            assert client.run() == 0
-        finally:
-            client.close()
-        driver.join(timeout=30)
+    serve_one_client(run, tmp_path / "run", LinkThrottle(up_mbps, down_mbps))
     dev = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["devices"][0]
     assert dev["status"] == "completed" and dev["bytes_up"] > 80_000
     # the bucket starts with one 16 KiB chunk of credit; the rest goes at the rate (server-side clock)
@@ -83,22 +89,10 @@ def test_a_device_past_its_tasks_deadline_lets_the_round_go_instead_of_uploading
     """Task.deadline_s is honoured on the device: a download slowed past the round's deadline (~52 kB at
     0.08 Mbit/s, ~3.6 s after the first 16 KiB of credit, against a 2.5 s deadline) means no upload at all,
     not a late one the server refuses."""
-    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
-    from edgelora.server.app import run_server
-
     run = tiny_config(server={"rounds": 1, "devices_per_round": 1, "min_registered": 1, "round_deadline_s": 2.5,
                               "chunk_bytes": 16384},  # paced chunk by chunk
                       method={"name": "lora", "lora": {"rank": 32, "alpha": 32.0}})
-    with run_server(run, tmp_path / "run") as (coord, port):
-        driver = threading.Thread(target=coord.run_rounds, daemon=True)
-        driver.start()
-        client = EdgeClient(ClientOptions(f"127.0.0.1:{port}", ["0"], progress=False, poll_s=2.0,
-                                          throttle=LinkThrottle(downlink_mbps=0.08)))
-        try:
-            assert client.run() == 0
-        finally:
-            client.close()
-        driver.join(timeout=30)
+    client = serve_one_client(run, tmp_path / "run", LinkThrottle(downlink_mbps=0.08))
     assert client.late == 1
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     dev = row["devices"][0]
@@ -210,9 +204,6 @@ def test_a_broken_upload_resumes_from_what_the_server_holds_without_retraining(t
     it sent are at most 1.1x the update's size."""
     from edgelora.device import DeviceTrainer
     from edgelora.edge_client import runtime
-    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
-    from edgelora.server.app import run_server
-
     trainings, sizes = [], []
     honest = DeviceTrainer.run
 
@@ -230,20 +221,17 @@ def test_a_broken_upload_resumes_from_what_the_server_holds_without_retraining(t
     run = load_config(tiny_raw(server={"rounds": 1, "devices_per_round": 1, "min_registered": 1,
                                        "chunk_bytes": 16384},
                                method={"name": "lora", "lora": {"rank": 256, "alpha": 256.0}}))
-    with run_server(run, tmp_path / "run") as (coord, port):
-        driver = threading.Thread(target=coord.run_rounds, daemon=True)
-        driver.start()
-        # before the upload the device sends a few kB (spec, register, heartbeats); the cut falls mid-upload
-        proxy = CuttingProxy(port, cut_after=400_000)
-        # an 8 Mbit/s uplink, paced before gRPC as a real link is: little sits in buffers when the link drops
-        client = EdgeClient(ClientOptions(f"127.0.0.1:{proxy.port}", ["0"], progress=False, poll_s=2.0,
-                                          throttle=LinkThrottle(uplink_mbps=8.0)))
-        try:
-            assert client.run() == 0
-        finally:
-            client.close()
+    proxies = []
+
+    def via_proxy(port):  # before the upload the device sends a few kB (spec, register, heartbeats): the cut
+        proxies.append(CuttingProxy(port, cut_after=400_000))  # falls mid-upload
+        return f"127.0.0.1:{proxies[-1].port}"
+
+    try:  # an 8 Mbit/s uplink, paced before gRPC as a real link is: little sits in buffers when the link drops
+        client = serve_one_client(run, tmp_path / "run", LinkThrottle(uplink_mbps=8.0), connect=via_proxy)
+    finally:
+        for proxy in proxies:
             proxy.close()
-        driver.join(timeout=30)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["devices"][0]["status"] == "completed" and row["aggregated"]
     assert trainings == [1] and sizes[0] > 600_000  # trained once
