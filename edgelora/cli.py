@@ -209,7 +209,8 @@ def cmd_methods(args) -> int:
 def cmd_simulate(args) -> int:
     """Many virtual devices in one process (edgelora.simulate): same engine, codec and protobuf bytes."""
     from edgelora.config import load_config, read_run_toml
-    from edgelora.simulate import has_state, simulate
+    from edgelora.simulate import simulate
+    from edgelora.state import has_state
 
     run_dir = Path(args.resume or args.out or default_run_dir())
     resume = bool(args.resume) or has_state(run_dir)
@@ -268,13 +269,19 @@ def cmd_centralized(args) -> int:
     from edgelora.centralized import train_centralized
     from edgelora.config import load_config
 
+    from edgelora.state import has_state
+    from edgelora.sweep import check_same_config
+
     run = load_config(args.config)
     device = _torch_device(args.device)
     run_dir = Path(args.out) if args.out else default_run_dir()
+    resume = has_state(run_dir)
+    if resume:
+        check_same_config(run_dir, run, str(run_dir))
     print(f"edgelora centralized: {run.method.name} on the union of {run.data.num_devices} partitions, the "
-          f"examples of {run.server.rounds} rounds x {run.server.devices_per_round} devices; run folder {run_dir}",
-          flush=True)
-    recs = train_centralized(run, run_dir, device=device, tensorboard=args.tensorboard)
+          f"examples of {run.server.rounds} rounds x {run.server.devices_per_round} devices; run folder {run_dir}"
+          + (" (resumed)" if resume else ""), flush=True)
+    recs = train_centralized(run, run_dir, device=device, tensorboard=args.tensorboard, resume=resume)
     print(f"finished; final accuracy {recs[-1]['accuracy']:.4f}; run folder {run_dir}", flush=True)
     return 0
 
@@ -496,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ce = sub.add_parser("centralized", help="train a run config's structure on all devices' data in one place")
     ce.add_argument("--config", required=True, help="run config (TOML)")
-    ce.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    ce.add_argument("--out", help="run folder (default runs/<timestamp>); an unfinished run there is continued")
     ce.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     _verbose_flag(ce)
     _tensorboard_flag(ce)

@@ -27,11 +27,6 @@ from .tasks import DeviceInfo, PhaseTimes, Task, Update
 log = logging.getLogger("edgelora.simulate")
 
 
-def has_state(run_dir: Path) -> bool:
-    run_dir = Path(run_dir)
-    return (run_dir / "state" / "meta.json").exists() or (run_dir / "state.old" / "meta.json").exists()
-
-
 class Simulator(ServerRun):
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
                  torch_device: str = "cpu") -> None:

@@ -69,6 +69,12 @@ def save_state(state: ServerState, run_dir: Path) -> None:
         os.close(dir_fd)
 
 
+def has_state(run_dir: Path) -> bool:
+    """Whether RUN_DIR holds a saved state to continue from (state.old: a crash between save_state's renames)."""
+    run_dir = Path(run_dir)
+    return (run_dir / "state" / "meta.json").exists() or (run_dir / "state.old" / "meta.json").exists()
+
+
 def load_state(run_dir: Path) -> ServerState:
     run_dir = Path(run_dir)
     d = run_dir / "state"

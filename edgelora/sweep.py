@@ -41,6 +41,7 @@ from typing import Any
 
 from .config import RunConfig, load_config, read_run_toml, read_toml
 from .configtools import ConfigError
+from .state import has_state
 
 SEED_KEYS = ("server.seed", "data.seed", "model.head_seed")
 MODES = ("federated", "centralized")
@@ -155,17 +156,21 @@ def is_finished(folder: Path, run: RunConfig) -> bool:
     return rounds_done(folder) >= run.server.rounds
 
 
-def _check_same_config(folder: Path, run: RunConfig, name: str) -> None:
+def check_same_config(folder: Path, run: RunConfig, name: str) -> None:
+    """Refuse a run folder that holds another config than `run`, except for the round count: more rounds
+    extend a run, and its config.toml then says the new count."""
     from .data import with_num_labels
 
     saved = folder / "config.toml"
     if not saved.exists():
         return
     old, new = load_config(saved), with_num_labels(run)
-    old = old.replace(server=dataclasses.replace(old.server, rounds=new.server.rounds))  # more rounds extend a run
-    if old.to_toml() != new.to_toml():
+    rounds = old.server.rounds
+    if old.replace(server=dataclasses.replace(old.server, rounds=new.server.rounds)).to_toml() != new.to_toml():
         raise ConfigError(f"run {name}: {saved} holds another config than the sweep asks for now; move that "
                           f"folder away (or give the changed variant a new name) and run the sweep again")
+    if new.server.rounds > rounds:
+        saved.write_text(new.to_toml())
 
 
 class Budget:
@@ -198,7 +203,7 @@ def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progres
     try:
         for i, spec in enumerate(specs, 1):
             run, folder = configs[spec.name], run_dir(out, spec)
-            _check_same_config(folder, run, spec.name)
+            check_same_config(folder, run, spec.name)
             if is_finished(folder, run):
                 status[spec.name] = "skipped"
                 continue
@@ -218,10 +223,11 @@ def _run_one(spec: RunSpec, run: RunConfig, folder: Path, budget: Budget, bar, d
         from .centralized import train_centralized
 
         before = rounds_done(folder)
-        train_centralized(run, folder, device=device, echo=bar.write, tensorboard=tensorboard)
-        bar.update(run.server.rounds - before)
-        return "finished"
-    from .simulate import Simulator, has_state
+        train_centralized(run, folder, device=device, echo=bar.write, tensorboard=tensorboard,
+                          resume=has_state(folder), stop=budget.spent)
+        bar.update(rounds_done(folder) - before)
+        return "finished" if is_finished(folder, run) else "stopped"
+    from .simulate import Simulator
 
     sim = Simulator(run, folder, resume=has_state(folder), progress=False, torch_device=device)
     sim.folder.echo = bar.write

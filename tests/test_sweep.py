@@ -14,7 +14,7 @@ from edgelora.configtools import ConfigError
 from edgelora.state import load_state
 from edgelora.sweep import load_sweep, rounds_done, run_sweep
 
-from .conftest import REPO, TINY, cli, interrupt_after_first_round
+from .conftest import REPO, TINY, cli, interrupt_after_first_round, tiny_raw
 
 SWEEP = """
 [sweep]
@@ -119,6 +119,55 @@ def test_interrupted_sweep_resumes_to_the_same_results(tmp_path):
             np.testing.assert_array_equal(pa[k], pb[k], err_msg=f"{spec.name} {k}")
 
 
+EXTEND = """
+[sweep]
+name = "x"
+base = "base.toml"
+seeds = [0]
+[sweep.set]
+"server.rounds" = {rounds}
+"train.precision" = "fp32"
+[methods.lora]
+"method.name" = "lora"
+"method.lora" = {{ rank = 4, alpha = 8.0 }}
+[methods.lora-central]
+mode = "centralized"
+"method.name" = "lora"
+"method.lora" = {{ rank = 4, alpha = 8.0 }}
+[partitions.iid]
+"data.partition" = "iid"
+[[grid]]
+methods = ["lora", "lora-central"]
+partitions = ["iid"]
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_asking_for_more_rounds_extends_its_finished_runs_exactly(tmp_path):
+    from edgelora.config import load_config
+
+    ref = tmp_path / "ref"
+    run_sweep(load_sweep(write_sweep(tmp_path / "four", rounds=4, text=EXTEND)), ref, progress=False)
+    out = tmp_path / "out"
+    assert set(run_sweep(load_sweep(write_sweep(tmp_path / "two", rounds=2, text=EXTEND)), out,
+                         progress=False).values()) == {"finished"}
+    assert set(run_sweep(load_sweep(write_sweep(tmp_path / "four", rounds=4, text=EXTEND)), out,
+                         progress=False).values()) == {"finished"}
+    for name in ("lora-iid-s0", "lora-central-iid-s0"):
+        a, b = _records(ref, name), _records(out, name)
+        assert [r["round"] for r in b] == [1, 2, 3, 4], name
+        for key in ("accuracy", "loss", "train_loss", "bytes_up", "bytes_down"):
+            assert [r[key] for r in a] == [r[key] for r in b], (name, key)
+        pa, pb = _final_params(ref, name), _final_params(out, name)
+        for k in pa:
+            np.testing.assert_array_equal(pa[k], pb[k], err_msg=f"{name} {k}")
+        assert load_config(out / "runs" / name / "config.toml").server.rounds == 4, "config.toml says the new count"
+    # the shorter sweep, run again, neither shortens nor rewrites them
+    assert set(run_sweep(load_sweep(write_sweep(tmp_path / "two", rounds=2, text=EXTEND)), out,
+                         progress=False).values()) == {"skipped"}
+    assert load_config(out / "runs" / "lora-iid-s0" / "config.toml").server.rounds == 4
+
+
 def _records(out: Path, name: str) -> list[dict]:
     from edgelora.runlog import read_records
 
@@ -175,6 +224,45 @@ def test_centralized_trains_the_federated_runs_example_budget_on_the_union(tmp_p
     assert (tmp_path / "c" / "adapter" / "adapter_config.json").exists()
     with pytest.raises(ConfigError, match="centralized: method 'slora' changes structure"):
         train_centralized(tiny_config(method={"name": "slora"}), tmp_path / "s")
+
+
+@pytest.mark.parametrize("method, train", [
+    ({"name": "lora"}, {"optimizer": "adamw", "lr_schedule": "cosine"}),
+    ({"name": "fft"}, {"optimizer": "sgd", "momentum": 0.9, "lr": 1e-3}),
+    ({"name": "sft", "density": 0.05}, {"optimizer": "adamw"}),
+])
+def test_centralized_run_stopped_between_rounds_continues_to_the_same_results(tmp_path, method, train):
+    from edgelora.centralized import train_centralized
+    from edgelora.config import load_config
+    from edgelora.runlog import read_records
+
+    raw = tiny_raw(server={"rounds": 4, "devices_per_round": 2}, train={"precision": "fp32", **train},
+                   data={"num_devices": 4, "max_examples_per_device": 10, "test_max_examples": 16})
+    run = load_config({**raw, "method": method})  # the method's table as a whole
+    ref = train_centralized(run, tmp_path / "ref")
+    cut = tmp_path / "cut"
+    first = train_centralized(run, cut, stop=lambda: rounds_done(cut) >= 2)
+    assert [r["round"] for r in first] == [1, 2] and load_state(cut).round == 2
+    assert not (cut / "adapter").exists() and not (cut / "model").exists(), "no final model before the last round"
+    rest = train_centralized(run, cut, resume=True)
+    assert [r["round"] for r in rest] == [1, 2, 3, 4] and read_records(cut / "metrics.jsonl") == rest
+    for key in ("accuracy", "loss", "train_loss"):
+        assert [r[key] for r in ref] == [r[key] for r in rest], key
+    a, b = load_state(tmp_path / "ref"), load_state(cut)
+    assert a.finished and b.finished and a.opt_state.keys() == b.opt_state.keys() and a.opt_state
+    for group in ("params", "opt_state"):
+        for k, v in getattr(a, group).items():
+            np.testing.assert_array_equal(v, getattr(b, group)[k], err_msg=f"{group} {k}")
+
+
+def test_centralized_state_for_another_budget_is_refused(tmp_path, tiny_config):
+    from edgelora.centralized import train_centralized
+
+    data = {"num_devices": 4, "max_examples_per_device": 10, "test_max_examples": 16}
+    train_centralized(tiny_config(server={"rounds": 1, "devices_per_round": 2}, data=data), tmp_path)
+    with pytest.raises(ConfigError, match=r"another budget or structure \(20 examples a round, now 10\)"):
+        train_centralized(tiny_config(server={"rounds": 2, "devices_per_round": 1}, data=data), tmp_path,
+                          resume=True)
 
 
 def test_report_of_centralized_runs_only_draws_no_bytes_plot(tmp_path):
