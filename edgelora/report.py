@@ -1,13 +1,17 @@
 """`edgelora sweep --report DIR`: a summary of whatever runs of a sweep have finished rounds, and its plots.
 
 Writes DIR/summary.csv (one row per run), DIR/summary.md (the same, plus the mean and spread over seeds of
-each method x partition) and, where the sweep has the runs for them:
+each method x partition, and each federated run against its ceiling: the centralized run with the same
+[method], partition and seed) and, where the sweep has the runs for them:
 - accuracy_rounds.png: accuracy per round, one panel per partition, one line per run;
 - accuracy_bytes.png: accuracy against total MB communicated (FLASC Fig. 2);
 - gap_heterogeneity.png: final accuracy of FFT minus each PEFT method, per partition (SLoRA Fig. 1),
   when [report] names `fft` and `peft` variants;
 - time_to_target.png: communication time to reach [report] target_accuracy when the uplink is 1x, 4x, 16x
   slower than the downlink (FLASC Fig. 3), computed from the measured bytes per device and round.
+
+Where DIR/full-test.json exists (`edgelora evaluate DIR/runs/* --max-examples 0 --json DIR/full-test.json`),
+summary.md adds each run's accuracy on the whole test split, for runs scored at their last round.
 
     [report]
     fft = "fft"                   # the FFT variant the gap is measured against
@@ -32,21 +36,32 @@ CSV_COLUMNS = ("run", "method", "partition", "seed", "rounds_done", "final_accur
                "bytes_down", "seconds")
 
 
+WHOLE_TEST = "full-test.json"  # `edgelora evaluate DIR/runs/* --max-examples 0 --json DIR/full-test.json`
+
+
 def collect(out: Path) -> list[dict]:
-    """One row per planned run that has at least one finished round, in plan order; with its metrics rows."""
+    """One row per planned run that has at least one finished round, in plan order; with its metrics rows
+    and, where DIR/full-test.json scored its last round's model, its accuracy on the whole test split."""
     out = Path(out)
     plan_path = out / "plan.json"
     if not plan_path.exists():
         raise FileNotFoundError(f"{out} is not a sweep folder (no plan.json; run `edgelora sweep --config ...` first)")
+    whole_path = out / WHOLE_TEST
+    whole_test = {r["run"]: r for r in json.loads(whole_path.read_text())} if whole_path.exists() else {}
     rows = []
     for p in json.loads(plan_path.read_text()):
         recs = read_records(out / "runs" / p["run"] / "metrics.jsonl")
         if not recs:
             continue
         accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
-        planned = tomllib.loads((out / "runs" / p["run"] / "config.toml").read_text())["server"]["rounds"]
-        rows.append({**p, "rounds_done": recs[-1]["round"], "rounds_planned": planned,
+        config = tomllib.loads((out / "runs" / p["run"] / "config.toml").read_text())
+        whole = whole_test.get(p["run"], {})
+        rows.append({**p, "rounds_done": recs[-1]["round"], "rounds_planned": config["server"]["rounds"],
+                     "method_table": config["method"],
                      "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
+                     "last3_accuracy": tail_accuracy(recs),
+                     # a rescoring of an earlier round's model is stale, not this run's figure
+                     "whole_test_accuracy": whole.get("accuracy") if whole.get("rounds") == recs[-1]["round"] else None,
                      "bytes_up": sum(r["bytes_up"] for r in recs), "bytes_down": sum(r["bytes_down"] for r in recs),
                      "seconds": round(sum(r["seconds"] for r in recs), 1), "records": recs})
     return rows
@@ -115,19 +130,49 @@ def spread(values: list[float]) -> str:
 
 
 def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
-    lines = ["| run | method | partition | seed | rounds | final acc | best acc | MB up | MB down | seconds |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    whole = any(r.get("whole_test_accuracy") is not None for r in rows)
+    lines = ["| run | method | partition | seed | rounds | final acc | last 3 | best acc | "
+             + ("whole test | " if whole else "") + "MB up | MB down | seconds |",
+             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if whole else "") + "---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['method']} | {r['partition']} | {r['seed']} | {r['rounds_done']} | "
-                     f"{_fmt(r['final_accuracy'])} | {_fmt(r['best_accuracy'])} | {r['bytes_up'] / 1e6:.1f} | "
-                     f"{r['bytes_down'] / 1e6:.1f} | {r['seconds']:.0f} |")
+                     f"{_fmt(r['final_accuracy'])} | {_fmt(r.get('last3_accuracy'))} | {_fmt(r['best_accuracy'])} | "
+                     + (f"{_fmt(r.get('whole_test_accuracy'))} | " if whole else "")
+                     + f"{r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} | {r['seconds']:.0f} |")
     lines += ["", "Mean over seeds (min-max):", "",
-              "| method | partition | final acc | best acc | MB up + down (mean) |", "|---|---|---|---|---:|"]
+              "| method | partition | final acc | last 3 | best acc | " + ("whole test | " if whole else "")
+              + "MB up + down (mean) |", "|---|---|---|---|---|" + ("---|" if whole else "") + "---:|"]
     for (m, p), g in group_by_variant(rows).items():
-        finals = [r["final_accuracy"] for r in g if r["final_accuracy"] is not None]
-        bests = [r["best_accuracy"] for r in g if r["best_accuracy"] is not None]
+        cells = [spread([r[k] for r in g if r.get(k) is not None])
+                 for k in ("final_accuracy", "last3_accuracy", "best_accuracy")
+                 + (("whole_test_accuracy",) if whole else ())]
         mb = statistics.mean((r["bytes_up"] + r["bytes_down"]) / 1e6 for r in g)
-        lines.append(f"| {m} | {p} | {spread(finals)} | {spread(bests)} | {mb:.1f} |")
+        lines.append(f"| {m} | {p} | " + " | ".join(cells) + f" | {mb:.1f} |")
+    pairs = ceiling_pairs(rows)
+    if pairs:
+        lines += ["", "Federated runs against their ceiling (the centralized run of the same method, partition "
+                      "and seed): accuracy, and federated / ceiling:", "",
+                  "| run | ceiling | " + " | ".join(f"{k} | ceiling | ratio" for k in _RATIO_KEYS.values()) + " |",
+                  "|---|---|" + "---:|---:|---:|" * len(_RATIO_KEYS)]
+        def ratio_row(label: str, ceiling: str, feds: list[dict], ceils: list[dict]) -> str:
+            cells = []
+            for k in _RATIO_KEYS:
+                a = [r[k] for r in feds if r.get(k) is not None]
+                c = [r[k] for r in ceils if r.get(k) is not None]
+                ok = len(a) == len(c) == len(feds)
+                a, c = (statistics.mean(a), statistics.mean(c)) if ok else (None, None)
+                cells += [_fmt(a), _fmt(c), f"{100 * a / c:.1f} %" if ok and c else ""]
+            return f"| {label} | {ceiling} | " + " | ".join(cells) + " |"
+
+        for fed, ceil in pairs:
+            lines.append(ratio_row(fed["run"], ceil["run"], [fed], [ceil]))
+        by_variant: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+        for fed, ceil in pairs:
+            by_variant.setdefault((fed["method"], fed["partition"]), []).append((fed, ceil))
+        for (m, p), g in by_variant.items():
+            if len(g) > 1:  # the mean of each over seeds, and the ratio of the means
+                lines.append(ratio_row(f"{m} {p}, mean of {len(g)} seeds", g[0][1]["method"],
+                                       [f for f, _ in g], [c for _, c in g]))
     choices = lr_choices(rows)
     if choices:
         lines += ["", "Learning-rate choice (score: mean accuracy of the last 3 evaluated rounds; * = chosen):", "",
@@ -149,6 +194,19 @@ def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
                 lines.append(f"| {r['run']} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+_RATIO_KEYS = {"final_accuracy": "final", "last3_accuracy": "last 3", "whole_test_accuracy": "whole test"}
+
+
+def ceiling_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(federated run, its ceiling): the centralized run with the same [method] table, partition and seed."""
+    ceilings = {}
+    for r in rows:
+        if r.get("mode") == "centralized":
+            ceilings[(json.dumps(r["method_table"], sort_keys=True), r["partition"], r["seed"])] = r
+    return [(r, ceilings[key]) for r in rows if r.get("mode") != "centralized"
+            and (key := (json.dumps(r["method_table"], sort_keys=True), r["partition"], r["seed"])) in ceilings]
 
 
 def tail_accuracy(records: list[dict], last: int = 3) -> float | None:

@@ -286,3 +286,40 @@ def test_report_orders_partitions_as_the_sweep_file_does_not_as_runs_finished(tm
     gaps = gap_table(in_partition_order(rows, settings["partition_order"]), "fft", ["lora"])["lora"]
     assert list(gaps) == ["iid", "dir1", "dir0.1"]
     assert [round(v, 4) for v in gaps.values()] == [0.05, 0.1, 0.05]
+
+
+def test_report_pairs_each_federated_run_with_its_ceiling_and_reads_whole_test_scores(tmp_path):
+    import json
+
+    from edgelora.report import write_report
+
+    def run(name, method, mode, seed, accs, table):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        method_toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
+        (folder / "config.toml").write_text(f"[server]\nrounds = {len(accs)}\n[method]\n{method_toml}\n")
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(
+            {"round": i + 1, "accuracy": a, "bytes_up": 10, "bytes_down": 20, "seconds": 1.0}) + "\n"
+            for i, a in enumerate(accs)))
+        return {"run": name, "method": method, "partition": "iid", "seed": seed, "mode": mode}
+
+    lora, fft = {"name": "lora", "rank": 4}, {"name": "fft"}
+    plan = [run("c0", "lora-central", "centralized", 0, [0.3, 0.4, 0.5], lora),
+            run("c1", "lora-central", "centralized", 1, [0.3, 0.4, 0.6], lora),
+            run("f0", "lora", "federated", 0, [0.2, 0.3, 0.45], lora),
+            run("f1", "lora", "federated", 1, [0.2, 0.3, 0.45], lora),
+            run("fft0", "fft", "federated", 0, [0.2, 0.3, 0.4], fft)]  # no fft ceiling: no pair
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    scores = [{"run": "c0", "rounds": 3, "accuracy": 0.5}, {"run": "c1", "rounds": 3, "accuracy": 0.4},
+              {"run": "f0", "rounds": 3, "accuracy": 0.45}, {"run": "f1", "rounds": 3, "accuracy": 0.38},
+              {"run": "fft0", "rounds": 2, "accuracy": 0.9}]  # fft0 scored at round 2: stale, not shown
+    (tmp_path / "full-test.json").write_text(json.dumps(scores))
+    write_report(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| f0 | c0 | 0.4500 | 0.5000 | 90.0 % | 0.3167 | 0.4000 | 79.2 % | 0.4500 | 0.5000 | 90.0 % |" in md
+    assert "| f1 | c1 | 0.4500 | 0.6000 | 75.0 % |" in md and "| 0.3800 | 0.4000 | 95.0 % |" in md
+    # the mean over seeds: (0.45 + 0.38) / 2 = 0.415 against (0.5 + 0.4) / 2 = 0.45 on the whole test split
+    assert "| lora iid, mean of 2 seeds | lora-central | 0.4500 | 0.5500 | 81.8 % |" in md
+    assert "| 0.4150 | 0.4500 | 92.2 % |" in md
+    assert "| fft0 | fft | iid | 0 | 3 | 0.4000 | 0.3000 | 0.4000 |  | 0.0 |" in md
+    assert not any(line.startswith("| fft0 | c") for line in md.splitlines())
