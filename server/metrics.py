@@ -72,20 +72,22 @@ class CoordinatorMetrics:
 
 
 def status(coord) -> dict:
-    """The finished rounds' rows and every registered device's state, read now."""
-    now = time.monotonic()
-    r = coord.round
-    devices = []
-    for d in sorted(coord.registry.entries(), key=lambda e: device_sort_key(e.device_id)):
-        state = "live" if now - d.last_seen <= coord.registry.timeout_s else "offline"
-        if r is not None and r.open and d.device_id in r.sampled:
-            state = ("uploaded" if d.device_id in r.done else "uploading" if d.device_id in r.in_flight
-                     else "training" if r.handed_out.get(d.device_id) else "sampled")
-        devices.append({"device_id": d.device_id, "state": state, "last_seen_s": round(now - d.last_seen, 1),
-                        "tier": d.tier})
-    return {"round": coord.state.round, "stage": coord.state.stage.name.lower(), "finished": coord.state.finished,
-            "open_round": r.number if r is not None and r.open else None,
-            "rows": coord.folder.records(), "devices": devices}
+    """The finished rounds' rows and every registered device's state, read now (under the coordinator's
+    lock, so a round that opens or closes meanwhile is seen whole or not at all)."""
+    with coord.cond:
+        now = time.monotonic()
+        r, state = coord.round, coord.state
+        devices = []
+        for d in sorted(coord.registry.entries(), key=lambda e: device_sort_key(e.device_id)):
+            mode = "live" if now - d.last_seen <= coord.registry.timeout_s else "offline"
+            if r is not None and r.open and d.device_id in r.sampled:
+                mode = ("uploaded" if d.device_id in r.done else "uploading" if d.device_id in r.in_flight
+                        else "training" if r.handed_out.get(d.device_id) else "sampled")
+            devices.append({"device_id": d.device_id, "state": mode, "last_seen_s": round(now - d.last_seen, 1),
+                            "tier": d.tier})
+        open_round = r.number if r is not None and r.open else None
+    return {"round": state.round, "stage": state.stage.name.lower(), "finished": state.finished,
+            "open_round": open_round, "rows": coord.folder.records(), "devices": devices}
 
 
 def serve_metrics(metrics: CoordinatorMetrics, coord, host: str, port: int) -> ThreadingHTTPServer:
