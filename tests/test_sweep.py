@@ -30,6 +30,10 @@ seeds = [0]
 [methods.fft]
 "method.name" = "fft"
 "train.lr" = 1e-4
+[methods.lora-central]
+mode = "centralized"
+"method.name" = "lora"
+"method.lora" = {{ rank = 4, alpha = 8.0 }}
 [partitions.iid]
 "data.partition" = "iid"
 [partitions.dir]
@@ -119,24 +123,7 @@ def test_interrupted_sweep_resumes_to_the_same_results(tmp_path):
             np.testing.assert_array_equal(pa[k], pb[k], err_msg=f"{spec.name} {k}")
 
 
-EXTEND = """
-[sweep]
-name = "x"
-base = "base.toml"
-seeds = [0]
-[sweep.set]
-"server.rounds" = {rounds}
-"train.precision" = "fp32"
-[methods.lora]
-"method.name" = "lora"
-"method.lora" = {{ rank = 4, alpha = 8.0 }}
-[methods.lora-central]
-mode = "centralized"
-"method.name" = "lora"
-"method.lora" = {{ rank = 4, alpha = 8.0 }}
-[partitions.iid]
-"data.partition" = "iid"
-[[grid]]
+EXTEND = SWEEP[:SWEEP.index("[[grid]]")] + """[[grid]]
 methods = ["lora", "lora-central"]
 partitions = ["iid"]
 """
