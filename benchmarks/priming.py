@@ -14,12 +14,21 @@ update, the script evaluates (on the run's own evaluation split) the full weight
 All four keep Stage 1's classifier (head = "carry"). It also evaluates the primed LoRA model exactly as the
 server builds it (the priming equality: it must score as `primed` does). It prints the share of dW's energy
 (squared Frobenius norm) that sits in LoRA layers, and the share of each LoRA layer's energy that the rank-r
-truncation keeps. Asserts nothing.
+truncation keeps.
+
+The discarded rest, group by group (`residual`): each group's share of dW's energy and the accuracy of
+`primed` plus that group's Stage-1 values (embeddings, LayerNorms, the LoRA layers' biases, the pooler).
+`primed_carrying`: the primed LoRA model as served when `method.lora.modules_to_save` also names LayerNorm
+and the pooler, so Stage 2 trains them and priming starts them from Stage 1 (the head's "carry" rule);
+`primed_carrying_pooler` the same with the pooler alone; `primed_pooler_lora18` a rank-18 LoRA block on the
+pooler (the paper's pre-classifier LoRA), primed by SVD like the others.
+Asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -36,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgelora.config import load_config
     from edgelora.methods.slora import prime_from_stage1
-    from edgelora.models import BERT_DENSE_LAYERS
+    from edgelora.models import BERT_DENSE_LAYERS, load_trainable_state
     from edgelora.rounds import ServerRun
     from edgelora.tasks import Stage
 
@@ -90,12 +99,41 @@ def main(argv: list[str] | None = None) -> int:
                                         / max(sum(energy[n] for n in kept), 1e-30)},
               "accuracy_loss": {k: score(v) for k, v in variants.items()}}
     record["accuracy_loss"]["primed_lora_as_served"] = srv.evaluate(srv.engine.model_for(primed_state))
+
+    lora_biases = {f"{n[:-len('.weight')]}.bias" for n in lora_weights}
+    groups = {"embeddings": lambda n: n.startswith("bert.embeddings.") and "LayerNorm" not in n,
+              "layernorm": lambda n: "LayerNorm" in n, "lora_biases": lambda n: n in lora_biases,
+              "pooler": lambda n: n.startswith("bert.pooler.")}
+    primed = variants["primed"]
+    record["residual"] = {}
+    for g, member in groups.items():
+        names = {n for n in w0 if member(n) and n not in lora_weights and n not in head}
+        acc, loss = score({n: w1[n] if n in names else t for n, t in primed.items()})
+        record["residual"][g] = {"energy_share": sum(energy[n] for n in names) / total, "accuracy": acc,
+                                 "loss": loss}
+    lora = method._lora().lora
+    stage2_variants = {  # Stage 2 structures that give the pooler (the layer under the head) a parameter
+        "primed_carrying": dataclasses.replace(lora, modules_to_save=("classifier", "LayerNorm", "pooler")),
+        "primed_carrying_pooler": dataclasses.replace(lora, modules_to_save=("classifier", "pooler")),
+        "primed_pooler_lora18": dataclasses.replace(  # the paper's pre-classifier LoRA, r = 18
+            lora, target_modules=("query", "key", "value", "dense"), rank_pattern=(("pooler.dense", 18),)),
+    }
+    full = {n: t.numpy().astype(np.float32) for n, t in w1.items()}
+    for name, spec in stage2_variants.items():
+        structure = dataclasses.replace(method._lora(), lora=spec)
+        model = srv.engine.host.build(structure)
+        load_trainable_state(model, prime_from_stage1(srv.engine.host, structure, full, method.cfg.split,
+                                                      method.cfg.head))
+        record["accuracy_loss"][name] = srv.evaluate(model)
     for k, (acc, loss) in record["accuracy_loss"].items():
         print(f"{k:24s} accuracy {acc:.4f}  loss {loss:.4f}")
     print(f"dW energy: {record['energy_share_in_lora_layers']:.3f} in LoRA layers, "
           f"{record['energy_share_in_head']:.3f} in the head; rank-{rank} keeps "
           f"{record['energy_kept_by_rank_r']['overall']:.3f} of the LoRA layers' energy "
           f"(per layer {record['energy_kept_by_rank_r']['min']:.3f}-{record['energy_kept_by_rank_r']['max']:.3f})")
+    for g, r in record["residual"].items():
+        print(f"primed + Stage-1 {g:12s} accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  "
+              f"({r['energy_share']:.4f} of dW's energy)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
