@@ -292,9 +292,9 @@ class RoundEngine:
         return new, (before if new.stage != before.stage else None)
 
     def model_for(self, state: ServerState):
-        """The server's model holding the global weights (for evaluation and saving)."""
+        """The server's model holding the weights it serves (method.served_params), for evaluation and saving."""
         model = self.host.build(self.method.structure(state))
-        load_trainable_state(model, state.params)
+        load_trainable_state(model, self.method.served_params(state))
         return model
 
 

@@ -18,6 +18,8 @@ from .conftest import REPO, cli
 
 @pytest.mark.parametrize("method", [{"name": "lora", "lora": {"rank": 4, "alpha": 8.0}},
                                     {"name": "slora", "density": 0.1, "stage1_rounds": 1,
+                                     "lora": {"rank": 4, "alpha": 4.0}},
+                                    {"name": "flasc", "download_density": 0.25, "upload_density": 0.25,
                                      "lora": {"rank": 4, "alpha": 4.0}}])
 def test_simulated_run_reproduces_its_recorded_accuracy(tiny_config, tmp_path, method):
     run = tiny_config(train={"precision": "fp32"}, method=method)

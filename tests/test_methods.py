@@ -214,6 +214,26 @@ def test_flasc_density_decays_by_round():
     assert sum(len(t.indices) for t in down.values()) == math.ceil(0.1 * n)
 
 
+@pytest.mark.parametrize("eval_masked", [True, False])
+def test_flasc_scores_and_saves_the_model_devices_download(eval_masked):
+    _, engine = _flasc_engine(download_density=0.2, upload_density=0.1, density_decay=0.5, decay_every=2,
+                              eval_masked=eval_masked)
+    rng = np.random.default_rng(5)
+    state = engine.init_state(np.random.PCG64(0).state)
+    state = state.replace(round=2, params={n: rng.normal(size=v.shape).astype(np.float32)
+                                           for n, v in state.params.items()})
+    served = {n: p.detach().numpy() for n, p in engine.model_for(state).named_parameters() if p.requires_grad}
+    if not eval_masked:  # the dense server weights
+        for n, v in state.params.items():
+            np.testing.assert_array_equal(served[n], v)
+        return
+    down = engine.method.download(state, engine.method.configure(state, DeviceInfo("0")))  # density 0.1 at round 2
+    n_entries = sum(v.size for v in state.params.values())
+    assert sum(int(np.count_nonzero(v)) for v in served.values()) == math.ceil(0.1 * n_entries)
+    for n, t in down.items():
+        np.testing.assert_array_equal(served[n], codec.to_dense(n, t))
+
+
 @pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])
 def test_adapters_start_as_identity_and_train_only_adapters_and_head(tiny_base, kind):
     from edgelora.tasks import AdapterSpec

@@ -100,6 +100,11 @@ class Method:
         return {n: codec.Dense(v) for n, v in state.params.items()}
 
     # -- state ----------------------------------------------------------------------------------------------
+    def served_params(self, state: ServerState) -> dict[str, np.ndarray]:
+        """The weights the run is scored and saved with: what a device would receive (the global weights
+        themselves, except where the download is lossy, as FLASC's top-k is)."""
+        return state.params
+
     def init_params(self, host: ModelHost, stage: Stage) -> dict[str, np.ndarray]:
         return trainable_state(host.build(self.structure(_probe(stage))))
 

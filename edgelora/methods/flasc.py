@@ -24,6 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from edgelora import codec
 from edgelora.codec.values import ITEM_SIZE
 
 from ..configtools import check, field
@@ -40,6 +41,7 @@ class FlascConfig(LoraMethodConfig):
     density_decay: float = field(1.0, "multiply both densities by this every decay_every rounds (1 = constant)")
     decay_every: int = field(1, "rounds between density decays")
     error_feedback: bool = field(False, "devices keep what top-k did not send and add it to their next delta")
+    eval_masked: bool = field(True, "score and save the model as devices download it: the server's top-k at download_density (decayed; the top tier's), as the reference code's --eval-masked does; false = the dense server weights, which no device ever trains from")
     lora: LoraConfig = field(LoraConfig(rank=16, alpha=16.0, dropout=0.1), "LoRA hyperparameters (FLASC: r = 16, alpha 16, dropout 0.1)")
     tiers: int = field(1, "device tiers (FLASC's heterogeneous setting): tier i of T gets both densities / 4^(T-i-1); 1 = every device alike")
     tier_densities: list[list[float]] = field([], "[download, upload] density per tier, tier 0 first; overrides the 4^(T-i-1) rule (its length sets tiers)")
@@ -113,6 +115,12 @@ class Flasc(Lora):
 
     def download(self, state, ins):
         return dict(global_topk(state.params, ins.download_density))
+
+    def served_params(self, state):
+        density = self.density(self.cfg.download_density, state)
+        if not self.cfg.eval_masked or density >= 1:
+            return state.params
+        return {n: codec.to_dense(n, t) for n, t in global_topk(state.params, density).items()}
 
     def _fit_to_deadline(self, state, device: DeviceInfo, ins):
         cfg = self.cfg
