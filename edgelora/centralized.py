@@ -93,9 +93,12 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
         rec.close()
         rec.sampled = rec.completed = 1  # one party holds all the data
         rec.train_loss = loss
-        _save(run_dir, r, trainable, opt, per_round, finished=r == run.server.rounds)
+        # the row and the final model before the state (as ServerRun.close_round): a crash in between re-runs
+        # the round on resume instead of losing its row or the model
         folder.append(rec)
-    folder.save_final_model(model)
+        if r == run.server.rounds:
+            folder.save_final_model(model)
+        _save(run_dir, r, trainable, opt, per_round, finished=r == run.server.rounds)
     return folder.records()
 
 
