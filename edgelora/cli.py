@@ -268,7 +268,6 @@ def cmd_centralized(args) -> int:
     """The ceiling for a run config: its structure trained on the union of the devices' data in one place."""
     from edgelora.centralized import train_centralized
     from edgelora.config import load_config
-
     from edgelora.state import has_state
     from edgelora.sweep import check_same_config
 

@@ -201,12 +201,9 @@ _RATIO_KEYS = {"final_accuracy": "final", "last3_accuracy": "last 3", "whole_tes
 
 def ceiling_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
     """(federated run, its ceiling): the centralized run with the same [method] table, partition and seed."""
-    ceilings = {}
-    for r in rows:
-        if r.get("mode") == "centralized":
-            ceilings[(json.dumps(r["method_table"], sort_keys=True), r["partition"], r["seed"])] = r
-    return [(r, ceilings[key]) for r in rows if r.get("mode") != "centralized"
-            and (key := (json.dumps(r["method_table"], sort_keys=True), r["partition"], r["seed"])) in ceilings]
+    key = lambda r: (json.dumps(r["method_table"], sort_keys=True), r["partition"], r["seed"])
+    ceilings = {key(r): r for r in rows if r.get("mode") == "centralized"}
+    return [(r, ceilings[key(r)]) for r in rows if r.get("mode") != "centralized" and key(r) in ceilings]
 
 
 def tail_accuracy(records: list[dict], last: int = 3) -> float | None:
