@@ -20,6 +20,7 @@ from edgelora.models import fingerprint_model, fingerprint_tokenizer, hardware_i
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
+from edgelora.protos.channel import CLIENT_KEEPALIVE
 from edgelora.tasks import Update
 
 from .throttle import LinkThrottle
@@ -37,7 +38,6 @@ SERVICE_CONFIG = """{"methodConfig": [{
            {"service": "edgelora.v1.Coordinator", "method": "Heartbeat"}],
   "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
                   "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
-
 
 @dataclass
 class ClientOptions:
@@ -65,23 +65,32 @@ class ClientOptions:
             self.declared_downlink_mbps = self.declared_downlink_mbps or (self.throttle.downlink_mbps or 0.0)
 
 
+class RunOver(Exception):
+    """The server said the run is over (a heartbeat reply) while this device was between tries."""
+
+
 class Backoff:
     """Exponential backoff with jitter (each wait uniform in [d/2, d], d doubling to 10 s): devices cut off
-    together do not all come back in the same instant when the link returns."""
+    together do not all come back in the same instant when the link returns. A wait ends early, raising
+    RunOver, once `over` is set: the heartbeat thread heard the run finished."""
 
-    def __init__(self, give_up_s: float) -> None:
+    def __init__(self, give_up_s: float, over: threading.Event | None = None) -> None:
         self.give_up_s = give_up_s
+        self.over = over or threading.Event()
         self.delay = 0.25
         self.since: float | None = None
 
     def failed(self, what: str) -> None:
+        if self.over.is_set():
+            raise RunOver(what)
         now = time.monotonic()
         self.since = self.since or now
         if now - self.since > self.give_up_s:
             raise ConnectionError(f"server unreachable for {self.give_up_s:.0f} s ({what}); giving up")
         wait = self.delay * random.uniform(0.5, 1.0)
         log.warning("%s; retrying in %.1f s", what, wait)
-        time.sleep(wait)
+        if self.over.wait(wait):
+            raise RunOver(what)
         self.delay = min(self.delay * 2, 10.0)
 
     def ok(self) -> None:
@@ -93,7 +102,8 @@ class Backoff:
 class EdgeClient:
     def __init__(self, opts: ClientOptions) -> None:
         self.opts = opts
-        self.backoff = Backoff(opts.give_up_s)
+        self.run_over = threading.Event()  # a heartbeat reply said run_finished
+        self.backoff = Backoff(opts.give_up_s, self.run_over)
         self.channel = self._connect()
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.spec = self._call(lambda: self.stub.GetRunSpec(pb.RunSpecRequest(), timeout=10,
@@ -134,7 +144,7 @@ class EdgeClient:
 
     def _connect(self) -> grpc.Channel:
         opts = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
-                ("grpc.max_receive_message_length", 5 << 20)]
+                ("grpc.max_receive_message_length", 5 << 20), *CLIENT_KEEPALIVE]
         if self.opts.credentials is not None:
             return grpc.secure_channel(self.opts.server, self.opts.credentials, options=opts)
         return grpc.insecure_channel(self.opts.server, options=opts)
@@ -250,13 +260,15 @@ class EdgeClient:
         self._beat.start()
         wait_s = self.opts.poll_s if len(self.opts.device_ids) == 1 else 0.0
         try:
-            while len(self.stopped) < len(self.opts.device_ids):
+            while len(self.stopped) < len(self.opts.device_ids) and not self.run_over.is_set():
                 busy = False
                 for d in self.opts.device_ids:
                     if d not in self.stopped:
                         busy |= self._serve_once(d, wait_s)
                 if not busy and wait_s == 0:
-                    time.sleep(0.5)
+                    self.run_over.wait(0.5)
+        except RunOver as e:
+            log.info("the server says the run is over (heard while retrying: %s)", e)
         finally:
             self._stop.set()
         log.info("run finished; devices %s exit", ",".join(self.opts.device_ids))
@@ -321,13 +333,17 @@ class EdgeClient:
                 if d in self.data_errors:  # it never joined: nothing to keep alive
                     continue
                 try:
-                    self.stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5, metadata=self._md(d))
+                    reply = self.stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5, metadata=self._md(d))
                 except grpc.RpcError as e:  # reconnects are the main loop's; a restarted server needs a Register
                     if serde.refusal_code(e) == "unknown":
                         try:
                             self.register(d)
-                        except (grpc.RpcError, ConfigError):  # the main loop meets the same refusal and says so
+                        except (grpc.RpcError, ConfigError, RunOver):  # the main loop meets it too and says so
                             pass
+                    continue
+                if reply.run_finished:  # the main loop may be in a backoff sleep and miss its STOP task
+                    self.run_over.set()
+                    return
 
     def close(self) -> None:
         # Join the heartbeat thread before closing the channel: a gRPC call still in flight on a closed

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from concurrent import futures
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import grpc
 
 from edgelora.config import RunConfig
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
+from edgelora.protos.channel import SERVER_KEEPALIVE
 
 from .coordinator import Coordinator
 from .servicer import CHUNK_SLACK, RECEIVE_LIMIT, CoordinatorServicer
@@ -42,7 +42,8 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_connections, thread_name_prefix="rpc"),
                          interceptors=list(interceptors),
                          options=[("grpc.max_receive_message_length", RECEIVE_LIMIT),
-                                  ("grpc.max_send_message_length", cfg.chunk_bytes + CHUNK_SLACK)])
+                                  ("grpc.max_send_message_length", cfg.chunk_bytes + CHUNK_SLACK),
+                                  *SERVER_KEEPALIVE])
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
     address = f"{cfg.host}:{cfg.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -60,8 +61,9 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
             http.shutdown()
 
 
-def serve(run: RunConfig, run_dir: Path, resume: bool = False, linger_s: float = 3.0, **kw) -> int:
-    """Run every round, then linger so devices hear STOP, then stop. Returns a process exit code."""
+def serve(run: RunConfig, run_dir: Path, resume: bool = False, **kw) -> int:
+    """Run every round, then stay until every live device has heard the run is over, then stop. Returns a
+    process exit code."""
     with run_server(run, run_dir, resume=resume, **kw) as (coord, port):
         print(f"edgelora server listening on {run.server.host}:{port}; run folder {run_dir}", flush=True)
         try:
@@ -72,6 +74,11 @@ def serve(run: RunConfig, run_dir: Path, resume: bool = False, linger_s: float =
         except KeyboardInterrupt:
             log.warning("interrupted; state of round %d is in %s (resume with --resume)", coord.state.round, run_dir)
             return 130
-        time.sleep(linger_s)  # devices long-polling now receive STOP
+        # A live device heartbeats every heartbeat_s or stops counting as live within device_timeout_s, so the
+        # wait ends by then; the bound is a guard.
+        untold = coord.say_goodbye(run.server.device_timeout_s + run.server.heartbeat_s)
+        if untold:
+            log.warning("stopping before device(s) %s heard the run is over; they retry until their --give-up-s",
+                        ", ".join(untold))
         print(f"finished {state.round} rounds; run folder {run_dir}", flush=True)
         return 0

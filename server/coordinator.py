@@ -40,6 +40,7 @@ class Coordinator(ServerRun):
         self._decoding = threading.BoundedSemaphore(2)
         self.stopping = False
         self.data_errors: dict[str, str] = {}  # devices that told Register they cannot load their data
+        self.told_finished: set[str] = set()   # devices that heard the run is over (STOP task or heartbeat)
         self.metrics = None  # server.metrics.CoordinatorMetrics when --metrics-port serves them
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
@@ -76,7 +77,11 @@ class Coordinator(ServerRun):
 
     def heartbeat(self, device_id: str) -> ServerState:
         self._known(device_id)
-        return self.state
+        with self.cond:
+            state = self.state
+            if state.finished:  # the reply says run_finished: the device stops
+                self._told(device_id)
+            return state
 
     def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None, Task | None]:
         """('train', round, task) | ('wait', None, None) | ('stop', None, None), holding the call up to wait_s."""
@@ -85,6 +90,7 @@ class Coordinator(ServerRun):
         with self.cond:
             while True:
                 if self.state.finished:
+                    self._told(device_id)
                     return "stop", None, None
                 if self.stopping:  # unfinished: devices back off and reconnect to a resumed server
                     raise UpdateRejected("unavailable", "the coordinator is shutting down; retry later")
@@ -216,6 +222,20 @@ class Coordinator(ServerRun):
                     said = (live, registered)
                 self.cond.wait(min(left, 1.0) if before_first_round else 1.0)
 
+    def say_goodbye(self, max_s: float) -> list[str]:
+        """After the last round: hold until every live device has heard the run is over (a STOP task or a
+        heartbeat reply), at most max_s. A device that was in a backoff sleep or a long poll when the round
+        closed hears it at its next heartbeat; leaving earlier strands it retrying an absent server until its
+        --give-up-s. Returns the live devices that were not told."""
+        deadline = time.monotonic() + max_s
+        with self.cond:
+            while True:
+                untold = [d for d in self.registry.live() if d not in self.told_finished and d not in self.data_errors]
+                left = deadline - time.monotonic()
+                if not untold or left <= 0 or self.stopping:
+                    return untold
+                self.cond.wait(min(left, 0.5))
+
     def declared_device(self, device_id: str) -> DeviceInfo:
         e = self.registry.entry(device_id)
         if e is None:
@@ -286,6 +306,12 @@ class Coordinator(ServerRun):
         d.mkdir(parents=True, exist_ok=True)
         (d / f"device_{device_id}.elb").write_bytes(payload)
         (d / f"device_{device_id}.examples").write_text(str(num_examples))
+
+    def _told(self, device_id: str) -> None:
+        """(lock held)"""
+        if device_id not in self.told_finished:
+            self.told_finished.add(device_id)
+            self.cond.notify_all()
 
     def _notify_all(self) -> None:
         """Wake everything that waits on the coordinator, long-polling devices included (lock held)."""

@@ -351,3 +351,72 @@ def test_heartbeats_are_answered_while_100_devices_wait_in_fetchtask(server):
 
 def _port(run_dir):
     return int((run_dir / "server.addr").read_text().strip().rsplit(":", 1)[1])
+
+
+def test_after_the_last_round_the_server_stays_until_every_live_device_heard_the_run_is_over(server):
+    """A device that was in a backoff sleep or between calls when the last round closed must still hear STOP:
+    the server stays until each live device got a STOP task or a heartbeat saying run_finished, and does not
+    wait for one that went quiet (it is no longer live after device_timeout_s)."""
+    coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 2, "min_registered": 2,
+                                          "heartbeat_s": 0.5, "device_timeout_s": 6.0},
+                                  data={"num_devices": 3})
+    _, driver = start_rounds(coord, stub)
+    tasks = {d: fetch(stub, d) for d in ("0", "1")}
+    for d, (h, payload) in tasks.items():
+        submit(stub, d, 1, delta_bundle(payload, value=0.01)[0])
+    driver.join(timeout=30)
+    assert coord.state.finished
+    assert coord.say_goodbye(0.2) == ["0", "1"]  # both live, neither told yet
+    h, _ = fetch(stub, "0")
+    assert h.kind == pb.TaskHeader.STOP
+    register(stub, coord, "2")  # joins after the end and then says nothing more
+    out = []
+    waiter = threading.Thread(target=lambda: out.append(coord.say_goodbye(60.0)), daemon=True)
+    waiter.start()
+    assert stub.Heartbeat(pb.HeartbeatRequest(device_id="1"), timeout=5).run_finished
+    waiter.join(timeout=30)  # device 2 stops counting as live 6 s after it registered
+    assert not waiter.is_alive() and out == [[]]
+    assert coord.told_finished == {"0", "1"}
+
+
+class _CutFetch(grpc.ServerInterceptor):
+    """FetchTask answers UNAVAILABLE to calls carrying x-test-cut: a device whose main loop keeps failing (and
+    sleeping in backoff) while its heartbeats get through."""
+
+    def intercept_service(self, continuation, details):
+        if details.method.endswith("/FetchTask") and ("x-test-cut", "1") in tuple(details.invocation_metadata):
+            return grpc.unary_stream_rpc_method_handler(
+                lambda request, context: context.abort(grpc.StatusCode.UNAVAILABLE, "cut for the test"))
+        return continuation(details)
+
+
+def test_a_device_retrying_in_backoff_hears_the_run_is_over_from_a_heartbeat(tiny_config, tmp_path, caplog):
+    """The CI failure behind this: a device missed its STOP task and retried an exited server until
+    --give-up-s, exiting 1. Now its heartbeat reply (run_finished) ends the backoff and the device exits 0."""
+    import logging
+
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+
+    caplog.set_level(logging.INFO, logger="edgelora.client")
+    run = tiny_config(server={"rounds": 1, "devices_per_round": 1, "min_registered": 1, "heartbeat_s": 0.5})
+    with run_server(run, tmp_path / "run", interceptors=[_CutFetch()]) as (coord, port):
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.CoordinatorStub(channel)
+        register(stub, coord, "0")
+        driver = threading.Thread(target=coord.run_rounds, daemon=True)
+        driver.start()
+        h, payload = fetch(stub, "0")
+        submit(stub, "0", 1, delta_bundle(payload, value=0.01)[0])
+        driver.join(timeout=30)
+        assert coord.state.finished
+        client = EdgeClient(ClientOptions(server=f"127.0.0.1:{port}", device_ids=["1"], progress=False,
+                                          give_up_s=300.0, metadata=(("x-test-cut", "1"),)))
+        out = []
+        t = threading.Thread(target=lambda: out.append(client.run()), daemon=True)
+        t.start()
+        t.join(timeout=30)
+        client.close()
+        channel.close()
+    assert not t.is_alive() and out == [0]
+    assert "fetch task: UNAVAILABLE" in caplog.text and "the server says the run is over" in caplog.text
+    assert "1" in coord.told_finished
