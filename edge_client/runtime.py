@@ -39,6 +39,7 @@ SERVICE_CONFIG = """{"methodConfig": [{
   "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
                   "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
 
+
 @dataclass
 class ClientOptions:
     server: str

@@ -77,11 +77,11 @@ class Coordinator(ServerRun):
 
     def heartbeat(self, device_id: str) -> ServerState:
         self._known(device_id)
-        with self.cond:
-            state = self.state
-            if state.finished:  # the reply says run_finished: the device stops
+        state = self.state
+        if state.finished:  # the reply says run_finished: the device stops
+            with self.cond:
                 self._told(device_id)
-            return state
+        return state
 
     def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None, Task | None]:
         """('train', round, task) | ('wait', None, None) | ('stop', None, None), holding the call up to wait_s."""
@@ -230,7 +230,8 @@ class Coordinator(ServerRun):
         deadline = time.monotonic() + max_s
         with self.cond:
             while True:
-                untold = [d for d in self.registry.live() if d not in self.told_finished and d not in self.data_errors]
+                untold = [d for d in self.registry.live()
+                          if d not in self.told_finished and d not in self.data_errors]
                 left = deadline - time.monotonic()
                 if not untold or left <= 0 or self.stopping:
                     return untold
