@@ -42,6 +42,14 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgelora.cli", *args]
 
 
+def sigint_default() -> None:
+    """preexec_fn for a child the test will Ctrl-C: a shell starts background jobs with SIGINT ignored, the child
+    inherits that, and Python then never turns SIGINT into KeyboardInterrupt (the suite run as `make test &`)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_after_first_round(proc, run_dir: Path, timeout_s: float = 240.0) -> str:
     """Ctrl-C (SIGINT) a running `edgelora` process once RUN_DIR has a finished round; returns its output."""
     import signal

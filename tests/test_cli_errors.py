@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from .conftest import REPO, cli, interrupt_after_first_round, tiny_raw
+from .conftest import REPO, cli, interrupt_after_first_round, sigint_default, tiny_raw
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -61,7 +61,7 @@ def test_ctrl_c_in_simulate_is_one_line_and_says_how_to_resume(tmp_path):
     out = tmp_path / "r"
     proc = subprocess.Popen(cli("simulate", "--config", str(_config(tmp_path, server={"rounds": 50})), "--out",
                                 str(out), "--quiet"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=sigint_default)
     err = interrupt_after_first_round(proc, out)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err

@@ -14,7 +14,7 @@ from edgelora.configtools import ConfigError
 from edgelora.state import load_state
 from edgelora.sweep import load_sweep, rounds_done, run_sweep
 
-from .conftest import REPO, TINY, cli, interrupt_after_first_round, tiny_raw
+from .conftest import REPO, TINY, cli, interrupt_after_first_round, sigint_default, tiny_raw
 
 SWEEP = """
 [sweep]
@@ -100,7 +100,7 @@ def test_interrupted_sweep_resumes_to_the_same_results(tmp_path):
 
     out = tmp_path / "cut"
     proc = subprocess.Popen(cli("sweep", "--config", str(path), "--out", str(out), "--quiet"), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_default)
     first = out / "runs" / "lora-iid-s0"
     text = interrupt_after_first_round(proc, first)
     assert proc.returncode == 130, text
