@@ -29,12 +29,12 @@ def _client_proc(addr: str, ids: list[str], fps: tuple[str, str], seconds: float
 
     from edgelora.protos import edgelora_pb2 as pb
     from edgelora.protos import edgelora_pb2_grpc as pb_grpc
-    from edgelora.protos.channel import CLIENT_KEEPALIVE
+    from edgelora.protos.channel import CLIENT_OPTIONS
 
     stop = threading.Event()
     stubs, failed = {}, 0
     for d in ids:  # own subchannel pool: a TCP connection per client, as separate devices have
-        ch = grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1), *CLIENT_KEEPALIVE])
+        ch = grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1), *CLIENT_OPTIONS])
         stub = pb_grpc.CoordinatorStub(ch)
         try:
             stub.Register(pb.RegisterRequest(device_id=d, hardware="fleet", model_fingerprint=fps[0],

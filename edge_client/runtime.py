@@ -20,7 +20,7 @@ from edgelora.models import fingerprint_model, fingerprint_tokenizer, hardware_i
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
-from edgelora.protos.channel import CLIENT_KEEPALIVE
+from edgelora.protos.channel import CLIENT_OPTIONS
 from edgelora.tasks import Update
 
 from .throttle import LinkThrottle
@@ -145,7 +145,7 @@ class EdgeClient:
 
     def _connect(self) -> grpc.Channel:
         opts = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
-                ("grpc.max_receive_message_length", 5 << 20), *CLIENT_KEEPALIVE]
+                ("grpc.max_receive_message_length", 5 << 20), *CLIENT_OPTIONS]
         if self.opts.credentials is not None:
             return grpc.secure_channel(self.opts.server, self.opts.credentials, options=opts)
         return grpc.insecure_channel(self.opts.server, options=opts)

@@ -10,7 +10,7 @@ import grpc
 
 from edgelora.config import RunConfig
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
-from edgelora.protos.channel import SERVER_KEEPALIVE
+from edgelora.protos.channel import SERVER_OPTIONS
 
 from .coordinator import Coordinator
 from .servicer import CHUNK_SLACK, RECEIVE_LIMIT, CoordinatorServicer
@@ -43,7 +43,7 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
                          interceptors=list(interceptors),
                          options=[("grpc.max_receive_message_length", RECEIVE_LIMIT),
                                   ("grpc.max_send_message_length", cfg.chunk_bytes + CHUNK_SLACK),
-                                  *SERVER_KEEPALIVE])
+                                  *SERVER_OPTIONS])
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
     address = f"{cfg.host}:{cfg.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
