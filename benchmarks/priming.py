@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {"stage1": w1, "primed": weights("rank", "discard"),
                 "lora_layers_full": weights("full", "discard"), "rank_r_plus_rest": weights("rank", "keep")}
+    full = {n: t.numpy().astype(np.float32) for n, t in w1.items()}  # Stage 1's weights, as priming takes them
+    structure = method._lora()
     primed_state = state.replace(stage=Stage.LORA, params=prime_from_stage1(
-        srv.engine.host, method._lora(), {n: t.numpy().astype(np.float32) for n, t in w1.items()},
-        method.cfg.split, method.cfg.head))
+        srv.engine.host, structure, full, method.cfg.split, method.cfg.head))
     record = {"run": str(run_dir), "rank": rank, "round": state.round,
               "energy_share_in_lora_layers": sum(energy[n] for n in lora_weights) / total,
               "energy_share_in_head": sum(energy[n] for n in head) / total,
@@ -111,18 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         acc, loss = score({n: w1[n] if n in names else t for n, t in primed.items()})
         record["residual"][g] = {"energy_share": sum(energy[n] for n in names) / total, "accuracy": acc,
                                  "loss": loss}
-    lora = method._lora().lora
+    lora = structure.lora
     stage2_variants = {  # Stage 2 structures that give the pooler (the layer under the head) a parameter
         "primed_carrying": dataclasses.replace(lora, modules_to_save=("classifier", "LayerNorm", "pooler")),
         "primed_carrying_pooler": dataclasses.replace(lora, modules_to_save=("classifier", "pooler")),
         "primed_pooler_lora18": dataclasses.replace(  # the paper's pre-classifier LoRA, r = 18
             lora, target_modules=("query", "key", "value", "dense"), rank_pattern=(("pooler.dense", 18),)),
     }
-    full = {n: t.numpy().astype(np.float32) for n, t in w1.items()}
     for name, spec in stage2_variants.items():
-        structure = dataclasses.replace(method._lora(), lora=spec)
-        model = srv.engine.host.build(structure)
-        load_trainable_state(model, prime_from_stage1(srv.engine.host, structure, full, method.cfg.split,
+        variant = dataclasses.replace(structure, lora=spec)
+        model = srv.engine.host.build(variant)
+        load_trainable_state(model, prime_from_stage1(srv.engine.host, variant, full, method.cfg.split,
                                                       method.cfg.head))
         record["accuracy_loss"][name] = srv.evaluate(model)
     for k, (acc, loss) in record["accuracy_loss"].items():
