@@ -75,9 +75,9 @@ class Backoff:
     together do not all come back in the same instant when the link returns. A wait ends early, raising
     RunOver, once `over` is set: the heartbeat thread heard the run finished."""
 
-    def __init__(self, give_up_s: float, over: threading.Event | None = None) -> None:
+    def __init__(self, give_up_s: float, over: threading.Event) -> None:
         self.give_up_s = give_up_s
-        self.over = over or threading.Event()
+        self.over = over
         self.delay = 0.25
         self.since: float | None = None
 
