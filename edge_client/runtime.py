@@ -14,7 +14,7 @@ import grpc
 
 from edgelora.codec import CodecError
 from edgelora.configtools import ConfigError
-from edgelora.data import own_examples
+from edgelora.data import own_examples, own_lm_examples
 from edgelora.device import DeviceHost, DeviceTrainer, DownloadError, device_seed
 from edgelora.models import fingerprint_model, fingerprint_tokenizer, hardware_info
 from edgelora.protos import edgelora_pb2 as pb
@@ -124,8 +124,13 @@ class EdgeClient:
         for d in opts.device_ids:
             try:
                 if own:
-                    train, held_out = own_examples(opts.data, tuple(self.data_cfg.label_names), opts.text_column,
-                                                   opts.label_column, opts.eval_fraction, seed=device_seed(d))
+                    if self.model_cfg.task == "causal-lm":  # the run's text or instruction columns
+                        train, held_out = own_lm_examples(opts.data, self.data_cfg, opts.eval_fraction,
+                                                          seed=device_seed(d))
+                    else:
+                        train, held_out = own_examples(opts.data, tuple(self.data_cfg.label_names),
+                                                       opts.text_column, opts.label_column, opts.eval_fraction,
+                                                       seed=device_seed(d))
                     self.trainers[d] = DeviceTrainer(d, self.host, self.data_cfg, examples=train,
                                                      progress=opts.progress, eval_examples=held_out)
                     log.info("device %s: %d own examples to train, %d held out", d, len(train), len(held_out))

@@ -62,7 +62,9 @@ def add_adapters(model: nn.Module, spec: AdapterSpec, seed: int = 0) -> nn.Modul
     blocks = [(n, m) for n, m in model.named_modules()
               if any(p.match(n) for p in KINDS[spec.kind]) and isinstance(getattr(m, "dense", None), nn.Linear)]
     if not blocks:
-        raise ConfigError(f"adapters: no BERT-style attention/feed-forward output blocks in {type(model).__name__}")
+        raise ConfigError(f"method {spec.kind}: bottleneck adapters are built into BERT-style encoder blocks "
+                          f"(attention.output, output), and {type(model).__name__} has none: use lora, flasc or "
+                          f"another method")
     for p in model.parameters():
         p.requires_grad_(False)
     for _, block in blocks:

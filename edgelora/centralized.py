@@ -31,8 +31,7 @@ from .training import evaluate, make_optimizer, train_local
 
 
 def union_of_partitions(run: RunConfig) -> Examples:
-    parts = [device_examples(run.data, i) for i in range(run.data.num_devices)]
-    return Examples(tuple(t for p in parts for t in p.texts), np.concatenate([p.labels for p in parts]))
+    return Examples.concat([device_examples(run.data, i, run.model.task) for i in range(run.data.num_devices)])
 
 
 def examples_seen_budget(run: RunConfig, n_union: int) -> int:
@@ -58,7 +57,7 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
     model, _, masks = host.prepare(method.structure(_state_at(0)))
     masks = {n: torch.from_numpy(m) for n, m in masks.items()}
     examples = union_of_partitions(run)
-    test = held_out_examples(run.data)
+    test = held_out_examples(run.data, run.model.task)
     budget = examples_seen_budget(run, len(examples))
     per_round = math.ceil(budget / run.server.rounds)
     # One seeded stream of epochs over the union, cut into per-round slices; one optimizer throughout.
@@ -75,6 +74,14 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
         folder.echo = echo
     if tensorboard:
         folder.log_to_tensorboard()
+    score = lambda: evaluate(model, test, host.tokenizer, run.model.max_seq_len, host.torch_device,
+                             precision=run.train.precision, task=host.task,
+                             exact_match_examples=run.server.exact_match_examples)
+    if not done and host.task.scores_round0 and len(test):  # the base model, as a federated run's row 0
+        rec = RoundRecord(round=0, stage="base")
+        rec.set_scores(score())
+        rec.close()
+        folder.append(rec)
     for r in range(done + 1, run.server.rounds + 1):
         if stop is not None and stop():
             return folder.records()
@@ -86,10 +93,9 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
             group["lr"] = spec_r.lr
         torch.manual_seed(spec_r.seed)
         loss = train_local(model, part, host.tokenizer, spec_r, run.model.max_seq_len, host.torch_device,
-                           masks=masks, optimizer=opt)
+                           masks=masks, optimizer=opt, task=host.task)
         if r % run.server.eval_every == 0 or r == run.server.rounds:
-            rec.accuracy, rec.loss = evaluate(model, test, host.tokenizer, run.model.max_seq_len, host.torch_device,
-                                              precision=run.train.precision)
+            rec.set_scores(score())
         rec.close()
         rec.sampled = rec.completed = 1  # one party holds all the data
         rec.train_loss = loss

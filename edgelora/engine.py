@@ -175,7 +175,7 @@ class RoundEngine:
 
     @cached_property
     def partition_sizes(self) -> list[int]:
-        return partition_sizes(self.run.data)
+        return partition_sizes(self.run.data, self.run.model.task)
 
     def check_examples(self, device_id: str, num_examples: int) -> None:
         """Partitions: FedAvg weights come from the partition the config assigns, never from what a device

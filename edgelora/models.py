@@ -37,7 +37,11 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-PRESETS = ("minilm", "tiny-bert")
+PRESETS = ("minilm", "tiny-bert", "smollm2", "tiny-llama")
+# Default LoRA targets of decoder LMs, by the module names they use: Llama-style (Llama, SmolLM2, Mistral,
+# Qwen2: all seven projections) and GPT-2 (fused attention, its output and the feed-forward Conv1Ds).
+DECODER_TARGETS = (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                   ("c_attn", "c_proj", "c_fc"))
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -79,36 +83,26 @@ def from_pretrained(loader, name: str, **kw):
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, task: str = "classification"):
     from transformers import AutoTokenizer
 
-    # tiny-bert borrows MiniLM's WordPiece vocabulary: no download, and real tokenisation in tests.
-    return from_pretrained(AutoTokenizer, "minilm" if name == "tiny-bert" else name)
+    from .task_types import task_type
+
+    tok = from_pretrained(AutoTokenizer, task_type(task).tokenizer_source(name))
+    if task == "causal-lm" and tok.pad_token is None:  # GPT-2 and others have none: pad with end-of-sequence
+        tok.pad_token = tok.eos_token
+    return tok
 
 
-def load_base_model(name: str, num_labels: int, head_seed: int) -> nn.Module:
-    """The frozen starting point W0, identical on every machine for the same (name, num_labels, head_seed)."""
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
-    from transformers.utils import logging as hf_logging
+def load_base_model(model, num_labels: int = 0, head_seed: int = 0) -> nn.Module:
+    """The frozen starting point W0, identical on every machine for the same model config (a ModelConfig, or
+    a classifier's name, num_labels and head_seed)."""
+    from .config import ModelConfig
+    from .task_types import task_type
 
-    torch.manual_seed(head_seed)  # the classifier head is freshly initialised: seed it identically everywhere
-    if name == "tiny-bert":
-        tok = load_tokenizer(name)
-        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
-        model = BertForSequenceClassification(cfg)
-    else:
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we seed it
-        try:
-            model = from_pretrained(AutoModelForSequenceClassification, name, num_labels=num_labels)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig(name=model, num_labels=num_labels,
+                                                                   head_seed=head_seed)
+    return task_type(cfg.task).load_base_model(cfg)
 
 
 def fingerprint_model(model: nn.Module) -> str:
@@ -135,21 +129,30 @@ def lora_target_modules(model: nn.Module, targets: tuple[str, ...]):
     names = [n for n, _ in model.named_modules()]
     if any(re.match(BERT_DENSE_LAYERS, n) for n in names):
         return BERT_DENSE_LAYERS
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    for family in DECODER_TARGETS:
+        if leaves >= set(family):
+            return list(family)
     return None
 
 
-def build_model(base: nn.Module, structure: Structure) -> nn.Module:
-    """Wrap (a copy of) the base model in the structure's trainable parts; only those require grad."""
+def build_model(base: nn.Module, structure: Structure, frozen: tuple[str, ...] = ()) -> nn.Module:
+    """Wrap (a copy of) the base model in the structure's trainable parts; only those require grad.
+    `frozen`: modules that stay frozen even where the structure trains every weight (a causal LM's
+    embeddings, edgelora.task_types)."""
     import copy
 
     model = copy.deepcopy(base)
     kind = structure.kind
     if kind == StructureKind.FULL:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(not matches_any(n, frozen))
     elif kind == StructureKind.BITFIT:
         for n, p in model.named_parameters():
-            p.requires_grad_(n.endswith(".bias") or _is_head(n))
+            p.requires_grad_((n.endswith(".bias") or _is_head(n)) and not matches_any(n, frozen))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"method bitfit: {type(base).__name__} has no bias terms (and no head) to train; "
+                              f"use lora, flasc or another method")
     elif kind == StructureKind.LORA:
         from peft import LoraConfig, get_peft_model
 
@@ -175,15 +178,16 @@ class ModelHost:
     """W0 and the model built on it for one structure at a time, rebuilt only when the structure changes.
     The server's host (initial weights, priming, evaluation) and a device's (training) are this one class."""
 
-    def __init__(self, base: nn.Module, torch_device: str | torch.device = "cpu") -> None:
+    def __init__(self, base: nn.Module, torch_device: str | torch.device = "cpu", frozen: tuple[str, ...] = ()) -> None:
         self.torch_device = torch.device(torch_device)
         self.base = base.to(self.torch_device)
+        self.frozen = frozen                 # modules no structure trains (TaskType.frozen_modules)
         self._built: tuple[Structure, nn.Module] | None = None
         self._prepared: tuple[Structure, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
 
     def build(self, structure: Structure) -> nn.Module:
         if self._built is None or self._built[0] != structure:
-            self._built = (structure, build_model(self.base, structure).to(self.torch_device))
+            self._built = (structure, build_model(self.base, structure, self.frozen).to(self.torch_device))
         return self._built[1]
 
     def prepare(self, structure: Structure) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, np.ndarray]]:

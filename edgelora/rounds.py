@@ -12,10 +12,11 @@ from .data import held_out_examples, with_num_labels
 from .engine import Round, RoundEngine
 from .methods import ModelHost, make_method
 from .models import load_base_model, load_tokenizer
-from .runlog import RunFolder, read_records
+from .runlog import RoundRecord, RunFolder, read_records
 from .sampling import sample_devices
 from .state import ServerState, load_state, save_state
 from .tasks import DeviceInfo
+from .task_types import Scores, task_type
 from .training import evaluate
 
 log = logging.getLogger("edgelora.server")
@@ -30,23 +31,30 @@ class ServerRun:
         run = with_num_labels(run)
         self.run = run
         self.folder = RunFolder(run_dir, run, resume=resume)
-        self.tokenizer = load_tokenizer(run.model.name)
+        self.task = task_type(run.model.task)
+        self.tokenizer = load_tokenizer(run.model.name, run.model.task)
         # The method's initial weights (e.g. LoRA's random A) come from the torch RNG right after the base
         # model seeds it: keep this order, or a simulated and a gRPC run start from different weights.
-        self.base = load_base_model(run.model.name, run.model.num_labels, run.model.head_seed)
-        self.engine = RoundEngine(run, make_method(run), ModelHost(self.base))
-        self.test = held_out_examples(run.data)
+        self.base = load_base_model(run.model)
+        self.engine = RoundEngine(run, make_method(run), ModelHost(self.base, frozen=self.task.frozen_modules(run.model)))
+        self.test = held_out_examples(run.data, run.model.task)
         if resume:
             self.state = load_state(run_dir)
             self.folder.drop_rows_after(self.state.round)  # rows of a round whose state never landed
             log.info("resumed %s at round %d (stage %s)", run_dir, self.state.round, self.state.stage.name)
         else:
             self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
+            if self.task.scores_round0 and len(self.test):  # the curve starts where the base model began
+                rec = RoundRecord(round=0, stage="base")
+                rec.set_scores(self.evaluate(self.engine.model_for(self.state)))
+                rec.close()
+                self.folder.append(rec)
             save_state(self.state, run_dir)
 
-    def evaluate(self, model) -> tuple[float, float]:
+    def evaluate(self, model) -> Scores:
         return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.base.device,
-                        precision=self.run.train.precision)
+                        precision=self.run.train.precision, task=self.task,
+                        exact_match_examples=self.run.server.exact_match_examples)
 
     def device_info(self, device_id: str) -> DeviceInfo:
         """What the server knows of a device when its task is planned: what it measured (ServerState.devices)
@@ -79,13 +87,18 @@ class ServerRun:
         rec.aggregated = aggregated and new_state.params is not state.params
         rec.epsilon = self.engine.aggregator.privacy_spent(new_state.round)
         if len(self.test) and (new_state.round % cfg.eval_every == 0 or new_state.finished):
-            rec.accuracy, rec.loss = self.evaluate(self.engine.model_for(new_state))
+            rec.set_scores(self.evaluate(self.engine.model_for(new_state)))
         if before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it
-            rec.accuracy_before_switch, rec.loss_before_switch = self.evaluate(self.engine.model_for(before_switch))
+            rec.accuracy_before_switch, rec.loss_before_switch = self.evaluate(self.engine.model_for(before_switch)).pair
         rec.close()
         self.folder.append(rec)
         if new_state.finished:
-            self.folder.save_final_model(self.engine.model_for(new_state))
+            final = self.engine.model_for(new_state)
+            self.folder.save_final_model(final)
+            if self.run.server.samples and len(self.test) and hasattr(self.task, "samples"):
+                self.folder.write_samples(self.task.samples(final, self.base, self.test, self.tokenizer,
+                                                            self.run.model.max_seq_len, self.base.device,
+                                                            self.run.server.samples, self.run.server.sample_tokens))
         save_state(new_state, self.folder.path)
         return new_state
 
@@ -107,27 +120,28 @@ def evaluate_run(run_dir: Path, max_examples: int | None = None, device: str = "
     run = with_num_labels(load_config(run_dir / "config.toml"))
     if max_examples is not None:
         run = run.replace(data=dataclasses.replace(run.data, test_max_examples=max_examples))
-    base = load_base_model(run.model.name, run.model.num_labels, run.model.head_seed).to(device)
+    task = task_type(run.model.task)
+    base = load_base_model(run.model).to(device)
     if (run_dir / "state" / "meta.json").exists() or (run_dir / "state.old" / "meta.json").exists():
         state = load_state(run_dir)
-        model, rounds = RoundEngine(run, make_method(run), ModelHost(base)).model_for(state), state.round
+        host = ModelHost(base, frozen=task.frozen_modules(run.model))
+        model, rounds = RoundEngine(run, make_method(run), host).model_for(state), state.round
     elif (run_dir / "adapter").is_dir():
         from peft import PeftModel
         model, rounds = PeftModel.from_pretrained(base, str(run_dir / "adapter")), None
     elif (run_dir / "model").is_dir():
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "model")).to(device)
+        model = type(base).from_pretrained(str(run_dir / "model")).to(device)
         rounds = None
     else:
         raise ConfigError(f"evaluate: {run_dir} holds neither a server state (state/) nor a saved final model "
                           f"(adapter/ or model/)")
     rows = read_records(run_dir / "metrics.jsonl")
     if rounds is None:
-        rounds = len(rows)
-    test = held_out_examples(run.data)
-    acc, loss = evaluate(model, test, load_tokenizer(run.model.name), run.model.max_seq_len, device,
-                         precision=run.train.precision)
+        rounds = max((r["round"] for r in rows), default=0)
+    test = held_out_examples(run.data, run.model.task)
+    scores = evaluate(model, test, load_tokenizer(run.model.name, run.model.task), run.model.max_seq_len, device,
+                      precision=run.train.precision, task=task)
     recorded = next((r["accuracy"] for r in reversed(rows) if r.get("round") == rounds
                      and r.get("accuracy") is not None), None)
-    return {"run": run_dir.name, "rounds": rounds, "examples": len(test), "accuracy": acc, "loss": loss,
-            "recorded_accuracy": recorded}
+    return {"run": run_dir.name, "rounds": rounds, "examples": len(test), "accuracy": scores.accuracy,
+            "loss": scores.loss, "perplexity": scores.perplexity, "recorded_accuracy": recorded}

@@ -41,8 +41,10 @@ class RoundRecord:
     stage: str
     sampled: int = 0
     completed: int = 0
-    accuracy: float | None = None
-    loss: float | None = None
+    accuracy: float | None = None    # a classifier's accuracy; a causal LM's next-token accuracy
+    loss: float | None = None        # mean cross-entropy (per example; per target token)
+    perplexity: float | None = None  # causal LM: exp(loss)
+    exact_match: float | None = None  # causal LM on instruction data: greedy answers equal to the reference
     bytes_down: int = 0
     bytes_up: int = 0
     seconds: float = 0.0
@@ -58,6 +60,11 @@ class RoundRecord:
     fed_examples: int = 0
     started_at: float = field(default_factory=time.time)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
+
+    def set_scores(self, scores) -> None:
+        """An evaluation's Scores (edgelora.task_types) into this row."""
+        self.accuracy, self.loss = scores.accuracy, scores.loss
+        self.perplexity, self.exact_match = scores.perplexity, scores.exact_match
 
     def close(self) -> None:
         done = [d for d in self.devices.values() if d.status == "completed"]
@@ -109,25 +116,35 @@ def round_phases(rec: dict, deadline_s: float, sequential: bool = False) -> list
             max(0.0, rec.get("seconds", collected) - collected)]
 
 
-ROUND_COLUMNS = ("round", "stage", "devices", "accuracy", "test loss", "train loss", "MB down", "MB up", "seconds")
-_ROUND_WIDTHS = (5, 7, 7, 8, 9, 10, 8, 8, 7)
-_ROW_FIELDS = ("round", "stage", "completed", "sampled", "accuracy", "loss", "train_loss", "bytes_down", "bytes_up",
-               "seconds")
+_ROW_FIELDS = ("round", "stage", "completed", "sampled", "accuracy", "perplexity", "exact_match", "loss",
+               "train_loss", "bytes_down", "bytes_up", "seconds")
 
 
-def round_table_header() -> list[str]:
-    """The per-round table's two header lines (the run's terminal output, and `edgelora status`)."""
-    return ["  ".join(c.rjust(w) for c, w in zip(ROUND_COLUMNS, _ROUND_WIDTHS)),
-            "  ".join("-" * w for w in _ROUND_WIDTHS)]
+def _columns(task: str) -> list[tuple[str, int]]:
+    from .task_types import task_type
+
+    metrics = [(head, max(8, len(head))) for head, _, _ in task_type(task).table_metrics]
+    return [("round", 5), ("stage", 7), ("devices", 7), *metrics, ("test loss", 9), ("train loss", 10),
+            ("MB down", 8), ("MB up", 8), ("seconds", 7)]
 
 
-def round_table_row(row: dict) -> str:
+def round_table_header(task: str = "classification") -> list[str]:
+    """The per-round table's two header lines (the run's terminal output, and `edgelora status`): the task's
+    metrics (a classifier's accuracy; a causal LM's perplexity and token accuracy)."""
+    cols = _columns(task)
+    return ["  ".join(c.rjust(w) for c, w in cols), "  ".join("-" * w for _, w in cols)]
+
+
+def round_table_row(row: dict, task: str = "classification") -> str:
     """One metrics.jsonl row as a line of the per-round table."""
+    from .task_types import task_type
+
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    cells = (str(row["round"]), row["stage"], f"{row['completed']}/{row['sampled']}", fmt(row.get("accuracy"), ".4f"),
+    metrics = [fmt(row.get(key), spec) for _, key, spec in task_type(task).table_metrics]
+    cells = (str(row["round"]), row["stage"], f"{row['completed']}/{row['sampled']}", *metrics,
              fmt(row.get("loss"), ".4f"), fmt(row.get("train_loss"), ".4f"), f"{row['bytes_down'] / 1e6:.3f}",
              f"{row['bytes_up'] / 1e6:.3f}", f"{row['seconds']:.1f}")
-    return "  ".join(c.rjust(w) for c, w in zip(cells, _ROUND_WIDTHS))
+    return "  ".join(c.rjust(w) for c, (_, w) in zip(cells, _columns(task)))
 
 
 def _clean(d: dict) -> dict:
@@ -192,7 +209,8 @@ class RunFolder:
 
     def _write_tensorboard(self, rec: dict) -> None:
         tb, step = self._tensorboard, rec["round"]
-        scalars = {"accuracy": rec.get("accuracy"), "loss/test": rec.get("loss"), "loss/train": rec.get("train_loss"),
+        scalars = {"accuracy": rec.get("accuracy"), "perplexity": rec.get("perplexity"),
+                   "exact_match": rec.get("exact_match"), "loss/test": rec.get("loss"), "loss/train": rec.get("train_loss"),
                    "MB/down": rec["bytes_down"] / 1e6, "MB/up": rec["bytes_up"] / 1e6,
                    "seconds/round": rec.get("seconds")}
         phases = round_phases(rec, self.run.server.round_deadline_s, self.sequential_devices)
@@ -227,19 +245,25 @@ class RunFolder:
 
     def print_row(self, rec: RoundRecord) -> None:
         if not self._header_printed:
-            for line in round_table_header():
+            for line in round_table_header(self.run.model.task):
                 self.echo(line)
             self._header_printed = True
-        self.echo(round_table_row({f: getattr(rec, f) for f in _ROW_FIELDS}))  # a diverged loss shows as nan
+        # a diverged loss shows as nan
+        self.echo(round_table_row({f: getattr(rec, f) for f in _ROW_FIELDS}, self.run.model.task))
 
     def plot(self, rows: list[dict] | None = None) -> None:
-        """RUN_DIR/accuracy.png: accuracy per round and against the total bytes communicated so far."""
+        """RUN_DIR/accuracy.png (a causal LM: perplexity.png): the task's first metric per round and against
+        the total bytes communicated so far."""
+        from .task_types import task_type
+
+        head, key, _ = task_type(self.run.model.task).table_metrics[0]
+        label = "test accuracy" if key == "accuracy" else f"held-out {key}"
         rows = self.records() if rows is None else rows
         rounds, acc, cum, total = [], [], [], 0
         for r in rows:  # rows are in round order; rounds without an evaluation still add their bytes
             total += r["bytes_up"] + r["bytes_down"]
-            if r.get("accuracy") is not None:
-                rounds.append(r["round"]), acc.append(r["accuracy"]), cum.append(total / 1e6)
+            if r.get(key) is not None:
+                rounds.append(r["round"]), acc.append(r[key]), cum.append(total / 1e6)
         if not rounds:
             return
         plt = pyplot()
@@ -247,13 +271,13 @@ class RunFolder:
 
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
         a1.plot(rounds, acc, marker="o")
-        a1.set_xlabel("round"), a1.set_ylabel("test accuracy"), a1.grid(alpha=0.3)
+        a1.set_xlabel("round"), a1.set_ylabel(label), a1.grid(alpha=0.3)
         a1.xaxis.set_major_locator(MaxNLocator(integer=True))
         a2.plot(cum, acc, marker="o")
-        a2.set_xlabel("total MB communicated (down + up)"), a2.set_ylabel("test accuracy"), a2.grid(alpha=0.3)
+        a2.set_xlabel("total MB communicated (down + up)"), a2.set_ylabel(label), a2.grid(alpha=0.3)
         fig.suptitle(f"{self.run.method.name} on {self.data_label()} ({self.run.model.name})")
         fig.tight_layout()
-        fig.savefig(self.path / "accuracy.png", dpi=110)
+        fig.savefig(self.path / ("accuracy.png" if key == "accuracy" else f"{key}.png"), dpi=110)
         plt.close(fig)
 
     def plot_round_time(self, rows: list[dict] | None = None) -> None:
@@ -290,6 +314,23 @@ class RunFolder:
         fig.savefig(self.path / "round_time.png", dpi=110)
         plt.close(fig)
 
+    def write_samples(self, samples: list[dict]) -> Path:
+        """RUN_DIR/samples.md: held-out prompts with the base model's and the final model's greedy
+        continuations side by side."""
+        path = self.path / "samples.md"
+        quote = lambda t: "<br>".join((t or "").replace("|", "\\|").splitlines()) or " "
+        lines = [f"# Samples: {self.run.method.name} on {self.data_label()} ({self.run.model.name})", "",
+                 "Greedy continuations of held-out prompts by the base model (before round 1) and the final "
+                 "model.", ""]
+        ref = any(s.get("reference") is not None for s in samples)
+        lines += ["| prompt | " + ("reference | " if ref else "") + "base model | final model |",
+                  "|---|" + ("---|" if ref else "") + "---|---|"]
+        for s in samples:
+            lines.append(f"| {quote(s['prompt'])} | " + (f"{quote(s['reference'])} | " if ref else "")
+                         + f"{quote(s['base'])} | {quote(s['final'])} |")
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
     def data_label(self) -> str:
         """The data's name for plot titles: the file's name for csv/jsonl, else the dataset's."""
         d = self.run.data
@@ -303,9 +344,9 @@ class RunFolder:
         from .data import label_names
 
         target = self.path / ("adapter" if hasattr(model, "peft_config") else "model")
-        names = label_names(self.run.data)
+        names = label_names(self.run.data, self.run.model.task)
         config = model.config
-        if len(names) == config.num_labels:
+        if names and len(names) == config.num_labels:
             config.id2label = dict(enumerate(names))
             config.label2id = {n: i for i, n in enumerate(names)}
             (self.path / "labels.json").write_text(json.dumps(list(names), indent=1) + "\n")

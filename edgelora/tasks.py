@@ -63,6 +63,7 @@ class TrainSpec:
     max_steps: int = 0
     seed: int = 0
     precision: str = "fp32"    # "auto" | "fp32" | "bf16" (edgelora.training.resolve_precision)
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,16 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def batches(examples: Examples, tokenizer, max_len: int, batch_size: int, order: np.ndarray | None = None):
-    idx = np.arange(len(examples)) if order is None else order
-    for s in range(0, len(idx), batch_size):
-        sel = idx[s:s + batch_size]
-        enc = tokenizer([examples.texts[i] for i in sel], truncation=True, max_length=max_len,
-                        padding=True, return_tensors="pt")
-        yield enc, torch.from_numpy(examples.labels[sel])
+def _task(task):
+    from .task_types import TaskType, task_type
+
+    return task if isinstance(task, TaskType) else task_type(task or "classification")
+
+
+def batches(examples: Examples, tokenizer, max_len: int, batch_size: int, order: np.ndarray | None = None,
+            task=None):
+    """(model inputs, labels) per batch, as the task type builds them (edgelora.task_types)."""
+    return _task(task).batches(examples, tokenizer, max_len, batch_size, order)
 
 
 def make_optimizer(params: list[nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
@@ -65,7 +68,7 @@ def make_optimizer(params: list[nn.Parameter], spec: TrainSpec) -> torch.optim.O
 
 def train_local(model: nn.Module, examples: Examples, tokenizer, spec: TrainSpec, max_len: int,
                 device: torch.device, masks: dict[str, torch.Tensor] | None = None,
-                progress: str | None = None, optimizer: torch.optim.Optimizer | None = None) -> float:
+                progress: str | None = None, optimizer: torch.optim.Optimizer | None = None, task=None) -> float:
     """Train the model's trainable parameters in place; return the mean training loss.
 
     A device starts a fresh optimizer every round; `optimizer` lets a caller keep one across calls
@@ -74,6 +77,8 @@ def train_local(model: nn.Module, examples: Examples, tokenizer, spec: TrainSpec
     `masks` maps a parameter name to a boolean tensor of its shape: only True entries change
     (gradients are masked, and entries outside the mask are restored after each step so weight decay and
     optimizer moments cannot move them).
+
+    `task`: the task type (or its name) that builds the batches; default classification.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     masks = {n: m.to(device) for n, m in (masks or {}).items()}
@@ -84,11 +89,14 @@ def train_local(model: nn.Module, examples: Examples, tokenizer, spec: TrainSpec
     total = steps_per_epoch * spec.local_epochs
     if spec.max_steps:
         total = min(total, spec.max_steps)
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     losses, step = [], 0
     bar = tqdm(total=total, desc=progress or "train", leave=False, disable=progress is None, unit="step")
     for _ in range(spec.local_epochs):
-        for enc, labels in batches(examples, tokenizer, max_len, spec.batch_size, gen.permutation(len(examples))):
+        for enc, labels in batches(examples, tokenizer, max_len, spec.batch_size, gen.permutation(len(examples)),
+                                   task):
             if step >= total:
                 break
             with autocast(spec.precision, device):
@@ -112,19 +120,21 @@ def train_local(model: nn.Module, examples: Examples, tokenizer, spec: TrainSpec
     return float(np.mean(losses)) if losses else float("nan")
 
 
-@torch.no_grad()
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Hugging Face gradient checkpointing (non-reentrant); inputs require grad so a frozen embedding in
+    front of LoRA still lets gradients flow through the checkpointed blocks."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner, "is_gradient_checkpointing", False) or not hasattr(inner, "gradient_checkpointing_enable"):
+        return
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "enable_input_require_grads"):
+        inner.enable_input_require_grads()
+
+
 def evaluate(model: nn.Module, examples: Examples, tokenizer, max_len: int, device: torch.device,
-             batch_size: int = 64, progress: str | None = None, precision: str = "fp32") -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on the examples (logits in fp32 whatever the autocast precision)."""
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    n_batches = math.ceil(len(examples) / batch_size)
-    for enc, labels in tqdm(batches(examples, tokenizer, max_len, batch_size), total=n_batches,
-                            desc=progress or "eval", leave=False, disable=progress is None, unit="batch"):
-        with autocast(precision, device):
-            logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
-        logits = logits.float().cpu()
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-    n = max(len(examples), 1)
-    return correct / n, loss_sum / n
+             batch_size: int | None = None, progress: str | None = None, precision: str = "fp32", task=None,
+             exact_match_examples: int = 0):
+    """The task type's Scores on the examples (edgelora.task_types: accuracy and loss; a causal LM adds
+    perplexity and, for instruction data, exact match)."""
+    return _task(task).evaluate(model, examples, tokenizer, max_len, device, batch_size=batch_size,
+                                progress=progress, precision=precision, exact_match_examples=exact_match_examples)

@@ -19,19 +19,23 @@ STAGE_SPARSE: Stage
 STAGE_LORA: Stage
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "num_labels", "max_seq_len", "head_seed")
+    __slots__ = ("name", "num_labels", "max_seq_len", "head_seed", "task", "train_embeddings")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     HEAD_SEED_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_labels: int
     max_seq_len: int
     head_seed: int
-    def __init__(self, name: _Optional[str] = ..., num_labels: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., head_seed: _Optional[int] = ...) -> None: ...
+    task: str
+    train_embeddings: bool
+    def __init__(self, name: _Optional[str] = ..., num_labels: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., head_seed: _Optional[int] = ..., task: _Optional[str] = ..., train_embeddings: _Optional[bool] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "test_path", "test_fraction", "validation_examples", "label_names", "text_columns", "column_names", "json_field", "mode")
+    __slots__ = ("dataset", "data_home", "path", "text_column", "label_column", "remove", "partition", "alpha", "classes_per_device", "num_devices", "seed", "max_examples_per_device", "test_path", "test_fraction", "validation_examples", "label_names", "text_columns", "column_names", "json_field", "mode", "prompt_column", "response_column", "messages_column", "partition_columns", "min_partition_examples")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     DATA_HOME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +56,11 @@ class DataSpec(_message.Message):
     COLUMN_NAMES_FIELD_NUMBER: _ClassVar[int]
     JSON_FIELD_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    MIN_PARTITION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     data_home: str
     path: str
@@ -72,7 +81,12 @@ class DataSpec(_message.Message):
     column_names: _containers.RepeatedScalarFieldContainer[str]
     json_field: str
     mode: str
-    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., test_path: _Optional[str] = ..., test_fraction: _Optional[float] = ..., validation_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., text_columns: _Optional[_Iterable[str]] = ..., column_names: _Optional[_Iterable[str]] = ..., json_field: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    prompt_column: str
+    response_column: str
+    messages_column: str
+    partition_columns: _containers.RepeatedScalarFieldContainer[str]
+    min_partition_examples: int
+    def __init__(self, dataset: _Optional[str] = ..., data_home: _Optional[str] = ..., path: _Optional[str] = ..., text_column: _Optional[str] = ..., label_column: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., partition: _Optional[str] = ..., alpha: _Optional[float] = ..., classes_per_device: _Optional[int] = ..., num_devices: _Optional[int] = ..., seed: _Optional[int] = ..., max_examples_per_device: _Optional[int] = ..., test_path: _Optional[str] = ..., test_fraction: _Optional[float] = ..., validation_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., text_columns: _Optional[_Iterable[str]] = ..., column_names: _Optional[_Iterable[str]] = ..., json_field: _Optional[str] = ..., mode: _Optional[str] = ..., prompt_column: _Optional[str] = ..., response_column: _Optional[str] = ..., messages_column: _Optional[str] = ..., partition_columns: _Optional[_Iterable[str]] = ..., min_partition_examples: _Optional[int] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "dropout", "target_modules", "modules_to_save", "rank_pattern")
@@ -134,7 +148,7 @@ class Structure(_message.Message):
     def __init__(self, kind: _Optional[_Union[Structure.Kind, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., adapter: _Optional[_Union[AdapterSpec, _Mapping]] = ..., mask_density: _Optional[float] = ..., mask_seed: _Optional[int] = ..., dense_patterns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed", "precision")
+    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed", "precision", "gradient_checkpointing")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +158,7 @@ class TrainSpec(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     lr: float
@@ -153,7 +168,8 @@ class TrainSpec(_message.Message):
     max_steps: int
     seed: int
     precision: str
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
+    gradient_checkpointing: bool
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class UploadRule(_message.Message):
     __slots__ = ("format", "density", "error_feedback", "value_type")

@@ -10,11 +10,18 @@ from . import edgelora_pb2 as pb
 
 
 def model_to_proto(m: ModelConfig) -> pb.ModelSpec:
-    return pb.ModelSpec(name=m.name, num_labels=m.num_labels, max_seq_len=m.max_seq_len, head_seed=m.head_seed)
+    return pb.ModelSpec(name=m.name, num_labels=m.num_labels, max_seq_len=m.max_seq_len, head_seed=m.head_seed,
+                        task=m.task, train_embeddings=m.train_embeddings)
 
 
 def model_from_proto(p: pb.ModelSpec) -> ModelConfig:
-    return ModelConfig(name=p.name, num_labels=p.num_labels, max_seq_len=p.max_seq_len, head_seed=p.head_seed)
+    """The run's model, refused by name when this device does not know its task type."""
+    from edgelora.task_types import task_type
+
+    task = p.task or "classification"
+    task_type(task)
+    return ModelConfig(name=p.name, num_labels=p.num_labels, max_seq_len=p.max_seq_len, head_seed=p.head_seed,
+                       task=task, train_embeddings=p.train_embeddings)
 
 
 def data_to_proto(d: DataConfig) -> pb.DataSpec:
@@ -24,7 +31,10 @@ def data_to_proto(d: DataConfig) -> pb.DataSpec:
                        max_examples_per_device=d.max_examples_per_device, test_path=d.test_path,
                        test_fraction=d.test_fraction, validation_examples=d.validation_examples,
                        label_names=list(d.label_names), text_columns=list(d.text_columns),
-                       column_names=list(d.column_names), json_field=d.json_field, mode=d.mode)
+                       column_names=list(d.column_names), json_field=d.json_field, mode=d.mode,
+                       prompt_column=d.prompt_column, response_column=d.response_column,
+                       messages_column=d.messages_column, partition_columns=list(d.group_columns),
+                       min_partition_examples=d.min_partition_examples)
 
 
 def data_from_proto(p: pb.DataSpec) -> DataConfig:
@@ -34,7 +44,10 @@ def data_from_proto(p: pb.DataSpec) -> DataConfig:
                      max_examples_per_device=p.max_examples_per_device, test_path=p.test_path,
                      test_fraction=p.test_fraction, validation_examples=p.validation_examples,
                      label_names=list(p.label_names), text_columns=list(p.text_columns),
-                     column_names=list(p.column_names), json_field=p.json_field, mode=p.mode or "partitions")
+                     column_names=list(p.column_names), json_field=p.json_field, mode=p.mode or "partitions",
+                     prompt_column=p.prompt_column, response_column=p.response_column,
+                     messages_column=p.messages_column, partition_columns=list(p.partition_columns),
+                     min_partition_examples=p.min_partition_examples or 1)
     cfg.validate()
     return cfg
 
@@ -68,13 +81,13 @@ def structure_from_proto(p: pb.Structure) -> Structure:
 def train_to_proto(t: TrainSpec) -> pb.TrainSpec:
     return pb.TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
                         momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps, seed=t.seed,
-                        precision=t.precision)
+                        precision=t.precision, gradient_checkpointing=t.gradient_checkpointing)
 
 
 def train_from_proto(p: pb.TrainSpec) -> TrainSpec:
     return TrainSpec(local_epochs=p.local_epochs, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer,
                      momentum=p.momentum, weight_decay=p.weight_decay, max_steps=p.max_steps, seed=p.seed,
-                     precision=p.precision or "fp32")
+                     precision=p.precision or "fp32", gradient_checkpointing=p.gradient_checkpointing)
 
 
 def upload_to_proto(u: UploadRule) -> pb.UploadRule:

@@ -21,6 +21,27 @@ def method_config_from_dict(raw: dict | None):
     return from_dict(METHODS[name].Config, raw, "method")
 
 
+HEAD = "head"
+HEAD_FIELDS = ("modules_to_save", "dense_patterns")
+
+
+def resolve_head(cfg, head: tuple[str, ...]):
+    """The method config with the word "head" in its module lists (modules_to_save, dense_patterns, nested
+    tables too) replaced by the task's head modules, so config.toml and the wire carry real module names."""
+    import dataclasses
+
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            resolved = resolve_head(value, head)
+            if resolved is not value:
+                changes[f.name] = resolved
+        elif f.name in HEAD_FIELDS and HEAD in value:
+            changes[f.name] = [m for v in value for m in (head if v == HEAD else (v,))]
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def make_method(run) -> Method:
     return METHODS[run.method.name](run.method, run)
 
@@ -48,5 +69,5 @@ def describe_method_fields(name: str) -> list[tuple[str, str, str]]:
     return list(rows(METHODS[name].Config, ""))
 
 
-__all__ = ["METHODS", "Instruction", "Method", "MethodConfig", "ModelHost", "make_method", "method_config_from_dict",
+__all__ = ["METHODS", "Instruction", "Method", "MethodConfig", "ModelHost", "make_method", "resolve_head", "method_config_from_dict",
            "describe_methods", "describe_method_fields"]

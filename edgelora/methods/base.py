@@ -90,7 +90,7 @@ class Method:
         return TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=self.round_lr(state),
                          optimizer=t.optimizer,
                          momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps,
-                         precision=t.precision, seed=self.run.server.seed * 100_003 + state.round + 1)
+                         precision=t.precision, gradient_checkpointing=t.gradient_checkpointing, seed=self.run.server.seed * 100_003 + state.round + 1)
 
     def upload_rule(self, state: ServerState) -> UploadRule:
         return UploadRule(format=UploadFormat.DENSE, value_type=self.run.server.value_type)

@@ -14,7 +14,7 @@ class LoraConfig:
     alpha: float = field(8.0, "lora_alpha; peft scales B A by alpha / r")
     dropout: float = field(0.0, "LoRA dropout")
     target_modules: list[str] = field([], "modules that get LoRA ([] = every dense layer of attention and feed-forward blocks)")
-    modules_to_save: list[str] = field(["classifier"], "modules trained fully beside LoRA (the classifier head)")
+    modules_to_save: list[str] = field(["head"], "modules trained fully beside LoRA; \"head\" = the task's head (classification: the classifier; causal-lm: none)")
     rank_pattern: dict[str, int] = field({}, "per-module rank overrides, e.g. {\"pooler.dense\" = 18}")
 
     def validate(self) -> None:

@@ -35,7 +35,7 @@ class SLoraConfig(MethodConfig):
     stage1_rounds: int = field(0, "R1, rounds of Stage 1 (0 = stage1_fraction of server.rounds, at least 1); Stage 2 runs the rest")
     stage1_fraction: float = field(0.5, "R1 as a fraction of server.rounds when stage1_rounds = 0")
     stage1_lr: float = field(0.0, "device learning rate in Stage 1 (0 = train.lr); full-weight updates usually want a smaller one than LoRA")
-    dense_patterns: list[str] = field(["classifier"], "Stage 1: modules trained densely outside the mask (the head)")
+    dense_patterns: list[str] = field(["head"], "Stage 1: modules trained densely outside the mask; \"head\" = the task's head (classification: the classifier; causal-lm: none)")
     split: Literal["b", "sqrt"] = field("b", "how s = alpha/r is absorbed: b = B = U_r S_r / s, A = V_r^T (Appendix A); sqrt = sqrt(S_r / s) on both factors")
     residual: Literal["discard"] = field("discard", "Delta W minus its rank-r part, and the Stage-1 deltas of weights with no LoRA block (LayerNorm, biases, embeddings): discarded, the paper's reading. (Merging them into W0 would need the merged base on every device, which the wire does not carry.)")
     head: Literal["carry", "reset"] = field("carry", "the classifier's Stage-1 weights: carry = start Stage 2's fully-trained head (modules_to_save) from them; reset = from W0's head")

@@ -25,7 +25,7 @@ class SftConfig(MethodConfig):
     name: str = field("sft", "random-mask sparse fine-tuning")
     density: float = field(0.013, "fraction of each tensor's entries in the mask (the SLoRA paper runs SFT at the final adapter's density, ~1.3 %)")
     mask_seed: int = field(1, "seed of the random mask; sent in every task, both sides derive the mask from it")
-    dense_patterns: list[str] = field(["classifier"], "module names trained densely, outside the mask (the head)")
+    dense_patterns: list[str] = field(["head"], "module names trained densely, outside the mask; \"head\" = the task's head (classification: the classifier; causal-lm: none)")
 
     def validate(self) -> None:
         check(0 < self.density <= 1, "method.density", "must be in (0, 1]")

