@@ -10,6 +10,12 @@ each method x partition, and each federated run against its ceiling: the central
 - time_to_target.png: communication time to reach [report] target_accuracy when the uplink is 1x, 4x, 16x
   slower than the downlink (FLASC Fig. 3), computed from the measured bytes per device and round.
 
+A sweep of causal-LM runs (model.task = "causal-lm") is scored by held-out perplexity (lower is better):
+summary.md leads with it, the learning-rate choice and the ceiling ratios use it, and perplexity_rounds.png
+and perplexity_bytes.png join the accuracy plots (whose accuracy is then FLASC's next-token accuracy).
+With [report] reference naming a variant, summary.md adds the MB (down + up) each run needed to first reach
+the reference run's final score (its mean over the last 3 evaluated rounds) of the same partition and seed.
+
 Where DIR/full-test.json exists (`edgelora evaluate DIR/runs/* --max-examples 0 --json DIR/full-test.json`),
 summary.md adds each run's accuracy on the whole test split, for runs scored at their last round.
 
@@ -20,6 +26,7 @@ summary.md adds each run's accuracy on the whole test split, for runs scored at 
     downlink_mbps = 10.0
     uplink_slowdowns = [1, 4, 16]
     time_methods = ["lora", "flasc-1_16"]
+    reference = "lora"            # the MB-to-target table's reference variant
 """
 from __future__ import annotations
 
@@ -28,12 +35,36 @@ import json
 import statistics
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .runlog import pyplot, read_records
 
+
+class Metric(NamedTuple):
+    """A score in metrics.jsonl: its key, its name in tables and plots, and whether higher is better."""
+    key: str
+    label: str
+    higher_is_better: bool
+
+    def best(self, values: list[float]) -> float:
+        return max(values) if self.higher_is_better else min(values)
+
+    def reached(self, value: float, target: float) -> bool:
+        return value >= target if self.higher_is_better else value <= target
+
+
+ACCURACY = Metric("accuracy", "acc", True)
+PERPLEXITY = Metric("perplexity", "ppl", False)
+
+
+def metrics_of(rows: list[dict]) -> tuple[Metric, ...]:
+    """The scores a sweep's report shows, the first one leading: perplexity then (token) accuracy when any
+    run is a causal LM, else accuracy."""
+    return (PERPLEXITY, ACCURACY) if any(r.get("task") == "causal-lm" for r in rows) else (ACCURACY,)
+
 CSV_COLUMNS = ("run", "method", "partition", "seed", "rounds_done", "final_accuracy", "best_accuracy", "bytes_up",
                "bytes_down", "seconds")
+LM_CSV_COLUMNS = CSV_COLUMNS[:5] + ("final_perplexity", "best_perplexity") + CSV_COLUMNS[5:]
 
 
 WHOLE_TEST = "full-test.json"  # `edgelora evaluate DIR/runs/* --max-examples 0 --json DIR/full-test.json`
@@ -53,17 +84,19 @@ def collect(out: Path) -> list[dict]:
         recs = read_records(out / "runs" / p["run"] / "metrics.jsonl")
         if not recs:
             continue
-        accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
         config = tomllib.loads((out / "runs" / p["run"] / "config.toml").read_text())
         whole = whole_test.get(p["run"], {})
-        rows.append({**p, "rounds_done": recs[-1]["round"], "rounds_planned": config["server"]["rounds"],
-                     "method_table": config["method"],
-                     "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
-                     "last3_accuracy": tail_accuracy(recs),
-                     # a rescoring of an earlier round's model is stale, not this run's figure
-                     "whole_test_accuracy": whole.get("accuracy") if whole.get("rounds") == recs[-1]["round"] else None,
-                     "bytes_up": sum(r["bytes_up"] for r in recs), "bytes_down": sum(r["bytes_down"] for r in recs),
-                     "seconds": round(sum(r["seconds"] for r in recs), 1), "records": recs})
+        fresh = whole.get("rounds") == recs[-1]["round"]  # a rescoring of an earlier round's model is stale
+        row = {**p, "rounds_done": recs[-1]["round"], "rounds_planned": config["server"]["rounds"],
+               "method_table": config["method"], "task": config.get("model", {}).get("task", "classification"),
+               "bytes_up": sum(r["bytes_up"] for r in recs), "bytes_down": sum(r["bytes_down"] for r in recs),
+               "seconds": round(sum(r["seconds"] for r in recs), 1), "records": recs}
+        for m in (ACCURACY, PERPLEXITY):
+            vals = [r[m.key] for r in recs if r.get(m.key) is not None]
+            row.update({f"final_{m.key}": vals[-1] if vals else None, f"best_{m.key}": m.best(vals) if vals else None,
+                        f"last3_{m.key}": tail_score(recs, m.key),
+                        f"whole_test_{m.key}": whole.get(m.key) if fresh else None})
+        rows.append(row)
     return rows
 
 
@@ -86,9 +119,10 @@ def write_report(out: Path) -> list[Path]:
     settings = report_settings(out)
     written = [_write_csv(out / "summary.csv", rows), _write_markdown(out / "summary.md", rows, settings)]
     rows = in_partition_order(rows, settings["partition_order"])
-    for plot, name in ((plot_accuracy_rounds, "accuracy_rounds.png"), (plot_accuracy_bytes, "accuracy_bytes.png")):
-        p = plot(rows, out / name)
-        written += [p] if p else []
+    for m in metrics_of(rows):
+        for plot, name in ((plot_accuracy_rounds, f"{m.key}_rounds.png"), (plot_accuracy_bytes, f"{m.key}_bytes.png")):
+            p = plot(rows, out / name, m)
+            written += [p] if p else []
     if settings.get("fft") and settings.get("peft"):
         p = plot_gap(rows, settings["fft"], settings["peft"], out / "gap_heterogeneity.png")
         written += [p] if p else []
@@ -105,11 +139,12 @@ def _fmt(v: Any) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
+    columns = LM_CSV_COLUMNS if PERPLEXITY in metrics_of(rows) else CSV_COLUMNS
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
+        w.writerow(columns)
         for r in rows:
-            w.writerow([_fmt(r[c]) if c.endswith("accuracy") else r[c] for c in CSV_COLUMNS])
+            w.writerow([_fmt(r[c]) if c.endswith(("accuracy", "perplexity")) else r[c] for c in columns])
     return path
 
 
@@ -129,34 +164,41 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, n={len(values)})"
 
 
+def _score_keys(rows: list[dict]) -> list[tuple[str, str]]:
+    """(row key, column name) of every score column: final, last 3, best (and whole test where scored) of each
+    metric, the leading metric first."""
+    whole = any(r.get(f"whole_test_{m.key}") is not None for r in rows for m in metrics_of(rows))
+    return [(f"{kind}_{m.key}", f"{name} {m.label}") for m in metrics_of(rows)
+            for kind, name in (("final", "final"), ("last3", "last 3"), ("best", "best"))
+            + ((("whole_test", "whole test"),) if whole else ())]
+
+
 def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
-    whole = any(r.get("whole_test_accuracy") is not None for r in rows)
-    lines = ["| run | method | partition | seed | rounds | final acc | last 3 | best acc | "
-             + ("whole test | " if whole else "") + "MB up | MB down | seconds |",
-             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if whole else "") + "---:|---:|---:|"]
+    scores = _score_keys(rows)
+    lead = metrics_of(rows)[0]
+    lines = ["| run | method | partition | seed | rounds | " + "".join(f"{c} | " for _, c in scores)
+             + "MB up | MB down | seconds |", "|---|---|---|---:|---:|" + "---:|" * len(scores) + "---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['method']} | {r['partition']} | {r['seed']} | {r['rounds_done']} | "
-                     f"{_fmt(r['final_accuracy'])} | {_fmt(r.get('last3_accuracy'))} | {_fmt(r['best_accuracy'])} | "
-                     + (f"{_fmt(r.get('whole_test_accuracy'))} | " if whole else "")
+                     + "".join(f"{_fmt(r.get(k))} | " for k, _ in scores)
                      + f"{r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} | {r['seconds']:.0f} |")
     lines += ["", "Mean over seeds (min-max):", "",
-              "| method | partition | final acc | last 3 | best acc | " + ("whole test | " if whole else "")
-              + "MB up + down (mean) |", "|---|---|---|---|---|" + ("---|" if whole else "") + "---:|"]
+              "| method | partition | " + "".join(f"{c} | " for _, c in scores) + "MB up + down (mean) |",
+              "|---|---|" + "---|" * len(scores) + "---:|"]
     for (m, p), g in group_by_variant(rows).items():
-        cells = [spread([r[k] for r in g if r.get(k) is not None])
-                 for k in ("final_accuracy", "last3_accuracy", "best_accuracy")
-                 + (("whole_test_accuracy",) if whole else ())]
+        cells = [spread([r[k] for r in g if r.get(k) is not None]) for k, _ in scores]
         mb = statistics.mean((r["bytes_up"] + r["bytes_down"]) / 1e6 for r in g)
         lines.append(f"| {m} | {p} | " + " | ".join(cells) + f" | {mb:.1f} |")
     pairs = ceiling_pairs(rows)
     if pairs:
+        ratio_keys = {f"{k}_{lead.key}": name for k, name in _RATIO_KINDS.items()}
         lines += ["", "Federated runs against their ceiling (the centralized run of the same method, partition "
-                      "and seed): accuracy, and federated / ceiling:", "",
-                  "| run | ceiling | " + " | ".join(f"{k} | ceiling | ratio" for k in _RATIO_KEYS.values()) + " |",
-                  "|---|---|" + "---:|---:|---:|" * len(_RATIO_KEYS)]
+                      f"and seed): {lead.key}, and federated / ceiling:", "",
+                  "| run | ceiling | " + " | ".join(f"{k} | ceiling | ratio" for k in ratio_keys.values()) + " |",
+                  "|---|---|" + "---:|---:|---:|" * len(ratio_keys)]
         def ratio_row(label: str, ceiling: str, feds: list[dict], ceils: list[dict]) -> str:
             cells = []
-            for k in _RATIO_KEYS:
+            for k in ratio_keys:
                 a = [r[k] for r in feds if r.get(k) is not None]
                 c = [r[k] for r in ceils if r.get(k) is not None]
                 ok = len(a) == len(c) == len(feds)
@@ -173,9 +215,9 @@ def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
             if len(g) > 1:  # the mean of each over seeds, and the ratio of the means
                 lines.append(ratio_row(f"{m} {p}, mean of {len(g)} seeds", g[0][1]["method"],
                                        [f for f, _ in g], [c for _, c in g]))
-    choices = lr_choices(rows)
+    choices = lr_choices(rows, lead)
     if choices:
-        lines += ["", "Learning-rate choice (score: mean accuracy of the last 3 evaluated rounds; * = chosen):", "",
+        lines += ["", f"Learning-rate choice (score: mean {lead.key} of the last 3 evaluated rounds; * = chosen):", "",
                   "| method | learning rate: score |", "|---|---|"]
         for fam, c in choices.items():
             cells = ", ".join(f"{lr}: {v:.4f}{' *' if lr == c['best'] else ''}" for lr, v in
@@ -192,11 +234,43 @@ def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
                 cells = [time_to_target(r["records"], settings["target_accuracy"],
                                         settings.get("downlink_mbps", 10.0), s) for s in slow]
                 lines.append(f"| {r['run']} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    if settings.get("reference"):
+        lines += _mb_to_reference(rows, settings["reference"], lead)
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-_RATIO_KEYS = {"final_accuracy": "final", "last3_accuracy": "last 3", "whole_test_accuracy": "whole test"}
+_RATIO_KINDS = {"final": "final", "last3": "last 3", "whole_test": "whole test"}
+
+
+def mb_to_target(records: list[dict], metric: Metric, target: float) -> float | None:
+    """Total MB (down + up) communicated until the first evaluated round whose score reaches `target`; None
+    when the run never did."""
+    total = 0
+    for x in records:
+        total += x["bytes_up"] + x["bytes_down"]
+        if x.get(metric.key) is not None and metric.reached(x[metric.key], target):
+            return total / 1e6
+    return None
+
+
+def _mb_to_reference(rows: list[dict], reference: str, metric: Metric) -> list[str]:
+    """summary.md's table of the MB each federated run needed to reach its reference run's final score."""
+    refs = {(r["partition"], r["seed"]): r for r in rows if r["method"] == reference and r.get(f"last3_{metric.key}")}
+    lines = ["", f"MB (down + up) to first reach the final {metric.key} (mean of its last 3 evaluated rounds) of "
+                 f"{reference!r} with the same partition and seed, and the reference's MB over yours:", "",
+             f"| run | target {metric.label} | MB to target | {reference} MB / run MB | final {metric.label} |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ref = refs.get((r["partition"], r["seed"]))
+        if ref is None or r["mode"] != "federated":
+            continue
+        target = ref[f"last3_{metric.key}"]
+        mine, theirs = mb_to_target(r["records"], metric, target), mb_to_target(ref["records"], metric, target)
+        ratio = f"{theirs / mine:.1f}x" if mine and theirs else "-"
+        lines.append(f"| {r['run']} | {target:.4f} | {'-' if mine is None else f'{mine:.1f}'} | {ratio} | "
+                     f"{_fmt(r.get(f'final_{metric.key}'))} |")
+    return lines if len(lines) > 5 else []
 
 
 def ceiling_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
@@ -206,25 +280,26 @@ def ceiling_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
     return [(r, ceilings[key(r)]) for r in rows if r.get("mode") != "centralized" and key(r) in ceilings]
 
 
-def tail_accuracy(records: list[dict], last: int = 3) -> float | None:
-    """Mean accuracy of the last `last` evaluated rounds: the tuning score, steadier than the final round."""
-    accs = [x["accuracy"] for x in records if x.get("accuracy") is not None][-last:]
-    return statistics.mean(accs) if accs else None
+def tail_score(records: list[dict], key: str = "accuracy", last: int = 3) -> float | None:
+    """Mean score of the last `last` evaluated rounds: the tuning score, steadier than the final round."""
+    vals = [x[key] for x in records if x.get(key) is not None][-last:]
+    return statistics.mean(vals) if vals else None
 
 
-def lr_choices(rows: list[dict]) -> dict[str, dict]:
+def lr_choices(rows: list[dict], metric: Metric = ACCURACY) -> dict[str, dict]:
     """For variants named `<family>-lr<value>` (a learning-rate grid): {family: {"scores": {lr: score},
-    "best": lr}}, scored by tail_accuracy over every seed that finished all its rounds."""
+    "best": lr}}, scored by tail_score of `metric` over every seed that finished all its rounds."""
     out: dict[str, dict] = {}
     for r in rows:
         family, sep, lr = r["method"].rpartition("-lr")
         if not sep or r["rounds_done"] < r["rounds_planned"]:
             continue
-        score = tail_accuracy(r["records"])
+        score = tail_score(r["records"], metric.key)
         if score is not None:
             out.setdefault(family, {"scores": {}})["scores"][lr] = score
     for fam in out.values():
-        fam["best"] = max(fam["scores"], key=fam["scores"].get)
+        pick = max if metric.higher_is_better else min
+        fam["best"] = pick(fam["scores"], key=fam["scores"].get)
     return out
 
 
@@ -262,31 +337,33 @@ def _panels(rows: list[dict]) -> list[str]:
     return seen
 
 
-def round_points(records: list[dict]) -> list[tuple[float, float]]:
-    return [(x["round"], x["accuracy"]) for x in records if x.get("accuracy") is not None]
+def round_points(records: list[dict], key: str = "accuracy") -> list[tuple[float, float]]:
+    return [(x["round"], x[key]) for x in records if x.get(key) is not None]
 
 
-def byte_points(records: list[dict]) -> list[tuple[float, float]]:
-    """(total MB communicated so far, accuracy); rounds without an evaluation still add their bytes."""
+def byte_points(records: list[dict], key: str = "accuracy") -> list[tuple[float, float]]:
+    """(total MB communicated so far, score); rounds without an evaluation still add their bytes. Round 0
+    (a causal LM's base model, before any byte moved) has no point on a log axis."""
     total, pts = 0, []
     for x in records:
         total += x["bytes_up"] + x["bytes_down"]
-        if x.get("accuracy") is not None:
-            pts.append((total / 1e6, x["accuracy"]))
+        if x.get(key) is not None and total:
+            pts.append((total / 1e6, x[key]))
     return pts
 
 
-def plot_accuracy_rounds(rows: list[dict], path: Path) -> Path | None:
-    return _plot_panels(rows, path, round_points, "round")
+def plot_accuracy_rounds(rows: list[dict], path: Path, metric: Metric = ACCURACY) -> Path | None:
+    return _plot_panels(rows, path, round_points, "round", metric)
 
 
-def plot_accuracy_bytes(rows: list[dict], path: Path) -> Path | None:
+def plot_accuracy_bytes(rows: list[dict], path: Path, metric: Metric = ACCURACY) -> Path | None:
     federated = [r for r in rows if r["mode"] == "federated"]  # a centralized run moves no bytes
     return _plot_panels(federated, path, byte_points, "total MB communicated (down + up, indices included)",
-                        log_x=True)
+                        metric, log_x=True)
 
 
-def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, log_x: bool = False) -> Path | None:
+def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, metric: Metric = ACCURACY,
+                 log_x: bool = False) -> Path | None:
     """One panel per partition, one line per run (centralized dashed, later seeds lighter); None: no runs."""
     if not rows:
         return None
@@ -296,7 +373,7 @@ def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, log_x: bool 
     colors = _colors(rows)
     for ax, part in zip(axes[0], parts):
         for r in (r for r in rows if r["partition"] == part):
-            pts = points(r["records"])
+            pts = points(r["records"], metric.key)
             if pts:
                 ax.plot(*zip(*pts), label=_label(r), color=colors[r["method"]],
                         alpha=1.0 if r["seed"] == 0 else 0.5, linestyle="--" if r["mode"] == "centralized" else "-")
@@ -307,7 +384,11 @@ def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, log_x: bool 
             from matplotlib.ticker import MaxNLocator
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0][0].set_ylabel("accuracy (server's evaluation split)")
+    name = {"accuracy": "next-token accuracy" if rows[0].get("task") == "causal-lm" else "accuracy",
+            "perplexity": "perplexity"}[metric.key]
+    axes[0][0].set_ylabel(f"{name} (server's evaluation split)")
+    if metric is PERPLEXITY:
+        axes[0][0].set_yscale("log")
     labelled = {}  # every panel's runs in one legend (a run shows in one panel only)
     for ax in axes[0]:
         for h, l in zip(*ax.get_legend_handles_labels()):

@@ -310,3 +310,34 @@ def test_report_pairs_each_federated_run_with_its_ceiling_and_reads_whole_test_s
     assert "| 0.4150 | 0.4500 | 92.2 % |" in md
     assert "| fft0 | fft | iid | 0 | 3 | 0.4000 | 0.3000 | 0.4000 |  | 0.0 |" in md
     assert not any(line.startswith("| fft0 | c") for line in md.splitlines())
+
+
+def test_report_of_causal_lm_runs_leads_with_perplexity_lower_is_better(tmp_path):
+    import json
+
+    from edgelora.report import write_report
+
+    def run(name, method, ppls, bytes_per_round):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "config.toml").write_text(f'[server]\nrounds = {len(ppls) - 1}\n[model]\ntask = "causal-lm"\n'
+                                            '[method]\nname = "lora"\n')
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(
+            {"round": i, "perplexity": p, "accuracy": 1 / p, "bytes_up": bytes_per_round * (i > 0),
+             "bytes_down": bytes_per_round * (i > 0), "seconds": 1.0}) + "\n" for i, p in enumerate(ppls)))
+        return {"run": name, "method": method, "partition": "roles", "seed": 0, "mode": "federated"}
+
+    plan = [run("a", "lora-lr1e-3", [300.0, 100.0, 90.0, 80.0], 1_000_000),   # last 3: 90
+            run("b", "lora-lr1e-2", [300.0, 200.0, 150.0, 120.0], 1_000_000),  # last 3: 156.7
+            run("f", "flasc", [300.0, 95.0, 85.0, 70.0], 100_000)]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "sweep.toml").write_text('[partitions.roles]\n[report]\nreference = "lora-lr1e-3"\n')
+    written = {p.name for p in write_report(tmp_path)}
+    assert {"perplexity_rounds.png", "perplexity_bytes.png", "accuracy_bytes.png"} <= written
+    md = (tmp_path / "summary.md").read_text()
+    assert "| a | lora-lr1e-3 | roles | 0 | 3 | 80.0000 | 90.0000 | 80.0000 |" in md  # best = the lowest
+    assert "| lora | 1e-3: 90.0000 *, 1e-2: 156.6667 |" in md  # the lower perplexity is chosen
+    # the reference reaches its own last-3 score (90) at round 2 (4 MB); flasc reaches 90 at round 2 (0.4 MB)
+    assert "| f | 90.0000 | 0.4 | 10.0x | 70.0000 |" in md and "| a | 90.0000 | 4.0 | 1.0x | 80.0000 |" in md
+    assert (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")[5:7] == ["final_perplexity",
+                                                                                     "best_perplexity"]
