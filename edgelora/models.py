@@ -59,7 +59,21 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def from_pretrained(loader, name: str, **kw):
     """`loader.from_pretrained` for a preset, a local folder, a model in the Hugging Face cache, or a Hub id,
-    with one clear error instead of the Hub client's retries and traceback when none of them works."""
+    with one clear error instead of the Hub client's retries and traceback when none of them works; without
+    transformers' per-load "Loading weights" bar (a local load takes a fraction of a second, and a sweep or a
+    fleet loads many)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _from_pretrained(loader, name, **kw)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(loader, name: str, **kw):
     path = resolve_model_name(name)
     if not os.path.isdir(path):
         try:  # a Hub id already in the local cache loads offline
