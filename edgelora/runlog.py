@@ -323,7 +323,7 @@ class RunFolder:
                  "Greedy continuations of held-out prompts by the base model (before round 1) and the final "
                  "model.", ""]
         ref = any(s.get("reference") is not None for s in samples)
-        lines += ["| prompt | " + ("reference | " if ref else "") + "base model | final model |",
+        lines += ["| prompt | " + ("held-out reference | " if ref else "") + "base model | final model |",
                   "|---|" + ("---|" if ref else "") + "---|---|"]
         for s in samples:
             lines.append(f"| {quote(s['prompt'])} | " + (f"{quote(s['reference'])} | " if ref else "")

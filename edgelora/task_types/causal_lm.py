@@ -79,7 +79,7 @@ class CausalLM(TaskType):
         from ..configtools import check
 
         d = run.data
-        check(d.partition in ("iid", "natural"), "data.partition",
+        check(d.mode == "own" or d.partition in ("iid", "natural"), "data.partition",  # own: no partitions
               f"{d.partition} splits by label, and a causal-lm run has no labels: use iid or natural "
               f"(a device per value of data.partition_column)")
         check(bool(d.prompt_column) == bool(d.response_column), "data.response_column",
@@ -182,12 +182,29 @@ def pad_id(tokenizer) -> int:
 
 
 def prompt_ids(examples, i: int, tokenizer, max_len: int, text_tokens: int = 12) -> list[int]:
-    """What a generation starts from: the rendered prompt (instruction data), or the first `text_tokens`
-    tokens of the text."""
+    """What a generation starts from: the rendered prompt (instruction data), or the text's first
+    `text_tokens` tokens, at most half of it (a short text still leaves a continuation to make)."""
     if examples.prompts is not None:
         prefix, _ = render(tokenizer, examples.prompts[i], "")
         return tokenizer(prefix, add_special_tokens=False).input_ids[-max_len:]
-    return tokenizer(examples.texts[i], truncation=True, max_length=max_len).input_ids[:text_tokens]
+    ids = _text_ids(examples, i, tokenizer, max_len)
+    return ids[:_text_cut(len(ids), text_tokens)]
+
+
+def _text_ids(examples, i: int, tokenizer, max_len: int) -> list[int]:
+    return tokenizer(examples.texts[i], truncation=True, max_length=max_len).input_ids
+
+
+def _text_cut(n_tokens: int, text_tokens: int = 12) -> int:
+    return min(text_tokens, max(1, n_tokens // 2))
+
+
+def reference_text(examples, i: int, tokenizer, max_len: int) -> str:
+    """What the held-out example really says after its prompt: the response, or the rest of the text."""
+    if examples.prompts is not None:
+        return examples.texts[i]
+    ids = _text_ids(examples, i, tokenizer, max_len)
+    return tokenizer.decode(ids[_text_cut(len(ids)):], skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -221,5 +238,5 @@ def samples(model, base, examples, tokenizer, max_len: int, device, n: int, new_
     before = greedy(base, tokenizer, prompts, new_tokens, device)
     after = greedy(model, tokenizer, prompts, new_tokens, device)
     return [{"prompt": tokenizer.decode(p, skip_special_tokens=examples.prompts is None),
-             "reference": examples.texts[i] if examples.prompts is not None else None,
+             "reference": reference_text(examples, i, tokenizer, max_len),
              "base": b, "final": a} for i, (p, b, a) in enumerate(zip(prompts, before, after))]
