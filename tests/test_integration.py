@@ -37,6 +37,23 @@ def _clients(tmp_path: Path, addr: str, ids=("0", "1"), flag="--device-id"):
                              stdout=open(tmp_path / f"client_{d}.log", "w"), stderr=subprocess.STDOUT) for d in ids]
 
 
+def run_own_data_devices(tmp_path: Path, server, addr: str, files: dict[str, Path]) -> None:
+    """data.mode = own: a client process per named device, each with --data of its own file; waits for the
+    server's run to finish and every client to exit cleanly."""
+    clients = [subprocess.Popen(cli("-v", "client", "--insecure", "--server", addr, "--device-id", n, "--data",
+                                    str(f), "--quiet", "--give-up-s", "60"),
+                                stdout=open(tmp_path / f"client_{n}.log", "w"), stderr=subprocess.STDOUT)
+               for n, f in files.items()]
+    try:
+        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for c in clients:
+            assert c.wait(timeout=60) == 0
+    finally:
+        for p in (server, *clients):
+            if p.poll() is None:
+                p.kill()
+
+
 def _dense(path: Path) -> dict[str, np.ndarray]:
     return {n: codec.to_dense(n, t) for n, t in codec.decode_bundle(path.read_bytes()).items()}
 
@@ -171,18 +188,7 @@ def test_own_data_deployment_three_named_devices_train_on_their_own_files(tmp_pa
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert "device delta" in refused.stderr and "label(s) [9]" in refused.stderr
     names = ("alpha", "bravo", "charlie")
-    clients = [subprocess.Popen(cli("-v", "client", "--insecure", "--server", addr, "--device-id", n, "--data",
-                                    str(tmp_path / f"device_{n}.csv"), "--quiet", "--give-up-s", "60"),
-                                stdout=open(tmp_path / f"client_{n}.log", "w"), stderr=subprocess.STDOUT)
-               for n in names]
-    try:
-        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
-        for c in clients:
-            assert c.wait(timeout=60) == 0
-    finally:
-        for p in (server, *clients):
-            if p.poll() is None:
-                p.kill()
+    run_own_data_devices(tmp_path, server, addr, {n: tmp_path / f"device_{n}.csv" for n in names})
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and all(r["completed"] == 3 for r in rows)
     for r in rows:
