@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from edgelora.config import load_config
 from edgelora.configtools import ConfigError
 from edgelora.simulate import simulate
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROLES = {"HAMLET": "To be, or not to be, that is the question of the day.",
          "OPHELIA": "Good my lord, how does your honour for this many a day?",
@@ -221,3 +224,71 @@ def test_centralized_ceiling_runs_for_a_causal_lm(tmp_path):
     run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl")))
     rows = train_centralized(run, tmp_path / "c")
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["perplexity"] for r in rows)
+
+
+@pytest.mark.parametrize("name", ["lora", "flasc"])
+def test_the_lm_example_configs_load_as_causal_lm_runs_by_role(name):
+    run = load_config(REPO / "examples" / "lm" / f"{name}.toml")
+    assert (run.model.task, run.model.name, run.method.name) == ("causal-lm", "smollm2", name)
+    assert run.data.partition == "natural" and run.data.group_columns == ("play", "character")
+
+
+def test_the_c7_sweeps_plan_their_runs():
+    from edgelora.sweep import load_sweep
+
+    tune = load_sweep(REPO / "examples" / "sweeps" / "lm-tune.toml")
+    assert all(r.config().data.validation_examples for r in tune.runs)  # tuned on validation, never the test split
+    profile = load_sweep(REPO / "examples" / "sweeps" / "lm-profile.toml")
+    assert [r.method for r in profile.runs] == ["lora", "flasc-1/4", "flasc-1/16", "flasc-1/4-1/16", "lora-central"]
+    densities = {r.method: (r.config().method.download_density, r.config().method.upload_density)
+                 for r in profile.runs if r.method.startswith("flasc")}
+    assert densities == {"flasc-1/4": (0.25, 0.25), "flasc-1/16": (0.0625, 0.0625), "flasc-1/4-1/16": (0.25, 0.0625)}
+
+
+@pytest.mark.slow
+def test_a_deployment_trains_a_causal_lm_on_each_devices_own_text(tmp_path):
+    """data.mode = own for a causal LM: a server and 2 named client processes, each with --data of its own
+    speeches (one role's), 2 rounds; every round carries both devices and their federated evaluation."""
+    from edgelora.runlog import wait_for_server_addr
+
+    from .test_integration import _start, run_own_data_devices
+
+    for name, role in (("hamlet", "HAMLET"), ("ophelia", "OPHELIA")):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for i in range(10):
+                f.write(json.dumps({"text": f"{ROLES[role]} ({i})"}) + "\n")
+    raw = lm_raw("", server={"min_registered": 2, "port": 0, "registration_timeout_s": 300.0, "samples": 0})
+    raw["data"] = {"mode": "own"}
+    server, run_dir = _start(tmp_path, raw)
+    addr = wait_for_server_addr(run_dir, server, 120)
+    run_own_data_devices(tmp_path, server, addr, {n: tmp_path / f"{n}.jsonl" for n in ("hamlet", "ophelia")})
+    rows = [r for r in _rows(run_dir) if r["round"] > 0]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert sorted(d["device_id"] for d in r["devices"]) == ["hamlet", "ophelia"]
+        assert [d["num_examples"] for d in r["devices"]] == [8, 8]  # 10 speeches, 20 % held out
+        assert r["fed_examples"] == 4 and r["fed_loss"] > 0
+
+
+def test_a_causal_lm_sweep_reports_perplexity_and_evaluate_rescores_it(tmp_path):
+    from edgelora.rounds import evaluate_run
+    from edgelora.report import write_report
+    from edgelora.sweep import load_sweep, run_sweep
+
+    import tomli_w
+
+    base = lm_raw(write_speeches(tmp_path / "s.jsonl"))
+    (tmp_path / "base.toml").write_text(tomli_w.dumps(base))
+    (tmp_path / "sweep.toml").write_text(
+        '[sweep]\nbase = "base.toml"\n[methods.lora-lr1e-3]\n"train.lr" = 1e-3\n[methods.lora-lr1e-2]\n'
+        '"train.lr" = 1e-2\n[methods.central]\nmode = "centralized"\n[partitions.roles]\n'
+        '[report]\nreference = "lora-lr1e-3"\n')
+    out = tmp_path / "out"
+    assert set(run_sweep(load_sweep(tmp_path / "sweep.toml"), out, progress=False).values()) == {"finished"}
+    written = {p.name for p in write_report(out)}
+    assert {"perplexity_rounds.png", "perplexity_bytes.png"} <= written
+    md = (out / "summary.md").read_text()
+    assert "final ppl" in md and "mean perplexity of the last 3" in md and "MB to target" in md
+    last = _rows(out / "runs" / "lora-lr1e-3-roles-s0")[-1]
+    again = evaluate_run(out / "runs" / "lora-lr1e-3-roles-s0")
+    assert again["rounds"] == 2 and again["perplexity"] == pytest.approx(last["perplexity"], rel=1e-6)
