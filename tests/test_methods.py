@@ -348,3 +348,13 @@ def test_own_data_weighs_reported_counts_up_to_the_cap(caplog):
         engine.check_examples("phone-7", 0)
     with pytest.raises(ConfigError, match="data.label_names: data.mode = own needs the run's classes"):
         load_config(tiny_raw(data={"mode": "own"}))
+
+
+@pytest.mark.parametrize("field, value", [("decay_every", 0), ("density_decay", 0.0), ("density_decay", 1.5)])
+def test_flasc_decay_settings_out_of_bounds_are_refused_at_load(field, value):
+    """They were checked after a return and never ran: decay_every = 0 loaded and divided by zero when a
+    round opened."""
+    from edgelora.config import load_config
+
+    with pytest.raises(ConfigError, match=f"method.{field}: must be"):
+        load_config({"method": {"name": "flasc", field: value}})

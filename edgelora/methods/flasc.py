@@ -55,6 +55,8 @@ class FlascConfig(LoraMethodConfig):
         check(0 < self.download_density <= 1, "method.download_density", "must be in (0, 1]")
         check(0 < self.upload_density <= 1, "method.upload_density", "must be in (0, 1]")
         check(self.tiers >= 1, "method.tiers", "must be >= 1")
+        check(0 < self.density_decay <= 1, "method.density_decay", "must be in (0, 1]")
+        check(self.decay_every >= 1, "method.decay_every", "must be >= 1")
         if self.tier_densities:
             check(all(isinstance(t, (list, tuple)) and len(t) == 2 and all(0 < float(d) <= 1 for d in t)
                       for t in self.tier_densities), "method.tier_densities",
@@ -77,8 +79,6 @@ class FlascConfig(LoraMethodConfig):
             return float(down), float(up)
         f = 4.0 ** (self.tiers - tier - 1)
         return self.download_density / f, self.upload_density / f
-        check(0 < self.density_decay <= 1, "method.density_decay", "must be in (0, 1]")
-        check(self.decay_every >= 1, "method.decay_every", "must be >= 1")
 
 
 class Flasc(Lora):
