@@ -76,14 +76,19 @@ def test_methods_name_prints_its_fields_with_defaults():
     assert bad.returncode == 2 and "unknown method 'sloar'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_quiet_hides_transformers_loading_bars():
-    code = ("from edgelora.cli import _setup_logging; _setup_logging(False, quiet={q}); "
-            "from edgelora.models import load_base_model; load_base_model('minilm', 3, 0)")
-    loud = subprocess.run([sys.executable, "-c", code.format(q=False)], capture_output=True, text=True, timeout=120)
-    quiet = subprocess.run([sys.executable, "-c", code.format(q=True)], capture_output=True, text=True, timeout=120)
-    assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
-    assert "Loading weights" in loud.stderr  # the bar exists, so its absence below means something
-    assert "Loading weights" not in quiet.stderr
+def test_model_loads_show_no_transformers_loading_bar_and_leave_the_setting_as_it_was():
+    # a bare transformers load of the same folder prints the bar, so its absence from edgelora's load means something
+    code = ("import sys; from transformers import AutoModelForSequenceClassification as A; "
+            "from transformers.utils import logging as L; from edgelora.models import load_base_model, "
+            "resolve_model_name; {load}; sys.stdout.write(str(L.is_progress_bar_enabled()))")
+    bare = f"A.from_pretrained(resolve_model_name('minilm'), num_labels=3)"
+    ours = "load_base_model('minilm', 3, 0)"
+    runs = {k: subprocess.run([sys.executable, "-c", code.format(load=v)], capture_output=True, text=True, timeout=120)
+            for k, v in (("bare", bare), ("ours", ours))}
+    assert all(p.returncode == 0 for p in runs.values()), runs["ours"].stderr + runs["bare"].stderr
+    assert "Loading weights" in runs["bare"].stderr
+    assert "Loading weights" not in runs["ours"].stderr
+    assert runs["ours"].stdout == "True"  # the bar is off for our load only, not for the user's own loads after it
 
 
 @pytest.mark.parametrize("argv, verbose", [(["-v", "server", "--config", "x.toml"], True),
