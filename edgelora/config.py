@@ -23,7 +23,8 @@ ValueType = Literal["float32", "float16", "bfloat16", "int8"]
 class ServerConfig:
     host: str = field("127.0.0.1", "address the coordinator listens on")
     port: int = field(0, "port; 0 picks a free one (written to RUN_DIR/server.addr)")
-    rounds: int = field(3, "number of federated rounds R")
+    rounds: int = field(3, "number of federated rounds R: rounds that aggregated (an abandoned round, with fewer than min_devices updates, runs again)")
+    max_abandoned_rounds: int = field(5, "the run stops, its state saved, after this many abandoned rounds in a row (resume it when devices are back)")
     devices_per_round: int = field(4, "K: devices sampled each round from the live ones")
     over_selection: float = field(0.0, "sample ceil(K x (1 + this)) devices and close the round at the K-th accepted upload (Bonawitz et al. 2019 sample 30 % more: 0.3); later uploads are refused")
     min_devices: int = field(1, "a round aggregates only if at least this many devices reported in time")
@@ -50,6 +51,7 @@ class ServerConfig:
     def validate(self) -> None:
         check(self.rounds >= 1, "server.rounds", "must be >= 1")
         check(self.devices_per_round >= 1, "server.devices_per_round", "must be >= 1")
+        check(self.max_abandoned_rounds >= 1, "server.max_abandoned_rounds", "must be >= 1")
         check(1 <= self.min_devices <= self.devices_per_round, "server.min_devices",
               f"must be between 1 and devices_per_round ({self.devices_per_round})")
         check(0 <= self.port < 65536, "server.port", "must be in 0..65535")
@@ -201,6 +203,22 @@ class TrainConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """How `edgelora simulate` runs its virtual devices; the results are the same bit for bit either way."""
+    backend: Literal["sequential", "ray"] = field("sequential", "sequential: one after another in this process; ray: in Ray actors (pip install 'edgelora[ray]'), on this machine or a cluster")
+    ray_address: str = field("", "ray: the cluster to join (ray start --head prints it; 'auto' = the one on this machine); empty starts a local Ray")
+    workers: int = field(0, "ray: actors, each hosting a model and the devices pinned to it (device i on actor i mod workers); 0 = as many as the cluster's CPUs allow at device_cpus each, at most devices_per_round")
+    device_cpus: float = field(1.0, "ray: CPUs each actor reserves (and its torch threads, rounded down, at least 1)")
+    device_gpus: float = field(0.0, "ray: GPUs each actor reserves (a fraction shares one GPU; > 0 trains on cuda)")
+
+    def validate(self) -> None:
+        check(self.backend in ("sequential", "ray"), "simulate.backend", "must be sequential or ray")
+        check(self.workers >= 0, "simulate.workers", "must be >= 0")
+        check(self.device_cpus > 0, "simulate.device_cpus", "must be > 0")
+        check(self.device_gpus >= 0, "simulate.device_gpus", "must be >= 0")
+
+
+@dataclass
 class RunConfig:
     server: ServerConfig
     model: ModelConfig
@@ -208,10 +226,12 @@ class RunConfig:
     train: TrainConfig
     aggregator: Any  # the aggregator's own Config dataclass (see edgelora.aggregation); has `name`
     method: Any  # the method's own Config dataclass (see edgelora.methods); has `name`
+    simulate: SimulateConfig = dataclasses.field(default_factory=SimulateConfig)
 
     def to_toml(self) -> str:
         d = {k: to_dict(getattr(self, k)) for k in ("server", "model", "data", "train", "aggregator")}
         d["method"] = to_dict(self.method)
+        d["simulate"] = to_dict(self.simulate)
         return tomli_w.dumps(d)
 
     def replace(self, **sections: Any) -> "RunConfig":
@@ -264,6 +284,7 @@ def resolve_data_paths(raw: dict[str, Any], folder: Path) -> None:
 
 def load_config(source: str | Path | dict | None = None) -> RunConfig:
     """Load and validate a run config from a TOML path, a TOML dict, or None (all defaults)."""
+    # Imported here, not at the top, for import time only (methods pull in torch): neither imports config.
     from .aggregation import aggregator_config_from_dict
     from .methods import method_config_from_dict
 
@@ -273,7 +294,7 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
         raw = dict(source)
     else:
         raw = read_run_toml(source)
-    allowed = {"server", "model", "data", "train", "aggregator", "method"}
+    allowed = {"server", "model", "data", "train", "aggregator", "method", "simulate"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(allowed)}")
@@ -284,6 +305,7 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
         train=from_dict(TrainConfig, raw.get("train"), "train"),
         aggregator=aggregator_config_from_dict(raw.get("aggregator")),
         method=method_config_from_dict(raw.get("method")),
+        simulate=from_dict(SimulateConfig, raw.get("simulate"), "simulate"),
     )
     from .methods import resolve_head
     from .task_types import task_type

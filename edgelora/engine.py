@@ -4,6 +4,7 @@ drive the same Round; they only move bytes."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import math
 import secrets
@@ -29,17 +30,65 @@ from .tasks import DeviceInfo, PhaseTimes, Stage, Task, UploadFormat
 log = logging.getLogger("edgelora.server")
 
 
-class UpdateRejected(Exception):
-    """A request the server refuses. `code` travels to the device in the trailing metadata (protos.serde
-    REFUSAL_KEY) beside a gRPC status the servicer maps it to:
-    invalid -> INVALID_ARGUMENT, precondition -> FAILED_PRECONDITION, exists -> ALREADY_EXISTS,
-    exhausted -> RESOURCE_EXHAUSTED, unknown (device not registered) -> FAILED_PRECONDITION,
-    unavailable -> UNAVAILABLE."""
+class Refusal(str, enum.Enum):
+    """Why the server refuses a request. The value travels to the device in the trailing metadata
+    (protos.serde REFUSAL_KEY), beside the gRPC status server.servicer.STATUS maps each code to; a device
+    decides by the code, never by the message."""
+    INVALID = "invalid"            # the request is malformed or its payload does not match the plan
+    PRECONDITION = "precondition"  # the request does not fit the round as it stands (closed, another round)
+    UNKNOWN = "unknown"            # the device is not registered: register again
+    EXISTS = "exists"              # the device's update is in or under way already
+    EXHAUSTED = "exhausted"        # over a size limit
+    UNAVAILABLE = "unavailable"    # the server is shutting down: retry later
+    UNAUTHENTICATED = "unauthenticated"  # no or an unknown device token (server.auth)
+    FORBIDDEN = "forbidden"        # the token belongs to another device (server.auth)
 
-    def __init__(self, code: str, message: str) -> None:
+
+class UpdateRejected(Exception):
+    """A request the server refuses, with its Refusal code and a message that says what was wrong."""
+
+    def __init__(self, code: Refusal | str, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = Refusal(code)
         self.message = message
+
+
+# A device may fetch its round's task again (it reconnected, or its upload was refused), but not forever:
+# one that keeps failing would otherwise retrain in a loop until the deadline.
+MAX_TASKS_PER_ROUND = 3
+
+
+class DeviceState(enum.Enum):
+    """A sampled device's progress through one round (Round owns it; every change is a Round method).
+
+    SAMPLED -> TASKED (hand_out; again after a refusal or a broken-off upload, up to MAX_TASKS_PER_ROUND)
+    TASKED -> UPLOADING (begin_upload) -> ACCEPTED | REJECTED | BROKEN_OFF (a resume: UPLOADING again)
+    SAMPLED | TASKED -> DROPPED (drop: e.g. its download could not be decoded)
+    when the round closes, every device short of ACCEPTED or REJECTED -> LATE (the round had its K updates
+    without it) or DROPPED."""
+    SAMPLED = "sampled"
+    TASKED = "tasked"
+    UPLOADING = "uploading"
+    BROKEN_OFF = "broken_off"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DROPPED = "dropped"
+    LATE = "late"
+
+
+_S = DeviceState
+_MOVES: dict[DeviceState, frozenset[DeviceState]] = {
+    _S.SAMPLED: frozenset({_S.TASKED, _S.DROPPED, _S.LATE}),
+    _S.TASKED: frozenset({_S.TASKED, _S.UPLOADING, _S.DROPPED, _S.LATE}),
+    _S.UPLOADING: frozenset({_S.ACCEPTED, _S.REJECTED, _S.BROKEN_OFF}),
+    _S.BROKEN_OFF: frozenset({_S.TASKED, _S.UPLOADING, _S.DROPPED, _S.LATE}),
+    _S.REJECTED: frozenset({_S.TASKED, _S.UPLOADING}),
+    _S.ACCEPTED: frozenset(), _S.DROPPED: frozenset(), _S.LATE: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A driver asked a Round for a move its lifecycle does not allow (a bug in the driver, not a device)."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +110,10 @@ class DevicePlan:
 
 
 class Round:
-    """One round from sampling to aggregation, with no transport and no threads (the coordinator calls it
-    under its lock, except `check`, which only reads). Plans are made when the round opens, one per distinct
-    instruction, so every device's download is ready before any device asks."""
+    """One round from sampling to aggregation, with no transport and no threads: the one owner of every
+    sampled device's progress (DeviceState) and of the round's record. The coordinator (under its lock), the
+    in-process simulator and any other driver only call its methods; none writes its fields. Plans are made
+    when the round opens, one per distinct instruction, so every device's download is ready before any asks."""
 
     def __init__(self, engine: "RoundEngine", state: ServerState, sampled: list[str], rng_state: dict,
                  devices: dict[str, DeviceInfo]) -> None:
@@ -77,13 +127,13 @@ class Round:
         self.record = RoundRecord(round=self.number, stage=stage_name(state.stage),
                                   devices={d: DeviceRecord(d) for d in sampled})
         self.agg = engine.aggregator.start()
-        self.done: set[str] = set()          # accepted uploads
-        self.in_flight: set[str] = set()     # uploads being received (coordinator)
-        self.handed_out: dict[str, int] = {}  # tasks given per device (coordinator: retries after refusals)
+        self._state = {d: DeviceState.SAMPLED for d in sampled}
+        self._done: set[str] = set()         # accepted, in the order they were
+        self._handed_out: dict[str, int] = {}
         self._task_ids: dict[str, set[str]] = {}  # issued per device, until its update is accepted
-        self.partial: dict[str, tuple[str, bytearray, int]] = {}  # broken-off uploads: (task id, buffer, bytes held)
-        self.open = True
-        self.deadline = 0.0                  # time.monotonic() at which the coordinator closes the round
+        self._partial: dict[str, tuple[str, bytearray, int]] = {}  # broken-off uploads: (task id, buffer, bytes held)
+        self._open = True
+        self._deadline = 0.0                 # time.monotonic() at which the round closes (0: no clock)
         by_instruction: dict[Instruction, DevicePlan] = {}
         self.plans: dict[str, DevicePlan] = {}
         for d in sampled:
@@ -92,58 +142,195 @@ class Round:
                 by_instruction[ins] = engine.plan(state, ins)
             self.plans[d] = by_instruction[ins]
 
+    # -- what drivers read ------------------------------------------------------------------------------------
+    @property
+    def open(self) -> bool:
+        return self._open
+
+    @property
+    def full(self) -> bool:
+        """K updates have been accepted: nothing more is needed (the rest of an over-selected sample is late)."""
+        return len(self._done) >= self.target
+
+    @property
+    def done(self) -> frozenset[str]:
+        """Devices whose update was accepted."""
+        return frozenset(self._done)
+
+    @property
+    def uploading(self) -> frozenset[str]:
+        return frozenset(d for d, s in self._state.items() if s is DeviceState.UPLOADING)
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    def state_of(self, device_id: str) -> DeviceState | None:
+        """None: not sampled in this round."""
+        return self._state.get(device_id)
+
+    def can_hand_out(self, device_id: str) -> bool:
+        """The device may be given its task now: the round wants it, it has no update in or under way, and it
+        has not used up its MAX_TASKS_PER_ROUND."""
+        s = self._state.get(device_id)
+        return (self._open and not self.full and s in (_S.SAMPLED, _S.TASKED, _S.BROKEN_OFF, _S.REJECTED)
+                and self._handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND)
+
+    def time_left(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def held_bytes(self, device_id: str, task_id: str) -> int:
+        """Payload bytes held of the device's broken-off upload for this task (0: none)."""
+        held = self._partial.get(device_id) if self._open else None
+        return held[2] if held is not None and held[0] == task_id else 0
+
+    def _now(self) -> float:
+        return time.time() - self.record.started_at
+
+    def _move(self, device_id: str, to: DeviceState) -> None:
+        s = self._state.get(device_id)
+        if s is None:
+            raise IllegalTransition(f"round {self.number}: device {device_id} was not sampled")
+        if to not in _MOVES[s]:
+            raise IllegalTransition(f"round {self.number}: device {device_id} cannot go from {s.value} to {to.value}")
+        self._state[device_id] = to
+
+    # -- transitions -----------------------------------------------------------------------------------------
+    def start_clock(self, deadline_s: float) -> None:
+        """The round closes deadline_s from now; every task handed out says how much of that is left."""
+        self._deadline = time.monotonic() + deadline_s
+
     def hand_out(self, device_id: str) -> Task:
         """The device's task, under a fresh single-use id its upload must carry (replays are refused)."""
+        if not self.can_hand_out(device_id):
+            raise IllegalTransition(f"round {self.number}: device {device_id} may not be given a task now "
+                                    f"({self._state.get(device_id)}, {self._handed_out.get(device_id, 0)} given)")
+        self._move(device_id, _S.TASKED)
         tid = secrets.token_hex(8)
         self._task_ids.setdefault(device_id, set()).add(tid)
-        self.handed_out[device_id] = self.handed_out.get(device_id, 0) + 1
-        return dataclasses.replace(self.plans[device_id].task, task_id=tid)
+        self._handed_out[device_id] = self._handed_out.get(device_id, 0) + 1
+        self.record.devices[device_id].task_sent_at = self._now()
+        task = dataclasses.replace(self.plans[device_id].task, task_id=tid)
+        if self._deadline:  # what is left of the round, not its length
+            task = dataclasses.replace(task, deadline_s=self.time_left())
+        return task
+
+    def downloaded(self, device_id: str, nbytes: int, finished: bool = False) -> None:
+        """Wire bytes of the device's download went out (finished: its last chunk)."""
+        rec = self.record.devices[device_id]
+        rec.bytes_down += nbytes
+        if finished:
+            rec.download_done_at = self._now()
+
+    def drop(self, device_id: str, error: str) -> None:
+        """The device cannot take part in this round (e.g. it could not decode its download)."""
+        self._move(device_id, _S.DROPPED)
+        rec = self.record.devices[device_id]
+        rec.status, rec.error = "dropped", error
+
+    def begin_upload(self, device_id: str, task_id: str, payload_bytes: int, offset: int = 0) -> bytearray:
+        """Accept the start of an upload, or refuse it (UpdateRejected): the buffer its payload goes into.
+        offset > 0 resumes a broken-off upload of the same task from that byte, into the buffer kept."""
+        s = self._state.get(device_id)
+        if s is None:
+            raise UpdateRejected(Refusal.PRECONDITION, f"device {device_id} was not sampled in round {self.number}")
+        if not self._open or self.full:
+            raise UpdateRejected(Refusal.PRECONDITION, self.closed_reason())
+        if s is _S.ACCEPTED:
+            raise UpdateRejected(Refusal.EXISTS, f"device {device_id} already uploaded for round {self.number}")
+        if s is _S.UPLOADING:
+            raise UpdateRejected(Refusal.EXISTS, f"device {device_id} has an upload for round {self.number} in progress")
+        self.check_task_id(device_id, task_id)
+        if _S.UPLOADING not in _MOVES[s]:
+            raise UpdateRejected(Refusal.PRECONDITION, f"device {device_id} is {s.value} in round {self.number}")
+        held = self._partial.get(device_id)
+        if offset:
+            have = held[2] if held is not None and held[0] == task_id and len(held[1]) == payload_bytes else 0
+            if have != offset:
+                raise UpdateRejected(Refusal.PRECONDITION, f"resume at byte {offset}, but the server holds {have} "
+                                                           f"bytes of this upload (ask UploadOffset)")
+            buf = held[1]
+        else:  # one buffer of the declared size, filled in place (calloc'd: a false claim costs nothing)
+            buf = bytearray(payload_bytes)
+            self.record.devices[device_id].upload_started_at = self._now()
+        self._partial.pop(device_id, None)
+        self._move(device_id, _S.UPLOADING)
+        return buf
+
+    def upload_broke(self, device_id: str, task_id: str, buf: bytearray, got: int, wire_bytes: int) -> None:
+        """The upload broke off after `got` payload bytes: they are kept until the round closes, for a resume."""
+        self._move(device_id, _S.BROKEN_OFF)
+        if self._open:
+            self._partial[device_id] = (task_id, buf, got)
+        self.record.devices[device_id].bytes_up += wire_bytes
 
     def check_task_id(self, device_id: str, task_id: str) -> None:
         """An upload must answer a task handed to its device in this round whose update was not yet accepted
         (a replayed, another round's or another device's id is refused)."""
         if task_id not in self._task_ids.get(device_id, ()):
-            raise UpdateRejected("precondition", f"round {self.number}: the upload's task id {task_id[:16]!r} was not "
-                                                 f"handed to device {device_id} in this round, or its update was "
-                                                 f"accepted already")
-
-    @property
-    def full(self) -> bool:
-        """K updates have been accepted: nothing more is needed (the rest of an over-selected sample is late)."""
-        return len(self.done) >= self.target
+            raise UpdateRejected(Refusal.PRECONDITION, f"round {self.number}: the upload's task id {task_id[:16]!r} "
+                                                       f"was not handed to device {device_id} in this round, or its "
+                                                       f"update was accepted already")
 
     def check(self, device_id: str, payload: bytes, num_examples: int) -> dict[str, np.ndarray]:
-        """The dense delta of an upload checked against this device's own plan, or UpdateRejected."""
+        """The dense delta of an upload checked against this device's own plan, or UpdateRejected. Only reads:
+        a driver may run it outside its lock."""
         self.engine.check_examples(device_id, num_examples)
         return self.engine.decode_update(self.plans[device_id], payload)
 
     def accept(self, device_id: str, delta: dict[str, np.ndarray], num_examples: int, train_loss: float,
                times: PhaseTimes, wire_bytes: int, evaluation: tuple[int, float, float] = (0, 0.0, 0.0)) -> None:
-        """`evaluation`: (examples, loss, accuracy) of the device's federated evaluation, if it ran one."""
+        """Aggregate a checked upload. If the round closed or filled while it was checked, the upload is
+        rejected instead (UpdateRejected). `evaluation`: (examples, loss, accuracy) of the device's federated
+        evaluation, if it ran one."""
+        if not self._open or self.full:
+            self.reject(device_id, self.closed_reason(), wire_bytes)
+            raise UpdateRejected(Refusal.PRECONDITION, self.closed_reason())
+        self._move(device_id, _S.ACCEPTED)
         aggregator = self.engine.aggregator
         self.agg.add(aggregator.clip(delta), aggregator.weight(self.engine.counted_examples(device_id, num_examples)))
-        self.done.add(device_id)
+        self._done.add(device_id)
         self._task_ids.pop(device_id, None)  # every id it was given is spent
         rec = self.record.devices[device_id]
         rec.status, rec.error = "completed", ""
         rec.num_examples, rec.train_loss, rec.bytes_up = num_examples, train_loss, rec.bytes_up + wire_bytes
         rec.download_s, rec.train_s, rec.encode_s, rec.upload_s = (times.download_s, times.train_s,
                                                                     times.encode_s, times.upload_s)
-        rec.upload_done_at = time.time() - self.record.started_at
+        rec.upload_done_at = self._now()
         rec.update_norm = global_norm(delta)
         rec.eval_examples, rec.eval_loss, rec.eval_accuracy = evaluation
 
     def reject(self, device_id: str, message: str, wire_bytes: int) -> None:
+        """The device's upload was refused (it may fetch its task again)."""
+        self._move(device_id, _S.REJECTED)
         rec = self.record.devices[device_id]
         rec.status, rec.error = "rejected", message
         rec.bytes_up += wire_bytes
+
+    def closed_reason(self) -> str:
+        if self.full and self.target < len(self.sampled):
+            return f"round {self.number} closed: its {self.target} updates have arrived (over-selection)"
+        return f"round {self.number} has closed (deadline passed, or every device it waited for went offline)"
+
+    def close(self) -> None:
+        """No more uploads. A sampled device that never delivered is `late` when the round had its K updates
+        without it (over-selection), `dropped` otherwise; a refused one stays `rejected`. (An upload still
+        being received is refused when it ends: accept() sees the round closed.)"""
+        if not self._open:
+            return
+        self._open = False
+        for d in self.sampled:
+            if self._state[d] in (_S.SAMPLED, _S.TASKED, _S.BROKEN_OFF):
+                self._state[d] = _S.LATE if self.full else _S.DROPPED
+                self.record.devices[d].status = "late" if self.full else "dropped"
+        self._partial.clear()
 
     def measured_devices(self) -> dict:
         """ServerState.devices after this round: link rates and bytes per sent entry of every device that
         delivered, measured on this round's transfers (upload: the server's clock, first to last chunk;
         download: the device's report), merged over what earlier rounds measured."""
         out = {d: dict(v) for d, v in self.state.devices.items()}
-        for d in self.done:
+        for d in self._done:
             rec, plan = self.record.devices[d], self.plans[d]
             info = out.setdefault(d, {})
             if rec.upload_s > 0 and rec.bytes_up > 0:
@@ -156,14 +343,6 @@ class Round:
                 info["down_bytes_per_entry"] = rec.bytes_down / max(1, topk_count(plan.entries,
                                                                                   plan.instruction.download_density))
         return out
-
-    def close(self) -> None:
-        """No more uploads. A sampled device that never delivered is `late` when the round had its K updates
-        without it (over-selection), `dropped` otherwise."""
-        self.open = False
-        for d in self.sampled:
-            if d not in self.done and self.record.devices[d].status == "sampled":
-                self.record.devices[d].status = "late" if self.full else "dropped"
 
 
 class RoundEngine:
@@ -182,11 +361,11 @@ class RoundEngine:
         claims. Own data: a device must have trained on something (the count is capped when weighted)."""
         if self.run.data.mode == "own":
             if num_examples < 1:
-                raise UpdateRejected("invalid", f"num_examples {num_examples}: an update must come from >= 1 example")
+                raise UpdateRejected(Refusal.INVALID, f"num_examples {num_examples}: an update must come from >= 1 example")
             return
         expected = self.partition_sizes[int(device_id)]
         if num_examples != expected:
-            raise UpdateRejected("invalid", f"num_examples {num_examples} != {expected}, the size of device "
+            raise UpdateRejected(Refusal.INVALID, f"num_examples {num_examples} != {expected}, the size of device "
                                             f"{device_id}'s partition")
 
     def counted_examples(self, device_id: str, num_examples: int) -> int:
@@ -221,43 +400,43 @@ class RoundEngine:
         try:
             tensors = codec.decode_bundle(payload, max_elements=max(1, plan.entries))
         except codec.CodecError as e:
-            raise UpdateRejected("invalid", f"payload: {e}") from None
+            raise UpdateRejected(Refusal.INVALID, f"payload: {e}") from None
         missing = sorted(set(plan.shapes) - set(tensors))
         extra = sorted(set(tensors) - set(plan.shapes))
         if extra:
-            raise UpdateRejected("invalid", f"unknown tensor name(s) {extra[:3]} (this round trains {len(plan.shapes)} tensors)")
+            raise UpdateRejected(Refusal.INVALID, f"unknown tensor name(s) {extra[:3]} (this round trains {len(plan.shapes)} tensors)")
         if missing:
-            raise UpdateRejected("invalid", f"missing tensor(s) {missing[:3]}")
+            raise UpdateRejected(Refusal.INVALID, f"missing tensor(s) {missing[:3]}")
         rule = plan.task.upload
         total_nnz = 0
         delta = {}
         for name, t in tensors.items():
             shape = tuple(t.shape)
             if shape != plan.shapes[name]:
-                raise UpdateRejected("invalid", f"tensor {name}: shape {shape} != expected {plan.shapes[name]}")
+                raise UpdateRejected(Refusal.INVALID, f"tensor {name}: shape {shape} != expected {plan.shapes[name]}")
             expected_form = self._expected_form(plan, name)
             if not isinstance(t, expected_form):
-                raise UpdateRejected("invalid", f"tensor {name}: sent as {type(t).__name__}, this round expects "
+                raise UpdateRejected(Refusal.INVALID, f"tensor {name}: sent as {type(t).__name__}, this round expects "
                                                 f"{expected_form.__name__} ({rule.format.name} upload)")
             if isinstance(t, codec.Masked):
                 s = plan.task.structure
                 if t.seed != s.mask_seed or not math.isclose(t.density, s.mask_density, rel_tol=0, abs_tol=1e-12):
-                    raise UpdateRejected("invalid", f"tensor {name}: mask (seed {t.seed}, density {t.density}) is "
+                    raise UpdateRejected(Refusal.INVALID, f"tensor {name}: mask (seed {t.seed}, density {t.density}) is "
                                                     f"not this round's (seed {s.mask_seed}, density {s.mask_density})")
             if isinstance(t, codec.Sparse):
                 total_nnz += len(t.indices)
             try:
                 delta[name] = codec.to_dense(name, t)
             except codec.CodecError as e:
-                raise UpdateRejected("invalid", f"tensor {name}: {e}") from None
+                raise UpdateRejected(Refusal.INVALID, f"tensor {name}: {e}") from None
             peak = float(np.abs(delta[name]).max()) if delta[name].size else 0.0
             if peak > self.run.server.max_update_abs:
-                raise UpdateRejected("invalid", f"tensor {name}: |delta| reaches {peak:.3g}, above "
+                raise UpdateRejected(Refusal.INVALID, f"tensor {name}: |delta| reaches {peak:.3g}, above "
                                                 f"server.max_update_abs = {self.run.server.max_update_abs:g}")
         if rule.format == UploadFormat.TOPK:
             k = topk_count(plan.entries, rule.density)
             if total_nnz > k:
-                raise UpdateRejected("invalid", f"top-k upload carries {total_nnz} entries; this device's plan "
+                raise UpdateRejected(Refusal.INVALID, f"top-k upload carries {total_nnz} entries; this device's plan "
                                                 f"({plan.instruction.describe()}) allows {k}")
         return delta
 
@@ -272,12 +451,12 @@ class RoundEngine:
 
     def finish(self, state: ServerState, agg, rng_state: dict, devices: dict | None = None
                ) -> tuple[ServerState, ServerState | None]:
-        """Aggregate what arrived (None = round abandoned: weights unchanged) and let the method step.
+        """Aggregate what arrived and let the method step (an abandoned round never gets here: ServerRun).
         Returns the new state, and the aggregated state before a stage switch replaced it (SLoRA's priming),
         so the round can report the accuracy on both sides; None when no stage ended."""
         aggregated = False
         params, opt_state = state.params, state.opt_state
-        if agg is not None and agg.count:
+        if agg.count:
             params, opt_state = self.aggregator.finish(params, agg, opt_state, state.round + 1)
             aggregated = all(np.isfinite(v).all() for v in params.values())
             if not aggregated:  # never commit a broken model

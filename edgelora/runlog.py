@@ -236,6 +236,16 @@ class RunFolder:
         self.plot(rows)
         self.plot_round_time(rows)
 
+    def append_abandoned(self, rec: RoundRecord, in_a_row: int, limit: int, needed: int) -> None:
+        """An abandoned round: its record in RUN_DIR/abandoned.jsonl (what it sampled and spent), a line in the
+        round table; metrics.jsonl keeps rounds that counted."""
+        row = rec.to_json()
+        with open(self.path / "abandoned.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.echo(f"round {rec.round} abandoned: {rec.completed} of {rec.sampled} devices reported, {needed} needed "
+                  f"(server.min_devices); it runs again ({in_a_row} of {limit} in a row, "
+                  f"server.max_abandoned_rounds)")
+
     def drop_rows_after(self, round_id: int) -> None:
         rows = [r for r in self.records() if r["round"] <= round_id]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))

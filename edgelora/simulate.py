@@ -12,19 +12,50 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .config import RunConfig
 from .configtools import ConfigError
 from .device import DeviceHost, DeviceTrainer, DownloadError
-from .engine import DevicePlan, UpdateRejected
-from .protos import edgelora_pb2 as pb
+from .engine import DeviceState, Round, UpdateRejected
 from .protos import serde
-from .rounds import ServerRun
+from .server_run import ServerRun
 from .state import ServerState
-from .tasks import DeviceInfo, PhaseTimes, Task, Update
+from .tasks import DeviceInfo, Task, Update
+
+Job = tuple[str, Task, bytes, float]  # (device id, its task as parsed, its download payload, download seconds)
 
 log = logging.getLogger("edgelora.simulate")
+
+
+class SequentialDevices:
+    """Runs each virtual device in this process, one after another, when its turn comes: a device past the
+    round's K-th accepted update (over-selection) never trains."""
+
+    def __init__(self, run: RunConfig, torch_device: str = "cpu") -> None:
+        self.run = run
+        self.host = DeviceHost(run.model, torch_device)  # where the virtual devices train
+        self.trainers: dict[str, DeviceTrainer] = {}  # created on first use; keeps FLASC error-feedback residuals
+
+    def trainer(self, device_id: str) -> DeviceTrainer:
+        if device_id not in self.trainers:
+            self.trainers[device_id] = DeviceTrainer(device_id, self.host, self.run.data)
+        return self.trainers[device_id]
+
+    def train(self, jobs: Iterable[Job]) -> Iterator[tuple[str, Update | Exception]]:
+        """Each job's update (or why the device could not deliver one), in the jobs' order."""
+        for d, task, payload, download_s in jobs:
+            try:
+                yield d, self.trainer(d).run(task, payload, download_s)
+            except DownloadError as e:
+                yield d, e
+
+    def accepted(self, device_id: str) -> None:
+        self.trainer(device_id).accepted()
+
+    def close(self) -> None:
+        pass
 
 
 class Simulator(ServerRun):
@@ -39,41 +70,8 @@ class Simulator(ServerRun):
         if self.state.finished and self.state.round < run.server.rounds:  # --rounds extends a finished run
             self.state = self.state.replace(finished=False)
         self.devices = [str(i) for i in range(run.data.num_devices)]  # every virtual device is always live
-        self.device_host = DeviceHost(run.model, torch_device)  # where the virtual devices train
-        self.trainers: dict[str, DeviceTrainer] = {}  # created on first use; keeps FLASC error-feedback residuals
+        self.runner = make_runner(run, torch_device)  # how the devices train: here, or in Ray actors
         self.progress = progress
-
-    def trainer(self, device_id: str) -> DeviceTrainer:
-        if device_id not in self.trainers:
-            self.trainers[device_id] = DeviceTrainer(device_id, self.device_host, self.run.data)
-        return self.trainers[device_id]
-
-    # -- the wire, without sockets ---------------------------------------------------------------------------
-    def send_task(self, task: Task, plan: DevicePlan) -> tuple[Task, bytes, int]:
-        """What FetchTask streams: header + payload chunks; returns what the device parses and the bytes."""
-        header = serde.task_to_proto(task, len(plan.payload))
-        wire, task, parts = 0, None, []
-        for msg in serde.chunks(header, pb.TaskChunk, plan.payload, self.run.server.chunk_bytes):
-            wire += msg.ByteSize()
-            got = pb.TaskChunk.FromString(msg.SerializeToString())
-            if got.WhichOneof("part") == "header":
-                task = serde.task_from_proto(got.header)
-            else:
-                parts.append(got.data)
-        return task, b"".join(parts), wire
-
-    def send_update(self, update: Update) -> tuple[bytes, int, int, PhaseTimes, str]:
-        """What SubmitUpdate receives: header + payload chunks (as EdgeClient.submit builds them)."""
-        header = serde.update_header_to_proto(update)
-        wire, parts, h = 0, [], None
-        for msg in serde.chunks(header, pb.UpdateChunk, update.payload, self.run.server.chunk_bytes):
-            wire += msg.ByteSize()
-            got = pb.UpdateChunk.FromString(msg.SerializeToString())
-            if got.WhichOneof("part") == "header":
-                h = got.header
-            else:
-                parts.append(got.data)
-        return b"".join(parts), wire, h.num_examples, serde.times_from_proto(h.times), h.task_id
 
     # -- emulated links ---------------------------------------------------------------------------------------
     @staticmethod
@@ -91,7 +89,9 @@ class Simulator(ServerRun):
                           declared_downlink_bps=self._rate(cfg.simulated_downlink_mbps, device_id))
 
     # -- rounds ---------------------------------------------------------------------------------------------
-    def run_rounds(self) -> ServerState:
+    def run_rounds(self, stop: Callable[[], bool] = lambda: False, on_round: Callable[[], None] | None = None
+                   ) -> ServerState:
+        """Rounds until the run is finished or `stop()` says so (checked between rounds)."""
         from tqdm.auto import tqdm
 
         cfg = self.run.server
@@ -99,40 +99,68 @@ class Simulator(ServerRun):
                    unit="round", disable=not self.progress, leave=False)
         if self.progress:  # the round table goes above the bar, not onto its line
             self.folder.echo = bar.write
-        while not self.state.finished:
-            self.run_one_round()
-            bar.update(1)
-        bar.close()
+        try:
+            while not self.state.finished and not stop():
+                self.run_one_round()
+                bar.update(1)
+                if on_round is not None:
+                    on_round()
+        finally:
+            bar.close()
+            self.runner.close()
         return self.state
 
-    def run_one_round(self) -> None:
-        rnd = self.open_round(self.devices)
-        for d in rnd.sampled:  # aggregated in sampled (numeric id) order, as one client hosting them all uploads
-            if rnd.full:  # over-selection: K updates arrived; the rest of the sample is late
-                break
-            r = rnd.record.devices[d]
-            r.task_sent_at = time.time() - rnd.record.started_at
+    def _jobs(self, rnd: Round) -> Iterator[Job]:
+        """Every sampled device fetches its task when the round opens, as over gRPC (an over-selected device
+        that turns out late has downloaded too); the runner then takes them in sampled order until the round
+        has its K updates."""
+        jobs = []
+        for d in rnd.sampled:
             t0 = time.perf_counter()
-            task, payload, r.bytes_down = self.send_task(rnd.hand_out(d), rnd.plans[d])
-            down_s = self._link_seconds(self.run.server.simulated_downlink_mbps, d, r.bytes_down)
-            try:
-                update = self.trainer(d).run(task, payload, time.perf_counter() - t0 if down_s is None else down_s)
-            except DownloadError as e:
-                r.status, r.error = "dropped", str(e)
+            task, payload, nbytes = serde.task_through_the_wire(rnd.hand_out(d), rnd.plans[d].payload,
+                                                                self.run.server.chunk_bytes)
+            rnd.downloaded(d, nbytes, finished=True)
+            down_s = self._link_seconds(self.run.server.simulated_downlink_mbps, d, nbytes)
+            jobs.append((d, task, payload, time.perf_counter() - t0 if down_s is None else down_s))
+        for job in jobs:
+            if rnd.full:  # over-selection: K updates arrived; the rest of the sample is late
+                return
+            yield job
+
+    def run_one_round(self) -> None:
+        """One round, its updates accepted in sampled (numeric id) order, as one client hosting them all
+        uploads: the order, and so the aggregate, is the same whichever runner trained them."""
+        rnd = self.open_round(self.devices)
+        for d, result in self.runner.train(self._jobs(rnd)):
+            if rnd.full:
+                break
+            if isinstance(result, Exception):  # it could not decode its download, or its worker died
+                rnd.drop(d, str(result))
                 continue
-            body, bytes_up, num_examples, times, task_id = self.send_update(update)
+            update, bytes_up = serde.update_through_the_wire(result, self.run.server.chunk_bytes)
+            times = update.times  # upload_s stays 0 (the header leaves it out: the server measures it) unless:
             up_s = self._link_seconds(self.run.server.simulated_uplink_mbps, d, bytes_up)
             if up_s is not None:  # what the server's clock would read behind that uplink
                 times = dataclasses.replace(times, upload_s=up_s)
-            try:
-                rnd.check_task_id(d, task_id)
-                delta = rnd.check(d, body, num_examples)
+            try:  # the coordinator's acceptance rules, in the same order
+                rnd.begin_upload(d, update.task_id, len(update.payload))
+                delta = rnd.check(d, update.payload, update.num_examples)
             except UpdateRejected as e:
-                rnd.reject(d, e.message, bytes_up)
+                if rnd.state_of(d) is DeviceState.UPLOADING:  # refused at begin_upload: no record, as over gRPC
+                    rnd.reject(d, e.message, bytes_up)
                 continue
-            rnd.accept(d, delta, num_examples, update.train_loss, times, bytes_up)
-            self.trainer(d).accepted()
+            rnd.accept(d, delta, update.num_examples, update.train_loss, times, bytes_up)
+            self.runner.accepted(d)
         self.state = self.close_round(rnd)
+
+
+def make_runner(run: RunConfig, torch_device: str = "cpu"):
+    """The simulation's device runner for simulate.backend."""
+    if run.simulate.backend == "ray":
+        from .ray_backend import RayDevices
+
+        return RayDevices(run, torch_device)
+    return SequentialDevices(run, torch_device)
 
 
 def simulate(run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,

@@ -39,6 +39,10 @@ class ServerState:
         return dataclasses.replace(self, **kw)
 
 
+class RoundsAbandoned(RuntimeError):
+    """server.max_abandoned_rounds rounds in a row were abandoned: the run stops, its state saved."""
+
+
 _GROUPS = ("params", "opt_state", "method_state")
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import signal
 import time
 from dataclasses import dataclass, field
@@ -174,16 +175,20 @@ def check_same_config(folder: Path, run: RunConfig, name: str) -> None:
 
 
 class Budget:
-    def __init__(self, max_minutes: float | None) -> None:
-        self.deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+    """--max-minutes, as a wall-clock deadline (time.time(): it travels to a sweep's Ray workers)."""
+
+    def __init__(self, max_minutes: float | None = None, deadline: float | None = None) -> None:
+        self.deadline = time.time() + max_minutes * 60 if max_minutes else deadline
 
     def spent(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return self.deadline is not None and time.time() >= self.deadline
 
 
 def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progress: bool = True,
-              only: list[str] | None = None, device: str = "cpu", tensorboard: bool = False) -> dict[str, str]:
-    """Run (or continue) every run of the sweep; returns {run name: finished | stopped | skipped}."""
+              only: list[str] | None = None, device: str = "cpu", tensorboard: bool = False,
+              backend: str = "sequential", ray_address: str = "", run_cpus: float = 1.0) -> dict[str, str]:
+    """Run (or continue) every run of the sweep; returns {run name: finished | stopped | skipped}.
+    backend = "ray": the runs that are left run as Ray tasks of run_cpus CPUs each, across the cluster."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -201,6 +206,7 @@ def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progres
                dynamic_ncols=True)
     status: dict[str, str] = {}
     try:
+        left = []
         for i, spec in enumerate(specs, 1):
             run, folder = configs[spec.name], run_dir(out, spec)
             check_same_config(folder, run, spec.name)
@@ -210,8 +216,13 @@ def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progres
             if budget.spent():
                 status[spec.name] = "stopped"
                 continue
+            if backend == "ray":
+                left.append(spec)
+                continue
             bar.write(f"[{i}/{len(specs)}] {spec.name} ({spec.mode}, {run.server.rounds} rounds) -> {folder}")
             status[spec.name] = _run_one(spec, run, folder, budget, bar, device, tensorboard)
+        if left:
+            status.update(_run_on_ray(sweep, left, out, budget, bar, device, ray_address, run_cpus))
     finally:
         bar.close()
     return status
@@ -233,16 +244,61 @@ def _run_one(spec: RunSpec, run: RunConfig, folder: Path, budget: Budget, bar, d
     sim.folder.echo = bar.write
     if tensorboard:
         sim.folder.log_to_tensorboard()
-    while not sim.state.finished:
-        if budget.spent():
-            return "stopped"
-        sim.run_one_round()
-        bar.update(1)
-    return "finished"
+    sim.run_rounds(stop=budget.spent, on_round=lambda: bar.update(1))
+    return "finished" if sim.state.finished else "stopped"
+
+
+class _Quiet:
+    """A progress bar's write/update for a run inside a Ray worker: its round table goes to the worker's log."""
+
+    def write(self, line: str) -> None:
+        logging.getLogger("edgelora.sweep").info("%s", line)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _run_remote(sweep_path: str, name: str, out: str, deadline: float | None, device: str, threads: int) -> str:
+    """One run of a sweep, in a Ray worker: the sweep file and the out folder must be at the same paths there
+    (one machine, or a shared filesystem)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sweep = load_sweep(sweep_path)
+    spec = next(s for s in sweep.runs if s.name == name)
+    return _run_one(spec, spec.config(), run_dir(Path(out), spec), Budget(deadline=deadline), _Quiet(), device, False)
+
+
+def _run_on_ray(sweep: Sweep, specs: list[RunSpec], out: Path, budget: Budget, bar, device: str, ray_address: str,
+                run_cpus: float) -> dict[str, str]:
+    """Every run left as a Ray task (resources: run_cpus CPUs; its torch threads, rounded down, at least 1);
+    the bar moves as runs finish. Each run is still an ordinary run folder, resumable as before."""
+    from .ray_backend import start_ray
+
+    ray, owns = start_ray(ray_address)
+    try:
+        task = ray.remote(num_cpus=run_cpus, num_gpus=1 if device == "cuda" else 0)(_run_remote)
+        threads = max(1, int(run_cpus))
+        refs = {task.remote(str(sweep.path.resolve()), s.name, str(out.resolve()), budget.deadline, device, threads): s
+                for s in specs}
+        bar.write(f"ray: {len(refs)} runs as tasks of {run_cpus:g} CPUs "
+                  f"({ray.cluster_resources().get('CPU', 0):g} CPUs in the cluster)")
+        status = {}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            spec = refs.pop(ready[0])
+            status[spec.name] = ray.get(ready[0])
+            bar.update(rounds_done(run_dir(out, spec)) if status[spec.name] == "finished" else 0)
+            bar.write(f"{spec.name}: {status[spec.name]} ({rounds_done(run_dir(out, spec))} rounds)")
+        return status
+    finally:
+        if owns:
+            ray.shutdown()
 
 
 def main_sweep(config: str, out: str | None, max_minutes: float | None, progress: bool = True,
-               device: str = "cpu", tensorboard: bool = False) -> int:
+               device: str = "cpu", tensorboard: bool = False, backend: str = "sequential",
+               ray_address: str = "", run_cpus: float = 1.0) -> int:
     sweep = load_sweep(config)
     out_dir = Path(out) if out else Path("runs") / "sweeps" / sweep.name
     print(f"edgelora sweep {sweep.name}: {len(sweep.runs)} runs -> {out_dir}"
@@ -250,7 +306,8 @@ def main_sweep(config: str, out: str | None, max_minutes: float | None, progress
     # SIGTERM ends a sweep like Ctrl-C: the round under way is lost, every completed round is on disk.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        status = run_sweep(sweep, out_dir, max_minutes, progress, device=device, tensorboard=tensorboard)
+        status = run_sweep(sweep, out_dir, max_minutes, progress, device=device, tensorboard=tensorboard,
+                           backend=backend, ray_address=ray_address, run_cpus=run_cpus)
     except KeyboardInterrupt:
         print(f"interrupted; finished rounds are saved in {out_dir} (run the same command to continue)",
               flush=True)

@@ -138,6 +138,56 @@ def chunks(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):
         yield chunk_cls(data=bytes(view[start:start + chunk_bytes]))
 
 
+def update_from_proto(h: pb.UpdateHeader, payload: bytes) -> Update:
+    return Update(device_id=h.device_id, round=h.round, num_examples=h.num_examples, payload=payload,
+                  train_loss=h.train_loss, times=times_from_proto(h.times), task_id=h.task_id,
+                  eval_examples=h.eval_examples, eval_loss=h.eval_loss, eval_accuracy=h.eval_accuracy)
+
+
+def task_to_bytes(task: Task, payload_bytes: int) -> bytes:
+    """A task header as bytes (a simulation's Ray worker parses it back with task_from_bytes)."""
+    return task_to_proto(task, payload_bytes).SerializeToString()
+
+
+def task_from_bytes(data: bytes) -> Task:
+    return task_from_proto(pb.TaskHeader.FromString(data))
+
+
+def update_header_to_bytes(update: Update) -> bytes:
+    return update_header_to_proto(update).SerializeToString()
+
+
+def update_from_bytes(header: bytes, payload: bytes) -> Update:
+    return update_from_proto(pb.UpdateHeader.FromString(header), payload)
+
+
+def _through_the_wire(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):
+    """What a stream of `chunks` delivers, without a socket: every message serialised and parsed back.
+    Returns (the header as received, the payload, wire bytes: the sum of each message's ByteSize())."""
+    wire, header, parts = 0, None, []
+    for msg in chunks(header_msg, chunk_cls, payload, chunk_bytes):
+        wire += msg.ByteSize()
+        got = chunk_cls.FromString(msg.SerializeToString())
+        if got.WhichOneof("part") == "header":
+            header = got.header
+        else:
+            parts.append(got.data)
+    return header, b"".join(parts), wire
+
+
+def task_through_the_wire(task: Task, payload: bytes, chunk_bytes: int) -> tuple[Task, bytes, int]:
+    """What FetchTask streams, as the device parses it: (task, payload, wire bytes)."""
+    header, body, wire = _through_the_wire(task_to_proto(task, len(payload)), pb.TaskChunk, payload, chunk_bytes)
+    return task_from_proto(header), body, wire
+
+
+def update_through_the_wire(update: Update, chunk_bytes: int) -> tuple[Update, int]:
+    """What SubmitUpdate receives, as the server parses it: (update, wire bytes)."""
+    header, body, wire = _through_the_wire(update_header_to_proto(update), pb.UpdateChunk, update.payload,
+                                           chunk_bytes)
+    return update_from_proto(header, body), wire
+
+
 # Refusals travel as a gRPC status plus a typed code in the trailing metadata, so a device decides by the
 # code (e.g. "unknown": register again) and never by the text of the message.
 REFUSAL_KEY = "edgelora-refusal"

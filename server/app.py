@@ -11,6 +11,7 @@ import grpc
 from edgelora.config import RunConfig
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos.channel import SERVER_OPTIONS
+from edgelora.state import RoundsAbandoned
 
 from .coordinator import Coordinator
 from .servicer import CHUNK_SLACK, RECEIVE_LIMIT, CoordinatorServicer
@@ -68,7 +69,7 @@ def serve(run: RunConfig, run_dir: Path, resume: bool = False, **kw) -> int:
         print(f"edgelora server listening on {run.server.host}:{port}; run folder {run_dir}", flush=True)
         try:
             state = coord.run_rounds()
-        except TimeoutError as e:
+        except (TimeoutError, RoundsAbandoned) as e:
             log.error("%s", e)
             return 2
         except KeyboardInterrupt:

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import grpc
 
+from edgelora.engine import Refusal
+from edgelora.protos import serde
+
 log = logging.getLogger("edgelora.server.auth")
 
 
@@ -43,9 +46,16 @@ def make_tokens(device_ids) -> str:
     return "[tokens]\n" + "".join(f'"{d}" = "{secrets.token_urlsafe(32)}"\n' for d in device_ids)
 
 
-def _deny(code: grpc.StatusCode, message: str):
+def _abort(context, code: Refusal, message: str):
+    from .servicer import STATUS
+
+    context.set_trailing_metadata(serde.refusal_metadata(code.value))
+    context.abort(STATUS[code], message)
+
+
+def _deny(code: Refusal, message: str):
     def abort(request, context):
-        context.abort(code, message)
+        _abort(context, code, message)
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
@@ -67,10 +77,10 @@ class DeviceTokenInterceptor(grpc.ServerInterceptor):
         if owner is None:
             why = "unknown device token" if auth else "missing device token (authorization: Bearer ...)"
             log.warning("%s refused: %s", details.method, why)
-            return _deny(grpc.StatusCode.UNAUTHENTICATED, why)
+            return _deny(Refusal.UNAUTHENTICATED, why)
         if claimed != owner:
             log.warning("%s refused: token of device %s used as %r", details.method, owner, claimed)
-            return _deny(grpc.StatusCode.PERMISSION_DENIED, f"this token may act only as device {owner}")
+            return _deny(Refusal.FORBIDDEN, f"this token may act only as device {owner}")
         return _bind_to_device(continuation(details), owner)
 
 
@@ -78,7 +88,7 @@ def _check(device_id: str, owner: str, context) -> None:
     if device_id and device_id != owner:
         why = f"this token may act only as device {owner}, not {device_id!r}"
         log.warning("request naming device %r refused: %s", device_id, why)  # every refusal is logged
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        _abort(context, Refusal.FORBIDDEN, why)
 
 
 def _bind_to_device(handler, owner: str):

@@ -10,20 +10,15 @@ from pathlib import Path
 
 from edgelora.config import RunConfig
 from edgelora.device import is_device_id, is_device_name
-from edgelora.engine import Round, UpdateRejected
+from edgelora.engine import Refusal, Round, UpdateRejected
 from edgelora.models import fingerprint_model, fingerprint_tokenizer
-from edgelora.rounds import ServerRun
+from edgelora.server_run import ServerRun
 from edgelora.state import ServerState
 from edgelora.tasks import DeviceInfo, PhaseTimes, Task
 
 from .registry import DeviceRegistry
 
 log = logging.getLogger("edgelora.server")
-
-# A device may fetch its round's task again (it reconnected, or its upload was refused), but not forever:
-# one that keeps failing would otherwise retrain in a loop until the deadline.
-MAX_TASKS_PER_ROUND = 3
-
 
 class Coordinator(ServerRun):
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False) -> None:
@@ -49,10 +44,10 @@ class Coordinator(ServerRun):
         """`links`: the (uplink, downlink) Mbit/s the device declares (0 = says nothing)."""
         if self.run.data.mode == "own":
             if not is_device_name(device_id):
-                raise UpdateRejected("invalid", f"device id {device_id!r} is not a name of 1-64 letters, digits, "
+                raise UpdateRejected(Refusal.INVALID, f"device id {device_id!r} is not a name of 1-64 letters, digits, "
                                                 f"'.', '_' or '-'")
         elif not is_device_id(device_id) or int(device_id) >= self.run.data.num_devices:
-            raise UpdateRejected("invalid", f"device id {device_id!r} is not a partition index in "
+            raise UpdateRejected(Refusal.INVALID, f"device id {device_id!r} is not a partition index in "
                                             f"0..{self.run.data.num_devices - 1}")
         if data_error:  # it will never train: logged, never sampled, and nobody waits for it
             log.error("device %s cannot load its data, and will not train: %s", device_id, data_error)
@@ -61,14 +56,14 @@ class Coordinator(ServerRun):
                 self.cond.notify_all()
             return
         if model_fp != self.model_fingerprint:
-            raise UpdateRejected("precondition", f"base model fingerprint differs: device {model_fp[:12]}, server "
+            raise UpdateRejected(Refusal.PRECONDITION, f"base model fingerprint differs: device {model_fp[:12]}, server "
                                                  f"{self.model_fingerprint[:12]} (other weights or head seed)")
         if tok_fp != self.tokenizer_fingerprint:
-            raise UpdateRejected("precondition", f"tokenizer fingerprint differs: device {tok_fp[:12]}, server "
+            raise UpdateRejected(Refusal.PRECONDITION, f"tokenizer fingerprint differs: device {tok_fp[:12]}, server "
                                                  f"{self.tokenizer_fingerprint[:12]}")
         tiers = self.engine.method.tiers()
         if tier is not None and not 0 <= tier < tiers:
-            raise UpdateRejected("invalid", f"device {device_id} gives tier {tier}, but this run plans for "
+            raise UpdateRejected(Refusal.INVALID, f"device {device_id} gives tier {tier}, but this run plans for "
                                             f"{tiers} tier(s): 0..{tiers - 1} (method.tiers)")
         if self.registry.register(device_id, hardware, versions, tier, *links):
             log.info("device %s registered (%s%s)", device_id, hardware, "" if tier is None else f", tier {tier}")
@@ -93,22 +88,18 @@ class Coordinator(ServerRun):
                     self._told(device_id)
                     return "stop", None, None
                 if self.stopping:  # unfinished: devices back off and reconnect to a resumed server
-                    raise UpdateRejected("unavailable", "the coordinator is shutting down; retry later")
+                    raise UpdateRejected(Refusal.UNAVAILABLE, "the coordinator is shutting down; retry later")
                 r = self.round
-                if r is not None and r.open and not r.full and device_id in r.sampled and device_id not in r.done \
-                        and device_id not in r.in_flight and r.handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND:
-                    task = r.hand_out(device_id)
-                    rec = r.record.devices[device_id]
-                    rec.task_sent_at = time.time() - r.record.started_at
-                    return "train", r, task
+                if r is not None and r.can_hand_out(device_id):
+                    return "train", r, r.hand_out(device_id)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return "wait", None, None
                 self.task_ready.wait(left)
 
-    def count_download(self, r: Round, device_id: str, nbytes: int) -> None:
+    def count_download(self, r: Round, device_id: str, nbytes: int, finished: bool = False) -> None:
         with self.cond:
-            r.record.devices[device_id].bytes_down += nbytes
+            r.downloaded(device_id, nbytes, finished)
 
     def begin_upload(self, device_id: str, round_id: int, task_id: str, payload_bytes: int = 0,
                      offset: int = 0) -> tuple[Round, bytearray]:
@@ -117,31 +108,10 @@ class Coordinator(ServerRun):
         self._known(device_id)
         with self.cond:
             r = self.round
-            if r is not None and r.number == round_id and (not r.open or r.full) and device_id in r.sampled:
-                raise UpdateRejected("precondition", self._closed(r))
-            if r is None or not r.open or r.number != round_id:
+            if r is None or r.number != round_id or (not r.open and r.state_of(device_id) is None):
                 current = r.number if r is not None and r.open else "none"
-                raise UpdateRejected("precondition", f"update for round {round_id}, but the open round is {current}")
-            if device_id not in r.sampled:
-                raise UpdateRejected("precondition", f"device {device_id} was not sampled in round {round_id}")
-            if device_id in r.done:
-                raise UpdateRejected("exists", f"device {device_id} already uploaded for round {round_id}")
-            if device_id in r.in_flight:
-                raise UpdateRejected("exists", f"device {device_id} has an upload for round {round_id} in progress")
-            r.check_task_id(device_id, task_id)
-            held = r.partial.pop(device_id, None)
-            if offset:
-                have = held[2] if held is not None and held[0] == task_id and len(held[1]) == payload_bytes else 0
-                if have != offset:
-                    if held is not None:
-                        r.partial[device_id] = held
-                    raise UpdateRejected("precondition", f"resume at byte {offset}, but the server holds {have} bytes "
-                                                         f"of this upload (ask UploadOffset)")
-                buf = held[1]
-            else:  # one buffer of the declared size, filled in place (calloc'd: a false claim costs nothing)
-                buf = bytearray(payload_bytes)
-            r.in_flight.add(device_id)
-            return r, buf
+                raise UpdateRejected(Refusal.PRECONDITION, f"update for round {round_id}, but the open round is {current}")
+            return r, r.begin_upload(device_id, task_id, payload_bytes, offset)
 
     def finish_upload(self, r: Round, device_id: str, payload: bytes | None, num_examples: int,
                       train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "",
@@ -149,30 +119,26 @@ class Coordinator(ServerRun):
         """Validate and aggregate an upload (payload None: the stream failed). Raises UpdateRejected."""
         try:
             if payload is None:
-                raise UpdateRejected("invalid", error or "upload failed")
+                raise UpdateRejected(Refusal.INVALID, error or "upload failed")
             with self._decoding:  # a few decodes at a time: memory stays bounded however many devices upload
                 delta = r.check(device_id, payload, num_examples)
         except UpdateRejected as e:
             with self.cond:
-                r.in_flight.discard(device_id)
                 r.reject(device_id, e.message, wire_bytes)
+                self.cond.notify_all()
             raise
         with self.cond:
-            r.in_flight.discard(device_id)
-            if not r.open or r.full:
-                r.reject(device_id, self._closed(r), wire_bytes)
-                raise UpdateRejected("precondition", self._closed(r))
-            r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes, evaluation)
+            try:
+                r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes, evaluation)
+            finally:
+                self.cond.notify_all()
             if self.run.server.save_updates:
                 self._save_update(r.number, device_id, payload, num_examples)
-            self.cond.notify_all()
 
     def keep_partial(self, r: Round, device_id: str, task_id: str, buf: bytearray, got: int, wire_bytes: int) -> None:
         """An upload broke off after `got` bytes: keep them until the round closes, for a resume."""
         with self.cond:
-            r.in_flight.discard(device_id)
-            r.partial[device_id] = (task_id, buf, got)
-            r.record.devices[device_id].bytes_up += wire_bytes
+            r.upload_broke(device_id, task_id, buf, got, wire_bytes)
             self.cond.notify_all()
 
     def upload_offset(self, device_id: str, round_id: int, task_id: str) -> int:
@@ -181,9 +147,8 @@ class Coordinator(ServerRun):
         with self.cond:
             r = self.round
             # The device may see its stream break before this server does: let the broken stream settle first.
-            self.cond.wait_for(lambda: r is None or device_id not in r.in_flight, timeout=30)
-            held = r.partial.get(device_id) if r is not None and r.number == round_id and r.open else None
-            return held[2] if held is not None and held[0] == task_id else 0
+            self.cond.wait_for(lambda: r is None or device_id not in r.uploading, timeout=30)
+            return r.held_bytes(device_id, task_id) if r is not None and r.number == round_id else 0
 
     # -- the driver ------------------------------------------------------------------------------------------
     def run_rounds(self) -> ServerState:
@@ -257,8 +222,8 @@ class Coordinator(ServerRun):
             else:
                 for device_id, plan in r.plans.items():
                     (d / f"download_{device_id}.elb").write_bytes(plan.payload)
-        r.deadline = time.monotonic() + cfg.round_deadline_s
         with self.cond:
+            r.start_clock(cfg.round_deadline_s)
             self.round = r
             self._notify_all()
         log.info("round %d: sampled %s", r.number, r.sampled)
@@ -275,10 +240,10 @@ class Coordinator(ServerRun):
             log.warning("round %d interrupted; it re-runs on --resume", r.number)
             return
         if len(r.done) < cfg.min_devices:
-            log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d)", r.number,
-                        len(r.done), len(r.sampled), cfg.min_devices)
+            log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d); it runs again",
+                        r.number, len(r.done), len(r.sampled), cfg.min_devices)
         new_state = self.close_round(r)
-        if self.metrics is not None:
+        if self.metrics is not None and new_state.round > self.state.round:
             self.metrics.round_closed(r.record, new_state)
         if new_state.finished:
             log.info("saved the final model in %s", self.folder.path)
@@ -290,17 +255,11 @@ class Coordinator(ServerRun):
     def _all_outstanding_offline(self, r: Round) -> bool:
         """No upload under way and every sampled device without an accepted one has stopped heartbeating."""
         live = set(self.registry.live())
-        return not r.in_flight and all(d in r.done or d not in live for d in r.sampled)
-
-    @staticmethod
-    def _closed(r: Round) -> str:
-        if r.full and r.target < len(r.sampled):
-            return f"round {r.number} closed: its {r.target} updates have arrived (over-selection)"
-        return f"round {r.number} has closed (deadline passed, or every device it waited for went offline)"
+        return not r.uploading and all(d in r.done or d not in live for d in r.sampled)
 
     def _known(self, device_id: str) -> None:
         if not self.registry.touch(device_id):
-            raise UpdateRejected("unknown", f"device {device_id!r} is not registered")
+            raise UpdateRejected(Refusal.UNKNOWN, f"device {device_id!r} is not registered")
 
     def _save_update(self, round_id: int, device_id: str, payload: bytes, num_examples: int) -> None:
         d = self.folder.path / "updates" / f"round_{round_id:04d}"

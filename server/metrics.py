@@ -14,9 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from edgelora.engine import DeviceState
 from edgelora.sampling import device_sort_key
 
 PHASES = ("download", "train", "encode", "upload")
+# /status's word for a device in the open round (DeviceState), where it is not the state's own name
+_STATUS_NAMES = {DeviceState.TASKED: "training", DeviceState.ACCEPTED: "uploaded"}
 
 
 class _Devices:
@@ -80,9 +83,9 @@ def status(coord) -> dict:
         devices = []
         for d in sorted(coord.registry.entries(), key=lambda e: device_sort_key(e.device_id)):
             mode = "live" if now - d.last_seen <= coord.registry.timeout_s else "offline"
-            if r is not None and r.open and d.device_id in r.sampled:
-                mode = ("uploaded" if d.device_id in r.done else "uploading" if d.device_id in r.in_flight
-                        else "training" if r.handed_out.get(d.device_id) else "sampled")
+            state_in_round = r.state_of(d.device_id) if r is not None and r.open else None
+            if state_in_round is not None:
+                mode = _STATUS_NAMES.get(state_in_round, state_in_round.value)
             devices.append({"device_id": d.device_id, "state": mode, "last_seen_s": round(now - d.last_seen, 1),
                             "tier": d.tier})
         open_round = r.number if r is not None and r.open else None

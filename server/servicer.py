@@ -6,7 +6,7 @@ import time
 
 import grpc
 
-from edgelora.engine import UpdateRejected
+from edgelora.engine import Refusal, UpdateRejected
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
@@ -21,20 +21,23 @@ log = logging.getLogger("edgelora.server")
 RECEIVE_LIMIT = 4 << 20
 CHUNK_SLACK = 64 * 1024
 
+# Each refusal code's gRPC status: the one table (server.auth uses the last two).
 STATUS = {
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "unknown": grpc.StatusCode.FAILED_PRECONDITION,
-    "exists": grpc.StatusCode.ALREADY_EXISTS,
-    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.UNKNOWN: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Refusal.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Refusal.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
 def _abort(coord: Coordinator, context: grpc.ServicerContext, e: UpdateRejected, what: str) -> None:
     log.warning("%s refused: %s", what, e.message)
     if coord.metrics is not None:
-        coord.metrics.refused(e.code)
+        coord.metrics.refused(e.code.value)
     context.set_trailing_metadata(serde.refusal_metadata(e.code))
     context.abort(STATUS[e.code], e.message)
 
@@ -78,31 +81,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return
         plan = r.plans[request.device_id]
         header = serde.task_to_proto(task, len(plan.payload))
-        header.deadline_s = max(0.0, r.deadline - time.monotonic())  # what is left of the round, not its length
         for chunk in serde.chunks(header, pb.TaskChunk, plan.payload, self.coord.run.server.chunk_bytes):
             self.coord.count_download(r, request.device_id, chunk.ByteSize())
             yield chunk
-        r.record.devices[request.device_id].download_done_at = time.time() - r.record.started_at
+        self.coord.count_download(r, request.device_id, 0, finished=True)
 
     def SubmitUpdate(self, request_iterator, context):
         cfg = self.coord.run.server
         try:
             first = next(request_iterator)
         except StopIteration:
-            _abort(self.coord, context, UpdateRejected("invalid", "empty upload stream: expected a header first"), "upload")
+            _abort(self.coord, context, UpdateRejected(Refusal.INVALID, "empty upload stream: expected a header first"), "upload")
         if first.WhichOneof("part") != "header":
-            _abort(self.coord, context, UpdateRejected("invalid", "upload stream must start with a header"), "upload")
+            _abort(self.coord, context, UpdateRejected(Refusal.INVALID, "upload stream must start with a header"), "upload")
         h = first.header
         what = f"upload from {h.device_id!r} for round {h.round}"
         if h.payload_bytes > cfg.max_upload_bytes:
-            _abort(self.coord, context, UpdateRejected("exhausted", f"declared payload of {h.payload_bytes} bytes exceeds the "
+            _abort(self.coord, context, UpdateRejected(Refusal.EXHAUSTED, f"declared payload of {h.payload_bytes} bytes exceeds the "
                                                         f"server's limit of {cfg.max_upload_bytes}"), what)
         try:
             r, buf = self.coord.begin_upload(h.device_id, h.round, h.task_id, h.payload_bytes, h.offset)
         except UpdateRejected as e:
             _abort(self.coord, context, e, what)
-        if not h.offset:
-            r.record.devices[h.device_id].upload_started_at = time.time() - r.record.started_at
         # The payload is held once, in the buffer of its declared size, never as chunks plus their join.
         got, error, wire, broken = h.offset, "", first.ByteSize(), False
         view = memoryview(buf)
@@ -114,14 +114,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     error = "upload stream carries a second header"
                     break
                 if not msg.data:  # an endless stream of empty chunks would hold the upload open forever
-                    raise UpdateRejected("invalid", "upload stream carries an empty data chunk")
+                    raise UpdateRejected(Refusal.INVALID, "upload stream carries an empty data chunk")
                 if len(msg.data) > cfg.chunk_bytes + CHUNK_SLACK:
-                    raise UpdateRejected("exhausted", f"upload chunk of {len(msg.data)} bytes exceeds server.chunk_bytes "
+                    raise UpdateRejected(Refusal.EXHAUSTED, f"upload chunk of {len(msg.data)} bytes exceeds server.chunk_bytes "
                                                       f"= {cfg.chunk_bytes} (+ {CHUNK_SLACK} bytes of slack)")
                 if not r.open:
-                    raise UpdateRejected("precondition", f"round {h.round} closed during the upload")
+                    raise UpdateRejected(Refusal.PRECONDITION, f"round {h.round} closed during the upload")
                 if got + len(msg.data) > h.payload_bytes:
-                    raise UpdateRejected("exhausted", f"stream carries more than the declared {h.payload_bytes} bytes")
+                    raise UpdateRejected(Refusal.EXHAUSTED, f"stream carries more than the declared {h.payload_bytes} bytes")
                 view[got:got + len(msg.data)] = msg.data
                 got += len(msg.data)
         except UpdateRejected as e:

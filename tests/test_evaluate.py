@@ -10,7 +10,7 @@ import pytest
 
 from edgelora.centralized import train_centralized
 from edgelora.configtools import ConfigError
-from edgelora.rounds import evaluate_run
+from edgelora.server_run import evaluate_run
 from edgelora.simulate import simulate
 
 from .conftest import REPO, cli

@@ -271,7 +271,7 @@ def test_a_deployment_trains_a_causal_lm_on_each_devices_own_text(tmp_path):
 
 
 def test_a_causal_lm_sweep_reports_perplexity_and_evaluate_rescores_it(tmp_path):
-    from edgelora.rounds import evaluate_run
+    from edgelora.server_run import evaluate_run
     from edgelora.report import write_report
     from edgelora.sweep import load_sweep, run_sweep
 

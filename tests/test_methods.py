@@ -358,3 +358,63 @@ def test_flasc_decay_settings_out_of_bounds_are_refused_at_load(field, value):
 
     with pytest.raises(ConfigError, match=f"method.{field}: must be"):
         load_config({"method": {"name": "flasc", field: value}})
+
+
+# Every bound a method config checks, with values on the wrong side of it (and the method that owns it).
+OUT_OF_BOUNDS = {
+    "bottleneck": ("houlsby", [0, -3]),
+    "lora.rank": ("lora", [0, -1]),
+    "lora.alpha": ("lora", [0.0, -1.0]),
+    "lora.dropout": ("lora", [-0.1, 1.0, 2.0]),
+    "download_density": ("flasc", [0.0, -0.5, 1.5]),
+    "upload_density": ("flasc", [0.0, 1.01]),
+    "tiers": ("flasc", [0, -2]),
+    "density_decay": ("flasc", [0.0, 1.5]),
+    "decay_every": ("flasc", [0, -1]),
+    "tier_densities": ("flasc", [[[0.5, 0.0]], [[1.5, 0.5]], [[0.5]]]),
+    "min_density/max_density": ("flasc", [{"min_density": 0.0}, {"max_density": 1.5},
+                                          {"min_density": 0.5, "max_density": 0.25}]),
+    "transfer_fraction": ("flasc", [0.0, 1.5]),
+    "density_policy": ("flasc", [{"density_policy": "deadline", "tiers": 2}]),
+    "density": ("sft", [0.0, 1.5, -1.0]),
+    "stage1_rounds": ("slora", [-1]),
+    "stage1_fraction": ("slora", [0.0, 1.0]),
+    "stage1_lr": ("slora", [-1e-3]),
+}
+
+
+def _method_with(name: str, key: str, bad):
+    if isinstance(bad, dict):
+        return {"name": name, **bad}
+    if key.startswith("lora."):
+        return {"name": name, "lora": {"rank": 4, "alpha": 8.0, key.split(".", 1)[1]: bad}}
+    return {"name": name, key: bad}
+
+
+@pytest.mark.parametrize("key", list(OUT_OF_BOUNDS))
+def test_every_bounded_method_field_is_refused_out_of_bounds_by_name(key):
+    name, values = OUT_OF_BOUNDS[key]
+    for bad in values:
+        raw = tiny_raw()
+        raw["method"] = _method_with(name, key, bad)
+        with pytest.raises(ConfigError, match=re.escape(f"method.{key}")):
+            load_config(raw)
+    raw = tiny_raw()
+    raw["method"] = {"name": "flora", "density": 0.5}
+    with pytest.raises(ConfigError, match="flora trains every weight"):
+        load_config(raw)
+
+
+def test_the_bounds_table_covers_every_check_in_the_method_configs():
+    """A bound added to a method config without a row above fails here."""
+    from .conftest import REPO
+
+    import ast
+
+    checked = set()
+    for path in (REPO / "edgelora" / "methods").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "check" and len(node.args) > 1 \
+                    and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("method."):
+                checked.add(node.args[1].value.removeprefix("method."))
+    assert checked == set(OUT_OF_BOUNDS), checked ^ set(OUT_OF_BOUNDS)

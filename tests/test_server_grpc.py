@@ -159,25 +159,46 @@ def test_bad_inputs_are_refused_and_the_round_goes_on(server):
     assert header.kind == pb.TaskHeader.STOP
 
 
-def test_round_without_enough_devices_is_abandoned_and_the_server_goes_on(server):
+def test_an_abandoned_round_runs_again_and_too_many_in_a_row_stop_the_run_with_its_state_saved(server):
+    """A round with fewer than min_devices updates does not count as one of server.rounds: the same round runs
+    again (a new sample, weights unchanged, no metrics row; abandoned.jsonl keeps its record), and after
+    max_abandoned_rounds in a row the run stops with RoundsAbandoned, its state on disk."""
+    from edgelora.state import RoundsAbandoned, load_state
+
     coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 2,
-                                          "round_deadline_s": 2.0})
-    w0, driver = start_rounds(coord, stub)
+                                          "round_deadline_s": 2.0, "max_abandoned_rounds": 2})
+    register(stub, coord, "0")
+    register(stub, coord, "1")
+    w0, rng0 = {k: v.copy() for k, v in coord.state.params.items()}, coord.state.rng
+    raised = []
+
+    def drive():
+        try:
+            coord.run_rounds()
+        except RoundsAbandoned as e:
+            raised.append(str(e))
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
     header, payload = fetch(stub, "0")
-    good, _ = delta_bundle(payload)
-    submit(stub, "0", 1, good)
-    # round 1 closes with 1 of 2 (< min_devices): abandoned, weights unchanged; round 2 starts anyway
+    submit(stub, "0", 1, delta_bundle(payload)[0])
+    # round 1 closes with 1 of 2 (< min_devices): abandoned, and round 1 opens again
     deadline = time.monotonic() + 30
-    while not (run_dir / "metrics.jsonl").read_text().strip() and time.monotonic() < deadline:
+    while not (run_dir / "abandoned.jsonl").exists():
+        assert time.monotonic() < deadline, "round 1 was never abandoned"
         time.sleep(0.1)
     header, _ = fetch(stub, "1", wait_s=20)
-    assert header.kind == pb.TaskHeader.TRAIN and header.round == 2
+    assert header.kind == pb.TaskHeader.TRAIN and header.round == 1
     driver.join(timeout=60)
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["aggregated"]) for r in recs] == [(1, False), (2, False)]
-    for k, v in coord.state.params.items():
+    assert not driver.is_alive()
+    assert raised and "round 1 was abandoned 2 times in a row (server.max_abandoned_rounds = 2)" in raised[0]
+    assert (run_dir / "metrics.jsonl").read_text() == ""
+    tries = [json.loads(l) for l in (run_dir / "abandoned.jsonl").read_text().splitlines()]
+    assert [(t["round"], t["completed"], t["aggregated"]) for t in tries] == [(1, 1, False), (1, 0, False)]
+    saved = load_state(run_dir)
+    assert saved.round == 0 and not saved.finished and saved.rng != rng0  # the sampler moved on
+    for k, v in saved.params.items():
         np.testing.assert_array_equal(v, w0[k])
-    assert coord.state.finished and coord.state.round == 2
 
 
 def test_over_selection_closes_at_the_kth_upload_and_refuses_the_next(server):
@@ -222,13 +243,14 @@ def test_a_round_whose_outstanding_devices_all_went_offline_closes_early(server)
     fetch(stub, "1")
     last_contact = time.monotonic()
     deadline = time.monotonic() + 30
-    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+    while not (run_dir / "abandoned.jsonl").exists():  # nobody delivered: the round is abandoned, to run again
         assert time.monotonic() < deadline, "round 1 never closed"
         time.sleep(0.1)
     closed_after = time.monotonic() - last_contact
     assert closed_after < 2 * 2.0 + 1.0  # within 2 x device_timeout_s (+1 s: the driver waits in 1 s steps)
-    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    row = json.loads((run_dir / "abandoned.jsonl").read_text().splitlines()[0])
     assert [x["status"] for x in row["devices"]] == ["dropped", "dropped"] and not row["aggregated"]
+    assert (run_dir / "metrics.jsonl").read_text() == "" and coord.state.round == 0
     coord.stop()
     driver.join(timeout=30)
 
@@ -268,7 +290,7 @@ def test_between_rounds_the_coordinator_waits_for_devices_to_return(server, capl
     import logging
 
     caplog.set_level(logging.WARNING, logger="edgelora.server")
-    coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 2,
+    coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 2, "min_devices": 2,
                                           "round_deadline_s": 20.0, "registration_timeout_s": 1.0,
                                           "heartbeat_s": 0.5, "device_timeout_s": 1.5})
     _, driver = start_rounds(coord, stub)
@@ -288,16 +310,18 @@ def test_between_rounds_the_coordinator_waits_for_devices_to_return(server, capl
         assert time.monotonic() < deadline, caplog.text
         time.sleep(0.1)
     time.sleep(1.5)
-    assert driver.is_alive() and coord.state.round == 1  # still waiting, well past registration_timeout_s
-    assert not json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["aggregated"]
+    assert driver.is_alive() and coord.state.round == 0  # still waiting, well past registration_timeout_s
+    assert (run_dir / "metrics.jsonl").read_text() == ""  # the abandoned round 1 is not a round of the run
+    assert json.loads((run_dir / "abandoned.jsonl").read_text())["completed"] == 1
     h, p = fetch(stub, "1")  # device 1 is back: any call counts as a heartbeat
     h0, p0 = fetch(stub, "0")
-    assert h.kind == h0.kind == pb.TaskHeader.TRAIN and h.round == 2
+    assert h.kind == h0.kind == pb.TaskHeader.TRAIN and h.round == 1  # round 1 again
     for d, payload in (("0", p0), ("1", p)):
-        submit(stub, d, 2, delta_bundle(payload, value=0.01)[0])
+        submit(stub, d, 1, delta_bundle(payload, value=0.01)[0])
     driver.join(timeout=30)
     quiet["0"].set()
-    assert coord.state.finished and coord.state.round == 2
+    assert coord.state.finished and coord.state.round == 1
+    assert [json.loads(l)["aggregated"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()] == [True]
 
 
 def test_an_oversized_chunk_is_refused_and_logged_with_the_real_reason(server, caplog):

@@ -88,15 +88,41 @@ def test_throttled_device_uploads_at_the_link_rate(tiny_config, tmp_path):
 def test_a_device_past_its_tasks_deadline_lets_the_round_go_instead_of_uploading(tiny_config, tmp_path):
     """Task.deadline_s is honoured on the device: a download slowed past the round's deadline (~52 kB at
     0.08 Mbit/s, ~3.6 s after the first 16 KiB of credit, against a 2.5 s deadline) means no upload at all,
-    not a late one the server refuses."""
+    not a late one the server refuses. The round is abandoned (max_abandoned_rounds = 1: the run stops)."""
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+    from edgelora.server.app import run_server
+    from edgelora.state import RoundsAbandoned
+
     run = tiny_config(server={"rounds": 1, "devices_per_round": 1, "min_registered": 1, "round_deadline_s": 2.5,
-                              "chunk_bytes": 16384},  # paced chunk by chunk
+                              "chunk_bytes": 16384, "max_abandoned_rounds": 1},  # paced chunk by chunk
                       method={"name": "lora", "lora": {"rank": 32, "alpha": 32.0}})
-    client = serve_one_client(run, tmp_path / "run", LinkThrottle(downlink_mbps=0.08))
+    stopped = []
+
+    with run_server(run, tmp_path / "run") as (coord, port):
+        def drive():
+            try:
+                coord.run_rounds()
+            except RoundsAbandoned as e:
+                stopped.append(str(e))
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        client = EdgeClient(ClientOptions(f"127.0.0.1:{port}", ["0"], progress=False, poll_s=2.0,
+                                          throttle=LinkThrottle(downlink_mbps=0.08)))
+        threading.Thread(target=client.run, daemon=True).start()
+        try:
+            driver.join(timeout=60)
+            deadline = time.monotonic() + 30
+            while client.late < 1 and time.monotonic() < deadline:  # the device gives up its task once trained
+                time.sleep(0.1)
+        finally:
+            client.close()
+    assert stopped and "abandoned 1 times in a row" in stopped[0]
     assert client.late == 1
-    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    row = json.loads((tmp_path / "run" / "abandoned.jsonl").read_text().splitlines()[0])
     dev = row["devices"][0]
     assert dev["status"] == "dropped" and dev["bytes_up"] == 0 and not row["aggregated"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
 
 
 def test_deadline_policy_gives_a_1_mbit_uplink_an_eighth_of_an_8_mbit_uplinks_density(tiny_config, tmp_path):

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from edgelora import codec
 
-from ..config import RunConfig
 from ..configtools import field
 from ..models import ModelHost, trainable_state
 from ..state import ServerState
 from ..tasks import DeviceInfo, Stage, Structure, Task, TrainSpec, UploadFormat, UploadRule
+
+if TYPE_CHECKING:  # config loads method configs (load_config), so methods never import config
+    from ..config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class Method:
         return trainable_state(host.build(self.structure(_probe(stage))))
 
     def after_round(self, state: ServerState, host: ModelHost, aggregated: bool) -> ServerState:
-        """Called after each round (aggregated False when the round was abandoned: weights unchanged)."""
+        """Called after each counted round (aggregated False when its aggregate was not finite: weights unchanged)."""
         return state
 
 

@@ -14,7 +14,7 @@ from .methods import ModelHost, make_method
 from .models import load_base_model, load_tokenizer
 from .runlog import RoundRecord, RunFolder, read_records
 from .sampling import sample_devices
-from .state import ServerState, load_state, save_state
+from .state import RoundsAbandoned, ServerState, load_state, save_state
 from .tasks import DeviceInfo
 from .task_types import Scores, task_type
 from .training import evaluate
@@ -38,6 +38,7 @@ class ServerRun:
         self.base = load_base_model(run.model)
         self.engine = RoundEngine(run, make_method(run), ModelHost(self.base, frozen=self.task.frozen_modules(run.model)))
         self.test = held_out_examples(run.data, run.model.task)
+        self.abandoned_in_a_row = 0  # not checkpointed: a resumed run gets max_abandoned_rounds tries again
         if resume:
             self.state = load_state(run_dir)
             self.folder.drop_rows_after(self.state.round)  # rows of a round whose state never landed
@@ -74,17 +75,19 @@ class ServerRun:
 
     def close_round(self, rnd: Round) -> ServerState:
         """Aggregate if enough devices reported, evaluate when due, then persist; returns the new state
-        (the caller installs it, the coordinator under its lock).
+        (the caller installs it, the coordinator under its lock). A round with fewer than server.min_devices
+        updates is abandoned: it does not count as one of server.rounds and runs again (see `_abandon`).
 
         Order matters for crash safety: the metrics row and the final model are written before the state, so
         a crash in between re-runs the round on resume (RunFolder drops rows past the saved round) instead of
         losing its row or its adapter."""
         cfg, state, rec = self.run.server, self.state, rnd.record
         rnd.close()
-        aggregated = rnd.agg.count >= cfg.min_devices
-        new_state, before_switch = self.engine.finish(state, rnd.agg if aggregated else None, rnd.rng_state,
-                                                      rnd.measured_devices())
-        rec.aggregated = aggregated and new_state.params is not state.params
+        if rnd.agg.count < cfg.min_devices:
+            return self._abandon(rnd)
+        self.abandoned_in_a_row = 0
+        new_state, before_switch = self.engine.finish(state, rnd.agg, rnd.rng_state, rnd.measured_devices())
+        rec.aggregated = new_state.params is not state.params
         rec.epsilon = self.engine.aggregator.privacy_spent(new_state.round)
         if len(self.test) and (new_state.round % cfg.eval_every == 0 or new_state.finished):
             rec.set_scores(self.evaluate(self.engine.model_for(new_state)))
@@ -100,6 +103,26 @@ class ServerRun:
                                                             self.run.model.max_seq_len, self.base.device,
                                                             self.run.server.samples, self.run.server.sample_tokens))
         save_state(new_state, self.folder.path)
+        return new_state
+
+    def _abandon(self, rnd: Round) -> ServerState:
+        """The round ends with the weights, the round count and the method's stage as they were; only the
+        sampler moves on (the next try draws afresh) and the links measured stay. Its record goes to
+        RUN_DIR/abandoned.jsonl (bytes spent included), not to metrics.jsonl. After max_abandoned_rounds in
+        a row the run stops with RoundsAbandoned, its state saved."""
+        cfg, rec = self.run.server, rnd.record
+        self.abandoned_in_a_row += 1
+        rec.aggregated = False
+        rec.close()
+        self.folder.append_abandoned(rec, self.abandoned_in_a_row, cfg.max_abandoned_rounds, cfg.min_devices)
+        new_state = self.state.replace(rng=rnd.rng_state, devices=rnd.measured_devices())
+        save_state(new_state, self.folder.path)
+        if self.abandoned_in_a_row >= cfg.max_abandoned_rounds:
+            self.state = new_state
+            raise RoundsAbandoned(f"round {rnd.number} was abandoned {self.abandoned_in_a_row} times in a row "
+                                  f"(server.max_abandoned_rounds = {cfg.max_abandoned_rounds}): the run stops after "
+                                  f"{new_state.round} rounds, its state saved in {self.folder.path}; continue it "
+                                  f"with --resume when devices are back")
         return new_state
 
 

@@ -1,0 +1,155 @@
+"""Simulated devices in Ray actors (`edgelora simulate --backend ray`, `[simulate] backend = "ray"`): Flower's
+RayActorClientProxy, on edgelora's one round loop (simulate.Simulator.run_one_round).
+
+Each actor hosts a model (edgelora.device.DeviceHost) and the devices pinned to it: device i trains on actor
+i mod workers, always, so per-device state (FLASC's error-feedback residuals) stays where it is. A round hands
+every sampled device its task at once, the actors train in parallel, and the simulator accepts the results in
+sampled order, exactly as the sequential runner produces them: the aggregate, and so the run, is the same bit
+for bit. What crosses Ray is protobuf and codec bytes (a task header, a download payload, an update header, an
+update payload) and the run's config as TOML text, nothing else.
+
+Without simulate.ray_address a local Ray starts on this machine and stops with the run; with one the run
+joins that cluster (`ray start --head`, then `ray start --address HEAD:PORT` on each node). On a cluster every
+node needs edgelora installed and the run's data (and model cache) at the same paths.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Iterable, Iterator
+
+from .config import RunConfig
+from .configtools import ConfigError
+from .tasks import Update
+
+log = logging.getLogger("edgelora.ray")
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("simulate.backend = ray: Ray is not installed (pip install 'edgelora[ray]')") from None
+    return ray
+
+
+def start_ray(address: str = ""):
+    """(ray, whether this call started it): joins `address` (a cluster), or starts a local Ray on this
+    machine, unless this process is in a Ray session already."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # devices' runs phone nowhere unless the user asks
+    ray = _ray()
+    if ray.is_initialized():
+        return ray, False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                 object_store_memory=256 << 20)
+    return ray, True
+
+
+class DeviceActor:
+    """One Ray worker: a model and the virtual devices pinned to it (made a Ray actor by RayDevices)."""
+
+    def __init__(self, run_toml: str, threads: int, torch_device: str) -> None:
+        import torch
+
+        from .config import load_config
+        from .simulate import SequentialDevices
+
+        torch.set_num_threads(threads)
+        self.devices = SequentialDevices(load_config(tomllib.loads(run_toml)), torch_device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def train(self, device_id: str, header: bytes, payload: bytes, download_s: float) -> tuple[bytes, bytes] | str:
+        """(update header, update payload) as protobuf and codec bytes, or why the download did not fit."""
+        from .device import DownloadError
+        from .protos import serde
+
+        task = serde.task_from_bytes(header)
+        try:
+            update = self.devices.trainer(device_id).run(task, payload, download_s)
+        except DownloadError as e:
+            return str(e)
+        return serde.update_header_to_bytes(update), update.payload
+
+    def accepted(self, device_id: str) -> None:
+        self.devices.accepted(device_id)
+
+
+class RayDevices:
+    """The simulator's device runner on Ray (the sequential one is simulate.SequentialDevices)."""
+
+    def __init__(self, run: RunConfig, torch_device: str = "cpu") -> None:
+        cfg = run.simulate
+        self.run = run
+        ray, self._owns_ray = start_ray(cfg.ray_address)
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        self.workers = cfg.workers or max(1, min(run.server.sampled_per_round, int(cpus // cfg.device_cpus)))
+        self.threads = max(1, int(cfg.device_cpus))
+        self.torch_device = "cuda" if cfg.device_gpus > 0 else torch_device
+        self._actor_cls = ray.remote(num_cpus=cfg.device_cpus, num_gpus=cfg.device_gpus)(DeviceActor)
+        self._toml = run.to_toml()
+        self.actors = [self._new_actor() for _ in range(self.workers)]
+        log.info("ray: %d actors x %g CPUs (%d torch threads), %g GPUs each", self.workers, cfg.device_cpus,
+                 self.threads, cfg.device_gpus)
+
+    def _new_actor(self):
+        return self._actor_cls.remote(self._toml, self.threads, self.torch_device)
+
+    def slot(self, device_id: str) -> int:
+        return int(device_id) % self.workers
+
+    def actor_pids(self) -> list[int]:
+        return _ray().get([a.pid.remote() for a in self.actors])
+
+    def actor_nodes(self) -> list[str]:
+        return _ray().get([a.node.remote() for a in self.actors])
+
+    def train(self, jobs: Iterable) -> Iterator[tuple[str, Update | Exception]]:
+        """Every job starts at once; results come back in the jobs' order. A device whose actor died yields
+        the error (the simulator drops it) and its actor is replaced for the next round."""
+        from .protos import serde
+
+        ray = _ray()
+        started = []
+        for d, task, payload, download_s in jobs:
+            header = serde.task_to_bytes(task, len(payload))
+            started.append((d, self.actors[self.slot(d)].train.remote(d, header, payload, download_s)))
+        dead: set[int] = set()
+        try:
+            for d, ref in started:
+                try:
+                    out = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    dead.add(self.slot(d))
+                    yield d, RuntimeError(f"its Ray worker died ({type(e).__name__})")
+                    continue
+                if isinstance(out, str):
+                    yield d, RuntimeError(out)
+                    continue
+                yield d, serde.update_from_bytes(*out)
+        finally:  # also when the round filled before every result was read
+            for i in sorted(dead):
+                log.warning("ray: actor %d died; a new one takes its devices (their error-feedback state starts "
+                            "afresh)", i)
+                self.actors[i] = self._new_actor()
+
+    def accepted(self, device_id: str) -> None:
+        self.actors[self.slot(device_id)].accepted.remote(device_id)
+
+    def close(self) -> None:
+        ray = _ray()
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self._owns_ray:
+            ray.shutdown()
