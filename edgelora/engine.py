@@ -128,7 +128,6 @@ class Round:
                                   devices={d: DeviceRecord(d) for d in sampled})
         self.agg = engine.aggregator.start()
         self._state = {d: DeviceState.SAMPLED for d in sampled}
-        self._done: set[str] = set()         # accepted, in the order they were
         self._handed_out: dict[str, int] = {}
         self._task_ids: dict[str, set[str]] = {}  # issued per device, until its update is accepted
         self._partial: dict[str, tuple[str, bytearray, int]] = {}  # broken-off uploads: (task id, buffer, bytes held)
@@ -150,12 +149,12 @@ class Round:
     @property
     def full(self) -> bool:
         """K updates have been accepted: nothing more is needed (the rest of an over-selected sample is late)."""
-        return len(self._done) >= self.target
+        return len(self.done) >= self.target
 
     @property
     def done(self) -> frozenset[str]:
         """Devices whose update was accepted."""
-        return frozenset(self._done)
+        return frozenset(d for d, s in self._state.items() if s is _S.ACCEPTED)
 
     @property
     def uploading(self) -> frozenset[str]:
@@ -173,7 +172,7 @@ class Round:
         """The device may be given its task now: the round wants it, it has no update in or under way, and it
         has not used up its MAX_TASKS_PER_ROUND."""
         s = self._state.get(device_id)
-        return (self._open and not self.full and s in (_S.SAMPLED, _S.TASKED, _S.BROKEN_OFF, _S.REJECTED)
+        return (self._open and not self.full and s is not None and _S.TASKED in _MOVES[s]
                 and self._handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND)
 
     def time_left(self) -> float:
@@ -289,7 +288,6 @@ class Round:
         self._move(device_id, _S.ACCEPTED)
         aggregator = self.engine.aggregator
         self.agg.add(aggregator.clip(delta), aggregator.weight(self.engine.counted_examples(device_id, num_examples)))
-        self._done.add(device_id)
         self._task_ids.pop(device_id, None)  # every id it was given is spent
         rec = self.record.devices[device_id]
         rec.status, rec.error = "completed", ""
@@ -319,10 +317,11 @@ class Round:
         if not self._open:
             return
         self._open = False
+        end = _S.LATE if self.full else _S.DROPPED
         for d in self.sampled:
-            if self._state[d] in (_S.SAMPLED, _S.TASKED, _S.BROKEN_OFF):
-                self._state[d] = _S.LATE if self.full else _S.DROPPED
-                self.record.devices[d].status = "late" if self.full else "dropped"
+            if end in _MOVES[self._state[d]]:  # never delivered; an upload under way is refused at its end
+                self._move(d, end)
+                self.record.devices[d].status = end.value
         self._partial.clear()
 
     def measured_devices(self) -> dict:
@@ -330,7 +329,7 @@ class Round:
         delivered, measured on this round's transfers (upload: the server's clock, first to last chunk;
         download: the device's report), merged over what earlier rounds measured."""
         out = {d: dict(v) for d, v in self.state.devices.items()}
-        for d in self._done:
+        for d in self.done:
             rec, plan = self.record.devices[d], self.plans[d]
             info = out.setdefault(d, {})
             if rec.upload_s > 0 and rec.bytes_up > 0:

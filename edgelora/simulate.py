@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import RunConfig
 from .configtools import ConfigError
 from .device import DeviceHost, DeviceTrainer, DownloadError
-from .engine import DeviceState, Round, UpdateRejected
+from .engine import Round, UpdateRejected
 from .protos import serde
 from .server_run import ServerRun
 from .state import ServerState
@@ -144,10 +144,12 @@ class Simulator(ServerRun):
                 times = dataclasses.replace(times, upload_s=up_s)
             try:  # the coordinator's acceptance rules, in the same order
                 rnd.begin_upload(d, update.task_id, len(update.payload))
+            except UpdateRejected:  # refused before any byte is taken: no record, as over gRPC
+                continue
+            try:
                 delta = rnd.check(d, update.payload, update.num_examples)
             except UpdateRejected as e:
-                if rnd.state_of(d) is DeviceState.UPLOADING:  # refused at begin_upload: no record, as over gRPC
-                    rnd.reject(d, e.message, bytes_up)
+                rnd.reject(d, e.message, bytes_up)
                 continue
             rnd.accept(d, delta, update.num_examples, update.train_loss, times, bytes_up)
             self.runner.accepted(d)

@@ -239,9 +239,6 @@ class Coordinator(ServerRun):
         if self.stopping:  # interrupted mid-round: keep the last saved state, the round re-runs on resume
             log.warning("round %d interrupted; it re-runs on --resume", r.number)
             return
-        if len(r.done) < cfg.min_devices:
-            log.warning("round %d abandoned: %d of %d devices reported (min_devices = %d); it runs again",
-                        r.number, len(r.done), len(r.sampled), cfg.min_devices)
         new_state = self.close_round(r)
         if self.metrics is not None and new_state.round > self.state.round:
             self.metrics.round_closed(r.record, new_state)
