@@ -21,6 +21,26 @@ TINY = {
 }
 
 
+def drive_rounds(coord):
+    """coord.run_rounds() in a daemon thread, started: (the thread, the message of the RoundsAbandoned it
+    stopped with, once it has)."""
+    import threading
+
+    from edgelora.state import RoundsAbandoned
+
+    stopped: list[str] = []
+
+    def drive():
+        try:
+            coord.run_rounds()
+        except RoundsAbandoned as e:
+            stopped.append(str(e))
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    return driver, stopped
+
+
 def tiny_raw(**sections) -> dict:
     raw = copy.deepcopy(TINY)
     for name, values in sections.items():

@@ -16,6 +16,8 @@ from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
 from edgelora.server.app import run_server
 
+from .conftest import drive_rounds
+
 
 @pytest.fixture
 def server(tiny_config, tmp_path):
@@ -163,23 +165,14 @@ def test_an_abandoned_round_runs_again_and_too_many_in_a_row_stop_the_run_with_i
     """A round with fewer than min_devices updates does not count as one of server.rounds: the same round runs
     again (a new sample, weights unchanged, no metrics row; abandoned.jsonl keeps its record), and after
     max_abandoned_rounds in a row the run stops with RoundsAbandoned, its state on disk."""
-    from edgelora.state import RoundsAbandoned, load_state
+    from edgelora.state import load_state
 
     coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 2,
                                           "round_deadline_s": 2.0, "max_abandoned_rounds": 2})
     register(stub, coord, "0")
     register(stub, coord, "1")
     w0, rng0 = {k: v.copy() for k, v in coord.state.params.items()}, coord.state.rng
-    raised = []
-
-    def drive():
-        try:
-            coord.run_rounds()
-        except RoundsAbandoned as e:
-            raised.append(str(e))
-
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
+    driver, raised = drive_rounds(coord)
     header, payload = fetch(stub, "0")
     submit(stub, "0", 1, delta_bundle(payload)[0])
     # round 1 closes with 1 of 2 (< min_devices): abandoned, and round 1 opens again

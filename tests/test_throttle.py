@@ -11,7 +11,7 @@ import pytest
 from edgelora.config import load_config
 from edgelora.edge_client.throttle import LinkThrottle, TokenBucket
 
-from .conftest import tiny_raw
+from .conftest import drive_rounds, tiny_raw
 
 
 def serve_one_client(run, run_dir, throttle: LinkThrottle, connect=lambda port: f"127.0.0.1:{port}"):
@@ -91,22 +91,12 @@ def test_a_device_past_its_tasks_deadline_lets_the_round_go_instead_of_uploading
     not a late one the server refuses. The round is abandoned (max_abandoned_rounds = 1: the run stops)."""
     from edgelora.edge_client.runtime import ClientOptions, EdgeClient
     from edgelora.server.app import run_server
-    from edgelora.state import RoundsAbandoned
 
     run = tiny_config(server={"rounds": 1, "devices_per_round": 1, "min_registered": 1, "round_deadline_s": 2.5,
                               "chunk_bytes": 16384, "max_abandoned_rounds": 1},  # paced chunk by chunk
                       method={"name": "lora", "lora": {"rank": 32, "alpha": 32.0}})
-    stopped = []
-
     with run_server(run, tmp_path / "run") as (coord, port):
-        def drive():
-            try:
-                coord.run_rounds()
-            except RoundsAbandoned as e:
-                stopped.append(str(e))
-
-        driver = threading.Thread(target=drive, daemon=True)
-        driver.start()
+        driver, stopped = drive_rounds(coord)
         client = EdgeClient(ClientOptions(f"127.0.0.1:{port}", ["0"], progress=False, poll_s=2.0,
                                           throttle=LinkThrottle(downlink_mbps=0.08)))
         threading.Thread(target=client.run, daemon=True).start()
