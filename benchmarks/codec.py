@@ -4,7 +4,9 @@
 
 Indices are uniformly random k-subsets (k = round(density * n)); values are standard normal. encode_ms and
 decode_ms time the index coder alone (best of --repeat); bundle_*_ms time a whole one-tensor bundle with
-float16 values. Figures are printed, never asserted.
+float16 values. The value-type table encodes a FLASC 1/4 top-k of a MiniLM LoRA update (r = 10) in each
+value type: bytes, bits per value (indices included), relative RMS error, encode and decode ms (nearest
+rounding; stochastic for the int types too). Figures are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -36,9 +38,10 @@ def best_ms(fn, repeat: int) -> tuple[float, object]:
 
 def value_bytes(v: np.ndarray, value_type: str) -> tuple[int, np.ndarray]:
     """Bytes the container stores for `v` (each byte plane zstd-compressed where smaller) and its decoding."""
-    stored, scale = values.encode_values(v, value_type, "bench")
-    size = sum(min(len(p), len(zstd_frame.compress(p, 3))) for p in values.pack_planes([stored]))
-    return size, values.decode_values(stored, value_type, scale, "bench")
+    stored, scale, scales = values.encode_values(v, value_type, "bench")
+    size = sum(min(len(p), len(zstd_frame.compress(p, 3))) for p in values.pack_planes([stored])) + len(scales)
+    return size, values.decode_values(stored, value_type, scale, "bench", count=v.size,
+                                      block_size=values.DEFAULT_BLOCK, scales=scales)
 
 
 def measure(n: int, density: float, repeat: int, rng: np.random.Generator) -> dict:
@@ -92,6 +95,26 @@ def lora_comparison(rng: np.random.Generator) -> dict:
             "ratio_to_raw": 4 * params / len(sparse)}
 
 
+def value_type_table(rng: np.random.Generator, repeat: int, density: float = 0.25) -> list[dict]:
+    """A FLASC top-k upload of a LoRA-shaped update (scaled as a real one: ~1e-3) in every value type."""
+    update = {n: 1e-3 * t for n, t in lora_update(rng, r=10).items()}
+    sent = {n: top_k(t, density) for n, t in update.items()}
+    k = sum(t.indices.size for t in sent.values())
+    ref = np.concatenate([t.values for t in sent.values()])
+    out = []
+    for vt in codec.VALUE_TYPES:
+        for rounding in ("nearest", "stochastic") if vt.startswith("int") else ("nearest",):
+            enc = lambda: codec.encode_bundle(sent, value_type=vt, rounding=rounding, seed=0)
+            encode_ms, data = best_ms(enc, repeat)
+            decode_ms, back = best_ms(lambda: codec.decode_bundle(data), repeat)
+            got = np.concatenate([back[n].values for n in sent])
+            out.append({"value_type": vt, "rounding": rounding, "values": k, "bytes": len(data),
+                        "bits_per_value": 8 * len(data) / k,
+                        "relative_rms_error": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+                        "encode_ms": encode_ms, "decode_ms": decode_ms})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the records here")
@@ -118,6 +141,14 @@ def main(argv: list[str] | None = None) -> None:
           f"  top-k 1/16 float16 bundle {lora['topk_float16_bytes']} B vs dense float32 bundle "
           f"{lora['dense_float32_bytes']} B: {lora['ratio']:.1f}x smaller (target >= 25x);\n"
           f"  vs raw float32 (4 B/parameter, {lora['raw_float32_bytes']} B): {lora['ratio_to_raw']:.1f}x")
+    table = value_type_table(rng, args.repeat)
+    print(f"\nFLASC 1/4 top-k of a MiniLM LoRA update (r=10, {table[0]['values']} values), per value type:\n"
+          f"{'value type':>11} {'rounding':>10} {'bytes':>8} {'bits/value':>10} {'rel. RMS err':>12} "
+          f"{'enc ms':>7} {'dec ms':>7}")
+    for t in table:
+        print(f"{t['value_type']:>11} {t['rounding']:>10} {t['bytes']:>8} {t['bits_per_value']:>10.2f} "
+              f"{t['relative_rms_error']:>12.5f} {t['encode_ms']:>7.1f} {t['decode_ms']:>7.1f}")
+    records.append({"value_types": table})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -42,6 +42,11 @@ def seed_bundles(rng: np.random.Generator) -> list[bytes]:
         codec.encode_bundle({"full": codec.Sparse((8,), np.arange(8), np.ones(8)), "none": codec.Sparse((8,), [], [])}),
         codec.encode_bundle({"a": codec.Dense(rng.normal(size=3)), "b": codec.Sparse((300,), [1, 7, 299], [1, 2, 3]),
                              "c": codec.Masked((30,), 1, 0.5, rng.normal(size=15))}, value_types={"a": "int8"}),
+        codec.encode_bundle({"q": codec.Dense(rng.normal(size=37)),
+                             "t": codec.Sparse((400,), np.sort(rng.choice(400, 21, replace=False)), rng.normal(size=21))},
+                            value_type="int4_block", block_size=8, value_types={"q": "int8_block"}),
+        codec.encode_bundle({"m": codec.Masked((16, 16), 2, 0.5, rng.normal(size=128))}, value_type="int4_block",
+                            rounding="stochastic", seed=5),
     ]
     # rANS is only chosen for large tensors; build a small one by hand so fuzzing reaches its decoder cheaply.
     n, idx = 4000, np.flatnonzero(rng.random(4000) < 0.4)

@@ -1,7 +1,7 @@
 """The versioned bundle: named tensors <-> bytes. FORMAT.md specifies the layout byte by byte.
 
     magic "ELCB" | version u8 | flags u8 | reserved u16 | header_size u32 | header (zstd frame)
-    | index payload of each sparse tensor | value planes 0..3 (each raw or one zstd frame)
+    | side payload of each tensor (indices, then block scales) | value planes 0..3 (each raw or one zstd frame)
     | crc32 u32 of everything before it
 """
 from __future__ import annotations
@@ -15,14 +15,16 @@ import numpy as np
 
 from . import zstd_frame
 from .errors import CodecError
-from .header import DENSE, MASKED, SPARSE, ZSTD, Entry, Table, pack_header, parse_header
+from .header import DENSE, MASKED, SPARSE, ZSTD, Entry, Table, pack_header, parse_header, version_of
 from .index_coding import decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor
-from .values import check_value_type, decode_values, encode_values, pack_planes, plane_sizes, unpack_planes
+from .values import (BLOCK_TYPES, DEFAULT_BLOCK, MAX_BLOCK, check_rounding, check_value_type, decode_values,
+                     encode_values, pack_planes, plane_sizes, scale_bytes, unpack_planes)
 
 MAGIC = b"ELCB"
-VERSION = 1
+VERSION = 2  # the newest this codec writes and reads; it writes 1 when no tensor needs 2
+VERSIONS = (1, 2)
 DEFAULT_MAX_ELEMENTS = 1 << 28
 MAX_HEADER_BYTES = 1 << 24
 _PREAMBLE = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, header_size
@@ -30,9 +32,20 @@ _TRAILER = 4  # crc32
 
 
 def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32", level: int = 3,
-                  value_types: Mapping[str, str] | None = None) -> bytes:
-    """Bytes of `tensors` in insertion order. `value_types` overrides `value_type` for the names it lists."""
+                  value_types: Mapping[str, str] | None = None, block_size: int = DEFAULT_BLOCK,
+                  rounding: str = "nearest", seed: int | None = None) -> bytes:
+    """Bytes of `tensors` in insertion order. `value_types` overrides `value_type` for the names it lists.
+
+    block_size: values per scale of the blockwise types. rounding: "nearest", or "stochastic" for the int8
+    types, whose draws come from numpy's Generator seeded with `seed` (required), so an encoding is
+    reproducible."""
     check_value_type(value_type)
+    check_rounding(rounding)
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= MAX_BLOCK:
+        raise CodecError(f"block_size: {block_size!r} must be an int in [1, {MAX_BLOCK}]")
+    if rounding == "stochastic" and not (isinstance(seed, int) and seed >= 0):
+        raise CodecError(f"seed: stochastic rounding needs a non-negative int seed, got {seed!r}")
+    rng = np.random.default_rng(seed) if rounding == "stochastic" else None
     overrides = dict(value_types or {})
     unknown = set(overrides) - set(tensors)
     if unknown:
@@ -43,9 +56,11 @@ def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32",
     for name, t in tensors.items():
         vt = check_value_type(overrides.get(name, value_type), f"value_types[{name!r}]")
         entry, index_payload, values = _encode_tensor(name, t, vt)
-        stored_values, entry.scale = encode_values(values, vt, name)
+        stored_values, entry.scale, scales = encode_values(values, vt, name, block_size=block_size,
+                                                           rounding=rounding, rng=rng)
+        entry.block_size = block_size if vt in BLOCK_TYPES else 0
         entries.append(entry)
-        index_payloads.append(index_payload)
+        index_payloads.append(index_payload + scales)
         stored.append(stored_values)
     table, planes = Table(entries), pack_planes(stored)
     for j, plane in enumerate(planes):
@@ -56,25 +71,29 @@ def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32",
     return assemble(table, index_payloads, b"".join(planes), level=level)
 
 
-def assemble(table: Table, index_payloads: list[bytes], values_section: bytes, *, level: int = 3,
-             header_frame: bytes | None = None, preamble: tuple = (MAGIC, VERSION, 0, 0)) -> bytes:
-    """Lay out a bundle from its parts. Tests and the fuzzer pass odd parts to reach each check."""
+def assemble(table: Table, side_payloads: list[bytes], values_section: bytes, *, level: int = 3,
+             header_frame: bytes | None = None, preamble: tuple | None = None) -> bytes:
+    """Lay out a bundle from its parts (preamble: magic, version, flags, reserved; by default the version
+    the table needs). Tests and the fuzzer pass odd parts to reach each check."""
+    preamble = (MAGIC, version_of(table), 0, 0) if preamble is None else preamble
     frame = zstd_frame.compress(pack_header(table), level) if header_frame is None else header_frame
-    body = _PREAMBLE.pack(*preamble, len(frame)) + frame + b"".join(index_payloads) + values_section
+    body = _PREAMBLE.pack(*preamble, len(frame)) + frame + b"".join(side_payloads) + values_section
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def take_apart(data: bytes) -> tuple[Table, list[bytes], bytes]:
-    """Inverse of assemble for a well-formed bundle: table, index payload per tensor, stored value planes."""
+    """Inverse of assemble for a well-formed bundle: table, side payload per tensor (index bytes, then block
+    scales), stored value planes."""
     (header_size,) = struct.unpack_from("<I", data, 8)
     frame = data[_PREAMBLE.size:_PREAMBLE.size + header_size]
     table = parse_header(zstd_frame.decompress(frame, zstd_frame.content_size(frame, "header"), "header"),
                          DEFAULT_MAX_ELEMENTS)
-    index_payloads, pos = [], _PREAMBLE.size + header_size
+    side_payloads, pos = [], _PREAMBLE.size + header_size
     for e in table.entries:
-        index_payloads.append(data[pos:pos + e.index_size])
-        pos += e.index_size
-    return table, index_payloads, data[pos:len(data) - _TRAILER]
+        size = e.index_size + scale_bytes(e.value_type, e.count, e.block_size)
+        side_payloads.append(data[pos:pos + size])
+        pos += size
+    return table, side_payloads, data[pos:len(data) - _TRAILER]
 
 
 def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
@@ -86,9 +105,11 @@ def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_EL
     if not isinstance(data, (bytes, bytearray)):  # a bytearray (the server's upload buffer) is read in place
         data = bytes(data)
     table, body = _open(data, max_elements)
-    index_total = sum(e.index_size for e in table.entries)
+    side_sizes = [e.index_size + scale_bytes(e.value_type, e.count, e.block_size) for e in table.entries]
+    index_total = sum(side_sizes)
     if index_total + sum(table.plane_sizes) != len(body):
-        raise CodecError(f"index_size/plane_size: payload sizes do not add up to the {len(body)} body bytes")
+        raise CodecError(f"index_size/plane_size: payload sizes (with block scales) do not add up to the "
+                         f"{len(body)} body bytes")
     types, counts = [e.value_type for e in table.entries], [e.count for e in table.entries]
     planes, pos = [], index_total
     for j, expected in enumerate(plane_sizes(types, counts)):
@@ -101,9 +122,10 @@ def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_EL
         planes.append(plane)
     stored = unpack_planes(planes, types, counts)
     out, pos = {}, 0
-    for e, s in zip(table.entries, stored):
-        out[e.name] = _decode_tensor(e, bytes(body[pos:pos + e.index_size]), s)
-        pos += e.index_size
+    for e, s, size in zip(table.entries, stored, side_sizes):
+        side = bytes(body[pos:pos + size])
+        out[e.name] = _decode_tensor(e, side[:e.index_size], s, side[e.index_size:])
+        pos += size
     return out
 
 
@@ -114,8 +136,8 @@ def _open(data: bytes, max_elements: int) -> tuple[Table, memoryview]:
     magic, version, flags, reserved, header_size = _PREAMBLE.unpack_from(data)
     if magic != MAGIC:
         raise CodecError(f"magic: {magic!r} is not {MAGIC!r}")
-    if version != VERSION:
-        raise CodecError(f"version: {version} is not supported (this codec reads {VERSION})")
+    if version not in VERSIONS:
+        raise CodecError(f"version: {version} is not supported (this codec reads {VERSIONS})")
     if flags or reserved:
         raise CodecError(f"flags: reserved bits set ({flags}, {reserved})")
     if header_size > len(data) - _PREAMBLE.size - _TRAILER:
@@ -127,7 +149,7 @@ def _open(data: bytes, max_elements: int) -> tuple[Table, memoryview]:
     declared = zstd_frame.content_size(frame, "header")
     if declared > MAX_HEADER_BYTES:
         raise CodecError(f"header: declares {declared} bytes, more than {MAX_HEADER_BYTES}")
-    table = parse_header(zstd_frame.decompress(frame, declared, "header"), max_elements)
+    table = parse_header(zstd_frame.decompress(frame, declared, "header"), max_elements, version)
     return table, memoryview(data)[_PREAMBLE.size + header_size:len(data) - _TRAILER]
 
 
@@ -163,8 +185,9 @@ def _encode_tensor(name: str, t: Tensor, value_type: str) -> tuple[Entry, bytes,
     raise CodecError(f"{name}: form: {type(t).__name__} is not Dense, Sparse or Masked")
 
 
-def _decode_tensor(e: Entry, index_bytes: bytes, stored: np.ndarray) -> Tensor:
-    values = decode_values(stored, e.value_type, e.scale, e.name)
+def _decode_tensor(e: Entry, index_bytes: bytes, stored: np.ndarray, scales: bytes) -> Tensor:
+    values = decode_values(stored, e.value_type, e.scale, e.name, count=e.count, block_size=e.block_size,
+                           scales=scales)
     if e.form == DENSE:
         return Dense(values.reshape(e.shape))
     if e.form == MASKED:

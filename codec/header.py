@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .errors import CodecError
 from .index_coding import CODER_NAMES
 from .mask import mask_size
-from .values import N_PLANES, VALUE_TYPES
+from .values import BLOCK_TYPES, MAX_BLOCK, N_PLANES, VALUE_TYPES
 
 DENSE, SPARSE, MASKED = 0, 1, 2
 RAW, ZSTD = 0, 1
@@ -32,6 +32,7 @@ class Entry:
     index_param: int = 0  # sparse only
     index_size: int = 0  # sparse only: bytes of the index payload
     scale: float = 0.0  # int8 only
+    block_size: int = 0  # blockwise types only: values per scale
 
 
 @dataclass
@@ -55,7 +56,14 @@ def pack_header(table: Table) -> bytes:
             out.append(struct.pack("<BQQ", e.index_coder, e.index_param, e.index_size))
         if e.value_type == "int8":
             out.append(struct.pack("<f", e.scale))
+        if e.value_type in BLOCK_TYPES:
+            out.append(struct.pack("<I", e.block_size))
     return b"".join(out)
+
+
+def version_of(table: Table) -> int:
+    """1, or 2 when a tensor uses a blockwise value type (which version 1 decoders do not know)."""
+    return 2 if any(e.value_type in BLOCK_TYPES for e in table.entries) else 1
 
 
 class _Reader:
@@ -79,7 +87,7 @@ class _Reader:
         return self.data[self.pos - size:self.pos]
 
 
-def parse_header(data: bytes, max_elements: int) -> Table:
+def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
     r = _Reader(data)
     (n_tensors,) = r.take("<I", "tensor_count")
     codecs, sizes = [], []
@@ -91,7 +99,7 @@ def parse_header(data: bytes, max_elements: int) -> Table:
         sizes.append(size)
     entries, names, total = [], set(), 0
     for _ in range(n_tensors):
-        e = _parse_entry(r, max_elements - total, max_elements)
+        e = _parse_entry(r, max_elements - total, max_elements, version)
         if e.name in names:
             raise CodecError(f"name: {e.name!r} appears twice")
         names.add(e.name)
@@ -102,7 +110,7 @@ def parse_header(data: bytes, max_elements: int) -> Table:
     return Table(entries, codecs, sizes)
 
 
-def _parse_entry(r: _Reader, budget: int, max_elements: int) -> Entry:
+def _parse_entry(r: _Reader, budget: int, max_elements: int, version: int) -> Entry:
     """One entry; `budget` is what is left of max_elements (the sum of every tensor's element count)."""
     (name_len,) = r.take("<H", "name_len")
     try:
@@ -114,6 +122,8 @@ def _parse_entry(r: _Reader, budget: int, max_elements: int) -> Entry:
         raise CodecError(f"{name}: form: unknown form {form}")
     if value_type >= len(VALUE_TYPES):
         raise CodecError(f"{name}: value_type: unknown value type {value_type}")
+    if VALUE_TYPES[value_type] in BLOCK_TYPES and version < 2:
+        raise CodecError(f"{name}: value_type: {VALUE_TYPES[value_type]} needs bundle version 2, this is {version}")
     if ndim > MAX_NDIM:
         raise CodecError(f"{name}: ndim: {ndim} > {MAX_NDIM}")
     shape = r.take(f"<{ndim}Q", "shape")
@@ -143,4 +153,8 @@ def _parse_entry(r: _Reader, budget: int, max_elements: int) -> Entry:
         (e.scale,) = r.take("<f", "scale")
         if not (math.isfinite(e.scale) and e.scale > 0):
             raise CodecError(f"{name}: scale: int8 scale {e.scale} must be finite and > 0")
+    if e.value_type in BLOCK_TYPES:
+        (e.block_size,) = r.take("<I", "block_size")
+        if not 1 <= e.block_size <= MAX_BLOCK:
+            raise CodecError(f"{name}: block_size: {e.block_size} outside [1, {MAX_BLOCK}]")
     return e

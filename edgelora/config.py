@@ -16,7 +16,7 @@ import tomli_w
 
 from .configtools import ConfigError, check, field, from_dict, to_dict
 
-ValueType = Literal["float32", "float16", "bfloat16", "int8"]
+ValueType = Literal["float32", "float16", "bfloat16", "int8", "int8_block", "int4_block"]
 
 
 @dataclass
@@ -41,7 +41,9 @@ class ServerConfig:
     max_update_abs: float = field(1e3, "an upload with any |delta| above this is refused (INVALID_ARGUMENT): finite but huge values would wreck the global model")
     max_examples_per_device: int = field(10_000, "data.mode = own: FedAvg weighs a device's update by the example count it reports, at most this (a larger claim is weighted at the cap and logged)")
     save_updates: bool = field(False, "keep every accepted upload's codec bytes in RUN_DIR/updates/ (with the round's download.elb, or download_<device>.elb where devices got different downloads)")
-    value_type: ValueType = field("float32", "codec value type of tensor payloads, both directions")
+    value_type: ValueType = field("float32", "codec value type of uploads, and of downloads unless download_value_type is set (int8_block / int4_block: a float32 scale per 64 values)")
+    download_value_type: Literal["", ValueType] = field("", "codec value type of downloads (\"\" = value_type)")
+    rounding: Literal["nearest", "stochastic"] = field("nearest", "how devices round uploads to the int value types: stochastic is unbiased (seeded per device and round); downloads round to nearest")
     simulated_uplink_mbps: list[float] = field([], "simulator only: device i's uplink is entry i mod len (Mbit/s); its uploads are timed at that rate and it declares it, as a throttled client would (empty: no link emulation)")
     simulated_downlink_mbps: list[float] = field([], "simulator only: device i's downlink, as simulated_uplink_mbps")
     samples: int = field(4, "causal-lm: held-out prompts whose greedy continuations by the base and the final model RUN_DIR/samples.md shows side by side (0 = none)")

@@ -107,20 +107,24 @@ class DeviceTrainer:
 
     def _encode(self, task: Task, delta: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> bytes:
         rule = task.upload
+        feedback = rule.format == UploadFormat.TOPK and rule.error_feedback
         if rule.format == UploadFormat.TOPK:
-            if rule.error_feedback:
+            if feedback:
                 delta = {n: d + self.residual.get(n, 0.0) for n, d in delta.items()}
-            sent = global_topk(delta, rule.density)
-            if rule.error_feedback:
-                self._pending_residual = {n: delta[n] - codec.to_dense(n, sent[n]) for n in delta}
-            tensors: dict[str, codec.Tensor] = dict(sent)
+            tensors: dict[str, codec.Tensor] = dict(global_topk(delta, rule.density))
         elif rule.format == UploadFormat.MASKED:
             s = task.structure
             tensors = {n: (codec.Masked(d.shape, s.mask_seed, s.mask_density, d[masks[n]].astype(np.float32))
                            if n in masks else codec.Dense(d)) for n, d in delta.items()}
         else:
             tensors = {n: codec.Dense(d) for n, d in delta.items()}
-        return codec.encode_bundle(tensors, value_type=rule.value_type)
+        # Stochastic rounding draws from a stream fixed by (round seed, device), so a run is reproducible.
+        payload = codec.encode_bundle(tensors, value_type=rule.value_type, rounding=rule.rounding,
+                                      seed=task.train.seed * 1_000_003 + device_seed(self.device_id))
+        if feedback:  # what was sent is what the server decodes: top-k's and rounding's errors both carry over
+            sent = codec.decode_bundle(payload)
+            self._pending_residual = {n: delta[n] - codec.to_dense(n, sent[n]) for n in delta}
+        return payload
 
 
 def is_device_id(device_id: str) -> bool:

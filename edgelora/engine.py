@@ -388,7 +388,7 @@ class RoundEngine:
 
     def plan(self, state: ServerState, ins: Instruction) -> DevicePlan:
         task = ins.task
-        payload = codec.encode_bundle(self.method.download(state, ins), value_type=task.upload.value_type)
+        payload = codec.encode_bundle(self.method.download(state, ins), value_type=self.method.download_value_type())
         shapes = {n: tuple(v.shape) for n, v in state.params.items()}
         masked = frozenset(n for n in shapes if is_masked(n, task.structure)) \
             if task.upload.format == UploadFormat.MASKED else frozenset()

@@ -14,7 +14,11 @@ A sweep of causal-LM runs (model.task = "causal-lm") is scored by held-out perpl
 summary.md leads with it, the learning-rate choice and the ceiling ratios use it, and perplexity_rounds.png
 and perplexity_bytes.png join the accuracy plots (whose accuracy is then FLASC's next-token accuracy).
 With [report] reference naming a variant, summary.md adds the MB (down + up) each run needed to first reach
-the reference run's final score (its mean over the last 3 evaluated rounds) of the same partition and seed.
+the reference run's final score (its mean over the last 3 evaluated rounds) of the same partition and seed;
+`smooth = 3` judges each run by the mean of its last 3 evaluated rounds too (one lucky round does not count as
+reaching the target), and `flower_baseline = true` adds what Flower's dense float32 FedAvg would have sent for
+the reference run's rounds up to the target (edgelora.flower) and that over each run's MB: the frontier table
+(`python -m benchmarks.frontier DIR` prints the same records).
 
 Where DIR/full-test.json exists (`edgelora evaluate DIR/runs/* --max-examples 0 --json DIR/full-test.json`),
 summary.md adds each run's accuracy on the whole test split, for runs scored at their last round.
@@ -27,6 +31,8 @@ summary.md adds each run's accuracy on the whole test split, for runs scored at 
     uplink_slowdowns = [1, 4, 16]
     time_methods = ["lora", "flasc-1_16"]
     reference = "lora"            # the MB-to-target table's reference variant
+    smooth = 3                    # a run reaches a target when the mean of its last 3 evaluated rounds does
+    flower_baseline = true        # add Flower's float32 bytes to the same target
 """
 from __future__ import annotations
 
@@ -87,7 +93,8 @@ def collect(out: Path) -> list[dict]:
         config = tomllib.loads((out / "runs" / p["run"] / "config.toml").read_text())
         whole = whole_test.get(p["run"], {})
         fresh = whole.get("rounds") == recs[-1]["round"]  # a rescoring of an earlier round's model is stale
-        row = {**p, "rounds_done": recs[-1]["round"], "rounds_planned": config["server"]["rounds"],
+        row = {**p, "folder": out / "runs" / p["run"], "rounds_done": recs[-1]["round"],
+               "rounds_planned": config["server"]["rounds"],
                "method_table": config["method"], "task": config.get("model", {}).get("task", "classification"),
                "bytes_up": sum(r["bytes_up"] for r in recs), "bytes_down": sum(r["bytes_down"] for r in recs),
                "seconds": round(sum(r["seconds"] for r in recs), 1), "records": recs}
@@ -128,6 +135,9 @@ def write_report(out: Path) -> list[Path]:
         written += [p] if p else []
     if settings.get("target_accuracy"):
         p = plot_time_to_target(rows, settings, out / "time_to_target.png")
+        written += [p] if p else []
+    if settings.get("reference") and settings.get("flower_baseline"):
+        p = plot_frontier(rows, settings, out / "frontier.png", metrics_of(rows)[0])
         written += [p] if p else []
     return written
 
@@ -235,7 +245,7 @@ def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
                                         settings.get("downlink_mbps", 10.0), s) for s in slow]
                 lines.append(f"| {r['run']} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     if settings.get("reference"):
-        lines += _mb_to_reference(rows, settings["reference"], lead)
+        lines += _mb_to_reference(rows, settings, lead)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -243,34 +253,81 @@ def _write_markdown(path: Path, rows: list[dict], settings: dict) -> Path:
 _RATIO_KINDS = {"final": "final", "last3": "last 3", "whole_test": "whole test"}
 
 
-def mb_to_target(records: list[dict], metric: Metric, target: float) -> float | None:
-    """Total MB (down + up) communicated until the first evaluated round whose score reaches `target`; None
-    when the run never did."""
-    total = 0
-    for x in records:
-        total += x["bytes_up"] + x["bytes_down"]
-        if x.get(metric.key) is not None and metric.reached(x[metric.key], target):
-            return total / 1e6
+def rounds_to_target(records: list[dict], metric: Metric, target: float, smooth: int = 1) -> int | None:
+    """Index into `records` of the first evaluated round whose score (the mean of the last `smooth`
+    evaluated rounds, fewer at the start) reaches `target`; None when the run never did."""
+    seen: list[float] = []
+    for i, x in enumerate(records):
+        if x.get(metric.key) is not None:
+            seen.append(x[metric.key])
+            if metric.reached(statistics.mean(seen[-smooth:]), target):
+                return i
     return None
 
 
-def _mb_to_reference(rows: list[dict], reference: str, metric: Metric) -> list[str]:
-    """summary.md's table of the MB each federated run needed to reach its reference run's final score."""
+def mb_to_target(records: list[dict], metric: Metric, target: float, smooth: int = 1) -> float | None:
+    """Total MB (down + up) communicated until the round of rounds_to_target; None when it never came."""
+    i = rounds_to_target(records, metric, target, smooth)
+    return None if i is None else sum(x["bytes_up"] + x["bytes_down"] for x in records[:i + 1]) / 1e6
+
+
+def frontier(rows: list[dict], settings: dict, metric: Metric = ACCURACY) -> list[dict]:
+    """One record per federated run that has a reference run (the [report] reference variant of its partition
+    and seed): the target (the reference's final score, its last-3 mean), the MB it and the reference took to
+    reach it, and with flower_baseline what Flower's float32 FedAvg would have sent over the reference's
+    rounds to it, and that over the run's MB (`ratio`; None where the run never reached the target)."""
+    reference, smooth = settings["reference"], int(settings.get("smooth", 1))
     refs = {(r["partition"], r["seed"]): r for r in rows if r["method"] == reference and r.get(f"last3_{metric.key}")}
-    lines = ["", f"MB (down + up) to first reach the final {metric.key} (mean of its last 3 evaluated rounds) of "
-                 f"{reference!r} with the same partition and seed, and the reference's MB over yours:", "",
-             f"| run | target {metric.label} | MB to target | {reference} MB / run MB | final {metric.label} |",
-             "|---|---:|---:|---:|---:|"]
+    per_model: dict[str, int] = {}
+    out = []
     for r in rows:
         ref = refs.get((r["partition"], r["seed"]))
         if ref is None or r["mode"] != "federated":
             continue
         target = ref[f"last3_{metric.key}"]
-        mine, theirs = mb_to_target(r["records"], metric, target), mb_to_target(ref["records"], metric, target)
+        rec = {"run": r["run"], "method": r["method"], "target": target,
+               "mb_to_target": mb_to_target(r["records"], metric, target, smooth),
+               "reference_mb_to_target": mb_to_target(ref["records"], metric, target, smooth),
+               f"final_{metric.key}": r.get(f"final_{metric.key}"), f"last3_{metric.key}": r.get(f"last3_{metric.key}"),
+               "rounds_done": r["rounds_done"], "mb_total": (r["bytes_up"] + r["bytes_down"]) / 1e6}
+        if settings.get("flower_baseline"):
+            from . import flower
+
+            if ref["run"] not in per_model:
+                per_model[ref["run"]] = flower.parameters_bytes(flower.run_shapes(ref["folder"]).values())
+            hit = rounds_to_target(ref["records"], metric, target, smooth)
+            rec["flower_mb_to_target"] = None if hit is None else sum(
+                flower.round_bytes(x, per_model[ref["run"]]) for x in ref["records"][:hit + 1]) / 1e6
+            mine = rec["mb_to_target"]
+            rec["ratio"] = rec["flower_mb_to_target"] / mine if mine and rec["flower_mb_to_target"] else None
+        out.append(rec)
+    return out
+
+
+def _mb_to_reference(rows: list[dict], settings: dict, metric: Metric) -> list[str]:
+    """summary.md's table of the MB each federated run needed to reach its reference run's final score."""
+    reference, smooth, flower = settings["reference"], int(settings.get("smooth", 1)), settings.get("flower_baseline")
+    records = frontier(rows, settings, metric)
+    if not records:
+        return []
+    judged = "" if smooth == 1 else f"; a run reaches it when the mean of its last {smooth} evaluated rounds does"
+    lines = ["", f"MB (down + up) to first reach the final {metric.key} (mean of its last 3 evaluated rounds) of "
+                 f"{reference!r} with the same partition and seed{judged}, and the reference's MB over yours"
+                 + (", and what Flower's dense float32 FedAvg would send over the reference's rounds to the target "
+                    "(edgelora.flower) over yours" if flower else "") + ":", "",
+             f"| run | target {metric.label} | MB to target | {reference} MB / run MB | "
+             + ("Flower MB | Flower MB / run MB | " if flower else "") + f"final {metric.label} | last 3 |",
+             "|---|---:|---:|---:|" + ("---:|---:|" if flower else "") + "---:|---:|"]
+    for rec in records:
+        mine, theirs = rec["mb_to_target"], rec["reference_mb_to_target"]
         ratio = f"{theirs / mine:.1f}x" if mine and theirs else "-"
-        lines.append(f"| {r['run']} | {target:.4f} | {'-' if mine is None else f'{mine:.1f}'} | {ratio} | "
-                     f"{_fmt(r.get(f'final_{metric.key}'))} |")
-    return lines if len(lines) > 5 else []
+        cells = [rec["run"], f"{rec['target']:.4f}", "-" if mine is None else f"{mine:.1f}", ratio]
+        if flower:
+            fl = rec["flower_mb_to_target"]
+            cells += ["-" if fl is None else f"{fl:.1f}", "-" if rec["ratio"] is None else f"{rec['ratio']:.1f}x"]
+        cells += [_fmt(rec[f"final_{metric.key}"]), _fmt(rec[f"last3_{metric.key}"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def ceiling_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
@@ -394,6 +451,66 @@ def _plot_panels(rows: list[dict], path: Path, points, xlabel: str, metric: Metr
         for h, l in zip(*ax.get_legend_handles_labels()):
             labelled.setdefault(l, h)
     axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, plt, path)
+
+
+def smoothed_byte_points(records: list[dict], key: str, smooth: int, per_round=None) -> list[tuple[float, float]]:
+    """byte_points with each score the mean of the last `smooth` evaluated rounds; per_round(record) gives a
+    round's bytes (default: the run's own down + up)."""
+    total, seen, pts = 0, [], []
+    for x in records:
+        total += per_round(x) if per_round else x["bytes_up"] + x["bytes_down"]
+        if x.get(key) is not None:
+            seen.append(x[key])
+            if total:
+                pts.append((total / 1e6, statistics.mean(seen[-smooth:])))
+    return pts
+
+
+def plot_frontier(rows: list[dict], settings: dict, path: Path, metric: Metric = ACCURACY) -> Path | None:
+    """Left: every run's score (smoothed as the frontier judges it) against total MB, log scale, with Flower's
+    dense float32 FedAvg (the reference run's scores at Flower's bytes) and the target; right: each run's
+    MB to the target against its final score (last-3 mean). One panel pair per reference run (seed)."""
+    from . import flower
+
+    records = {r["run"]: r for r in frontier(rows, settings, metric)}
+    refs = [r for r in rows if r["method"] == settings["reference"] and r["run"] in records]
+    if not refs:
+        return None
+    plt = pyplot()
+    smooth = int(settings.get("smooth", 1))
+    fig, axes = plt.subplots(len(refs), 2, figsize=(13, 4.6 * len(refs)), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for (curves, scatter), ref in zip(axes, refs):
+        mine = [r for r in rows if r["run"] in records and (r["partition"], r["seed"]) == (ref["partition"], ref["seed"])]
+        per_model = flower.parameters_bytes(flower.run_shapes(ref["folder"]).values())
+        target = records[ref["run"]]["target"]
+        for i, r in enumerate(mine):
+            pts = smoothed_byte_points(r["records"], metric.key, smooth)
+            curves.plot(*zip(*pts), marker=".", markersize=3, linewidth=1, color=cmap(i % 20), label=r["run"])
+            rec = records[r["run"]]
+            if rec["mb_to_target"]:
+                scatter.scatter(rec["mb_to_target"], rec[f"last3_{metric.key}"], color=cmap(i % 20))
+                scatter.annotate(r["method"], (rec["mb_to_target"], rec[f"last3_{metric.key}"]), fontsize=6,
+                                 xytext=(3, 2), textcoords="offset points")
+        fl = smoothed_byte_points(ref["records"], metric.key, smooth, lambda x: flower.round_bytes(x, per_model))
+        curves.plot(*zip(*fl), color="black", linestyle="--", linewidth=1.2, label="Flower, dense float32 LoRA")
+        flower_mb = records[ref["run"]].get("flower_mb_to_target")
+        if flower_mb:
+            scatter.scatter(flower_mb, ref[f"last3_{metric.key}"], color="black", marker="x")
+            scatter.annotate("Flower float32", (flower_mb, ref[f"last3_{metric.key}"]), fontsize=6,
+                             xytext=(3, 2), textcoords="offset points")
+        for ax in (curves, scatter):
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3, which="both")
+        curves.axhline(target, color="grey", linewidth=0.8)
+        curves.set_xlabel("total MB communicated (down + up)")
+        curves.set_ylabel(f"{metric.key} (mean of the last {smooth} evaluations)")
+        curves.set_title(f"{ref['partition']}, seed {ref['seed']}: target {target:.4f} ({ref['run']}'s last 3)")
+        curves.legend(fontsize=6, ncol=2)
+        scatter.set_xlabel("MB to the target (log)")
+        scatter.set_ylabel(f"final {metric.key} (last-3 mean)")
+        scatter.set_title("MB to target against final score (runs that reached it)")
     return _save(fig, plt, path)
 
 

@@ -186,9 +186,12 @@ class Budget:
 
 def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progress: bool = True,
               only: list[str] | None = None, device: str = "cpu", tensorboard: bool = False,
-              backend: str = "sequential", ray_address: str = "", run_cpus: float = 1.0) -> dict[str, str]:
+              backend: str = "sequential", ray_address: str = "", run_cpus: float = 1.0,
+              max_rounds: int | None = None) -> dict[str, str]:
     """Run (or continue) every run of the sweep; returns {run name: finished | stopped | skipped}.
-    backend = "ray": the runs that are left run as Ray tasks of run_cpus CPUs each, across the cluster."""
+    backend = "ray": the runs that are left run as Ray tasks of run_cpus CPUs each, across the cluster.
+    max_rounds: run each to at most this many rounds (a cheap screen); a later sweep without it extends the
+    same runs exactly to their full length."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -198,7 +201,7 @@ def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progres
         [{"run": s.name, "method": s.method, "partition": s.partition, "seed": s.seed, "mode": s.mode}
          for s in sweep.runs], indent=1) + "\n")
     specs = [s for s in sweep.runs if not only or s.name in only]
-    configs = {s.name: s.config() for s in specs}
+    configs = {s.name: _capped(s.config(), max_rounds) for s in specs}
     budget = Budget(max_minutes)
     total = sum(c.server.rounds for c in configs.values())
     done = sum(min(rounds_done(run_dir(out, s)), configs[s.name].server.rounds) for s in specs)
@@ -222,10 +225,16 @@ def run_sweep(sweep: Sweep, out: Path, max_minutes: float | None = None, progres
             bar.write(f"[{i}/{len(specs)}] {spec.name} ({spec.mode}, {run.server.rounds} rounds) -> {folder}")
             status[spec.name] = _run_one(spec, run, folder, budget, bar, device, tensorboard)
         if left:
-            status.update(_run_on_ray(sweep, left, out, budget, bar, device, ray_address, run_cpus))
+            status.update(_run_on_ray(sweep, left, out, budget, bar, device, ray_address, run_cpus, max_rounds))
     finally:
         bar.close()
     return status
+
+
+def _capped(run: RunConfig, max_rounds: int | None) -> RunConfig:
+    if max_rounds is None or run.server.rounds <= max_rounds:
+        return run
+    return run.replace(server=dataclasses.replace(run.server, rounds=max_rounds))
 
 
 def _run_one(spec: RunSpec, run: RunConfig, folder: Path, budget: Budget, bar, device: str,
@@ -258,7 +267,8 @@ class _Quiet:
         pass
 
 
-def _run_remote(sweep_path: str, name: str, out: str, deadline: float | None, device: str, threads: int) -> str:
+def _run_remote(sweep_path: str, name: str, out: str, deadline: float | None, device: str, threads: int,
+                max_rounds: int | None = None) -> str:
     """One run of a sweep, in a Ray worker: the sweep file and the out folder must be at the same paths there
     (one machine, or a shared filesystem)."""
     import torch
@@ -266,11 +276,12 @@ def _run_remote(sweep_path: str, name: str, out: str, deadline: float | None, de
     torch.set_num_threads(threads)
     sweep = load_sweep(sweep_path)
     spec = next(s for s in sweep.runs if s.name == name)
-    return _run_one(spec, spec.config(), run_dir(Path(out), spec), Budget(deadline=deadline), _Quiet(), device, False)
+    return _run_one(spec, _capped(spec.config(), max_rounds), run_dir(Path(out), spec), Budget(deadline=deadline),
+                    _Quiet(), device, False)
 
 
 def _run_on_ray(sweep: Sweep, specs: list[RunSpec], out: Path, budget: Budget, bar, device: str, ray_address: str,
-                run_cpus: float) -> dict[str, str]:
+                run_cpus: float, max_rounds: int | None = None) -> dict[str, str]:
     """Every run left as a Ray task (resources: run_cpus CPUs; its torch threads, rounded down, at least 1);
     the bar moves as runs finish. Each run is still an ordinary run folder, resumable as before."""
     from .ray_backend import start_ray
@@ -279,8 +290,8 @@ def _run_on_ray(sweep: Sweep, specs: list[RunSpec], out: Path, budget: Budget, b
     try:
         task = ray.remote(num_cpus=run_cpus, num_gpus=1 if device == "cuda" else 0)(_run_remote)
         threads = max(1, int(run_cpus))
-        refs = {task.remote(str(sweep.path.resolve()), s.name, str(out.resolve()), budget.deadline, device, threads): s
-                for s in specs}
+        refs = {task.remote(str(sweep.path.resolve()), s.name, str(out.resolve()), budget.deadline, device, threads,
+                            max_rounds): s for s in specs}
         bar.write(f"ray: {len(refs)} runs as tasks of {run_cpus:g} CPUs "
                   f"({ray.cluster_resources().get('CPU', 0):g} CPUs in the cluster)")
         status = {}
@@ -288,7 +299,8 @@ def _run_on_ray(sweep: Sweep, specs: list[RunSpec], out: Path, budget: Budget, b
             ready, _ = ray.wait(list(refs), num_returns=1)
             spec = refs.pop(ready[0])
             status[spec.name] = ray.get(ready[0])
-            bar.update(rounds_done(run_dir(out, spec)) if status[spec.name] == "finished" else 0)
+            bar.update(min(rounds_done(run_dir(out, spec)), _capped(spec.config(), max_rounds).server.rounds)
+                       if status[spec.name] == "finished" else 0)
             bar.write(f"{spec.name}: {status[spec.name]} ({rounds_done(run_dir(out, spec))} rounds)")
         return status
     finally:
@@ -298,16 +310,23 @@ def _run_on_ray(sweep: Sweep, specs: list[RunSpec], out: Path, budget: Budget, b
 
 def main_sweep(config: str, out: str | None, max_minutes: float | None, progress: bool = True,
                device: str = "cpu", tensorboard: bool = False, backend: str = "sequential",
-               ray_address: str = "", run_cpus: float = 1.0) -> int:
+               ray_address: str = "", run_cpus: float = 1.0, max_rounds: int | None = None,
+               only: list[str] | None = None) -> int:
     sweep = load_sweep(config)
+    unknown = sorted(set(only or ()) - {s.name for s in sweep.runs})
+    if unknown:
+        raise ConfigError(f"--only: {unknown} are not runs of sweep {sweep.name} "
+                          f"(its runs: {', '.join(s.name for s in sweep.runs)})")
     out_dir = Path(out) if out else Path("runs") / "sweeps" / sweep.name
     print(f"edgelora sweep {sweep.name}: {len(sweep.runs)} runs -> {out_dir}"
-          + (f" (stops after {max_minutes:g} min)" if max_minutes else ""), flush=True)
+          + (f" (stops after {max_minutes:g} min)" if max_minutes else "")
+          + (f" (each to at most {max_rounds} rounds)" if max_rounds else ""), flush=True)
     # SIGTERM ends a sweep like Ctrl-C: the round under way is lost, every completed round is on disk.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         status = run_sweep(sweep, out_dir, max_minutes, progress, device=device, tensorboard=tensorboard,
-                           backend=backend, ray_address=ray_address, run_cpus=run_cpus)
+                           backend=backend, ray_address=ray_address, run_cpus=run_cpus, only=only,
+                           max_rounds=max_rounds)
     except KeyboardInterrupt:
         print(f"interrupted; finished rounds are saved in {out_dir} (run the same command to continue)",
               flush=True)

@@ -72,6 +72,7 @@ class UploadRule:
     density: float = 1.0
     error_feedback: bool = False
     value_type: str = "float32"
+    rounding: str = "nearest"      # codec rounding of the int value types: "nearest" | "stochastic"
 
 
 @dataclass(frozen=True)

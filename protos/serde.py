@@ -92,12 +92,12 @@ def train_from_proto(p: pb.TrainSpec) -> TrainSpec:
 
 def upload_to_proto(u: UploadRule) -> pb.UploadRule:
     return pb.UploadRule(format=int(u.format), density=u.density, error_feedback=u.error_feedback,
-                         value_type=u.value_type)
+                         value_type=u.value_type, rounding=u.rounding)
 
 
 def upload_from_proto(p: pb.UploadRule) -> UploadRule:
     return UploadRule(format=UploadFormat(p.format), density=p.density, error_feedback=p.error_feedback,
-                      value_type=p.value_type)
+                      value_type=p.value_type, rounding=p.rounding or "nearest")
 
 
 def task_to_proto(t: Task, payload_bytes: int) -> pb.TaskHeader:

@@ -30,9 +30,19 @@ def assert_close(decoded: np.ndarray, values: np.ndarray, value_type: str) -> No
     elif value_type == "bfloat16":  # 8 significant bits, round to nearest: relative error <= 2**-8
         assert not (decoded.view(np.uint32) & 0xFFFF).any()
         assert np.all(np.abs(decoded - values) <= np.abs(values) * 2.0 ** -8 + 2.0 ** -134)  # + subnormal step
-    else:  # int8: absolute error <= half a step of max|v| / 127
+    elif value_type == "int8":  # absolute error <= half a step of max|v| / 127
         step = np.abs(values).max() / 127 if values.size else 0.0
         assert np.all(np.abs(decoded - values) <= step / 2 * 1.0001 + 1e-30)
+    else:  # blockwise: half a step of each block's own max|v| / levels
+        assert np.all(np.abs(decoded - values) <= block_steps(values, value_type) / 2 * 1.0001 + 1e-30)
+
+
+def block_steps(values: np.ndarray, value_type: str, block: int = 64, stochastic: bool = False) -> np.ndarray:
+    """Each value's quantisation step under a blockwise type: its block's max|v| / levels."""
+    levels = {"int8_block": 127, "int4_block": 7}[value_type]
+    flat = values.reshape(-1)
+    peaks = np.array([np.abs(flat[i:i + block]).max() for i in range(0, flat.size, block)]) if flat.size else np.zeros(0)
+    return (np.repeat(peaks, block)[:flat.size] / levels).reshape(values.shape) * (2 if stochastic else 1)
 
 
 @FAST
@@ -144,3 +154,55 @@ def test_rans_round_trips(n, p, lanes, seed):
     if payload is None:  # the class table cannot represent this p; the encoder falls back to Golomb
         return
     np.testing.assert_array_equal(rans.decode(payload, lanes, n, indices.size), indices)
+
+
+@FAST
+@given(value_type=st.sampled_from(["int8", "int8_block", "int4_block"]), n=st.integers(0, 300),
+       block=st.sampled_from([1, 7, 64, 256]), seed=st.integers(0, 2**32), data=st.data())
+def test_stochastic_rounding_round_trip(value_type, n, block, seed, data):
+    """Stochastic codes are floor(v / scale + u): within one step of v, never past the block's range."""
+    values = data.draw(finite_values(n))
+    encode = lambda: codec.encode_bundle({"d": codec.Dense(values)}, value_type=value_type, block_size=block,
+                                         rounding="stochastic", seed=seed)
+    first = encode()
+    assert first == encode()  # the seed fixes the draws
+    out = codec.decode_bundle(first)["d"].values
+    if value_type == "int8":
+        step = np.abs(values).max() / 127 if n else 0.0
+    else:
+        step = block_steps(values, value_type, block)
+    assert np.all(np.abs(out - values) <= step * 1.0001 + 1e-30)
+
+
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
+    """A value 0.3 steps above a code: nearest always rounds it down, stochastic's mean over seeds is it."""
+    values = np.full(640, 0.3 / 7, np.float32)
+    values[::64] = 1.0  # each block's peak: scale 1/7, so the rest sit 0.3 of a step above code 0
+    decode = lambda **kw: codec.decode_bundle(codec.encode_bundle({"d": codec.Dense(values)},
+                                                                  value_type="int4_block", **kw))["d"].values
+    assert np.all(decode()[values < 1] == 0.0)
+    means = np.mean([decode(rounding="stochastic", seed=s)[values < 1] for s in range(400)], axis=0)
+    assert abs(means.mean() - 0.3 / 7) < 0.002  # 400 x 630 draws: the mean's standard error is ~0.0004
+
+
+def test_block_scales_follow_each_block():
+    """A large value costs only its own block's precision: the small block stays exact to its own step."""
+    values = np.concatenate([np.full(64, 1e-3, np.float32), np.full(64, 10.0, np.float32)])
+    values[0], values[64] = 2e-3, 20.0
+    for vt, levels in (("int8_block", 127), ("int4_block", 7)):
+        out = codec.decode_bundle(codec.encode_bundle({"d": codec.Dense(values)}, value_type=vt))["d"].values
+        assert np.abs(out[:64] - values[:64]).max() <= 2e-3 / levels / 2 * 1.0001
+        per_tensor = codec.decode_bundle(codec.encode_bundle({"d": codec.Dense(values)}, value_type="int8"))["d"]
+        assert np.all(per_tensor.values[1:64] == 0.0)  # one scale of 20 / 127 rounds the small block to zero
+
+
+def test_blockwise_sizes_and_versions():
+    """int4 packs two codes a byte plus a float32 scale per block; only bundles that use them are version 2."""
+    rng = np.random.default_rng(3)
+    values = rng.integers(-7, 8, 6401).astype(np.float32)  # incompressible codes; odd count pads a nibble
+    i4 = codec.encode_bundle({"d": codec.Dense(values)}, value_type="int4_block", block_size=64)
+    f16 = codec.encode_bundle({"d": codec.Dense(values)}, value_type="float16")
+    assert i4[4] == 2 and f16[4] == 1
+    header = 12 + int.from_bytes(i4[8:12], "little")
+    assert len(i4) - header - 4 >= 3201 + 4 * 101  # the codes' bytes and 101 scales' bytes, as stored
+    assert len(i4) < 3201 + 4 * 101 + 100

@@ -66,7 +66,7 @@ def test_every_truncation_is_rejected():
 
 
 @pytest.mark.parametrize("preamble,field", [
-    ((b"ELCX", 1, 0, 0), "magic"), ((b"ELCB", 2, 0, 0), "version"), ((b"ELCB", 0, 0, 0), "version"),
+    ((b"ELCX", 1, 0, 0), "magic"), ((b"ELCB", 3, 0, 0), "version"), ((b"ELCB", 0, 0, 0), "version"),
     ((b"ELCB", 1, 1, 0), "flags"), ((b"ELCB", 1, 0, 9), "flags")])
 def test_preamble_fields(preamble, field):
     with pytest.raises(codec.CodecError, match=field):
@@ -234,6 +234,65 @@ def test_int8_scale_and_code_range():
         codec.decode_bundle(rebuilt("int8", name="dense", scale=float("inf")))
     with pytest.raises(codec.CodecError, match="-128"):
         codec.decode_bundle(rebuilt("int8", planes=[b"\x80" * 58, b"", b"", b""]))
+
+
+def blockwise(value_type="int4_block", values=None, block=4, preamble=None, scales=None, codes=None):
+    """A one-tensor blockwise bundle of 9 values (3 blocks of 4, the last short), with its side payload (the
+    scales) or its value plane (the codes) optionally replaced."""
+    values = np.array([1, -2, 3, 4, 0.5, 0.25, -0.5, 0.125, 7], np.float32) if values is None else values
+    table, side, section = take_apart(codec.encode_bundle({"q": codec.Dense(values)}, value_type=value_type,
+                                                          block_size=block))
+    if scales is not None:
+        side = [np.asarray(scales, "<f4").tobytes()]
+    if codes is not None:
+        section, table.plane_codecs, table.plane_sizes = codes, [hdr.RAW] * 4, [len(codes), 0, 0, 0]
+    return assemble(table, side, section, preamble=preamble)
+
+
+def test_blockwise_valid_and_versioned():
+    for vt in ("int8_block", "int4_block"):
+        np.testing.assert_allclose(codec.decode_bundle(blockwise(vt))["q"].values,
+                                   [1, -2, 3, 4, 0.5, 0.25, -0.5, 0.125, 7], atol=0.5 / 7 * 4)
+        with pytest.raises(codec.CodecError, match="needs bundle version 2"):
+            codec.decode_bundle(blockwise(vt, preamble=(b"ELCB", 1, 0, 0)))
+
+
+@pytest.mark.parametrize("block", [0, (1 << 16) + 1])
+def test_blockwise_block_size_range(block):
+    table, side, section = take_apart(blockwise(block=4))
+    table.entries[0].block_size = block
+    with pytest.raises(codec.CodecError, match="block_size"):
+        codec.decode_bundle(assemble(table, side, section))
+
+
+@pytest.mark.parametrize("scales,field", [([1, -1, 1], "scales"), ([1, float("nan"), 1], "scales"),
+                                          ([1, float("inf"), 1], "scales"), ([1, 1], "do not add up"),
+                                          ([1, 1, 1, 1], "do not add up"), ([3e38, 1, 1], "NaN or Inf")])
+def test_blockwise_scales(scales, field):
+    """Each block's scale is finite and >= 0, there is one per block, and code x scale stays finite."""
+    with pytest.raises(codec.CodecError, match=field):
+        codec.decode_bundle(blockwise(scales=scales, codes=None if field != "NaN or Inf" else b"\x7f" * 9,
+                                      value_type="int8_block" if field == "NaN or Inf" else "int4_block"))
+
+
+def test_blockwise_codes():
+    """int8_block never writes -128; int4_block never writes nibble 0 (code -8) and pads with a zero nibble."""
+    with pytest.raises(codec.CodecError, match="-128"):
+        codec.decode_bundle(blockwise("int8_block", codes=b"\x01" * 8 + b"\x80"))
+    with pytest.raises(codec.CodecError, match="nibble 0"):
+        codec.decode_bundle(blockwise(codes=b"\x88\x88\x08\x88\x80"))
+    with pytest.raises(codec.CodecError, match="padding nibble"):
+        codec.decode_bundle(blockwise(codes=b"\x88\x88\x88\x88\x81"))
+    assert codec.decode_bundle(blockwise(codes=b"\x88\x88\x88\x88\x80"))["q"].values.tolist() == [0.0] * 9
+
+
+def test_blockwise_encoder_arguments():
+    ok = {"d": codec.Dense(np.ones(3))}
+    for kw, field in [({"block_size": 0}, "block_size"), ({"block_size": 1.5}, "block_size"),
+                      ({"rounding": "up"}, "rounding"), ({"rounding": "stochastic"}, "seed"),
+                      ({"rounding": "stochastic", "seed": -1}, "seed")]:
+        with pytest.raises(codec.CodecError, match=field):
+            codec.encode_bundle(ok, value_type="int4_block", **kw)
 
 
 SPARSE_N = 2000

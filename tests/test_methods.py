@@ -283,6 +283,33 @@ def test_error_feedback_keeps_what_topk_did_not_send_once_accepted():
     np.testing.assert_allclose(trainer.residual["a"], [0, 0, 0.5, 0.3], atol=1e-7)
 
 
+def test_error_feedback_carries_the_rounding_error_of_a_lossy_value_type():
+    """With int4 values, what the server decodes is not what top-k chose: the residual is delta minus what was
+    actually sent, so the rounding error travels in a later round too. Stochastic rounding is seeded by the
+    round's seed and the device, so a retried upload is the same bytes."""
+    import numpy as np
+
+    from edgelora import codec
+    from edgelora.data import Examples
+    from edgelora.device import DeviceTrainer
+    from edgelora.tasks import Stage, Structure, Task, TrainSpec, UploadFormat, UploadRule
+
+    trainer = DeviceTrainer("3", host=None, data=None, examples=Examples(("x",), np.zeros(1, np.int64)))
+    delta = {"a": np.array([1.0, 0.30, 0.52, -0.9, 0.01, 0.02, 0.03, 0.04], np.float32)}
+    for rounding in ("nearest", "stochastic"):
+        task = Task(1, Stage.DENSE, "flasc", Structure(), TrainSpec(seed=7),
+                    UploadRule(format=UploadFormat.TOPK, density=0.5, error_feedback=True, value_type="int4_block",
+                               rounding=rounding))
+        payload = trainer._encode(task, dict(delta), {})
+        assert payload == trainer._encode(task, dict(delta), {})  # a retry sends the same bytes
+        trainer.accepted()
+        (sent,) = codec.decode_bundle(payload).values()
+        assert sent.indices.tolist() == [0, 1, 2, 3]  # top-4 of 8 by magnitude
+        assert not np.allclose(sent.values, delta["a"][:4])  # 4 bits cannot hold 0.30 and 0.52 exactly
+        np.testing.assert_allclose(trainer.residual["a"], delta["a"] - codec.to_dense("a", sent), atol=1e-7)
+        trainer.residual = {}
+
+
 def test_cosine_lr_schedule_runs_per_stage():
     """train.lr_schedule = cosine: lr x (1 + cos(pi (t - first) / span)) / 2 in round t of a stage spanning
     `span` rounds; SLoRA's Stage 1 runs its own from stage1_lr and Stage 2 its own from train.lr."""

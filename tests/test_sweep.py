@@ -153,6 +153,17 @@ def test_a_sweep_asking_for_more_rounds_extends_its_finished_runs_exactly(tmp_pa
     assert set(run_sweep(load_sweep(write_sweep(tmp_path / "two", rounds=2, text=EXTEND)), out,
                          progress=False).values()) == {"skipped"}
     assert load_config(out / "runs" / "lora-iid-s0" / "config.toml").server.rounds == 4
+    # a screen (sweep --rounds 2 --only lora-iid-s0) of the four-round file, then the full sweep: the same runs
+    four, screen = load_sweep(tmp_path / "four" / "sweep.toml"), tmp_path / "screen"
+    assert run_sweep(four, screen, progress=False, max_rounds=2, only=["lora-iid-s0"]) == {"lora-iid-s0": "finished"}
+    assert rounds_done(screen / "runs" / "lora-iid-s0") == 2 and not (screen / "runs" / "lora-central-iid-s0").exists()
+    assert run_sweep(four, screen, progress=False) == {"lora-iid-s0": "finished", "lora-central-iid-s0": "finished"}
+    for key in ("accuracy", "bytes_up"):
+        assert [r[key] for r in _records(ref, "lora-iid-s0")] == [r[key] for r in _records(screen, "lora-iid-s0")]
+    with pytest.raises(ConfigError, match="--only: \\['nope'\\] are not runs"):
+        from edgelora.sweep import main_sweep
+
+        main_sweep(str(tmp_path / "four" / "sweep.toml"), str(screen), None, progress=False, only=["nope"])
 
 
 def _records(out: Path, name: str) -> list[dict]:

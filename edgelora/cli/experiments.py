@@ -82,9 +82,12 @@ def cmd_sweep(args) -> int:
 
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ConfigError(f"--max-minutes: must be > 0, got {args.max_minutes}")
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds: must be >= 1, got {args.rounds}")
     return main_sweep(args.config, args.out, args.max_minutes, progress=not args.quiet,
                       device=_torch_device(args.device), tensorboard=args.tensorboard, backend=args.backend,
-                      ray_address=args.ray_address, run_cpus=args.run_cpus)
+                      ray_address=args.ray_address, run_cpus=args.run_cpus, max_rounds=args.rounds,
+                      only=[n for n in args.only.split(",") if n] if args.only else None)
 
 def cmd_centralized(args) -> int:
     """The ceiling for a run config: its structure trained on the union of the devices' data in one place."""
@@ -155,6 +158,9 @@ def add_commands(sub) -> None:
     sw.add_argument("--config", help="sweep file (TOML), e.g. examples/sweeps/smoke.toml")
     sw.add_argument("--out", help="sweep folder (default runs/sweeps/<name>); run again to continue it")
     sw.add_argument("--max-minutes", type=float, help="stop cleanly between rounds after this many minutes")
+    sw.add_argument("--rounds", type=int, metavar="N",
+                    help="screen: run each run to at most N rounds (run again without it to extend them exactly)")
+    sw.add_argument("--only", metavar="RUN,...", help="run only these runs of the sweep (by run name)")
     sw.add_argument("--report", metavar="DIR", help="write DIR/summary.csv, summary.md and plots from finished rounds")
     sw.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the virtual devices train")
     sw.add_argument("--backend", choices=("sequential", "ray"), default="sequential",

@@ -95,7 +95,15 @@ class Method:
                          precision=t.precision, gradient_checkpointing=t.gradient_checkpointing, seed=self.run.server.seed * 100_003 + state.round + 1)
 
     def upload_rule(self, state: ServerState) -> UploadRule:
-        return UploadRule(format=UploadFormat.DENSE, value_type=self.run.server.value_type)
+        return self.upload(UploadFormat.DENSE)
+
+    def download_value_type(self) -> str:
+        return self.run.server.download_value_type or self.run.server.value_type
+
+    def upload(self, fmt: UploadFormat, **rule) -> UploadRule:
+        """An upload rule of format `fmt` in the run's value type and rounding."""
+        server = self.run.server
+        return UploadRule(format=fmt, value_type=server.value_type, rounding=server.rounding, **rule)
 
     def download(self, state: ServerState, ins: Instruction) -> dict[str, codec.Tensor]:
         """What a device given `ins` receives: by default the global trainable weights."""

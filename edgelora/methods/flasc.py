@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgelora import codec
-from edgelora.codec.values import ITEM_SIZE
+from edgelora.codec.values import bytes_per_value
 
 from ..configtools import check, field
 from ..sparsity import global_topk
-from ..tasks import DeviceInfo, UploadFormat, UploadRule
+from ..tasks import DeviceInfo, UploadFormat
 from .baselines import Lora, LoraConfig, LoraMethodConfig
 
 
@@ -40,8 +40,8 @@ class FlascConfig(LoraMethodConfig):
     upload_density: float = field(0.25, "fraction of the device delta's entries sent up (global top-k by magnitude)")
     density_decay: float = field(1.0, "multiply both densities by this every decay_every rounds (1 = constant)")
     decay_every: int = field(1, "rounds between density decays")
-    error_feedback: bool = field(False, "devices keep what top-k did not send and add it to their next delta")
-    eval_masked: bool = field(True, "score and save the model as devices download it: the server's top-k at download_density (decayed; the top tier's), as the reference code's --eval-masked does; false = the dense server weights, which no device ever trains from")
+    error_feedback: bool = field(False, "devices keep what top-k and the value type's rounding did not send and add it to their next delta")
+    eval_masked: bool = field(True, "score and save the model as devices download it: the server's top-k at download_density (decayed; the top tier's) in the download's value type, as the reference code's --eval-masked does; false = the dense server weights, which no device ever trains from")
     lora: LoraConfig = field(LoraConfig(rank=16, alpha=16.0, dropout=0.1), "LoRA hyperparameters (FLASC: r = 16, alpha 16, dropout 0.1)")
     tiers: int = field(1, "device tiers (FLASC's heterogeneous setting): tier i of T gets both densities / 4^(T-i-1); 1 = every device alike")
     tier_densities: list[list[float]] = field([], "[download, upload] density per tier, tier 0 first; overrides the 4^(T-i-1) rule (its length sets tiers)")
@@ -99,8 +99,8 @@ class Flasc(Lora):
         return int(device.device_id) % self.cfg.tier_count() if device.device_id.isdigit() else 0
 
     def upload_rule(self, state):
-        return UploadRule(format=UploadFormat.TOPK, density=self.density(self.cfg.upload_density, state),
-                          error_feedback=self.cfg.error_feedback, value_type=self.run.server.value_type)
+        return self.upload(UploadFormat.TOPK, density=self.density(self.cfg.upload_density, state),
+                           error_feedback=self.cfg.error_feedback)
 
     def configure(self, state, device):
         ins = super().configure(state, device)
@@ -120,13 +120,16 @@ class Flasc(Lora):
         density = self.density(self.cfg.download_density, state)
         if not self.cfg.eval_masked or density >= 1:
             return state.params
-        return {n: codec.to_dense(n, t) for n, t in global_topk(state.params, density).items()}
+        sent = global_topk(state.params, density)
+        if self.download_value_type() != "float32":  # as devices decode it: the value type's rounding too
+            sent = codec.decode_bundle(codec.encode_bundle(sent, value_type=self.download_value_type()))
+        return {n: codec.to_dense(n, t) for n, t in sent.items()}
 
     def _fit_to_deadline(self, state, device: DeviceInfo, ins):
         cfg = self.cfg
         entries = sum(v.size for v in state.params.values())
         budget_s = cfg.transfer_fraction * self.run.server.round_deadline_s / 2
-        per_entry = ITEM_SIZE[self.run.server.value_type] + 2.0
+        per_entry = bytes_per_value(self.run.server.value_type) + 2.0
         measured = cfg.link_rates == "measured"
         up_bps = (device.uplink_bps if measured else 0.0) or device.declared_uplink_bps
         down_bps = (device.downlink_bps if measured else 0.0) or device.declared_downlink_bps

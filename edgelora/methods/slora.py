@@ -16,7 +16,7 @@ import numpy as np
 
 from ..configtools import check, field
 from ..models import trainable_state
-from ..tasks import Stage, Structure, StructureKind, UploadFormat, UploadRule
+from ..tasks import Stage, Structure, StructureKind, UploadFormat
 from .base import Method, MethodConfig
 from .baselines import LoraConfig
 from .priming import PEFT_PREFIX, svd_prime_lora
@@ -95,8 +95,7 @@ class SLora(Method):
 
     def upload_rule(self, state):
         masked = state.stage == Stage.SPARSE and self.cfg.density < 1
-        return UploadRule(format=UploadFormat.MASKED if masked else UploadFormat.DENSE,
-                          value_type=self.run.server.value_type)
+        return self.upload(UploadFormat.MASKED if masked else UploadFormat.DENSE)
 
     def download(self, state, ins):
         if state.stage == Stage.SPARSE:

@@ -16,7 +16,7 @@ from edgelora import codec
 from ..configtools import check, field
 from ..models import is_masked
 from ..sparsity import mask_bool
-from ..tasks import Structure, StructureKind, UploadFormat, UploadRule
+from ..tasks import Structure, StructureKind, UploadFormat
 from .base import Method, MethodConfig
 
 
@@ -74,7 +74,7 @@ class SparseFineTuning(Method):
 
     def upload_rule(self, state):
         fmt = UploadFormat.MASKED if self.cfg.density < 1 else UploadFormat.DENSE
-        return UploadRule(format=fmt, value_type=self.run.server.value_type)
+        return self.upload(fmt)
 
     def download(self, state, ins):
         return masked_download(state.params, ins.task.structure)
