@@ -19,8 +19,8 @@ from .data import Examples, device_examples
 from .models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
 from .sparsity import global_topk
 from .task_types import task_type
-from .tasks import PhaseTimes, Task, Update, UploadFormat
-from .training import evaluate, train_local
+from .tasks import PhaseTimes, Structure, Task, Update, UploadFormat
+from .training import batches, evaluate, train_local
 
 
 class DownloadError(ValueError):
@@ -75,6 +75,24 @@ class DeviceTrainer:
         return Update(self.device_id, task.round, len(self.examples), upload, loss,
                       PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1), task_id=task.task_id,
                       eval_examples=scored[0], eval_loss=scored[1], eval_accuracy=scored[2])
+
+    def warm_up(self, structure: Structure) -> float:
+        """Build `structure` on the host and run one forward and backward pass on a few of this device's
+        examples, so the first task does not pay for the build and the first pass (a device does this before
+        it registers). Weights are untouched (no optimizer step; gradients dropped) and training reseeds
+        torch's RNG per task, so it changes no result. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        model, _, _ = self.host.prepare(structure)
+        n = min(len(self.examples), 8)
+        if n:
+            enc, labels = next(iter(batches(self.examples, self.host.tokenizer, self.host.model_cfg.max_seq_len, n,
+                                            np.arange(n), self.host.task)))
+            model.train()
+            model(**{k: v.to(self.host.torch_device) for k, v in enc.items()},
+                  labels=labels.to(self.host.torch_device)).loss.backward()
+            model.zero_grad(set_to_none=True)
+            model.eval()
+        return time.perf_counter() - t0
 
     def accepted(self) -> None:
         """The server accepted the last update: only now does error feedback keep what it did not send, so a

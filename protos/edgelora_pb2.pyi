@@ -196,20 +196,22 @@ class UploadRule(_message.Message):
     def __init__(self, format: _Optional[_Union[UploadRule.Format, str]] = ..., density: _Optional[float] = ..., error_feedback: _Optional[bool] = ..., value_type: _Optional[str] = ..., rounding: _Optional[str] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "model", "data", "method", "chunk_bytes", "max_upload_bytes")
+    __slots__ = ("run_id", "model", "data", "method", "chunk_bytes", "max_upload_bytes", "initial_structure")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model: ModelSpec
     data: DataSpec
     method: str
     chunk_bytes: int
     max_upload_bytes: int
-    def __init__(self, run_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., method: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ...) -> None: ...
+    initial_structure: Structure
+    def __init__(self, run_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., method: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., initial_structure: _Optional[_Union[Structure, _Mapping]] = ...) -> None: ...
 
 class RunSpecRequest(_message.Message):
     __slots__ = ()

@@ -48,7 +48,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         run = coord.run
         self.spec = pb.RunSpec(run_id=coord.folder.path.name, model=serde.model_to_proto(run.model),
                                data=serde.data_to_proto(run.data), method=run.method.name,
-                               chunk_bytes=run.server.chunk_bytes, max_upload_bytes=run.server.max_upload_bytes)
+                               chunk_bytes=run.server.chunk_bytes, max_upload_bytes=run.server.max_upload_bytes,
+                               initial_structure=serde.structure_to_proto(coord.engine.method.initial_structure()))
 
     def GetRunSpec(self, request, context):
         return self.spec

@@ -78,7 +78,9 @@ def test_impostors_are_refused_and_a_good_device_trains(tmp_path, certs):
         assert _code(lambda: stub.SubmitUpdate(chunks, timeout=10, metadata=_md("1", tokens["1"])))[0] == \
             grpc.StatusCode.PERMISSION_DENIED
         # the right token for the right id passes the interceptor (the spec is open to any enrolled device)
-        assert stub.GetRunSpec(spec, timeout=10, metadata=_md("1", tokens["1"])).run_id == run_dir.name
+        got = stub.GetRunSpec(spec, timeout=10, metadata=_md("1", tokens["1"]))
+        assert got.run_id == run_dir.name
+        assert got.initial_structure.kind == pb.Structure.LORA  # what devices build before they register
         channel.close()
         # a client certificate from another CA never completes the TLS handshake: no RPC reaches the server
         # (gRPC reports a failed handshake as UNAVAILABLE; there is no HTTP/2 stream to carry another status)

@@ -445,3 +445,24 @@ def test_the_bounds_table_covers_every_check_in_the_method_configs():
                     and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("method."):
                 checked.add(node.args[1].value.removeprefix("method."))
     assert checked == set(OUT_OF_BOUNDS), checked ^ set(OUT_OF_BOUNDS)
+
+
+def test_warm_up_builds_the_first_structure_and_leaves_its_weights_alone(tiny_config):
+    """A device builds the run spec's first structure before it registers (one forward and backward pass):
+    the model its first task gets is that one, not rebuilt, with the weights a fresh build has and no grads."""
+    import numpy as np
+
+    from edgelora.data import with_num_labels
+    from edgelora.device import DeviceHost, DeviceTrainer
+    from edgelora.models import trainable_state
+
+    run = with_num_labels(tiny_config())
+    structure = make_method(run).initial_structure()
+    host = DeviceHost(run.model)
+    assert DeviceTrainer("0", host, run.data).warm_up(structure) > 0
+    warmed = host.build(structure)
+    assert host.prepare(structure)[0] is warmed  # the first task reuses it
+    assert all(p.grad is None for p in warmed.parameters())
+    fresh = trainable_state(DeviceHost(run.model).build(structure))
+    for name, value in trainable_state(warmed).items():
+        np.testing.assert_array_equal(value, fresh[name], err_msg=name)

@@ -115,6 +115,10 @@ class Method:
         themselves, except where the download is lossy, as FLASC's top-k is)."""
         return state.params
 
+    def initial_structure(self) -> Structure:
+        """What devices train in the run's first round (sent in the run spec, so they build it up front)."""
+        return self.structure(_probe(self.initial_stage()))
+
     def init_params(self, host: ModelHost, stage: Stage) -> dict[str, np.ndarray]:
         return trainable_state(host.build(self.structure(_probe(stage))))
 
