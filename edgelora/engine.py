@@ -31,9 +31,9 @@ log = logging.getLogger("edgelora.server")
 
 
 class Refusal(str, enum.Enum):
-    """Why the server refuses a request. The value travels to the device in the trailing metadata
-    (protos.serde REFUSAL_KEY), beside the gRPC status server.servicer.STATUS maps each code to; a device
-    decides by the code, never by the message."""
+    """Why the server refuses a request. The value travels to the device as the reason of a google.rpc
+    ErrorInfo in the status details (protos.serde.refusal_status), beside the gRPC status code
+    server.servicer.STATUS maps each code to; a device decides by the code, never by the message."""
     INVALID = "invalid"            # the request is malformed or its payload does not match the plan
     PRECONDITION = "precondition"  # the request does not fit the round as it stands (closed, another round)
     UNKNOWN = "unknown"            # the device is not registered: register again

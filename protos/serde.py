@@ -2,6 +2,8 @@
 touches *_pb2 types; this is the only module that knows both."""
 from __future__ import annotations
 
+import grpc
+
 from edgelora.config import DataConfig, ModelConfig
 from edgelora.tasks import (AdapterSpec, LoraSpec, PhaseTimes, Stage, Structure, StructureKind, Task, TrainSpec,
                             Update, UploadFormat, UploadRule)
@@ -188,19 +190,35 @@ def update_through_the_wire(update: Update, chunk_bytes: int) -> tuple[Update, i
     return update_from_proto(header, body), wire
 
 
-# Refusals travel as a gRPC status plus a typed code in the trailing metadata, so a device decides by the
-# code (e.g. "unknown": register again) and never by the text of the message.
-REFUSAL_KEY = "edgelora-refusal"
+# Refusals travel as the ecosystem's rich error model: a google.rpc.Status whose details hold an ErrorInfo
+# (reason = the refusal code in upper case, domain "edgelora"), in the grpc-status-details-bin trailer
+# (grpcio-status). A device decides by the reason (e.g. UNKNOWN: register again), never by the message text.
+ERROR_DOMAIN = "edgelora"
 
 
-def refusal_metadata(code: str) -> tuple[tuple[str, str], ...]:
-    return ((REFUSAL_KEY, code),)
+def refusal_status(code: str, status: grpc.StatusCode, message: str) -> grpc.Status:
+    """The grpc.Status to abort with (context.abort_with_status) for refusal `code` ("unknown", ...)."""
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=code.upper(), domain=ERROR_DOMAIN))
+    return rpc_status.to_status(status_pb2.Status(code=status.value[0], message=message, details=[detail]))
 
 
 def refusal_code(error) -> str:
-    """The typed refusal code of a grpc.RpcError from the coordinator ("" when it carries none)."""
+    """The refusal code ("unknown", ...) of a grpc.RpcError from the coordinator: its ErrorInfo reason in
+    lower case; "" when it carries none (e.g. the channel never connected)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
     try:
-        md = error.trailing_metadata() or ()
-    except Exception:  # an error raised before any reply (e.g. the channel never connected)
+        status = rpc_status.from_call(error)
+    except (AttributeError, ValueError):  # not a call, or a details trailer that disagrees with the status
         return ""
-    return next((v for k, v in md if k == REFUSAL_KEY), "")
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            return info.reason.lower()
+    return ""

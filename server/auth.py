@@ -49,8 +49,7 @@ def make_tokens(device_ids) -> str:
 def _abort(context, code: Refusal, message: str):
     from .servicer import STATUS
 
-    context.set_trailing_metadata(serde.refusal_metadata(code.value))
-    context.abort(STATUS[code], message)
+    context.abort_with_status(serde.refusal_status(code.value, STATUS[code], message))
 
 
 def _deny(code: Refusal, message: str):

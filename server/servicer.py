@@ -38,8 +38,7 @@ def _abort(coord: Coordinator, context: grpc.ServicerContext, e: UpdateRejected,
     log.warning("%s refused: %s", what, e.message)
     if coord.metrics is not None:
         coord.metrics.refused(e.code.value)
-    context.set_trailing_metadata(serde.refusal_metadata(e.code))
-    context.abort(STATUS[e.code], e.message)
+    context.abort_with_status(serde.refusal_status(e.code.value, STATUS[e.code], e.message))
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):

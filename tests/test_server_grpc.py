@@ -71,13 +71,17 @@ def submit(stub, device_id, round_id, payload, declared=None, num_examples=None,
 
 def refused(fn, code, match, refusal=None):
     """The call fails with `code`, a message containing `match` and, when given, the typed refusal code the
-    device decides by (trailing metadata)."""
+    device decides by (a google.rpc.Status whose ErrorInfo reason is the code, domain "edgelora")."""
     with pytest.raises(grpc.RpcError) as e:
         fn()
     assert e.value.code() == code, e.value.details()
     assert match in e.value.details(), e.value.details()
     if refusal is not None:
         assert serde.refusal_code(e.value) == refusal
+        from grpc_status import rpc_status
+
+        status = rpc_status.from_call(e.value)  # the standard rich status, as any gRPC client reads it
+        assert status.code == code.value[0] and status.message == e.value.details() and len(status.details) == 1
 
 
 def start_rounds(coord, stub):
