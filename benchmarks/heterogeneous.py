@@ -45,12 +45,13 @@ def run_config(policy: str, uplinks: list[float], rounds: int, entries: int | No
     raw = tomllib.loads(BASE.read_text())
     raw["data"]["path"] = str((BASE.parent / raw["data"]["path"]).resolve())
     n = len(uplinks)
+    # float32 values, as first measured: the policy's 6-bytes-an-entry estimate and its figures assume them
     raw["server"].update(rounds=rounds, devices_per_round=n, min_devices=n, min_registered=n, eval_every=rounds,
-                         round_deadline_s=120.0)
+                         round_deadline_s=120.0, value_type="float32")
     raw["data"].update(num_devices=n, max_examples_per_device=64, test_max_examples=100, partition="iid")
     raw["train"].update(lr=3e-3, max_steps=1, batch_size=batch_size)
-    raw["method"] = {"name": "flasc", "download_density": DENSITY, "upload_density": DENSITY,
-                     "lora": {"rank": 10, "alpha": 10.0}}
+    raw["method"] = {"name": "flasc", "download_density": DENSITY, "upload_density": DENSITY, "error_feedback": False,
+                     "lora": {"rank": 10, "alpha": 10.0}}  # no error feedback, as first measured
     if policy == "deadline":
         # mean over devices of rate_i / 8 * budget / (N * b) = DENSITY  ->  budget (seconds, each way)
         mean_bps = sum(uplinks) / n * 1e6

@@ -41,7 +41,7 @@ class ServerConfig:
     max_update_abs: float = field(1e3, "an upload with any |delta| above this is refused (INVALID_ARGUMENT): finite but huge values would wreck the global model")
     max_examples_per_device: int = field(10_000, "data.mode = own: FedAvg weighs a device's update by the example count it reports, at most this (a larger claim is weighted at the cap and logged)")
     save_updates: bool = field(False, "keep every accepted upload's codec bytes in RUN_DIR/updates/ (with the round's download.elb, or download_<device>.elb where devices got different downloads)")
-    value_type: ValueType = field("float32", "codec value type of uploads, and of downloads unless download_value_type is set (int8_block / int4_block: a float32 scale per 64 values)")
+    value_type: Literal["", ValueType] = field("", "codec value type of uploads, and of downloads unless download_value_type is set (int8_block / int4_block: a float32 scale per 64 values); \"\" = the method's default: int4_block for FLASC (the measured best, docs/communication.md), float32 for the others")
     download_value_type: Literal["", ValueType] = field("", "codec value type of downloads (\"\" = value_type)")
     rounding: Literal["nearest", "stochastic"] = field("nearest", "how devices round uploads to the int value types: stochastic is unbiased (seeded per device and round); downloads round to nearest")
     simulated_uplink_mbps: list[float] = field([], "simulator only: device i's uplink is entry i mod len (Mbit/s); its uploads are timed at that rate and it declares it, as a throttled client would (empty: no link emulation)")
@@ -315,6 +315,8 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
     task = task_type(cfg.model.task)
     task.check_data(cfg)
     cfg = cfg.replace(method=resolve_head(cfg.method, task.head_modules))
+    if not cfg.server.value_type:  # resolved here, so a saved config.toml names the type its run used
+        cfg = cfg.replace(server=dataclasses.replace(cfg.server, value_type=cfg.method.default_value_type))
     # Noise lands on every coordinate of the aggregate; a masked upload's devices never receive the entries
     # outside the mask, so server and devices would drift apart there.
     check(not (cfg.aggregator.name == "dp-fedavg" and cfg.method.name in ("sft", "slora")), "aggregator.name",

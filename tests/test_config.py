@@ -12,6 +12,21 @@ def test_defaults_are_the_demo_setting():
     assert cfg.method.name == "lora" and cfg.aggregator.name == "fedavg"
 
 
+def test_value_type_defaults_to_the_methods_and_is_saved_resolved():
+    """FLASC's measured best (docs/communication.md): 4-bit blockwise values and error feedback; every other
+    method float32. The resolved type is what config.toml records, so a run folder says what it sent."""
+    flasc = load_config({"method": {"name": "flasc"}})
+    assert flasc.server.value_type == "int4_block" and flasc.method.error_feedback is True
+    assert 'value_type = "int4_block"' in flasc.to_toml()
+    assert load_config(None).server.value_type == "float32"
+    assert load_config({"method": {"name": "flasc"}, "server": {"value_type": "float16"}}).server.value_type == "float16"
+    for raw, field in [({"server": {"value_type": "int5"}}, "server.value_type"),
+                       ({"server": {"download_value_type": "fp8"}}, "server.download_value_type"),
+                       ({"server": {"rounding": "up"}}, "server.rounding")]:
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            load_config(raw)
+
+
 @pytest.mark.parametrize("raw, field", [
     ({"train": {"lr": "fast"}}, "train.lr"),
     ({"train": {"lr": -1.0}}, "train.lr"),

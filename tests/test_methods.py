@@ -116,7 +116,8 @@ def test_slora_switch_primes_lora_and_carries_the_head(tiny_base):
 
 def _flasc_engine(num_devices: int = 2, **method):
     raw = tiny_raw(method={"name": "flasc", "lora": {"rank": 4, "alpha": 8.0}, **method},
-                   data={"num_devices": num_devices})
+                   data={"num_devices": num_devices},
+                   server={"value_type": "float32"})  # exact values: these tests check which entries travel
     run = load_config(raw)
     run = run.replace(model=type(run.model)(name="tiny-bert", num_labels=20, max_seq_len=32))
     return run, RoundEngine(run, make_method(run), ModelHost(load_base_model("tiny-bert", 20, 0)))

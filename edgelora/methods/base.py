@@ -36,6 +36,7 @@ class Instruction:
 @dataclass
 class MethodConfig:
     name: str = field("lora", "the method (see `edgelora methods`)")
+    default_value_type: ClassVar[str] = "float32"  # server.value_type when a run leaves it empty
 
     def validate(self) -> None:
         pass

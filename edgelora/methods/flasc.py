@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from edgelora import codec
 from edgelora.codec.values import bytes_per_value
@@ -35,12 +35,15 @@ from .baselines import Lora, LoraConfig, LoraMethodConfig
 
 @dataclass
 class FlascConfig(LoraMethodConfig):
+    # 4-bit blockwise values both ways: at 1/4 the accuracy of float32 top-k at a quarter of its bytes
+    # (docs/communication.md)
+    default_value_type: ClassVar[str] = "int4_block"
     name: str = field("flasc", "FLASC: LoRA with sparse (top-k) download and upload")
     download_density: float = field(0.25, "fraction of the server's LoRA entries sent down (global top-k by magnitude)")
     upload_density: float = field(0.25, "fraction of the device delta's entries sent up (global top-k by magnitude)")
     density_decay: float = field(1.0, "multiply both densities by this every decay_every rounds (1 = constant)")
     decay_every: int = field(1, "rounds between density decays")
-    error_feedback: bool = field(False, "devices keep what top-k and the value type's rounding did not send and add it to their next delta")
+    error_feedback: bool = field(True, "devices keep what top-k and the value type's rounding did not send and add it to their next delta (on by default: level at 1/4, ahead at 1/8 and 1/16 in docs/communication.md)")
     eval_masked: bool = field(True, "score and save the model as devices download it: the server's top-k at download_density (decayed; the top tier's) in the download's value type, as the reference code's --eval-masked does; false = the dense server weights, which no device ever trains from")
     lora: LoraConfig = field(LoraConfig(rank=16, alpha=16.0, dropout=0.1), "LoRA hyperparameters (FLASC: r = 16, alpha 16, dropout 0.1)")
     tiers: int = field(1, "device tiers (FLASC's heterogeneous setting): tier i of T gets both densities / 4^(T-i-1); 1 = every device alike")
