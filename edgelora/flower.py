@@ -16,6 +16,7 @@ FitRes' metrics, are left out, as they are from edgelora's own byte counts (code
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from pathlib import Path
@@ -57,6 +58,12 @@ def run_shapes(run_dir: str | Path) -> dict[str, tuple[int, ...]]:
     method = make_method(run)
     host = ModelHost(load_base_model(run.model, run.model.num_labels, run.model.head_seed), "cpu")
     return {n: tuple(v.shape) for n, v in method.init_params(host, method.initial_stage()).items()}
+
+
+@functools.lru_cache(maxsize=32)
+def model_bytes(run_dir: str) -> int:
+    """parameters_bytes of a run folder's trainable arrays (run_shapes), built once per folder and process."""
+    return parameters_bytes(run_shapes(run_dir).values())
 
 
 def round_bytes(record: dict, per_model: int) -> int:

@@ -278,7 +278,6 @@ def frontier(rows: list[dict], settings: dict, metric: Metric = ACCURACY) -> lis
     rounds to it, and that over the run's MB (`ratio`; None where the run never reached the target)."""
     reference, smooth = settings["reference"], int(settings.get("smooth", 1))
     refs = {(r["partition"], r["seed"]): r for r in rows if r["method"] == reference and r.get(f"last3_{metric.key}")}
-    per_model: dict[str, int] = {}
     out = []
     for r in rows:
         ref = refs.get((r["partition"], r["seed"]))
@@ -293,11 +292,10 @@ def frontier(rows: list[dict], settings: dict, metric: Metric = ACCURACY) -> lis
         if settings.get("flower_baseline"):
             from . import flower
 
-            if ref["run"] not in per_model:
-                per_model[ref["run"]] = flower.parameters_bytes(flower.run_shapes(ref["folder"]).values())
+            per_model = flower.model_bytes(str(ref["folder"]))
             hit = rounds_to_target(ref["records"], metric, target, smooth)
             rec["flower_mb_to_target"] = None if hit is None else sum(
-                flower.round_bytes(x, per_model[ref["run"]]) for x in ref["records"][:hit + 1]) / 1e6
+                flower.round_bytes(x, per_model) for x in ref["records"][:hit + 1]) / 1e6
             mine = rec["mb_to_target"]
             rec["ratio"] = rec["flower_mb_to_target"] / mine if mine and rec["flower_mb_to_target"] else None
         out.append(rec)
@@ -483,7 +481,7 @@ def plot_frontier(rows: list[dict], settings: dict, path: Path, metric: Metric =
     cmap = plt.get_cmap("tab20")
     for (curves, scatter), ref in zip(axes, refs):
         mine = [r for r in rows if r["run"] in records and (r["partition"], r["seed"]) == (ref["partition"], ref["seed"])]
-        per_model = flower.parameters_bytes(flower.run_shapes(ref["folder"]).values())
+        per_model = flower.model_bytes(str(ref["folder"]))
         target = records[ref["run"]]["target"]
         for i, r in enumerate(mine):
             pts = smoothed_byte_points(r["records"], metric.key, smooth)
