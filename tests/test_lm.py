@@ -239,10 +239,14 @@ def test_the_c7_sweeps_plan_their_runs():
     tune = load_sweep(REPO / "examples" / "sweeps" / "lm-tune.toml")
     assert all(r.config().data.validation_examples for r in tune.runs)  # tuned on validation, never the test split
     profile = load_sweep(REPO / "examples" / "sweeps" / "lm-profile.toml")
-    assert [r.method for r in profile.runs] == ["lora", "flasc-1/4", "flasc-1/16", "flasc-1/4-1/16", "lora-central"]
-    densities = {r.method: (r.config().method.download_density, r.config().method.upload_density)
-                 for r in profile.runs if r.method.startswith("flasc")}
-    assert densities == {"flasc-1/4": (0.25, 0.25), "flasc-1/16": (0.0625, 0.0625), "flasc-1/4-1/16": (0.25, 0.0625)}
+    assert [r.method for r in profile.runs] == ["lora", "flasc-1/4", "flasc-1/16", "flasc-1/4-1/16", "flasc-1/4-int4",
+                                                "lora-central"]
+    plans = {r.method: (r.config().method.download_density, r.config().method.upload_density,
+                        r.config().server.value_type, r.config().method.error_feedback)
+             for r in profile.runs if r.method.startswith("flasc")}
+    assert plans == {"flasc-1/4": (0.25, 0.25, "float32", False), "flasc-1/16": (0.0625, 0.0625, "float32", False),
+                     "flasc-1/4-1/16": (0.25, 0.0625, "float32", False),
+                     "flasc-1/4-int4": (0.25, 0.25, "int4_block", True)}  # the frontier's point (communication.md)
 
 
 @pytest.mark.slow
