@@ -131,13 +131,14 @@ def test_deadline_policy_gives_a_1_mbit_uplink_an_eighth_of_an_8_mbit_uplinks_de
 
     method = {"name": "flasc", "lora": {"rank": 32, "alpha": 32.0}, "density_policy": "deadline",
               "min_density": 0.001, "max_density": 1.0, "transfer_fraction": 0.05}
-    probe = tiny_config(method=method)
+    probe = tiny_config(method=method, server={"value_type": "float32"})
     n = sum(v.size for v in make_method(probe).init_params(
         ModelHost(load_base_model("tiny-bert", 20, 0)), Stage.DENSE).values())
     budget_s = 0.8 * n * 6.0 / 8e6 * 8  # the budget in which 8 Mbit/s moves 80 % of the entries at 6 B each
     deadline_s = 2 * budget_s / 0.05
     run = tiny_config(server={"rounds": 1, "devices_per_round": 2, "min_registered": 2, "save_updates": True,
-                              "round_deadline_s": deadline_s}, method=method)
+                              "round_deadline_s": deadline_s, "value_type": "float32"},  # the 6 B an entry above
+                      method={**method, "error_feedback": False})
     with run_server(run, tmp_path / "run") as (coord, port):
         driver = threading.Thread(target=coord.run_rounds, daemon=True)
         driver.start()
