@@ -61,7 +61,7 @@ class DeviceTrainer:
             scored = (len(self.eval_examples), loss, acc)
         # Dropout draws from torch's global RNG: seed it per (task, device) so a run is reproducible, and the
         # simulator and a real deployment train identically.
-        torch.manual_seed(task.train.seed * 1_000_003 + device_seed(self.device_id))
+        torch.manual_seed(self._task_seed(task))
         t0 = time.perf_counter()
         loss = train_local(model, self.examples, self.host.tokenizer, task.train, self.host.model_cfg.max_seq_len,
                            self.host.torch_device,
@@ -93,6 +93,10 @@ class DeviceTrainer:
             model.zero_grad(set_to_none=True)
             model.eval()
         return time.perf_counter() - t0
+
+    def _task_seed(self, task: Task) -> int:
+        """One seed per (round, device): dropout's draws and stochastic rounding's come from it."""
+        return task.train.seed * 1_000_003 + device_seed(self.device_id)
 
     def accepted(self) -> None:
         """The server accepted the last update: only now does error feedback keep what it did not send, so a
@@ -138,7 +142,7 @@ class DeviceTrainer:
             tensors = {n: codec.Dense(d) for n, d in delta.items()}
         # Stochastic rounding draws from a stream fixed by (round seed, device), so a run is reproducible.
         payload = codec.encode_bundle(tensors, value_type=rule.value_type, rounding=rule.rounding,
-                                      seed=task.train.seed * 1_000_003 + device_seed(self.device_id))
+                                      seed=self._task_seed(task))
         if feedback:  # what was sent is what the server decodes: top-k's and rounding's errors both carry over
             sent = codec.decode_bundle(payload)
             self._pending_residual = {n: delta[n] - codec.to_dense(n, sent[n]) for n in delta}

@@ -132,14 +132,15 @@ class Flasc(Lora):
         cfg = self.cfg
         entries = sum(v.size for v in state.params.values())
         budget_s = cfg.transfer_fraction * self.run.server.round_deadline_s / 2
-        per_entry = bytes_per_value(self.run.server.value_type) + 2.0
+        up_entry = bytes_per_value(self.run.server.value_type) + 2.0  # value + its index, before any measurement
+        down_entry = bytes_per_value(self.download_value_type()) + 2.0
         measured = cfg.link_rates == "measured"
         up_bps = (device.uplink_bps if measured else 0.0) or device.declared_uplink_bps
         down_bps = (device.downlink_bps if measured else 0.0) or device.declared_downlink_bps
-        up = fit_density(up_bps, budget_s, entries, (device.up_bytes_per_entry if measured else 0.0) or per_entry,
+        up = fit_density(up_bps, budget_s, entries, (device.up_bytes_per_entry if measured else 0.0) or up_entry,
                          cfg.min_density, cfg.max_density)
         down = fit_density(down_bps, budget_s, entries,
-                           (device.down_bytes_per_entry if measured else 0.0) or per_entry,
+                           (device.down_bytes_per_entry if measured else 0.0) or down_entry,
                            cfg.min_density, cfg.max_density)
         up = self.density(cfg.upload_density, state) if up is None else up
         down = self.density(cfg.download_density, state) if down is None else down
