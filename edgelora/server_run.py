@@ -38,6 +38,8 @@ class ServerRun:
         self.base = load_base_model(run.model)
         self.engine = RoundEngine(run, make_method(run), ModelHost(self.base, frozen=self.task.frozen_modules(run.model)))
         self.test = held_out_examples(run.data, run.model.task)
+        if run.data.mode == "partitions":  # the sizes uploads are checked against: partitioned now, not in the
+            self.engine.partition_sizes    # first upload's handler (seconds of imports and data, round 1 stalled)
         self.abandoned_in_a_row = 0  # not checkpointed: a resumed run gets max_abandoned_rounds tries again
         if resume:
             self.state = load_state(run_dir)
