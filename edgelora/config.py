@@ -209,7 +209,7 @@ class SimulateConfig:
     """How `edgelora simulate` runs its virtual devices; the results are the same bit for bit either way."""
     backend: Literal["sequential", "ray"] = field("sequential", "sequential: one after another in this process; ray: in Ray actors (pip install 'edgelora[ray]'), on this machine or a cluster")
     ray_address: str = field("", "ray: the cluster to join (ray start --head prints it; 'auto' = the one on this machine); empty starts a local Ray")
-    workers: int = field(0, "ray: actors, each hosting a model and the devices pinned to it (device i on actor i mod workers); 0 = as many as the cluster's CPUs allow at device_cpus each, at most devices_per_round")
+    workers: int = field(0, "ray: actors, each hosting a model (a round's devices spread evenly over them; a device with state, FLASC's error-feedback residual, stays on its actor); 0 = as many as the cluster's CPUs allow at device_cpus each, at most devices_per_round")
     device_cpus: float = field(1.0, "ray: CPUs each actor reserves (and its torch threads, rounded down, at least 1)")
     device_gpus: float = field(0.0, "ray: GPUs each actor reserves (a fraction shares one GPU; > 0 trains on cuda)")
 

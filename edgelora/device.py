@@ -98,6 +98,11 @@ class DeviceTrainer:
         """One seed per (round, device): dropout's draws and stochastic rounding's come from it."""
         return task.train.seed * 1_000_003 + device_seed(self.device_id)
 
+    @property
+    def has_state(self) -> bool:
+        """Whether this device carries state from one round to the next (FLASC's error-feedback residual)."""
+        return bool(self.residual) or self._pending_residual is not None
+
     def accepted(self) -> None:
         """The server accepted the last update: only now does error feedback keep what it did not send, so a
         refused and retried upload does not count the residual twice."""

@@ -92,10 +92,35 @@ def test_a_ray_run_ends_bit_identical_to_the_sequential_simulator_and_to_grpc(ca
         assert statuses == [["completed", "completed", "late"]] * 3, where
 
 
+def test_a_round_spreads_evenly_over_the_actors_and_a_device_with_state_stays_on_its_actor():
+    from edgelora.ray_backend import place
+
+    # sampled order, each to the least loaded actor: 4 devices on 2 actors are 2 + 2, whatever their ids
+    assert place(["5", "7", "9", "11"], {}, 2) == {"5": 0, "7": 1, "9": 0, "11": 1}
+    assert place(["3", "1"], {}, 3) == {"3": 0, "1": 1}
+    # a device whose actor holds its state goes there, and the others fill around it
+    assert place(["5", "7", "9", "11"], {"7": 0, "11": 0}, 2) == {"5": 1, "7": 0, "9": 1, "11": 0}
+    assert place(["5", "7", "9"], {"7": 1}, 2) == {"5": 0, "7": 1, "9": 0}
+
+
+def test_a_flasc_device_with_error_feedback_keeps_training_on_the_actor_that_holds_its_residual(tmp_path, local_ray,
+                                                                                              one_thread):
+    run = _on_ray(method_run("flasc", server={"rounds": 3}))  # error_feedback = true
+    sim = Simulator(run, tmp_path / "run", progress=False)
+    seen: dict[str, set[int]] = {}
+    while not sim.state.finished:
+        sim.run_one_round()
+        for d, a in sim.runner.placed.items():
+            seen.setdefault(d, set()).add(a)
+    assert seen and all(len(a) == 1 for a in seen.values()), seen
+    assert sim.runner.home == {d: next(iter(a)) for d, a in seen.items()}
+    sim.runner.close()
+
+
 def test_a_killed_worker_drops_its_devices_for_one_round_and_the_run_goes_on(tmp_path, local_ray):
-    """Worker 1 (devices 1 and 3) is killed between rounds 1 and 2: in round 2 its sampled devices are
-    dropped with the reason, the round aggregates the others (no update lost or counted twice), a new actor
-    takes over and round 3 is whole again."""
+    """Worker 1 is killed between rounds 1 and 2: in round 2 the devices placed on it (two of the four, the
+    round spread evenly) are dropped with the reason, the round aggregates the others (no update lost or
+    counted twice), a new actor takes over and round 3 is whole again."""
     raw = tiny_raw(server={"rounds": 3, "devices_per_round": 4, "min_devices": 1},
                    data={"num_devices": 4, "max_examples_per_device": 16, "test_max_examples": 16})
     raw["train"]["precision"] = "fp32"
@@ -107,8 +132,13 @@ def test_a_killed_worker_drops_its_devices_for_one_round_and_the_run_goes_on(tmp
     sim.run_one_round()
     row = _rows(tmp_path / "run")[-1]
     status = {d["device_id"]: (d["status"], d["error"]) for d in row["devices"]}
-    assert status["0"] == status["2"] == ("completed", "")
-    assert status["1"][0] == status["3"][0] == "dropped" and "Ray worker died" in status["1"][1]
+    on_1 = sorted(d for d, a in sim.runner.placed.items() if a == 1)
+    assert len(on_1) == 2 and sorted(sim.runner.placed) == ["0", "1", "2", "3"]
+    for d in status:
+        if d in on_1:
+            assert status[d][0] == "dropped" and "Ray worker died" in status[d][1], d
+        else:
+            assert status[d] == ("completed", ""), d
     assert row["completed"] == 2 and row["aggregated"] and sim.state.round == 2
     assert any(not np.array_equal(before[k], sim.state.params[k]) for k in before)
     sim.run_rounds()
