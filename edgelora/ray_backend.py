@@ -7,8 +7,9 @@ round to round (FLASC's error-feedback residual) is pinned to the actor that hol
 so that state stays where it is. A device's training depends only on its task, its data and its state, not on
 the actor, so the simulator, accepting the results in sampled order, gets exactly what the sequential runner
 produces: the aggregate, and so the run, is the same bit for bit. (Pinning every device to actor i mod workers
-instead leaves a round of 4 devices on 2 actors 3 + 1 or 4 + 0 more often than 2 + 2: 1.45x at best.) What crosses Ray is protobuf and codec bytes (a task header, a download payload, an update header, an
-update payload) and the run's config as TOML text, nothing else.
+instead leaves a round of 4 devices on 2 actors 3 + 1 or 4 + 0 more often than 2 + 2: 1.45x at best.)
+What crosses Ray is protobuf and codec bytes (a task header, a download payload, an update header, an update
+payload) and the run's config as TOML text, nothing else.
 
 Without simulate.ray_address a local Ray starts on this machine and stops with the run; with one the run
 joins that cluster (`ray start --head`, then `ray start --address HEAD:PORT` on each node). On a cluster every
@@ -69,7 +70,7 @@ def place(devices: list[str], home: dict[str, int], workers: int) -> dict[str, i
 
 
 class DeviceActor:
-    """One Ray worker: a model and the virtual devices pinned to it (made a Ray actor by RayDevices)."""
+    """One Ray worker: a model and the virtual devices it has trained (made a Ray actor by RayDevices)."""
 
     def __init__(self, run_toml: str, threads: int, torch_device: str) -> None:
         import torch
@@ -128,7 +129,6 @@ class RayDevices:
 
     def _new_actor(self):
         return self._actor_cls.remote(self._toml, self.threads, self.torch_device)
-
 
     def actor_pids(self) -> list[int]:
         return _ray().get([a.pid.remote() for a in self.actors])
