@@ -228,11 +228,17 @@ def test_flasc_scores_and_saves_the_model_devices_download(eval_masked):
         for n, v in state.params.items():
             np.testing.assert_array_equal(served[n], v)
         return
-    down = engine.method.download(state, engine.method.configure(state, DeviceInfo("0")))  # density 0.1 at round 2
+    # round 2 made these weights; its devices downloaded at 0.2 (the next round's 0.1 is a download no device
+    # has trained from yet: the last round's, never)
+    made_by = state.replace(round=1)
+    down = engine.method.download(state, engine.method.configure(made_by, DeviceInfo("0")))
     n_entries = sum(v.size for v in state.params.values())
-    assert sum(int(np.count_nonzero(v)) for v in served.values()) == math.ceil(0.1 * n_entries)
+    assert sum(int(np.count_nonzero(v)) for v in served.values()) == math.ceil(0.2 * n_entries)
     for n, t in down.items():
         np.testing.assert_array_equal(served[n], codec.to_dense(n, t))
+    at3 = {n: p.detach().numpy() for n, p in engine.model_for(state.replace(round=3)).named_parameters()
+           if p.requires_grad}
+    assert sum(int(np.count_nonzero(v)) for v in at3.values()) == math.ceil(0.1 * n_entries)
 
 
 @pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])

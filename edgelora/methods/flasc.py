@@ -44,7 +44,7 @@ class FlascConfig(LoraMethodConfig):
     density_decay: float = field(1.0, "multiply both densities by this every decay_every rounds (1 = constant)")
     decay_every: int = field(1, "rounds between density decays")
     error_feedback: bool = field(True, "devices keep what top-k and the value type's rounding did not send and add it to their next delta (on by default: level at 1/4, ahead at 1/8 and 1/16 in docs/communication.md)")
-    eval_masked: bool = field(True, "score and save the model as devices download it: the server's top-k at download_density (decayed; the top tier's) in the download's value type, as the reference code's --eval-masked does; false = the dense server weights, which no device ever trains from")
+    eval_masked: bool = field(True, "score and save the model as devices download it: the server's top-k at download_density (decayed as in the round that made it; the top tier's) in the download's value type, as the reference code's --eval-masked does; false = the dense server weights, which no device ever trains from")
     lora: LoraConfig = field(LoraConfig(rank=16, alpha=16.0, dropout=0.1), "LoRA hyperparameters (FLASC: r = 16, alpha 16, dropout 0.1)")
     tiers: int = field(1, "device tiers (FLASC's heterogeneous setting): tier i of T gets both densities / 4^(T-i-1); 1 = every device alike")
     tier_densities: list[list[float]] = field([], "[download, upload] density per tier, tier 0 first; overrides the 4^(T-i-1) rule (its length sets tiers)")
@@ -90,7 +90,11 @@ class Flasc(Lora):
     Config = FlascConfig
 
     def density(self, base: float, state) -> float:
-        return base * self.cfg.density_decay ** (state.round // self.cfg.decay_every)
+        """`base` decayed for the round that opens at `state` (t = state.round rounds completed)."""
+        return self._decayed(base, state.round)
+
+    def _decayed(self, base: float, completed: int) -> float:
+        return base * self.cfg.density_decay ** (completed // self.cfg.decay_every)
 
     def tiers(self) -> int:
         return self.cfg.tier_count()
@@ -120,7 +124,9 @@ class Flasc(Lora):
         return dict(global_topk(state.params, ins.download_density))
 
     def served_params(self, state):
-        density = self.density(self.cfg.download_density, state)
+        # At the density the round that made these weights downloaded at: a decay step falling on state.round
+        # would score the model (and save the final one) at a density no device has trained from.
+        density = self._decayed(self.cfg.download_density, max(0, state.round - 1))
         if not self.cfg.eval_masked or density >= 1:
             return state.params
         sent = global_topk(state.params, density)
