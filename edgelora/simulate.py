@@ -15,6 +15,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
+from . import codec
 from .config import RunConfig
 from .configtools import ConfigError
 from .device import DeviceHost, DeviceTrainer, DownloadError
@@ -54,8 +57,32 @@ class SequentialDevices:
     def accepted(self, device_id: str) -> None:
         self.trainer(device_id).accepted()
 
+    def residuals(self) -> dict[str, dict[str, np.ndarray]]:
+        """Every device's error-feedback residual (devices without one left out)."""
+        return {d: t.residual for d, t in self.trainers.items() if t.residual}
+
+    def restore(self, residuals: dict[str, dict[str, np.ndarray]]) -> None:
+        for d, r in residuals.items():
+            self.trainer(d).residual = r
+
     def close(self) -> None:
         pass
+
+
+RESIDUALS = "residuals"  # RUN_DIR/residuals/round_NNNN.elb: the devices' error-feedback state after that round
+
+
+def residuals_to_bytes(residuals: dict[str, dict[str, np.ndarray]]) -> bytes:
+    """Devices' residuals as one codec bundle of dense float32 tensors named DEVICE/TENSOR."""
+    return codec.encode_bundle({f"{d}/{n}": codec.Dense(v) for d, r in residuals.items() for n, v in r.items()})
+
+
+def residuals_from_bytes(data: bytes) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, t in codec.decode_bundle(data).items():
+        d, _, n = key.partition("/")
+        out.setdefault(d, {})[n] = codec.to_dense(n, t)
+    return out
 
 
 class Simulator(ServerRun):
@@ -72,6 +99,33 @@ class Simulator(ServerRun):
         self.devices = [str(i) for i in range(run.data.num_devices)]  # every virtual device is always live
         self.runner = make_runner(run, torch_device)  # how the devices train: here, or in Ray actors
         self.progress = progress
+        if resume:
+            self._load_residuals()
+
+    # -- devices' error-feedback state, checkpointed with the server's so that a resumed run is exact ----------
+    def _residual_file(self, round_id: int) -> Path:
+        return self.folder.path / RESIDUALS / f"round_{round_id:04d}.elb"
+
+    def _save_residuals(self) -> None:
+        residuals = self.runner.residuals()
+        if not residuals:
+            return
+        d = self.folder.path / RESIDUALS
+        d.mkdir(exist_ok=True)
+        tmp = d / "tmp.elb"
+        tmp.write_bytes(residuals_to_bytes(residuals))
+        tmp.rename(self._residual_file(self.state.round))
+        for old in d.glob("round_*.elb"):
+            if old.name != self._residual_file(self.state.round).name:
+                old.unlink()
+
+    def _load_residuals(self) -> None:
+        f = self._residual_file(self.state.round)
+        if f.exists():
+            self.runner.restore(residuals_from_bytes(f.read_bytes()))
+        elif any((self.folder.path / RESIDUALS).glob("round_*.elb")):
+            log.warning("no device residuals saved for round %d (the run stopped between saving its state and "
+                        "theirs): error feedback starts afresh", self.state.round)
 
     # -- emulated links ---------------------------------------------------------------------------------------
     @staticmethod
@@ -153,7 +207,10 @@ class Simulator(ServerRun):
                 continue
             rnd.accept(d, delta, update.num_examples, update.train_loss, times, bytes_up)
             self.runner.accepted(d)
+        before = self.state.round
         self.state = self.close_round(rnd)
+        if self.state.round > before:
+            self._save_residuals()
 
 
 def make_runner(run: RunConfig, torch_device: str = "cpu"):

@@ -117,6 +117,16 @@ def test_a_flasc_device_with_error_feedback_keeps_training_on_the_actor_that_hol
     sim.runner.close()
 
 
+def test_a_resumed_ray_simulation_gives_the_actors_their_devices_residuals_back(tmp_path, local_ray, one_thread):
+    from .test_simulate import _flasc_resumed
+
+    run = method_run("flasc", server={"rounds": 3})  # error_feedback = true
+    _flasc_resumed(tmp_path, _on_ray(run), tmp_path / "straight", tmp_path / "resumed")
+    # and the Ray run, straight or resumed, is the sequential one
+    simulate(run, tmp_path / "seq", progress=False)
+    _assert_same(tmp_path / "seq", tmp_path / "resumed")
+
+
 def test_a_killed_worker_drops_its_devices_for_one_round_and_the_run_goes_on(tmp_path, local_ray):
     """Worker 1 is killed between rounds 1 and 2: in round 2 the devices placed on it (two of the four, the
     round spread evenly) are dropped with the reason, the round aggregates the others (no update lost or

@@ -196,6 +196,28 @@ def test_simulator_resume_continues_exactly_across_the_slora_switch(tmp_path):
     assert recs[1]["accuracy_before_switch"] is None
 
 
+def _flasc_resumed(tmp_path, run, straight_dir, resumed_dir, at=1):
+    """A FLASC run with error feedback straight, and stopped after round `at` then resumed: the same run."""
+    simulate(run, straight_dir, progress=False)
+    part = run.replace(server=type(run.server)(**{**run.server.__dict__, "rounds": at}))
+    simulate(part, resumed_dir, progress=False)
+    assert sorted(p.name for p in (resumed_dir / "residuals").iterdir()) == [f"round_{at:04d}.elb"]
+    simulate(run, resumed_dir, resume=True, progress=False)
+    a, b = load_state(straight_dir), load_state(resumed_dir)
+    assert a.round == b.round == run.server.rounds
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    assert [r["bytes_up"] for r in _records(straight_dir)] == [r["bytes_up"] for r in _records(resumed_dir)]
+
+
+def test_a_resumed_simulation_keeps_the_devices_error_feedback_residuals(tmp_path):
+    """The devices' residuals are checkpointed with the state (RUN_DIR/residuals/round_N.elb): a FLASC run with
+    error feedback stopped and resumed (or a sweep run extended) ends where the straight run ends. Without them
+    the resumed run's uploads differ from the next round on."""
+    run = method_run("flasc", server={"rounds": 3})  # error_feedback = true
+    _flasc_resumed(tmp_path, run, tmp_path / "straight", tmp_path / "resumed")
+
+
 @pytest.mark.parametrize("name", [n for n in METHOD_CONFIGS if n != "flasc-int4"])  # flasc.toml carries int4
 def test_cli_simulates_every_example(name, tmp_path, monkeypatch):
     from edgelora.cli import main
