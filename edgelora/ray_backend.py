@@ -108,14 +108,14 @@ class DeviceActor:
         self.devices.accepted(device_id)
 
     def residuals(self) -> bytes:
-        from .simulate import residuals_to_bytes
+        from .state import groups_to_bytes
 
-        return residuals_to_bytes(self.devices.residuals())
+        return groups_to_bytes(self.devices.residuals())
 
     def restore(self, data: bytes) -> None:
-        from .simulate import residuals_from_bytes
+        from .state import groups_from_bytes
 
-        self.devices.restore(residuals_from_bytes(data))
+        self.devices.restore(groups_from_bytes(data))
 
 
 class RayDevices:
@@ -186,19 +186,19 @@ class RayDevices:
 
     def residuals(self) -> dict:
         """Every device's error-feedback residual, from the actors that hold them (for the run's checkpoint)."""
-        from .simulate import residuals_from_bytes
+        from .state import groups_from_bytes
 
         out = {}
         for data in _ray().get([a.residuals.remote() for a in self.actors]):
-            out.update(residuals_from_bytes(data))
+            out.update(groups_from_bytes(data))
         return out
 
     def restore(self, residuals: dict) -> None:
         """A resumed run's residuals: each device's to an actor (spread evenly), which becomes its home."""
-        from .simulate import residuals_to_bytes
+        from .state import groups_to_bytes
 
         placed = place(sorted(residuals, key=int), {}, self.workers)
-        _ray().get([a.restore.remote(residuals_to_bytes({d: residuals[d] for d in residuals if placed[d] == i}))
+        _ray().get([a.restore.remote(groups_to_bytes({d: residuals[d] for d in residuals if placed[d] == i}))
                     for i, a in enumerate(self.actors)])
         self.home.update(placed)
 

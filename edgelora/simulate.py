@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import codec
 from .config import RunConfig
 from .configtools import ConfigError
 from .device import DeviceHost, DeviceTrainer, DownloadError
 from .engine import Round, UpdateRejected
 from .protos import serde
 from .server_run import ServerRun
-from .state import ServerState
+from .state import ServerState, groups_from_bytes, groups_to_bytes
 from .tasks import DeviceInfo, Task, Update
 
 Job = tuple[str, Task, bytes, float]  # (device id, its task as parsed, its download payload, download seconds)
@@ -70,19 +69,7 @@ class SequentialDevices:
 
 
 RESIDUALS = "residuals"  # RUN_DIR/residuals/round_NNNN.elb: the devices' error-feedback state after that round
-
-
-def residuals_to_bytes(residuals: dict[str, dict[str, np.ndarray]]) -> bytes:
-    """Devices' residuals as one codec bundle of dense float32 tensors named DEVICE/TENSOR."""
-    return codec.encode_bundle({f"{d}/{n}": codec.Dense(v) for d, r in residuals.items() for n, v in r.items()})
-
-
-def residuals_from_bytes(data: bytes) -> dict[str, dict[str, np.ndarray]]:
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for key, t in codec.decode_bundle(data).items():
-        d, _, n = key.partition("/")
-        out.setdefault(d, {})[n] = codec.to_dense(n, t)
-    return out
+# (state.groups_to_bytes of DEVICE -> its residual: one codec bundle of dense tensors named DEVICE/TENSOR)
 
 
 class Simulator(ServerRun):
@@ -112,17 +99,17 @@ class Simulator(ServerRun):
             return
         d = self.folder.path / RESIDUALS
         d.mkdir(exist_ok=True)
-        tmp = d / "tmp.elb"
-        tmp.write_bytes(residuals_to_bytes(residuals))
-        tmp.rename(self._residual_file(self.state.round))
+        tmp, final = d / "tmp.elb", self._residual_file(self.state.round)
+        tmp.write_bytes(groups_to_bytes(residuals))
+        tmp.rename(final)
         for old in d.glob("round_*.elb"):
-            if old.name != self._residual_file(self.state.round).name:
+            if old != final:
                 old.unlink()
 
     def _load_residuals(self) -> None:
         f = self._residual_file(self.state.round)
         if f.exists():
-            self.runner.restore(residuals_from_bytes(f.read_bytes()))
+            self.runner.restore(groups_from_bytes(f.read_bytes()))
         elif any((self.folder.path / RESIDUALS).glob("round_*.elb")):
             log.warning("no device residuals saved for round %d (the run stopped between saving its state and "
                         "theirs): error feedback starts afresh", self.state.round)

@@ -46,14 +46,27 @@ class RoundsAbandoned(RuntimeError):
 _GROUPS = ("params", "opt_state", "method_state")
 
 
+def groups_to_bytes(groups: dict[str, Arrays]) -> bytes:
+    """Named groups of arrays as one codec bundle of dense float32 tensors named GROUP/NAME."""
+    return codec.encode_bundle({f"{g}/{k}": codec.Dense(v) for g, arrays in groups.items() for k, v in arrays.items()})
+
+
+def groups_from_bytes(data: bytes) -> dict[str, Arrays]:
+    """The inverse of groups_to_bytes (a group without arrays is absent)."""
+    groups: dict[str, Arrays] = {}
+    for key, t in codec.decode_bundle(data).items():
+        g, _, name = key.partition("/")
+        groups.setdefault(g, {})[name] = codec.to_dense(key, t)
+    return groups
+
+
 def save_state(state: ServerState, run_dir: Path) -> None:
     """Write the state so that a crash at any instant leaves either the old or the new one on disk."""
     run_dir = Path(run_dir)
     tmp = run_dir / "state.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    bundle = {f"{g}/{k}": codec.Dense(v) for g in _GROUPS for k, v in getattr(state, g).items()}
-    (tmp / "tensors.elb").write_bytes(codec.encode_bundle(bundle))
+    (tmp / "tensors.elb").write_bytes(groups_to_bytes({g: getattr(state, g) for g in _GROUPS}))
     meta = {"round": state.round, "stage": state.stage.name, "stage_start": state.stage_start,
             "rng": state.rng, "finished": state.finished, "devices": state.devices}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -87,11 +100,10 @@ def load_state(run_dir: Path) -> ServerState:
     if not (d / "meta.json").exists():
         raise FileNotFoundError(f"{run_dir} holds no server state (state/meta.json)")
     meta = json.loads((d / "meta.json").read_text())
-    decoded = codec.decode_bundle((d / "tensors.elb").read_bytes())
-    groups: dict[str, Arrays] = {g: {} for g in _GROUPS}
-    for key, t in decoded.items():
-        g, _, name = key.partition("/")
-        groups[g][name] = codec.to_dense(key, t)
+    decoded = groups_from_bytes((d / "tensors.elb").read_bytes())
+    if set(decoded) - set(_GROUPS):
+        raise ValueError(f"{d / 'tensors.elb'}: unknown tensor groups {sorted(set(decoded) - set(_GROUPS))}")
+    groups = {g: decoded.get(g, {}) for g in _GROUPS}
     return ServerState(round=meta["round"], stage=Stage[meta["stage"]], stage_start=meta["stage_start"],
                        rng=meta["rng"], finished=meta.get("finished", False), devices=meta.get("devices", {}),
                        **groups)
