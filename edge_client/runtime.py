@@ -15,7 +15,8 @@ import grpc
 from edgelora.codec import CodecError
 from edgelora.configtools import ConfigError
 from edgelora.data import own_examples, own_lm_examples
-from edgelora.device import DeviceHost, DeviceTrainer, DownloadError, device_seed
+from edgelora.device import DeviceHost, DeviceTrainer, DownloadError
+from edgelora.tasks import device_seed
 from edgelora.models import fingerprint_model, fingerprint_tokenizer, hardware_info
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc

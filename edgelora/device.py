@@ -5,9 +5,7 @@ server. The gRPC edge client and the simulator both call DeviceTrainer.run().
 """
 from __future__ import annotations
 
-import re
 import time
-import zlib
 
 import numpy as np
 import torch
@@ -19,7 +17,7 @@ from .data import Examples, device_examples
 from .models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
 from .sparsity import global_topk
 from .task_types import task_type
-from .tasks import PhaseTimes, Structure, Task, Update, UploadFormat
+from .tasks import PhaseTimes, Structure, Task, Update, UploadFormat, device_index, device_seed
 from .training import batches, evaluate, train_local
 
 
@@ -152,28 +150,3 @@ class DeviceTrainer:
             sent = codec.decode_bundle(payload)
             self._pending_residual = {n: delta[n] - codec.to_dense(n, sent[n]) for n in delta}
         return payload
-
-
-def is_device_id(device_id: str) -> bool:
-    """Canonical partition indices only ("0", "17"; not "017" or non-ASCII digits), so one partition has one id."""
-    return re.fullmatch(r"0|[1-9][0-9]{0,8}", device_id) is not None
-
-
-NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def is_device_name(device_id: str) -> bool:
-    """Device ids of a run on the devices' own data (data.mode = own): names, bound to tokens or mTLS."""
-    return NAME.fullmatch(device_id) is not None
-
-
-def device_seed(device_id: str) -> int:
-    """A stable integer per device for seeding: the partition index, or a hash of a name."""
-    return int(device_id) if is_device_id(device_id) else zlib.crc32(device_id.encode())
-
-
-def device_index(device_id: str) -> int:
-    """Device ids are partition indices ("0".."N-1"): the id alone says which slice of the data it holds."""
-    if not is_device_id(device_id):
-        raise ValueError(f"device id {device_id!r} is not a partition index like 0, 1, 17")
-    return int(device_id)

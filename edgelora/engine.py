@@ -132,7 +132,8 @@ class Round:
         self._task_ids: dict[str, set[str]] = {}  # issued per device, until its update is accepted
         self._partial: dict[str, tuple[str, bytearray, int]] = {}  # broken-off uploads: (task id, buffer, bytes held)
         self._open = True
-        self._deadline = 0.0                 # time.monotonic() at which the round closes (0: no clock)
+        self._deadline = 0.0                 # the clock's reading at which the round closes (0: no clock)
+        self._clock = time.monotonic
         by_instruction: dict[Instruction, DevicePlan] = {}
         self.plans: dict[str, DevicePlan] = {}
         for d in sampled:
@@ -176,7 +177,7 @@ class Round:
                 and self._handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND)
 
     def time_left(self) -> float:
-        return max(0.0, self._deadline - time.monotonic())
+        return max(0.0, self._deadline - self._clock())
 
     def held_bytes(self, device_id: str, task_id: str) -> int:
         """Payload bytes held of the device's broken-off upload for this task (0: none)."""
@@ -195,9 +196,10 @@ class Round:
         self._state[device_id] = to
 
     # -- transitions -----------------------------------------------------------------------------------------
-    def start_clock(self, deadline_s: float) -> None:
-        """The round closes deadline_s from now; every task handed out says how much of that is left."""
-        self._deadline = time.monotonic() + deadline_s
+    def start_clock(self, deadline_s: float, clock=time.monotonic) -> None:
+        """The round closes deadline_s from now on `clock`; every task handed out says how much of that is left."""
+        self._clock = clock
+        self._deadline = clock() + deadline_s
 
     def hand_out(self, device_id: str) -> Task:
         """The device's task, under a fresh single-use id its upload must carry (replays are refused)."""

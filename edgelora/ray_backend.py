@@ -1,5 +1,5 @@
 """Simulated devices in Ray actors (`edgelora simulate --backend ray`, `[simulate] backend = "ray"`): Flower's
-RayActorClientProxy, on edgelora's one round loop (simulate.Simulator.run_one_round).
+RayActorClientProxy, on edgelora's one round driver (server.driver.RoundDriver.run_one_round).
 
 Each actor hosts a model (edgelora.device.DeviceHost). A round hands every sampled device its task at once,
 spread evenly over the actors (in sampled order, each to the least loaded); a device that carries state from
@@ -24,7 +24,6 @@ from collections.abc import Iterable, Iterator
 
 from .config import RunConfig
 from .configtools import ConfigError
-from .tasks import Update
 
 log = logging.getLogger("edgelora.ray")
 
@@ -91,18 +90,12 @@ class DeviceActor:
 
     def train(self, device_id: str, header: bytes, payload: bytes,
               download_s: float) -> tuple[bytes, bytes, bool] | str:
-        """(update header, update payload, whether this actor now holds the device's state) as protobuf and codec
-        bytes and a flag, or why the download did not fit."""
-        from .device import DownloadError
-        from .protos import serde
-
-        task = serde.task_from_bytes(header)
-        trainer = self.devices.trainer(device_id)
-        try:
-            update = trainer.run(task, payload, download_s)
-        except DownloadError as e:
-            return str(e)
-        return serde.update_header_to_bytes(update), update.payload, trainer.has_state
+        """(update header, update payload, whether this actor now holds the device's state), or why the download
+        did not fit: the bytes SequentialDevices.run_job hands back, as they are."""
+        out = self.devices.run_job(device_id, header, payload, download_s)
+        if isinstance(out, Exception):
+            return str(out)
+        return *out, self.devices.trainer(device_id).has_state
 
     def accepted(self, device_id: str) -> None:
         self.devices.accepted(device_id)
@@ -146,18 +139,15 @@ class RayDevices:
     def actor_nodes(self) -> list[str]:
         return _ray().get([a.node.remote() for a in self.actors])
 
-    def train(self, jobs: Iterable) -> Iterator[tuple[str, Update | Exception]]:
-        """Every job starts at once; results come back in the jobs' order. A device whose actor died yields
-        the error (the simulator drops it) and its actor is replaced for the next round."""
-        from .protos import serde
-
+    def train(self, jobs: Iterable) -> Iterator[tuple[str, tuple[bytes, bytes] | Exception]]:
+        """Every job starts at once; results come back in the jobs' order, as the bytes the actor produced. A
+        device whose actor died yields the error (the simulator drops it) and its actor is replaced for the next
+        round."""
         ray = _ray()
         jobs = list(jobs)
         self.placed = place([d for d, *_ in jobs], self.home, self.workers)
-        started = []
-        for d, task, payload, download_s in jobs:
-            header = serde.task_to_bytes(task, len(payload))
-            started.append((d, self.actors[self.placed[d]].train.remote(d, header, payload, download_s)))
+        started = [(d, self.actors[self.placed[d]].train.remote(d, header, payload, download_s))
+                   for d, header, payload, download_s in jobs]
         dead: set[int] = set()
         try:
             for d, ref in started:
@@ -173,7 +163,7 @@ class RayDevices:
                 header, payload, stateful = out
                 if stateful:
                     self.home[d] = self.placed[d]
-                yield d, serde.update_from_bytes(header, payload)
+                yield d, (header, payload)
         finally:  # also when the round filled before every result was read
             for i in sorted(dead):
                 log.warning("ray: actor %d died; a new one takes its place (the error-feedback state of its "

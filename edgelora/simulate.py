@@ -1,7 +1,7 @@
-"""The in-process simulator: the server's RoundEngine and the device's DeviceTrainer in one process, many
-virtual devices, no sockets. Every payload still travels as codec bytes inside the same protobuf messages the
-gRPC servicer streams (serialised and parsed back), so bytes are counted exactly as on the wire: the sum of
-ByteSize() over a task's TaskChunk messages down, over an upload's UpdateChunk messages up.
+"""The in-process simulator: the round driver (server.driver) over virtual devices that train in this process
+(SequentialDevices) or in Ray actors (ray_backend.RayDevices), no sockets. Every payload still travels as
+codec bytes beside the same protobuf headers the gRPC servicer streams, and bytes are counted exactly as on
+the wire: the sum of ByteSize() over a task's TaskChunk messages down, over an upload's UpdateChunk messages up.
 
 Same seeds -> the same device sampling (edgelora.sampling), the same tasks and, aggregated in the same
 order, the same global weights as a gRPC run. The run folder is the gRPC server's (RunFolder, state/ after
@@ -17,16 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.server.driver import RoundDriver
+
 from .config import RunConfig
 from .configtools import ConfigError
 from .device import DeviceHost, DeviceTrainer, DownloadError
 from .engine import Round, UpdateRejected
 from .protos import serde
-from .server_run import ServerRun
 from .state import ServerState, groups_from_bytes, groups_to_bytes
-from .tasks import DeviceInfo, Task, Update
+from .tasks import DeviceInfo
 
-Job = tuple[str, Task, bytes, float]  # (device id, its task as parsed, its download payload, download seconds)
+# A device's job: (device id, its task header as FetchTask sends it, its download payload, download seconds).
+Job = tuple[str, bytes, bytes, float]
+# What a device hands back: (its update header as SubmitUpdate sends it, its payload), or why it could not.
+Result = tuple[bytes, bytes] | Exception
 
 log = logging.getLogger("edgelora.simulate")
 
@@ -45,13 +49,18 @@ class SequentialDevices:
             self.trainers[device_id] = DeviceTrainer(device_id, self.host, self.run.data)
         return self.trainers[device_id]
 
-    def train(self, jobs: Iterable[Job]) -> Iterator[tuple[str, Update | Exception]]:
-        """Each job's update (or why the device could not deliver one), in the jobs' order."""
-        for d, task, payload, download_s in jobs:
-            try:
-                yield d, self.trainer(d).run(task, payload, download_s)
-            except DownloadError as e:
-                yield d, e
+    def run_job(self, device_id: str, header: bytes, payload: bytes, download_s: float) -> Result:
+        """One device's round, from the bytes it downloads to the bytes it uploads."""
+        try:
+            update = self.trainer(device_id).run(serde.task_from_bytes(header), payload, download_s)
+        except DownloadError as e:
+            return e
+        return serde.update_header_to_bytes(update), update.payload
+
+    def train(self, jobs: Iterable[Job]) -> Iterator[tuple[str, Result]]:
+        """Each job's result, in the jobs' order."""
+        for job in jobs:
+            yield job[0], self.run_job(*job)
 
     def accepted(self, device_id: str) -> None:
         self.trainer(device_id).accepted()
@@ -72,132 +81,158 @@ RESIDUALS = "residuals"  # RUN_DIR/residuals/round_NNNN.elb: the devices' error-
 # (state.groups_to_bytes of DEVICE -> its residual: one codec bundle of dense tensors named DEVICE/TENSOR)
 
 
-class Simulator(ServerRun):
-    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-                 torch_device: str = "cpu") -> None:
-        if run.data.mode == "own":
-            raise ConfigError("simulate runs partitions of one dataset (data.mode = partitions); data.mode = own "
-                              "is for real devices, each with its own file (edgelora client --data PATH)")
-        super().__init__(run, run_dir, resume)
-        self.folder.sequential_devices = True
-        run = self.run
-        if self.state.finished and self.state.round < run.server.rounds:  # --rounds extends a finished run
-            self.state = self.state.replace(finished=False)
-        self.devices = [str(i) for i in range(run.data.num_devices)]  # every virtual device is always live
-        self.runner = make_runner(run, torch_device)  # how the devices train: here, or in Ray actors
-        self.progress = progress
-        if resume:
-            self._load_residuals()
+class SimulatedDevices:
+    """Virtual devices for the round driver (server.driver.Devices): every one of data.num_devices is always
+    live, declares its emulated links, and trains through `runner` (sequential or Ray)."""
+
+    def __init__(self, run: RunConfig, folder_path: Path, runner=None) -> None:
+        self.run = run
+        self.runner = runner
+        self.folder_path = folder_path
+        self.ids = [str(i) for i in range(run.data.num_devices)]
+
+    def live(self) -> list[str]:
+        return self.ids
+
+    def declared(self, device_id: str) -> DeviceInfo:
+        """A simulated device declares its emulated links, as a throttled client does at Register."""
+        cfg = self.run.server
+        return DeviceInfo(device_id, declared_uplink_bps=_rate(cfg.simulated_uplink_mbps, device_id),
+                          declared_downlink_bps=_rate(cfg.simulated_downlink_mbps, device_id))
+
+    def wait_for(self, driver: RoundDriver, needed: int, before_first_round: bool) -> None:
+        pass  # always there
+
+    def _link_seconds(self, rates: list[float], device_id: str, nbytes: int) -> float | None:
+        bps = _rate(rates, device_id)
+        return 8.0 * nbytes / bps if bps else None
+
+    def _jobs(self, driver: RoundDriver, rnd: Round) -> Iterator[Job]:
+        """Every sampled device fetches its task when the round opens, as over gRPC (an over-selected device
+        that turns out late has downloaded too); the runner then takes them in sampled order until the round
+        has its K updates."""
+        cfg, jobs = self.run.server, []
+        for d in rnd.sampled:
+            t0 = time.perf_counter()
+            payload = rnd.plans[d].payload
+            header = serde.task_to_bytes(driver.hand_out(rnd, d), len(payload))
+            nbytes = serde.task_wire_bytes(header, len(payload), cfg.chunk_bytes)
+            driver.downloaded(rnd, d, nbytes, finished=True)
+            down_s = self._link_seconds(cfg.simulated_downlink_mbps, d, nbytes)
+            jobs.append((d, header, payload, time.perf_counter() - t0 if down_s is None else down_s))
+        for job in jobs:
+            if rnd.full:  # over-selection: K updates arrived; the rest of the sample is late
+                return
+            yield job
+
+    def collect(self, driver: RoundDriver, rnd: Round) -> None:
+        """The round's devices train; their updates are accepted in sampled (numeric id) order, as one client
+        hosting them all uploads: the order, and so the aggregate, is the same whichever runner trained them."""
+        chunk = self.run.server.chunk_bytes
+        for d, result in self.runner.train(self._jobs(driver, rnd)):
+            if rnd.full:
+                break
+            if isinstance(result, Exception):  # it could not decode its download, or its worker died
+                driver.drop(rnd, d, str(result))
+                continue
+            header, payload = result
+            update = serde.update_from_bytes(header, payload)
+            bytes_up = serde.update_wire_bytes(header, len(payload), chunk)
+            times = update.times  # upload_s stays 0 (the header leaves it out: the server measures it) unless:
+            up_s = self._link_seconds(self.run.server.simulated_uplink_mbps, d, bytes_up)
+            if up_s is not None:  # what the server's clock would read behind that uplink
+                times = dataclasses.replace(times, upload_s=up_s)
+            try:
+                driver.begin_upload(d, rnd.number, update.task_id, len(payload))
+            except UpdateRejected:  # refused before any byte is taken: no record, as over gRPC
+                continue
+            try:
+                driver.finish_upload(rnd, d, payload, update.num_examples, update.train_loss, times, bytes_up)
+            except UpdateRejected:
+                continue
+            self.runner.accepted(d)
 
     # -- devices' error-feedback state, checkpointed with the server's so that a resumed run is exact ----------
     def _residual_file(self, round_id: int) -> Path:
-        return self.folder.path / RESIDUALS / f"round_{round_id:04d}.elb"
+        return self.folder_path / RESIDUALS / f"round_{round_id:04d}.elb"
 
-    def _save_residuals(self) -> None:
+    def round_closed(self, driver: RoundDriver, rnd: Round, state: ServerState) -> None:
+        if state.round > driver.state.round:
+            self.save_residuals(state.round)
+
+    def save_residuals(self, round_id: int) -> None:
         residuals = self.runner.residuals()
         if not residuals:
             return
-        d = self.folder.path / RESIDUALS
+        d = self.folder_path / RESIDUALS
         d.mkdir(exist_ok=True)
-        tmp, final = d / "tmp.elb", self._residual_file(self.state.round)
+        tmp, final = d / "tmp.elb", self._residual_file(round_id)
         tmp.write_bytes(groups_to_bytes(residuals))
         tmp.rename(final)
         for old in d.glob("round_*.elb"):
             if old != final:
                 old.unlink()
 
-    def _load_residuals(self) -> None:
-        f = self._residual_file(self.state.round)
+    def load_residuals(self, round_id: int) -> None:
+        f = self._residual_file(round_id)
         if f.exists():
             self.runner.restore(groups_from_bytes(f.read_bytes()))
-        elif any((self.folder.path / RESIDUALS).glob("round_*.elb")):
+        elif any((self.folder_path / RESIDUALS).glob("round_*.elb")):
             log.warning("no device residuals saved for round %d (the run stopped between saving its state and "
-                        "theirs): error feedback starts afresh", self.state.round)
+                        "theirs): error feedback starts afresh", round_id)
 
-    # -- emulated links ---------------------------------------------------------------------------------------
-    @staticmethod
-    def _rate(rates: list[float], device_id: str) -> float:
-        return float(rates[int(device_id) % len(rates)]) * 1e6 if rates else 0.0
+    def close(self) -> None:
+        self.runner.close()
 
-    def _link_seconds(self, rates: list[float], device_id: str, nbytes: int) -> float | None:
-        bps = self._rate(rates, device_id)
-        return 8.0 * nbytes / bps if bps else None
 
-    def declared_device(self, device_id: str) -> DeviceInfo:
-        """A simulated device declares its emulated links, as a throttled client does at Register."""
-        cfg = self.run.server
-        return DeviceInfo(device_id, declared_uplink_bps=self._rate(cfg.simulated_uplink_mbps, device_id),
-                          declared_downlink_bps=self._rate(cfg.simulated_downlink_mbps, device_id))
+def _rate(rates: list[float], device_id: str) -> float:
+    """server.simulated_*_mbps: device i gets rates[i mod len], in bit/s (0: not emulated)."""
+    return float(rates[int(device_id) % len(rates)]) * 1e6 if rates else 0.0
 
-    # -- rounds ---------------------------------------------------------------------------------------------
+
+class Simulator(RoundDriver):
+    """The round driver over SimulatedDevices."""
+
+    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+                 torch_device: str = "cpu") -> None:
+        if run.data.mode == "own":
+            raise ConfigError("simulate runs partitions of one dataset (data.mode = partitions); data.mode = own "
+                              "is for real devices, each with its own file (edgelora client --data PATH)")
+        super().__init__(run, run_dir, SimulatedDevices(run, Path(run_dir)), resume)
+        # How the devices train, here or in Ray actors: started after the server's model (its initial weights
+        # come from the torch RNG the base model seeds) and on the run as the server resolved it (num_labels).
+        self.devices.runner = make_runner(self.run, torch_device)
+        self.devices.run = self.run
+        self.folder.sequential_devices = True
+        if self.state.finished and self.state.round < self.run.server.rounds:  # --rounds extends a finished run
+            self.state = self.state.replace(finished=False)
+        self.progress = progress
+        if resume:
+            self.devices.load_residuals(self.state.round)
+
+    @property
+    def runner(self):
+        return self.devices.runner
+
     def run_rounds(self, stop: Callable[[], bool] = lambda: False, on_round: Callable[[], None] | None = None
                    ) -> ServerState:
-        """Rounds until the run is finished or `stop()` says so (checked between rounds)."""
+        """Rounds until the run is finished or `stop()` says so (checked between rounds), under a progress bar."""
         from tqdm.auto import tqdm
 
-        cfg = self.run.server
-        bar = tqdm(total=cfg.rounds, initial=self.state.round, desc=f"simulate {self.run.method.name}",
+        bar = tqdm(total=self.run.server.rounds, initial=self.state.round, desc=f"simulate {self.run.method.name}",
                    unit="round", disable=not self.progress, leave=False)
         if self.progress:  # the round table goes above the bar, not onto its line
             self.folder.echo = bar.write
+
+        def each_round() -> None:
+            bar.update(1)
+            if on_round is not None:
+                on_round()
+
         try:
-            while not self.state.finished and not stop():
-                self.run_one_round()
-                bar.update(1)
-                if on_round is not None:
-                    on_round()
+            return super().run_rounds(stop, each_round)
         finally:
             bar.close()
-            self.runner.close()
-        return self.state
-
-    def _jobs(self, rnd: Round) -> Iterator[Job]:
-        """Every sampled device fetches its task when the round opens, as over gRPC (an over-selected device
-        that turns out late has downloaded too); the runner then takes them in sampled order until the round
-        has its K updates."""
-        jobs = []
-        for d in rnd.sampled:
-            t0 = time.perf_counter()
-            task, payload, nbytes = serde.task_through_the_wire(rnd.hand_out(d), rnd.plans[d].payload,
-                                                                self.run.server.chunk_bytes)
-            rnd.downloaded(d, nbytes, finished=True)
-            down_s = self._link_seconds(self.run.server.simulated_downlink_mbps, d, nbytes)
-            jobs.append((d, task, payload, time.perf_counter() - t0 if down_s is None else down_s))
-        for job in jobs:
-            if rnd.full:  # over-selection: K updates arrived; the rest of the sample is late
-                return
-            yield job
-
-    def run_one_round(self) -> None:
-        """One round, its updates accepted in sampled (numeric id) order, as one client hosting them all
-        uploads: the order, and so the aggregate, is the same whichever runner trained them."""
-        rnd = self.open_round(self.devices)
-        for d, result in self.runner.train(self._jobs(rnd)):
-            if rnd.full:
-                break
-            if isinstance(result, Exception):  # it could not decode its download, or its worker died
-                rnd.drop(d, str(result))
-                continue
-            update, bytes_up = serde.update_through_the_wire(result, self.run.server.chunk_bytes)
-            times = update.times  # upload_s stays 0 (the header leaves it out: the server measures it) unless:
-            up_s = self._link_seconds(self.run.server.simulated_uplink_mbps, d, bytes_up)
-            if up_s is not None:  # what the server's clock would read behind that uplink
-                times = dataclasses.replace(times, upload_s=up_s)
-            try:  # the coordinator's acceptance rules, in the same order
-                rnd.begin_upload(d, update.task_id, len(update.payload))
-            except UpdateRejected:  # refused before any byte is taken: no record, as over gRPC
-                continue
-            try:
-                delta = rnd.check(d, update.payload, update.num_examples)
-            except UpdateRejected as e:
-                rnd.reject(d, e.message, bytes_up)
-                continue
-            rnd.accept(d, delta, update.num_examples, update.train_loss, times, bytes_up)
-            self.runner.accepted(d)
-        before = self.state.round
-        self.state = self.close_round(rnd)
-        if self.state.round > before:
-            self._save_residuals()
 
 
 def make_runner(run: RunConfig, torch_device: str = "cpu"):

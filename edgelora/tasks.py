@@ -3,6 +3,8 @@ touches *_pb2 types."""
 from __future__ import annotations
 
 import enum
+import re
+import zlib
 from dataclasses import dataclass, field
 
 
@@ -123,3 +125,29 @@ class Update:
     eval_examples: int = 0     # federated evaluation of the downloaded model (0 = none)
     eval_loss: float = 0.0
     eval_accuracy: float = 0.0
+
+
+# -- device ids -------------------------------------------------------------------------------------------------
+def is_device_id(device_id: str) -> bool:
+    """Canonical partition indices only ("0", "17"; not "017" or non-ASCII digits), so one partition has one id."""
+    return re.fullmatch(r"0|[1-9][0-9]{0,8}", device_id) is not None
+
+
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def is_device_name(device_id: str) -> bool:
+    """Device ids of a run on the devices' own data (data.mode = own): names, bound to tokens or mTLS."""
+    return NAME.fullmatch(device_id) is not None
+
+
+def device_seed(device_id: str) -> int:
+    """A stable integer per device for seeding: the partition index, or a hash of a name."""
+    return int(device_id) if is_device_id(device_id) else zlib.crc32(device_id.encode())
+
+
+def device_index(device_id: str) -> int:
+    """Device ids are partition indices ("0".."N-1"): the id alone says which slice of the data it holds."""
+    if not is_device_id(device_id):
+        raise ValueError(f"device id {device_id!r} is not a partition index like 0, 1, 17")
+    return int(device_id)

@@ -2,6 +2,8 @@
 touches *_pb2 types; this is the only module that knows both."""
 from __future__ import annotations
 
+import functools
+
 import grpc
 
 from edgelora.config import DataConfig, ModelConfig
@@ -147,7 +149,7 @@ def update_from_proto(h: pb.UpdateHeader, payload: bytes) -> Update:
 
 
 def task_to_bytes(task: Task, payload_bytes: int) -> bytes:
-    """A task header as bytes (a simulation's Ray worker parses it back with task_from_bytes)."""
+    """A task header as bytes, as FetchTask's first message carries it (a simulated device parses it back)."""
     return task_to_proto(task, payload_bytes).SerializeToString()
 
 
@@ -163,31 +165,27 @@ def update_from_bytes(header: bytes, payload: bytes) -> Update:
     return update_from_proto(pb.UpdateHeader.FromString(header), payload)
 
 
-def _through_the_wire(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):
-    """What a stream of `chunks` delivers, without a socket: every message serialised and parsed back.
-    Returns (the header as received, the payload, wire bytes: the sum of each message's ByteSize())."""
-    wire, header, parts = 0, None, []
-    for msg in chunks(header_msg, chunk_cls, payload, chunk_bytes):
-        wire += msg.ByteSize()
-        got = chunk_cls.FromString(msg.SerializeToString())
-        if got.WhichOneof("part") == "header":
-            header = got.header
-        else:
-            parts.append(got.data)
-    return header, b"".join(parts), wire
+@functools.lru_cache(maxsize=64)
+def _data_chunk_size(chunk_cls, n: int) -> int:
+    return chunk_cls(data=bytes(n)).ByteSize()
 
 
-def task_through_the_wire(task: Task, payload: bytes, chunk_bytes: int) -> tuple[Task, bytes, int]:
-    """What FetchTask streams, as the device parses it: (task, payload, wire bytes)."""
-    header, body, wire = _through_the_wire(task_to_proto(task, len(payload)), pb.TaskChunk, payload, chunk_bytes)
-    return task_from_proto(header), body, wire
+def _stream_bytes(header_msg, chunk_cls, payload_bytes: int, chunk_bytes: int) -> int:
+    """Wire bytes of the stream `chunks` sends (the sum of each message's ByteSize()), without building it."""
+    full, rest = divmod(payload_bytes, chunk_bytes)
+    wire = chunk_cls(header=header_msg).ByteSize() + full * _data_chunk_size(chunk_cls, chunk_bytes)
+    return wire + (_data_chunk_size(chunk_cls, rest) if rest else 0)
 
 
-def update_through_the_wire(update: Update, chunk_bytes: int) -> tuple[Update, int]:
-    """What SubmitUpdate receives, as the server parses it: (update, wire bytes)."""
-    header, body, wire = _through_the_wire(update_header_to_proto(update), pb.UpdateChunk, update.payload,
-                                           chunk_bytes)
-    return update_from_proto(header, body), wire
+def task_wire_bytes(header: bytes, payload_bytes: int, chunk_bytes: int) -> int:
+    """What FetchTask's stream of this task header (task_to_bytes) and payload puts on the wire: a simulation
+    counts the transfer it does not make."""
+    return _stream_bytes(pb.TaskHeader.FromString(header), pb.TaskChunk, payload_bytes, chunk_bytes)
+
+
+def update_wire_bytes(header: bytes, payload_bytes: int, chunk_bytes: int) -> int:
+    """What SubmitUpdate's stream of this update header (update_header_to_bytes) and payload puts on the wire."""
+    return _stream_bytes(pb.UpdateHeader.FromString(header), pb.UpdateChunk, payload_bytes, chunk_bytes)
 
 
 # Refusals travel as the ecosystem's rich error model: a google.rpc.Status whose details hold an ErrorInfo

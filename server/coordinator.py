@@ -1,42 +1,124 @@
-"""The round state machine. One driver thread runs rounds; gRPC handler threads call in to fetch tasks and
-submit updates. All shared state sits behind one condition variable."""
+"""The gRPC side of the round driver: devices register, long-poll for their task and stream their upload on
+gRPC handler threads, which call in here; the round itself is `RoundDriver.run_one_round`, run by one driver
+thread, with `GrpcDevices` as the way it reaches devices. All shared state sits behind the driver's condition."""
 from __future__ import annotations
 
 import logging
-import shutil
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from edgelora.config import RunConfig
-from edgelora.device import is_device_id, is_device_name
 from edgelora.engine import Refusal, Round, UpdateRejected
 from edgelora.models import fingerprint_model, fingerprint_tokenizer
-from edgelora.server_run import ServerRun
 from edgelora.state import ServerState
-from edgelora.tasks import DeviceInfo, PhaseTimes, Task
+from edgelora.tasks import DeviceInfo, Task, is_device_id, is_device_name
 
+from .driver import RoundDriver
 from .registry import DeviceRegistry
 
 log = logging.getLogger("edgelora.server")
 
-class Coordinator(ServerRun):
-    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False) -> None:
-        super().__init__(run, run_dir, resume)
-        self.registry = DeviceRegistry(self.run.server.device_timeout_s)
-        self.model_fingerprint = fingerprint_model(self.base)
-        self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
-        self.round: Round | None = None
-        lock = threading.RLock()
-        self.cond = threading.Condition(lock)
-        # Devices long-polling FetchTask wait on their own condition, woken only when a round opens or closes,
-        # the state changes or the server stops: not by every registration or upload (thousands of waiters).
-        self.task_ready = threading.Condition(lock)
-        self._decoding = threading.BoundedSemaphore(2)
-        self.stopping = False
+
+class GrpcDevices:
+    """Real devices over gRPC (driver.Devices): the registry of those that registered and heartbeat, those
+    that cannot load their data, and those told the run is over."""
+
+    def __init__(self, run: RunConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.run = run
+        self.clock = clock
+        self.registry = DeviceRegistry(run.server.device_timeout_s, clock)
         self.data_errors: dict[str, str] = {}  # devices that told Register they cannot load their data
         self.told_finished: set[str] = set()   # devices that heard the run is over (STOP task or heartbeat)
         self.metrics = None  # server.metrics.CoordinatorMetrics when --metrics-port serves them
+
+    def live(self) -> list[str]:
+        return self.registry.live()
+
+    def declared(self, device_id: str) -> DeviceInfo:
+        e = self.registry.entry(device_id)
+        if e is None:
+            return DeviceInfo(device_id)
+        return DeviceInfo(device_id, tier=e.tier, declared_uplink_bps=e.uplink_mbps * 1e6,
+                          declared_downlink_bps=e.downlink_mbps * 1e6)
+
+    def wait_for(self, driver: RoundDriver, needed: int, before_first_round: bool) -> None:
+        """Hold until `needed` devices are live. Before round 1 that has server.registration_timeout_s; between
+        rounds a coordinator keeps waiting (devices come back), saying how many are live of those registered."""
+        deadline = self.clock() + self.run.server.registration_timeout_s
+        said = None
+        with driver.cond:
+            while len(self.registry.live()) < needed and not driver.stopping:
+                able = self.run.data.num_devices - len(self.data_errors)
+                if self.run.data.mode == "partitions" and able < needed:  # waiting longer cannot help
+                    bad = ", ".join(f"{d} ({e})" for d, e in sorted(self.data_errors.items()))
+                    raise TimeoutError(f"{needed} devices are needed, but only {able} of data.num_devices = "
+                                       f"{self.run.data.num_devices} can train: devices {bad} cannot load their data")
+                live, registered = len(self.registry.live()), len(self.registry)
+                left = deadline - self.clock()
+                if before_first_round and left <= 0:
+                    raise TimeoutError(f"only {live} of {needed} devices live ({registered} registered) within "
+                                       f"server.registration_timeout_s = {self.run.server.registration_timeout_s}")
+                if not before_first_round and said != (live, registered):
+                    log.warning("round %d waits: %d devices live of %d registered, %d needed (server.min_devices); "
+                                "it goes on when they return", driver.state.round + 1, live, registered, needed)
+                    said = (live, registered)
+                driver.cond.wait(min(left, 1.0) if before_first_round else 1.0)
+
+    def collect(self, driver: RoundDriver, rnd: Round) -> None:
+        """The round's devices fetch and upload on handler threads; this thread waits for the round to fill, its
+        deadline to pass, every device it still waits for to go offline, or the driver to stop."""
+        with driver.cond:
+            rnd.start_clock(self.run.server.round_deadline_s, self.clock)
+            driver.notify_all()
+            while not rnd.full and rnd.time_left() > 0 and not driver.stopping:
+                if self._all_outstanding_offline(rnd):
+                    log.warning("round %d: every device it still waits for (%s) is offline; closing it now",
+                                rnd.number, ", ".join(d for d in rnd.sampled if d not in rnd.done))
+                    break
+                driver.cond.wait(min(1.0, rnd.time_left()))
+
+    def _all_outstanding_offline(self, rnd: Round) -> bool:
+        """No upload under way and every sampled device without an accepted one has stopped heartbeating."""
+        live = set(self.registry.live())
+        return not rnd.uploading and all(d in rnd.done or d not in live for d in rnd.sampled)
+
+    def round_closed(self, driver: RoundDriver, rnd: Round, state: ServerState) -> None:
+        if self.metrics is not None and state.round > driver.state.round:
+            self.metrics.round_closed(rnd.record, state)
+
+    def close(self) -> None:
+        pass
+
+
+class Coordinator(RoundDriver):
+    """The round driver over GrpcDevices, with what the servicer's handlers call."""
+
+    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(run, run_dir, GrpcDevices(run, clock), resume, clock)
+        self.model_fingerprint = fingerprint_model(self.base)
+        self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
+
+    @property
+    def registry(self) -> DeviceRegistry:
+        return self.devices.registry
+
+    @property
+    def data_errors(self) -> dict[str, str]:
+        return self.devices.data_errors
+
+    @property
+    def told_finished(self) -> set[str]:
+        return self.devices.told_finished
+
+    @property
+    def metrics(self):
+        return self.devices.metrics
+
+    @metrics.setter
+    def metrics(self, value) -> None:
+        self.devices.metrics = value
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
     def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str,
@@ -81,7 +163,7 @@ class Coordinator(ServerRun):
     def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None, Task | None]:
         """('train', round, task) | ('wait', None, None) | ('stop', None, None), holding the call up to wait_s."""
         self._known(device_id)
-        deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
+        deadline = self.clock() + max(0.0, min(wait_s, 60.0))
         with self.cond:
             while True:
                 if self.state.finished:
@@ -92,54 +174,15 @@ class Coordinator(ServerRun):
                 r = self.round
                 if r is not None and r.can_hand_out(device_id):
                     return "train", r, r.hand_out(device_id)
-                left = deadline - time.monotonic()
+                left = deadline - self.clock()
                 if left <= 0:
                     return "wait", None, None
                 self.task_ready.wait(left)
 
-    def count_download(self, r: Round, device_id: str, nbytes: int, finished: bool = False) -> None:
-        with self.cond:
-            r.downloaded(device_id, nbytes, finished)
-
     def begin_upload(self, device_id: str, round_id: int, task_id: str, payload_bytes: int = 0,
                      offset: int = 0) -> tuple[Round, bytearray]:
-        """Open an upload: (the round, the buffer its payload goes into). offset > 0 resumes a broken-off
-        upload of the same task from that byte, into the buffer the server kept."""
         self._known(device_id)
-        with self.cond:
-            r = self.round
-            if r is None or r.number != round_id or (not r.open and r.state_of(device_id) is None):
-                current = r.number if r is not None and r.open else "none"
-                raise UpdateRejected(Refusal.PRECONDITION, f"update for round {round_id}, but the open round is {current}")
-            return r, r.begin_upload(device_id, task_id, payload_bytes, offset)
-
-    def finish_upload(self, r: Round, device_id: str, payload: bytes | None, num_examples: int,
-                      train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "",
-                      evaluation: tuple[int, float, float] = (0, 0.0, 0.0)) -> None:
-        """Validate and aggregate an upload (payload None: the stream failed). Raises UpdateRejected."""
-        try:
-            if payload is None:
-                raise UpdateRejected(Refusal.INVALID, error or "upload failed")
-            with self._decoding:  # a few decodes at a time: memory stays bounded however many devices upload
-                delta = r.check(device_id, payload, num_examples)
-        except UpdateRejected as e:
-            with self.cond:
-                r.reject(device_id, e.message, wire_bytes)
-                self.cond.notify_all()
-            raise
-        with self.cond:
-            try:
-                r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes, evaluation)
-            finally:
-                self.cond.notify_all()
-            if self.run.server.save_updates:
-                self._save_update(r.number, device_id, payload, num_examples)
-
-    def keep_partial(self, r: Round, device_id: str, task_id: str, buf: bytearray, got: int, wire_bytes: int) -> None:
-        """An upload broke off after `got` bytes: keep them until the round closes, for a resume."""
-        with self.cond:
-            r.upload_broke(device_id, task_id, buf, got, wire_bytes)
-            self.cond.notify_all()
+        return super().begin_upload(device_id, round_id, task_id, payload_bytes, offset)
 
     def upload_offset(self, device_id: str, round_id: int, task_id: str) -> int:
         """Payload bytes held of the device's broken-off upload for this task (0: none)."""
@@ -150,119 +193,25 @@ class Coordinator(ServerRun):
             self.cond.wait_for(lambda: r is None or device_id not in r.uploading, timeout=30)
             return r.held_bytes(device_id, task_id) if r is not None and r.number == round_id else 0
 
-    # -- the driver ------------------------------------------------------------------------------------------
-    def run_rounds(self) -> ServerState:
-        cfg = self.run.server
-        if self.state.finished:  # resumed after the last round: make sure the final model is on disk
-            if not any((self.folder.path / d).exists() for d in ("adapter", "model")):
-                self.folder.save_final_model(self.engine.model_for(self.state))
-            return self.state
-        self._wait_for_devices(cfg.registered_needed, before_first_round=True)
-        while not self.state.finished and not self.stopping:
-            self._run_one_round()
-        with self.cond:
-            self._notify_all()
-        return self.state
-
-    def _wait_for_devices(self, needed: int, before_first_round: bool = False) -> None:
-        """Hold until `needed` devices are live. Before round 1 that has server.registration_timeout_s; between
-        rounds a coordinator keeps waiting (devices come back), saying how many are live of those registered."""
-        deadline = time.monotonic() + self.run.server.registration_timeout_s
-        said = None
-        with self.cond:
-            while len(self.registry.live()) < needed and not self.stopping:
-                able = self.run.data.num_devices - len(self.data_errors)
-                if self.run.data.mode == "partitions" and able < needed:  # waiting longer cannot help
-                    bad = ", ".join(f"{d} ({e})" for d, e in sorted(self.data_errors.items()))
-                    raise TimeoutError(f"{needed} devices are needed, but only {able} of data.num_devices = "
-                                       f"{self.run.data.num_devices} can train: devices {bad} cannot load their data")
-                live, registered = len(self.registry.live()), len(self.registry)
-                left = deadline - time.monotonic()
-                if before_first_round and left <= 0:
-                    raise TimeoutError(f"only {live} of {needed} devices live ({registered} registered) within "
-                                       f"server.registration_timeout_s = {self.run.server.registration_timeout_s}")
-                if not before_first_round and said != (live, registered):
-                    log.warning("round %d waits: %d devices live of %d registered, %d needed (server.min_devices); "
-                                "it goes on when they return", self.state.round + 1, live, registered, needed)
-                    said = (live, registered)
-                self.cond.wait(min(left, 1.0) if before_first_round else 1.0)
-
     def say_goodbye(self, max_s: float) -> list[str]:
         """After the last round: hold until every live device has heard the run is over (a STOP task or a
         heartbeat reply), at most max_s. A device that was in a backoff sleep or a long poll when the round
         closed hears it at its next heartbeat; leaving earlier strands it retrying an absent server until its
         --give-up-s. Returns the live devices that were not told."""
-        deadline = time.monotonic() + max_s
+        deadline = self.clock() + max_s
         with self.cond:
             while True:
                 untold = [d for d in self.registry.live()
                           if d not in self.told_finished and d not in self.data_errors]
-                left = deadline - time.monotonic()
+                left = deadline - self.clock()
                 if not untold or left <= 0 or self.stopping:
                     return untold
                 self.cond.wait(min(left, 0.5))
 
-    def declared_device(self, device_id: str) -> DeviceInfo:
-        e = self.registry.entry(device_id)
-        if e is None:
-            return DeviceInfo(device_id)
-        return DeviceInfo(device_id, tier=e.tier, declared_uplink_bps=e.uplink_mbps * 1e6,
-                          declared_downlink_bps=e.downlink_mbps * 1e6)
-
-    def _run_one_round(self) -> None:
-        cfg = self.run.server
-        self._wait_for_devices(cfg.min_devices)
-        r = self.open_round(self.registry.live())
-        if cfg.save_updates:  # the weights this round starts from, as sent: lets anyone re-check the FedAvg
-            d = self.folder.path / "updates" / f"round_{r.number:04d}"
-            shutil.rmtree(d, ignore_errors=True)  # a round re-run after a crash starts clean
-            d.mkdir(parents=True)
-            if len({p.payload for p in r.plans.values()}) == 1:  # every device got the same download
-                (d / "download.elb").write_bytes(next(iter(r.plans.values())).payload)
-            else:
-                for device_id, plan in r.plans.items():
-                    (d / f"download_{device_id}.elb").write_bytes(plan.payload)
-        with self.cond:
-            r.start_clock(cfg.round_deadline_s)
-            self.round = r
-            self._notify_all()
-        log.info("round %d: sampled %s", r.number, r.sampled)
-        with self.cond:
-            while not r.full and time.monotonic() < r.deadline and not self.stopping:
-                if self._all_outstanding_offline(r):
-                    log.warning("round %d: every device it still waits for (%s) is offline; closing it now",
-                                r.number, ", ".join(d for d in r.sampled if d not in r.done))
-                    break
-                self.cond.wait(min(1.0, max(0.0, r.deadline - time.monotonic())))
-            r.close()
-            self._notify_all()
-        if self.stopping:  # interrupted mid-round: keep the last saved state, the round re-runs on resume
-            log.warning("round %d interrupted; it re-runs on --resume", r.number)
-            return
-        new_state = self.close_round(r)
-        if self.metrics is not None and new_state.round > self.state.round:
-            self.metrics.round_closed(r.record, new_state)
-        if new_state.finished:
-            log.info("saved the final model in %s", self.folder.path)
-        with self.cond:
-            self.state = new_state
-            self._notify_all()
-
     # -- helpers ---------------------------------------------------------------------------------------------
-    def _all_outstanding_offline(self, r: Round) -> bool:
-        """No upload under way and every sampled device without an accepted one has stopped heartbeating."""
-        live = set(self.registry.live())
-        return not r.uploading and all(d in r.done or d not in live for d in r.sampled)
-
     def _known(self, device_id: str) -> None:
         if not self.registry.touch(device_id):
             raise UpdateRejected(Refusal.UNKNOWN, f"device {device_id!r} is not registered")
-
-    def _save_update(self, round_id: int, device_id: str, payload: bytes, num_examples: int) -> None:
-        d = self.folder.path / "updates" / f"round_{round_id:04d}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"device_{device_id}.elb").write_bytes(payload)
-        (d / f"device_{device_id}.examples").write_text(str(num_examples))
 
     def _told(self, device_id: str) -> None:
         """(lock held)"""
@@ -270,12 +219,3 @@ class Coordinator(ServerRun):
             self.told_finished.add(device_id)
             self.cond.notify_all()
 
-    def _notify_all(self) -> None:
-        """Wake everything that waits on the coordinator, long-polling devices included (lock held)."""
-        self.cond.notify_all()
-        self.task_ready.notify_all()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self._notify_all()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -78,7 +77,7 @@ def status(coord) -> dict:
     """The finished rounds' rows and every registered device's state, read now (under the coordinator's
     lock, so a round that opens or closes meanwhile is seen whole or not at all)."""
     with coord.cond:
-        now = time.monotonic()
+        now = coord.registry.clock()
         r, state = coord.round, coord.state
         devices = []
         for d in sorted(coord.registry.entries(), key=lambda e: device_sort_key(e.device_id)):

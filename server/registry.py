@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from edgelora.sampling import device_sort_key
 
@@ -16,13 +17,14 @@ class DeviceEntry:
     tier: int | None = None
     uplink_mbps: float = 0.0      # declared by the device at Register (0: nothing declared)
     downlink_mbps: float = 0.0
-    registered_at: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)
+    registered_at: float = 0.0    # on the registry's clock
+    last_seen: float = 0.0
 
 
 class DeviceRegistry:
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
+        self.clock = clock  # tests inject one they move by hand
         self._devices: dict[str, DeviceEntry] = {}
         self._lock = threading.Lock()
 
@@ -31,8 +33,9 @@ class DeviceRegistry:
         """Add or refresh a device; True when it was new."""
         with self._lock:
             new = device_id not in self._devices
+            now = self.clock()
             self._devices[device_id] = DeviceEntry(device_id, hardware, dict(versions), tier, uplink_mbps,
-                                                   downlink_mbps)
+                                                   downlink_mbps, now, now)
             return new
 
     def entries(self) -> list[DeviceEntry]:
@@ -48,7 +51,7 @@ class DeviceRegistry:
             entry = self._devices.get(device_id)
             if entry is None:
                 return False
-            entry.last_seen = time.monotonic()
+            entry.last_seen = self.clock()
             return True
 
     def __contains__(self, device_id: str) -> bool:
@@ -60,7 +63,7 @@ class DeviceRegistry:
             return len(self._devices)
 
     def live(self) -> list[str]:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             return sorted((d.device_id for d in self._devices.values() if now - d.last_seen <= self.timeout_s),
                           key=device_sort_key)

@@ -82,9 +82,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         plan = r.plans[request.device_id]
         header = serde.task_to_proto(task, len(plan.payload))
         for chunk in serde.chunks(header, pb.TaskChunk, plan.payload, self.coord.run.server.chunk_bytes):
-            self.coord.count_download(r, request.device_id, chunk.ByteSize())
+            self.coord.downloaded(r, request.device_id, chunk.ByteSize())
             yield chunk
-        self.coord.count_download(r, request.device_id, 0, finished=True)
+        self.coord.downloaded(r, request.device_id, 0, finished=True)
 
     def SubmitUpdate(self, request_iterator, context):
         cfg = self.coord.run.server

@@ -1,0 +1,214 @@
+"""The one round driver: every run's rounds go through `RoundDriver.run_one_round`, whatever reaches the
+devices. Flower's `Server.fit_round` over `ClientProxy`s, fedjax's `for_each_client`, written once here.
+
+A round: wait for devices -> open (sample and plan; server_run) -> hand out -> collect, each upload checked
+and then accepted or rejected (`begin_upload`, `finish_upload`) -> close -> finish (aggregate, step the method,
+score) or abandon -> checkpoint. Only the collect step depends on how devices are reached, and that is the
+one thing a `Devices` implementation supplies:
+
+- `server.coordinator.GrpcDevices`: real devices pull their task and push their upload through the gRPC
+  servicer on its handler threads; the driver thread waits until the round is full, past its deadline, or
+  every device it waits for is offline.
+- `edgelora.simulate.SimulatedDevices`: virtual devices train in this process (`SequentialDevices`) or in Ray
+  actors (`RayDevices`), and their updates come back through the same `begin_upload` / `finish_upload`.
+
+Every change to a round happens under `cond` (an RLock's condition): the driver thread and gRPC handler
+threads call in concurrently. A protocol that needs more phases in a round (key exchange, unmasking) adds them
+here, once.
+
+Imports: the shared core (edgelora.*) and this package's own modules; never grpc, never edge_client.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from edgelora.config import RunConfig
+from edgelora.engine import Refusal, Round, UpdateRejected
+from edgelora.server_run import ServerRun
+from edgelora.state import ServerState
+from edgelora.tasks import DeviceInfo, PhaseTimes, Task
+
+log = logging.getLogger("edgelora.server")
+
+
+class Devices(Protocol):
+    """How a round reaches its devices: the only part of a round that differs between gRPC, in-process and
+    Ray runs."""
+
+    def live(self) -> list[str]:
+        """The devices that can be sampled now."""
+
+    def declared(self, device_id: str) -> DeviceInfo:
+        """What the device says of itself (tier, links), for planning its task."""
+
+    def wait_for(self, driver: "RoundDriver", needed: int, before_first_round: bool) -> None:
+        """Hold until `needed` devices are live (or the driver stops); may raise TimeoutError."""
+
+    def collect(self, driver: "RoundDriver", rnd: Round) -> None:
+        """Let the round's devices fetch their tasks and deliver, each upload through driver.begin_upload and
+        driver.finish_upload; return when the round should close (full, out of time, or nobody left)."""
+
+    def round_closed(self, driver: "RoundDriver", rnd: Round, state: ServerState) -> None:
+        """After the round's outcome is checkpointed (devices' own state, metrics)."""
+
+    def close(self) -> None:
+        """The run is over or stopped: release what reaches the devices."""
+
+
+class RoundDriver(ServerRun):
+    """Runs a run's rounds over `devices`. The gRPC coordinator and the simulator are this driver with their
+    own Devices; neither decides a round's progress itself."""
+
+    def __init__(self, run: RunConfig, run_dir: Path, devices: Devices, resume: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.devices = devices
+        self.clock = clock  # deadlines: tests inject one that they move by hand
+        super().__init__(run, run_dir, resume)
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)
+        # Devices long-polling for a task wait on their own condition, woken only when a round opens or closes,
+        # the state changes or the driver stops: not by every registration or upload (thousands of waiters).
+        self.task_ready = threading.Condition(lock)
+        self._decoding = threading.BoundedSemaphore(2)
+        self.round: Round | None = None
+        self.stopping = False
+
+    def declared_device(self, device_id: str) -> DeviceInfo:
+        return self.devices.declared(device_id)
+
+    # -- rounds ---------------------------------------------------------------------------------------------
+    def run_rounds(self, stop: Callable[[], bool] = lambda: False,
+                   on_round: Callable[[], None] | None = None) -> ServerState:
+        """Rounds until the run is finished, the driver is stopped, or `stop()` says so (between rounds)."""
+        try:
+            if self.state.finished:  # resumed after the last round: make sure the final model is on disk
+                if not any((self.folder.path / d).exists() for d in ("adapter", "model")):
+                    self.folder.save_final_model(self.engine.model_for(self.state))
+                return self.state
+            self.devices.wait_for(self, self.run.server.registered_needed, True)
+            while not self.state.finished and not self.stopping and not stop():
+                self.run_one_round()
+                if on_round is not None:
+                    on_round()
+            with self.cond:
+                self.notify_all()
+            return self.state
+        finally:
+            self.devices.close()
+
+    def run_one_round(self) -> None:
+        cfg = self.run.server
+        self.devices.wait_for(self, cfg.min_devices, False)
+        rnd = self.open_round(self.devices.live())
+        if cfg.save_updates:
+            self._save_downloads(rnd)
+        with self.cond:
+            self.round = rnd
+            self.notify_all()
+        log.info("round %d: sampled %s", rnd.number, rnd.sampled)
+        self.devices.collect(self, rnd)
+        with self.cond:
+            rnd.close()
+            self.notify_all()
+        if self.stopping:  # interrupted mid-round: keep the last saved state, the round re-runs on resume
+            log.warning("round %d interrupted; it re-runs on --resume", rnd.number)
+            return
+        new_state = self.close_round(rnd)
+        self.devices.round_closed(self, rnd, new_state)
+        if new_state.finished:
+            log.info("saved the final model in %s", self.folder.path)
+        with self.cond:
+            self.state = new_state
+            self.notify_all()
+
+    # -- what devices do in a round, whoever carries it -------------------------------------------------------
+    def hand_out(self, rnd: Round, device_id: str) -> Task:
+        with self.cond:
+            return rnd.hand_out(device_id)
+
+    def downloaded(self, rnd: Round, device_id: str, nbytes: int, finished: bool = False) -> None:
+        with self.cond:
+            rnd.downloaded(device_id, nbytes, finished)
+
+    def drop(self, rnd: Round, device_id: str, error: str) -> None:
+        with self.cond:
+            rnd.drop(device_id, error)
+            self.cond.notify_all()
+
+    def begin_upload(self, device_id: str, round_id: int, task_id: str, payload_bytes: int = 0,
+                     offset: int = 0) -> tuple[Round, bytearray]:
+        """Open an upload: (the round, the buffer its payload goes into), or UpdateRejected. offset > 0 resumes
+        a broken-off upload of the same task from that byte, into the buffer the round kept."""
+        with self.cond:
+            r = self.round
+            if r is None or r.number != round_id or (not r.open and r.state_of(device_id) is None):
+                current = r.number if r is not None and r.open else "none"
+                raise UpdateRejected(Refusal.PRECONDITION, f"update for round {round_id}, but the open round is {current}")
+            return r, r.begin_upload(device_id, task_id, payload_bytes, offset)
+
+    def finish_upload(self, r: Round, device_id: str, payload: bytes | None, num_examples: int,
+                      train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "",
+                      evaluation: tuple[int, float, float] = (0, 0.0, 0.0)) -> None:
+        """Check an upload against the device's plan, then accept it into the aggregate or reject it (payload
+        None: the stream failed, `error` says how). Raises UpdateRejected when it is not accepted."""
+        try:
+            if payload is None:
+                raise UpdateRejected(Refusal.INVALID, error or "upload failed")
+            with self._decoding:  # a few decodes at a time: memory stays bounded however many devices upload
+                delta = r.check(device_id, payload, num_examples)
+        except UpdateRejected as e:
+            with self.cond:
+                r.reject(device_id, e.message, wire_bytes)
+                self.cond.notify_all()
+            raise
+        with self.cond:
+            try:
+                r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes, evaluation)
+            finally:
+                self.cond.notify_all()
+            if self.run.server.save_updates:
+                self._save_update(r.number, device_id, payload, num_examples)
+
+    def keep_partial(self, r: Round, device_id: str, task_id: str, buf: bytearray, got: int, wire_bytes: int) -> None:
+        """An upload broke off after `got` bytes: keep them until the round closes, for a resume."""
+        with self.cond:
+            r.upload_broke(device_id, task_id, buf, got, wire_bytes)
+            self.cond.notify_all()
+
+    # -- control ----------------------------------------------------------------------------------------------
+    def notify_all(self) -> None:
+        """Wake everything that waits on the driver, long-polling devices included (lock held)."""
+        self.cond.notify_all()
+        self.task_ready.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.notify_all()
+
+    # -- server.save_updates: the round's downloads and every accepted upload, as sent ------------------------
+    def _updates_dir(self, round_id: int) -> Path:
+        return self.folder.path / "updates" / f"round_{round_id:04d}"
+
+    def _save_downloads(self, rnd: Round) -> None:
+        """The weights this round starts from, as sent: lets anyone re-check the FedAvg."""
+        d = self._updates_dir(rnd.number)
+        shutil.rmtree(d, ignore_errors=True)  # a round re-run after a crash starts clean
+        d.mkdir(parents=True)
+        if len({p.payload for p in rnd.plans.values()}) == 1:  # every device got the same download
+            (d / "download.elb").write_bytes(next(iter(rnd.plans.values())).payload)
+        else:
+            for device_id, plan in rnd.plans.items():
+                (d / f"download_{device_id}.elb").write_bytes(plan.payload)
+
+    def _save_update(self, round_id: int, device_id: str, payload: bytes, num_examples: int) -> None:
+        d = self._updates_dir(round_id)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"device_{device_id}.elb").write_bytes(payload)
+        (d / f"device_{device_id}.examples").write_text(str(num_examples))
