@@ -29,7 +29,8 @@ def child(args) -> dict:
     from edgelora.data import Examples
     from edgelora.device import DeviceHost
     from edgelora.tasks import LoraSpec, Structure, StructureKind
-    from edgelora.training import autocast, cpu_has_fast_bf16, enable_gradient_checkpointing
+    from edgelora.precision import autocast, cpu_has_fast_bf16
+    from edgelora.training import enable_gradient_checkpointing
 
     host = DeviceHost(ModelConfig(task="causal-lm", name=args.model, max_seq_len=args.seq_len))
     model = host.build(Structure(kind=StructureKind.LORA, lora=LoraSpec(rank=args.rank, alpha=float(args.rank),

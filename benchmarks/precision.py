@@ -19,7 +19,7 @@ from pathlib import Path
 def time_steps(model, batch: dict, labels, precision: str, steps: int, device) -> float:
     import torch
 
-    from edgelora.training import autocast
+    from edgelora.precision import autocast
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     times = []
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgelora.models import build_model, load_base_model
     from edgelora.tasks import LoraSpec, Structure, StructureKind
-    from edgelora.training import cpu_has_fast_bf16, resolve_precision
+    from edgelora.precision import cpu_has_fast_bf16, resolve_precision
 
     device = torch.device("cpu")
     base = load_base_model(args.model, 20, 0)

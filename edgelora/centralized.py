@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .schema import RunConfig
 from .configtools import ConfigError
 from .data import Examples, device_examples, held_out_examples, with_num_labels
 from .device import DeviceHost

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig
+from .schema import DataConfig
 from .configtools import ConfigError
 
 log = logging.getLogger("edgelora.data")

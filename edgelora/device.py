@@ -12,7 +12,7 @@ import torch
 
 from edgelora import codec
 
-from .config import DataConfig, ModelConfig
+from .schema import DataConfig, ModelConfig
 from .data import Examples, device_examples
 from .models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
 from .sparsity import global_topk

@@ -17,7 +17,7 @@ import numpy as np
 from edgelora import codec
 
 from .aggregation import global_norm, make_aggregator
-from .config import RunConfig
+from .schema import RunConfig
 from .data import partition_sizes
 from .methods import Instruction, Method, ModelHost
 from .models import is_masked, load_trainable_state

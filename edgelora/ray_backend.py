@@ -22,7 +22,7 @@ import os
 import tomllib
 from collections.abc import Iterable, Iterator
 
-from .config import RunConfig
+from .schema import RunConfig
 from .configtools import ConfigError
 
 log = logging.getLogger("edgelora.ray")

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import FILE_DATASETS, RunConfig
+from .schema import FILE_DATASETS, RunConfig
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig
+from .schema import RunConfig
 from .data import held_out_examples, with_num_labels
 from .engine import Round, RoundEngine
 from .methods import ModelHost, make_method

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgelora.server.driver import RoundDriver
 
-from .config import RunConfig
+from .schema import RunConfig
 from .configtools import ConfigError
 from .device import DeviceHost, DeviceTrainer, DownloadError
 from .engine import Round, UpdateRejected

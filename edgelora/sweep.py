@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, load_config, read_run_toml, read_toml
+from .config import RunConfig, load_config, read_run_toml
+from .schema import read_toml
 from .configtools import ConfigError
 from .state import has_state
 

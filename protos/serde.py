@@ -6,7 +6,7 @@ import functools
 
 import grpc
 
-from edgelora.config import DataConfig, ModelConfig
+from edgelora.schema import DataConfig, ModelConfig
 from edgelora.tasks import (AdapterSpec, LoraSpec, PhaseTimes, Stage, Structure, StructureKind, Task, TrainSpec,
                             Update, UploadFormat, UploadRule)
 

@@ -79,9 +79,9 @@ def test_methods_name_prints_its_fields_with_defaults():
 def test_model_loads_show_no_transformers_loading_bar_and_leave_the_setting_as_it_was():
     # a bare transformers load of the same folder prints the bar, so its absence from edgelora's load means something
     code = ("import sys; from transformers import AutoModelForSequenceClassification as A; "
-            "from transformers.utils import logging as L; from edgelora.models import load_base_model, "
-            "resolve_model_name; {load}; sys.stdout.write(str(L.is_progress_bar_enabled()))")
-    bare = f"A.from_pretrained(resolve_model_name('minilm'), num_labels=3)"
+            "from transformers.utils import logging as L; from edgelora.models import load_base_model; "
+            "from edgelora.hub import resolve_model_name; {load}; sys.stdout.write(str(L.is_progress_bar_enabled()))")
+    bare = "A.from_pretrained(resolve_model_name('minilm'), num_labels=3)"
     ours = "load_base_model('minilm', 3, 0)"
     runs = {k: subprocess.run([sys.executable, "-c", code.format(load=v)], capture_output=True, text=True, timeout=120)
             for k, v in (("bare", bare), ("ours", ours))}

@@ -12,7 +12,8 @@ from edgelora.configtools import ConfigError
 from edgelora.data import Examples
 from edgelora.protos import serde
 from edgelora.tasks import TrainSpec
-from edgelora.training import autocast, cpu_has_fast_bf16, resolve_precision, train_local
+from edgelora.precision import autocast, cpu_has_fast_bf16, resolve_precision
+from edgelora.training import train_local
 
 
 def test_precision_is_validated_with_the_field_named(tiny_config):

@@ -184,7 +184,7 @@ def cmd_demo(args) -> int:
     from edgelora.config import load_config
     from edgelora.runlog import wait_for_server_addr
 
-    from edgelora.config import shared_dataset
+    from edgelora.schema import shared_dataset
 
     lm = args.task == "causal-lm"
     raw = {k: dict(v) for k, v in (LM_DEMO_CONFIG if lm else DEMO_CONFIG).items()}

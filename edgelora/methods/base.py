@@ -16,7 +16,7 @@ from ..state import ServerState
 from ..tasks import DeviceInfo, Stage, Structure, Task, TrainSpec, UploadFormat, UploadRule
 
 if TYPE_CHECKING:  # config loads method configs (load_config), so methods never import config
-    from ..config import RunConfig
+    from ..schema import RunConfig
 
 
 @dataclass(frozen=True)

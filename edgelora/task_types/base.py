@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import hub
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -45,6 +47,11 @@ class TaskType:
     def tokenizer_source(self, name: str) -> str:
         """The folder or id the tokenizer of model `name` loads from."""
         return name
+
+    def load_tokenizer(self, name: str):
+        """Model `name`'s tokenizer (loaded once a process); a causal LM's pads with end-of-sequence if it has
+        no pad token (GPT-2 and other base models)."""
+        return hub.tokenizer(self.tokenizer_source(name), pad_with_eos=self.name == "causal-lm")
 
     def frozen_modules(self, cfg) -> tuple[str, ...]:
         """Module names that stay frozen even when a structure trains every weight (FFT, SFT, BitFit)."""

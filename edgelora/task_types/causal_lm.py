@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..hub import from_pretrained
+from ..precision import autocast
 from .base import Scores, TaskType, freeze, n_batches
 
 IGNORE = -100
@@ -46,10 +48,8 @@ class CausalLM(TaskType):
         from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
         from transformers.utils import logging as hf_logging
 
-        from ..models import from_pretrained, load_tokenizer
-
         torch.manual_seed(cfg.head_seed)  # tiny-llama's random weights: identical on every machine
-        tok = load_tokenizer(cfg.name, self.name)
+        tok = self.load_tokenizer(cfg.name)
         if cfg.name == "tiny-llama":
             conf = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
@@ -127,8 +127,6 @@ class CausalLM(TaskType):
                  precision="fp32", exact_match_examples: int = 0) -> Scores:
         """Mean NLL over every target token, its exp (perplexity), next-token accuracy; for instruction data
         also the exact-match rate of greedy answers on the first `exact_match_examples` examples."""
-        from ..training import autocast
-
         batch_size = batch_size or self.eval_batch_size
         model.eval()
         nll, correct, tokens = 0.0, 0, 0

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..hub import from_pretrained
+from ..precision import autocast
 from .base import Scores, TaskType, freeze, n_batches
 
 
@@ -22,11 +24,9 @@ class Classification(TaskType):
         from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
         from transformers.utils import logging as hf_logging
 
-        from ..models import from_pretrained, load_tokenizer
-
         torch.manual_seed(cfg.head_seed)  # the classifier head is freshly initialised: seed it identically everywhere
         if cfg.name == "tiny-bert":
-            tok = load_tokenizer(cfg.name)
+            tok = self.load_tokenizer(cfg.name)
             conf = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                               intermediate_size=64, max_position_embeddings=512, num_labels=cfg.num_labels)
             model = BertForSequenceClassification(conf)
@@ -60,8 +60,6 @@ class Classification(TaskType):
                  precision="fp32", exact_match_examples: int = 0) -> Scores:
         """Accuracy and mean cross-entropy (logits in fp32 whatever the autocast precision); a classifier
         generates nothing, so exact_match_examples does not apply."""
-        from ..training import autocast
-
         batch_size = batch_size or self.eval_batch_size
         model.eval()
         correct, loss_sum = 0, 0.0
