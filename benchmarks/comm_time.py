@@ -1,11 +1,11 @@
-"""Check the time-to-target computation (edgelora.report) against a real throttled run.
+"""Check the time-to-target computation (edgelora.experiments.report) against a real throttled run.
 
     python -m benchmarks.comm_time --json PATH [--config examples/sweeps/cpu-base.toml] [--method flasc]
         [--downlink-mbps 4 --uplink-mbps 1] [--rounds 2] [--app-throttle]
 
 Runs a short federated run (2 devices, real server and client processes) of a sweep's FLASC variant with
 each device behind a tbf link (`tc` in network namespaces, deploy/emulate.py) or, without root, behind the
-client's application throttle. For every device and round it compares what edgelora.report computes from
+client's application throttle. For every device and round it compares what edgelora.experiments.report computes from
 the bytes and the link rates (bytes_down * 8 / downlink + bytes_up * 8 / uplink) with what was measured
 (the device's download_s + upload_s). One JSON record per device and round with `round`, `device`,
 `bytes_down`, `bytes_up`, `computed_s`, `measured_s`, `ratio`; prints the worst ratio (goal: within 15%).
@@ -16,14 +16,15 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 GOAL = 0.15
 
 
 def run_config(args) -> dict:
-    from edgelora.sweep import load_sweep
+    from edgelora.experiments.sweep import load_sweep
 
     if args.sweep:
         spec = next((s for s in load_sweep(args.sweep).runs if s.method == args.method), None)
@@ -39,7 +40,7 @@ def run_config(args) -> dict:
 
 
 def measured_vs_computed(metrics: Path, down_mbps: float, up_mbps: float) -> list[dict]:
-    from edgelora.report import communication_seconds
+    from edgelora.experiments.report import communication_seconds
     from edgelora.runlog import read_records
 
     out = []

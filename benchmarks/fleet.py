@@ -119,7 +119,7 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str]) -> dict:
 
 def fingerprints() -> tuple[str, str]:
     from edgelora.config import ModelConfig
-    from edgelora.device import DeviceHost
+    from edgelora.edge_client.trainer import DeviceHost
     from edgelora.models import fingerprint_model, fingerprint_tokenizer
 
     host = DeviceHost(ModelConfig(name="tiny-bert", num_labels=20, max_seq_len=32))

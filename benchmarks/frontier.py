@@ -6,7 +6,7 @@ One record per federated run with a reference run (the sweep's [report] referenc
 partition and seed: `run`, `target` (the reference's final accuracy, the mean of its last 3 evaluated rounds),
 `mb_to_target` (down + up, until the mean of the run's last --smooth evaluated rounds first reaches the
 target), `flower_mb_to_target` (what Flower 1.42's FedAvg sends for the reference's rounds up to the target:
-edgelora.flower), `ratio` (flower / ours; null where the run never reached the target), `final_accuracy`
+edgelora.experiments.flower), `ratio` (flower / ours; null where the run never reached the target), `final_accuracy`
 (its last evaluated round) and `last3_accuracy`. Figures are printed, never asserted.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgelora.report import collect, frontier, report_settings
+from edgelora.experiments.report import collect, frontier, report_settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python -m benchmarks.lm_device --json PATH [--batch 4 --seq-len 128 --steps 5 --rank 16]
 
 Each setting runs in a fresh child process (so each peak RSS is its own): the device's model as a device
-builds it (edgelora.device.DeviceHost: SmolLM2-135M-Instruct, LoRA r = 16 on all seven Llama projections),
+builds it (edgelora.edge_client.trainer.DeviceHost: SmolLM2-135M-Instruct, LoRA r = 16 on all seven Llama projections),
 batches of real Shakespeare speeches through the causal-LM task's batch builder, AdamW. One JSON record per
 setting: `precision`, `gradient_checkpointing`, `step_ms` (median of the timed steps after one warm-up),
 `peak_rss_mb` (the child's whole life: load, build, train), `trainable`, `batch`, `seq_len`, `threads`,
@@ -27,9 +27,9 @@ def child(args) -> dict:
 
     from edgelora.config import ModelConfig, shared_dataset
     from edgelora.data import Examples
-    from edgelora.device import DeviceHost
-    from edgelora.tasks import LoraSpec, Structure, StructureKind
+    from edgelora.edge_client.trainer import DeviceHost
     from edgelora.precision import autocast, cpu_has_fast_bf16
+    from edgelora.tasks import LoraSpec, Structure, StructureKind
     from edgelora.training import enable_gradient_checkpointing
 
     host = DeviceHost(ModelConfig(task="causal-lm", name=args.model, max_seq_len=args.seq_len))

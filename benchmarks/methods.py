@@ -9,8 +9,9 @@ import argparse
 import logging
 import os
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 ORDER = ("fft", "lora", "sft", "slora", "flora", "bitfit", "houlsby", "pfeiffer", "flasc")
@@ -18,7 +19,7 @@ ORDER = ("fft", "lora", "sft", "slora", "flora", "bitfit", "houlsby", "pfeiffer"
 
 def run_one(method: str, args) -> dict:
     from edgelora.config import load_config
-    from edgelora.simulate import Simulator
+    from edgelora.simulation.simulator import Simulator
 
     raw = tomllib.loads((REPO / "examples" / f"{method}.toml").read_text())
     raw["server"].update(rounds=args.rounds, devices_per_round=args.per_round, eval_every=args.rounds)

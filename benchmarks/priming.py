@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgelora.config import load_config
     from edgelora.methods.slora import prime_from_stage1
     from edgelora.models import BERT_DENSE_LAYERS, load_trainable_state
-    from edgelora.server_run import ServerRun
+    from edgelora.server.run import ServerRun
     from edgelora.tasks import Stage
 
     run_dir = Path(args.run)

@@ -22,8 +22,9 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = [("sequential", 1, 1, 0.0), ("sequential", 1, 2, 0.0), ("ray", 1, 2, 0.0), ("ray", 2, 1, 0.0)]
@@ -56,7 +57,7 @@ def child(args) -> dict:
     import torch
 
     from edgelora.config import SimulateConfig, load_config
-    from edgelora.simulate import Simulator
+    from edgelora.simulation.simulator import Simulator
 
     torch.set_num_threads(args.threads)
     raw = tomllib.loads((REPO / "examples" / "lora.toml").read_text())

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 8 << 20)]))
         spec = stub.GetRunSpec(pb.RunSpecRequest(), timeout=30)
         # the server checks the fingerprints: the device's are the server's own, read from a real device host
-        from edgelora.device import DeviceHost
+        from edgelora.edge_client.trainer import DeviceHost
         from edgelora.models import fingerprint_model, fingerprint_tokenizer
         from edgelora.protos import serde
 

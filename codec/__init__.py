@@ -1,4 +1,5 @@
-"""bytes <-> named sparse/dense tensors. numpy + zstandard only: no gRPC, no torch.
+"""bytes <-> named sparse/dense tensors. Imports numpy and zstandard only: no gRPC, no torch, nothing of
+edgelora outside this package.
 
 Public interface (stable; everything else in this package is internal):
 
@@ -10,15 +11,16 @@ Public interface (stable; everything else in this package is internal):
   ``decode_bundle(data, max_elements=...) -> dict``; FORMAT.md specifies the bytes.
 - ``to_dense(name, tensor) -> np.ndarray``; ``mask_indices(...)``, ``mask_size(...)``; ``CodecError``.
 - ``index_bound_bits(n, k)``: log2(C(n, k)), the fewest bits any index coding can average.
+- ``bytes_per_value(value_type)``: what one value of a type costs, before entropy coding (planning budgets).
 """
+from .container import DEFAULT_MAX_ELEMENTS, decode_bundle, encode_bundle
 from .errors import CodecError
-from .tensors import Dense, Masked, Sparse, Tensor, to_dense
-from .values import VALUE_TYPES
-from .mask import mask_indices, mask_size
-from .container import decode_bundle, encode_bundle, DEFAULT_MAX_ELEMENTS
 from .index_coding import bound_bits as index_bound_bits
+from .mask import mask_indices, mask_size
+from .tensors import Dense, Masked, Sparse, Tensor, to_dense
+from .values import VALUE_TYPES, bytes_per_value
 
 __all__ = [
-    "CodecError", "Dense", "Masked", "Sparse", "Tensor", "to_dense", "VALUE_TYPES",
+    "CodecError", "Dense", "Masked", "Sparse", "Tensor", "to_dense", "VALUE_TYPES", "bytes_per_value",
     "mask_indices", "mask_size", "encode_bundle", "decode_bundle", "DEFAULT_MAX_ELEMENTS", "index_bound_bits",
 ]

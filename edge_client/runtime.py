@@ -15,14 +15,14 @@ import grpc
 from edgelora.codec import CodecError
 from edgelora.configtools import ConfigError
 from edgelora.data import own_examples, own_lm_examples
-from edgelora.device import DeviceHost, DeviceTrainer, DownloadError
-from edgelora.tasks import device_seed
+from edgelora.edge_client.trainer import DeviceHost, DeviceTrainer, DownloadError
 from edgelora.models import fingerprint_model, fingerprint_tokenizer, hardware_info
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
 from edgelora.protos.channel import CLIENT_OPTIONS
-from edgelora.tasks import Update
+from edgelora.protos.refusals import refusal_code
+from edgelora.tasks import Update, device_seed
 
 from .throttle import LinkThrottle
 
@@ -336,7 +336,7 @@ class EdgeClient:
     def _recover(self, device_id: str, e: grpc.RpcError, what: str) -> None:
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             self.backoff.failed(f"device {device_id} {what}: {e.code().name}")
-        elif serde.refusal_code(e) == "unknown":
+        elif refusal_code(e) == "unknown":
             self.register(device_id)  # the server restarted (e.g. resumed) and does not know it: join again
         elif e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise PermissionError(f"device {device_id}: {e.code().name}: {e.details()}")
@@ -353,7 +353,7 @@ class EdgeClient:
                 try:
                     reply = self.stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5, metadata=self._md(d))
                 except grpc.RpcError as e:  # reconnects are the main loop's; a restarted server needs a Register
-                    if serde.refusal_code(e) == "unknown":
+                    if refusal_code(e) == "unknown":
                         try:
                             self.register(d)
                         except (grpc.RpcError, ConfigError, RunOver):  # the main loop meets it too and says so

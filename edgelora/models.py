@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import add_adapters
 from .configtools import ConfigError
 from .schema import ModelConfig
 from .sparsity import mask_bool
@@ -103,8 +104,6 @@ def build_model(base: nn.Module, structure: Structure, frozen: tuple[str, ...] =
                          rank_pattern=dict(spec.rank_pattern), bias="none")
         model = get_peft_model(model, cfg)
     elif kind == StructureKind.ADAPTER:
-        from .adapters import add_adapters
-
         model = add_adapters(model, structure.adapter)
     else:
         raise ConfigError(f"structure.kind: unknown {kind!r}")

@@ -9,7 +9,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .configtools import ConfigError
+from .data import label_names
 from .schema import FILE_DATASETS, RunConfig
+from .task_types import task_type
 
 
 @dataclass
@@ -121,8 +124,6 @@ _ROW_FIELDS = ("round", "stage", "completed", "sampled", "accuracy", "perplexity
 
 
 def _columns(task: str) -> list[tuple[str, int]]:
-    from .task_types import task_type
-
     metrics = [(head, max(8, len(head))) for head, _, _ in task_type(task).table_metrics]
     return [("round", 5), ("stage", 7), ("devices", 7), *metrics, ("test loss", 9), ("train loss", 10),
             ("MB down", 8), ("MB up", 8), ("seconds", 7)]
@@ -137,8 +138,6 @@ def round_table_header(task: str = "classification") -> list[str]:
 
 def round_table_row(row: dict, task: str = "classification") -> str:
     """One metrics.jsonl row as a line of the per-round table."""
-    from .task_types import task_type
-
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     metrics = [fmt(row.get(key), spec) for _, key, spec in task_type(task).table_metrics]
     cells = (str(row["round"]), row["stage"], f"{row['completed']}/{row['sampled']}", *metrics,
@@ -201,8 +200,6 @@ class RunFolder:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from .configtools import ConfigError
-
             raise ConfigError("--tensorboard: the tensorboard package is not installed "
                               "(pip install 'edgelora[tensorboard]')") from None
         self._tensorboard = SummaryWriter(str(self.path / "tb"))
@@ -264,8 +261,6 @@ class RunFolder:
     def plot(self, rows: list[dict] | None = None) -> None:
         """RUN_DIR/accuracy.png (a causal LM: perplexity.png): the task's first metric per round and against
         the total bytes communicated so far."""
-        from .task_types import task_type
-
         head, key, _ = task_type(self.run.model.task).table_metrics[0]
         label = "test accuracy" if key == "accuracy" else f"held-out {key}"
         rows = self.records() if rows is None else rows
@@ -351,8 +346,6 @@ class RunFolder:
 
         The class names go where Hugging Face looks for them: `id2label`/`label2id` in the model's
         config.json (beside adapter_config.json for an adapter), and RUN_DIR/labels.json."""
-        from .data import label_names
-
         target = self.path / ("adapter" if hasattr(model, "peft_config") else "model")
         names = label_names(self.run.data, self.run.model.task)
         config = model.config

@@ -86,7 +86,7 @@ class Task:
     train: TrainSpec
     upload: UploadRule
     deadline_s: float = 0.0
-    task_id: str = ""          # single-use id of this hand-out (edgelora.engine.Round.hand_out)
+    task_id: str = ""          # single-use id of this hand-out (edgelora.server.engine.Round.hand_out)
     evaluate: bool = False     # federated evaluation: score the downloaded model on the device's held-out data
 
 

@@ -38,7 +38,7 @@ def train_local(model: nn.Module, examples: Examples, tokenizer, spec: TrainSpec
     """Train the model's trainable parameters in place; return the mean training loss.
 
     A device starts a fresh optimizer every round; `optimizer` lets a caller keep one across calls
-    (centralized training, edgelora.centralized).
+    (centralized training, edgelora.experiments.centralized).
 
     `masks` maps a parameter name to a boolean tensor of its shape: only True entries change
     (gradients are masked, and entries outside the mask are restored after each step so weight decay and

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import functools
 
-import grpc
-
 from edgelora.schema import DataConfig, ModelConfig
-from edgelora.tasks import (AdapterSpec, LoraSpec, PhaseTimes, Stage, Structure, StructureKind, Task, TrainSpec,
-                            Update, UploadFormat, UploadRule)
+from edgelora.task_types import task_type
+from edgelora.tasks import (
+    AdapterSpec,
+    LoraSpec,
+    PhaseTimes,
+    Stage,
+    Structure,
+    StructureKind,
+    Task,
+    TrainSpec,
+    Update,
+    UploadFormat,
+    UploadRule,
+)
 
 from . import edgelora_pb2 as pb
 
@@ -20,8 +30,6 @@ def model_to_proto(m: ModelConfig) -> pb.ModelSpec:
 
 def model_from_proto(p: pb.ModelSpec) -> ModelConfig:
     """The run's model, refused by name when this device does not know its task type."""
-    from edgelora.task_types import task_type
-
     task = p.task or "classification"
     task_type(task)
     return ModelConfig(name=p.name, num_labels=p.num_labels, max_seq_len=p.max_seq_len, head_seed=p.head_seed,
@@ -186,37 +194,3 @@ def task_wire_bytes(header: bytes, payload_bytes: int, chunk_bytes: int) -> int:
 def update_wire_bytes(header: bytes, payload_bytes: int, chunk_bytes: int) -> int:
     """What SubmitUpdate's stream of this update header (update_header_to_bytes) and payload puts on the wire."""
     return _stream_bytes(pb.UpdateHeader.FromString(header), pb.UpdateChunk, payload_bytes, chunk_bytes)
-
-
-# Refusals travel as the ecosystem's rich error model: a google.rpc.Status whose details hold an ErrorInfo
-# (reason = the refusal code in upper case, domain "edgelora"), in the grpc-status-details-bin trailer
-# (grpcio-status). A device decides by the reason (e.g. UNKNOWN: register again), never by the message text.
-ERROR_DOMAIN = "edgelora"
-
-
-def refusal_status(code: str, status: grpc.StatusCode, message: str) -> grpc.Status:
-    """The grpc.Status to abort with (context.abort_with_status) for refusal `code` ("unknown", ...)."""
-    from google.protobuf import any_pb2
-    from google.rpc import error_details_pb2, status_pb2
-    from grpc_status import rpc_status
-
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=code.upper(), domain=ERROR_DOMAIN))
-    return rpc_status.to_status(status_pb2.Status(code=status.value[0], message=message, details=[detail]))
-
-
-def refusal_code(error) -> str:
-    """The refusal code ("unknown", ...) of a grpc.RpcError from the coordinator: its ErrorInfo reason in
-    lower case; "" when it carries none (e.g. the channel never connected)."""
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    try:
-        status = rpc_status.from_call(error)
-    except (AttributeError, ValueError):  # not a call, or a details trailer that disagrees with the status
-        return ""
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == ERROR_DOMAIN:
-            return info.reason.lower()
-    return ""

@@ -14,6 +14,7 @@ from edgelora.protos.channel import SERVER_OPTIONS
 from edgelora.state import RoundsAbandoned
 
 from .coordinator import Coordinator
+from .metrics import CoordinatorMetrics, serve_metrics
 from .servicer import CHUNK_SLACK, RECEIVE_LIMIT, CoordinatorServicer
 
 log = logging.getLogger("edgelora.server")
@@ -30,8 +31,6 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
         coord.folder.log_to_tensorboard()
     http = None
     if metrics_port is not None:
-        from .metrics import CoordinatorMetrics, serve_metrics
-
         coord.metrics = CoordinatorMetrics(coord)
         http = serve_metrics(coord.metrics, coord, run.server.host, metrics_port)
         (Path(run_dir) / "metrics.addr").write_text(f"{run.server.host}:{http.server_port}\n")

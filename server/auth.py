@@ -16,13 +16,12 @@ import hmac
 import itertools
 import logging
 import secrets
-import tomllib
 from pathlib import Path
 
 import grpc
+import tomllib
 
-from edgelora.engine import Refusal
-from edgelora.protos import serde
+from edgelora.protos.refusals import STATUS, Refusal, refusal_status
 
 log = logging.getLogger("edgelora.server.auth")
 
@@ -47,9 +46,7 @@ def make_tokens(device_ids) -> str:
 
 
 def _abort(context, code: Refusal, message: str):
-    from .servicer import STATUS
-
-    context.abort_with_status(serde.refusal_status(code.value, STATUS[code], message))
+    context.abort_with_status(refusal_status(code.value, STATUS[code], message))
 
 
 def _deny(code: Refusal, message: str):

@@ -9,12 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgelora.config import RunConfig
-from edgelora.engine import Refusal, Round, UpdateRejected
 from edgelora.models import fingerprint_model, fingerprint_tokenizer
+from edgelora.protos.refusals import Refusal, UpdateRejected
 from edgelora.state import ServerState
 from edgelora.tasks import DeviceInfo, Task, is_device_id, is_device_name
 
 from .driver import RoundDriver
+from .engine import Round
 from .registry import DeviceRegistry
 
 log = logging.getLogger("edgelora.server")

@@ -9,7 +9,7 @@ one thing a `Devices` implementation supplies:
 - `server.coordinator.GrpcDevices`: real devices pull their task and push their upload through the gRPC
   servicer on its handler threads; the driver thread waits until the round is full, past its deadline, or
   every device it waits for is offline.
-- `edgelora.simulate.SimulatedDevices`: virtual devices train in this process (`SequentialDevices`) or in Ray
+- `edgelora.simulation.simulator.SimulatedDevices`: virtual devices train in this process (`SequentialDevices`) or in Ray
   actors (`RayDevices`), and their updates come back through the same `begin_upload` / `finish_upload`.
 
 Every change to a round happens under `cond` (an RLock's condition): the driver thread and gRPC handler
@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Protocol
 
 from edgelora.config import RunConfig
-from edgelora.engine import Refusal, Round, UpdateRejected
-from edgelora.server_run import ServerRun
+from edgelora.protos.refusals import Refusal, UpdateRejected
 from edgelora.state import ServerState
 from edgelora.tasks import DeviceInfo, PhaseTimes, Task
+
+from .engine import Round
+from .run import ServerRun
 
 log = logging.getLogger("edgelora.server")
 

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from edgelora.engine import DeviceState
-from edgelora.sampling import device_sort_key
+from .engine import DeviceState
+from .sampling import device_sort_key
 
 PHASES = ("download", "train", "encode", "upload")
 # /status's word for a device in the open round (DeviceState), where it is not the state's own name

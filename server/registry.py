@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgelora.sampling import device_sort_key
+from .sampling import device_sort_key
 
 
 @dataclass

@@ -6,10 +6,10 @@ import time
 
 import grpc
 
-from edgelora.engine import Refusal, UpdateRejected
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
+from edgelora.protos.refusals import STATUS, Refusal, UpdateRejected, refusal_status
 
 from .coordinator import Coordinator
 
@@ -21,24 +21,11 @@ log = logging.getLogger("edgelora.server")
 RECEIVE_LIMIT = 4 << 20
 CHUNK_SLACK = 64 * 1024
 
-# Each refusal code's gRPC status: the one table (server.auth uses the last two).
-STATUS = {
-    Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    Refusal.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    Refusal.UNKNOWN: grpc.StatusCode.FAILED_PRECONDITION,
-    Refusal.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    Refusal.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    Refusal.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
-}
-
-
 def _abort(coord: Coordinator, context: grpc.ServicerContext, e: UpdateRejected, what: str) -> None:
     log.warning("%s refused: %s", what, e.message)
     if coord.metrics is not None:
         coord.metrics.refused(e.code.value)
-    context.abort_with_status(serde.refusal_status(e.code.value, STATUS[e.code], e.message))
+    context.abort_with_status(refusal_status(e.code.value, STATUS[e.code], e.message))
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):

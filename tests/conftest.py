@@ -75,7 +75,7 @@ def interrupt_after_first_round(proc, run_dir: Path, timeout_s: float = 240.0) -
     import signal
     import time
 
-    from edgelora.sweep import rounds_done
+    from edgelora.experiments.sweep import rounds_done
 
     deadline = time.monotonic() + timeout_s
     while rounds_done(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:

@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 
-from edgelora.centralized import train_centralized
 from edgelora.configtools import ConfigError
-from edgelora.server_run import evaluate_run
-from edgelora.simulate import simulate
+from edgelora.experiments.centralized import train_centralized
+from edgelora.experiments.evaluate import evaluate_run
+from edgelora.simulation.simulator import simulate
 
 from .conftest import REPO, cli
 

@@ -1,4 +1,4 @@
-"""The communication frontier's arithmetic: Flower's float32 bytes (edgelora.flower), MB to a target with
+"""The communication frontier's arithmetic: Flower's float32 bytes (edgelora.experiments.flower), MB to a target with
 smoothing, and the report's frontier table, plot and benchmark on a hand-made sweep folder."""
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from edgelora import flower
+from edgelora.experiments import flower
 
 from .conftest import tiny_raw
 
@@ -67,9 +67,9 @@ def _run(root, name, method, accs, bytes_per_device, config_text, seed=0, device
 def test_frontier_records_smoothing_flower_and_ratio(tmp_path):
     """The reference's target is its last-3 mean; with smooth = 3 a run reaches it only when its own 3-round
     mean does (a lucky round does not count); Flower's MB follow the reference's rounds at Flower's size."""
-    from edgelora.config import load_config
-    from edgelora.report import collect, frontier, write_report
     from benchmarks import frontier as bench
+    from edgelora.config import load_config
+    from edgelora.experiments.report import collect, frontier, write_report
 
     config = load_config(tiny_raw())
     text = config.to_toml()

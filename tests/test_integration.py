@@ -13,7 +13,7 @@ import tomli_w
 
 from edgelora import codec
 from edgelora.runlog import wait_for_server_addr
-from edgelora.state import load_state
+from edgelora.server.checkpoint import load_state
 
 from .conftest import cli, tiny_raw
 

@@ -11,7 +11,7 @@ import pytest
 
 from edgelora.config import load_config
 from edgelora.configtools import ConfigError
-from edgelora.simulate import simulate
+from edgelora.simulation.simulator import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def _rows(run_dir):
 
 @pytest.mark.parametrize("name", list(LM_METHODS))
 def test_every_applicable_method_trains_a_causal_lm_for_two_simulated_rounds(name, tmp_path):
-    from edgelora.state import load_state
+    from edgelora.server.checkpoint import load_state
 
     run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), {"name": name, **LM_METHODS[name]}))
     simulate(run, tmp_path / "r", progress=False)
@@ -219,7 +219,7 @@ def test_the_saved_adapter_loads_with_peft_and_generates(tmp_path):
 
 
 def test_centralized_ceiling_runs_for_a_causal_lm(tmp_path):
-    from edgelora.centralized import train_centralized
+    from edgelora.experiments.centralized import train_centralized
 
     run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl")))
     rows = train_centralized(run, tmp_path / "c")
@@ -234,7 +234,7 @@ def test_the_lm_example_configs_load_as_causal_lm_runs_by_role(name):
 
 
 def test_the_c7_sweeps_plan_their_runs():
-    from edgelora.sweep import load_sweep
+    from edgelora.experiments.sweep import load_sweep
 
     tune = load_sweep(REPO / "examples" / "sweeps" / "lm-tune.toml")
     assert all(r.config().data.validation_examples for r in tune.runs)  # tuned on validation, never the test split
@@ -275,11 +275,11 @@ def test_a_deployment_trains_a_causal_lm_on_each_devices_own_text(tmp_path):
 
 
 def test_a_causal_lm_sweep_reports_perplexity_and_evaluate_rescores_it(tmp_path):
-    from edgelora.server_run import evaluate_run
-    from edgelora.report import write_report
-    from edgelora.sweep import load_sweep, run_sweep
-
     import tomli_w
+
+    from edgelora.experiments.report import write_report
+    from edgelora.experiments.sweep import load_sweep, run_sweep
+    from edgelora.experiments.evaluate import evaluate_run
 
     base = lm_raw(write_speeches(tmp_path / "s.jsonl"))
     (tmp_path / "base.toml").write_text(tomli_w.dumps(base))

@@ -13,12 +13,13 @@ import torch
 
 from edgelora import codec
 from edgelora.config import load_config
-from edgelora.device import DeviceHost, DeviceTrainer
 from edgelora.configtools import ConfigError
-from edgelora.engine import RoundEngine, UpdateRejected
+from edgelora.edge_client.trainer import DeviceHost, DeviceTrainer
 from edgelora.methods import METHODS, ModelHost, make_method
 from edgelora.methods.priming import svd_prime_lora
 from edgelora.models import build_model, load_base_model, trainable_state
+from edgelora.protos.refusals import UpdateRejected
+from edgelora.server.engine import RoundEngine
 from edgelora.sparsity import mask_bool, topk_count
 from edgelora.state import ServerState
 from edgelora.tasks import DeviceInfo, LoraSpec, Stage, Structure, StructureKind
@@ -269,7 +270,7 @@ def test_error_feedback_keeps_what_topk_did_not_send_once_accepted():
 
     from edgelora import codec
     from edgelora.data import Examples
-    from edgelora.device import DeviceTrainer
+    from edgelora.edge_client.trainer import DeviceTrainer
     from edgelora.tasks import Stage, Structure, Task, TrainSpec, UploadFormat, UploadRule
 
     trainer = DeviceTrainer("0", host=None, data=None, examples=Examples(("x",), np.zeros(1, np.int64)))
@@ -298,7 +299,7 @@ def test_error_feedback_carries_the_rounding_error_of_a_lossy_value_type():
 
     from edgelora import codec
     from edgelora.data import Examples
-    from edgelora.device import DeviceTrainer
+    from edgelora.edge_client.trainer import DeviceTrainer
     from edgelora.tasks import Stage, Structure, Task, TrainSpec, UploadFormat, UploadRule
 
     trainer = DeviceTrainer("3", host=None, data=None, examples=Examples(("x",), np.zeros(1, np.int64)))
@@ -369,7 +370,7 @@ def test_own_data_weighs_reported_counts_up_to_the_cap(caplog):
     """data.mode = own: an update is weighted by the example count its device reports, at most
     server.max_examples_per_device (a larger claim is weighted at the cap and logged); a zero count is refused.
     Partitions: the count must equal the partition's size."""
-    from edgelora.engine import UpdateRejected
+    from edgelora.protos.refusals import UpdateRejected
 
     raw = tiny_raw(server={"max_examples_per_device": 100},
                    data={"mode": "own", "label_names": ["a", "b"], "dataset": "csv"})
@@ -441,9 +442,9 @@ def test_every_bounded_method_field_is_refused_out_of_bounds_by_name(key):
 
 def test_the_bounds_table_covers_every_check_in_the_method_configs():
     """A bound added to a method config without a row above fails here."""
-    from .conftest import REPO
-
     import ast
+
+    from .conftest import REPO
 
     checked = set()
     for path in (REPO / "edgelora" / "methods").glob("*.py"):
@@ -460,7 +461,7 @@ def test_warm_up_builds_the_first_structure_and_leaves_its_weights_alone(tiny_co
     import numpy as np
 
     from edgelora.data import with_num_labels
-    from edgelora.device import DeviceHost, DeviceTrainer
+    from edgelora.edge_client.trainer import DeviceHost, DeviceTrainer
     from edgelora.models import trainable_state
 
     run = with_num_labels(tiny_config())

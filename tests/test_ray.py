@@ -1,4 +1,4 @@
-"""The Ray backend (edgelora.ray_backend): a simulation whose devices train in Ray actors ends bit for bit
+"""The Ray backend (edgelora.simulation.ray_devices): a simulation whose devices train in Ray actors ends bit for bit
 where the sequential simulator and a gRPC run end (LoRA, FLASC with error feedback, SLoRA across its switch;
 over-selection: where the sequential simulator ends); a killed worker costs its devices one round and nothing
 else; a sweep's runs as Ray tasks end where the sequential sweep's end."""
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from edgelora.config import SimulateConfig, load_config
-from edgelora.simulate import Simulator, simulate
-from edgelora.state import load_state
+from edgelora.server.checkpoint import load_state
+from edgelora.simulation.simulator import Simulator, simulate
 
 from .conftest import tiny_raw
 from .test_simulate import grpc_run, method_run
@@ -93,7 +93,7 @@ def test_a_ray_run_ends_bit_identical_to_the_sequential_simulator_and_to_grpc(ca
 
 
 def test_a_round_spreads_evenly_over_the_actors_and_a_device_with_state_stays_on_its_actor():
-    from edgelora.ray_backend import place
+    from edgelora.simulation.ray_devices import place
 
     # sampled order, each to the least loaded actor: 4 devices on 2 actors are 2 + 2, whatever their ids
     assert place(["5", "7", "9", "11"], {}, 2) == {"5": 0, "7": 1, "9": 0, "11": 1}
@@ -159,7 +159,7 @@ def test_a_sweep_on_ray_runs_its_grid_as_tasks_and_ends_where_the_sequential_swe
                                                                                           one_thread):
     """Every run of the grid (federated and centralized) as a Ray task of 1 CPU: the same run folders, rows,
     bytes and final weights as the sequential sweep; run again, every run is already done."""
-    from edgelora.sweep import load_sweep, run_sweep
+    from edgelora.experiments.sweep import load_sweep, run_sweep
 
     from .test_sweep import write_sweep
 

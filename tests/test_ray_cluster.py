@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgelora.simulate import simulate
-from edgelora.state import load_state
+from edgelora.server.checkpoint import load_state
+from edgelora.simulation.simulator import simulate
 
 from .conftest import REPO
 from .test_simulate import method_run
@@ -63,7 +63,7 @@ def test_a_simulation_spread_over_two_raylets_matches_the_sequential_run(tmp_pat
     nodes = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                       timeout=120, env=ENV).stdout.strip().splitlines()[-1])
     assert len(nodes) == 2, nodes
-    code = ("import sys, json; from edgelora.config import load_config; from edgelora.simulate import Simulator; "
+    code = ("import sys, json; from edgelora.config import load_config; from edgelora.simulation.simulator import Simulator; "
             "run = load_config(sys.argv[1]); "
             "run = run.replace(simulate=type(run.simulate)(backend='ray', ray_address=sys.argv[2], workers=2)); "
             "sim = Simulator(run, sys.argv[3], progress=False); "

@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 
 from edgelora import codec
-from edgelora.aggregation import (DpFedAvg, FedAvg, FedAvgConfig, Median, MedianConfig,
-                                  TrimmedMean, TrimmedMeanConfig, clip_to_norm, dp_epsilon, global_norm)
+from edgelora.aggregation import (
+    DpFedAvg,
+    FedAvg,
+    FedAvgConfig,
+    Median,
+    MedianConfig,
+    TrimmedMean,
+    TrimmedMeanConfig,
+    clip_to_norm,
+    dp_epsilon,
+    global_norm,
+)
 from edgelora.config import load_config
 from edgelora.configtools import ConfigError
 
@@ -113,8 +123,8 @@ def _keyword_data(path, n, seed):
 def test_median_and_trimmed_mean_survive_20_percent_attackers_fedavg_does_not(tmp_path, monkeypatch):
     """R11: 2 of 10 devices attack every round (device 3 sends its delta x 100, device 7 sign-flipped x 100).
     Median and trimmed mean end within 1 point of the clean FedAvg run; FedAvg under attack does not."""
-    from edgelora.device import DeviceTrainer
-    from edgelora.simulate import simulate
+    from edgelora.edge_client.trainer import DeviceTrainer
+    from edgelora.simulation.simulator import simulate
 
     _keyword_data(tmp_path / "train.jsonl", 600, 0)
     _keyword_data(tmp_path / "test.jsonl", 400, 1)

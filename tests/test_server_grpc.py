@@ -13,7 +13,7 @@ import pytest
 from edgelora import codec
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
-from edgelora.protos import serde
+from edgelora.protos.refusals import refusal_code
 from edgelora.server.app import run_server
 
 from .conftest import drive_rounds
@@ -77,7 +77,7 @@ def refused(fn, code, match, refusal=None):
     assert e.value.code() == code, e.value.details()
     assert match in e.value.details(), e.value.details()
     if refusal is not None:
-        assert serde.refusal_code(e.value) == refusal
+        assert refusal_code(e.value) == refusal
         from grpc_status import rpc_status
 
         status = rpc_status.from_call(e.value)  # the standard rich status, as any gRPC client reads it
@@ -169,7 +169,7 @@ def test_an_abandoned_round_runs_again_and_too_many_in_a_row_stop_the_run_with_i
     """A round with fewer than min_devices updates does not count as one of server.rounds: the same round runs
     again (a new sample, weights unchanged, no metrics row; abandoned.jsonl keeps its record), and after
     max_abandoned_rounds in a row the run stops with RoundsAbandoned, its state on disk."""
-    from edgelora.state import load_state
+    from edgelora.server.checkpoint import load_state
 
     coord, stub, run_dir = server(server={"rounds": 2, "devices_per_round": 2, "min_devices": 2,
                                           "round_deadline_s": 2.0, "max_abandoned_rounds": 2})

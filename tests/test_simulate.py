@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from edgelora.config import load_config
-from edgelora.simulate import simulate
-from edgelora.state import load_state
+from edgelora.server.checkpoint import load_state
+from edgelora.simulation.simulator import simulate
 
 from .conftest import REPO, tiny_raw
 

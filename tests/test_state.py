@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from edgelora.state import ServerState, load_state, save_state
+from edgelora.server.checkpoint import load_state, save_state
+from edgelora.state import ServerState
 from edgelora.tasks import Stage
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgelora.configtools import ConfigError
-from edgelora.state import load_state
-from edgelora.sweep import load_sweep, rounds_done, run_sweep
+from edgelora.experiments.sweep import load_sweep, rounds_done, run_sweep
+from edgelora.server.checkpoint import load_state
 
 from .conftest import REPO, TINY, cli, interrupt_after_first_round, sigint_default, tiny_raw
 
@@ -161,7 +161,7 @@ def test_a_sweep_asking_for_more_rounds_extends_its_finished_runs_exactly(tmp_pa
     for key in ("accuracy", "bytes_up"):
         assert [r[key] for r in _records(ref, "lora-iid-s0")] == [r[key] for r in _records(screen, "lora-iid-s0")]
     with pytest.raises(ConfigError, match="--only: \\['nope'\\] are not runs"):
-        from edgelora.sweep import main_sweep
+        from edgelora.experiments.sweep import main_sweep
 
         main_sweep(str(tmp_path / "four" / "sweep.toml"), str(screen), None, progress=False, only=["nope"])
 
@@ -208,8 +208,8 @@ def test_a_changed_run_config_is_refused_not_mixed(tmp_path):
 
 
 def test_centralized_trains_the_federated_runs_example_budget_on_the_union(tmp_path, tiny_config):
-    from edgelora.centralized import examples_seen_budget, train_centralized, union_of_partitions
     from edgelora.data import device_examples
+    from edgelora.experiments.centralized import examples_seen_budget, train_centralized, union_of_partitions
 
     run = tiny_config(server={"rounds": 3, "devices_per_round": 2}, train={"precision": "fp32"},
                       data={"num_devices": 4, "max_examples_per_device": 10, "test_max_examples": 16})
@@ -230,8 +230,8 @@ def test_centralized_trains_the_federated_runs_example_budget_on_the_union(tmp_p
     ({"name": "sft", "density": 0.05}, {"optimizer": "adamw"}),
 ])
 def test_centralized_run_stopped_between_rounds_continues_to_the_same_results(tmp_path, method, train):
-    from edgelora.centralized import train_centralized
     from edgelora.config import load_config
+    from edgelora.experiments.centralized import train_centralized
     from edgelora.runlog import read_records
 
     raw = tiny_raw(server={"rounds": 4, "devices_per_round": 2}, train={"precision": "fp32", **train},
@@ -254,7 +254,7 @@ def test_centralized_run_stopped_between_rounds_continues_to_the_same_results(tm
 
 
 def test_centralized_state_for_another_budget_is_refused(tmp_path, tiny_config):
-    from edgelora.centralized import train_centralized
+    from edgelora.experiments.centralized import train_centralized
 
     data = {"num_devices": 4, "max_examples_per_device": 10, "test_max_examples": 16}
     train_centralized(tiny_config(server={"rounds": 1, "devices_per_round": 2}, data=data), tmp_path)
@@ -264,7 +264,7 @@ def test_centralized_state_for_another_budget_is_refused(tmp_path, tiny_config):
 
 
 def test_report_of_centralized_runs_only_draws_no_bytes_plot(tmp_path):
-    from edgelora.report import plot_accuracy_bytes
+    from edgelora.experiments.report import plot_accuracy_bytes
 
     central = {"run": "c", "method": "c", "partition": "iid", "seed": 0, "mode": "centralized",
                "records": [{"round": 1, "accuracy": 0.5, "bytes_up": 0, "bytes_down": 0}]}
@@ -272,7 +272,7 @@ def test_report_of_centralized_runs_only_draws_no_bytes_plot(tmp_path):
 
 
 def test_report_orders_partitions_as_the_sweep_file_does_not_as_runs_finished(tmp_path):
-    from edgelora.report import gap_table, in_partition_order, report_settings
+    from edgelora.experiments.report import gap_table, in_partition_order, report_settings
 
     (tmp_path / "sweep.toml").write_text('[partitions.iid]\n[partitions.dir1]\n[partitions."dir0.1"]\n'
                                          '[report]\nfft = "fft"\n')
@@ -289,7 +289,7 @@ def test_report_orders_partitions_as_the_sweep_file_does_not_as_runs_finished(tm
 def test_report_pairs_each_federated_run_with_its_ceiling_and_reads_whole_test_scores(tmp_path):
     import json
 
-    from edgelora.report import write_report
+    from edgelora.experiments.report import write_report
 
     def run(name, method, mode, seed, accs, table):
         folder = tmp_path / "runs" / name
@@ -326,7 +326,7 @@ def test_report_pairs_each_federated_run_with_its_ceiling_and_reads_whole_test_s
 def test_report_of_causal_lm_runs_leads_with_perplexity_lower_is_better(tmp_path):
     import json
 
-    from edgelora.report import write_report
+    from edgelora.experiments.report import write_report
 
     def run(name, method, ppls, bytes_per_round):
         folder = tmp_path / "runs" / name

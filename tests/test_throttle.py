@@ -126,7 +126,7 @@ def test_deadline_policy_gives_a_1_mbit_uplink_an_eighth_of_an_8_mbit_uplinks_de
     from edgelora.methods import ModelHost, make_method
     from edgelora.models import load_base_model
     from edgelora.server.app import run_server
-    from edgelora.state import load_state
+    from edgelora.server.checkpoint import load_state
     from edgelora.tasks import Stage
 
     method = {"name": "flasc", "lora": {"rank": 32, "alpha": 32.0}, "density_policy": "deadline",
@@ -221,8 +221,8 @@ def test_a_broken_upload_resumes_from_what_the_server_holds_without_retraining(t
     """The device's link drops halfway through its upload (a proxy kills the TCP connection); the device
     reconnects, asks UploadOffset, sends only the rest and is accepted: it trained once, and the payload bytes
     it sent are at most 1.1x the update's size."""
-    from edgelora.device import DeviceTrainer
     from edgelora.edge_client import runtime
+    from edgelora.edge_client.trainer import DeviceTrainer
     trainings, sizes = [], []
     honest = DeviceTrainer.run
 

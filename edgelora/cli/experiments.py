@@ -26,10 +26,10 @@ def cmd_methods(args) -> int:
     return 0
 
 def cmd_simulate(args) -> int:
-    """Many virtual devices in one process (edgelora.simulate): same engine, codec and protobuf bytes."""
+    """Many virtual devices in one process (edgelora.simulation.simulator): same engine, codec and protobuf bytes."""
     from edgelora.config import load_config, read_run_toml
-    from edgelora.simulate import simulate
-    from edgelora.state import has_state
+    from edgelora.server.checkpoint import has_state
+    from edgelora.simulation.simulator import simulate
 
     run_dir = Path(args.resume or args.out or default_run_dir())
     resume = bool(args.resume) or has_state(run_dir)
@@ -65,11 +65,11 @@ def cmd_simulate(args) -> int:
     return 0
 
 def cmd_sweep(args) -> int:
-    """A grid of simulator runs that stops and resumes (edgelora.sweep), or its report (edgelora.report)."""
+    """A grid of simulator runs that stops and resumes (edgelora.experiments.sweep), or its report (edgelora.experiments.report)."""
     if bool(args.config) == bool(args.report):
         raise ConfigError("sweep: give --config SWEEP.toml to run a sweep, or --report DIR to summarise one")
     if args.report:
-        from edgelora.report import write_report
+        from edgelora.experiments.report import write_report
 
         try:
             written = write_report(Path(args.report))
@@ -78,7 +78,7 @@ def cmd_sweep(args) -> int:
         for p in written:
             print(p)
         return 0
-    from edgelora.sweep import main_sweep
+    from edgelora.experiments.sweep import main_sweep
 
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ConfigError(f"--max-minutes: must be > 0, got {args.max_minutes}")
@@ -91,10 +91,10 @@ def cmd_sweep(args) -> int:
 
 def cmd_centralized(args) -> int:
     """The ceiling for a run config: its structure trained on the union of the devices' data in one place."""
-    from edgelora.centralized import train_centralized
     from edgelora.config import load_config
-    from edgelora.state import has_state
-    from edgelora.sweep import check_same_config
+    from edgelora.experiments.centralized import train_centralized
+    from edgelora.experiments.sweep import check_same_config
+    from edgelora.server.checkpoint import has_state
 
     run = load_config(args.config)
     device = _torch_device(args.device)
@@ -114,7 +114,7 @@ def cmd_centralized(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Held-out accuracy of finished runs, e.g. on the whole test split where the runs scored a subsample."""
-    from edgelora.server_run import evaluate_run
+    from edgelora.experiments.evaluate import evaluate_run
 
     if args.max_examples is not None and args.max_examples < 0:
         raise ConfigError("evaluate: --max-examples must be >= 0 (0 = the whole split)")

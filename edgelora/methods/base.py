@@ -1,6 +1,6 @@
 """A method is a handful of server-side decisions with no I/O (Flower's Strategy): which structure devices
 train, what goes down, how devices upload, and what happens between stages. The device is a generic
-executor of those decisions (edgelora.device), so a new method never touches the transport."""
+executor of those decisions (edgelora.edge_client.trainer), so a new method never touches the transport."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
 from edgelora import codec
 
 from ..configtools import field

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from edgelora import codec
-from edgelora.codec.values import bytes_per_value
 
 from ..configtools import check, field
 from ..sparsity import global_topk
@@ -138,8 +137,8 @@ class Flasc(Lora):
         cfg = self.cfg
         entries = sum(v.size for v in state.params.values())
         budget_s = cfg.transfer_fraction * self.run.server.round_deadline_s / 2
-        up_entry = bytes_per_value(self.run.server.value_type) + 2.0  # value + its index, before any measurement
-        down_entry = bytes_per_value(self.download_value_type()) + 2.0
+        up_entry = codec.bytes_per_value(self.run.server.value_type) + 2.0  # value + its index, before any measurement
+        down_entry = codec.bytes_per_value(self.download_value_type()) + 2.0
         measured = cfg.link_rates == "measured"
         up_bps = (device.uplink_bps if measured else 0.0) or device.declared_uplink_bps
         down_bps = (device.downlink_bps if measured else 0.0) or device.declared_downlink_bps

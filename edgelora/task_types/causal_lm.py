@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configtools import check
 from ..hub import from_pretrained
 from ..precision import autocast
+from ..smollm2 import model_dir, tokenizer_dir
 from .base import Scores, TaskType, freeze, n_batches
 
 IGNORE = -100
@@ -39,8 +41,6 @@ class CausalLM(TaskType):
 
     def tokenizer_source(self, name: str) -> str:
         if name in ("smollm2", "tiny-llama"):  # tiny-llama borrows SmolLM2's tokenizer and chat template
-            from ..smollm2 import tokenizer_dir
-
             return str(tokenizer_dir())
         return name
 
@@ -59,8 +59,6 @@ class CausalLM(TaskType):
         else:
             name = cfg.name
             if name == "smollm2":
-                from ..smollm2 import model_dir
-
                 name = str(model_dir())
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()
@@ -76,8 +74,6 @@ class CausalLM(TaskType):
         return () if cfg.train_embeddings else EMBEDDINGS
 
     def check_data(self, run) -> None:
-        from ..configtools import check
-
         d = run.data
         check(d.mode == "own" or d.partition in ("iid", "natural"), "data.partition",  # own: no partitions
               f"{d.partition} splits by label, and a causal-lm run has no labels: use iid or natural "

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configtools import check
 from ..hub import from_pretrained
 from ..precision import autocast
 from .base import Scores, TaskType, freeze, n_batches
@@ -41,8 +42,6 @@ class Classification(TaskType):
         return freeze(model)
 
     def check_data(self, run) -> None:
-        from ..configtools import check
-
         d = run.data
         check(d.mode == "partitions" or bool(d.label_names), "data.label_names",
               "data.mode = own needs the run's classes listed in order: devices map their own labels to them")

@@ -1,9 +1,9 @@
-"""The in-process simulator: the round driver (server.driver) over virtual devices that train in this process
-(SequentialDevices) or in Ray actors (ray_backend.RayDevices), no sockets. Every payload still travels as
+"""The simulator: the round driver (server.driver) over virtual devices that train in this process
+(sequential.SequentialDevices) or in Ray actors (ray_devices.RayDevices), no sockets. Every payload still travels as
 codec bytes beside the same protobuf headers the gRPC servicer streams, and bytes are counted exactly as on
 the wire: the sum of ByteSize() over a task's TaskChunk messages down, over an upload's UpdateChunk messages up.
 
-Same seeds -> the same device sampling (edgelora.sampling), the same tasks and, aggregated in the same
+Same seeds -> the same device sampling (edgelora.server.sampling), the same tasks and, aggregated in the same
 order, the same global weights as a gRPC run. The run folder is the gRPC server's (RunFolder, state/ after
 every round), so `--resume` continues from the last completed round.
 """
@@ -12,69 +12,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-
+from edgelora.configtools import ConfigError
+from edgelora.protos import serde
+from edgelora.protos.refusals import UpdateRejected
+from edgelora.schema import RunConfig
+from edgelora.server.checkpoint import groups_from_bytes, groups_to_bytes
 from edgelora.server.driver import RoundDriver
+from edgelora.server.engine import Round
+from edgelora.state import ServerState
+from edgelora.tasks import DeviceInfo
 
-from .schema import RunConfig
-from .configtools import ConfigError
-from .device import DeviceHost, DeviceTrainer, DownloadError
-from .engine import Round, UpdateRejected
-from .protos import serde
-from .state import ServerState, groups_from_bytes, groups_to_bytes
-from .tasks import DeviceInfo
-
-# A device's job: (device id, its task header as FetchTask sends it, its download payload, download seconds).
-Job = tuple[str, bytes, bytes, float]
-# What a device hands back: (its update header as SubmitUpdate sends it, its payload), or why it could not.
-Result = tuple[bytes, bytes] | Exception
+from .sequential import Job, SequentialDevices
 
 log = logging.getLogger("edgelora.simulate")
-
-
-class SequentialDevices:
-    """Runs each virtual device in this process, one after another, when its turn comes: a device past the
-    round's K-th accepted update (over-selection) never trains."""
-
-    def __init__(self, run: RunConfig, torch_device: str = "cpu") -> None:
-        self.run = run
-        self.host = DeviceHost(run.model, torch_device)  # where the virtual devices train
-        self.trainers: dict[str, DeviceTrainer] = {}  # created on first use; keeps FLASC error-feedback residuals
-
-    def trainer(self, device_id: str) -> DeviceTrainer:
-        if device_id not in self.trainers:
-            self.trainers[device_id] = DeviceTrainer(device_id, self.host, self.run.data)
-        return self.trainers[device_id]
-
-    def run_job(self, device_id: str, header: bytes, payload: bytes, download_s: float) -> Result:
-        """One device's round, from the bytes it downloads to the bytes it uploads."""
-        try:
-            update = self.trainer(device_id).run(serde.task_from_bytes(header), payload, download_s)
-        except DownloadError as e:
-            return e
-        return serde.update_header_to_bytes(update), update.payload
-
-    def train(self, jobs: Iterable[Job]) -> Iterator[tuple[str, Result]]:
-        """Each job's result, in the jobs' order."""
-        for job in jobs:
-            yield job[0], self.run_job(*job)
-
-    def accepted(self, device_id: str) -> None:
-        self.trainer(device_id).accepted()
-
-    def residuals(self) -> dict[str, dict[str, np.ndarray]]:
-        """Every device's error-feedback residual (devices without one left out)."""
-        return {d: t.residual for d, t in self.trainers.items() if t.residual}
-
-    def restore(self, residuals: dict[str, dict[str, np.ndarray]]) -> None:
-        for d, r in residuals.items():
-            self.trainer(d).residual = r
-
-    def close(self) -> None:
-        pass
 
 
 RESIDUALS = "residuals"  # RUN_DIR/residuals/round_NNNN.elb: the devices' error-feedback state after that round
@@ -238,7 +191,7 @@ class Simulator(RoundDriver):
 def make_runner(run: RunConfig, torch_device: str = "cpu"):
     """The simulation's device runner for simulate.backend."""
     if run.simulate.backend == "ray":
-        from .ray_backend import RayDevices
+        from .ray_devices import RayDevices
 
         return RayDevices(run, torch_device)
     return SequentialDevices(run, torch_device)

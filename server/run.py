@@ -7,17 +7,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import RunConfig
-from .data import held_out_examples, with_num_labels
+from edgelora.data import held_out_examples, with_num_labels
+from edgelora.methods import ModelHost, make_method
+from edgelora.models import load_base_model, load_tokenizer
+from edgelora.runlog import RoundRecord, RunFolder
+from edgelora.schema import RunConfig
+from edgelora.state import RoundsAbandoned, ServerState
+from edgelora.task_types import Scores, task_type
+from edgelora.tasks import DeviceInfo
+from edgelora.training import evaluate
+
+from .checkpoint import load_state, save_state
 from .engine import Round, RoundEngine
-from .methods import ModelHost, make_method
-from .models import load_base_model, load_tokenizer
-from .runlog import RoundRecord, RunFolder, read_records
 from .sampling import sample_devices
-from .state import RoundsAbandoned, ServerState, load_state, save_state
-from .tasks import DeviceInfo
-from .task_types import Scores, task_type
-from .training import evaluate
 
 log = logging.getLogger("edgelora.server")
 
@@ -126,47 +128,3 @@ class ServerRun:
                                   f"{new_state.round} rounds, its state saved in {self.folder.path}; continue it "
                                   f"with --resume when devices are back")
         return new_state
-
-
-def evaluate_run(run_dir: Path, max_examples: int | None = None, device: str = "cpu") -> dict:
-    """A run folder's model on its held-out split (the test split, or the validation carve the run used),
-    capped at `max_examples` (0 = the whole split; None = the run's own data.test_max_examples).
-
-    The model is the server state's (simulator and gRPC runs: what the last metrics row evaluated), or, for a
-    centralized run, which keeps no server state, its saved final adapter/ or model/."""
-    import torch
-
-    from .config import load_config
-    from .configtools import ConfigError
-
-    run_dir, device = Path(run_dir), torch.device(device)
-    if not (run_dir / "config.toml").exists():
-        raise ConfigError(f"evaluate: {run_dir} is not a run folder (no config.toml)")
-    run = with_num_labels(load_config(run_dir / "config.toml"))
-    if max_examples is not None:
-        run = run.replace(data=dataclasses.replace(run.data, test_max_examples=max_examples))
-    task = task_type(run.model.task)
-    base = load_base_model(run.model).to(device)
-    if (run_dir / "state" / "meta.json").exists() or (run_dir / "state.old" / "meta.json").exists():
-        state = load_state(run_dir)
-        host = ModelHost(base, frozen=task.frozen_modules(run.model))
-        model, rounds = RoundEngine(run, make_method(run), host).model_for(state), state.round
-    elif (run_dir / "adapter").is_dir():
-        from peft import PeftModel
-        model, rounds = PeftModel.from_pretrained(base, str(run_dir / "adapter")), None
-    elif (run_dir / "model").is_dir():
-        model = type(base).from_pretrained(str(run_dir / "model")).to(device)
-        rounds = None
-    else:
-        raise ConfigError(f"evaluate: {run_dir} holds neither a server state (state/) nor a saved final model "
-                          f"(adapter/ or model/)")
-    rows = read_records(run_dir / "metrics.jsonl")
-    if rounds is None:
-        rounds = max((r["round"] for r in rows), default=0)
-    test = held_out_examples(run.data, run.model.task)
-    scores = evaluate(model, test, load_tokenizer(run.model.name, run.model.task), run.model.max_seq_len, device,
-                      precision=run.train.precision, task=task)
-    recorded = next((r["accuracy"] for r in reversed(rows) if r.get("round") == rounds
-                     and r.get("accuracy") is not None), None)
-    return {"run": run_dir.name, "rounds": rounds, "examples": len(test), "accuracy": scores.accuracy,
-            "loss": scores.loss, "perplexity": scores.perplexity, "recorded_accuracy": recorded}

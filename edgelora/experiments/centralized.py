@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .schema import RunConfig
-from .configtools import ConfigError
-from .data import Examples, device_examples, held_out_examples, with_num_labels
-from .device import DeviceHost
-from .methods import make_method
-from .runlog import RoundRecord, RunFolder
-from .state import ServerState, has_state, load_state, save_state
-from .tasks import Stage
-from .training import evaluate, make_optimizer, train_local
+from edgelora.configtools import ConfigError
+from edgelora.data import Examples, device_examples, held_out_examples, with_num_labels
+from edgelora.edge_client.trainer import DeviceHost
+from edgelora.methods import make_method
+from edgelora.runlog import RoundRecord, RunFolder
+from edgelora.schema import RunConfig
+from edgelora.server.checkpoint import has_state, load_state, save_state
+from edgelora.state import ServerState
+from edgelora.tasks import Stage
+from edgelora.training import evaluate, make_optimizer, train_local
 
 
 def union_of_partitions(run: RunConfig) -> Examples:

@@ -1,7 +1,7 @@
 """Simulated devices in Ray actors (`edgelora simulate --backend ray`, `[simulate] backend = "ray"`): Flower's
 RayActorClientProxy, on edgelora's one round driver (server.driver.RoundDriver.run_one_round).
 
-Each actor hosts a model (edgelora.device.DeviceHost). A round hands every sampled device its task at once,
+Each actor hosts a model (edgelora.edge_client.trainer.DeviceHost). A round hands every sampled device its task at once,
 spread evenly over the actors (in sampled order, each to the least loaded); a device that carries state from
 round to round (FLASC's error-feedback residual) is pinned to the actor that holds it and always trains there,
 so that state stays where it is. A device's training depends only on its task, its data and its state, not on
@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from collections.abc import Iterable, Iterator
 
-from .schema import RunConfig
-from .configtools import ConfigError
+import tomllib
+import torch
+
+from edgelora.config import load_config
+from edgelora.configtools import ConfigError
+from edgelora.schema import RunConfig
+from edgelora.server.checkpoint import groups_from_bytes, groups_to_bytes
+
+from .sequential import SequentialDevices
 
 log = logging.getLogger("edgelora.ray")
 
@@ -72,11 +78,6 @@ class DeviceActor:
     """One Ray worker: a model and the virtual devices it has trained (made a Ray actor by RayDevices)."""
 
     def __init__(self, run_toml: str, threads: int, torch_device: str) -> None:
-        import torch
-
-        from .config import load_config
-        from .simulate import SequentialDevices
-
         torch.set_num_threads(threads)
         self.devices = SequentialDevices(load_config(tomllib.loads(run_toml)), torch_device)
 
@@ -101,18 +102,14 @@ class DeviceActor:
         self.devices.accepted(device_id)
 
     def residuals(self) -> bytes:
-        from .state import groups_to_bytes
-
         return groups_to_bytes(self.devices.residuals())
 
     def restore(self, data: bytes) -> None:
-        from .state import groups_from_bytes
-
         self.devices.restore(groups_from_bytes(data))
 
 
 class RayDevices:
-    """The simulator's device runner on Ray (the sequential one is simulate.SequentialDevices)."""
+    """The simulator's device runner on Ray (the sequential one is sequential.SequentialDevices)."""
 
     def __init__(self, run: RunConfig, torch_device: str = "cpu") -> None:
         cfg = run.simulate
@@ -176,8 +173,6 @@ class RayDevices:
 
     def residuals(self) -> dict:
         """Every device's error-feedback residual, from the actors that hold them (for the run's checkpoint)."""
-        from .state import groups_from_bytes
-
         out = {}
         for data in _ray().get([a.residuals.remote() for a in self.actors]):
             out.update(groups_from_bytes(data))
@@ -185,8 +180,6 @@ class RayDevices:
 
     def restore(self, residuals: dict) -> None:
         """A resumed run's residuals: each device's to an actor (spread evenly), which becomes its home."""
-        from .state import groups_to_bytes
-
         placed = place(sorted(residuals, key=int), {}, self.workers)
         _ray().get([a.restore.remote(groups_to_bytes({d: residuals[d] for d in residuals if placed[d] == i}))
                     for i, a in enumerate(self.actors)])

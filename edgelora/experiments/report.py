@@ -17,7 +17,7 @@ With [report] reference naming a variant, summary.md adds the MB (down + up) eac
 the reference run's final score (its mean over the last 3 evaluated rounds) of the same partition and seed;
 `smooth = 3` judges each run by the mean of its last 3 evaluated rounds too (one lucky round does not count as
 reaching the target), and `flower_baseline = true` adds what Flower's dense float32 FedAvg would have sent for
-the reference run's rounds up to the target (edgelora.flower) and that over each run's MB: the frontier table
+the reference run's rounds up to the target (edgelora.experiments.flower) and that over each run's MB: the frontier table
 (`python -m benchmarks.frontier DIR` prints the same records).
 
 Where DIR/full-test.json exists (`edgelora evaluate DIR/runs/* --max-examples 0 --json DIR/full-test.json`),
@@ -39,11 +39,13 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import tomllib
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .runlog import pyplot, read_records
+import tomllib
+
+from edgelora.experiments import flower
+from edgelora.runlog import pyplot, read_records
 
 
 class Metric(NamedTuple):
@@ -290,8 +292,6 @@ def frontier(rows: list[dict], settings: dict, metric: Metric = ACCURACY) -> lis
                f"final_{metric.key}": r.get(f"final_{metric.key}"), f"last3_{metric.key}": r.get(f"last3_{metric.key}"),
                "rounds_done": r["rounds_done"], "mb_total": (r["bytes_up"] + r["bytes_down"]) / 1e6}
         if settings.get("flower_baseline"):
-            from . import flower
-
             per_model = flower.model_bytes(str(ref["folder"]))
             hit = rounds_to_target(ref["records"], metric, target, smooth)
             rec["flower_mb_to_target"] = None if hit is None else sum(
@@ -312,7 +312,7 @@ def _mb_to_reference(rows: list[dict], settings: dict, metric: Metric) -> list[s
     lines = ["", f"MB (down + up) to first reach the final {metric.key} (mean of its last 3 evaluated rounds) of "
                  f"{reference!r} with the same partition and seed{judged}, and the reference's MB over yours"
                  + (", and what Flower's dense float32 FedAvg would send over the reference's rounds to the target "
-                    "(edgelora.flower) over yours" if flower else "") + ":", "",
+                    "(edgelora.experiments.flower) over yours" if flower else "") + ":", "",
              f"| run | target {metric.label} | MB to target | {reference} MB / run MB | "
              + ("Flower MB | Flower MB / run MB | " if flower else "") + f"final {metric.label} | last 3 |",
              "|---|---:|---:|---:|" + ("---:|---:|" if flower else "") + "---:|---:|"]
@@ -469,8 +469,6 @@ def plot_frontier(rows: list[dict], settings: dict, path: Path, metric: Metric =
     """Left: every run's score (smoothed as the frontier judges it) against total MB, log scale, with Flower's
     dense float32 FedAvg (the reference run's scores at Flower's bytes) and the target; right: each run's
     MB to the target against its final score (last-3 mean). One panel pair per reference run (seed)."""
-    from . import flower
-
     records = {r["run"]: r for r in frontier(rows, settings, metric)}
     refs = [r for r in rows if r["method"] == settings["reference"] and r["run"] in records]
     if not refs:

@@ -24,6 +24,10 @@ from typing import Iterable
 
 import numpy as np
 
+from edgelora.config import load_config
+from edgelora.methods import make_method
+from edgelora.models import ModelHost, load_base_model
+
 TENSOR_TYPE = "numpy.ndarray"
 
 
@@ -50,10 +54,6 @@ def parameters_bytes(shapes: Iterable[tuple[int, ...]]) -> int:
 def run_shapes(run_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """The trainable arrays of a run folder's model at its first stage, as its config.toml builds them (loads
     the base model: a second or two for MiniLM)."""
-    from .config import load_config
-    from .methods import make_method
-    from .models import ModelHost, load_base_model
-
     run = load_config(Path(run_dir) / "config.toml")
     method = make_method(run)
     host = ModelHost(load_base_model(run.model, run.model.num_labels, run.model.head_seed), "cpu")

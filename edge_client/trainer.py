@@ -11,14 +11,13 @@ import numpy as np
 import torch
 
 from edgelora import codec
-
-from .schema import DataConfig, ModelConfig
-from .data import Examples, device_examples
-from .models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
-from .sparsity import global_topk
-from .task_types import task_type
-from .tasks import PhaseTimes, Structure, Task, Update, UploadFormat, device_index, device_seed
-from .training import batches, evaluate, train_local
+from edgelora.data import Examples, device_examples
+from edgelora.models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
+from edgelora.schema import DataConfig, ModelConfig
+from edgelora.sparsity import global_topk
+from edgelora.task_types import task_type
+from edgelora.tasks import PhaseTimes, Structure, Task, Update, UploadFormat, device_index, device_seed
+from edgelora.training import batches, evaluate, train_local
 
 
 class DownloadError(ValueError):

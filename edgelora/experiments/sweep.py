@@ -11,7 +11,7 @@ A sweep file names a base run config and the variants to combine:
     [methods.lora]                    # a method variant: dotted overrides; any "method.*" key replaces the
     "method.name" = "lora"            #   base's [method] table as a whole (method configs differ)
     [methods.lora-central]
-    mode = "centralized"              # the ceiling: edgelora.centralized instead of the simulator
+    mode = "centralized"              # the ceiling: edgelora.experiments.centralized instead of the simulator
     "method.name" = "lora"
     [partitions.iid]
     "data.partition" = "iid"
@@ -40,10 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, load_config, read_run_toml
-from .schema import read_toml
-from .configtools import ConfigError
-from .state import has_state
+from edgelora.config import RunConfig, load_config, read_run_toml
+from edgelora.configtools import ConfigError
+from edgelora.data import with_num_labels
+from edgelora.experiments.centralized import train_centralized
+from edgelora.runlog import read_records
+from edgelora.schema import read_toml
+from edgelora.server.checkpoint import has_state
+from edgelora.simulation.simulator import Simulator
 
 SEED_KEYS = ("server.seed", "data.seed", "model.head_seed")
 MODES = ("federated", "centralized")
@@ -103,7 +107,7 @@ def load_sweep(path: str | Path) -> Sweep:
                         raise ConfigError(f"{where}.seeds: {s!r} is not an integer >= 0")
                     spec = _run_spec(base, head.get("set", {}), m, methods[m], p, partitions[p], s)
                     runs.setdefault(spec.name, spec)
-    return Sweep(head.get("name", path.stem), path, list(runs.values()))  # [report] is read by edgelora.report
+    return Sweep(head.get("name", path.stem), path, list(runs.values()))  # [report] is read by edgelora.experiments.report
 
 
 def _run_spec(base: dict, common: dict, method: str, method_set: dict, partition: str, partition_set: dict,
@@ -148,8 +152,6 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 
 
 def rounds_done(folder: Path) -> int:
-    from .runlog import read_records
-
     rows = read_records(folder / "metrics.jsonl")
     return max((r["round"] for r in rows), default=0)
 
@@ -161,8 +163,6 @@ def is_finished(folder: Path, run: RunConfig) -> bool:
 def check_same_config(folder: Path, run: RunConfig, name: str) -> None:
     """Refuse a run folder that holds another config than `run`, except for the round count: more rounds
     extend a run, and its config.toml then says the new count."""
-    from .data import with_num_labels
-
     saved = folder / "config.toml"
     if not saved.exists():
         return
@@ -241,14 +241,11 @@ def _capped(run: RunConfig, max_rounds: int | None) -> RunConfig:
 def _run_one(spec: RunSpec, run: RunConfig, folder: Path, budget: Budget, bar, device: str,
              tensorboard: bool) -> str:
     if spec.mode == "centralized":
-        from .centralized import train_centralized
-
         before = rounds_done(folder)
         train_centralized(run, folder, device=device, echo=bar.write, tensorboard=tensorboard,
                           resume=has_state(folder), stop=budget.spent)
         bar.update(rounds_done(folder) - before)
         return "finished" if is_finished(folder, run) else "stopped"
-    from .simulate import Simulator
 
     sim = Simulator(run, folder, resume=has_state(folder), progress=False, torch_device=device)
     sim.folder.echo = bar.write
@@ -262,7 +259,7 @@ class _Quiet:
     """A progress bar's write/update for a run inside a Ray worker: its round table goes to the worker's log."""
 
     def write(self, line: str) -> None:
-        logging.getLogger("edgelora.sweep").info("%s", line)
+        logging.getLogger("edgelora.experiments.sweep").info("%s", line)
 
     def update(self, n: int = 1) -> None:
         pass
@@ -285,7 +282,7 @@ def _run_on_ray(sweep: Sweep, specs: list[RunSpec], out: Path, budget: Budget, b
                 run_cpus: float, max_rounds: int | None = None) -> dict[str, str]:
     """Every run left as a Ray task (resources: run_cpus CPUs; its torch threads, rounded down, at least 1);
     the bar moves as runs finish. Each run is still an ordinary run folder, resumable as before."""
-    from .ray_backend import start_ray
+    from edgelora.simulation.ray_devices import start_ray
 
     ray, owns = start_ray(ray_address)
     try:

@@ -15,42 +15,18 @@ from functools import cached_property
 import numpy as np
 
 from edgelora import codec
-
-from .aggregation import global_norm, make_aggregator
-from .schema import RunConfig
-from .data import partition_sizes
-from .methods import Instruction, Method, ModelHost
-from .models import is_masked, load_trainable_state
-from .runlog import DeviceRecord, RoundRecord
-from .sparsity import topk_count
-from .state import ServerState
-from .tasks import DeviceInfo, PhaseTimes, Stage, Task, UploadFormat
-
+from edgelora.aggregation import global_norm, make_aggregator
+from edgelora.data import partition_sizes
+from edgelora.methods import Instruction, Method, ModelHost
+from edgelora.models import is_masked, load_trainable_state
+from edgelora.protos.refusals import Refusal, UpdateRejected
+from edgelora.runlog import DeviceRecord, RoundRecord
+from edgelora.schema import RunConfig
+from edgelora.sparsity import topk_count
+from edgelora.state import ServerState
+from edgelora.tasks import DeviceInfo, PhaseTimes, Stage, Task, UploadFormat
 
 log = logging.getLogger("edgelora.server")
-
-
-class Refusal(str, enum.Enum):
-    """Why the server refuses a request. The value travels to the device as the reason of a google.rpc
-    ErrorInfo in the status details (protos.serde.refusal_status), beside the gRPC status code
-    server.servicer.STATUS maps each code to; a device decides by the code, never by the message."""
-    INVALID = "invalid"            # the request is malformed or its payload does not match the plan
-    PRECONDITION = "precondition"  # the request does not fit the round as it stands (closed, another round)
-    UNKNOWN = "unknown"            # the device is not registered: register again
-    EXISTS = "exists"              # the device's update is in or under way already
-    EXHAUSTED = "exhausted"        # over a size limit
-    UNAVAILABLE = "unavailable"    # the server is shutting down: retry later
-    UNAUTHENTICATED = "unauthenticated"  # no or an unknown device token (server.auth)
-    FORBIDDEN = "forbidden"        # the token belongs to another device (server.auth)
-
-
-class UpdateRejected(Exception):
-    """A request the server refuses, with its Refusal code and a message that says what was wrong."""
-
-    def __init__(self, code: Refusal | str, message: str) -> None:
-        super().__init__(message)
-        self.code = Refusal(code)
-        self.message = message
 
 
 # A device may fetch its round's task again (it reconnected, or its upload was refused), but not forever:
