@@ -84,6 +84,9 @@ class GrpcDevices:
         live = set(self.registry.live())
         return not rnd.uploading and all(d in rnd.done or d not in live for d in rnd.sampled)
 
+    def checkpoint(self, driver: RoundDriver, rnd: Round, state: ServerState) -> None:
+        pass  # a real device keeps its own state
+
     def round_closed(self, driver: RoundDriver, rnd: Round, state: ServerState) -> None:
         if self.metrics is not None and state.round > driver.state.round:
             self.metrics.round_closed(rnd.record, state)

@@ -56,8 +56,12 @@ class Devices(Protocol):
         """Let the round's devices fetch their tasks and deliver, each upload through driver.begin_upload and
         driver.finish_upload; return when the round should close (full, out of time, or nobody left)."""
 
+    def checkpoint(self, driver: "RoundDriver", rnd: Round, state: ServerState) -> None:
+        """The round counted and its state is about to be saved: save what the devices carry between rounds
+        that a resume needs (a simulation's error-feedback residuals)."""
+
     def round_closed(self, driver: "RoundDriver", rnd: Round, state: ServerState) -> None:
-        """After the round's outcome is checkpointed (devices' own state, metrics)."""
+        """After the round's outcome is saved (metrics; dropping device checkpoints it superseded)."""
 
     def close(self) -> None:
         """The run is over or stopped: release what reaches the devices."""
@@ -121,7 +125,7 @@ class RoundDriver(ServerRun):
         if self.stopping:  # interrupted mid-round: keep the last saved state, the round re-runs on resume
             log.warning("round %d interrupted; it re-runs on --resume", rnd.number)
             return
-        new_state = self.close_round(rnd)
+        new_state = self.close_round(rnd, lambda s: self.devices.checkpoint(self, rnd, s))
         self.devices.round_closed(self, rnd, new_state)
         if new_state.finished:
             log.info("saved the final model in %s", self.folder.path)

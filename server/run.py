@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ class ServerRun:
         sampled, rng_state = sample_devices(live, self.state.rng, self.run.server.sampled_per_round)
         return self.engine.open_round(self.state, sampled, rng_state, {d: self.device_info(d) for d in sampled})
 
-    def close_round(self, rnd: Round) -> ServerState:
+    def close_round(self, rnd: Round, before_save: Callable[[ServerState], None] | None = None) -> ServerState:
         """Aggregate if enough devices reported, evaluate when due, then persist; returns the new state
         (the caller installs it, the coordinator under its lock). A round with fewer than server.min_devices
         updates is abandoned: it does not count as one of server.rounds and runs again (see `_abandon`).
@@ -106,6 +107,8 @@ class ServerRun:
                 self.folder.write_samples(self.task.samples(final, self.base, self.test, self.tokenizer,
                                                             self.run.model.max_seq_len, self.base.device,
                                                             self.run.server.samples, self.run.server.sample_tokens))
+        if before_save is not None:  # what the devices carry between rounds, before the state that needs it
+            before_save(new_state)
         save_state(new_state, self.folder.path)
         return new_state
 

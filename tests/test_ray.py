@@ -101,6 +101,10 @@ def test_a_round_spreads_evenly_over_the_actors_and_a_device_with_state_stays_on
     # a device whose actor holds its state goes there, and the others fill around it
     assert place(["5", "7", "9", "11"], {"7": 0, "11": 0}, 2) == {"5": 1, "7": 0, "9": 1, "11": 0}
     assert place(["5", "7", "9"], {"7": 1}, 2) == {"5": 0, "7": 1, "9": 0}
+    # by examples (LPT): 100 + 10 against 60 + 50, where counting devices gave a + c = 150 against b + d = 70
+    assert place(["a", "b", "c", "d"], {}, 2, {"a": 100, "b": 60, "c": 50, "d": 10}) == \
+        {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert place(["a", "b", "c"], {"c": 0}, 2, {"a": 5, "b": 5, "c": 30}) == {"a": 1, "b": 1, "c": 0}
 
 
 def test_a_flasc_device_with_error_feedback_keeps_training_on_the_actor_that_holds_its_residual(tmp_path, local_ray,

@@ -201,7 +201,9 @@ def _flasc_resumed(tmp_path, run, straight_dir, resumed_dir, at=1):
     simulate(run, straight_dir, progress=False)
     part = run.replace(server=type(run.server)(**{**run.server.__dict__, "rounds": at}))
     simulate(part, resumed_dir, progress=False)
-    assert sorted(p.name for p in (resumed_dir / "residuals").iterdir()) == [f"round_{at:04d}.elb"]
+    # one file a device that has a residual, of the round it last changed in (here: every device trained)
+    files = sorted(p.name for p in (resumed_dir / "residuals").iterdir())
+    assert files and all(f.endswith(f".{at:06d}.elb") for f in files)
     simulate(run, resumed_dir, resume=True, progress=False)
     a, b = load_state(straight_dir), load_state(resumed_dir)
     assert a.round == b.round == run.server.rounds
@@ -211,7 +213,7 @@ def _flasc_resumed(tmp_path, run, straight_dir, resumed_dir, at=1):
 
 
 def test_a_resumed_simulation_keeps_the_devices_error_feedback_residuals(tmp_path):
-    """The devices' residuals are checkpointed with the state (RUN_DIR/residuals/round_N.elb): a FLASC run with
+    """The devices' residuals are checkpointed with the state (RUN_DIR/residuals/DEVICE.N.elb): a FLASC run with
     error feedback stopped and resumed (or a sweep run extended) ends where the straight run ends. Without them
     the resumed run's uploads differ from the next round on."""
     run = method_run("flasc", server={"rounds": 3})  # error_feedback = true
@@ -246,3 +248,46 @@ def test_tensorboard_logs_every_round_beside_metrics(tmp_path):
     acc = [(e.step, e.value) for e in events.Scalars("accuracy")]
     assert acc == [(r["round"], pytest.approx(r["accuracy"])) for r in recs] and len(acc) == 2
     assert [e.value for e in events.Scalars("MB/up")] == [pytest.approx(r["bytes_up"] / 1e6) for r in recs]
+
+
+def test_residual_files_are_written_per_changed_device_and_survive_a_crash_at_any_point(tmp_path):
+    """Only a round's accepted devices write their residual; a device's older file goes once the round's state
+    has landed; a file past the saved state (a round that never landed) is ignored and removed on resume."""
+    from types import SimpleNamespace as NS
+
+    from edgelora.simulation.simulator import SimulatedDevices
+
+    class Runner:
+        def __init__(self):
+            self.held = {}
+
+        def residuals(self, devices=None):
+            return {d: self.held[d] for d in (devices or self.held) if d in self.held}
+
+        def restore(self, residuals):
+            self.held = dict(residuals)
+
+    run = method_run("flasc")
+    runner = Runner()
+    devices = SimulatedDevices(run, tmp_path, runner)
+    r1 = NS(done=frozenset({"0", "1"}))
+    runner.held = {"0": {"w": np.full(3, 1.0, np.float32)}, "1": {"w": np.full(3, 2.0, np.float32)}}
+    devices.checkpoint(None, r1, NS(round=1))
+    devices.round_closed(NS(state=NS(round=0)), r1, NS(round=1))
+    runner.held["1"] = {"w": np.full(3, 5.0, np.float32)}  # round 2: only device 1 trains
+    r2 = NS(done=frozenset({"1"}))
+    devices.checkpoint(None, r2, NS(round=2))
+    # a crash here, before round 2's state landed: the resume at round 1 sees round 1's residuals
+    names = sorted(p.name for p in (tmp_path / "residuals").iterdir())
+    assert names == ["0.000001.elb", "1.000001.elb", "1.000002.elb"]
+    fresh = Runner()
+    SimulatedDevices(run, tmp_path, fresh).load_residuals(1)
+    assert fresh.held["1"]["w"].tolist() == [2.0] * 3 and fresh.held["0"]["w"].tolist() == [1.0] * 3
+    assert sorted(p.name for p in (tmp_path / "residuals").iterdir()) == ["0.000001.elb", "1.000001.elb"]
+    # the same round again, landing this time: device 1's round-1 file is superseded, device 0's stays
+    devices.checkpoint(None, r2, NS(round=2))
+    devices.round_closed(NS(state=NS(round=1)), r2, NS(round=2))
+    assert sorted(p.name for p in (tmp_path / "residuals").iterdir()) == ["0.000001.elb", "1.000002.elb"]
+    fresh = Runner()
+    SimulatedDevices(run, tmp_path, fresh).load_residuals(2)
+    assert fresh.held["1"]["w"].tolist() == [5.0] * 3 and fresh.held["0"]["w"].tolist() == [1.0] * 3

@@ -38,17 +38,19 @@ class SequentialDevices:
             return e
         return serde.update_header_to_bytes(update), update.payload
 
-    def train(self, jobs: Iterable[Job]) -> Iterator[tuple[str, Result]]:
-        """Each job's result, in the jobs' order."""
+    def train(self, jobs: Iterable[Job], work: dict[str, float] | None = None) -> Iterator[tuple[str, Result]]:
+        """Each job's result, in the jobs' order (`work`, each device's examples, is for runners that spread
+        jobs over workers)."""
         for job in jobs:
             yield job[0], self.run_job(*job)
 
     def accepted(self, device_id: str) -> None:
         self.trainer(device_id).accepted()
 
-    def residuals(self) -> dict[str, dict[str, np.ndarray]]:
-        """Every device's error-feedback residual (devices without one left out)."""
-        return {d: t.residual for d, t in self.trainers.items() if t.residual}
+    def residuals(self, devices: Iterable[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """The error-feedback residual of each of `devices` (None: every device) that has one."""
+        ids = self.trainers if devices is None else [d for d in devices if d in self.trainers]
+        return {d: self.trainers[d].residual for d in ids if self.trainers[d].residual}
 
     def restore(self, residuals: dict[str, dict[str, np.ndarray]]) -> None:
         for d, r in residuals.items():

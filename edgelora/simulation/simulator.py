@@ -30,8 +30,8 @@ from .sequential import Job, SequentialDevices
 log = logging.getLogger("edgelora.simulate")
 
 
-RESIDUALS = "residuals"  # RUN_DIR/residuals/round_NNNN.elb: the devices' error-feedback state after that round
-# (state.groups_to_bytes of DEVICE -> its residual: one codec bundle of dense tensors named DEVICE/TENSOR)
+RESIDUALS = "residuals"  # RUN_DIR/residuals/DEVICE.NNNNNN.elb: a device's error-feedback residual after round N
+# (state.groups_to_bytes of {DEVICE: its residual}), written only for the devices whose residual that round changed
 
 
 class SimulatedDevices:
@@ -82,7 +82,9 @@ class SimulatedDevices:
         """The round's devices train; their updates are accepted in sampled (numeric id) order, as one client
         hosting them all uploads: the order, and so the aggregate, is the same whichever runner trained them."""
         chunk = self.run.server.chunk_bytes
-        for d, result in self.runner.train(self._jobs(driver, rnd)):
+        sizes = driver.engine.partition_sizes
+        work = {d: float(sizes[int(d)]) for d in rnd.sampled}
+        for d, result in self.runner.train(self._jobs(driver, rnd), work):
             if rnd.full:
                 break
             if isinstance(result, Exception):  # it could not decode its download, or its worker died
@@ -106,33 +108,50 @@ class SimulatedDevices:
             self.runner.accepted(d)
 
     # -- devices' error-feedback state, checkpointed with the server's so that a resumed run is exact ----------
-    def _residual_file(self, round_id: int) -> Path:
-        return self.folder_path / RESIDUALS / f"round_{round_id:04d}.elb"
+    # A round's accepted devices write their residual before the round's state lands (checkpoint), and their
+    # older files go only after it has (round_closed): a crash anywhere leaves, for every device, its file of
+    # the newest round <= the saved state's. Files past the saved state's round are a round that never landed.
+    def _residual_files(self) -> dict[str, dict[int, Path]]:
+        out: dict[str, dict[int, Path]] = {}
+        for f in (self.folder_path / RESIDUALS).glob("*.elb"):
+            device, _, n = f.stem.rpartition(".")
+            if device and n.isdigit():
+                out.setdefault(device, {})[int(n)] = f
+        return out
 
-    def round_closed(self, driver: RoundDriver, rnd: Round, state: ServerState) -> None:
-        if state.round > driver.state.round:
-            self.save_residuals(state.round)
-
-    def save_residuals(self, round_id: int) -> None:
-        residuals = self.runner.residuals()
+    def checkpoint(self, driver: RoundDriver, rnd: Round, state: ServerState) -> None:
+        residuals = self.runner.residuals(sorted(rnd.done, key=int))
         if not residuals:
             return
         d = self.folder_path / RESIDUALS
         d.mkdir(exist_ok=True)
-        tmp, final = d / "tmp.elb", self._residual_file(round_id)
-        tmp.write_bytes(groups_to_bytes(residuals))
-        tmp.rename(final)
-        for old in d.glob("round_*.elb"):
-            if old != final:
-                old.unlink()
+        for device, residual in residuals.items():
+            tmp = d / f"{device}.tmp"
+            tmp.write_bytes(groups_to_bytes({device: residual}))
+            tmp.rename(d / f"{device}.{state.round:06d}.elb")
+
+    def round_closed(self, driver: RoundDriver, rnd: Round, state: ServerState) -> None:
+        if state.round <= driver.state.round:  # abandoned: nothing was written, nothing is superseded
+            return
+        for device, files in self._residual_files().items():
+            if state.round in files:
+                for n, f in files.items():
+                    if n < state.round:
+                        f.unlink()
+        for legacy in (self.folder_path / RESIDUALS).glob("round_*.elb"):  # the one-file-a-round layout
+            legacy.unlink()
 
     def load_residuals(self, round_id: int) -> None:
-        f = self._residual_file(round_id)
-        if f.exists():
-            self.runner.restore(groups_from_bytes(f.read_bytes()))
-        elif any((self.folder_path / RESIDUALS).glob("round_*.elb")):
-            log.warning("no device residuals saved for round %d (the run stopped between saving its state and "
-                        "theirs): error feedback starts afresh", round_id)
+        """The residuals as they were after round `round_id` (the saved state's)."""
+        legacy = self.folder_path / RESIDUALS / f"round_{round_id:04d}.elb"
+        residuals = groups_from_bytes(legacy.read_bytes()) if legacy.exists() else {}
+        for device, files in self._residual_files().items():
+            for n in [n for n in files if n > round_id]:
+                files.pop(n).unlink()
+            if files:
+                residuals[device] = groups_from_bytes(files[max(files)].read_bytes())[device]
+        if residuals:
+            self.runner.restore(residuals)
 
     def close(self) -> None:
         self.runner.close()
