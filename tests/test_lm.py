@@ -296,3 +296,31 @@ def test_a_causal_lm_sweep_reports_perplexity_and_evaluate_rescores_it(tmp_path)
     last = _rows(out / "runs" / "lora-lr1e-3-roles-s0")[-1]
     again = evaluate_run(out / "runs" / "lora-lr1e-3-roles-s0")
     assert again["rounds"] == 2 and again["perplexity"] == pytest.approx(last["perplexity"], rel=1e-6)
+
+
+def test_gradient_checkpointing_turns_on_without_a_deprecation_warning():
+    """train.gradient_checkpointing on a LoRA-wrapped causal LM: checkpointing is on, calling it again is a
+    no-op, LoRA still gets gradients through the frozen embedding, and our call uses no API transformers
+    has deprecated (a FutureWarning in every run's log otherwise)."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edgelora.config import ModelConfig
+    from edgelora.models import load_base_model
+    from edgelora.training import enable_gradient_checkpointing
+
+    model = get_peft_model(load_base_model(ModelConfig(task="causal-lm", name="tiny-llama")),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
+    assert not [str(w.message) for w in caught if "deprecated" in str(w.message)]
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    model.train()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
