@@ -36,6 +36,18 @@ def write_instructions(path, n: int = 40):
     return path
 
 
+TOPICS = {"add": lambda i: i + 1, "double": lambda i: 2 * i, "square": lambda i: i * i, "negate": lambda i: -i}
+
+
+def write_classed_instructions(path, per_topic: int = 10):
+    """Instruction data with a class column (`topic`), sorted by it, as many files are."""
+    with open(path, "w") as f:
+        for topic, answer in TOPICS.items():
+            for i in range(per_topic):
+                f.write(json.dumps({"prompt": f"{topic} {i}?", "response": str(answer(i)), "topic": topic}) + "\n")
+    return path
+
+
 def lm_raw(path, method: dict | None = None, server: dict | None = None, data: dict | None = None,
            train: dict | None = None) -> dict:
     return {"server": {"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 1.0,
@@ -166,7 +178,9 @@ def test_natural_partition_is_a_device_per_role_the_same_every_time(tmp_path):
     ({"text_column": "speech"}, "data.text_column: "),
     ({"partition": "natural", "num_devices": 5}, "data.partition_column: 'character' has 4 value(s)"),
     ({"partition": "natural", "partition_column": "scene"}, "data.partition_column: "),
-    ({"partition": "dirichlet"}, "data.partition: dirichlet splits by label"),
+    ({"partition": "dirichlet"}, "data.label_column: "),
+    ({"partition": "pathological", "label_column": "role"}, "has no column 'role'"),
+    ({"partition": "dirichlet", "label_column": ""}, "data.label_column: data.partition = dirichlet splits"),
 ])
 def test_bad_lm_inputs_give_one_clear_line(data, needle, tmp_path):
     from edgelora.data import partition_sizes
@@ -175,6 +189,32 @@ def test_bad_lm_inputs_give_one_clear_line(data, needle, tmp_path):
         run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), data=data))
         partition_sizes(run.data, "causal-lm")
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("partition", ["dirichlet", "pathological"])
+def test_a_label_skewed_partition_splits_instruction_data_by_its_class_column(partition, tmp_path):
+    """A causal-lm run with data.label_column gets the classifier's partition of the same file: the same rows
+    on every device, so the two compare on the same skew."""
+    from edgelora.data import device_examples, load_corpus
+
+    path = write_classed_instructions(tmp_path / "c.jsonl")
+    skew = {"partition": partition, "label_column": "topic", "alpha": 0.3, "classes_per_device": 1,
+            "max_examples_per_device": 0, "num_devices": 3}
+    lm = load_config(lm_raw(path, data={**skew, "prompt_column": "prompt", "response_column": "response"}))
+    clf = load_config({**lm_raw(path, data={**skew, "text_column": "prompt"}),
+                       "model": {"name": "tiny-bert", "max_seq_len": 24}})
+    corpus = load_corpus(lm.data, "causal-lm")
+    assert corpus.train.prompts is not None and set(corpus.train.labels) == {0, 1, 2, 3}
+    topics = []
+    for d in range(3):
+        mine, theirs = device_examples(lm.data, d, "causal-lm"), device_examples(clf.data, d)
+        assert [p[0][1] for p in mine.prompts] == list(theirs.texts) and len(mine)
+        assert np.array_equal(mine.labels, theirs.labels)
+        topics.append({p[0][1].split()[0] for p in mine.prompts})
+    if partition == "pathological":  # classes_per_device = 1: each device holds one topic
+        assert all(len(t) == 1 for t in topics), topics
+    else:  # alpha = 0.3 skews: no device holds the four topics in the file's proportions
+        assert len(set().union(*topics)) >= 2
 
 
 def test_an_instruction_file_without_responses_is_refused_by_name(tmp_path):

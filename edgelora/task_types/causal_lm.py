@@ -79,9 +79,11 @@ class CausalLM(TaskType):
         from ..configtools import check
 
         d = run.data
-        check(d.mode == "own" or d.partition in ("iid", "natural"), "data.partition",  # own: no partitions
-              f"{d.partition} splits by label, and a causal-lm run has no labels: use iid or natural "
-              f"(a device per value of data.partition_column)")
+        # own: no partitions. A label-skewed one reads each row's class from data.label_column (edgelora.data)
+        check(d.mode == "own" or d.partition in ("iid", "natural") or bool(d.label_column), "data.label_column",
+              f"data.partition = {d.partition} splits by class, and a causal-lm run takes each row's class from "
+              f"data.label_column: name the class column, or use iid or natural (a device per value of "
+              f"data.partition_column)")
         check(bool(d.prompt_column) == bool(d.response_column), "data.response_column",
               "instruction data needs both data.prompt_column and data.response_column (or data.messages_column)")
         check(not (d.messages_column and d.prompt_column), "data.messages_column",
