@@ -120,31 +120,38 @@ _ROW_FIELDS = ("round", "stage", "completed", "sampled", "accuracy", "perplexity
                "train_loss", "bytes_down", "bytes_up", "seconds")
 
 
-def _columns(task: str) -> list[tuple[str, int]]:
+# Instruction data's first figure: a column of its own, first of the metrics, in runs that score it.
+EXACT_MATCH_METRIC = ("exact match", "exact_match", ".4f")
+
+
+def _metrics(task: str, exact_match: bool) -> tuple[tuple[str, str, str], ...]:
     from .task_types import task_type
 
-    metrics = [(head, max(8, len(head))) for head, _, _ in task_type(task).table_metrics]
+    return ((EXACT_MATCH_METRIC,) if exact_match else ()) + task_type(task).table_metrics
+
+
+def _columns(task: str, exact_match: bool = False) -> list[tuple[str, int]]:
+    metrics = [(head, max(8, len(head))) for head, _, _ in _metrics(task, exact_match)]
     return [("round", 5), ("stage", 7), ("devices", 7), *metrics, ("test loss", 9), ("train loss", 10),
             ("MB down", 8), ("MB up", 8), ("seconds", 7)]
 
 
-def round_table_header(task: str = "classification") -> list[str]:
+def round_table_header(task: str = "classification", exact_match: bool = False) -> list[str]:
     """The per-round table's two header lines (the run's terminal output, and `edgelora status`): the task's
-    metrics (a classifier's accuracy; a causal LM's perplexity and token accuracy)."""
-    cols = _columns(task)
+    metrics (a classifier's accuracy; a causal LM's perplexity and token accuracy), led by exact match when
+    the run scores it (causal-lm on instruction data)."""
+    cols = _columns(task, exact_match)
     return ["  ".join(c.rjust(w) for c, w in cols), "  ".join("-" * w for _, w in cols)]
 
 
-def round_table_row(row: dict, task: str = "classification") -> str:
+def round_table_row(row: dict, task: str = "classification", exact_match: bool = False) -> str:
     """One metrics.jsonl row as a line of the per-round table."""
-    from .task_types import task_type
-
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    metrics = [fmt(row.get(key), spec) for _, key, spec in task_type(task).table_metrics]
+    metrics = [fmt(row.get(key), spec) for _, key, spec in _metrics(task, exact_match)]
     cells = (str(row["round"]), row["stage"], f"{row['completed']}/{row['sampled']}", *metrics,
              fmt(row.get("loss"), ".4f"), fmt(row.get("train_loss"), ".4f"), f"{row['bytes_down'] / 1e6:.3f}",
              f"{row['bytes_up'] / 1e6:.3f}", f"{row['seconds']:.1f}")
-    return "  ".join(c.rjust(w) for c, (_, w) in zip(cells, _columns(task)))
+    return "  ".join(c.rjust(w) for c, (_, w) in zip(cells, _columns(task, exact_match)))
 
 
 def _clean(d: dict) -> dict:
@@ -254,12 +261,16 @@ class RunFolder:
         return read_records(self.metrics_path)
 
     def print_row(self, rec: RoundRecord) -> None:
+        from .task_types import task_type
+
+        # from the config, not the row: a row without an evaluation (server.eval_every) must not drop the column
+        task, exact = self.run.model.task, task_type(self.run.model.task).scores_exact_match(self.run)
         if not self._header_printed:
-            for line in round_table_header(self.run.model.task):
+            for line in round_table_header(task, exact):
                 self.echo(line)
             self._header_printed = True
         # a diverged loss shows as nan
-        self.echo(round_table_row({f: getattr(rec, f) for f in _ROW_FIELDS}, self.run.model.task))
+        self.echo(round_table_row({f: getattr(rec, f) for f in _ROW_FIELDS}, task, exact))
 
     def plot(self, rows: list[dict] | None = None) -> None:
         """RUN_DIR/accuracy.png (a causal LM: perplexity.png): the task's first metric per round and against

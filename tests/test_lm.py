@@ -364,3 +364,41 @@ def test_gradient_checkpointing_turns_on_without_a_deprecation_warning():
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_the_round_table_shows_exact_match_for_instruction_runs_and_not_for_classifiers(tmp_path, capsys):
+    """The terminal table (and `edgelora status`) has an exact-match column, first of the metrics, when the
+    run scores it; a classifier's table and a plain-text LM's stay as they were."""
+    from edgelora.cli.machines import _print_rounds
+    from edgelora.runlog import RoundRecord, RunFolder, round_table_header
+    from tests.conftest import tiny_raw
+
+    def table(raw, **scores) -> list[str]:
+        lines = []
+        folder = RunFolder(tmp_path / str(len(list(tmp_path.iterdir()))), load_config(raw))
+        folder.echo = lines.append
+        rec = RoundRecord(round=1, stage="lora", **scores)
+        rec.close()
+        folder.print_row(rec)
+        return lines
+
+    instr = {"partition": "iid", "prompt_column": "prompt", "response_column": "response"}
+    lm = table(lm_raw(write_instructions(tmp_path / "i.jsonl"), data=instr),
+               perplexity=12.5, accuracy=0.5, loss=math.log(12.5), exact_match=0.25)
+    heads = lm[0].split()
+    assert "exact" in heads and lm[2].split()[heads.index("exact")] == "0.2500", lm
+    assert lm[0].index("exact") < lm[0].index("ppl")  # the instruction user's first figure comes first
+    unscored = table(lm_raw(write_instructions(tmp_path / "i.jsonl"), data=instr, server={"exact_match_examples": 0}),
+                     perplexity=12.5, accuracy=0.5, loss=math.log(12.5))
+    plain = table(lm_raw(write_speeches(tmp_path / "s.jsonl")), perplexity=12.5, accuracy=0.5, loss=math.log(12.5))
+    assert unscored[0] == plain[0] == round_table_header("causal-lm")[0] and "exact" not in plain[0]
+    clf = table(tiny_raw(), accuracy=0.75, loss=0.5)
+    assert clf[:2] == round_table_header("classification") and "exact" not in clf[0]
+    assert clf[0].split() == ["round", "stage", "devices", "accuracy", "test", "loss", "train", "loss", "MB", "down",
+                              "MB", "up", "seconds"]
+
+    rec = RoundRecord(round=1, stage="lora", perplexity=12.5, accuracy=0.5, loss=1.0, exact_match=0.25)
+    rec.close()
+    _print_rounds([rec.to_json()])  # `edgelora status` knows only the rows: they carry exact match
+    out = capsys.readouterr().out
+    assert "exact match" in out and "0.2500" in out

@@ -89,6 +89,10 @@ class CausalLM(TaskType):
         check(not (d.messages_column and d.prompt_column), "data.messages_column",
               "give either data.messages_column or data.prompt_column/response_column, not both")
 
+    def scores_exact_match(self, run) -> bool:
+        """Instruction data (a prompt to answer) with server.exact_match_examples > 0: see evaluate."""
+        return bool(run.server.exact_match_examples and (run.data.prompt_column or run.data.messages_column))
+
     # -- batches ----------------------------------------------------------------------------------------------
     def encode(self, examples, i: int, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
         """(input ids, labels) of example i: labels are the ids, with prompt positions set to -100."""
