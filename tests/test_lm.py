@@ -402,3 +402,34 @@ def test_the_round_table_shows_exact_match_for_instruction_runs_and_not_for_clas
     _print_rounds([rec.to_json()])  # `edgelora status` knows only the rows: they carry exact match
     out = capsys.readouterr().out
     assert "exact match" in out and "0.2500" in out
+
+
+def test_exact_match_and_samples_draw_from_the_whole_of_a_class_sorted_test_split(tmp_path, monkeypatch):
+    """A test file sorted by class: the examples exact match and samples.md look at come from across it (4
+    of 40 sorted rows: one per topic), and are the same every time."""
+    import torch
+
+    from edgelora.data import held_out_examples
+    from edgelora.models import load_base_model, load_tokenizer
+    from edgelora.task_types import causal_lm, task_type
+
+    path = write_classed_instructions(tmp_path / "c.jsonl")
+    run = load_config(lm_raw(path, data={"partition": "iid", "prompt_column": "prompt", "response_column": "response",
+                                         "test_path": str(path), "test_max_examples": 0}))
+    test = held_out_examples(run.data, "causal-lm")
+    assert [p[0][1].split()[0] for p in test.prompts[:11]] == ["add"] * 10 + ["double"]  # sorted, 10 a topic
+    tok, model, lm = load_tokenizer("tiny-llama", "causal-lm"), load_base_model(run.model), task_type("causal-lm")
+    asked = []
+
+    def greedy(model, tokenizer, prompts, new_tokens, device, batch_size=8):
+        asked.append([tokenizer.decode(p) for p in prompts])
+        return [""] * len(prompts)
+
+    monkeypatch.setattr(causal_lm, "greedy", greedy)
+    topic = lambda prompt: next(t for t in TOPICS if f"{t} " in prompt)
+    for _ in range(2):
+        lm.exact_match(model, test, tok, 64, torch.device("cpu"), 4)
+    assert [topic(p) for p in asked[0]] == list(TOPICS) and asked[0] == asked[1]
+    shown = lm.samples(model, model, test, tok, 64, torch.device("cpu"), 2, 4)
+    assert len({topic(s["prompt"]) for s in shown}) == 2
+    assert {s["reference"] for s in shown} <= set(test.texts)
