@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import FILE_DATASETS, RunConfig
+
+log = logging.getLogger("edgelora.runlog")
 
 
 @dataclass
@@ -190,6 +194,39 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
+# The plots are drawn when a run's first row lands, after its last round, when its RunFolder goes away (a run
+# stopped, interrupted or abandoned), and otherwise at most this often. Drawing them is serial server time:
+# ~0.3 s for the two (round_time.png ~1 s at 200 rounds), every round of a simulation of 1-s rounds if drawn
+# each round; a bound in seconds keeps that under ~3 % whatever the round length, and a deployment whose
+# rounds take minutes still sees them after every round.
+PLOT_EVERY_S = 30.0
+
+
+@dataclass
+class _PlotClock:
+    """When a RunFolder last drew its plots, whether rows came since, and how round_time.png reads its
+    devices: apart from the folder so that its finalizer can draw what is pending without keeping it alive."""
+    sequential_devices: bool = False
+    drawn_at: float | None = None  # time.monotonic()
+    pending: bool = False
+
+    def due(self, last_round: bool) -> bool:
+        return last_round or self.drawn_at is None or time.monotonic() - self.drawn_at >= PLOT_EVERY_S
+
+
+def _draw_pending(path: Path, run: RunConfig, clock: _PlotClock) -> None:
+    """A RunFolder's finalizer (garbage collection, or interpreter exit): rows that came after its last draw
+    are drawn, so a stopped run's plots show every round it ran."""
+    if not clock.pending or not (path / "metrics.jsonl").exists():
+        return
+    try:
+        folder = RunFolder(path, run, resume=True)
+        folder.sequential_devices = clock.sequential_devices
+        folder.draw_plots()
+    except Exception as e:  # a finalizer cannot raise; the rows are in metrics.jsonl whatever happens here
+        log.warning("could not draw the plots of %s: %s", path, e)
+
+
 class RunFolder:
     def __init__(self, path: Path, run: RunConfig, resume: bool = False) -> None:
         self.path = Path(path)
@@ -200,8 +237,18 @@ class RunFolder:
             (self.path / "config.toml").write_text(run.to_toml())
             (self.path / "metrics.jsonl").write_text("")
         self._header_printed = False
-        self.sequential_devices = False  # the simulator runs its devices one after another (round_phases)
+        self._plots = _PlotClock()
+        weakref.finalize(self, _draw_pending, self.path, run, self._plots)
         self._tensorboard = None
+
+    @property
+    def sequential_devices(self) -> bool:
+        """The simulator runs its devices one after another (round_phases)."""
+        return self._plots.sequential_devices
+
+    @sequential_devices.setter
+    def sequential_devices(self, value: bool) -> None:
+        self._plots.sequential_devices = value
 
     def log_to_tensorboard(self) -> None:
         """Also write each round's metrics to RUN_DIR/tb (`tensorboard --logdir runs` shows runs side by side)."""
@@ -239,9 +286,16 @@ class RunFolder:
         if self._tensorboard is not None:
             self._write_tensorboard(row)
         self.print_row(rec)
-        rows = self.records()
+        self._plots.pending = True
+        if self._plots.due(last_round=rec.round >= self.run.server.rounds):
+            self.draw_plots()
+
+    def draw_plots(self, rows: list[dict] | None = None) -> None:
+        """RUN_DIR's plots from every row so far (RunFolder.append draws them when due: PLOT_EVERY_S)."""
+        rows = self.records() if rows is None else rows
         self.plot(rows)
         self.plot_round_time(rows)
+        self._plots.drawn_at, self._plots.pending = time.monotonic(), False
 
     def append_abandoned(self, rec: RoundRecord, in_a_row: int, limit: int, needed: int) -> None:
         """An abandoned round: its record in RUN_DIR/abandoned.jsonl (what it sampled and spent), a line in the
