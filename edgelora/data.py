@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import DataConfig
+from .schema import LABEL_PARTITIONS, DataConfig
 from .configtools import ConfigError
 
 log = logging.getLogger("edgelora.data")
@@ -24,9 +24,10 @@ log = logging.getLogger("edgelora.data")
 
 @dataclass(frozen=True)
 class Examples:
-    """Classification: texts and class ids. Causal LM: texts to predict (zero labels); for instruction data
-    `prompts` holds each example's conversation before its answer ((role, content) pairs) and `texts` the
-    answers. `groups`: each example's natural-partition key (data.partition = natural), else None."""
+    """Classification: texts and class ids. Causal LM: texts to predict, with zero labels, or class ids of
+    data.label_column when a label-skewed partition splits by them; for instruction data `prompts` holds each
+    example's conversation before its answer ((role, content) pairs) and `texts` the answers. `groups`: each
+    example's natural-partition key (data.partition = natural), else None."""
     texts: tuple[str, ...]
     labels: np.ndarray  # int64
     prompts: tuple[tuple[tuple[str, str], ...], ...] | None = None
@@ -84,8 +85,11 @@ class _Source:
 
     @classmethod
     def of(cls, cfg: DataConfig, task: str = "classification") -> "_Source":
+        # A causal LM reads a class column only to split by it: other partitions do not need the column at all.
+        labelled = task != "causal-lm" or cfg.mode == "partitions" and cfg.partition in LABEL_PARTITIONS
         return cls(cfg.dataset, cfg.resolved_data_home(), cfg.path, cfg.test_path, cfg.test_fraction,
-                   tuple(cfg.text_columns) or (cfg.text_column,), cfg.label_column, tuple(cfg.column_names),
+                   tuple(cfg.text_columns) or (cfg.text_column,), cfg.label_column if labelled else "",
+                   tuple(cfg.column_names),
                    cfg.json_field, tuple(cfg.remove), cfg.seed, tuple(cfg.label_names), cfg.validation_examples,
                    task, cfg.prompt_column, cfg.response_column, cfg.messages_column,
                    cfg.group_columns if cfg.partition == "natural" else ())
@@ -125,7 +129,7 @@ def _read_corpus(src: _Source) -> Corpus:
         cut = int(round(len(rows) * src.test_fraction))
         test_rows, rows = [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
     if src.lm:
-        return _lm_from_rows(rows, test_rows)
+        return _lm_from_rows(rows, test_rows, explicit=src.label_names)
     return _from_rows(rows, test_rows, explicit=src.label_names)
 
 
@@ -151,10 +155,11 @@ def _huggingface(src: _Source) -> Corpus:
     ds = load_dataset(src.path)
     test_split = "test" if "test" in ds else "validation"
     train, test = _rows_of(ds["train"], src, src.path), _rows_of(ds[test_split], src, src.path)
+    feature = ds["train"].features[src.label_column] if src.label_column else None
+    names = feature.names if hasattr(feature, "names") else None
     if src.lm:
-        return _lm_from_rows(train, test)
-    feature = ds["train"].features[src.label_column]
-    return _from_rows(train, test, feature.names if hasattr(feature, "names") else None, src.label_names)
+        return _lm_from_rows(train, test, names, src.label_names)
+    return _from_rows(train, test, names, src.label_names)
 
 
 def _read_rows(path: Path, src: _Source, what: str) -> list[tuple[str, object]]:
@@ -264,8 +269,9 @@ def _require(table, cols: list[tuple[str, str]], where) -> None:
 
 
 def _rows_of(table, src: _Source, where) -> list[tuple]:
-    """Rows of a table, (text, label, group) for a classifier and (text, prompt, group) for a causal LM;
-    group is the natural-partition key (None without one)."""
+    """Rows of a table, (text, label, group) for a classifier and (text, prompt, group, label) for a causal LM;
+    group is the natural-partition key (None without one), a causal LM's label its class (None without
+    src.label_column)."""
     _require(table, [(c, "data.partition_columns" if len(src.group_columns) > 1 else "data.partition_column")
                      for c in src.group_columns], where)
     keys = [table[c] for c in src.group_columns]
@@ -284,20 +290,37 @@ def _columns(table, text_cols: tuple[str, ...], label_col: str, where, group=lam
     """(text, label, group) rows; several text columns are joined with a space (AG News: title + description)."""
     what = "data.text_columns" if len(text_cols) > 1 else "data.text_column"
     _require(table, [(c, what) for c in text_cols] + [(label_col, "data.label_column")], where)
-    labels = table[label_col]
+    label = _label_of(table, label_col, where)
     text = _text_of(table, text_cols)
-    rows = []
-    for i, label in enumerate(labels):
-        if label is None:
+    return [(text(i), label(i), group(i)) for i in range(len(table))]
+
+
+def _label_of(table, label_col: str, where):
+    """Example i's label; an example without one is refused by number."""
+    labels = table[label_col][:]  # a list: indexing the column itself reads Arrow one value at a time
+
+    def label(i: int):
+        if labels[i] is None:
             raise ConfigError(f"data.label_column: {where}: example {i + 1} has no {label_col!r}")
-        rows.append((text(i), label, group(i)))
-    return rows
+        return labels[i]
+
+    return label
 
 
 def _lm_columns(table, src: _Source, where, group) -> list[tuple]:
-    """(text, prompt, group) rows of causal-LM data: plain text (prompt None), prompt/response columns, or a
-    messages column whose last message is the assistant's answer (prompt: the messages before it)."""
+    """(text, prompt, group, label) rows of causal-LM data: plain text (prompt None), prompt/response columns,
+    or a messages column whose last message is the assistant's answer (prompt: the messages before it); the
+    label is the row's class in src.label_column (set for a label-skewed partition), else None."""
     rows = []
+    if src.label_column:
+        if src.label_column not in table.column_names:
+            raise ConfigError(f"data.label_column: {where} has no column {src.label_column!r} (has "
+                              f"{list(table.column_names)}): a causal-lm run split by class (data.partition = "
+                              f"dirichlet or pathological) takes each row's class from it; name the class column, "
+                              f"or use iid or natural")
+        label = _label_of(table, src.label_column, where)
+    else:
+        label = lambda i: None
     if src.messages_column:
         _require(table, [(src.messages_column, "data.messages_column")], where)
         for i, msgs in enumerate(table[src.messages_column]):
@@ -307,7 +330,7 @@ def _lm_columns(table, src: _Source, where, group) -> list[tuple]:
                 raise ConfigError(f"data.messages_column: {where}: example {i + 1}'s {src.messages_column!r} is not a "
                                   f"list of {{role, content}} messages ending in a non-empty assistant answer")
             prompt = tuple((str(m["role"]), str(m["content"] or "")) for m in msgs[:-1])
-            rows.append((str(msgs[-1]["content"]), prompt, group(i)))
+            rows.append((str(msgs[-1]["content"]), prompt, group(i), label(i)))
         return rows
     if src.prompt_column:
         _require(table, [(src.prompt_column, "data.prompt_column"), (src.response_column, "data.response_column")],
@@ -316,21 +339,27 @@ def _lm_columns(table, src: _Source, where, group) -> list[tuple]:
             if r is None or not str(r).strip():
                 raise ConfigError(f"data.response_column: {where}: example {i + 1} has no response "
                                   f"({src.response_column!r} is empty): instruction data needs an answer to learn")
-            rows.append((str(r), (("user", "" if p is None else str(p)),), group(i)))
+            rows.append((str(r), (("user", "" if p is None else str(p)),), group(i), label(i)))
         return rows
     what = "data.text_columns" if len(src.text_columns) > 1 else "data.text_column"
     _require(table, [(c, what) for c in src.text_columns], where)
     text = _text_of(table, src.text_columns)
-    return [(t, None, group(i)) for i in range(len(table)) if (t := text(i)).strip()]
+    return [(t, None, group(i), label(i)) for i in range(len(table)) if (t := text(i)).strip()]
 
 
-def _lm_from_rows(train_rows, test_rows) -> Corpus:
-    def ex(rows) -> Examples:
-        prompts = tuple(p for _, p, _ in rows) if rows and rows[0][1] is not None else None
-        groups = tuple(g for _, _, g in rows) if rows and rows[0][2] is not None else None
-        return Examples(tuple(t for t, _, _ in rows), np.zeros(len(rows), np.int64), prompts, groups)
+def _lm_from_rows(train_rows, test_rows, names=None, explicit: tuple[str, ...] = ()) -> Corpus:
+    """Causal-LM examples: zero labels, or, when the rows carry a class, class ids by _from_rows' rule (the
+    classifier's ids of the same file, so both split alike)."""
+    label_names, ids = (), (np.zeros(len(train_rows), np.int64), np.zeros(len(test_rows), np.int64))
+    if any(r[3] is not None for r in train_rows + test_rows):
+        label_names, *ids = _class_ids([r[3] for r in train_rows], [r[3] for r in test_rows], names, explicit)
 
-    return Corpus(ex(train_rows), ex(test_rows), ())
+    def ex(rows, labels) -> Examples:
+        prompts = tuple(r[1] for r in rows) if rows and rows[0][1] is not None else None
+        groups = tuple(r[2] for r in rows) if rows and rows[0][2] is not None else None
+        return Examples(tuple(r[0] for r in rows), labels, prompts, groups)
+
+    return Corpus(ex(train_rows, ids[0]), ex(test_rows, ids[1]), label_names)
 
 
 def _first_line(e: Exception) -> str:
@@ -339,14 +368,27 @@ def _first_line(e: Exception) -> str:
 
 
 def _from_rows(train_rows, test_rows, names=None, explicit: tuple[str, ...] = ()) -> Corpus:
-    """Examples with labels mapped to class ids by one rule for every source.
+    """Classifier examples, their labels mapped to class ids by _class_ids."""
+    label_names, train_ids, test_ids = _class_ids([l for _, l, _ in train_rows], [l for _, l, _ in test_rows],
+                                                  names, explicit)
+
+    def ex(rows, labels) -> Examples:
+        groups = tuple(g for _, _, g in rows) if rows and rows[0][2] is not None else None
+        return Examples(tuple(t for t, _, _ in rows), labels, groups=groups)
+
+    return Corpus(ex(train_rows, train_ids), ex(test_rows, test_ids), label_names)
+
+
+def _class_ids(train_labels: list, test_labels: list, names=None,
+               explicit: tuple[str, ...] = ()) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """(class names, train ids, test ids): labels mapped to class ids by one rule for every source.
 
     The class list is `explicit` (data.label_names) when given, else `names` (a dataset's own list, indexed
     by integer labels), else the sorted set of observed labels: numbers sorted as numbers (CSV cells that
     all parse as integers count as numbers), everything else as strings. Labels 1, 2, 10 are 3 classes in
     that order, never 11 classes or ('1', '10', '2').
     """
-    raw = [l for _, l, _ in train_rows] + [l for _, l, _ in test_rows]
+    raw = list(train_labels) + list(test_labels)
     if names and not explicit:  # a dataset's own ClassLabel names, indexed by integer labels
         bad = sorted({l for l in raw if not (isinstance(l, int) and 0 <= l < len(names))}, key=str)
         if bad:
@@ -366,18 +408,14 @@ def _from_rows(train_rows, test_rows, names=None, explicit: tuple[str, ...] = ()
         else:
             values = sorted({key(l) for l in raw})
             label_names, index = tuple(str(v) for v in values), {v: i for i, v in enumerate(values)}
-    seen = {index[key(l)] for _, l, _ in train_rows}
+    ids = lambda labels: np.asarray([index[key(l)] for l in labels], np.int64)
+    train_ids = ids(train_labels)
+    seen = set(train_ids.tolist())
     empty = [n for i, n in enumerate(label_names) if i not in seen]
     if empty:
         log.warning("%d of %d classes have no training example: %s%s", len(empty), len(label_names),
                     ", ".join(empty[:8]), " ..." if len(empty) > 8 else "")
-
-    def ex(rows) -> Examples:
-        groups = tuple(g for _, _, g in rows) if rows and rows[0][2] is not None else None
-        return Examples(tuple(t for t, _, _ in rows), np.asarray([index[key(l)] for _, l, _ in rows], np.int64),
-                        groups=groups)
-
-    return Corpus(ex(train_rows), ex(test_rows), label_names)
+    return label_names, train_ids, ids(test_labels)
 
 
 def _label_key(raw: list):
@@ -525,7 +563,8 @@ def own_lm_examples(path: str | Path, cfg: DataConfig, eval_fraction: float = 0.
     held-out evaluation) examples."""
     path = Path(path)
     kind = _file_kind(path)
-    src = dataclasses.replace(_Source.of(cfg, "causal-lm"), dataset=kind, path=str(path), group_columns=())
+    src = dataclasses.replace(_Source.of(cfg, "causal-lm"), dataset=kind, path=str(path), group_columns=(),
+                              label_column="")
     corpus = _lm_from_rows(_read_rows(path, src, "--data"), [])
     return _split(corpus.train, eval_fraction, seed)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from .configtools import ConfigError
 from .data import label_names
 from .schema import FILE_DATASETS, RunConfig
 from .task_types import task_type
+
+log = logging.getLogger("edgelora.runlog")
 
 
 @dataclass
@@ -123,27 +127,36 @@ _ROW_FIELDS = ("round", "stage", "completed", "sampled", "accuracy", "perplexity
                "train_loss", "bytes_down", "bytes_up", "seconds")
 
 
-def _columns(task: str) -> list[tuple[str, int]]:
-    metrics = [(head, max(8, len(head))) for head, _, _ in task_type(task).table_metrics]
+# Instruction data's first figure: a column of its own, first of the metrics, in runs that score it.
+EXACT_MATCH_METRIC = ("exact match", "exact_match", ".4f")
+
+
+def _metrics(task: str, exact_match: bool) -> tuple[tuple[str, str, str], ...]:
+    return ((EXACT_MATCH_METRIC,) if exact_match else ()) + task_type(task).table_metrics
+
+
+def _columns(task: str, exact_match: bool = False) -> list[tuple[str, int]]:
+    metrics = [(head, max(8, len(head))) for head, _, _ in _metrics(task, exact_match)]
     return [("round", 5), ("stage", 7), ("devices", 7), *metrics, ("test loss", 9), ("train loss", 10),
             ("MB down", 8), ("MB up", 8), ("seconds", 7)]
 
 
-def round_table_header(task: str = "classification") -> list[str]:
+def round_table_header(task: str = "classification", exact_match: bool = False) -> list[str]:
     """The per-round table's two header lines (the run's terminal output, and `edgelora status`): the task's
-    metrics (a classifier's accuracy; a causal LM's perplexity and token accuracy)."""
-    cols = _columns(task)
+    metrics (a classifier's accuracy; a causal LM's perplexity and token accuracy), led by exact match when
+    the run scores it (causal-lm on instruction data)."""
+    cols = _columns(task, exact_match)
     return ["  ".join(c.rjust(w) for c, w in cols), "  ".join("-" * w for _, w in cols)]
 
 
-def round_table_row(row: dict, task: str = "classification") -> str:
+def round_table_row(row: dict, task: str = "classification", exact_match: bool = False) -> str:
     """One metrics.jsonl row as a line of the per-round table."""
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    metrics = [fmt(row.get(key), spec) for _, key, spec in task_type(task).table_metrics]
+    metrics = [fmt(row.get(key), spec) for _, key, spec in _metrics(task, exact_match)]
     cells = (str(row["round"]), row["stage"], f"{row['completed']}/{row['sampled']}", *metrics,
              fmt(row.get("loss"), ".4f"), fmt(row.get("train_loss"), ".4f"), f"{row['bytes_down'] / 1e6:.3f}",
              f"{row['bytes_up'] / 1e6:.3f}", f"{row['seconds']:.1f}")
-    return "  ".join(c.rjust(w) for c, (_, w) in zip(cells, _columns(task)))
+    return "  ".join(c.rjust(w) for c, (_, w) in zip(cells, _columns(task, exact_match)))
 
 
 def _clean(d: dict) -> dict:
@@ -182,6 +195,14 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
+# The plots are drawn when a run's first row lands, after its last round, when its RunFolder goes away (a run
+# stopped, interrupted or abandoned), and otherwise at most this often. Drawing them is serial server time:
+# ~0.3 s for the two (round_time.png ~1 s at 200 rounds), every round of a simulation of 1-s rounds if drawn
+# each round; a bound in seconds keeps that under ~3 % whatever the round length, and a deployment whose
+# rounds take minutes still sees them after every round.
+PLOT_EVERY_S = 30.0
+
+
 class RunFolder:
     def __init__(self, path: Path, run: RunConfig, resume: bool = False) -> None:
         self.path = Path(path)
@@ -193,6 +214,8 @@ class RunFolder:
             (self.path / "metrics.jsonl").write_text("")
         self._header_printed = False
         self.sequential_devices = False  # the simulator runs its devices one after another (round_phases)
+        self._drawn_at: float | None = None  # time.monotonic() of the last draw
+        self._undrawn = False  # rows came after it
         self._tensorboard = None
 
     def log_to_tensorboard(self) -> None:
@@ -229,9 +252,42 @@ class RunFolder:
         if self._tensorboard is not None:
             self._write_tensorboard(row)
         self.print_row(rec)
-        rows = self.records()
+        self._undrawn = True
+        if rec.round >= self.run.server.rounds or self._drawn_at is None or \
+                time.monotonic() - self._drawn_at >= PLOT_EVERY_S:
+            self.draw_plots()
+
+    def append_base(self, scores) -> None:
+        """Row 0: the base model's scores before round 1, so every curve starts where the model began."""
+        rec = RoundRecord(round=0, stage="base")
+        rec.set_scores(scores)
+        rec.close()
+        self.append(rec)
+
+    def commit_round(self, rec: RoundRecord, save_state: Callable[[], None], final_model=None) -> None:
+        """A round's outputs in the order that makes a crash harmless: its row and (last round) the final model
+        before the state, so a crash in between re-runs the round on resume (drop_rows_after drops the row)
+        instead of losing its row or the model. Federated (server.run) and centralized runs both end rounds so."""
+        self.append(rec)
+        if final_model is not None:
+            self.save_final_model(final_model)
+        save_state()
+
+    def draw_plots(self, rows: list[dict] | None = None) -> None:
+        """RUN_DIR's plots from every row so far (RunFolder.append draws them when due: PLOT_EVERY_S)."""
+        rows = self.records() if rows is None else rows
         self.plot(rows)
         self.plot_round_time(rows)
+        self._drawn_at, self._undrawn = time.monotonic(), False
+
+    def close(self) -> None:
+        """The run stops (finished, interrupted or abandoned): rows that came after the last draw are drawn, so
+        its plots show every round it ran."""
+        if self._undrawn:
+            try:
+                self.draw_plots()
+            except Exception as e:  # a plot must not hide why the run stopped; the rows are in metrics.jsonl
+                log.warning("could not draw the plots of %s: %s", self.path, e)
 
     def append_abandoned(self, rec: RoundRecord, in_a_row: int, limit: int, needed: int) -> None:
         """An abandoned round: its record in RUN_DIR/abandoned.jsonl (what it sampled and spent), a line in the
@@ -251,12 +307,14 @@ class RunFolder:
         return read_records(self.metrics_path)
 
     def print_row(self, rec: RoundRecord) -> None:
+        # from the config, not the row: a row without an evaluation (server.eval_every) must not drop the column
+        task, exact = self.run.model.task, task_type(self.run.model.task).scores_exact_match(self.run)
         if not self._header_printed:
-            for line in round_table_header(self.run.model.task):
+            for line in round_table_header(task, exact):
                 self.echo(line)
             self._header_printed = True
         # a diverged loss shows as nan
-        self.echo(round_table_row({f: getattr(rec, f) for f in _ROW_FIELDS}, self.run.model.task))
+        self.echo(round_table_row({f: getattr(rec, f) for f in _ROW_FIELDS}, task, exact))
 
     def plot(self, rows: list[dict] | None = None) -> None:
         """RUN_DIR/accuracy.png (a causal LM: perplexity.png): the task's first metric per round and against

@@ -109,6 +109,7 @@ class ModelConfig:
 
 
 FILE_DATASETS = ("csv", "json", "jsonl", "parquet")  # data.dataset values read from a local file
+LABEL_PARTITIONS = ("dirichlet", "pathological")  # data.partition values that split by each example's class
 
 
 @dataclass
@@ -123,7 +124,7 @@ class DataConfig:
     text_columns: list[str] = field([], "several columns joined with a space into the text, e.g. [\"title\", \"description\"] (replaces text_column)")
     column_names: list[str] = field([], "csv: names for a headerless file's columns, e.g. [\"label\", \"title\", \"description\"]; json: names of [text, label] pairs")
     json_field: str = field("", "json: the key of a one-object file that holds the examples")
-    label_column: str = field("label", "jsonl/csv/hf: column with the label (int or string)")
+    label_column: str = field("label", "jsonl/csv/hf: column with the label (int or string); causal-lm: the class column a dirichlet or pathological partition splits by")
     label_names: list[str] = field([], "jsonl/csv/hf: the classes in output order, written as the labels appear in the data (integers compare by value); [] = the sorted set of observed labels, numbers sorted as numbers")
     remove: list[str] = field(["headers", "footers", "quotes"], "20newsgroups: parts of each post to strip")
     prompt_column: str = field("", "causal-lm instruction data: column with the prompt (with response_column); the loss covers response tokens only")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -106,7 +105,3 @@ def model_dir() -> Path:
 
     tokenizer_dir()
     return _publish(build, cache_dir(), "model.done")
-
-
-def clear_cache() -> None:
-    shutil.rmtree(cache_dir(), ignore_errors=True)

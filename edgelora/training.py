@@ -88,11 +88,21 @@ def train_local(model: nn.Module, examples: Examples, tokenizer, spec: TrainSpec
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Hugging Face gradient checkpointing (non-reentrant); inputs require grad so a frozen embedding in
-    front of LoRA still lets gradients flow through the checkpointed blocks."""
+    front of LoRA still lets gradients flow through the checkpointed blocks.
+
+    transformers 5 renamed the API to activation checkpointing and warns (FutureWarning) on every use of the
+    gradient_checkpointing_* names; those stay only as the fallback for the older releases pyproject allows."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(inner, "is_gradient_checkpointing", False) or not hasattr(inner, "gradient_checkpointing_enable"):
+    if hasattr(inner, "activation_checkpointing_enable"):
+        on, enable = inner.is_activation_checkpointing, inner.activation_checkpointing_enable
+    elif hasattr(inner, "gradient_checkpointing_enable"):
+        on = inner.is_gradient_checkpointing
+        enable = lambda kwargs: inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
         return
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if on:
+        return
+    enable({"use_reentrant": False})
     if hasattr(inner, "enable_input_require_grads"):
         inner.enable_input_require_grads()
 

@@ -106,6 +106,7 @@ class RoundDriver(ServerRun):
                 self.notify_all()
             return self.state
         finally:
+            self.folder.close()
             self.devices.close()
 
     def run_one_round(self) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from edgelora.data import held_out_examples, with_num_labels
 from edgelora.methods import ModelHost, make_method
 from edgelora.models import load_base_model, load_tokenizer
-from edgelora.runlog import RoundRecord, RunFolder
+from edgelora.runlog import RunFolder
 from edgelora.schema import RunConfig
 from edgelora.state import RoundsAbandoned, ServerState
 from edgelora.task_types import Scores, task_type
@@ -51,10 +51,7 @@ class ServerRun:
         else:
             self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
             if self.task.scores_round0 and len(self.test):  # the curve starts where the base model began
-                rec = RoundRecord(round=0, stage="base")
-                rec.set_scores(self.evaluate(self.engine.model_for(self.state)))
-                rec.close()
-                self.folder.append(rec)
+                self.folder.append_base(self.evaluate(self.engine.model_for(self.state)))
             save_state(self.state, run_dir)
 
     def evaluate(self, model) -> Scores:
@@ -83,9 +80,8 @@ class ServerRun:
         (the caller installs it, the coordinator under its lock). A round with fewer than server.min_devices
         updates is abandoned: it does not count as one of server.rounds and runs again (see `_abandon`).
 
-        Order matters for crash safety: the metrics row and the final model are written before the state, so
-        a crash in between re-runs the round on resume (RunFolder drops rows past the saved round) instead of
-        losing its row or its adapter."""
+        Order matters for crash safety (RunFolder.commit_round): the metrics row and the final model are written
+        before the state; `before_save` (what the devices carry between rounds) goes right before it too."""
         cfg, state, rec = self.run.server, self.state, rnd.record
         rnd.close()
         if rnd.agg.count < cfg.min_devices:
@@ -99,17 +95,18 @@ class ServerRun:
         if before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it
             rec.accuracy_before_switch, rec.loss_before_switch = self.evaluate(self.engine.model_for(before_switch)).pair
         rec.close()
-        self.folder.append(rec)
-        if new_state.finished:
-            final = self.engine.model_for(new_state)
-            self.folder.save_final_model(final)
-            if self.run.server.samples and len(self.test) and hasattr(self.task, "samples"):
-                self.folder.write_samples(self.task.samples(final, self.base, self.test, self.tokenizer,
-                                                            self.run.model.max_seq_len, self.base.device,
-                                                            self.run.server.samples, self.run.server.sample_tokens))
-        if before_save is not None:  # what the devices carry between rounds, before the state that needs it
-            before_save(new_state)
-        save_state(new_state, self.folder.path)
+        final = self.engine.model_for(new_state) if new_state.finished else None
+        if final is not None and self.run.server.samples and len(self.test) and hasattr(self.task, "samples"):
+            self.folder.write_samples(self.task.samples(final, self.base, self.test, self.tokenizer,
+                                                        self.run.model.max_seq_len, self.base.device,
+                                                        self.run.server.samples, self.run.server.sample_tokens))
+
+        def save() -> None:
+            if before_save is not None:
+                before_save(new_state)
+            save_state(new_state, self.folder.path)
+
+        self.folder.commit_round(rec, save, final)
         return new_state
 
     def _abandon(self, rnd: Round) -> ServerState:

@@ -3,7 +3,6 @@ driver outside the engine writes a Round's fields."""
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import numpy as np
 import pytest

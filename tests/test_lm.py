@@ -36,6 +36,18 @@ def write_instructions(path, n: int = 40):
     return path
 
 
+TOPICS = {"add": lambda i: i + 1, "double": lambda i: 2 * i, "square": lambda i: i * i, "negate": lambda i: -i}
+
+
+def write_classed_instructions(path, per_topic: int = 10):
+    """Instruction data with a class column (`topic`), sorted by it, as many files are."""
+    with open(path, "w") as f:
+        for topic, answer in TOPICS.items():
+            for i in range(per_topic):
+                f.write(json.dumps({"prompt": f"{topic} {i}?", "response": str(answer(i)), "topic": topic}) + "\n")
+    return path
+
+
 def lm_raw(path, method: dict | None = None, server: dict | None = None, data: dict | None = None,
            train: dict | None = None) -> dict:
     return {"server": {"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 1.0,
@@ -166,7 +178,9 @@ def test_natural_partition_is_a_device_per_role_the_same_every_time(tmp_path):
     ({"text_column": "speech"}, "data.text_column: "),
     ({"partition": "natural", "num_devices": 5}, "data.partition_column: 'character' has 4 value(s)"),
     ({"partition": "natural", "partition_column": "scene"}, "data.partition_column: "),
-    ({"partition": "dirichlet"}, "data.partition: dirichlet splits by label"),
+    ({"partition": "dirichlet"}, "data.label_column: "),
+    ({"partition": "pathological", "label_column": "role"}, "has no column 'role'"),
+    ({"partition": "dirichlet", "label_column": ""}, "data.label_column: data.partition = dirichlet splits"),
 ])
 def test_bad_lm_inputs_give_one_clear_line(data, needle, tmp_path):
     from edgelora.data import partition_sizes
@@ -175,6 +189,32 @@ def test_bad_lm_inputs_give_one_clear_line(data, needle, tmp_path):
         run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), data=data))
         partition_sizes(run.data, "causal-lm")
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("partition", ["dirichlet", "pathological"])
+def test_a_label_skewed_partition_splits_instruction_data_by_its_class_column(partition, tmp_path):
+    """A causal-lm run with data.label_column gets the classifier's partition of the same file: the same rows
+    on every device, so the two compare on the same skew."""
+    from edgelora.data import device_examples, load_corpus
+
+    path = write_classed_instructions(tmp_path / "c.jsonl")
+    skew = {"partition": partition, "label_column": "topic", "alpha": 0.3, "classes_per_device": 1,
+            "max_examples_per_device": 0, "num_devices": 3}
+    lm = load_config(lm_raw(path, data={**skew, "prompt_column": "prompt", "response_column": "response"}))
+    clf = load_config({**lm_raw(path, data={**skew, "text_column": "prompt"}),
+                       "model": {"name": "tiny-bert", "max_seq_len": 24}})
+    corpus = load_corpus(lm.data, "causal-lm")
+    assert corpus.train.prompts is not None and set(corpus.train.labels) == {0, 1, 2, 3}
+    topics = []
+    for d in range(3):
+        mine, theirs = device_examples(lm.data, d, "causal-lm"), device_examples(clf.data, d)
+        assert [p[0][1] for p in mine.prompts] == list(theirs.texts) and len(mine)
+        assert np.array_equal(mine.labels, theirs.labels)
+        topics.append({p[0][1].split()[0] for p in mine.prompts})
+    if partition == "pathological":  # classes_per_device = 1: each device holds one topic
+        assert all(len(t) == 1 for t in topics), topics
+    else:  # alpha = 0.3 skews: no device holds the four topics in the file's proportions
+        assert len(set().union(*topics)) >= 2
 
 
 def test_an_instruction_file_without_responses_is_refused_by_name(tmp_path):
@@ -296,3 +336,100 @@ def test_a_causal_lm_sweep_reports_perplexity_and_evaluate_rescores_it(tmp_path)
     last = _rows(out / "runs" / "lora-lr1e-3-roles-s0")[-1]
     again = evaluate_run(out / "runs" / "lora-lr1e-3-roles-s0")
     assert again["rounds"] == 2 and again["perplexity"] == pytest.approx(last["perplexity"], rel=1e-6)
+
+
+def test_gradient_checkpointing_turns_on_without_a_deprecation_warning():
+    """train.gradient_checkpointing on a LoRA-wrapped causal LM: checkpointing is on, calling it again is a
+    no-op, LoRA still gets gradients through the frozen embedding, and our call uses no API transformers
+    has deprecated (a FutureWarning in every run's log otherwise)."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edgelora.config import ModelConfig
+    from edgelora.models import load_base_model
+    from edgelora.training import enable_gradient_checkpointing
+
+    model = get_peft_model(load_base_model(ModelConfig(task="causal-lm", name="tiny-llama")),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
+    assert not [str(w.message) for w in caught if "deprecated" in str(w.message)]
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    model.train()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_the_round_table_shows_exact_match_for_instruction_runs_and_not_for_classifiers(tmp_path, capsys):
+    """The terminal table (and `edgelora status`) has an exact-match column, first of the metrics, when the
+    run scores it; a classifier's table and a plain-text LM's stay as they were."""
+    from edgelora.cli.machines import _print_rounds
+    from edgelora.runlog import RoundRecord, RunFolder, round_table_header
+    from tests.conftest import tiny_raw
+
+    def table(raw, **scores) -> list[str]:
+        lines = []
+        folder = RunFolder(tmp_path / str(len(list(tmp_path.iterdir()))), load_config(raw))
+        folder.echo = lines.append
+        rec = RoundRecord(round=1, stage="lora", **scores)
+        rec.close()
+        folder.print_row(rec)
+        return lines
+
+    instr = {"partition": "iid", "prompt_column": "prompt", "response_column": "response"}
+    lm = table(lm_raw(write_instructions(tmp_path / "i.jsonl"), data=instr),
+               perplexity=12.5, accuracy=0.5, loss=math.log(12.5), exact_match=0.25)
+    heads = lm[0].split()
+    assert "exact" in heads and lm[2].split()[heads.index("exact")] == "0.2500", lm
+    assert lm[0].index("exact") < lm[0].index("ppl")  # the instruction user's first figure comes first
+    unscored = table(lm_raw(write_instructions(tmp_path / "i.jsonl"), data=instr, server={"exact_match_examples": 0}),
+                     perplexity=12.5, accuracy=0.5, loss=math.log(12.5))
+    plain = table(lm_raw(write_speeches(tmp_path / "s.jsonl")), perplexity=12.5, accuracy=0.5, loss=math.log(12.5))
+    assert unscored[0] == plain[0] == round_table_header("causal-lm")[0] and "exact" not in plain[0]
+    clf = table(tiny_raw(), accuracy=0.75, loss=0.5)
+    assert clf[:2] == round_table_header("classification") and "exact" not in clf[0]
+    assert clf[0].split() == ["round", "stage", "devices", "accuracy", "test", "loss", "train", "loss", "MB", "down",
+                              "MB", "up", "seconds"]
+
+    rec = RoundRecord(round=1, stage="lora", perplexity=12.5, accuracy=0.5, loss=1.0, exact_match=0.25)
+    rec.close()
+    _print_rounds([rec.to_json()])  # `edgelora status` knows only the rows: they carry exact match
+    out = capsys.readouterr().out
+    assert "exact match" in out and "0.2500" in out
+
+
+def test_exact_match_and_samples_draw_from_the_whole_of_a_class_sorted_test_split(tmp_path, monkeypatch):
+    """A test file sorted by class: the examples exact match and samples.md look at come from across it (4
+    of 40 sorted rows: one per topic), and are the same every time."""
+    import torch
+
+    from edgelora.data import held_out_examples
+    from edgelora.models import load_base_model, load_tokenizer
+    from edgelora.task_types import causal_lm, task_type
+
+    path = write_classed_instructions(tmp_path / "c.jsonl")
+    run = load_config(lm_raw(path, data={"partition": "iid", "prompt_column": "prompt", "response_column": "response",
+                                         "test_path": str(path), "test_max_examples": 0}))
+    test = held_out_examples(run.data, "causal-lm")
+    assert [p[0][1].split()[0] for p in test.prompts[:11]] == ["add"] * 10 + ["double"]  # sorted, 10 a topic
+    tok, model, lm = load_tokenizer("tiny-llama", "causal-lm"), load_base_model(run.model), task_type("causal-lm")
+    asked = []
+
+    def greedy(model, tokenizer, prompts, new_tokens, device, batch_size=8):
+        asked.append([tokenizer.decode(p) for p in prompts])
+        return [""] * len(prompts)
+
+    monkeypatch.setattr(causal_lm, "greedy", greedy)
+    topic = lambda prompt: next(t for t in TOPICS if f"{t} " in prompt)
+    for _ in range(2):
+        lm.exact_match(model, test, tok, 64, torch.device("cpu"), 4)
+    assert [topic(p) for p in asked[0]] == list(TOPICS) and asked[0] == asked[1]
+    shown = lm.samples(model, model, test, tok, 64, torch.device("cpu"), 2, 4)
+    assert len({topic(s["prompt"]) for s in shown}) == 2
+    assert {s["reference"] for s in shown} <= set(test.texts)

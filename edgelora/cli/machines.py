@@ -124,7 +124,8 @@ def _print_rounds(rows: list[dict]) -> None:
     from edgelora.runlog import round_table_header, round_table_row
 
     task = "causal-lm" if any(r.get("perplexity") is not None for r in rows) else "classification"
-    print("\n".join(round_table_header(task) + [round_table_row(r, task) for r in rows]))
+    exact = any(r.get("exact_match") is not None for r in rows)
+    print("\n".join(round_table_header(task, exact) + [round_table_row(r, task, exact) for r in rows]))
 
 def cmd_status(args) -> int:
     """RUN_DIR: every round's row and the last round's devices; HOST:PORT (a server's --metrics-port): the

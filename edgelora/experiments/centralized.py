@@ -79,33 +79,30 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
                              precision=run.train.precision, task=host.task,
                              exact_match_examples=run.server.exact_match_examples)
     if not done and host.task.scores_round0 and len(test):  # the base model, as a federated run's row 0
-        rec = RoundRecord(round=0, stage="base")
-        rec.set_scores(score())
-        rec.close()
-        folder.append(rec)
-    for r in range(done + 1, run.server.rounds + 1):
-        if stop is not None and stop():
-            return folder.records()
-        rec = RoundRecord(round=r, stage="central")
-        part = examples.subset(stream[(r - 1) * per_round: r * per_round])
-        # one pass over this round's slice (train_local shuffles it, seeded per round)
-        spec_r = dataclasses.replace(method.train_spec(_state_at(r - 1)), local_epochs=1, max_steps=0)
-        for group in opt.param_groups:  # train.lr_schedule steps per round, as the federated run's does
-            group["lr"] = spec_r.lr
-        torch.manual_seed(spec_r.seed)
-        loss = train_local(model, part, host.tokenizer, spec_r, run.model.max_seq_len, host.torch_device,
-                           masks=masks, optimizer=opt, task=host.task)
-        if r % run.server.eval_every == 0 or r == run.server.rounds:
-            rec.set_scores(score())
-        rec.close()
-        rec.sampled = rec.completed = 1  # one party holds all the data
-        rec.train_loss = loss
-        # the row and the final model before the state (as ServerRun.close_round): a crash in between re-runs
-        # the round on resume instead of losing its row or the model
-        folder.append(rec)
-        if r == run.server.rounds:
-            folder.save_final_model(model)
-        _save(run_dir, r, trainable, opt, per_round, finished=r == run.server.rounds)
+        folder.append_base(score())
+    try:
+        for r in range(done + 1, run.server.rounds + 1):
+            if stop is not None and stop():
+                break
+            rec = RoundRecord(round=r, stage="central")
+            part = examples.subset(stream[(r - 1) * per_round: r * per_round])
+            # one pass over this round's slice (train_local shuffles it, seeded per round)
+            spec_r = dataclasses.replace(method.train_spec(_state_at(r - 1)), local_epochs=1, max_steps=0)
+            for group in opt.param_groups:  # train.lr_schedule steps per round, as the federated run's does
+                group["lr"] = spec_r.lr
+            torch.manual_seed(spec_r.seed)
+            loss = train_local(model, part, host.tokenizer, spec_r, run.model.max_seq_len, host.torch_device,
+                               masks=masks, optimizer=opt, task=host.task)
+            if r % run.server.eval_every == 0 or r == run.server.rounds:
+                rec.set_scores(score())
+            rec.close()
+            rec.sampled = rec.completed = 1  # one party holds all the data
+            rec.train_loss = loss
+            last = r == run.server.rounds
+            folder.commit_round(rec, lambda: _save(run_dir, r, trainable, opt, per_round, finished=last),
+                                model if last else None)
+    finally:  # stopped or not, the plots show every round it ran
+        folder.close()
     return folder.records()
 
 

@@ -12,7 +12,7 @@ from edgelora.data import held_out_examples, with_num_labels
 from edgelora.methods import ModelHost, make_method
 from edgelora.models import load_base_model, load_tokenizer
 from edgelora.runlog import read_records
-from edgelora.server.checkpoint import load_state
+from edgelora.server.checkpoint import has_state, load_state
 from edgelora.server.engine import RoundEngine
 from edgelora.task_types import task_type
 from edgelora.training import evaluate
@@ -32,7 +32,7 @@ def evaluate_run(run_dir: Path, max_examples: int | None = None, device: str = "
         run = run.replace(data=dataclasses.replace(run.data, test_max_examples=max_examples))
     task = task_type(run.model.task)
     base = load_base_model(run.model).to(device)
-    if (run_dir / "state" / "meta.json").exists() or (run_dir / "state.old" / "meta.json").exists():
+    if has_state(run_dir):
         state = load_state(run_dir)
         host = ModelHost(base, frozen=task.frozen_modules(run.model))
         model, rounds = RoundEngine(run, make_method(run), host).model_for(state), state.round

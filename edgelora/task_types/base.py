@@ -60,6 +60,10 @@ class TaskType:
     def check_data(self, run) -> None:
         """Refuse a data config this task cannot train on (raise ConfigError naming the field)."""
 
+    def scores_exact_match(self, run) -> bool:
+        """Whether this run's evaluations score exact match (Scores.exact_match)."""
+        return False
+
     def batches(self, examples, tokenizer, max_len: int, batch_size: int, order: np.ndarray | None = None):
         """(model inputs, labels) per batch; `model(**inputs, labels=labels).loss` is the training loss."""
         raise NotImplementedError

@@ -29,6 +29,10 @@ EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_positions", "embed
 # Without a chat template (GPT-2 and other base models) instruction data is rendered this way.
 PLAIN_TEMPLATE_ROLE = "### {role}:\n{content}\n\n"
 PLAIN_TEMPLATE_ANSWER = "### Assistant:\n"
+# Seeds which held-out examples exact match and samples.md look at (spread_indices). A constant, not
+# server.seed: runs of different seeds and methods are scored on the same examples, and every place that
+# evaluates (simulator, gRPC server, centralized run, `edgelora evaluate`) draws them alike.
+SPREAD_SEED = 0x5EED
 
 
 class CausalLM(TaskType):
@@ -75,13 +79,19 @@ class CausalLM(TaskType):
 
     def check_data(self, run) -> None:
         d = run.data
-        check(d.mode == "own" or d.partition in ("iid", "natural"), "data.partition",  # own: no partitions
-              f"{d.partition} splits by label, and a causal-lm run has no labels: use iid or natural "
-              f"(a device per value of data.partition_column)")
+        # own: no partitions. A label-skewed one reads each row's class from data.label_column (edgelora.data)
+        check(d.mode == "own" or d.partition in ("iid", "natural") or bool(d.label_column), "data.label_column",
+              f"data.partition = {d.partition} splits by class, and a causal-lm run takes each row's class from "
+              f"data.label_column: name the class column, or use iid or natural (a device per value of "
+              f"data.partition_column)")
         check(bool(d.prompt_column) == bool(d.response_column), "data.response_column",
               "instruction data needs both data.prompt_column and data.response_column (or data.messages_column)")
         check(not (d.messages_column and d.prompt_column), "data.messages_column",
               "give either data.messages_column or data.prompt_column/response_column, not both")
+
+    def scores_exact_match(self, run) -> bool:
+        """Instruction data (a prompt to answer) with server.exact_match_examples > 0: see evaluate."""
+        return bool(run.server.exact_match_examples and (run.data.prompt_column or run.data.messages_column))
 
     # -- batches ----------------------------------------------------------------------------------------------
     def encode(self, examples, i: int, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
@@ -122,7 +132,7 @@ class CausalLM(TaskType):
     def evaluate(self, model, examples, tokenizer, max_len, device, batch_size=None, progress=None,
                  precision="fp32", exact_match_examples: int = 0) -> Scores:
         """Mean NLL over every target token, its exp (perplexity), next-token accuracy; for instruction data
-        also the exact-match rate of greedy answers on the first `exact_match_examples` examples."""
+        also the exact-match rate of greedy answers on `exact_match_examples` examples (spread_indices)."""
         batch_size = batch_size or self.eval_batch_size
         model.eval()
         nll, correct, tokens = 0.0, 0, 0
@@ -149,13 +159,25 @@ class CausalLM(TaskType):
         return samples(model, base, examples, tokenizer, max_len, device, n, new_tokens)
 
     def exact_match(self, model, examples, tokenizer, max_len, device, n: int) -> float:
-        """Share of the first n examples whose greedy answer equals the reference (whitespace and case aside)."""
-        n = min(n, len(examples))
-        refs = [examples.texts[i] for i in range(n)]
+        """Share of n examples spread over the split (spread_indices) whose greedy answer equals the reference
+        (whitespace and case aside)."""
+        idx = spread_indices(len(examples), n)
+        refs = [examples.texts[i] for i in idx]
         budget = max(len(tokenizer(r, add_special_tokens=False).input_ids) for r in refs) + 4
-        prompts = [prompt_ids(examples, i, tokenizer, max_len) for i in range(n)]
+        prompts = [prompt_ids(examples, i, tokenizer, max_len) for i in idx]
         answers = greedy(model, tokenizer, prompts, budget, device)
-        return sum(normalise(a) == normalise(r) for a, r in zip(answers, refs)) / n
+        return sum(normalise(a) == normalise(r) for a, r in zip(answers, refs)) / len(idx)
+
+
+def spread_indices(n_examples: int, n: int) -> np.ndarray:
+    """Indices of min(n, n_examples) examples drawn across the whole split: one seeded pick (SPREAD_SEED) in
+    each of n equal stretches, in order. The first n examples of a file sorted by class would cover only its
+    first classes; stretches give every part of the file its share, whatever the order, and the same draw
+    on every machine and run."""
+    n = min(n, n_examples)
+    bounds = np.arange(n + 1) * n_examples // n if n else np.zeros(1, np.int64)
+    rng = np.random.default_rng(SPREAD_SEED)
+    return np.asarray([rng.integers(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])], np.int64)
 
 
 # -- rendering, generation ----------------------------------------------------------------------------------------
@@ -226,11 +248,12 @@ def normalise(text: str) -> str:
 
 
 def samples(model, base, examples, tokenizer, max_len: int, device, n: int, new_tokens: int) -> list[dict]:
-    """The first n held-out examples' prompts with the base model's and `model`'s greedy continuations."""
-    n = min(n, len(examples))
-    prompts = [prompt_ids(examples, i, tokenizer, max_len) for i in range(n)]
+    """The prompts of n held-out examples spread over the split (spread_indices) with the base model's and
+    `model`'s greedy continuations."""
+    idx = spread_indices(len(examples), n)
+    prompts = [prompt_ids(examples, i, tokenizer, max_len) for i in idx]
     before = greedy(base, tokenizer, prompts, new_tokens, device)
     after = greedy(model, tokenizer, prompts, new_tokens, device)
     return [{"prompt": tokenizer.decode(p, skip_special_tokens=examples.prompts is None),
              "reference": reference_text(examples, i, tokenizer, max_len),
-             "base": b, "final": a} for i, (p, b, a) in enumerate(zip(prompts, before, after))]
+             "base": b, "final": a} for i, p, b, a in zip(idx, prompts, before, after)]
