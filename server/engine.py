@@ -20,7 +20,7 @@ from edgelora.data import partition_sizes
 from edgelora.methods import Instruction, Method, ModelHost
 from edgelora.models import is_masked, load_trainable_state
 from edgelora.protos.refusals import Refusal, UpdateRejected
-from edgelora.runlog import DeviceRecord, RoundRecord
+from edgelora.records import DeviceRecord, RoundRecord
 from edgelora.schema import RunConfig
 from edgelora.sparsity import topk_count
 from edgelora.state import ServerState

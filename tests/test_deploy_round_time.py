@@ -56,7 +56,7 @@ def _drawn(monkeypatch) -> list[tuple[str, list[int]]]:
 
 
 def _append(folder, r):
-    from edgelora.runlog import DeviceRecord, RoundRecord
+    from edgelora.records import DeviceRecord, RoundRecord
 
     rec = RoundRecord(round=r, stage="lora", accuracy=0.5, loss=1.0)
     rec.devices["0"] = DeviceRecord("0", status="completed", train_s=1.0, upload_done_at=1.0)

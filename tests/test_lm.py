@@ -370,7 +370,8 @@ def test_the_round_table_shows_exact_match_for_instruction_runs_and_not_for_clas
     """The terminal table (and `edgelora status`) has an exact-match column, first of the metrics, when the
     run scores it; a classifier's table and a plain-text LM's stay as they were."""
     from edgelora.cli.machines import _print_rounds
-    from edgelora.runlog import RoundRecord, RunFolder, round_table_header
+    from edgelora.records import RoundRecord
+    from edgelora.runlog import RunFolder, round_table_header
     from tests.conftest import tiny_raw
 
     def table(raw, **scores) -> list[str]:

@@ -23,7 +23,8 @@ from edgelora.configtools import ConfigError
 from edgelora.data import Examples, device_examples, held_out_examples, with_num_labels
 from edgelora.edge_client.trainer import DeviceHost
 from edgelora.methods import make_method
-from edgelora.runlog import RoundRecord, RunFolder
+from edgelora.records import RoundRecord
+from edgelora.runlog import RunFolder
 from edgelora.schema import RunConfig
 from edgelora.server.checkpoint import has_state, load_state, save_state
 from edgelora.state import ServerState
