@@ -6,7 +6,9 @@ deltas (trained - received) are `add`ed to it as they arrive (after `clip`), and
 opt_state)` returns the new weights and server-optimizer state, which live in ServerState (checkpointed).
 
 - fedavg: the (example-weighted) mean delta; `clip_norm` scales each delta to global L2 norm <= C first.
-  Memory: one running sum, whatever the number of devices.
+  Memory: one running sum, whatever the number of devices. A delta's tensors come in the form they travelled
+  (`Delta`): a dense array, or codec.Sparse (a top-k upload's, or a masked upload's values at the mask's
+  indices), whose k values are added at their k indices: the work per upload grows with what was sent.
 - fedadam: the same mean delta as a negative pseudo-gradient for a server AdamW (Reddi et al. 2021, Alg. 2).
 - median / trimmed-mean: coordinate-wise median, or the mean after dropping the floor(beta K) largest and
   smallest values of each coordinate (Yin et al. 2018): robust to a minority of arbitrary updates. Memory:
@@ -23,29 +25,106 @@ from typing import ClassVar
 
 import numpy as np
 
+from edgelora import codec
+
 from .configtools import ConfigError, check, field, from_dict
 
 Arrays = dict[str, np.ndarray]
+# A device's delta, each tensor in the form it travelled: dense, or codec.Sparse (sorted unique flat indices
+# and their values; everything else is zero). Round.check returns one, Round.accept aggregates it.
+Delta = dict[str, "np.ndarray | codec.Sparse"]
+
+
+def check_coordinates(t: codec.Sparse) -> None:
+    """ValueError unless `t` is what the sparse accumulator relies on: a value per index, and 1-D integer
+    indices strictly increasing (so unique: a fancy-index `+=` would add a repeated index once) inside the
+    tensor. O(k). The codec's decoder guarantees it for uploads; this keeps any other caller honest."""
+    idx, n = t.indices, math.prod(t.shape)
+    if not isinstance(idx, np.ndarray) or idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise ValueError("indices must be a 1-D integer numpy array")
+    if np.size(t.values) != idx.size:
+        raise ValueError(f"{np.size(t.values)} values for {idx.size} indices")
+    if idx.size and (idx[0] < 0 or idx[-1] >= n or (idx[1:] <= idx[:-1]).any()):
+        raise ValueError(f"indices must be strictly increasing (sorted, no duplicates) in [0, {n})")
+
+
+def densify(name: str, t) -> np.ndarray:
+    """The float32 array a tensor of a Delta stands for (what the robust aggregators hold)."""
+    return codec.to_dense(name, t) if isinstance(t, codec.Sparse) else np.asarray(t, np.float32)
+
+
+def _flat_values(t) -> np.ndarray:
+    return np.asarray(t.values if isinstance(t, codec.Sparse) else t).reshape(-1)
+
+
+_MINUS_ZERO = np.uint64(1 << 63)  # the bits of float64 -0.0
 
 
 class RunningMean:
-    """Weighted running sum: memory is one copy of the weights, whatever the number of devices."""
+    """Weighted running sum: memory is one copy of the weights, whatever the number of devices.
+
+    A codec.Sparse tensor adds weight x value at its k indices only (one fancy-index `+=`: the indices are
+    unique); its float64 sum is allocated on the tensor's first add, once per round, never per upload. The
+    sum is bit for bit the dense path's (sum += weight x the dense delta): adding weight x 0.0 = +0.0 leaves
+    every number as it is, with one exception this class keeps, -0.0 + +0.0 = +0.0: a sum entry at -0.0 that
+    a sparse add skips is set to +0.0, as the dense add would have done (rare: the sum is -0.0 only where the
+    last value added there was -0.0)."""
 
     def __init__(self) -> None:
         self.sum: Arrays = {}
         self.weight = 0.0
         self.count = 0
+        # flat positions of a sum holding -0.0 (absent: none; None: unknown, a dense add came last)
+        self._minus_zeros: dict[str, np.ndarray | None] = {}
 
-    def add(self, delta: Arrays, weight: float) -> None:
+    def add(self, delta: Delta, weight: float) -> None:
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
+        for k, v in delta.items():  # every tensor checked before any is added: a refused delta adds nothing
+            if isinstance(v, codec.Sparse):
+                try:
+                    check_coordinates(v)
+                except ValueError as e:
+                    raise ValueError(f"{k}: {e}") from None
         for k, v in delta.items():
+            if isinstance(v, codec.Sparse):
+                self._add_sparse(k, v, weight)
+                continue
             if k in self.sum:
                 self.sum[k] += weight * v.astype(np.float64)
             else:
                 self.sum[k] = weight * v.astype(np.float64)
+            self._minus_zeros[k] = None
         self.weight += weight
         self.count += 1
+
+    def _add_sparse(self, name: str, t: codec.Sparse, weight: float) -> None:
+        idx = t.indices
+        products = np.asarray(t.values).reshape(-1).astype(np.float64)
+        products *= weight  # the dense path's weight x value, value by value
+        total = self.sum.get(name)
+        if total is None:  # the dense path's first add is weight x delta: +0.0, and the products as they are
+            total = self.sum[name] = np.zeros(t.shape, np.float64)
+            flat = total.reshape(-1)
+            flat[idx] = products
+        else:
+            flat = total.reshape(-1)
+            if name in self._minus_zeros:
+                self._skip_minus_zeros(flat, self._minus_zeros.pop(name), idx)
+            flat[idx] += products
+        if (products.view(np.uint64) == _MINUS_ZERO).any():  # x + y = -0.0 only if both are -0.0
+            maybe = idx[products.view(np.uint64) == _MINUS_ZERO]
+            self._minus_zeros[name] = maybe[flat[maybe].view(np.uint64) == _MINUS_ZERO]
+
+    @staticmethod
+    def _skip_minus_zeros(flat: np.ndarray, minus: np.ndarray | None, idx: np.ndarray) -> None:
+        """-0.0 + (+0.0) = +0.0 at the sum's -0.0 entries this upload does not touch."""
+        if minus is None:  # a dense add came last: find its -0.0 entries (O(n), only where forms mix)
+            minus = np.flatnonzero(flat.view(np.uint64) == _MINUS_ZERO)
+        if idx.size and minus.size:
+            at = np.minimum(np.searchsorted(idx, minus), idx.size - 1)
+            minus = minus[idx[at] != minus]
+        flat[minus] = 0.0
 
     def mean(self) -> Arrays:
         if not self.count:
@@ -82,25 +161,38 @@ class UpdateList:
         self.deltas: list[Arrays] = []
         self.count = 0
 
-    def add(self, delta: Arrays, weight: float) -> None:
-        self.deltas.append({k: v.astype(np.float32) for k, v in delta.items()})
+    def add(self, delta: Delta, weight: float) -> None:
+        """Sparse tensors are densified: an order statistic needs every coordinate of every delta."""
+        self.deltas.append({k: densify(k, v) if isinstance(v, codec.Sparse) else v.astype(np.float32)
+                            for k, v in delta.items()})
         self.count += 1
 
     def stacked(self, name: str) -> np.ndarray:
         return np.stack([d[name] for d in self.deltas])
 
 
-def global_norm(delta: Arrays) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+def _sum_of_squares(t) -> float:
+    """Sum of the squares of a tensor's nonzero entries, in flat-index order. Summing the nonzeros alone (not
+    the zeros a top-k or mask left out) makes the float64 result the same number whichever form the tensor
+    travelled in, so clipping a sparse delta equals clipping its dense copy bit for bit."""
+    v = _flat_values(t)
+    if np.count_nonzero(v) != v.size:
+        v = v[v != 0]
+    return float(np.sum(np.square(v, dtype=np.float64)))
 
 
-def clip_to_norm(delta: Arrays, c: float) -> Arrays:
-    """delta x min(1, c / ||delta||), the norm taken over every tensor together."""
+def global_norm(delta: Delta) -> float:
+    return float(np.sqrt(sum(_sum_of_squares(v) for v in delta.values())))
+
+
+def clip_to_norm(delta: Delta, c: float) -> Delta:
+    """delta x min(1, c / ||delta||), the norm taken over every tensor together; each tensor keeps its form."""
     norm = global_norm(delta)
     if norm <= c:
         return delta
     scale = c / norm
-    return {k: (v * scale).astype(np.float32) for k, v in delta.items()}
+    return {k: codec.Sparse(v.shape, v.indices, (v.values * scale).astype(np.float32))
+            if isinstance(v, codec.Sparse) else (v * scale).astype(np.float32) for k, v in delta.items()}
 
 
 # -- configs ----------------------------------------------------------------------------------------------------
@@ -174,7 +266,7 @@ class Aggregator:
     def weight(self, num_examples: int) -> float:
         return float(num_examples) if getattr(self.cfg, "weighted", False) else 1.0
 
-    def clip(self, delta: Arrays) -> Arrays:
+    def clip(self, delta: Delta) -> Delta:
         """What of a device's delta enters the aggregate (clip_norm, where the config has one)."""
         c = getattr(self.cfg, "clip_norm", 0.0)
         return clip_to_norm(delta, c) if c > 0 else delta

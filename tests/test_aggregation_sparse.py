@@ -1,0 +1,160 @@
+"""Aggregation in proportion to what was sent: a top-k or masked upload reaches the accumulator as codec.Sparse
+(indices + values) and is added at its indices, never made dense per upload; sums, means, clipping and every
+aggregator's result are bit for bit those of the dense path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgelora import codec
+from edgelora.aggregation import (DpFedAvg, FedAdam, FedAdamConfig, FedAvg, FedAvgConfig, Median, MedianConfig,
+                                  RunningMean, clip_to_norm, densify, global_norm)
+from edgelora.config import load_config
+
+from .conftest import tiny_raw
+
+
+def sparse(shape, indices, values):
+    return codec.Sparse(tuple(shape), np.asarray(indices, np.int64), np.asarray(values, np.float32))
+
+
+def bits(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).tobytes()  # compares -0.0 and +0.0 as different, as == does not
+
+
+# -- the accumulator, by hand --------------------------------------------------------------------------------
+def test_sparse_adds_land_at_their_indices_by_hand():
+    """A 3x4 tensor, 2 devices: device A (weight 1) sends 1, 2, 3 at flat 1, 5, 11; device B (weight 3) sends
+    10, 20 at flat 5, 6. Sum: 1 at 1, 2 + 30 = 32 at 5, 60 at 6, 3 at 11; mean = sum / 4."""
+    acc = RunningMean()
+    acc.add({"w": sparse((3, 4), [1, 5, 11], [1, 2, 3])}, 1.0)
+    acc.add({"w": sparse((3, 4), [5, 6], [10, 20])}, 3.0)
+    np.testing.assert_array_equal(acc.sum["w"], [[0, 1, 0, 0], [0, 32, 60, 0], [0, 0, 0, 3]])
+    np.testing.assert_array_equal(acc.mean()["w"], [[0, 0.25, 0, 0], [0, 8, 15, 0], [0, 0, 0, 0.75]])
+    assert acc.sum["w"].dtype == np.float64 and acc.count == 2 and acc.weight == 4.0
+
+
+def test_sparse_and_dense_uploads_mix_in_one_sum():
+    acc = RunningMean()
+    acc.add({"w": np.ones((3, 4), np.float32)}, 2.0)                 # dense: 2 everywhere
+    acc.add({"w": sparse((3, 4), [0, 11], [5, -1])}, 1.0)             # 7 at 0, 1 at 11
+    np.testing.assert_array_equal(acc.sum["w"], [[7, 2, 2, 2], [2, 2, 2, 2], [2, 2, 2, 1]])
+
+
+def test_a_minus_zero_ends_as_the_dense_path_leaves_it():
+    """-0.0 + (+0.0) = +0.0: the dense path turns a -0.0 sum entry into +0.0 wherever a delta sent nothing; the
+    sparse add, which skips those entries, must do the same (or the sign of a zero differs in the bits)."""
+    deltas = [({"w": sparse((3, 4), [2, 7], [-0.0, -0.0])}, 1.0),  # first add keeps -0.0 at 2 and 7
+              ({"w": sparse((3, 4), [7], [-0.0])}, 2.0),           # 7 stays -0.0, 2 becomes +0.0
+              ({"w": sparse((3, 4), [4], [1.0])}, 1.0)]             # 7 becomes +0.0
+    acc, ref = RunningMean(), RunningMean()
+    for i, (d, w) in enumerate(deltas):
+        acc.add(d, w)
+        ref.add({k: densify(k, v) for k, v in d.items()}, w)
+        assert bits(acc.sum["w"]) == bits(ref.sum["w"]), f"after delta {i}"
+    assert not np.signbit(acc.sum["w"]).any()
+
+
+@pytest.mark.parametrize("indices, values, match", [
+    ([2, 2], [1, 1], "strictly increasing"),       # a duplicate would be added once by a fancy-index +=
+    ([5, 1], [1, 1], "strictly increasing"),
+    ([0, 12], [1, 1], r"in \[0, 12\)"),             # past the end of a 3x4 tensor
+    ([-1, 3], [1, 1], r"in \[0, 12\)"),
+    ([1, 3], [1], "1 values for 2 indices"),
+])
+def test_the_accumulator_refuses_indices_it_cannot_add(indices, values, match):
+    acc = RunningMean()
+    acc.add({"w": sparse((3, 4), [0], [1.0])}, 1.0)
+    good = sparse((3, 4), [1], [1.0])
+    with pytest.raises(ValueError, match=match):
+        acc.add({"a_good_one_first": good, "w": sparse((3, 4), indices, values)}, 1.0)
+    assert set(acc.sum) == {"w"} and acc.count == 1  # nothing of the refused delta was added
+    np.testing.assert_array_equal(acc.sum["w"].reshape(-1)[:2], [1, 0])
+
+
+# -- clipping and norms on the sparse form -------------------------------------------------------------------
+def test_sparse_clipping_equals_dense_clipping_by_hand():
+    """3 and 4 at the corners of a 3x4 tensor, 12 at index 0 of a 5-vector: norm 13; clipped to 6.5, every
+    value halves, and the sparse form gives the dense form's numbers bit for bit."""
+    delta = {"w": sparse((3, 4), [0, 11], [3, 4]), "b": sparse((5,), [0], [12])}
+    dense = {k: densify(k, v) for k, v in delta.items()}
+    assert global_norm(delta) == global_norm(dense) == 13.0
+    clipped, clipped_dense = clip_to_norm(delta, 6.5), clip_to_norm(dense, 6.5)
+    assert isinstance(clipped["w"], codec.Sparse)  # clipping keeps the form
+    np.testing.assert_array_equal(clipped["w"].values, [1.5, 2.0])
+    for k in delta:
+        assert bits(densify(k, clipped[k])) == bits(clipped_dense[k])
+    assert clip_to_norm(delta, 13.0) is delta  # within the norm: untouched
+
+
+def test_sparse_norm_equals_dense_norm_on_random_updates():
+    """The norm sums the squares of nonzero entries only, so it is one float64 number whatever the form
+    (numpy's pairwise sum over the zeros would round differently)."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        delta = {f"t{i}": _random_sparse(rng, (int(rng.integers(1, 400)),)) for i in range(3)}
+        assert global_norm(delta) == global_norm({k: densify(k, v) for k, v in delta.items()})
+
+
+# -- every running-sum aggregator equals its dense path bit for bit ------------------------------------------
+def _random_sparse(rng, shape, minus_zeros=True):
+    n = int(np.prod(shape))
+    k = int(rng.integers(0, n + 1))
+    values = rng.normal(size=k).astype(np.float32)
+    if minus_zeros and k:
+        values[rng.random(k) < 0.2] = -0.0
+        values[rng.random(k) < 0.1] = 0.0
+    return sparse(shape, np.sort(rng.choice(n, k, replace=False)), values)
+
+
+def _random_round(rng, shapes, devices):
+    """Per device: a delta mixing sparse tensors (some with -0.0 and 0.0 values) and dense ones, a weight."""
+    out = []
+    for _ in range(devices):
+        delta = {}
+        for name, shape in shapes.items():
+            if rng.random() < 0.25:
+                delta[name] = rng.normal(scale=2.0, size=shape).astype(np.float32)
+            else:
+                delta[name] = _random_sparse(rng, shape)
+        out.append((delta, float(rng.choice([1.0, 3.0, 0.37, 250.0]))))
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    lambda run: FedAvg(FedAvgConfig()),
+    lambda run: FedAvg(FedAvgConfig(weighted=False, clip_norm=2.5)),
+    lambda run: FedAdam(FedAdamConfig(lr=0.05, clip_norm=4.0)),
+    lambda run: DpFedAvg(run.aggregator, run),
+], ids=["fedavg", "fedavg-clipped", "fedadam-clipped", "dp-fedavg"])
+def test_aggregators_give_the_dense_paths_bits_on_random_sparse_updates(make):
+    run = load_config(tiny_raw(server={"devices_per_round": 5}, data={"num_devices": 5},
+                               aggregator={"name": "dp-fedavg", "clip_norm": 1.5, "noise_multiplier": 0.5}))
+    aggregator = make(run)
+    rng = np.random.default_rng(7)
+    shapes = {"a": (3, 4), "b": (7,), "c": (16, 5)}
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    clipped = 0
+    for rnd in range(1, 21):
+        ups = _random_round(rng, shapes, int(rng.integers(1, 6)))
+        acc, ref = aggregator.start(), aggregator.start()
+        for delta, w in ups:
+            acc.add(aggregator.clip(delta), aggregator.weight(int(w * 100)))
+            ref.add(aggregator.clip({k: densify(k, v) for k, v in delta.items()}), aggregator.weight(int(w * 100)))
+            clipped += aggregator.clip(delta) is not delta
+        for k in ref.sum:
+            assert bits(acc.sum[k]) == bits(ref.sum[k]), (rnd, k)
+        ours, _ = aggregator.finish(params, acc, {}, rnd)
+        theirs, _ = aggregator.finish(params, ref, {}, rnd)
+        for k in params:
+            assert bits(ours[k]) == bits(theirs[k]), (rnd, k)
+    assert clipped > 0 or getattr(aggregator.cfg, "clip_norm", 0) == 0  # the clipped cases did clip
+
+
+def test_robust_aggregators_densify_each_sparse_delta():
+    med = Median(MedianConfig())
+    acc = med.start()
+    for values in ([1, 2], [5, 6], [3, 4]):
+        acc.add({"w": sparse((3, 4), [0, 11], values)}, 1.0)
+    out, _ = med.finish({"w": np.zeros((3, 4), np.float32)}, acc, {})
+    np.testing.assert_array_equal(out["w"].reshape(-1), [3] + [0] * 10 + [4])
