@@ -3,6 +3,8 @@
 aggregator's result are bit for bit those of the dense path."""
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,10 @@ from edgelora import codec
 from edgelora.aggregation import (DpFedAvg, FedAdam, FedAdamConfig, FedAvg, FedAvgConfig, Median, MedianConfig,
                                   RunningMean, clip_to_norm, densify, global_norm)
 from edgelora.config import load_config
+from edgelora.engine import RoundEngine, UpdateRejected, mask_positions
+from edgelora.methods.base import Method, MethodConfig
+from edgelora.state import ServerState
+from edgelora.tasks import DeviceInfo, PhaseTimes, Stage, Structure, StructureKind, UploadFormat
 
 from .conftest import tiny_raw
 
@@ -158,3 +164,133 @@ def test_robust_aggregators_densify_each_sparse_delta():
         acc.add({"w": sparse((3, 4), [0, 11], values)}, 1.0)
     out, _ = med.finish({"w": np.zeros((3, 4), np.float32)}, acc, {})
     np.testing.assert_array_equal(out["w"].reshape(-1), [3] + [0] * 10 + [4])
+
+
+# -- the round: what the accumulator receives ------------------------------------------------------------------
+class FixedPlan(Method):
+    """Every device gets the same task: the given structure and upload format (no model needed)."""
+    name = "fixed-plan"
+
+    def __init__(self, run, structure, fmt, density=1.0):
+        super().__init__(MethodConfig(name=self.name), run)
+        self._structure, self._fmt, self._density = structure, fmt, density
+
+    def structure(self, state):
+        return self._structure
+
+    def upload_rule(self, state):
+        return self.upload(self._fmt, density=self._density)
+
+    def download(self, state, ins):
+        return {}
+
+
+def _round(shapes, structure, fmt, density=1.0, devices=2):
+    ids = [str(i) for i in range(devices)]
+    run = load_config(tiny_raw(server={"devices_per_round": devices},
+                               data={"mode": "own", "num_devices": devices, "label_names": ["a", "b"]}))
+    engine = RoundEngine(run, FixedPlan(run, structure, fmt, density), host=None)
+    state = ServerState(round=0, stage=Stage.DENSE, stage_start=1,
+                        params={n: np.zeros(s, np.float32) for n, s in shapes.items()})
+    return engine, state, engine.open_round(state, ids, {}, {d: DeviceInfo(d) for d in ids})
+
+
+def _deliver(rnd, d, tensors, num_examples):
+    """Encode a device's upload, then the server's part: check (decode) and accept (clip, add)."""
+    payload = codec.encode_bundle(tensors)
+    task = rnd.hand_out(d)
+    rnd.begin_upload(d, task.task_id, len(payload))
+    return _server_side(rnd, d, payload, num_examples)
+
+
+def _server_side(rnd, d, payload, num_examples):
+    delta = rnd.check(d, payload, num_examples)
+    rnd.accept(d, delta, num_examples, 0.1, PhaseTimes(), len(payload))
+    return delta
+
+
+def _no_densifying(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("a sparse upload was made dense")
+    monkeypatch.setattr(codec, "to_dense", refuse)
+
+
+def test_a_topk_round_by_hand_adds_the_sparse_form(monkeypatch):
+    """Top-k at density 1/4 of a 3x4 tensor (k = 3), 2 devices weighted by examples (1 and 3): the new weights
+    are the hand-computed mean, and the accumulator was handed codec.Sparse, never a dense array."""
+    _no_densifying(monkeypatch)
+    seen = []
+    add = RunningMean.add
+    monkeypatch.setattr(RunningMean, "add", lambda self, delta, w: (seen.append(delta), add(self, delta, w))[1])
+    engine, state, rnd = _round({"w": (3, 4)}, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, 0.25)
+    _deliver(rnd, "0", {"w": sparse((3, 4), [1, 5, 11], [1, 2, 3])}, 1)
+    _deliver(rnd, "1", {"w": sparse((3, 4), [5, 6], [10, 20])}, 3)
+    assert [type(d["w"]) for d in seen] == [codec.Sparse, codec.Sparse]
+    np.testing.assert_array_equal(seen[1]["w"].indices, [5, 6])
+    assert rnd.record.devices["1"].update_norm == pytest.approx(np.sqrt(500))
+    new, _ = engine.finish(state, rnd.agg, {})
+    np.testing.assert_array_equal(new.params["w"], [[0, 0.25, 0, 0], [0, 8, 15, 0], [0, 0, 0, 0.75]])
+
+
+def test_a_masked_upload_arrives_at_the_masks_indices_derived_once(monkeypatch):
+    """SLoRA Stage 1 / SFT: a masked upload carries values only; the server adds them at the mask's indices
+    (codec.mask_indices), which it derives once for every device of the round."""
+    _no_densifying(monkeypatch)
+    mask_positions.cache_clear()
+    structure = Structure(kind=StructureKind.FULL, mask_density=0.5, mask_seed=3, dense_patterns=())
+    engine, state, rnd = _round({"w": (3, 4)}, structure, UploadFormat.MASKED)
+    where = codec.mask_indices(3, "w", (3, 4), 0.5)
+    assert where.size == 6
+    for d, values in (("0", [1, 2, 3, 4, 5, 6]), ("1", [6, 5, 4, 3, 2, 1])):
+        delta = _deliver(rnd, d, {"w": codec.Masked((3, 4), 3, 0.5, np.array(values, np.float32))}, 1)
+        assert isinstance(delta["w"], codec.Sparse)
+        np.testing.assert_array_equal(delta["w"].indices, where)
+    assert mask_positions.cache_info().misses == 1 and mask_positions.cache_info().hits == 1
+    expect = np.zeros(12, np.float32)
+    expect[where] = 3.5  # (v + (7 - v)) / 2
+    new, _ = engine.finish(state, rnd.agg, {})
+    np.testing.assert_array_equal(new.params["w"].reshape(-1), expect)
+
+
+def test_upload_checks_work_on_the_sparse_form():
+    engine, state, rnd = _round({"w": (3, 4)}, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, 0.25)
+    too_big = codec.encode_bundle({"w": sparse((3, 4), [4], [2000.0])})  # server.max_update_abs = 1000
+    with pytest.raises(UpdateRejected, match=r"\|delta\| reaches 2e\+03"):
+        rnd.check("0", too_big, 1)
+    too_many = codec.encode_bundle({"w": sparse((3, 4), [0, 1, 2, 3], [1, 1, 1, 1])})  # k = ceil(12 / 4) = 3
+    with pytest.raises(UpdateRejected, match="carries 4 entries"):
+        rnd.check("0", too_many, 1)
+
+
+def test_an_upload_with_repeated_indices_is_refused_before_it_is_added(monkeypatch):
+    """The codec's decoder cannot produce repeated indices (Golomb gaps are >= 1, rANS is a bitmap); should a
+    decoder ever hand them over, the upload is refused as INVALID, not added once where it said twice."""
+    engine, state, rnd = _round({"w": (3, 4)}, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, 0.5)
+    payload = codec.encode_bundle({"w": sparse((3, 4), [1, 2], [1, 1])})
+    monkeypatch.setattr(codec, "decode_bundle", lambda data, max_elements: {"w": sparse((3, 4), [2, 2], [1, 1])})
+    with pytest.raises(UpdateRejected, match="tensor w: indices must be strictly increasing"):
+        rnd.check("0", payload, 1)
+
+
+def test_a_sparse_upload_costs_memory_in_proportion_to_what_was_sent():
+    """A 1/256 top-k upload of a 2**20-entry tensor: after the round's first upload (which allocates the one
+    float64 sum), checking and adding another allocates under a quarter of one dense float32 copy (4 MiB; the
+    codec's index decoding is most of it). The dense path allocated a float32 copy, a float64 copy and
+    weight x that copy per upload: 20 MiB."""
+    n, k = 1 << 20, (1 << 20) // 256
+    engine, state, rnd = _round({"w": (n,)}, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, k / n, 3)
+    rng = np.random.default_rng(0)
+    uploads = [{"w": sparse((n,), np.sort(rng.choice(n, k, replace=False)), rng.normal(size=k))} for _ in range(2)]
+    _deliver(rnd, "0", uploads[0], 1)
+    payload = codec.encode_bundle(uploads[1])
+    rnd.begin_upload("1", rnd.hand_out("1").task_id, len(payload))
+    tracemalloc.start()
+    try:
+        held = tracemalloc.get_traced_memory()[0]
+        _server_side(rnd, "1", payload, 1)
+        peak = tracemalloc.get_traced_memory()[1] - held
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.25 * 4 * n, f"{peak / 2**20:.2f} MiB for a {k}-entry upload"
+    expect = sum(densify("w", u["w"]).astype(np.float64) for u in uploads)  # weights 1 and 1
+    assert bits(rnd.agg.sum["w"]) == bits(expect)
