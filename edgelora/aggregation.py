@@ -60,28 +60,52 @@ def _flat_values(t) -> np.ndarray:
 _MINUS_ZERO = np.uint64(1 << 63)  # the bits of float64 -0.0
 
 
-class RunningMean:
-    """Weighted running sum: memory is one copy of the weights, whatever the number of devices.
+@dataclass
+class AtIndices:
+    """A tensor's running sum while every upload so far sent the same indices (a mask is shared by every
+    device of a round): the float64 sums of its k entries; every other entry's sum is +0.0."""
+    shape: tuple[int, ...]
+    indices: np.ndarray
+    total: np.ndarray
 
-    A codec.Sparse tensor adds weight x value at its k indices only (one fancy-index `+=`: the indices are
-    unique); its float64 sum is allocated on the tensor's first add, once per round, never per upload. The
-    sum is bit for bit the dense path's (sum += weight x the dense delta): adding weight x 0.0 = +0.0 leaves
-    every number as it is, with one exception this class keeps, -0.0 + +0.0 = +0.0: a sum entry at -0.0 that
-    a sparse add skips is set to +0.0, as the dense add would have done (rare: the sum is -0.0 only where the
-    last value added there was -0.0)."""
+
+class RunningMean:
+    """Weighted running sum: memory is at most one float64 copy of the weights, whatever the number of devices.
+
+    A codec.Sparse tensor is added at its k indices only, so an upload costs what it sent, not the model:
+    - while every upload of a tensor sends the same indices (a masked upload: every device shares the mask),
+      its sum is k float64 values (AtIndices), added to in order like a dense array of k;
+    - once indices differ (top-k) or a dense upload comes, the tensor's float64 sum is made whole, once per
+      round, and a sparse upload adds at its indices (one fancy-index `+=`: they are unique, check_coordinates).
+    Either way the sum is bit for bit the dense path's (sum += weight x the dense delta): weight x 0.0 = +0.0
+    changes no number, and the one bit it changes (-0.0 + +0.0 = +0.0) is reproduced where a sparse add
+    skips a -0.0 entry (rare: a sum entry is -0.0 only where the values added there were -0.0)."""
 
     def __init__(self) -> None:
-        self.sum: Arrays = {}
+        self._sums: dict[str, np.ndarray | AtIndices] = {}  # insertion order: dp-fedavg draws noise in it
         self.weight = 0.0
         self.count = 0
-        # flat positions of a sum holding -0.0 (absent: none; None: unknown, a dense add came last)
+        # flat positions of a whole sum holding -0.0 (absent: none; None: unknown, a dense add came last)
         self._minus_zeros: dict[str, np.ndarray | None] = {}
+
+    @property
+    def sum(self) -> Arrays:
+        """Every tensor's float64 sum, whole (an AtIndices sum is made whole here, once)."""
+        for name in list(self._sums):
+            self._whole(name)
+        return self._sums
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the sums as held: k float64 values per AtIndices tensor, n per whole one."""
+        return sum(v.total.nbytes if isinstance(v, AtIndices) else v.nbytes for v in self._sums.values())
 
     def add(self, delta: Delta, weight: float) -> None:
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
         for k, v in delta.items():  # every tensor checked before any is added: a refused delta adds nothing
-            if isinstance(v, codec.Sparse):
+            held = self._sums.get(k)
+            if isinstance(v, codec.Sparse) and not (isinstance(held, AtIndices) and v.indices is held.indices):
                 try:
                     check_coordinates(v)
                 except ValueError as e:
@@ -89,12 +113,13 @@ class RunningMean:
         for k, v in delta.items():
             if isinstance(v, codec.Sparse):
                 self._add_sparse(k, v, weight)
-                continue
-            if k in self.sum:
-                self.sum[k] += weight * v.astype(np.float64)
+            elif k in self._sums:
+                self._whole(k)
+                self._sums[k] += weight * v.astype(np.float64)
+                self._minus_zeros[k] = None
             else:
-                self.sum[k] = weight * v.astype(np.float64)
-            self._minus_zeros[k] = None
+                self._sums[k] = weight * v.astype(np.float64)
+                self._minus_zeros[k] = None
         self.weight += weight
         self.count += 1
 
@@ -102,19 +127,34 @@ class RunningMean:
         idx = t.indices
         products = np.asarray(t.values).reshape(-1).astype(np.float64)
         products *= weight  # the dense path's weight x value, value by value
-        total = self.sum.get(name)
-        if total is None:  # the dense path's first add is weight x delta: +0.0, and the products as they are
-            total = self.sum[name] = np.zeros(t.shape, np.float64)
-            flat = total.reshape(-1)
-            flat[idx] = products
-        else:
-            flat = total.reshape(-1)
-            if name in self._minus_zeros:
-                self._skip_minus_zeros(flat, self._minus_zeros.pop(name), idx)
-            flat[idx] += products
+        held = self._sums.get(name)
+        if held is None:  # the dense path's first add is weight x delta: +0.0 elsewhere, the products as they are
+            self._sums[name] = AtIndices(tuple(t.shape), idx, products)
+            return
+        if isinstance(held, AtIndices):
+            if idx is held.indices or (idx.size == held.indices.size and np.array_equal(idx, held.indices)):
+                held.total += products
+                return
+            held = self._whole(name)
+        flat = held.reshape(-1)
+        if name in self._minus_zeros:
+            self._skip_minus_zeros(flat, self._minus_zeros.pop(name), idx)
+        flat[idx] += products
         if (products.view(np.uint64) == _MINUS_ZERO).any():  # x + y = -0.0 only if both are -0.0
             maybe = idx[products.view(np.uint64) == _MINUS_ZERO]
             self._minus_zeros[name] = maybe[flat[maybe].view(np.uint64) == _MINUS_ZERO]
+
+    def _whole(self, name: str) -> np.ndarray:
+        """The tensor's sum as a whole float64 array (an AtIndices sum scattered into zeros, once)."""
+        held = self._sums[name]
+        if isinstance(held, AtIndices):
+            whole = np.zeros(held.shape, np.float64)
+            whole.reshape(-1)[held.indices] = held.total
+            minus = held.indices[held.total.view(np.uint64) == _MINUS_ZERO]
+            if minus.size:
+                self._minus_zeros[name] = minus
+            self._sums[name] = held = whole
+        return held
 
     @staticmethod
     def _skip_minus_zeros(flat: np.ndarray, minus: np.ndarray | None, idx: np.ndarray) -> None:
@@ -129,7 +169,14 @@ class RunningMean:
     def mean(self) -> Arrays:
         if not self.count:
             raise ValueError("no updates to average")
-        return {k: (v / self.weight).astype(np.float32) for k, v in self.sum.items()}
+        out = {}
+        for k, v in self._sums.items():
+            if isinstance(v, AtIndices):  # (0 / weight) is +0.0 wherever nothing was sent
+                out[k] = np.zeros(v.shape, np.float32)
+                out[k].reshape(-1)[v.indices] = (v.total / self.weight).astype(np.float32)
+            else:
+                out[k] = (v / self.weight).astype(np.float32)
+        return out
 
 
 def fedavg_step(params: Arrays, mean_delta: Arrays) -> Arrays:

@@ -40,6 +40,21 @@ def test_sparse_adds_land_at_their_indices_by_hand():
     assert acc.sum["w"].dtype == np.float64 and acc.count == 2 and acc.weight == 4.0
 
 
+def test_uploads_at_the_same_indices_are_summed_as_k_values_by_hand():
+    """Devices A (weight 1) and B (weight 3) send at the same flat indices 1 and 5 (a shared mask): the sum is
+    held as 2 values, 1 + 30 = 31 and 2 + 60 = 62. Device C (weight 4) sends 4 at index 0: the sum becomes a
+    whole 3x4 array (16 at 0), and the mean is sum / 8."""
+    acc, at = RunningMean(), np.array([1, 5])
+    acc.add({"w": sparse((3, 4), at, [1, 2])}, 1.0)
+    acc.add({"w": sparse((3, 4), at.copy(), [10, 20])}, 3.0)
+    assert acc.held_bytes == 2 * 8
+    np.testing.assert_array_equal(acc.mean()["w"], [[0, 7.75, 0, 0], [0, 15.5, 0, 0], [0, 0, 0, 0]])
+    acc.add({"w": sparse((3, 4), [0], [4])}, 4.0)
+    assert acc.held_bytes == 12 * 8
+    np.testing.assert_array_equal(acc.sum["w"], [[16, 31, 0, 0], [0, 62, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(acc.mean()["w"], [[2, 3.875, 0, 0], [0, 7.75, 0, 0], [0, 0, 0, 0]])
+
+
 def test_sparse_and_dense_uploads_mix_in_one_sum():
     acc = RunningMean()
     acc.add({"w": np.ones((3, 4), np.float32)}, 2.0)                 # dense: 2 everywhere
@@ -272,25 +287,55 @@ def test_an_upload_with_repeated_indices_is_refused_before_it_is_added(monkeypat
         rnd.check("0", payload, 1)
 
 
-def test_a_sparse_upload_costs_memory_in_proportion_to_what_was_sent():
-    """A 1/256 top-k upload of a 2**20-entry tensor: after the round's first upload (which allocates the one
-    float64 sum), checking and adding another allocates under a quarter of one dense float32 copy (4 MiB; the
-    codec's index decoding is most of it). The dense path allocated a float32 copy, a float64 copy and
-    weight x that copy per upload: 20 MiB."""
-    n, k = 1 << 20, (1 << 20) // 256
-    engine, state, rnd = _round({"w": (n,)}, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, k / n, 3)
-    rng = np.random.default_rng(0)
-    uploads = [{"w": sparse((n,), np.sort(rng.choice(n, k, replace=False)), rng.normal(size=k))} for _ in range(2)]
-    _deliver(rnd, "0", uploads[0], 1)
-    payload = codec.encode_bundle(uploads[1])
-    rnd.begin_upload("1", rnd.hand_out("1").task_id, len(payload))
+def _traced_peak(fn) -> int:
     tracemalloc.start()
     try:
         held = tracemalloc.get_traced_memory()[0]
-        _server_side(rnd, "1", payload, 1)
-        peak = tracemalloc.get_traced_memory()[1] - held
+        fn()
+        return tracemalloc.get_traced_memory()[1] - held
     finally:
         tracemalloc.stop()
+
+
+def test_a_topk_upload_costs_memory_in_proportion_to_what_was_sent():
+    """A 1/256 top-k upload of a 2**20-entry tensor: once the round holds its float64 sum (made whole when
+    the second device's indices differed from the first's), checking and adding a third allocates under a
+    quarter of one dense float32 copy (4 MiB; the codec's index decoding is most of it). The dense path
+    allocated a float32 copy, a float64 copy and weight x that copy per upload: 20 MiB."""
+    n, k = 1 << 20, (1 << 20) // 256
+    engine, state, rnd = _round({"w": (n,)}, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, k / n, 3)
+    rng = np.random.default_rng(0)
+    uploads = [{"w": sparse((n,), np.sort(rng.choice(n, k, replace=False)), rng.normal(size=k))} for _ in range(3)]
+    _deliver(rnd, "0", uploads[0], 1)
+    _deliver(rnd, "1", uploads[1], 1)
+    payload = codec.encode_bundle(uploads[2])
+    rnd.begin_upload("2", rnd.hand_out("2").task_id, len(payload))
+    peak = _traced_peak(lambda: _server_side(rnd, "2", payload, 1))
     assert peak < 0.25 * 4 * n, f"{peak / 2**20:.2f} MiB for a {k}-entry upload"
-    expect = sum(densify("w", u["w"]).astype(np.float64) for u in uploads)  # weights 1 and 1
+    expect = sum(densify("w", u["w"]).astype(np.float64) for u in uploads)  # weights 1, 1 and 1
     assert bits(rnd.agg.sum["w"]) == bits(expect)
+
+
+def test_a_masked_round_sums_k_values_not_the_tensor():
+    """Every device uploads under the round's mask (1/64 of a 2**20-entry tensor), so the running sum stays
+    the k sums at the mask's indices: once the mask is derived (hashing every entry, once per run), no
+    upload, the first included, allocates a whole-tensor array; the mean is the dense path's."""
+    n = 1 << 20
+    structure = Structure(kind=StructureKind.FULL, mask_density=1 / 64, mask_seed=5, dense_patterns=())
+    engine, state, rnd = _round({"w": (n,)}, structure, UploadFormat.MASKED, devices=3)
+    k = codec.mask_size((n,), 1 / 64)
+    rng = np.random.default_rng(1)
+    values = [rng.normal(size=k).astype(np.float32) for _ in range(3)]
+    payloads = [codec.encode_bundle({"w": codec.Masked((n,), 5, 1 / 64, v)}) for v in values]
+    mask_positions(5, "w", (n,), 1 / 64)
+    for d, payload in zip("012", payloads):
+        rnd.begin_upload(d, rnd.hand_out(d).task_id, len(payload))
+        peak = _traced_peak(lambda: _server_side(rnd, d, payload, 2))
+        assert peak < 0.25 * 4 * n, f"upload {d}: {peak / 2**20:.2f} MiB for {k} values"
+    mean = rnd.agg.mean()["w"]
+    where = codec.mask_indices(5, "w", (n,), 1 / 64)
+    ref = RunningMean()
+    for v in values:
+        ref.add({"w": codec.to_dense("w", codec.Masked((n,), 5, 1 / 64, v))}, 2.0)
+    assert bits(mean) == bits(ref.mean()["w"]) and np.count_nonzero(mean) == k == where.size
+    assert rnd.agg.held_bytes == 8 * k  # k float64 sums, not 8 MiB
