@@ -6,7 +6,9 @@ deltas (trained - received) are `add`ed to it as they arrive (after `clip`), and
 opt_state)` returns the new weights and server-optimizer state, which live in ServerState (checkpointed).
 
 - fedavg: the (example-weighted) mean delta; `clip_norm` scales each delta to global L2 norm <= C first.
-  Memory: one running sum, whatever the number of devices.
+  Memory: one running sum, whatever the number of devices. A delta's tensors come in the form they travelled
+  (`Delta`): a dense array, or codec.Sparse (a top-k upload's, or a masked upload's values at the mask's
+  indices), whose k values are added at their k indices: the work per upload grows with what was sent.
 - fedadam: the same mean delta as a negative pseudo-gradient for a server AdamW (Reddi et al. 2021, Alg. 2).
 - median / trimmed-mean: coordinate-wise median, or the mean after dropping the floor(beta K) largest and
   smallest values of each coordinate (Yin et al. 2018): robust to a minority of arbitrary updates. Memory:
@@ -23,34 +25,158 @@ from typing import ClassVar
 
 import numpy as np
 
+from edgelora import codec
+
 from .configtools import ConfigError, check, field, from_dict
 
 Arrays = dict[str, np.ndarray]
+# A device's delta, each tensor in the form it travelled: dense, or codec.Sparse (sorted unique flat indices
+# and their values; everything else is zero). Round.check returns one, Round.accept aggregates it.
+Delta = dict[str, "np.ndarray | codec.Sparse"]
+
+
+def check_coordinates(t: codec.Sparse) -> None:
+    """ValueError unless `t` is what the sparse accumulator relies on: a value per index, and 1-D integer
+    indices strictly increasing (so unique: a fancy-index `+=` would add a repeated index once) inside the
+    tensor. O(k). The codec's decoder guarantees it for uploads; this keeps any other caller honest."""
+    idx, n = t.indices, math.prod(t.shape)
+    if not isinstance(idx, np.ndarray) or idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise ValueError("indices must be a 1-D integer numpy array")
+    if np.size(t.values) != idx.size:
+        raise ValueError(f"{np.size(t.values)} values for {idx.size} indices")
+    if idx.size and (idx[0] < 0 or idx[-1] >= n or (idx[1:] <= idx[:-1]).any()):
+        raise ValueError(f"indices must be strictly increasing (sorted, no duplicates) in [0, {n})")
+
+
+def densify(name: str, t) -> np.ndarray:
+    """The float32 array a tensor of a Delta stands for (what the robust aggregators hold)."""
+    return codec.to_dense(name, t) if isinstance(t, codec.Sparse) else np.asarray(t, np.float32)
+
+
+def _flat_values(t) -> np.ndarray:
+    return np.asarray(t.values if isinstance(t, codec.Sparse) else t).reshape(-1)
+
+
+_MINUS_ZERO = np.uint64(1 << 63)  # the bits of float64 -0.0
+
+
+@dataclass
+class AtIndices:
+    """A tensor's running sum while every upload so far sent the same indices (a mask is shared by every
+    device of a round): the float64 sums of its k entries; every other entry's sum is +0.0."""
+    shape: tuple[int, ...]
+    indices: np.ndarray
+    total: np.ndarray
 
 
 class RunningMean:
-    """Weighted running sum: memory is one copy of the weights, whatever the number of devices."""
+    """Weighted running sum: memory is at most one float64 copy of the weights, whatever the number of devices.
+
+    A codec.Sparse tensor is added at its k indices only, so an upload costs what it sent, not the model:
+    - while every upload of a tensor sends the same indices (a masked upload: every device shares the mask),
+      its sum is k float64 values (AtIndices), added to in order like a dense array of k;
+    - once indices differ (top-k) or a dense upload comes, the tensor's float64 sum is made whole, once per
+      round, and a sparse upload adds at its indices (one fancy-index `+=`: they are unique, check_coordinates).
+    Either way the sum is bit for bit the dense path's (sum += weight x the dense delta): weight x 0.0 = +0.0
+    changes no number, and the one bit it changes (-0.0 + +0.0 = +0.0) is reproduced where a sparse add
+    skips a -0.0 entry (rare: a sum entry is -0.0 only where the values added there were -0.0)."""
 
     def __init__(self) -> None:
-        self.sum: Arrays = {}
+        self._sums: dict[str, np.ndarray | AtIndices] = {}  # insertion order: dp-fedavg draws noise in it
         self.weight = 0.0
         self.count = 0
+        # flat positions of a whole sum holding -0.0 (absent: none; None: unknown, a dense add came last)
+        self._minus_zeros: dict[str, np.ndarray | None] = {}
 
-    def add(self, delta: Arrays, weight: float) -> None:
+    @property
+    def sum(self) -> Arrays:
+        """Every tensor's float64 sum, whole (an AtIndices sum is made whole here, once)."""
+        for name in list(self._sums):
+            self._whole(name)
+        return self._sums
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the sums as held: k float64 values per AtIndices tensor, n per whole one."""
+        return sum(v.total.nbytes if isinstance(v, AtIndices) else v.nbytes for v in self._sums.values())
+
+    def add(self, delta: Delta, weight: float) -> None:
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
+        for k, v in delta.items():  # every tensor checked before any is added: a refused delta adds nothing
+            held = self._sums.get(k)
+            if isinstance(v, codec.Sparse) and not (isinstance(held, AtIndices) and v.indices is held.indices):
+                try:
+                    check_coordinates(v)
+                except ValueError as e:
+                    raise ValueError(f"{k}: {e}") from None
         for k, v in delta.items():
-            if k in self.sum:
-                self.sum[k] += weight * v.astype(np.float64)
+            if isinstance(v, codec.Sparse):
+                self._add_sparse(k, v, weight)
+            elif k in self._sums:
+                self._whole(k)
+                self._sums[k] += weight * v.astype(np.float64)
+                self._minus_zeros[k] = None
             else:
-                self.sum[k] = weight * v.astype(np.float64)
+                self._sums[k] = weight * v.astype(np.float64)
+                self._minus_zeros[k] = None
         self.weight += weight
         self.count += 1
+
+    def _add_sparse(self, name: str, t: codec.Sparse, weight: float) -> None:
+        idx = t.indices
+        products = np.asarray(t.values).reshape(-1).astype(np.float64)
+        products *= weight  # the dense path's weight x value, value by value
+        held = self._sums.get(name)
+        if held is None:  # the dense path's first add is weight x delta: +0.0 elsewhere, the products as they are
+            self._sums[name] = AtIndices(tuple(t.shape), idx, products)
+            return
+        if isinstance(held, AtIndices):
+            if idx is held.indices or (idx.size == held.indices.size and np.array_equal(idx, held.indices)):
+                held.total += products
+                return
+            held = self._whole(name)
+        flat = held.reshape(-1)
+        if name in self._minus_zeros:
+            self._skip_minus_zeros(flat, self._minus_zeros.pop(name), idx)
+        flat[idx] += products
+        if (products.view(np.uint64) == _MINUS_ZERO).any():  # x + y = -0.0 only if both are -0.0
+            maybe = idx[products.view(np.uint64) == _MINUS_ZERO]
+            self._minus_zeros[name] = maybe[flat[maybe].view(np.uint64) == _MINUS_ZERO]
+
+    def _whole(self, name: str) -> np.ndarray:
+        """The tensor's sum as a whole float64 array (an AtIndices sum scattered into zeros, once)."""
+        held = self._sums[name]
+        if isinstance(held, AtIndices):
+            whole = np.zeros(held.shape, np.float64)
+            whole.reshape(-1)[held.indices] = held.total
+            minus = held.indices[held.total.view(np.uint64) == _MINUS_ZERO]
+            if minus.size:
+                self._minus_zeros[name] = minus
+            self._sums[name] = held = whole
+        return held
+
+    @staticmethod
+    def _skip_minus_zeros(flat: np.ndarray, minus: np.ndarray | None, idx: np.ndarray) -> None:
+        """-0.0 + (+0.0) = +0.0 at the sum's -0.0 entries this upload does not touch."""
+        if minus is None:  # a dense add came last: find its -0.0 entries (O(n), only where forms mix)
+            minus = np.flatnonzero(flat.view(np.uint64) == _MINUS_ZERO)
+        if idx.size and minus.size:
+            at = np.minimum(np.searchsorted(idx, minus), idx.size - 1)
+            minus = minus[idx[at] != minus]
+        flat[minus] = 0.0
 
     def mean(self) -> Arrays:
         if not self.count:
             raise ValueError("no updates to average")
-        return {k: (v / self.weight).astype(np.float32) for k, v in self.sum.items()}
+        out = {}
+        for k, v in self._sums.items():
+            if isinstance(v, AtIndices):  # (0 / weight) is +0.0 wherever nothing was sent
+                out[k] = np.zeros(v.shape, np.float32)
+                out[k].reshape(-1)[v.indices] = (v.total / self.weight).astype(np.float32)
+            else:
+                out[k] = (v / self.weight).astype(np.float32)
+        return out
 
 
 def fedavg_step(params: Arrays, mean_delta: Arrays) -> Arrays:
@@ -82,25 +208,38 @@ class UpdateList:
         self.deltas: list[Arrays] = []
         self.count = 0
 
-    def add(self, delta: Arrays, weight: float) -> None:
-        self.deltas.append({k: v.astype(np.float32) for k, v in delta.items()})
+    def add(self, delta: Delta, weight: float) -> None:
+        """Sparse tensors are densified: an order statistic needs every coordinate of every delta."""
+        self.deltas.append({k: densify(k, v) if isinstance(v, codec.Sparse) else v.astype(np.float32)
+                            for k, v in delta.items()})
         self.count += 1
 
     def stacked(self, name: str) -> np.ndarray:
         return np.stack([d[name] for d in self.deltas])
 
 
-def global_norm(delta: Arrays) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+def _sum_of_squares(t) -> float:
+    """Sum of the squares of a tensor's nonzero entries, in flat-index order. Summing the nonzeros alone (not
+    the zeros a top-k or mask left out) makes the float64 result the same number whichever form the tensor
+    travelled in, so clipping a sparse delta equals clipping its dense copy bit for bit."""
+    v = _flat_values(t)
+    if np.count_nonzero(v) != v.size:
+        v = v[v != 0]
+    return float(np.sum(np.square(v, dtype=np.float64)))
 
 
-def clip_to_norm(delta: Arrays, c: float) -> Arrays:
-    """delta x min(1, c / ||delta||), the norm taken over every tensor together."""
+def global_norm(delta: Delta) -> float:
+    return float(np.sqrt(sum(_sum_of_squares(v) for v in delta.values())))
+
+
+def clip_to_norm(delta: Delta, c: float) -> Delta:
+    """delta x min(1, c / ||delta||), the norm taken over every tensor together; each tensor keeps its form."""
     norm = global_norm(delta)
     if norm <= c:
         return delta
     scale = c / norm
-    return {k: (v * scale).astype(np.float32) for k, v in delta.items()}
+    return {k: codec.Sparse(v.shape, v.indices, (v.values * scale).astype(np.float32))
+            if isinstance(v, codec.Sparse) else (v * scale).astype(np.float32) for k, v in delta.items()}
 
 
 # -- configs ----------------------------------------------------------------------------------------------------
@@ -174,7 +313,7 @@ class Aggregator:
     def weight(self, num_examples: int) -> float:
         return float(num_examples) if getattr(self.cfg, "weighted", False) else 1.0
 
-    def clip(self, delta: Arrays) -> Arrays:
+    def clip(self, delta: Delta) -> Delta:
         """What of a device's delta enters the aggregate (clip_norm, where the config has one)."""
         c = getattr(self.cfg, "clip_norm", 0.0)
         return clip_to_norm(delta, c) if c > 0 else delta

@@ -10,12 +10,12 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
 from edgelora import codec
-from edgelora.aggregation import global_norm, make_aggregator
+from edgelora.aggregation import Delta, check_coordinates, global_norm, make_aggregator
 from edgelora.data import partition_sizes
 from edgelora.methods import Instruction, Method, ModelHost
 from edgelora.models import is_masked, load_trainable_state
@@ -249,13 +249,13 @@ class Round:
                                                        f"was not handed to device {device_id} in this round, or its "
                                                        f"update was accepted already")
 
-    def check(self, device_id: str, payload: bytes, num_examples: int) -> dict[str, np.ndarray]:
-        """The dense delta of an upload checked against this device's own plan, or UpdateRejected. Only reads:
-        a driver may run it outside its lock."""
+    def check(self, device_id: str, payload: bytes, num_examples: int) -> Delta:
+        """The delta of an upload, in the form it travelled (RoundEngine.decode_update), checked against this
+        device's own plan, or UpdateRejected. Only reads: a driver may run it outside its lock."""
         self.engine.check_examples(device_id, num_examples)
         return self.engine.decode_update(self.plans[device_id], payload)
 
-    def accept(self, device_id: str, delta: dict[str, np.ndarray], num_examples: int, train_loss: float,
+    def accept(self, device_id: str, delta: Delta, num_examples: int, train_loss: float,
                times: PhaseTimes, wire_bytes: int, evaluation: tuple[int, float, float] = (0, 0.0, 0.0)) -> None:
         """Aggregate a checked upload. If the round closed or filled while it was checked, the upload is
         rejected instead (UpdateRejected). `evaluation`: (examples, loss, accuracy) of the device's federated
@@ -372,8 +372,10 @@ class RoundEngine:
             if task.upload.format == UploadFormat.MASKED else frozenset()
         return DevicePlan(ins, payload, shapes, masked)
 
-    def decode_update(self, plan: DevicePlan, payload: bytes) -> dict[str, np.ndarray]:
-        """Validate an upload against the round's plan and return the dense delta, or raise UpdateRejected."""
+    def decode_update(self, plan: DevicePlan, payload: bytes) -> Delta:
+        """Validate an upload against the round's plan and return its delta, or raise UpdateRejected. Each
+        tensor keeps the size it travelled at (sent_form): a top-k or masked upload is never made dense here,
+        so the server's work per upload grows with the entries sent, not with the model."""
         try:
             tensors = codec.decode_bundle(payload, max_elements=max(1, plan.entries))
         except codec.CodecError as e:
@@ -403,10 +405,11 @@ class RoundEngine:
             if isinstance(t, codec.Sparse):
                 total_nnz += len(t.indices)
             try:
-                delta[name] = codec.to_dense(name, t)
-            except codec.CodecError as e:
+                delta[name] = sent_form(name, t)
+            except (codec.CodecError, ValueError) as e:
                 raise UpdateRejected(Refusal.INVALID, f"tensor {name}: {e}") from None
-            peak = float(np.abs(delta[name]).max()) if delta[name].size else 0.0
+            values = t.values  # the entries sent: the peak over them is the dense tensor's (the rest are 0)
+            peak = float(np.abs(values).max()) if np.size(values) else 0.0
             if peak > self.run.server.max_update_abs:
                 raise UpdateRejected(Refusal.INVALID, f"tensor {name}: |delta| reaches {peak:.3g}, above "
                                                 f"server.max_update_abs = {self.run.server.max_update_abs:g}")
@@ -452,6 +455,40 @@ class RoundEngine:
         model = self.host.build(self.method.structure(state))
         load_trainable_state(model, self.method.served_params(state))
         return model
+
+
+def sent_form(name: str, t: codec.Tensor) -> "np.ndarray | codec.Sparse":
+    """A decoded upload tensor as the aggregator takes it, at the size it travelled: Dense -> its float32
+    array; Sparse -> itself, its indices checked (check_coordinates); Masked -> its values at the mask's
+    indices (mask_positions), as a Sparse. A sparse form that covers every entry becomes the plain array."""
+    if isinstance(t, codec.Dense):
+        return np.asarray(t.values, np.float32)
+    shape, n = tuple(t.shape), math.prod(t.shape)
+    values = np.asarray(t.values, np.float32).reshape(-1)
+    if isinstance(t, codec.Masked):
+        k = codec.mask_size(shape, t.density)
+        if values.size != k:
+            raise codec.CodecError(f"values: {values.size} values, the mask has {k}")
+        if k == n:  # the whole tensor, in order: no mask to derive
+            return values.reshape(shape)
+        return codec.Sparse(shape, mask_positions(t.seed, name, shape, t.density), values)
+    if not isinstance(t, codec.Sparse):
+        raise codec.CodecError(f"unknown tensor form {type(t).__name__}")
+    check_coordinates(t)
+    if values.size == n:  # n strictly increasing indices in [0, n): every entry, in order
+        return values.reshape(shape)
+    return t
+
+
+@lru_cache(maxsize=1024)
+def mask_positions(seed: int, name: str, shape: tuple[int, ...], density: float) -> np.ndarray:
+    """The mask's sorted flat indices (codec.mask_indices), derived once per (seed, name, shape, density):
+    every device of a round, and every round of a stage, uploads values under the same mask, and deriving it
+    hashes every entry of the tensor (the cost sparse aggregation is meant to avoid). Read-only, since the
+    cache hands the same array to every upload."""
+    positions = codec.mask_indices(seed, name, shape, density)
+    positions.flags.writeable = False
+    return positions
 
 
 def stage_name(stage: Stage) -> str:
