@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from edgelora import codec
-from edgelora.aggregation import densify
 from edgelora.config import load_config
 from edgelora.methods.base import Method, MethodConfig
+from edgelora.server.aggregation import densify
 from edgelora.server.engine import RoundEngine
 from edgelora.sparsity import global_topk
 from edgelora.state import ServerState

@@ -8,11 +8,18 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .aggregation import aggregator_config_from_dict
 from .configtools import ConfigError, check, from_dict
 from .methods import method_config_from_dict, resolve_head
-from .schema import (DataConfig, ModelConfig, RunConfig, ServerConfig, SimulateConfig,  # noqa: F401 (users' path)
-                     TrainConfig, read_run_toml)
+from .schema import (  # noqa: F401 (users' path)
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    ServerConfig,
+    SimulateConfig,
+    TrainConfig,
+    aggregator_config_from_dict,
+    read_run_toml,
+)
 from .task_types import task_type
 
 

@@ -15,7 +15,6 @@ from functools import cached_property, lru_cache
 import numpy as np
 
 from edgelora import codec
-from edgelora.aggregation import Delta, check_coordinates, global_norm, make_aggregator
 from edgelora.data import partition_sizes
 from edgelora.methods import Instruction, Method, ModelHost
 from edgelora.models import is_masked, load_trainable_state
@@ -25,6 +24,8 @@ from edgelora.schema import RunConfig
 from edgelora.sparsity import topk_count
 from edgelora.state import ServerState
 from edgelora.tasks import DeviceInfo, PhaseTimes, Stage, Task, UploadFormat
+
+from .aggregation import Delta, check_coordinates, global_norm, make_aggregator
 
 log = logging.getLogger("edgelora.server")
 

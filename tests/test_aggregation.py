@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgelora.aggregation import RunningMean, fedavg_step
+from edgelora.server.aggregation import RunningMean, fedavg_step
 
 
 def test_running_mean_weights_by_examples():
@@ -27,3 +27,13 @@ def test_running_mean_rejects_empty_and_bad_weight():
         RunningMean().mean()
     with pytest.raises(ValueError):
         RunningMean().add({"a": np.zeros(1)}, 0)
+
+
+def test_every_aggregator_config_has_its_aggregator_and_back():
+    """The [aggregator] section's configs (schema, read by load_config) and the server's aggregators are one
+    registry split in two: every name on both sides, each aggregator with its own config class."""
+    from edgelora.schema import AGGREGATOR_CONFIGS
+    from edgelora.server.aggregation import AGGREGATORS
+
+    assert set(AGGREGATOR_CONFIGS) == set(AGGREGATORS) == {"fedavg", "fedadam", "median", "trimmed-mean", "dp-fedavg"}
+    assert all(AGGREGATORS[n].Config is AGGREGATOR_CONFIGS[n] for n in AGGREGATORS)

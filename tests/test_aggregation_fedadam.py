@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgelora.aggregation import FedAdam, FedAdamConfig, RunningMean
+from edgelora.schema import FedAdamConfig
+from edgelora.server.aggregation import FedAdam, RunningMean
 
 
 def test_fedadam_one_client_matches_torch_adamw():

@@ -9,22 +9,20 @@ import numpy as np
 import pytest
 
 from edgelora import codec
-from edgelora.aggregation import (
+from edgelora.config import load_config
+from edgelora.methods.base import Method, MethodConfig
+from edgelora.protos.refusals import UpdateRejected
+from edgelora.schema import FedAdamConfig, FedAvgConfig, MedianConfig
+from edgelora.server.aggregation import (
     DpFedAvg,
     FedAdam,
-    FedAdamConfig,
     FedAvg,
-    FedAvgConfig,
     Median,
-    MedianConfig,
     RunningMean,
     clip_to_norm,
     densify,
     global_norm,
 )
-from edgelora.config import load_config
-from edgelora.methods.base import Method, MethodConfig
-from edgelora.protos.refusals import UpdateRejected
 from edgelora.server.engine import RoundEngine, mask_positions
 from edgelora.state import ServerState
 from edgelora.tasks import DeviceInfo, PhaseTimes, Stage, Structure, StructureKind, UploadFormat

@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 
 from edgelora import codec
-from edgelora.aggregation import (
-    DpFedAvg,
-    FedAvg,
-    FedAvgConfig,
-    Median,
-    MedianConfig,
-    TrimmedMean,
-    TrimmedMeanConfig,
-    clip_to_norm,
-    dp_epsilon,
-    global_norm,
-)
 from edgelora.config import load_config
 from edgelora.configtools import ConfigError
+from edgelora.schema import FedAvgConfig, MedianConfig, TrimmedMeanConfig
+from edgelora.server.aggregation import DpFedAvg, FedAvg, Median, TrimmedMean, clip_to_norm, dp_epsilon, global_norm
 
 from .conftest import tiny_raw
 

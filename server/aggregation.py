@@ -1,5 +1,5 @@
-"""Aggregators: `[aggregator] name = "..."` picks one, as `[method]` picks a method (Flower's strategies,
-aggregate.py's pure functions).
+"""Aggregators: `[aggregator] name = "..."` picks one (its Config: edgelora.schema.AGGREGATOR_CONFIGS), as
+`[method]` picks a method (Flower's strategies, aggregate.py's pure functions).
 
 An Aggregator has three hooks and no state of its own: `start()` gives the round's accumulator, devices'
 deltas (trained - received) are `add`ed to it as they arrive (after `clip`), and `finish(params, acc,
@@ -26,8 +26,8 @@ from typing import ClassVar
 import numpy as np
 
 from edgelora import codec
-
-from .configtools import ConfigError, check, field, from_dict
+from edgelora.configtools import ConfigError
+from edgelora.schema import DpFedAvgConfig, FedAdamConfig, FedAvgConfig, MedianConfig, TrimmedMeanConfig
 
 Arrays = dict[str, np.ndarray]
 # A device's delta, each tensor in the form it travelled: dense, or codec.Sparse (sorted unique flat indices
@@ -242,64 +242,6 @@ def clip_to_norm(delta: Delta, c: float) -> Delta:
             if isinstance(v, codec.Sparse) else (v * scale).astype(np.float32) for k, v in delta.items()}
 
 
-# -- configs ----------------------------------------------------------------------------------------------------
-@dataclass
-class FedAvgConfig:
-    name: str = field("fedavg", "the aggregator (edgelora.aggregation: fedavg, fedadam, median, trimmed-mean, dp-fedavg)")
-    weighted: bool = field(True, "weight device deltas by example count (false = unweighted mean, FLASC's reference)")
-    clip_norm: float = field(0.0, "> 0: scale each device's delta to global L2 norm <= clip_norm before it is added")
-
-    def validate(self) -> None:
-        check(self.clip_norm >= 0, "aggregator.clip_norm", "must be >= 0 (0 = no clipping)")
-
-
-@dataclass
-class FedAdamConfig(FedAvgConfig):
-    name: str = field("fedadam", "the mean delta is a pseudo-gradient for a server AdamW")
-    lr: float = field(1e-3, "server learning rate")
-    beta1: float = field(0.9, "first-moment decay")
-    beta2: float = field(0.999, "second-moment decay")
-    eps: float = field(1e-8, "denominator epsilon")
-    weight_decay: float = field(0.0, "decoupled weight decay (AdamW)")
-
-    def validate(self) -> None:
-        check(self.lr > 0, "aggregator.lr", "must be > 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "aggregator.beta1/beta2", "must be in [0, 1)")
-        check(self.eps > 0, "aggregator.eps", "must be > 0")
-        check(self.weight_decay >= 0, "aggregator.weight_decay", "must be >= 0")
-
-
-@dataclass
-class MedianConfig:
-    name: str = field("median", "coordinate-wise median of the round's deltas (unweighted)")
-
-    def validate(self) -> None:
-        pass
-
-
-@dataclass
-class TrimmedMeanConfig:
-    name: str = field("trimmed-mean", "coordinate-wise mean after trimming beta K values at each end (unweighted)")
-    beta: float = field(0.2, "fraction of the round's deltas trimmed at each end of every coordinate")
-
-    def validate(self) -> None:
-        check(0 <= self.beta < 0.5, "aggregator.beta", "must be in [0, 0.5)")
-
-
-@dataclass
-class DpFedAvgConfig:
-    name: str = field("dp-fedavg", "central differential privacy: clip, sum, Gaussian noise, divide by K")
-    clip_norm: float = field(1.0, "C: each delta is scaled to global L2 norm <= C (the sum's sensitivity)")
-    noise_multiplier: float = field(1.0, "z: the noise on the sum has std z x C per coordinate")
-    delta: float = field(1e-5, "the delta at which the epsilon spent is reported")
-    noise_seed: int = field(0, "seeds the noise (with the aggregation step): runs and resumes are reproducible")
-
-    def validate(self) -> None:
-        check(self.clip_norm > 0, "aggregator.clip_norm", "must be > 0 (it bounds the sensitivity)")
-        check(self.noise_multiplier >= 0, "aggregator.noise_multiplier", "must be >= 0")
-        check(0 < self.delta < 1, "aggregator.delta", "must be in (0, 1)")
-
-
 # -- aggregators ------------------------------------------------------------------------------------------------
 class Aggregator:
     name: ClassVar[str] = ""
@@ -421,24 +363,6 @@ def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta
 
 
 AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (FedAvg, FedAdam, Median, TrimmedMean, DpFedAvg)}
-
-# Run folders written before the aggregator registry carry FedAdam's fields under every aggregator, at their
-# defaults: those are dropped when another aggregator is named; any other value is an error naming the field.
-_LEGACY_DEFAULTS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
-
-
-def aggregator_config_from_dict(raw: dict | None):
-    raw = dict(raw or {})
-    name = raw.get("name", "fedavg")
-    if name not in AGGREGATORS:
-        raise ConfigError(f"aggregator.name: unknown aggregator {name!r}; allowed: {sorted(AGGREGATORS)}")
-    cls = AGGREGATORS[name].Config
-    own = set(cls.__dataclass_fields__)
-    for key, default in _LEGACY_DEFAULTS.items():
-        if key in raw and key not in own and raw[key] == default:
-            del raw[key]
-    return from_dict(cls, raw, "aggregator")
-
 
 def make_aggregator(run) -> Aggregator:
     return AGGREGATORS[run.aggregator.name](run.aggregator, run)
