@@ -104,7 +104,7 @@ class Backoff:
 class EdgeClient:
     def __init__(self, opts: ClientOptions) -> None:
         self.opts = opts
-        self.run_over = threading.Event()  # a heartbeat reply said run_finished
+        self.run_over = threading.Event()  # a heartbeat reply said run_finished, or close() was called
         self.backoff = Backoff(opts.give_up_s, self.run_over)
         self.channel = self._connect()
         self.stub = pb_grpc.CoordinatorStub(self.channel)
@@ -287,6 +287,10 @@ class EdgeClient:
                     self.run_over.wait(0.5)
         except RunOver as e:
             log.info("the server says the run is over (heard while retrying: %s)", e)
+        except ValueError:  # grpc: "Channel closed": close() was called while a device was still being served
+            if not self._stop.is_set():
+                raise
+            log.info("the client was closed; devices %s stop", ",".join(self.opts.device_ids))
         finally:
             self._stop.set()
         log.info("run finished; devices %s exit", ",".join(self.opts.device_ids))
@@ -365,8 +369,9 @@ class EdgeClient:
 
     def close(self) -> None:
         # Join the heartbeat thread before closing the channel: a gRPC call still in flight on a closed
-        # channel at interpreter exit aborts the process.
+        # channel at interpreter exit aborts the process. A run() still serving stops at its next call.
         self._stop.set()
+        self.run_over.set()
         if self._beat is not None:
             self._beat.join(timeout=10)
         self.channel.close()
