@@ -22,8 +22,10 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/edgelora demo
 
+# Two workers on two cores; Ray's and the network emulation's tests each keep to one worker (xdist_group).
+# The ten slowest tests are printed, so the next slow one is seen.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -n 2 --dist loadgroup --durations=10
 
 protos: venv
 	$(PY) -m edgelora.protos.generate

@@ -8,9 +8,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from benchmarks.aggregation import FixedPlan  # the benchmark's one-task method, shared
 from edgelora import codec
 from edgelora.config import load_config
-from edgelora.methods.base import Method, MethodConfig
 from edgelora.protos.refusals import UpdateRejected
 from edgelora.schema import FedAdamConfig, FedAvgConfig, MedianConfig
 from edgelora.server.aggregation import (
@@ -192,22 +192,6 @@ def test_robust_aggregators_densify_each_sparse_delta():
 
 
 # -- the round: what the accumulator receives ------------------------------------------------------------------
-class FixedPlan(Method):
-    """Every device gets the same task: the given structure and upload format (no model needed)."""
-    name = "fixed-plan"
-
-    def __init__(self, run, structure, fmt, density=1.0):
-        super().__init__(MethodConfig(name=self.name), run)
-        self._structure, self._fmt, self._density = structure, fmt, density
-
-    def structure(self, state):
-        return self._structure
-
-    def upload_rule(self, state):
-        return self.upload(self._fmt, density=self._density)
-
-    def download(self, state, ins):
-        return {}
 
 
 def _round(shapes, structure, fmt, density=1.0, devices=2):

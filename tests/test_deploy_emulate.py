@@ -26,6 +26,7 @@ def _can_emulate() -> str | None:
 
 
 needs_root = pytest.mark.skipif(_can_emulate() is not None, reason=_can_emulate() or "")
+pytestmark = pytest.mark.xdist_group("netns")  # one set of namespaces and veth addresses at a time
 
 
 def _namespaces() -> set[str]:

@@ -19,7 +19,7 @@ from .conftest import tiny_raw
 from .test_simulate import grpc_run, method_run
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one local Ray at a time
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from .conftest import REPO
 from .test_simulate import method_run
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray at a time
 
 
 def _free_port() -> int:
