@@ -14,7 +14,9 @@ Whichever way the block is left (its end, an exception, Ctrl-C), every process i
 running gets one SIGINT (the server stops as on Ctrl-C, its finished rounds saved) and is killed if it has
 not exited `stop_grace_s` later. The processes run in their own session, so a terminal's Ctrl-C reaches the
 launcher only and each process is interrupted once, by the launcher: a second SIGINT could land inside the
-server's own shutdown.
+server's own shutdown. Since SIGINT only ever comes from the launcher, a launcher that was itself started with
+SIGINT ignored (a shell's `cmd &`) does not pass that on: its children's SIGINT is reset to the default, or
+every stop would end in a kill.
 
 It starts the CLI as subprocesses and never imports the server or the client: standard library and the run
 folder's address file (runlog) only.
@@ -156,9 +158,11 @@ class Launcher:
 
     def _start(self, cmd: list[str], log: Path | None, env: Mapping[str, str] | None) -> subprocess.Popen:
         out = open(log, "w") if log is not None else None
+        inherits_ignored_sigint = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         try:
             p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, cwd=self._cwd,
-                                 env={**self._env, **(env or {})}, start_new_session=True)
+                                 env={**self._env, **(env or {})}, start_new_session=True,
+                                 preexec_fn=_default_sigint if inherits_ignored_sigint else None)
         finally:
             if out is not None:
                 out.close()  # the child has its own descriptor
@@ -181,3 +185,8 @@ class Launcher:
                     p.kill()
                     with suppress(subprocess.TimeoutExpired):
                         p.wait(timeout=self.stop_grace_s)
+
+
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default, so Python there turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

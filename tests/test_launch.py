@@ -5,7 +5,7 @@ Most tests run a stand-in for `python -m edgelora.cli` (a few lines that act as 
 FAKE_SERVER / FAKE_CLIENT), so they take about a second; one starts the real CLI."""
 from __future__ import annotations
 
-import os
+import signal
 import sys
 import time
 
@@ -112,6 +112,20 @@ def test_every_process_is_gone_after_the_block_even_when_it_raises(tmp_path, fak
     assert _all_gone(fleet)
     assert fleet.server.returncode == fleet.clients[0].returncode == 130  # SIGINT first, as Ctrl-C
     assert fleet.clients[1].returncode == -9  # it ignored SIGINT: killed
+
+
+def test_a_launcher_that_ignores_sigint_still_stops_its_processes_with_it(tmp_path, fake):
+    """Started in the background by a shell (`make test &`), this process ignores SIGINT; its children would
+    inherit that, and every stop would be a kill after the grace period."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with Launcher(tmp_path / "run", python=fake, env={"FAKE_SERVER": "listen"}, stop_grace_s=30) as fleet:
+            fleet.start_server(None)
+            fleet.start_clients([Client(device_id="0")])
+            time.sleep(0.5)  # both are inside their sleep
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert fleet.server.returncode == fleet.clients[0].returncode == 130  # KeyboardInterrupt, not a kill
 
 
 def test_a_resumed_server_replaces_a_dead_one_and_waits_for_its_own_address(tmp_path, fake):
