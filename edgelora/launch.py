@@ -18,8 +18,8 @@ server's own shutdown. Since SIGINT only ever comes from the launcher, a launche
 SIGINT ignored (a shell's `cmd &`) does not pass that on: its children's SIGINT is reset to the default, or
 every stop would end in a kill.
 
-It starts the CLI as subprocesses and never imports the server or the client: standard library and the run
-folder's address file (runlog) only.
+It starts the CLI as subprocesses and never imports the server or the client: the standard library, tomli_w
+(a config given as a dict) and the run folder's address file (runlog) only.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomli_w
 
 from .runlog import wait_for_server_addr
 
@@ -97,8 +99,6 @@ class Launcher:
         if self.server is not None and self.server.poll() is None:
             raise LaunchError(f"a server is already running for {self.run_dir} (pid {self.server.pid})")
         if isinstance(config, Mapping):
-            import tomli_w
-
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path = self.run_dir / "run.toml"
             path.write_text(tomli_w.dumps(config))
