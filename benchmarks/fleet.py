@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from edgelora.launch import Launcher
+
 HEARTBEAT_S = 5.0
 
 
@@ -83,16 +85,14 @@ def _rss_mb(pid: int) -> float:
 def measure(n: int, procs: int, seconds: float, fps: tuple[str, str]) -> dict:
     import numpy as np
 
-    from benchmarks.uplink import start_server
-
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{n}-"))
     raw = {"server": {"rounds": 1, "devices_per_round": 1, "min_registered": n + 1, "registration_timeout_s": 3600.0,
                       "heartbeat_s": HEARTBEAT_S, "device_timeout_s": 60.0, "max_connections": n + 256},
            "model": {"name": "tiny-bert", "max_seq_len": 32},
            "data": {"num_devices": n + 1, "max_examples_per_device": 4, "test_max_examples": 8, "partition": "iid"},
            "method": {"name": "lora"}}
-    server, addr = start_server(raw, tmp)
-    try:
+    with Launcher(tmp) as launch:  # the server only: the devices are the raw stub clients above
+        addr = launch.start_server(raw, args=["--insecure"], log=tmp / "server.log")
         ctx = mp.get_context("spawn")
         ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         ids = [str(i) for i in range(n)]
@@ -104,12 +104,9 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str]) -> dict:
         time.sleep(3.0)  # every client is now inside its first FetchTask
         go.set()
         results = [out.get(timeout=seconds + 600) for _ in workers]
-        rss = _rss_mb(server.pid)
+        rss = _rss_mb(launch.server.pid)
         for w in workers:
             w.join(timeout=60)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     lat = np.array([x for r in results for x in r["lat"]])
     return {"devices": n, "registered": registered, "heartbeats": int(lat.size),
             "heartbeat_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from edgelora.runlog import wait_for_server_addr
+from edgelora.launch import Client, Launcher
 
 UP_MBIT, DOWN_MBIT, GOAL, BIG = 1.0, 10.0, 1.15, 100_000
 
@@ -51,41 +50,17 @@ def with_app_throttle(raw: dict, run_dir: Path, up_mbit: float = UP_MBIT, down_m
     throttled_fleet(raw, run_dir, [(up_mbit, down_mbit)] * 2)
 
 
-def start_server(raw: dict, run_dir: Path) -> tuple[subprocess.Popen, str]:
-    """`edgelora server` on 127.0.0.1 for the run config `raw` (written to RUN_DIR/run.toml, its log to
-    RUN_DIR/server.log); returns the process and HOST:PORT once it listens."""
-    import tomli_w
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.toml").write_text(tomli_w.dumps(raw))
-    server = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "server", "--config", str(run_dir / "run.toml"),
-                               "--out", str(run_dir), "--port", "0", "--insecure"],
-                              stdout=open(run_dir / "server.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        return server, wait_for_server_addr(run_dir, server, timeout_s=300)
-    except BaseException:
-        server.terminate()
-        raise
-
-
 def throttled_fleet(raw: dict, run_dir: Path, links: list[tuple[float, float]], env: dict | None = None) -> None:
     """A server and one client process per (uplink, downlink) Mbit/s pair, device i behind the client's
     application throttle at links[i]; returns when the server has finished the run."""
-    exe = [sys.executable, "-m", "edgelora.cli"]
-    server, addr = start_server(raw, run_dir)
-    clients = []
-    try:
-        clients = [subprocess.Popen(exe + ["client", "--server", addr, "--device-id", str(i),
-                                           "--quiet", "--insecure", "--uplink-mbps", str(up), "--downlink-mbps",
-                                           str(down)], stdout=open(run_dir / f"client_{i}.log", "w"),
-                                    stderr=subprocess.STDOUT, env=env) for i, (up, down) in enumerate(links)]
-        if server.wait(timeout=1800) != 0:
+    with Launcher(run_dir, env=env) as fleet:
+        fleet.start_server(raw, args=["--insecure"], log=run_dir / "server.log")
+        fleet.start_clients(Client(device_id=str(i), log=run_dir / f"client_{i}.log",
+                                   args=["--quiet", "--insecure", "--uplink-mbps", str(up),
+                                         "--downlink-mbps", str(down)])
+                            for i, (up, down) in enumerate(links))
+        if fleet.wait_server(1800) != 0:
             raise RuntimeError(f"server failed; see {run_dir / 'server.log'}")
-    finally:
-        for p in [server, *clients]:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(timeout=30)
 
 
 def uploads(run_dir: Path, model: str, method: str, shaping: str) -> list[dict]:

@@ -28,7 +28,7 @@ def vm_hwm_mib(pid: int) -> float:
 def main(argv=None) -> int:
     import grpc
 
-    from benchmarks.uplink import start_server
+    from edgelora.launch import Launcher
     from edgelora.protos import edgelora_pb2 as pb
     from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
            "model": {"name": "tiny-bert", "max_seq_len": 32},
            "data": {"num_devices": 1, "max_examples_per_device": 8, "test_max_examples": 8},
            "method": {"name": "lora", "lora": {"rank": 4, "alpha": 8.0}}}
-    server, addr = start_server(raw, tmp)
-    try:
+    with Launcher(tmp) as launch:
+        addr = launch.start_server(raw, args=["--insecure"], log=tmp / "server.log")
         stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 8 << 20)]))
         spec = stub.GetRunSpec(pb.RunSpecRequest(), timeout=30)
         # the server checks the fingerprints: the device's are the server's own, read from a real device host
@@ -80,13 +80,10 @@ def main(argv=None) -> int:
         # what the upload's size costs.
         upload(1024)
         time.sleep(1.0)
-        before = vm_hwm_mib(server.pid)
+        before = vm_hwm_mib(launch.server.pid)
         outcome = upload(a.mib << 20)
         time.sleep(1.0)
-        after = vm_hwm_mib(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        after = vm_hwm_mib(launch.server.pid)
     rec = {"upload_mib": a.mib, "peak_before_mib": round(before, 1), "peak_after_mib": round(after, 1),
            "peak_rise_mib": round(after - before, 1), "rise_over_upload": round((after - before) / a.mib, 3),
            "outcome": outcome}

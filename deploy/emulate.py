@@ -32,7 +32,7 @@ from pathlib import Path
 
 import tomli_w
 
-from edgelora.runlog import wait_for_server_addr
+from edgelora.launch import Client, LaunchError, Launcher
 
 SUBNET = "10.213.0"          # private, and it exists only inside the namespaces made here
 HUB_IP = f"{SUBNET}.1"
@@ -224,7 +224,7 @@ class Emulation:
     def __init__(self, cfg: EmulationConfig, run_dir: Path, tag: str | None = None, python: str = sys.executable):
         self.cfg, self.run_dir, self.python = cfg, Path(run_dir), python
         self.net = Network(cfg.devices, tag)
-        self.procs: list[subprocess.Popen] = []
+        self.fleet: Launcher | None = None
 
     def run(self) -> dict:
         check_host()
@@ -239,16 +239,8 @@ class Emulation:
             atexit.unregister(self.close)
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-        self.procs.clear()
+        if self.fleet is not None:  # the processes first: a namespace goes when nothing runs in it
+            self.fleet.stop()
         self.net.close()
 
     def _security(self) -> tuple[list[str], list[list[str]]]:
@@ -273,44 +265,34 @@ class Emulation:
         self.net.up(self.cfg.links)
         before = {i: link_counters(ns, "eth0") for i, ns in enumerate(self.net.device_ns)}
         retrans0 = {i: tcp_retransmits(ns) for i, ns in enumerate(self.net.device_ns)}
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        exe = [self.python, "-m", "edgelora.cli", "-v"]
         server_sec, client_sec = self._security()
-        (self.run_dir / "server.addr").unlink(missing_ok=True)
-        server = self._start(self.net.hub, exe + ["server", "--config", str(cfg_path), "--out", str(self.run_dir),
-                                                  "--host", HUB_IP, "--port", str(PORT), *server_sec],
-                             logs / "server.log", env)
-        try:
-            addr = wait_for_server_addr(self.run_dir, server, timeout_s=300)
-        except (RuntimeError, TimeoutError) as e:
-            raise EmulationError(f"coordinator: {e}") from None
-        clients = [self._start(ns, exe + ["client", "--server", addr, "--device-id", str(i), "--quiet",
-                                          "--give-up-s", "120", *client_sec[i]], logs / f"client_{i}.log", env)
-                   for i, ns in enumerate(self.net.device_ns)]
-        print(f"emulation: coordinator {addr} in netns {self.net.hub}; {len(clients)} devices in "
-              f"{', '.join(self.net.device_ns)}; run folder {self.run_dir}", flush=True)
-        rc = server.wait(timeout=self.cfg.timeout_s)
-        for c in clients:
+        self.fleet = Launcher(self.run_dir, verbose=True, python=self.python,
+                              env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+        with self.fleet:
             try:
-                c.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                c.terminate()
+                addr = self.fleet.start_server(cfg_path, port=PORT, args=["--host", HUB_IP, *server_sec],
+                                               log=logs / "server.log", prefix=self.net.exec(self.net.hub))
+                self.fleet.start_clients(Client(device_id=str(i), args=["--quiet", "--give-up-s", "120",
+                                                                          *client_sec[i]],
+                                                log=logs / f"client_{i}.log", prefix=self.net.exec(ns))
+                                         for i, ns in enumerate(self.net.device_ns))
+                print(f"emulation: coordinator {addr} in netns {self.net.hub}; {self.cfg.devices} devices in "
+                      f"{', '.join(self.net.device_ns)}; run folder {self.run_dir}", flush=True)
+                rc = self.fleet.wait_server(self.cfg.timeout_s)
+            except LaunchError as e:
+                raise EmulationError(f"coordinator: {e}") from None
+            client_codes = self.fleet.wait_clients(timeout_s=60)
         after = {i: link_counters(ns, "eth0") for i, ns in enumerate(self.net.device_ns)}
         retrans = {i: tcp_retransmits(ns) - retrans0[i] for i, ns in enumerate(self.net.device_ns)}
         if rc != 0:
             raise EmulationError(f"coordinator exited with {rc}; see {logs / 'server.log'}")
         report = bytes_report(self.run_dir / "metrics.jsonl", before, after, retrans, self.cfg)
-        report["client_exit_codes"] = [c.returncode for c in clients]
+        report["client_exit_codes"] = client_codes
         report["netem_applied"] = self.net.netem
         report["qdiscs"] = {ns: _sh("tc", "-n", ns, "qdisc", "show").strip().splitlines()
                             for ns in [self.net.hub, *self.net.device_ns]}
         (self.run_dir / "emulation.json").write_text(json.dumps(report, indent=1))
         return report
-
-    def _start(self, ns: str, cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
-        p = subprocess.Popen(self.net.exec(ns) + cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-        self.procs.append(p)
-        return p
 
 
 def _raise_interrupt(signum, frame):

@@ -4,7 +4,8 @@ This folder is the shared core, at the bottom of the house (docs/architecture.md
 (schema, loaded by config), task and device specs (tasks), models and Hub loading (models, hub, smollm2,
 adapters), task types, data and partitioning, local training and precision, the methods, and the server
 state as a value (state). Apart from it, above: simulation/ (sequential and Ray runners), experiments/
-(sweep, report, centralized baseline, Flower comparison) and cli/.
+(sweep, report, centralized baseline, Flower comparison), cli/ and launch.py (one server and its
+client processes, started and stopped in one place).
 
 Imports: the core imports only itself and third-party libraries (torch, transformers, peft, numpy) and the
 codec; never grpc, edgelora.protos, edgelora.server, edgelora.edge_client, or the packages above it.

@@ -92,20 +92,6 @@ def pyplot():
     return plt
 
 
-def wait_for_server_addr(run_dir: Path, proc, timeout_s: float = 300.0) -> str:
-    """HOST:PORT from RUN_DIR/server.addr, which a server started with port 0 writes once it listens.
-    Raises RuntimeError if the server process `proc` exits first, TimeoutError after timeout_s."""
-    path = Path(run_dir) / "server.addr"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before listening")
-        time.sleep(0.2)
-    raise TimeoutError(f"server did not write {path} within {timeout_s:.0f} s")
-
-
 def read_records(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl ([] when the file does not exist yet)."""
     path = Path(path)

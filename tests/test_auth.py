@@ -8,9 +8,9 @@ import grpc
 import pytest
 import tomli_w
 
+from edgelora.launch import wait_for_server_addr
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
-from edgelora.runlog import wait_for_server_addr
 from edgelora.server.auth import load_tokens
 
 from .conftest import cli, tiny_raw

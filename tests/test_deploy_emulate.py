@@ -123,7 +123,7 @@ def test_r5_every_link_down_for_60_s_devices_reconnect_and_the_run_finishes(tmp_
     import tomli_w
 
     from deploy.emulate import HUB_IP, PORT, Network
-    from edgelora.runlog import wait_for_server_addr
+    from edgelora.launch import Client, Launcher
 
     raw = tiny_raw(server={"rounds": 3, "devices_per_round": 2, "min_devices": 2, "min_registered": 2,
                            "heartbeat_s": 1.0, "device_timeout_s": 10.0, "round_deadline_s": 300.0},
@@ -132,41 +132,29 @@ def test_r5_every_link_down_for_60_s_devices_reconnect_and_the_run_finishes(tmp_
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
     net = Network(2, tag=f"r{os.getpid() % 10000}")
-    procs = []
     try:
         net.up({"0": LinkSpec(downlink_mbit=0.2), "1": LinkSpec(downlink_mbit=0.2)})
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        exe = [sys.executable, "-m", "edgelora.cli", "-v"]
-        procs.append(subprocess.Popen(net.exec(net.hub) + exe + [
-            "server", "--config", str(tmp_path / "run.toml"), "--out", str(run_dir), "--host", HUB_IP,
-            "--port", str(PORT), "--insecure"], stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
-            env=env, cwd=REPO))
-        addr = wait_for_server_addr(run_dir, procs[0], 120)
-        for i, ns in enumerate(net.device_ns):
-            procs.append(subprocess.Popen(net.exec(ns) + exe + [
-                "client", "--server", addr, "--device-id", str(i), "--quiet", "--insecure", "--give-up-s", "180"],
-                stdout=open(logs / f"client_{i}.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO))
-        deadline = time.monotonic() + 180
-        while "round 2: sampled" not in (logs / "server.log").read_text():
-            assert time.monotonic() < deadline and procs[0].poll() is None, "round 2 never opened"
-            time.sleep(0.2)
-        for ns in net.device_ns:
-            subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
-        time.sleep(60)
-        for ns in net.device_ns:
-            subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
-        link_up = datetime.now()
-        assert procs[0].wait(timeout=240) == 0, (logs / "server.log").read_text()[-3000:]
-        for i, p in enumerate(procs[1:]):  # each heard the run is over (STOP task or heartbeat) and exits 0
-            try:
-                code = p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                code = "still running 60 s after the server exited"
-            assert code == 0, (logs / f"client_{i}.log").read_text()[-3000:]
+        with Launcher(run_dir, verbose=True, env={"OMP_NUM_THREADS": "1"}, cwd=REPO) as fleet:
+            fleet.start_server(tmp_path / "run.toml", port=PORT, args=["--host", HUB_IP, "--insecure"],
+                               log=logs / "server.log", prefix=net.exec(net.hub), timeout_s=120)
+            fleet.start_clients(Client(device_id=str(i), args=["--quiet", "--insecure", "--give-up-s", "180"],
+                                       log=logs / f"client_{i}.log", prefix=net.exec(ns))
+                                for i, ns in enumerate(net.device_ns))
+            deadline = time.monotonic() + 180
+            while "round 2: sampled" not in (logs / "server.log").read_text():
+                assert time.monotonic() < deadline and fleet.server.poll() is None, "round 2 never opened"
+                time.sleep(0.2)
+            for ns in net.device_ns:
+                subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
+            time.sleep(60)
+            for ns in net.device_ns:
+                subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+            link_up = datetime.now()
+            assert fleet.wait_server(240) == 0, fleet.server_log_tail()
+            # each heard the run is over (STOP task or heartbeat) and exits 0; None: still running 60 s later
+            for i, code in enumerate(fleet.wait_clients(60)):
+                assert code == 0, (logs / f"client_{i}.log").read_text()[-3000:]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
         net.close()
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["aggregated"]) for r in rows] == [(1, True), (2, True), (3, True)]

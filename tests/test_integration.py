@@ -5,14 +5,15 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomli_w
 
 from edgelora import codec
-from edgelora.runlog import wait_for_server_addr
+from edgelora.launch import Client, Launcher
 from edgelora.server.checkpoint import load_state
 
 from .conftest import cli, tiny_raw
@@ -22,36 +23,27 @@ pytestmark = pytest.mark.slow
 
 
 
-def _start(tmp_path: Path, raw: dict, extra=()):
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(tomli_w.dumps(raw))
-    run_dir = tmp_path / "run"
-    log = open(tmp_path / "server.log", "a")
-    server = subprocess.Popen(cli("-v", "server", "--insecure", "--config", str(cfg), "--out", str(run_dir), *extra),
-                              stdout=log, stderr=subprocess.STDOUT)
-    return server, run_dir
+@contextmanager
+def launch(tmp_path: Path, raw: dict, port: int = 0) -> Iterator[Launcher]:
+    """A server (plaintext, -v) for the run config `raw` in tmp_path/run, listening, its log tmp_path/server.log;
+    every process the block starts is gone after it."""
+    with Launcher(tmp_path / "run", verbose=True) as fleet:
+        fleet.start_server(raw, port=port, args=["--insecure"], log=tmp_path / "server.log", timeout_s=120)
+        yield fleet
 
 
-def _clients(tmp_path: Path, addr: str, ids=("0", "1"), flag="--device-id"):
-    return [subprocess.Popen(cli("-v", "client", "--insecure", "--server", addr, flag, d, "--quiet", "--give-up-s", "60"),
-                             stdout=open(tmp_path / f"client_{d}.log", "w"), stderr=subprocess.STDOUT) for d in ids]
+def device(tmp_path: Path, name: str, *args: str, many: bool = False) -> Client:
+    """A plaintext client process for device `name` (or, many=True, the devices of a range such as 0-1)."""
+    return Client(**{"device_ids" if many else "device_id": name}, log=tmp_path / f"client_{name}.log",
+                  args=["--insecure", "--quiet", "--give-up-s", "60", *args])
 
 
-def run_own_data_devices(tmp_path: Path, server, addr: str, files: dict[str, Path]) -> None:
+def run_own_data_devices(tmp_path: Path, fleet: Launcher, files: dict[str, Path]) -> None:
     """data.mode = own: a client process per named device, each with --data of its own file; waits for the
     server's run to finish and every client to exit cleanly."""
-    clients = [subprocess.Popen(cli("-v", "client", "--insecure", "--server", addr, "--device-id", n, "--data",
-                                    str(f), "--quiet", "--give-up-s", "60"),
-                                stdout=open(tmp_path / f"client_{n}.log", "w"), stderr=subprocess.STDOUT)
-               for n, f in files.items()]
-    try:
-        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
-        for c in clients:
-            assert c.wait(timeout=60) == 0
-    finally:
-        for p in (server, *clients):
-            if p.poll() is None:
-                p.kill()
+    fleet.start_clients(device(tmp_path, n, "--data", str(f)) for n, f in files.items())
+    assert fleet.wait_server(300) == 0, fleet.server_log_tail()
+    assert fleet.wait_clients(60) == [0] * len(files)
 
 
 def _dense(path: Path) -> dict[str, np.ndarray]:
@@ -67,10 +59,11 @@ def test_two_clients_two_rounds_global_weights_are_the_weighted_mean(tmp_path):
                    data={"dataset": "jsonl", "path": str(tmp_path / "d.jsonl"), "partition": "iid",
                          "max_examples_per_device": 0, "test_fraction": 0.25, "num_devices": 2},
                    train={"batch_size": 8})
-    server, run_dir = _start(tmp_path, raw, ("--port", "0"))
-    clients = _clients(tmp_path, wait_for_server_addr(run_dir, server, 120))
-    assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()[-3000:]
-    assert [c.wait(timeout=60) for c in clients] == [0, 0]
+    with launch(tmp_path, raw) as fleet:
+        fleet.start_clients([device(tmp_path, "0"), device(tmp_path, "1")])
+        assert fleet.wait_server(240) == 0, fleet.server_log_tail()
+        assert fleet.wait_clients(60) == [0, 0]
+    run_dir = fleet.run_dir
 
     final = load_state(run_dir)
     assert final.round == 2 and final.finished
@@ -124,19 +117,18 @@ def _free_port() -> int:
 def test_server_killed_mid_run_resumes_and_clients_reconnect(tmp_path):
     port = _free_port()
     raw = tiny_raw(server={"rounds": 3, "port": port})
-    server, run_dir = _start(tmp_path, raw)
-    addr = wait_for_server_addr(run_dir, server, 120)
-    clients = _clients(tmp_path, addr, ids=("0-1",), flag="--device-ids")  # both devices in one process
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not metrics.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    server.kill()  # a crash, not a clean stop
-    server.wait()
-    resumed = subprocess.Popen(cli("-v", "server", "--insecure", "--resume", str(run_dir), "--port", str(port)),
-                               stdout=open(tmp_path / "server2.log", "w"), stderr=subprocess.STDOUT)
-    assert resumed.wait(timeout=240) == 0, (tmp_path / "server2.log").read_text()[-3000:]
-    assert [c.wait(timeout=60) for c in clients] == [0]
+    with launch(tmp_path, raw, port=port) as fleet:
+        fleet.start_clients([device(tmp_path, "0-1", many=True)])  # both devices in one process
+        metrics = fleet.run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not metrics.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        fleet.server.kill()  # a crash, not a clean stop
+        fleet.server.wait()
+        fleet.start_server(resume=True, port=port, args=["--insecure"], log=tmp_path / "server2.log", timeout_s=120)
+        assert fleet.wait_server(240) == 0, fleet.server_log_tail()
+        assert fleet.wait_clients(60) == [0]
+    run_dir = fleet.run_dir
     rounds = [json.loads(l)["round"] for l in metrics.read_text().splitlines()]
     assert rounds == [1, 2, 3]  # a row whose state never landed is dropped and its round re-run
     assert load_state(run_dir).finished
@@ -150,15 +142,14 @@ def test_a_device_that_cannot_load_its_data_tells_the_server_which_stops_waiting
     data.write_text("\n".join(json.dumps(r) for r in rows))
     raw = tiny_raw(server={"rounds": 1, "registration_timeout_s": 300.0},
                    data={"dataset": "jsonl", "path": str(data), "partition": "iid", "num_devices": 2})
-    server, run_dir = _start(tmp_path, raw, ("--port", "0"))
-    addr = wait_for_server_addr(run_dir, server, 120)
-    data.unlink()  # the server has read it; the device, started now, cannot
-    client = subprocess.run(cli("client", "--insecure", "--server", addr, "--device-id", "0", "--quiet",
-                                "--give-up-s", "30"), capture_output=True, text=True, timeout=120)
-    assert client.returncode == 2 and "Traceback" not in client.stderr, client.stderr
-    assert "cannot load their data (the server was told)" in client.stderr and str(data) in client.stderr
-    # 2 devices are needed, device 0 never can be one: the server stops now, not after the 300 s timeout
-    assert server.wait(timeout=60) == 2
+    with launch(tmp_path, raw) as fleet:
+        data.unlink()  # the server has read it; the device, started now, cannot
+        client = subprocess.run(cli("client", "--insecure", "--server", fleet.addr, "--device-id", "0", "--quiet",
+                                    "--give-up-s", "30"), capture_output=True, text=True, timeout=120)
+        assert client.returncode == 2 and "Traceback" not in client.stderr, client.stderr
+        assert "cannot load their data (the server was told)" in client.stderr and str(data) in client.stderr
+        # 2 devices are needed, device 0 never can be one: the server stops now, not after the 300 s timeout
+        assert fleet.wait_server(60) == 2
     log = (tmp_path / "server.log").read_text()
     assert "device 0 cannot load its data" in log and "only 1 of data.num_devices = 2 can train" in log
 
@@ -181,14 +172,15 @@ def test_own_data_deployment_three_named_devices_train_on_their_own_files(tmp_pa
     raw["data"]["test_path"] = str(tmp_path / "test.csv")
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nsome words,1\nother words,9\n")
-    server, run_dir = _start(tmp_path, raw)
-    addr = wait_for_server_addr(run_dir, server, 120)
-    refused = subprocess.run(cli("client", "--insecure", "--server", addr, "--device-id", "delta", "--data", str(bad),
-                                 "--quiet", "--give-up-s", "30"), capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
-    assert "device delta" in refused.stderr and "label(s) [9]" in refused.stderr
     names = ("alpha", "bravo", "charlie")
-    run_own_data_devices(tmp_path, server, addr, {n: tmp_path / f"device_{n}.csv" for n in names})
+    with launch(tmp_path, raw) as fleet:
+        refused = subprocess.run(cli("client", "--insecure", "--server", fleet.addr, "--device-id", "delta",
+                                     "--data", str(bad), "--quiet", "--give-up-s", "30"),
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert "device delta" in refused.stderr and "label(s) [9]" in refused.stderr
+        run_own_data_devices(tmp_path, fleet, {n: tmp_path / f"device_{n}.csv" for n in names})
+    run_dir = fleet.run_dir
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and all(r["completed"] == 3 for r in rows)
     for r in rows:

@@ -293,9 +293,7 @@ def test_the_c7_sweeps_plan_their_runs():
 def test_a_deployment_trains_a_causal_lm_on_each_devices_own_text(tmp_path):
     """data.mode = own for a causal LM: a server and 2 named client processes, each with --data of its own
     speeches (one role's), 2 rounds; every round carries both devices and their federated evaluation."""
-    from edgelora.runlog import wait_for_server_addr
-
-    from .test_integration import _start, run_own_data_devices
+    from .test_integration import launch, run_own_data_devices
 
     for name, role in (("hamlet", "HAMLET"), ("ophelia", "OPHELIA")):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
@@ -303,10 +301,9 @@ def test_a_deployment_trains_a_causal_lm_on_each_devices_own_text(tmp_path):
                 f.write(json.dumps({"text": f"{ROLES[role]} ({i})"}) + "\n")
     raw = lm_raw("", server={"min_registered": 2, "port": 0, "registration_timeout_s": 300.0, "samples": 0})
     raw["data"] = {"mode": "own"}
-    server, run_dir = _start(tmp_path, raw)
-    addr = wait_for_server_addr(run_dir, server, 120)
-    run_own_data_devices(tmp_path, server, addr, {n: tmp_path / f"{n}.jsonl" for n in ("hamlet", "ophelia")})
-    rows = [r for r in _rows(run_dir) if r["round"] > 0]
+    with launch(tmp_path, raw) as fleet:
+        run_own_data_devices(tmp_path, fleet, {n: tmp_path / f"{n}.jsonl" for n in ("hamlet", "ophelia")})
+    rows = [r for r in _rows(fleet.run_dir) if r["round"] > 0]
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert sorted(d["device_id"] for d in r["devices"]) == ["hamlet", "ophelia"]

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from ..configtools import ConfigError
+from ..launch import Client, LaunchError, Launcher
 from .common import _replace, _tensorboard_flag, _torch_device, _verbose_flag, default_run_dir, parse_device_ids
 
 
@@ -183,8 +181,6 @@ def cmd_demo(args) -> int:
     import tomli_w
 
     from edgelora.config import load_config
-    from edgelora.runlog import wait_for_server_addr
-
     from edgelora.schema import shared_dataset
 
     lm = args.task == "causal-lm"
@@ -206,42 +202,26 @@ def cmd_demo(args) -> int:
     cfg_path.write_text(tomli_w.dumps(raw))
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
-    exe = [sys.executable, "-m", "edgelora.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"edgelora demo: 1 server + {run.data.num_devices} clients, {run.server.rounds} rounds of "
           f"{run.method.name} on {run.data.dataset} ({run.model.name}); run folder {run_dir}", flush=True)
-    server = subprocess.Popen(exe + ["server", "--config", str(cfg_path), "--out", str(run_dir), "--port", "0",
-                                     "--insecure"],
-                              env=env)
-    clients: list[subprocess.Popen] = []
-    try:
-        addr = wait_for_server_addr(run_dir, server, timeout_s=300)
-        for i in range(run.data.num_devices):
-            log = open(logs / f"client_{i}.log", "w")
-            clients.append(subprocess.Popen(exe + ["client", "--server", addr, "--device-id", str(i), "--quiet",
-                                                   "--verbose", "--give-up-s", "60", "--insecure"],
-                                            env=env, stdout=log, stderr=subprocess.STDOUT))
-        rc = server.wait()
-        for c in clients:
-            try:
-                c.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                c.terminate()
-        bad = [i for i, c in enumerate(clients) if c.returncode not in (0, None)]
-        if bad:
-            print(f"clients {bad} exited with errors; see {logs}", file=sys.stderr)
-        plot = run_dir / ("perplexity.png" if lm else "accuracy.png")
-        print(f"demo finished: metrics {run_dir / 'metrics.jsonl'}, plot {plot}, adapter {run_dir / 'adapter'}"
-              + (f", samples {run_dir / 'samples.md'}" if lm else ""), flush=True)
-        return rc or (1 if bad else 0)
-    finally:
-        for p in [server, *clients]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+    client_args = ["--quiet", "--verbose", "--give-up-s", "60", "--insecure"]
+    try:  # the server's output is the demo's: the round table in this terminal
+        with Launcher(run_dir, env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}) as fleet:
+            fleet.start_server(cfg_path, args=["--insecure"], timeout_s=300)
+            fleet.start_clients(Client(device_id=str(i), args=client_args, log=logs / f"client_{i}.log")
+                                for i in range(run.data.num_devices))
+            rc = fleet.wait_server()
+            codes = fleet.wait_clients(timeout_s=30)  # a client still running then is stopped, not counted
+    except LaunchError as e:
+        print(f"edgelora demo: {e}", file=sys.stderr)
+        return 1
+    bad = [i for i, c in enumerate(codes) if c not in (0, None)]
+    if bad:
+        print(f"clients {bad} exited with errors; see {logs}", file=sys.stderr)
+    plot = run_dir / ("perplexity.png" if lm else "accuracy.png")
+    print(f"demo finished: metrics {run_dir / 'metrics.jsonl'}, plot {plot}, adapter {run_dir / 'adapter'}"
+          + (f", samples {run_dir / 'samples.md'}" if lm else ""), flush=True)
+    return rc or (1 if bad else 0)
 
 
 def add_commands(sub) -> None:
