@@ -1,8 +1,8 @@
-"""What a new user sees when something goes wrong: one line on stderr, never a traceback (the CLI run as a
-subprocess, as a user runs it)."""
+"""What a new user sees when something goes wrong: one line on stderr, never a traceback. Argument and config
+errors run `edgelora.cli.main` in this process (the code a user's command runs, without a second interpreter
+importing torch); what needs a process of its own (Ctrl-C, a fresh transformers) runs the CLI as a user does."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -14,9 +14,21 @@ import tomli_w
 from .conftest import REPO, cli, interrupt_after_first_round, sigint_default, tiny_raw
 
 
-def _run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cli(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """`edgelora ARGS` in this process: (exit code, stdout, stderr). The CLI's global settings (transformers'
+    progress bars) are put back."""
+    from transformers.utils import logging as hf_logging
+
+    from edgelora.cli import main
+
+    bars = hf_logging.is_progress_bar_enabled()
+    try:
+        code = main(list(args))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def _free_port() -> int:
@@ -31,29 +43,31 @@ def _config(tmp_path: Path, **sections) -> Path:
     return path
 
 
-def test_unknown_model_without_the_hub_is_one_line(tmp_path):
+def test_unknown_model_without_the_hub_is_one_line(tmp_path, capsys, monkeypatch):
     # HF_ENDPOINT at a closed local port: the Hub is unreachable however the test machine is connected
-    p = _run("simulate", "--config", str(_config(tmp_path)), "--model", "not-a-model", "--out", str(tmp_path / "r"),
-             "--quiet", env={"HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}", "HF_HUB_OFFLINE": "0"})
-    assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "'not-a-model' is not a local path or a known preset" in p.stderr
-    assert "Hugging Face Hub is unreachable" in p.stderr
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    code, _, err = _main(capsys, "simulate", "--config", str(_config(tmp_path)), "--model", "not-a-model",
+                         "--out", str(tmp_path / "r"), "--quiet")
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "'not-a-model' is not a local path or a known preset" in err
+    assert "Hugging Face Hub is unreachable" in err
 
 
-def test_client_without_a_server_is_one_line():
-    p = _run("client", "--server", f"127.0.0.1:{_free_port()}", "--device-id", "0", "--give-up-s", "2",
-             "--insecure", "--quiet")
-    assert p.returncode == 1, p.stderr
-    assert "Traceback" not in p.stderr
-    assert "unreachable" in p.stderr.splitlines()[-1], p.stderr
+def test_client_without_a_server_is_one_line(capsys):
+    code, _, err = _main(capsys, "client", "--server", f"127.0.0.1:{_free_port()}", "--device-id", "0",
+                         "--give-up-s", "2", "--insecure", "--quiet")
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert "unreachable" in err.splitlines()[-1], err
 
 
-def test_simulate_refuses_more_devices_a_round_than_devices_as_the_server_does(tmp_path):
-    p = _run("simulate", "--config", str(_config(tmp_path)), "--devices", "3", "--per-round", "5",
-             "--out", str(tmp_path / "r"), "--quiet")
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "server.devices_per_round: (5) exceeds data.num_devices (3)" in p.stderr
+def test_simulate_refuses_more_devices_a_round_than_devices_as_the_server_does(tmp_path, capsys):
+    code, _, err = _main(capsys, "simulate", "--config", str(_config(tmp_path)), "--devices", "3",
+                         "--per-round", "5", "--out", str(tmp_path / "r"), "--quiet")
+    assert code == 2 and "Traceback" not in err
+    assert "server.devices_per_round: (5) exceeds data.num_devices (3)" in err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
@@ -68,12 +82,12 @@ def test_ctrl_c_in_simulate_is_one_line_and_says_how_to_resume(tmp_path):
     assert f"interrupted; finished rounds are saved in {out} (continue with --resume {out})" in err
 
 
-def test_methods_name_prints_its_fields_with_defaults():
-    p = _run("methods", "slora")
-    assert p.returncode == 0, p.stderr
-    assert "stage1_rounds = 0" in p.stdout and "lora.rank = 8" in p.stdout and "Stage 1 mask density" in p.stdout
-    bad = _run("methods", "sloar")
-    assert bad.returncode == 2 and "unknown method 'sloar'" in bad.stderr and "Traceback" not in bad.stderr
+def test_methods_name_prints_its_fields_with_defaults(capsys):
+    code, out, err = _main(capsys, "methods", "slora")
+    assert code == 0, err
+    assert "stage1_rounds = 0" in out and "lora.rank = 8" in out and "Stage 1 mask density" in out
+    code, _, err = _main(capsys, "methods", "sloar")
+    assert code == 2 and "unknown method 'sloar'" in err and "Traceback" not in err
 
 
 def test_model_loads_show_no_transformers_loading_bar_and_leave_the_setting_as_it_was():
