@@ -9,8 +9,8 @@ Ray started by the child; --gpu adds Ray with 2 workers x 0.5 GPU each). The wor
 evaluation but the last round's. One JSON record per setting: `backend`, `workers`, `threads`,
 `trainings_per_minute` (client trainings in rounds 2..R over their wall time: steady rounds, every model
 loaded), `startup_s` (child start to round 1's start: imports, data, models, Ray and its actors),
-`round1_s`, `peak_rss_mb` (the child's whole process tree, Ray's daemons and workers included, sampled every
-0.2 s), `rounds`, `per_round`. Prints a table with each setting against sequential at 1 and at 2 threads.
+`round1_s`, `peak_rss_mb` and `peak_pss_mb` (the child's whole process tree, Ray's daemons and workers
+included, sampled every 0.2 s; PSS counts a shared page once, split among the processes that map it), `rounds`, `per_round`. Prints a table with each setting against sequential at 1 and at 2 threads.
 Asserts nothing.
 """
 from __future__ import annotations
@@ -31,8 +31,10 @@ SETTINGS = [("sequential", 1, 1, 0.0), ("sequential", 1, 2, 0.0), ("ray", 1, 2, 
 GPU_SETTING = ("ray", 2, 1, 0.5)
 
 
-def _tree_rss_mb(root: int) -> float:
-    """Resident MB of `root` and every process below it (from /proc)."""
+def _tree_rss_mb(root: int) -> tuple[float, float]:
+    """(RSS, PSS) MB of `root` and every process below it (from /proc). RSS counts a page shared by several
+    processes (torch's libraries, mapped by the driver and every Ray worker) once in each; PSS splits it among
+    them, so the tree's PSS is the memory the tree takes from the machine."""
     parent, rss = {}, {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -49,7 +51,16 @@ def _tree_rss_mb(root: int) -> float:
         kids = [c for c, pp in parent.items() if pp in frontier and c not in keep]
         keep.update(kids)
         frontier = kids
-    return sum(rss.get(p, 0) for p in keep) / 1e6
+    pss = 0
+    for p in keep:
+        try:
+            for line in (Path("/proc") / str(p) / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                    break
+        except (OSError, ValueError):
+            continue
+    return sum(rss.get(p, 0) for p in keep) / 1e6, pss / 1e6
 
 
 def child(args) -> dict:
@@ -96,12 +107,13 @@ def run_setting(args, backend: str, workers: int, threads: int, gpus: float) -> 
            str(args.per_round), "--rounds", str(args.rounds), "--examples", str(args.examples), "--out", args.out]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0.0]
+    peak = [0.0, 0.0]
     done = threading.Event()
 
     def sample():
         while not done.wait(0.2):
-            peak[0] = max(peak[0], _tree_rss_mb(p.pid))
+            rss, pss = _tree_rss_mb(p.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
 
     threading.Thread(target=sample, daemon=True).start()
     out, err = p.communicate()
@@ -109,7 +121,7 @@ def run_setting(args, backend: str, workers: int, threads: int, gpus: float) -> 
     if p.returncode != 0:
         raise SystemExit(f"{backend} {workers}x{threads} failed:\n{err[-3000:]}")
     rec = json.loads(out.strip().splitlines()[-1])
-    rec["peak_rss_mb"] = peak[0]
+    rec["peak_rss_mb"], rec["peak_pss_mb"] = peak
     return rec
 
 
@@ -142,21 +154,24 @@ def main() -> None:
             rec = run_setting(args, *s)
             print(f"[{rep + 1}/{args.repeats}] {rec['backend']} {rec['workers']} x {rec['threads']}: "
                   f"{rec['trainings_per_minute']:.1f} trainings/min, start-up {rec['startup_s']:.1f} s, "
-                  f"peak RSS {rec['peak_rss_mb']:.0f} MB", flush=True)
+                  f"peak RSS {rec['peak_rss_mb']:.0f} MB, PSS {rec['peak_pss_mb']:.0f} MB", flush=True)
             records.append(rec)
     by = {}
     for r in records:  # the mean over repeats
         by.setdefault((r["backend"], r["workers"], r["threads"], r["gpus"]), []).append(r)
-    rows = {k: {f: sum(x[f] for x in v) / len(v) for f in ("trainings_per_minute", "startup_s", "peak_rss_mb")}
+    rows = {k: {f: sum(x[f] for x in v) / len(v) for f in ("trainings_per_minute", "startup_s", "peak_rss_mb",
+                                                             "peak_pss_mb")}
             for k, v in by.items()}
     s1, s2 = rows[("sequential", 1, 1, 0.0)], rows[("sequential", 1, 2, 0.0)]
-    print("\n| setting | trainings/min | vs seq 1 thread | vs seq 2 threads | start-up s | peak RSS MB | vs seq 2 threads |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| setting | trainings/min | vs seq 1 thread | vs seq 2 threads | start-up s | peak RSS MB | vs seq 2 threads "
+          "| peak PSS MB | vs seq 2 threads |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (b, w, t, g), r in rows.items():
         name = f"{b} {w} x {t}" + (f" x {g:g} GPU" if g else "")
         print(f"| {name} | {r['trainings_per_minute']:.1f} | {r['trainings_per_minute'] / s1['trainings_per_minute']:.2f}x | "
               f"{r['trainings_per_minute'] / s2['trainings_per_minute']:.2f}x | {r['startup_s']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / s2['peak_rss_mb']:.2f}x |")
+              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / s2['peak_rss_mb']:.2f}x | {r['peak_pss_mb']:.0f} | "
+              f"{r['peak_pss_mb'] / s2['peak_pss_mb']:.2f}x |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(records, indent=1))

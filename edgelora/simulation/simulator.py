@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgelora.configtools import ConfigError
+from edgelora.edge_client.throttle import mbit_to_bytes_s
 from edgelora.protos import serde
 from edgelora.protos.refusals import UpdateRejected
 from edgelora.schema import RunConfig
@@ -50,15 +51,17 @@ class SimulatedDevices:
     def declared(self, device_id: str) -> DeviceInfo:
         """A simulated device declares its emulated links, as a throttled client does at Register."""
         cfg = self.run.server
-        return DeviceInfo(device_id, declared_uplink_bps=_rate(cfg.simulated_uplink_mbps, device_id),
-                          declared_downlink_bps=_rate(cfg.simulated_downlink_mbps, device_id))
+        return DeviceInfo(device_id, declared_uplink_bps=_mbps(cfg.simulated_uplink_mbps, device_id) * 1e6,
+                          declared_downlink_bps=_mbps(cfg.simulated_downlink_mbps, device_id) * 1e6)
 
     def wait_for(self, driver: RoundDriver, needed: int, before_first_round: bool) -> None:
         pass  # always there
 
     def _link_seconds(self, rates: list[float], device_id: str, nbytes: int) -> float | None:
-        bps = _rate(rates, device_id)
-        return 8.0 * nbytes / bps if bps else None
+        """What moving nbytes takes on the device's emulated link: the rate a real client's LinkThrottle
+        paces to (edge_client.throttle), computed instead of waited for. None: the link is not emulated."""
+        mbps = _mbps(rates, device_id)
+        return nbytes / mbit_to_bytes_s(mbps) if mbps else None
 
     def _jobs(self, driver: RoundDriver, rnd: Round) -> Iterator[Job]:
         """Every sampled device fetches its task when the round opens, as over gRPC (an over-selected device
@@ -157,9 +160,9 @@ class SimulatedDevices:
         self.runner.close()
 
 
-def _rate(rates: list[float], device_id: str) -> float:
-    """server.simulated_*_mbps: device i gets rates[i mod len], in bit/s (0: not emulated)."""
-    return float(rates[int(device_id) % len(rates)]) * 1e6 if rates else 0.0
+def _mbps(rates: list[float], device_id: str) -> float:
+    """server.simulated_*_mbps: device i gets rates[i mod len] (0: not emulated)."""
+    return float(rates[int(device_id) % len(rates)]) if rates else 0.0
 
 
 class Simulator(RoundDriver):
