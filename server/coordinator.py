@@ -103,6 +103,7 @@ class Coordinator(RoundDriver):
         super().__init__(run, run_dir, GrpcDevices(run, clock), resume, clock)
         self.model_fingerprint = fingerprint_model(self.base)
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
+        self._last_told = float("-inf")  # the clock when a device was last told the run is over
 
     @property
     def registry(self) -> DeviceRegistry:
@@ -197,20 +198,30 @@ class Coordinator(RoundDriver):
             self.cond.wait_for(lambda: r is None or device_id not in r.uploading, timeout=30)
             return r.held_bytes(device_id, task_id) if r is not None and r.number == round_id else 0
 
-    def say_goodbye(self, max_s: float) -> list[str]:
+    def say_goodbye(self, max_s: float, linger_s: float | None = None) -> list[str]:
         """After the last round: hold until every live device has heard the run is over (a STOP task or a
         heartbeat reply), at most max_s. A device that was in a backoff sleep or a long poll when the round
         closed hears it at its next heartbeat; leaving earlier strands it retrying an absent server until its
-        --give-up-s. Returns the live devices that were not told."""
+        --give-up-s. Returns the live devices that were not told.
+
+        "Told" is when the answer was handed to gRPC, not when the device read it: a reply still in flight when
+        the server stops is lost (seen once in the link-outage test, the device then retried for minutes). So
+        once everyone is told the server stays `linger_s` (server.heartbeat_s) past the last telling: a device
+        whose answer was lost asks again within its heartbeat period and is told again."""
+        linger = self.run.server.heartbeat_s if linger_s is None else linger_s
         deadline = self.clock() + max_s
         with self.cond:
             while True:
                 untold = [d for d in self.registry.live()
                           if d not in self.told_finished and d not in self.data_errors]
                 left = deadline - self.clock()
-                if not untold or left <= 0 or self.stopping:
+                if untold and left > 0 and not self.stopping:
+                    self.cond.wait(min(left, 0.5))
+                    continue
+                settle = self._last_told + linger - self.clock()
+                if untold or self.stopping or left <= 0 or settle <= 0:
                     return untold
-                self.cond.wait(min(left, 0.5))
+                self.cond.wait(min(left, settle))
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _known(self, device_id: str) -> None:
@@ -219,6 +230,7 @@ class Coordinator(RoundDriver):
 
     def _told(self, device_id: str) -> None:
         """(lock held)"""
+        self._last_told = self.clock()  # told again (a lost answer asked for once more) counts for the linger
         if device_id not in self.told_finished:
             self.told_finished.add(device_id)
             self.cond.notify_all()

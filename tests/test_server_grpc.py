@@ -441,3 +441,33 @@ def test_a_device_retrying_in_backoff_hears_the_run_is_over_from_a_heartbeat(tin
     assert not t.is_alive() and out == [0]
     assert "fetch task: UNAVAILABLE" in caplog.text and "the server says the run is over" in caplog.text
     assert "1" in coord.told_finished
+
+
+def test_the_server_lingers_a_heartbeat_past_the_last_device_it_told(tiny_config, tmp_path):
+    """'Told' is when the answer left the server: one lost in flight (a server stopping at once) strands the device.
+    say_goodbye returns only once heartbeat_s has passed since the last telling, so a device whose answer was lost
+    asks again and is told again. On an injected clock, moved by hand."""
+    from edgelora.server.coordinator import Coordinator
+
+    now = [100.0]
+    coord = Coordinator(tiny_config(server={"rounds": 1, "heartbeat_s": 5.0}), tmp_path / "run", clock=lambda: now[0])
+    coord.register("0", "test", {}, coord.model_fingerprint, coord.tokenizer_fingerprint)
+    coord.state = coord.state.replace(finished=True)
+    assert coord.heartbeat("0").finished  # told at t = 100
+    out = []
+    waiter = threading.Thread(target=lambda: out.append(coord.say_goodbye(60.0)), daemon=True)
+    waiter.start()
+
+    def move_to(t):
+        now[0] = t
+        with coord.cond:
+            coord.cond.notify_all()
+        waiter.join(timeout=0.5)
+
+    move_to(104.0)
+    assert waiter.is_alive()  # everyone told, but within a heartbeat of it
+    coord.heartbeat("0")  # the answer was lost: the device asks again at t = 104 and is told again
+    move_to(108.0)
+    assert waiter.is_alive()  # 4 s after the last telling
+    move_to(109.5)
+    assert not waiter.is_alive() and out == [[]]
