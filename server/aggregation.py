@@ -232,9 +232,10 @@ def global_norm(delta: Delta) -> float:
     return float(np.sqrt(sum(_sum_of_squares(v) for v in delta.values())))
 
 
-def clip_to_norm(delta: Delta, c: float) -> Delta:
-    """delta x min(1, c / ||delta||), the norm taken over every tensor together; each tensor keeps its form."""
-    norm = global_norm(delta)
+def clip_to_norm(delta: Delta, c: float, norm: float | None = None) -> Delta:
+    """delta x min(1, c / ||delta||), the norm taken over every tensor together (`norm`, when the caller has it);
+    each tensor keeps its form."""
+    norm = global_norm(delta) if norm is None else norm
     if norm <= c:
         return delta
     scale = c / norm
@@ -255,10 +256,11 @@ class Aggregator:
     def weight(self, num_examples: int) -> float:
         return float(num_examples) if getattr(self.cfg, "weighted", False) else 1.0
 
-    def clip(self, delta: Delta) -> Delta:
-        """What of a device's delta enters the aggregate (clip_norm, where the config has one)."""
+    def clip(self, delta: Delta, norm: float | None = None) -> Delta:
+        """What of a device's delta enters the aggregate (clip_norm, where the config has one); `norm`: the
+        delta's global_norm, when the caller has it."""
         c = getattr(self.cfg, "clip_norm", 0.0)
-        return clip_to_norm(delta, c) if c > 0 else delta
+        return clip_to_norm(delta, c, norm) if c > 0 else delta
 
     def start(self):
         """The round's accumulator: `add(delta, weight)` per accepted upload, `count` of them."""

@@ -266,7 +266,8 @@ class Round:
             raise UpdateRejected(Refusal.PRECONDITION, self.closed_reason())
         self._move(device_id, _S.ACCEPTED)
         aggregator = self.engine.aggregator
-        self.agg.add(aggregator.clip(delta), aggregator.weight(self.engine.counted_examples(device_id, num_examples)))
+        norm = global_norm(delta)  # recorded, and what clipping scales by
+        self.agg.add(aggregator.clip(delta, norm), aggregator.weight(self.engine.counted_examples(device_id, num_examples)))
         self._task_ids.pop(device_id, None)  # every id it was given is spent
         rec = self.record.devices[device_id]
         rec.status, rec.error = "completed", ""
@@ -274,7 +275,7 @@ class Round:
         rec.download_s, rec.train_s, rec.encode_s, rec.upload_s = (times.download_s, times.train_s,
                                                                     times.encode_s, times.upload_s)
         rec.upload_done_at = self._now()
-        rec.update_norm = global_norm(delta)
+        rec.update_norm = norm
         rec.eval_examples, rec.eval_loss, rec.eval_accuracy = evaluation
 
     def reject(self, device_id: str, message: str, wire_bytes: int) -> None:
