@@ -156,21 +156,12 @@ def update_from_proto(h: pb.UpdateHeader, payload: bytes) -> Update:
                   eval_examples=h.eval_examples, eval_loss=h.eval_loss, eval_accuracy=h.eval_accuracy)
 
 
-def task_to_bytes(task: Task, payload_bytes: int) -> bytes:
-    """A task header as bytes, as FetchTask's first message carries it (a simulated device parses it back)."""
-    return task_to_proto(task, payload_bytes).SerializeToString()
-
-
 def task_from_bytes(data: bytes) -> Task:
     return task_from_proto(pb.TaskHeader.FromString(data))
 
 
 def update_header_to_bytes(update: Update) -> bytes:
     return update_header_to_proto(update).SerializeToString()
-
-
-def update_from_bytes(header: bytes, payload: bytes) -> Update:
-    return update_from_proto(pb.UpdateHeader.FromString(header), payload)
 
 
 @functools.lru_cache(maxsize=64)
@@ -185,12 +176,15 @@ def _stream_bytes(header_msg, chunk_cls, payload_bytes: int, chunk_bytes: int) -
     return wire + (_data_chunk_size(chunk_cls, rest) if rest else 0)
 
 
-def task_wire_bytes(header: bytes, payload_bytes: int, chunk_bytes: int) -> int:
-    """What FetchTask's stream of this task header (task_to_bytes) and payload puts on the wire: a simulation
-    counts the transfer it does not make."""
-    return _stream_bytes(pb.TaskHeader.FromString(header), pb.TaskChunk, payload_bytes, chunk_bytes)
+def task_over_the_wire(task: Task, payload_bytes: int, chunk_bytes: int) -> tuple[bytes, int]:
+    """(the task header as FetchTask's first message carries it, the wire bytes of FetchTask's whole stream of it
+    and a payload of payload_bytes): a simulation counts the transfer it does not make. One header message."""
+    msg = task_to_proto(task, payload_bytes)
+    return msg.SerializeToString(), _stream_bytes(msg, pb.TaskChunk, payload_bytes, chunk_bytes)
 
 
-def update_wire_bytes(header: bytes, payload_bytes: int, chunk_bytes: int) -> int:
-    """What SubmitUpdate's stream of this update header (update_header_to_bytes) and payload puts on the wire."""
-    return _stream_bytes(pb.UpdateHeader.FromString(header), pb.UpdateChunk, payload_bytes, chunk_bytes)
+def update_over_the_wire(header: bytes, payload: bytes, chunk_bytes: int) -> tuple[Update, int]:
+    """(the update a SubmitUpdate stream of this header (update_header_to_bytes) and payload delivers, the wire
+    bytes of that stream), the header parsed once."""
+    msg = pb.UpdateHeader.FromString(header)
+    return update_from_proto(msg, payload), _stream_bytes(msg, pb.UpdateChunk, len(payload), chunk_bytes)

@@ -71,8 +71,7 @@ class SimulatedDevices:
         for d in rnd.sampled:
             t0 = time.perf_counter()
             payload = rnd.plans[d].payload
-            header = serde.task_to_bytes(driver.hand_out(rnd, d), len(payload))
-            nbytes = serde.task_wire_bytes(header, len(payload), cfg.chunk_bytes)
+            header, nbytes = serde.task_over_the_wire(driver.hand_out(rnd, d), len(payload), cfg.chunk_bytes)
             driver.downloaded(rnd, d, nbytes, finished=True)
             down_s = self._link_seconds(cfg.simulated_downlink_mbps, d, nbytes)
             jobs.append((d, header, payload, time.perf_counter() - t0 if down_s is None else down_s))
@@ -94,8 +93,7 @@ class SimulatedDevices:
                 driver.drop(rnd, d, str(result))
                 continue
             header, payload = result
-            update = serde.update_from_bytes(header, payload)
-            bytes_up = serde.update_wire_bytes(header, len(payload), chunk)
+            update, bytes_up = serde.update_over_the_wire(header, payload, chunk)
             times = update.times  # upload_s stays 0 (the header leaves it out: the server measures it) unless:
             up_s = self._link_seconds(self.run.server.simulated_uplink_mbps, d, bytes_up)
             if up_s is not None:  # what the server's clock would read behind that uplink
