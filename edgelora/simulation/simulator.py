@@ -175,7 +175,6 @@ class Simulator(RoundDriver):
         # How the devices train, here or in Ray actors: started after the server's model (its initial weights
         # come from the torch RNG the base model seeds) and on the run as the server resolved it (num_labels).
         self.devices.runner = make_runner(self.run, torch_device)
-        self.devices.run = self.run
         self.folder.sequential_devices = True
         if self.state.finished and self.state.round < self.run.server.rounds:  # --rounds extends a finished run
             self.state = self.state.replace(finished=False)
