@@ -1,0 +1,14 @@
+"""Secure aggregation of sparse uploads (SecAgg+, Bell et al. 2020) with distributed differential privacy:
+the pieces both sides share, with no transport and no round logic.
+
+- primitives: X25519 key agreement, HKDF-SHA256, AES-GCM, a ChaCha20 keystream as the mask generator,
+  Shamir sharing (pycryptodome), all from well-kept libraries; nothing cryptographic written here.
+- graph: the round's neighbour graph (each device shares with O(log n) others).
+- messages: the protocol's messages as frozen dataclasses (protos/serde carries them).
+- ring: fixed point in Z_(2^b): clip, weight, stochastic rounding, the bit width that cannot wrap.
+- dp: integer noise each device adds, and the accountant's epsilon.
+
+The coordinator's side of a round is server/secagg.py, the device's edge_client/secagg.py.
+Imports: numpy, cryptography, pycryptodome, dp-accounting (lazily, optional), and the core; never grpc,
+server/ or edge_client/.
+"""
