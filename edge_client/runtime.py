@@ -24,6 +24,8 @@ from edgelora.protos.channel import CLIENT_OPTIONS
 from edgelora.protos.refusals import refusal_code
 from edgelora.tasks import Update, device_seed
 
+from .secagg import ProtocolViolation
+from .sessions import SecureSessions
 from .throttle import LinkThrottle
 
 log = logging.getLogger("edgelora.client")
@@ -145,6 +147,7 @@ class EdgeClient:
         self.stopped: set[str] = set()
         self.late = 0  # tasks let go because the round's deadline passed before the upload could start
         self.payload_bytes_sent: dict[str, int] = {}
+        self.sessions = SecureSessions()  # secure aggregation: each device's keys for the round under way
         self.heartbeat_s = 5.0
         self._beat: threading.Thread | None = None
         self._stop = threading.Event()
@@ -309,12 +312,15 @@ class EdgeClient:
         if header.kind == pb.TaskHeader.STOP:
             self.stopped.add(device_id)
             return False
+        if header.kind == pb.TaskHeader.SECAGG:
+            self._answer_secagg(device_id, header)
+            return True
         if header.kind != pb.TaskHeader.TRAIN:
             return False
         task = serde.task_from_proto(header)
         try:
-            update = self.trainers[device_id].run(task, payload, download_s)
-        except (DownloadError, CodecError) as e:
+            update = self.trainers[device_id].run(task, payload, download_s, self.sessions.for_task(device_id, task))
+        except (DownloadError, CodecError, ProtocolViolation) as e:
             log.error("device %s round %d: %s", device_id, task.round, e)
             self.backoff.failed(f"device {device_id} round {task.round}: unusable task")
             return True
@@ -336,6 +342,22 @@ class EdgeClient:
                           e.details())
             self._recover(device_id, e, "upload")
         return True
+
+    def _answer_secagg(self, device_id: str, header: pb.TaskHeader) -> None:
+        """A secure round's key phase: answer the prompt with the matching RPC, or refuse what an honest device
+        must not do (the coordinator then counts this device as dropped)."""
+        try:
+            request = self.sessions.answer(device_id, header)
+        except ProtocolViolation as e:
+            log.error("device %s round %d: refused the coordinator's secure-aggregation prompt: %s", device_id,
+                      header.round, e)
+            return
+        rpc = {pb.AdvertiseKeysRequest: self.stub.AdvertiseKeys, pb.ShareKeysRequest: self.stub.ShareKeys,
+               pb.UnmaskSharesRequest: self.stub.UnmaskShares}[type(request)]
+        try:
+            rpc(request, timeout=30, metadata=self._md(device_id))
+        except grpc.RpcError as e:
+            self._recover(device_id, e, "secure aggregation")
 
     def _recover(self, device_id: str, e: grpc.RpcError, what: str) -> None:
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):

@@ -14,10 +14,14 @@ from edgelora import codec
 from edgelora.data import Examples, device_examples
 from edgelora.models import ModelHost, load_base_model, load_tokenizer, trainable_params, trainable_state
 from edgelora.schema import DataConfig, ModelConfig
+from edgelora.secagg import coordinates as coords
+from edgelora.secagg.ring import encode as ring_encode
 from edgelora.sparsity import global_topk
 from edgelora.task_types import task_type
 from edgelora.tasks import PhaseTimes, Structure, Task, Update, UploadFormat, device_index, device_seed
 from edgelora.training import batches, evaluate, train_local
+
+from .secagg import SecAggDevice
 
 
 class DownloadError(ValueError):
@@ -44,11 +48,17 @@ class DeviceTrainer:
         self.examples = examples if examples is not None else device_examples(data, device_index(device_id),
                                                                               host.model_cfg.task)
         self.eval_examples = eval_examples
+        # A partition of a shared dataset is an experiment: stochastic rounding and secure aggregation's noise
+        # are seeded per round and device, so a run is reproducible bit for bit. On a device's own data they
+        # come from the OS: a seed the coordinator could know would let it subtract the noise.
+        self.reproducible = examples is None
         self.progress = progress
         self.residual: dict[str, np.ndarray] = {}  # FLASC error feedback: what top-k did not send
         self._pending_residual: dict[str, np.ndarray] | None = None
 
-    def run(self, task: Task, payload: bytes, download_s: float = 0.0) -> Update:
+    def run(self, task: Task, payload: bytes, download_s: float = 0.0, secure: SecAggDevice | None = None) -> Update:
+        """`secure`: the device's secure-aggregation session for the task's round (a secure task's upload is
+        masked with it)."""
         model, init, masks = self.host.prepare(task.structure)
         received = self._apply_download(model, init, payload)
         scored = (0, 0.0, 0.0)
@@ -67,9 +77,12 @@ class DeviceTrainer:
         t1 = time.perf_counter()
         trained = trainable_state(model)
         delta = {n: trained[n] - received[n] for n in trained}
-        upload = self._encode(task, delta, masks)
+        if task.upload.secure is not None:  # the example count travels inside the masked vector
+            upload, examples = self._encode_secure(task, delta, masks, received, secure), 0
+        else:
+            upload, examples = self._encode(task, delta, masks), len(self.examples)
         t2 = time.perf_counter()
-        return Update(self.device_id, task.round, len(self.examples), upload, loss,
+        return Update(self.device_id, task.round, examples, upload, loss,
                       PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1), task_id=task.task_id,
                       eval_examples=scored[0], eval_loss=scored[1], eval_accuracy=scored[2])
 
@@ -148,4 +161,26 @@ class DeviceTrainer:
         if feedback:  # what was sent is what the server decodes: top-k's and rounding's errors both carry over
             sent = codec.decode_bundle(payload)
             self._pending_residual = {n: delta[n] - codec.to_dense(n, sent[n]) for n in delta}
+        return payload
+
+    def _encode_secure(self, task: Task, delta: dict[str, np.ndarray], masks: dict[str, np.ndarray],
+                       received: dict[str, np.ndarray], secure: SecAggDevice | None) -> bytes:
+        """A secure round's upload: the delta at the round's shared coordinates, fixed point in the announced
+        ring (clipped, weighted, stochastically rounded, with this device's share of the noise), masked."""
+        up = task.upload.secure
+        if secure is None or task.masking is None:
+            raise DownloadError(f"round {task.round}: a secure task, but this device holds no keys for it (it "
+                                f"missed the round's key phases)")
+        feedback = task.upload.error_feedback
+        if feedback:
+            delta = {n: d + self.residual.get(n, 0.0) for n, d in delta.items()}
+        shapes = {n: tuple(d.shape) for n, d in delta.items()}
+        sets = coords.coordinate_sets(up, shapes, task.structure, masks.keys(), received)
+        values = coords.gather(delta, sets)
+        rng = np.random.default_rng(self._task_seed(task) if self.reproducible else None)
+        vector = ring_encode(values, len(self.examples), up.ring, rng)
+        payload = codec.encode_ring(secure.mask(vector, task.masking), up.ring.bits)
+        if feedback:  # what the round's coordinates left out carries over (FLASC's random-k)
+            sent = coords.scatter(values, sets, shapes)
+            self._pending_residual = {n: delta[n] - sent[n] for n in delta}
         return payload

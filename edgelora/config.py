@@ -14,12 +14,14 @@ from .schema import (  # noqa: F401 (users' path)
     DataConfig,
     ModelConfig,
     RunConfig,
+    SecureConfig,
     ServerConfig,
     SimulateConfig,
     TrainConfig,
     aggregator_config_from_dict,
     read_run_toml,
 )
+from .secagg.graph import neighbour_count
 from .task_types import task_type
 
 
@@ -31,7 +33,7 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
         raw = dict(source)
     else:
         raw = read_run_toml(source)
-    allowed = {"server", "model", "data", "train", "aggregator", "method", "simulate"}
+    allowed = {"server", "model", "data", "train", "aggregator", "method", "simulate", "secure"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(allowed)}")
@@ -43,6 +45,7 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
         aggregator=aggregator_config_from_dict(raw.get("aggregator")),
         method=method_config_from_dict(raw.get("method")),
         simulate=from_dict(SimulateConfig, raw.get("simulate"), "simulate"),
+        secure=from_dict(SecureConfig, raw.get("secure"), "secure"),
     )
     task = task_type(cfg.model.task)
     task.check_data(cfg)
@@ -56,4 +59,38 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
           f"with a dense-update method (lora, flasc, fft, flora, bitfit, adapters)")
     check(cfg.data.mode == "own" or cfg.server.devices_per_round <= cfg.data.num_devices, "server.devices_per_round",
           f"({cfg.server.devices_per_round}) exceeds data.num_devices ({cfg.data.num_devices})")
+    if cfg.secure.enabled:
+        check_secure(cfg)
     return cfg
+
+
+def secure_threshold(cfg: RunConfig, n: int) -> tuple[int, int]:
+    """(k, t) of a secure round with n sampled devices: each device's neighbours, and the shares that
+    reconstruct one of its secrets."""
+    k = neighbour_count(n, cfg.secure.neighbours)
+    return k, min(k, int(cfg.secure.threshold * k) + 1)
+
+
+def check_secure(cfg: RunConfig) -> None:
+    """What secure aggregation cannot run with, refused at load, one line each: the coordinator never holds
+    an individual update, so nothing that needs one can run."""
+    agg = cfg.aggregator.name
+    check(agg not in ("median", "trimmed-mean"), "aggregator.name",
+          f"{agg} needs every device's update, which secure aggregation hides; use fedavg or fedadam")
+    check(agg != "dp-fedavg", "aggregator.name",
+          "dp-fedavg trusts the server with clipping and noise; with [secure] use its distributed DP "
+          "(secure.noise_multiplier, secure.l2_clip)")
+    check(not cfg.aggregator.clip_norm, "aggregator.clip_norm",
+          "the server cannot clip an update it never sees; use secure.l2_clip (devices clip)")
+    check(not cfg.server.save_updates, "server.save_updates",
+          "would keep each device's upload; with [secure] the coordinator holds only masked values")
+    n = cfg.server.sampled_per_round
+    check(n >= 3, "server.devices_per_round", f"secure aggregation needs at least 3 devices a round, got {n}")
+    k, t = secure_threshold(cfg, n)
+    check(t + 1 <= n and cfg.server.min_devices <= n, "secure.threshold",
+          f"t = {t} shares of k = {k} neighbours: a round of {n} sampled devices cannot have more than t "
+          f"survivors to unmask; lower secure.threshold or sample more devices")
+    tiers = getattr(cfg.method, "tier_count", lambda: 1)()
+    check(tiers == 1 and getattr(cfg.method, "density_policy", "fixed") == "fixed", "method.tiers",
+          "secure aggregation needs one coordinate set for every device of a round: FLASC's tiers and "
+          "deadline densities give devices different ones")

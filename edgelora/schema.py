@@ -222,6 +222,35 @@ class SimulateConfig:
         check(self.device_gpus >= 0, "simulate.device_gpus", "must be >= 0")
 
 
+@dataclass
+class SecureConfig:
+    """[secure]: secure aggregation of sparse uploads (SecAgg+, Bell et al. 2020) with optional distributed
+    differential privacy: the coordinator learns the sum of a round's uploads, never one device's
+    (docs/security.md)."""
+    enabled: bool = field(False, "run every round through secure aggregation: devices exchange keys, upload masked ring values at coordinates the whole round shares, and the coordinator unmasks only their sum")
+    neighbours: int = field(0, "k: devices each device shares its secrets with (SecAgg+'s random graph); 0 = min(n - 1, 2 ceil(1.5 log2 n)) for n sampled devices")
+    threshold: float = field(0.5, "t = floor(threshold x k) + 1 shares reconstruct a device's secrets; a round needs more than t devices through every phase, or it is abandoned")
+    value_bits: int = field(8, "q: each value is a q-bit integer after stochastic rounding; the ring adds ceil(log2 n) bits and a margin so the sum cannot wrap")
+    clip: float = field(0.01, "c: each (weighted) value is clipped to [-c, c] before quantizing: the scale the coordinator announces for every round")
+    l2_clip: float = field(0.0, "C: clip each device's update to L2 norm C first (0 = no L2 clip; distributed DP needs one)")
+    coordinates: Literal["random-k", "download-topk"] = field("random-k", "FLASC's upload coordinates in secure mode, shared by the round (a per-device top-k would reveal each device's indices): random-k = a seeded random set at the upload density (error feedback keeps the rest); download-topk = the largest-magnitude entries of the round's download, at the upload density")
+    noise_multiplier: float = field(0.0, "distributed DP: z; every device adds integer noise so the unmasked sum carries stddev z x C (sized for the threshold's survivors); 0 = no noise")
+    dp_delta: float = field(1e-5, "distributed DP: the delta at which epsilon is reported")
+    phase_deadline_s: float = field(120.0, "a key phase (advertise, share, unmask) closes after this long; devices that did not answer by then are counted as dropped")
+
+    def validate(self) -> None:
+        check(self.neighbours >= 0, "secure.neighbours", "must be >= 0 (0 = automatic)")
+        check(0 <= self.threshold < 1, "secure.threshold", "must be in [0, 1)")
+        check(2 <= self.value_bits <= 24, "secure.value_bits", "must be in 2..24")
+        check(self.clip > 0, "secure.clip", "must be > 0")
+        check(self.l2_clip >= 0, "secure.l2_clip", "must be >= 0 (0 = none)")
+        check(self.noise_multiplier >= 0, "secure.noise_multiplier", "must be >= 0")
+        check(self.noise_multiplier == 0 or self.l2_clip > 0, "secure.l2_clip",
+              "must be > 0 when secure.noise_multiplier > 0: the noise is sized to the L2 sensitivity")
+        check(0 < self.dp_delta < 1, "secure.dp_delta", "must be in (0, 1)")
+        check(self.phase_deadline_s > 0, "secure.phase_deadline_s", "must be > 0")
+
+
 # -- [aggregator]: one Config a server aggregator (edgelora.server.aggregation), picked by name ----------------
 @dataclass
 class FedAvgConfig:
@@ -311,11 +340,13 @@ class RunConfig:
     aggregator: Any  # one of AGGREGATOR_CONFIGS; has `name`
     method: Any  # the method's own Config dataclass (see edgelora.methods); has `name`
     simulate: SimulateConfig = dataclasses.field(default_factory=SimulateConfig)
+    secure: SecureConfig = dataclasses.field(default_factory=SecureConfig)
 
     def to_toml(self) -> str:
         d = {k: to_dict(getattr(self, k)) for k in ("server", "model", "data", "train", "aggregator")}
         d["method"] = to_dict(self.method)
         d["simulate"] = to_dict(self.simulate)
+        d["secure"] = to_dict(self.secure)
         return tomli_w.dumps(d)
 
     def replace(self, **sections: Any) -> "RunConfig":

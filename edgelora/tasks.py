@@ -7,6 +7,9 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
+from .secagg.messages import MaskingInput
+from .secagg.ring import RingSpec
+
 
 class Stage(enum.IntEnum):
     DENSE = 1    # ordinary federated training of the method's trainable weights
@@ -68,6 +71,24 @@ class TrainSpec:
     gradient_checkpointing: bool = False
 
 
+class Coordinates(str, enum.Enum):
+    """Where a secure round's shared upload coordinates come from: both sides derive them, none travels."""
+    ALL = "all"                      # every trainable entry (dense methods)
+    MASK = "mask"                    # the structure's seeded mask (SFT, SLoRA Stage 1), dense tensors whole
+    RANDOM_K = "random-k"            # a seeded random set at `density`, fresh every round (FLASC)
+    DOWNLOAD_TOPK = "download-topk"  # the largest-magnitude entries of the round's download, at `density` (FLASC)
+
+
+@dataclass(frozen=True)
+class SecureUpload:
+    """A secure round's upload (secure aggregation): the delta at the round's shared coordinates, as integers
+    in the ring the coordinator announced, masked; the codec's ring payload carries them."""
+    coordinates: Coordinates
+    ring: RingSpec
+    density: float = 1.0
+    seed: int = 0
+
+
 @dataclass(frozen=True)
 class UploadRule:
     format: UploadFormat = UploadFormat.DENSE
@@ -75,6 +96,7 @@ class UploadRule:
     error_feedback: bool = False
     value_type: str = "float32"
     rounding: str = "nearest"      # codec rounding of the int value types: "nearest" | "stochastic"
+    secure: SecureUpload | None = None  # set: a secure round's masked ring upload replaces the bundle
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,7 @@ class Task:
     deadline_s: float = 0.0
     task_id: str = ""          # single-use id of this hand-out (edgelora.server.engine.Round.hand_out)
     evaluate: bool = False     # federated evaluation: score the downloaded model on the device's held-out data
+    masking: MaskingInput | None = None  # a secure round: whom to mask toward and the shares sealed to the device
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ class TrainSpec(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class UploadRule(_message.Message):
-    __slots__ = ("format", "density", "error_feedback", "value_type", "rounding")
+    __slots__ = ("format", "density", "error_feedback", "value_type", "rounding", "secure")
     class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FORMAT_UNSPECIFIED: _ClassVar[UploadRule.Format]
@@ -188,12 +188,38 @@ class UploadRule(_message.Message):
     ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     VALUE_TYPE_FIELD_NUMBER: _ClassVar[int]
     ROUNDING_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     format: UploadRule.Format
     density: float
     error_feedback: bool
     value_type: str
     rounding: str
-    def __init__(self, format: _Optional[_Union[UploadRule.Format, str]] = ..., density: _Optional[float] = ..., error_feedback: _Optional[bool] = ..., value_type: _Optional[str] = ..., rounding: _Optional[str] = ...) -> None: ...
+    secure: SecureUpload
+    def __init__(self, format: _Optional[_Union[UploadRule.Format, str]] = ..., density: _Optional[float] = ..., error_feedback: _Optional[bool] = ..., value_type: _Optional[str] = ..., rounding: _Optional[str] = ..., secure: _Optional[_Union[SecureUpload, _Mapping]] = ...) -> None: ...
+
+class SecureUpload(_message.Message):
+    __slots__ = ("coordinates", "density", "seed", "bits", "value_bits", "clip", "l2_clip", "weight_cap", "count_limbs", "noise_stddev")
+    COORDINATES_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    L2_CLIP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
+    COUNT_LIMBS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STDDEV_FIELD_NUMBER: _ClassVar[int]
+    coordinates: str
+    density: float
+    seed: int
+    bits: int
+    value_bits: int
+    clip: float
+    l2_clip: float
+    weight_cap: int
+    count_limbs: int
+    noise_stddev: float
+    def __init__(self, coordinates: _Optional[str] = ..., density: _Optional[float] = ..., seed: _Optional[int] = ..., bits: _Optional[int] = ..., value_bits: _Optional[int] = ..., clip: _Optional[float] = ..., l2_clip: _Optional[float] = ..., weight_cap: _Optional[int] = ..., count_limbs: _Optional[int] = ..., noise_stddev: _Optional[float] = ...) -> None: ...
 
 class RunSpec(_message.Message):
     __slots__ = ("run_id", "model", "data", "method", "chunk_bytes", "max_upload_bytes", "initial_structure")
@@ -265,17 +291,19 @@ class FetchTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "round", "stage", "method", "structure", "train", "upload", "payload_bytes", "deadline_s", "task_id", "evaluate")
+    __slots__ = ("kind", "round", "stage", "method", "structure", "train", "upload", "payload_bytes", "deadline_s", "task_id", "evaluate", "secagg", "masking")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[TaskHeader.Kind]
         TRAIN: _ClassVar[TaskHeader.Kind]
         WAIT: _ClassVar[TaskHeader.Kind]
         STOP: _ClassVar[TaskHeader.Kind]
+        SECAGG: _ClassVar[TaskHeader.Kind]
     KIND_UNSPECIFIED: TaskHeader.Kind
     TRAIN: TaskHeader.Kind
     WAIT: TaskHeader.Kind
     STOP: TaskHeader.Kind
+    SECAGG: TaskHeader.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +315,8 @@ class TaskHeader(_message.Message):
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    MASKING_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     round: int
     stage: Stage
@@ -298,7 +328,158 @@ class TaskHeader(_message.Message):
     deadline_s: float
     task_id: str
     evaluate: bool
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., method: _Optional[str] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., upload: _Optional[_Union[UploadRule, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., task_id: _Optional[str] = ..., evaluate: _Optional[bool] = ...) -> None: ...
+    secagg: SecAggPrompt
+    masking: SecAggMaskingInput
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., method: _Optional[str] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., upload: _Optional[_Union[UploadRule, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., task_id: _Optional[str] = ..., evaluate: _Optional[bool] = ..., secagg: _Optional[_Union[SecAggPrompt, _Mapping]] = ..., masking: _Optional[_Union[SecAggMaskingInput, _Mapping]] = ...) -> None: ...
+
+class SecAggSetup(_message.Message):
+    __slots__ = ("round", "session", "devices", "neighbours", "threshold", "graph_seed", "bits", "length")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    session: bytes
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    neighbours: int
+    threshold: int
+    graph_seed: int
+    bits: int
+    length: int
+    def __init__(self, round: _Optional[int] = ..., session: _Optional[bytes] = ..., devices: _Optional[_Iterable[str]] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[int] = ..., bits: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class SecAggKeys(_message.Message):
+    __slots__ = ("c_public", "s_public")
+    C_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    S_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    c_public: bytes
+    s_public: bytes
+    def __init__(self, c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ...) -> None: ...
+
+class SecAggPeerKeys(_message.Message):
+    __slots__ = ("keys",)
+    class KeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SecAggKeys
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecAggKeys, _Mapping]] = ...) -> None: ...
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.MessageMap[str, SecAggKeys]
+    def __init__(self, keys: _Optional[_Mapping[str, SecAggKeys]] = ...) -> None: ...
+
+class SecAggMaskingInput(_message.Message):
+    __slots__ = ("shared", "incoming")
+    class IncomingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_FIELD_NUMBER: _ClassVar[int]
+    shared: _containers.RepeatedScalarFieldContainer[str]
+    incoming: _containers.ScalarMap[str, bytes]
+    def __init__(self, shared: _Optional[_Iterable[str]] = ..., incoming: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggPrompt(_message.Message):
+    __slots__ = ("advertise", "share", "unmask")
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    advertise: SecAggSetup
+    share: SecAggPeerKeys
+    unmask: SecAggUnmaskRequest
+    def __init__(self, advertise: _Optional[_Union[SecAggSetup, _Mapping]] = ..., share: _Optional[_Union[SecAggPeerKeys, _Mapping]] = ..., unmask: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("device_id", "round", "session", "keys")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    session: bytes
+    keys: SecAggKeys
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., session: _Optional[bytes] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("device_id", "round", "session", "ciphertexts")
+    class CiphertextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    session: bytes
+    ciphertexts: _containers.ScalarMap[str, bytes]
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., session: _Optional[bytes] = ..., ciphertexts: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggShare(_message.Message):
+    __slots__ = ("x", "share")
+    X_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    x: int
+    share: bytes
+    def __init__(self, x: _Optional[int] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskSharesRequest(_message.Message):
+    __slots__ = ("device_id", "round", "session", "self_shares", "key_shares", "failed")
+    class SelfSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SecAggShare
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecAggShare, _Mapping]] = ...) -> None: ...
+    class KeySharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SecAggShare
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecAggShare, _Mapping]] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SELF_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    session: bytes
+    self_shares: _containers.MessageMap[str, SecAggShare]
+    key_shares: _containers.MessageMap[str, SecAggShare]
+    failed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., session: _Optional[bytes] = ..., self_shares: _Optional[_Mapping[str, SecAggShare]] = ..., key_shares: _Optional[_Mapping[str, SecAggShare]] = ..., failed: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggAck(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("header", "data")

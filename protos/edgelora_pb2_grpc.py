@@ -64,6 +64,21 @@ class CoordinatorStub:
                 request_serializer=edgelora__pb2.UploadOffsetRequest.SerializeToString,
                 response_deserializer=edgelora__pb2.UploadOffsetReply.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/edgelora.v1.Coordinator/AdvertiseKeys',
+                request_serializer=edgelora__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=edgelora__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/edgelora.v1.Coordinator/ShareKeys',
+                request_serializer=edgelora__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=edgelora__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.UnmaskShares = channel.unary_unary(
+                '/edgelora.v1.Coordinator/UnmaskShares',
+                request_serializer=edgelora__pb2.UnmaskSharesRequest.SerializeToString,
+                response_deserializer=edgelora__pb2.SecAggAck.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -111,6 +126,27 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (SecAgg+, Bell et al. 2020; docs/security.md): a secure round's key phases. FetchTask
+        prompts a device (TaskHeader kind SECAGG); it answers with one of these. Each is refused with a typed
+        status when it is not this device's, this round's or this phase's (a replay), or is malformed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmaskShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +179,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UploadOffset,
                     request_deserializer=edgelora__pb2.UploadOffsetRequest.FromString,
                     response_serializer=edgelora__pb2.UploadOffsetReply.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=edgelora__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=edgelora__pb2.SecAggAck.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=edgelora__pb2.ShareKeysRequest.FromString,
+                    response_serializer=edgelora__pb2.SecAggAck.SerializeToString,
+            ),
+            'UnmaskShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmaskShares,
+                    request_deserializer=edgelora__pb2.UnmaskSharesRequest.FromString,
+                    response_serializer=edgelora__pb2.SecAggAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +358,87 @@ class Coordinator:
             '/edgelora.v1.Coordinator/UploadOffset',
             edgelora__pb2.UploadOffsetRequest.SerializeToString,
             edgelora__pb2.UploadOffsetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgelora.v1.Coordinator/AdvertiseKeys',
+            edgelora__pb2.AdvertiseKeysRequest.SerializeToString,
+            edgelora__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgelora.v1.Coordinator/ShareKeys',
+            edgelora__pb2.ShareKeysRequest.SerializeToString,
+            edgelora__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmaskShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgelora.v1.Coordinator/UnmaskShares',
+            edgelora__pb2.UnmaskSharesRequest.SerializeToString,
+            edgelora__pb2.SecAggAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,11 +5,15 @@ from __future__ import annotations
 import functools
 
 from edgelora.schema import DataConfig, ModelConfig
+from edgelora.secagg import messages as sa
+from edgelora.secagg.ring import RingSpec
 from edgelora.task_types import task_type
 from edgelora.tasks import (
     AdapterSpec,
+    Coordinates,
     LoraSpec,
     PhaseTimes,
+    SecureUpload,
     Stage,
     Structure,
     StructureKind,
@@ -102,27 +106,124 @@ def train_from_proto(p: pb.TrainSpec) -> TrainSpec:
                      precision=p.precision or "fp32", gradient_checkpointing=p.gradient_checkpointing)
 
 
+def secure_upload_to_proto(s: SecureUpload) -> pb.SecureUpload:
+    r = s.ring
+    return pb.SecureUpload(coordinates=s.coordinates.value, density=s.density, seed=s.seed, bits=r.bits,
+                           value_bits=r.value_bits, clip=r.clip, l2_clip=r.l2_clip, weight_cap=r.weight_cap,
+                           count_limbs=r.count_limbs, noise_stddev=r.noise_stddev)
+
+
+def secure_upload_from_proto(p: pb.SecureUpload) -> SecureUpload:
+    try:
+        coordinates = Coordinates(p.coordinates)
+    except ValueError:
+        raise ValueError(f"secure upload: unknown coordinates {p.coordinates!r}; allowed: "
+                         f"{[c.value for c in Coordinates]}") from None
+    ring = RingSpec(bits=p.bits, value_bits=p.value_bits, clip=p.clip, l2_clip=p.l2_clip, weight_cap=p.weight_cap,
+                    count_limbs=p.count_limbs, noise_stddev=p.noise_stddev)
+    return SecureUpload(coordinates, ring, density=p.density, seed=p.seed)
+
+
 def upload_to_proto(u: UploadRule) -> pb.UploadRule:
-    return pb.UploadRule(format=int(u.format), density=u.density, error_feedback=u.error_feedback,
-                         value_type=u.value_type, rounding=u.rounding)
+    p = pb.UploadRule(format=int(u.format), density=u.density, error_feedback=u.error_feedback,
+                      value_type=u.value_type, rounding=u.rounding)
+    if u.secure is not None:
+        p.secure.CopyFrom(secure_upload_to_proto(u.secure))
+    return p
 
 
 def upload_from_proto(p: pb.UploadRule) -> UploadRule:
     return UploadRule(format=UploadFormat(p.format), density=p.density, error_feedback=p.error_feedback,
-                      value_type=p.value_type, rounding=p.rounding or "nearest")
+                      value_type=p.value_type, rounding=p.rounding or "nearest",
+                      secure=secure_upload_from_proto(p.secure) if p.HasField("secure") else None)
 
 
 def task_to_proto(t: Task, payload_bytes: int) -> pb.TaskHeader:
-    return pb.TaskHeader(kind=pb.TaskHeader.TRAIN, round=t.round, stage=int(t.stage), method=t.method,
-                         structure=structure_to_proto(t.structure), train=train_to_proto(t.train),
-                         upload=upload_to_proto(t.upload), payload_bytes=payload_bytes, deadline_s=t.deadline_s,
-                         task_id=t.task_id, evaluate=t.evaluate)
+    p = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, round=t.round, stage=int(t.stage), method=t.method,
+                      structure=structure_to_proto(t.structure), train=train_to_proto(t.train),
+                      upload=upload_to_proto(t.upload), payload_bytes=payload_bytes, deadline_s=t.deadline_s,
+                      task_id=t.task_id, evaluate=t.evaluate)
+    if t.masking is not None:
+        p.masking.CopyFrom(pb.SecAggMaskingInput(shared=list(t.masking.shared), incoming=dict(t.masking.incoming)))
+    return p
 
 
 def task_from_proto(p: pb.TaskHeader) -> Task:
+    masking = sa.MaskingInput(tuple(p.masking.shared), dict(p.masking.incoming)) if p.HasField("masking") else None
     return Task(round=p.round, stage=Stage(p.stage), method=p.method, structure=structure_from_proto(p.structure),
                 train=train_from_proto(p.train), upload=upload_from_proto(p.upload), deadline_s=p.deadline_s,
-                task_id=p.task_id, evaluate=p.evaluate)
+                task_id=p.task_id, evaluate=p.evaluate, masking=masking)
+
+
+# -- secure aggregation's key phases: the prompt FetchTask carries, the device's answer ----------------------------
+def prompt_to_proto(round_id: int, prompt: "sa.Setup | sa.PeerKeys | sa.UnmaskRequest") -> pb.TaskHeader:
+    p = pb.TaskHeader(kind=pb.TaskHeader.SECAGG, round=round_id)
+    if isinstance(prompt, sa.Setup):
+        p.secagg.advertise.CopyFrom(pb.SecAggSetup(
+            round=prompt.round, session=prompt.session, devices=list(prompt.devices), neighbours=prompt.neighbours,
+            threshold=prompt.threshold, graph_seed=prompt.graph_seed, bits=prompt.bits, length=prompt.length))
+    elif isinstance(prompt, sa.PeerKeys):
+        for d, (c, s) in prompt.keys.items():
+            p.secagg.share.keys[d].CopyFrom(pb.SecAggKeys(c_public=c, s_public=s))
+    else:
+        p.secagg.unmask.CopyFrom(pb.SecAggUnmaskRequest(survivors=list(prompt.survivors), dropped=list(prompt.dropped)))
+    return p
+
+
+def prompt_from_proto(p: pb.TaskHeader) -> "sa.Setup | sa.PeerKeys | sa.UnmaskRequest":
+    which = p.secagg.WhichOneof("phase")
+    if which == "advertise":
+        s = p.secagg.advertise
+        return sa.Setup(round=s.round, session=s.session, devices=tuple(s.devices), neighbours=s.neighbours,
+                        threshold=s.threshold, graph_seed=s.graph_seed, bits=s.bits, length=s.length)
+    if which == "share":
+        return sa.PeerKeys({d: (k.c_public, k.s_public) for d, k in p.secagg.share.keys.items()})
+    if which == "unmask":
+        u = p.secagg.unmask
+        return sa.UnmaskRequest(tuple(u.survivors), tuple(u.dropped))
+    raise ValueError("secure-aggregation prompt carries no phase")
+
+
+def advertise_to_proto(round_id: int, m: "sa.Advertise") -> pb.AdvertiseKeysRequest:
+    return pb.AdvertiseKeysRequest(device_id=m.device, round=round_id, session=m.session,
+                                   keys=pb.SecAggKeys(c_public=m.c_public, s_public=m.s_public))
+
+
+def advertise_from_proto(p: pb.AdvertiseKeysRequest) -> "sa.Advertise":
+    return sa.Advertise(p.device_id, p.session, p.keys.c_public, p.keys.s_public)
+
+
+def share_to_proto(round_id: int, m: "sa.ShareOut") -> pb.ShareKeysRequest:
+    return pb.ShareKeysRequest(device_id=m.device, round=round_id, session=m.session, ciphertexts=dict(m.ciphertexts))
+
+
+def share_from_proto(p: pb.ShareKeysRequest) -> "sa.ShareOut":
+    return sa.ShareOut(p.device_id, p.session, dict(p.ciphertexts))
+
+
+def unmask_to_proto(round_id: int, m: "sa.UnmaskReply") -> pb.UnmaskSharesRequest:
+    return pb.UnmaskSharesRequest(
+        device_id=m.device, round=round_id, session=m.session, failed=list(m.failed),
+        self_shares={d: pb.SecAggShare(x=x, share=b) for d, (x, b) in m.self_shares.items()},
+        key_shares={d: pb.SecAggShare(x=x, share=b) for d, (x, b) in m.key_shares.items()})
+
+
+def unmask_from_proto(p: pb.UnmaskSharesRequest) -> "sa.UnmaskReply":
+    return sa.UnmaskReply(p.device_id, p.session, {d: (s.x, s.share) for d, s in p.self_shares.items()},
+                          {d: (s.x, s.share) for d, s in p.key_shares.items()}, tuple(p.failed))
+
+
+_ANSWERS = {sa.Setup: (pb.AdvertiseKeysRequest, advertise_from_proto),
+            sa.PeerKeys: (pb.ShareKeysRequest, share_from_proto),
+            sa.UnmaskRequest: (pb.UnmaskSharesRequest, unmask_from_proto)}
+
+
+def answer_from_bytes(prompt, data: bytes) -> tuple:
+    """(the domain message a device's answer to `prompt` carries, its wire bytes): the simulator's side of the
+    AdvertiseKeys / ShareKeys / UnmaskShares RPCs."""
+    cls, from_proto = _ANSWERS[type(prompt)]
+    msg = cls.FromString(data)
+    return from_proto(msg), msg.ByteSize()
 
 
 def times_to_proto(t: PhaseTimes) -> pb.PhaseTimes:

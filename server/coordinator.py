@@ -79,6 +79,18 @@ class GrpcDevices:
                     break
                 driver.cond.wait(min(1.0, rnd.time_left()))
 
+    def exchange(self, driver: RoundDriver, rnd: Round) -> None:
+        """A key phase: devices fetch their prompt and answer on handler threads; this thread waits until none
+        is left to answer, the phase's deadline passes, every device it waits for is offline, or a stop."""
+        secure = rnd.secure
+        with driver.cond:
+            while secure.waiting() and secure.time_left() > 0 and not driver.stopping:
+                if not secure.waiting() & set(self.registry.live()):
+                    log.warning("round %d: every device the %s phase waits for (%s) is offline; closing it now",
+                                rnd.number, secure.phase, ", ".join(sorted(secure.waiting())))
+                    break
+                driver.cond.wait(min(1.0, secure.time_left()))
+
     def _all_outstanding_offline(self, rnd: Round) -> bool:
         """No upload under way and every sampled device without an accepted one has stopped heartbeating."""
         live = set(self.registry.live())
@@ -165,8 +177,9 @@ class Coordinator(RoundDriver):
                 self._told(device_id)
         return state
 
-    def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None, Task | None]:
-        """('train', round, task) | ('wait', None, None) | ('stop', None, None), holding the call up to wait_s."""
+    def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None, object]:
+        """('train', round, task) | ('secagg', round, prompt) | ('wait', None, None) | ('stop', None, None),
+        holding the call up to wait_s. A secure round's key phases prompt the devices they wait for."""
         self._known(device_id)
         deadline = self.clock() + max(0.0, min(wait_s, 60.0))
         with self.cond:
@@ -177,6 +190,9 @@ class Coordinator(RoundDriver):
                 if self.stopping:  # unfinished: devices back off and reconnect to a resumed server
                     raise UpdateRejected(Refusal.UNAVAILABLE, "the coordinator is shutting down; retry later")
                 r = self.round
+                prompt = r.secure.prompt_for(device_id) if r is not None and r.secure is not None else None
+                if prompt is not None:
+                    return "secagg", r, prompt
                 if r is not None and r.can_hand_out(device_id):
                     return "train", r, r.hand_out(device_id)
                 left = deadline - self.clock()
@@ -188,6 +204,10 @@ class Coordinator(RoundDriver):
                      offset: int = 0) -> tuple[Round, bytearray]:
         self._known(device_id)
         return super().begin_upload(device_id, round_id, task_id, payload_bytes, offset)
+
+    def answer(self, device_id: str, round_id: int, msg, wire_up: int = 0, wire_down: int = 0) -> None:
+        self._known(device_id)
+        super().answer(device_id, round_id, msg, wire_up, wire_down)
 
     def upload_offset(self, device_id: str, round_id: int, task_id: str) -> int:
         """Payload bytes held of the device's broken-off upload for this task (0: none)."""

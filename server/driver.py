@@ -35,6 +35,8 @@ from edgelora.tasks import DeviceInfo, PhaseTimes, Task
 
 from .engine import Round
 from .run import ServerRun
+from .secagg import RoundAborted
+from .secure import SecureRound
 
 log = logging.getLogger("edgelora.server")
 
@@ -55,6 +57,11 @@ class Devices(Protocol):
     def collect(self, driver: "RoundDriver", rnd: Round) -> None:
         """Let the round's devices fetch their tasks and deliver, each upload through driver.begin_upload and
         driver.finish_upload; return when the round should close (full, out of time, or nobody left)."""
+
+    def exchange(self, driver: "RoundDriver", rnd: Round) -> None:
+        """A secure round's key phase is open: let the devices it waits for fetch their prompt (driver.prompt)
+        and answer (driver.answer); return when none is left to wait for, the phase's deadline passed, or
+        every device it waits for is gone."""
 
     def checkpoint(self, driver: "RoundDriver", rnd: Round, state: ServerState) -> None:
         """The round counted and its state is about to be saved: save what the devices carry between rounds
@@ -119,13 +126,20 @@ class RoundDriver(ServerRun):
             self.round = rnd
             self.notify_all()
         log.info("round %d: sampled %s", rnd.number, rnd.sampled)
-        self.devices.collect(self, rnd)
+        secure = rnd.secure
+        # A secure round: keys are advertised and shares relayed before any task goes out; the uploads are
+        # masked; once they close, the survivors' shares unmask their sum (or the round is abandoned).
+        keyed = secure is None or (self._secure_phase(rnd, secure) and self._secure_phase(rnd, secure))
+        if keyed and not self.stopping:
+            self.devices.collect(self, rnd)
         with self.cond:
             rnd.close()
             self.notify_all()
         if self.stopping:  # interrupted mid-round: keep the last saved state, the round re-runs on resume
             log.warning("round %d interrupted; it re-runs on --resume", rnd.number)
             return
+        if secure is not None and keyed and self._close_secure_phase(secure):
+            self._secure_phase(rnd, secure)  # unmask
         new_state = self.close_round(rnd, lambda s: self.devices.checkpoint(self, rnd, s))
         self.devices.round_closed(self, rnd, new_state)
         if new_state.finished:
@@ -133,6 +147,49 @@ class RoundDriver(ServerRun):
         with self.cond:
             self.state = new_state
             self.notify_all()
+
+    # -- a secure round's key phases ----------------------------------------------------------------------------
+    def _secure_phase(self, rnd: Round, secure: SecureRound) -> bool:
+        """Run the phase the protocol is in (advertise, share or unmask) to its end; False: the round cannot
+        yield a sum any more (too few devices got through), and is abandoned."""
+        with self.cond:
+            secure.open_phase(self.run.secure.phase_deadline_s, self.clock)
+            self.notify_all()
+        log.info("round %d: secure aggregation, %s phase", rnd.number, secure.phase)
+        self.devices.exchange(self, rnd)
+        return self._close_secure_phase(secure)
+
+    def _close_secure_phase(self, secure: SecureRound) -> bool:
+        with self.cond:
+            try:
+                secure.close_phase()
+                return True
+            except RoundAborted as e:
+                log.warning("round %d abandoned by secure aggregation: %s", secure.setup.round, e)
+                secure.abort(str(e))
+                return False
+            finally:
+                self.notify_all()
+
+    def prompt(self, rnd: Round, device_id: str):
+        """What the device is to answer in the round's key phase now (None: nothing)."""
+        with self.cond:
+            return rnd.secure.prompt_for(device_id) if rnd.secure is not None else None
+
+    def answer(self, device_id: str, round_id: int, msg, wire_up: int = 0, wire_down: int = 0) -> None:
+        """A device's answer to a key-phase prompt (UpdateRejected when it does not belong to the phase under
+        way or fails its checks). wire_up / wire_down: the bytes the prompt and the answer took."""
+        with self.cond:
+            r = self.round
+            if r is None or r.secure is None or r.number != round_id:
+                current = r.number if r is not None and r.secure is not None else "none"
+                raise UpdateRejected(Refusal.PRECONDITION, f"a key message for round {round_id}, but the secure "
+                                                           f"round under way is {current}")
+            try:
+                r.exchanged(device_id, wire_up, wire_down)
+                r.secure.answer(device_id, msg)
+            finally:
+                self.cond.notify_all()
 
     # -- what devices do in a round, whoever carries it -------------------------------------------------------
     def hand_out(self, rnd: Round, device_id: str) -> Task:

@@ -18,14 +18,20 @@ from edgelora import codec
 from edgelora.data import partition_sizes
 from edgelora.methods import Instruction, Method, ModelHost
 from edgelora.models import is_masked, load_trainable_state
+from edgelora.config import secure_threshold
 from edgelora.protos.refusals import Refusal, UpdateRejected
 from edgelora.records import DeviceRecord, RoundRecord
 from edgelora.schema import RunConfig
+from edgelora.secagg import coordinates as coords
+from edgelora.secagg import dp
+from edgelora.secagg import messages as sa
+from edgelora.secagg.ring import plan_ring, ring_length
 from edgelora.sparsity import topk_count
 from edgelora.state import ServerState
-from edgelora.tasks import DeviceInfo, PhaseTimes, Stage, Task, UploadFormat
+from edgelora.tasks import Coordinates, DeviceInfo, PhaseTimes, SecureUpload, Stage, Task, UploadFormat
 
 from .aggregation import Delta, check_coordinates, global_norm, make_aggregator
+from .secure import SecureRound
 
 log = logging.getLogger("edgelora.server")
 
@@ -103,7 +109,6 @@ class Round:
         self.rng_state = rng_state           # the sampler's state after this round's draw
         self.record = RoundRecord(round=self.number, stage=stage_name(state.stage),
                                   devices={d: DeviceRecord(d) for d in sampled})
-        self.agg = engine.aggregator.start()
         self._state = {d: DeviceState.SAMPLED for d in sampled}
         self._handed_out: dict[str, int] = {}
         self._task_ids: dict[str, set[str]] = {}  # issued per device, until its update is accepted
@@ -115,9 +120,16 @@ class Round:
         self.plans: dict[str, DevicePlan] = {}
         for d in sampled:
             ins = engine.method.configure(state, devices[d])
+            if engine.run.secure.enabled:  # every device of the round uploads at the same coordinates
+                ins = engine.with_secure_upload(state, ins, len(sampled))
             if ins not in by_instruction:
                 by_instruction[ins] = engine.plan(state, ins)
             self.plans[d] = by_instruction[ins]
+        # A secure round's accumulator is its SecureRound: masked uploads are summed in the ring, and only the
+        # sum is unmasked (the driver runs its key phases around the uploads).
+        self.secure: SecureRound | None = (engine.secure_round(self.number, sampled, by_instruction)
+                                           if engine.run.secure.enabled else None)
+        self.agg = self.secure if self.secure is not None else engine.aggregator.start()
 
     # -- what drivers read ------------------------------------------------------------------------------------
     @property
@@ -151,7 +163,8 @@ class Round:
         has not used up its MAX_TASKS_PER_ROUND."""
         s = self._state.get(device_id)
         return (self._open and not self.full and s is not None and _S.TASKED in _MOVES[s]
-                and self._handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND)
+                and self._handed_out.get(device_id, 0) < MAX_TASKS_PER_ROUND
+                and (self.secure is None or self.secure.may_upload(device_id)))
 
     def time_left(self) -> float:
         return max(0.0, self._deadline - self._clock())
@@ -189,6 +202,8 @@ class Round:
         self._handed_out[device_id] = self._handed_out.get(device_id, 0) + 1
         self.record.devices[device_id].task_sent_at = self._now()
         task = dataclasses.replace(self.plans[device_id].task, task_id=tid)
+        if self.secure is not None:  # whom to mask toward, and the shares its neighbours sealed to it
+            task = dataclasses.replace(task, masking=self.secure.masking_input_for(device_id))
         if self._deadline:  # what is left of the round, not its length
             task = dataclasses.replace(task, deadline_s=self.time_left())
         return task
@@ -199,6 +214,14 @@ class Round:
         rec.bytes_down += nbytes
         if finished:
             rec.download_done_at = self._now()
+
+    def exchanged(self, device_id: str, wire_up: int, wire_down: int) -> None:
+        """A secure round's key message went by: its bytes count as the device's (refused ones too)."""
+        rec = self.record.devices.get(device_id)
+        if rec is None:
+            raise UpdateRejected(Refusal.PRECONDITION, f"device {device_id} was not sampled in round {self.number}")
+        rec.bytes_up += wire_up
+        rec.bytes_down += wire_down
 
     def drop(self, device_id: str, error: str) -> None:
         """The device cannot take part in this round (e.g. it could not decode its download)."""
@@ -252,7 +275,13 @@ class Round:
 
     def check(self, device_id: str, payload: bytes, num_examples: int) -> Delta:
         """The delta of an upload, in the form it travelled (RoundEngine.decode_update), checked against this
-        device's own plan, or UpdateRejected. Only reads: a driver may run it outside its lock."""
+        device's own plan, or UpdateRejected. Only reads: a driver may run it outside its lock. A secure round's
+        upload is its masked ring vector (its example count travels inside it)."""
+        if self.secure is not None:
+            try:
+                return codec.decode_ring(payload, bits=self.secure.setup.bits, count=self.secure.setup.length)
+            except codec.CodecError as e:
+                raise UpdateRejected(Refusal.INVALID, f"masked upload: {e}") from None
         self.engine.check_examples(device_id, num_examples)
         return self.engine.decode_update(self.plans[device_id], payload)
 
@@ -264,10 +293,15 @@ class Round:
         if not self._open or self.full:
             self.reject(device_id, self.closed_reason(), wire_bytes)
             raise UpdateRejected(Refusal.PRECONDITION, self.closed_reason())
+        if self.secure is not None:  # masked: no norm to see; refused (UpdateRejected) before it counts
+            self.secure.add(device_id, delta)
+            norm = float("nan")
+        else:
+            aggregator = self.engine.aggregator
+            norm = global_norm(delta)  # recorded, and what clipping scales by
+            self.agg.add(aggregator.clip(delta, norm),
+                         aggregator.weight(self.engine.counted_examples(device_id, num_examples)))
         self._move(device_id, _S.ACCEPTED)
-        aggregator = self.engine.aggregator
-        norm = global_norm(delta)  # recorded, and what clipping scales by
-        self.agg.add(aggregator.clip(delta, norm), aggregator.weight(self.engine.counted_examples(device_id, num_examples)))
         self._task_ids.pop(device_id, None)  # every id it was given is spent
         rec = self.record.devices[device_id]
         rec.status, rec.error = "completed", ""
@@ -330,6 +364,7 @@ class RoundEngine:
         self.method = method
         self.host = host
         self.aggregator = make_aggregator(run)
+        self.dp: DpRound | None = None  # distributed DP's parameters, as the last secure round planned them
 
     @cached_property
     def partition_sizes(self) -> list[int]:
@@ -373,6 +408,59 @@ class RoundEngine:
         masked = frozenset(n for n in shapes if is_masked(n, task.structure)) \
             if task.upload.format == UploadFormat.MASKED else frozenset()
         return DevicePlan(ins, payload, shapes, masked)
+
+    # -- secure aggregation ------------------------------------------------------------------------------------
+    def with_secure_upload(self, state: ServerState, ins: Instruction, sampled: int) -> Instruction:
+        """The instruction with its upload made secure: the same coordinates for the whole round (the mask for
+        masked uploads, every entry for dense ones, secure.coordinates for top-k), fixed point in a ring sized
+        for `sampled` devices."""
+        cfg, rule = self.run.secure, ins.task.upload
+        how = {UploadFormat.DENSE: Coordinates.ALL, UploadFormat.MASKED: Coordinates.MASK}.get(
+            rule.format, Coordinates(cfg.coordinates))
+        # Weighted FedAvg: devices weigh min(examples, cap) / cap. Under distributed DP every device weighs 1:
+        # a summed count would be released without noise.
+        cap = 0
+        if getattr(self.run.aggregator, "weighted", False) and cfg.noise_multiplier == 0:
+            cap = max(self.partition_sizes) if self.run.data.mode == "partitions" else self.run.server.max_examples_per_device
+        seed = int(np.random.SeedSequence([self.run.server.seed, state.round + 1]).generate_state(1, np.uint64)[0] >> 1)
+        up = SecureUpload(how, plan_ring(sampled, cfg.value_bits, cfg.clip, weight_cap=cap, l2_clip=cfg.l2_clip),
+                          density=rule.density if rule.format == UploadFormat.TOPK else 1.0,
+                          seed=seed if how is Coordinates.RANDOM_K else 0)
+        if cfg.noise_multiplier > 0:  # each device's share of the noise, sized for the fewest survivors
+            shapes = {n: tuple(v.shape) for n, v in state.params.items()}
+            masked = frozenset(n for n in shapes if is_masked(n, ins.task.structure))
+            self.dp = DpRound(noise_multiplier=cfg.noise_multiplier, l2_clip=cfg.l2_clip, scale=up.ring.scale,
+                              dimension=coords.count(up, shapes, ins.task.structure, masked),
+                              min_survivors=max(secure_threshold(self.run, sampled)[1], self.run.server.min_devices),
+                              devices=sampled)
+            up = dataclasses.replace(up, ring=plan_ring(sampled, cfg.value_bits, cfg.clip, l2_clip=cfg.l2_clip,
+                                                        noise_stddev=self.dp.stddev))
+        task = dataclasses.replace(ins.task, upload=dataclasses.replace(rule, secure=up))
+        return dataclasses.replace(ins, task=task)
+
+    def privacy_spent(self, rounds: int) -> float | None:
+        """Epsilon after `rounds` rounds: distributed DP's (secure.noise_multiplier), else the aggregator's."""
+        if self.dp is not None:
+            return self.dp.epsilon(rounds, self.run.secure.dp_delta)
+        return self.aggregator.privacy_spent(rounds)
+
+    def secure_round(self, number: int, sampled: list[str], plans: dict[Instruction, DevicePlan]) -> SecureRound:
+        """The round's protocol, once its one plan is made: the coordinate set S (derived as devices derive
+        it), the ring vector's length, and the setup every device is prompted with."""
+        if len(plans) != 1:
+            raise ValueError(f"a secure round needs one plan for every device; this one has {len(plans)}")
+        plan = next(iter(plans.values()))
+        up, structure = plan.task.upload.secure, plan.task.structure
+        download = None
+        if up.coordinates is Coordinates.DOWNLOAD_TOPK:  # as devices decode it
+            download = {n: codec.to_dense(n, t) for n, t in codec.decode_bundle(plan.payload).items()}
+        masked = frozenset(n for n in plan.shapes if is_masked(n, structure))
+        sets = coords.coordinate_sets(up, plan.shapes, structure, masked, download)
+        k, t = secure_threshold(self.run, len(sampled))
+        setup = sa.Setup(round=number, session=secrets.token_bytes(16), devices=tuple(sampled), neighbours=k,
+                         threshold=t, graph_seed=up.seed ^ number, bits=up.ring.bits,
+                         length=ring_length(coords.size(sets, plan.shapes), up.ring))
+        return SecureRound(setup, up, sets, plan.shapes)
 
     def decode_update(self, plan: DevicePlan, payload: bytes) -> Delta:
         """Validate an upload against the round's plan and return its delta, or raise UpdateRejected. Each
@@ -457,6 +545,29 @@ class RoundEngine:
         model = self.host.build(self.method.structure(state))
         load_trainable_state(model, self.method.served_params(state))
         return model
+
+
+@dataclass(frozen=True)
+class DpRound:
+    """A secure round's distributed DP (edgelora.secagg.dp): every device adds discrete Gaussian noise of
+    `stddev` integer units, so any min_survivors of them carry noise_multiplier x the L2 sensitivity."""
+    noise_multiplier: float
+    l2_clip: float
+    scale: float
+    dimension: int
+    min_survivors: int
+    devices: int
+
+    @cached_property
+    def stddev(self) -> float:
+        return dp.device_noise_stddev(self.noise_multiplier, self.l2_clip, self.scale, self.dimension,
+                                      self.min_survivors)
+
+    def epsilon(self, rounds: int, delta: float) -> float:
+        """After `rounds` rounds like this one (no amplification by sampling is claimed)."""
+        return dp.epsilon(rounds, noise_stddev=self.stddev, l2_clip=self.l2_clip, scale=self.scale,
+                          dimension=self.dimension, min_survivors=self.min_survivors, delta=delta,
+                          devices=self.devices)
 
 
 def sent_form(name: str, t: codec.Tensor) -> "np.ndarray | codec.Sparse":

@@ -89,7 +89,7 @@ class ServerRun:
         self.abandoned_in_a_row = 0
         new_state, before_switch = self.engine.finish(state, rnd.agg, rnd.rng_state, rnd.measured_devices())
         rec.aggregated = new_state.params is not state.params
-        rec.epsilon = self.engine.aggregator.privacy_spent(new_state.round)
+        rec.epsilon = self.engine.privacy_spent(new_state.round)
         if len(self.test) and (new_state.round % cfg.eval_every == 0 or new_state.finished):
             rec.set_scores(self.evaluate(self.engine.model_for(new_state)))
         if before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it

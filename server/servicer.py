@@ -62,6 +62,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             kind, r, task = self.coord.next_task(request.device_id, request.wait_s)
         except UpdateRejected as e:
             _abort(self.coord, context, e, f"fetch {request.device_id!r}")
+        if kind == "secagg":
+            header = serde.prompt_to_proto(r.number, task)
+            self.coord.downloaded(r, request.device_id, pb.TaskChunk(header=header).ByteSize())
+            yield pb.TaskChunk(header=header)
+            return
         if kind != "train":
             k = pb.TaskHeader.STOP if kind == "stop" else pb.TaskHeader.WAIT
             yield pb.TaskChunk(header=pb.TaskHeader(kind=k, round=self.coord.state.round))
@@ -136,6 +141,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             _abort(self.coord, context, e, what)
         log.info("accepted %s: %d bytes", what, got)
         return pb.SubmitReply(accepted=True, round=h.round, bytes_received=wire)
+
+    # -- a secure round's key phases: translate, delegate, refuse with a typed status ----------------------------
+    def AdvertiseKeys(self, request, context):
+        return self._answer(request, serde.advertise_from_proto, "advertised keys", context)
+
+    def ShareKeys(self, request, context):
+        return self._answer(request, serde.share_from_proto, "shares", context)
+
+    def UnmaskShares(self, request, context):
+        return self._answer(request, serde.unmask_from_proto, "unmasking shares", context)
+
+    def _answer(self, request, from_proto, what: str, context):
+        try:
+            self.coord.answer(request.device_id, request.round, from_proto(request), wire_up=request.ByteSize())
+        except UpdateRejected as e:
+            _abort(self.coord, context, e, f"{what} from {request.device_id!r} for round {request.round}")
+        return pb.SecAggAck(round=request.round)
 
     def UploadOffset(self, request, context):
         try:

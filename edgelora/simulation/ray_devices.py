@@ -99,6 +99,11 @@ class DeviceActor:
             return str(out)
         return *out, self.devices.trainer(device_id).has_state
 
+    def secagg(self, device_id: str, prompt: bytes) -> bytes | str:
+        """A key-phase prompt -> the device's answer (SequentialDevices.secagg), or why it refused."""
+        out = self.devices.secagg(device_id, prompt)
+        return str(out) if isinstance(out, Exception) else out
+
     def accepted(self, device_id: str) -> None:
         self.devices.accepted(device_id)
 
@@ -125,6 +130,7 @@ class RayDevices:
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self.home: dict[str, int] = {}  # device -> the actor holding its state: it trains there, always
         self.placed: dict[str, int] = {}  # device -> the actor it trains on this round
+        self._preplaced: frozenset[str] = frozenset()  # a secure round's devices, placed before its key phases
         log.info("ray: %d actors x %g CPUs (%d torch threads), %g GPUs each", self.workers, cfg.device_cpus,
                  self.threads, cfg.device_gpus)
 
@@ -144,7 +150,9 @@ class RayDevices:
         round."""
         ray = _ray()
         jobs = list(jobs)
-        self.placed = place([d for d, *_ in jobs], self.home, self.workers, work)
+        if not {d for d, *_ in jobs} <= self._preplaced:
+            self.placed = place([d for d, *_ in jobs], self.home, self.workers, work)
+        self._preplaced = frozenset()
         started = [(d, self.actors[self.placed[d]].train.remote(d, header, payload, download_s))
                    for d, header, payload, download_s in jobs]
         dead: set[int] = set()
@@ -169,6 +177,20 @@ class RayDevices:
                             "devices starts afresh)", i)
                 self.actors[i] = self._new_actor()
                 self.home = {d: a for d, a in self.home.items() if a != i}
+
+    def place_round(self, devices: list[str], work: dict[str, float] | None = None) -> None:
+        """A secure round: its devices' actors are chosen before the key phases, since a device's keys live on
+        the actor that trains it."""
+        self.placed = place(devices, self.home, self.workers, work)
+        self._preplaced = frozenset(devices)
+
+    def secagg(self, device_id: str, prompt: bytes) -> bytes | Exception:
+        ray = _ray()
+        try:
+            out = ray.get(self.actors[self.placed[device_id]].secagg.remote(device_id, prompt))
+        except ray.exceptions.RayActorError as e:
+            return RuntimeError(f"its Ray worker died ({type(e).__name__})")
+        return RuntimeError(out) if isinstance(out, str) else out
 
     def accepted(self, device_id: str) -> None:
         self.actors[self.placed[device_id]].accepted.remote(device_id)

@@ -6,7 +6,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from edgelora.edge_client.secagg import ProtocolViolation
+from edgelora.edge_client.sessions import SecureSessions
 from edgelora.edge_client.trainer import DeviceHost, DeviceTrainer, DownloadError
+from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import serde
 from edgelora.schema import RunConfig
 
@@ -24,6 +27,7 @@ class SequentialDevices:
         self.run = run
         self.host = DeviceHost(run.model, torch_device)  # where the virtual devices train
         self.trainers: dict[str, DeviceTrainer] = {}  # created on first use; keeps FLASC error-feedback residuals
+        self.sessions = SecureSessions()  # each device's secure-aggregation keys for the round under way
 
     def trainer(self, device_id: str) -> DeviceTrainer:
         if device_id not in self.trainers:
@@ -32,17 +36,29 @@ class SequentialDevices:
 
     def run_job(self, device_id: str, header: bytes, payload: bytes, download_s: float) -> Result:
         """One device's round, from the bytes it downloads to the bytes it uploads."""
+        task = serde.task_from_bytes(header)
         try:
-            update = self.trainer(device_id).run(serde.task_from_bytes(header), payload, download_s)
-        except DownloadError as e:
+            update = self.trainer(device_id).run(task, payload, download_s, self.sessions.for_task(device_id, task))
+        except (DownloadError, ProtocolViolation) as e:
             return e
         return serde.update_header_to_bytes(update), update.payload
+
+    def secagg(self, device_id: str, prompt: bytes) -> bytes | Exception:
+        """A secure round's key-phase prompt (a TaskHeader of kind SECAGG, as FetchTask sends it) -> the bytes
+        of the device's answer, as its RPC carries them, or why an honest device refused."""
+        try:
+            return self.sessions.answer(device_id, pb.TaskHeader.FromString(prompt)).SerializeToString()
+        except ProtocolViolation as e:
+            return e
 
     def train(self, jobs: Iterable[Job], work: dict[str, float] | None = None) -> Iterator[tuple[str, Result]]:
         """Each job's result, in the jobs' order (`work`, each device's examples, is for runners that spread
         jobs over workers)."""
         for job in jobs:
             yield job[0], self.run_job(*job)
+
+    def place_round(self, devices: list[str], work: dict[str, float] | None = None) -> None:
+        pass  # every device is here
 
     def accepted(self, device_id: str) -> None:
         self.trainer(device_id).accepted()

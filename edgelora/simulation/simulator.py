@@ -44,6 +44,7 @@ class SimulatedDevices:
         self.runner = runner
         self.folder_path = folder_path
         self.ids = [str(i) for i in range(run.data.num_devices)]
+        self._placed: set[int] = set()  # the round whose devices the runner placed before its key phases
 
     def live(self) -> list[str]:
         return self.ids
@@ -80,13 +81,37 @@ class SimulatedDevices:
                 return
             yield job
 
+    def exchange(self, driver: RoundDriver, rnd: Round) -> None:
+        """A secure round's key phase: each device it waits for, in sampled order, gets its prompt as FetchTask
+        carries it and answers as its RPC would (bytes counted as on the wire)."""
+        if rnd.number not in self._placed:  # Ray: the devices' keys live on the actors that will train them
+            self.runner.place_round(rnd.sampled, self._work(driver, rnd))
+            self._placed = {rnd.number}
+        for d in rnd.sampled:
+            prompt = driver.prompt(rnd, d)
+            if prompt is None:
+                continue
+            header = serde.prompt_to_proto(rnd.number, prompt)
+            answer = self.runner.secagg(d, header.SerializeToString())
+            if isinstance(answer, Exception):  # it refused: it drops out of the round's protocol
+                log.warning("device %s refused round %d's %s phase: %s", d, rnd.number, rnd.secure.phase, answer)
+                continue
+            msg, up = serde.answer_from_bytes(prompt, answer)
+            try:
+                driver.answer(d, rnd.number, msg, wire_up=up, wire_down=header.ByteSize())
+            except UpdateRejected as e:
+                log.warning("device %s: round %d's %s phase refused its answer: %s", d, rnd.number,
+                            rnd.secure.phase, e.message)
+
+    def _work(self, driver: RoundDriver, rnd: Round) -> dict[str, float]:
+        sizes = driver.engine.partition_sizes
+        return {d: float(sizes[int(d)]) for d in rnd.sampled}
+
     def collect(self, driver: RoundDriver, rnd: Round) -> None:
         """The round's devices train; their updates are accepted in sampled (numeric id) order, as one client
         hosting them all uploads: the order, and so the aggregate, is the same whichever runner trained them."""
         chunk = self.run.server.chunk_bytes
-        sizes = driver.engine.partition_sizes
-        work = {d: float(sizes[int(d)]) for d in rnd.sampled}
-        for d, result in self.runner.train(self._jobs(driver, rnd), work):
+        for d, result in self.runner.train(self._jobs(driver, rnd), self._work(driver, rnd)):
             if rnd.full:
                 break
             if isinstance(result, Exception):  # it could not decode its download, or its worker died
