@@ -12,15 +12,19 @@ Public interface (stable; everything else in this package is internal):
 - ``to_dense(name, tensor) -> np.ndarray``; ``mask_indices(...)``, ``mask_size(...)``; ``CodecError``.
 - ``index_bound_bits(n, k)``: log2(C(n, k)), the fewest bits any index coding can average.
 - ``bytes_per_value(value_type)``: what one value of a type costs, before entropy coding (planning budgets).
+- ``encode_ring(values, bits) -> bytes`` and ``decode_ring(data, bits=, count=)``: secure aggregation's
+  b-bit ring values packed at exactly b bits each (FORMAT.md, "Ring payloads"); ``ring_payload_size``.
 """
 from .container import DEFAULT_MAX_ELEMENTS, decode_bundle, encode_bundle
 from .errors import CodecError
 from .index_coding import bound_bits as index_bound_bits
 from .mask import mask_indices, mask_size
+from .ring import decode_ring, encode_ring, ring_payload_size
 from .tensors import Dense, Masked, Sparse, Tensor, to_dense
 from .values import VALUE_TYPES, bytes_per_value
 
 __all__ = [
     "CodecError", "Dense", "Masked", "Sparse", "Tensor", "to_dense", "VALUE_TYPES", "bytes_per_value",
     "mask_indices", "mask_size", "encode_bundle", "decode_bundle", "DEFAULT_MAX_ELEMENTS", "index_bound_bits",
+    "encode_ring", "decode_ring", "ring_payload_size",
 ]
