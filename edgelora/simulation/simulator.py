@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgelora.configtools import ConfigError
 from edgelora.edge_client.throttle import mbit_to_bytes_s
+from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import serde
 from edgelora.protos.refusals import UpdateRejected
 from edgelora.schema import RunConfig
@@ -92,13 +93,14 @@ class SimulatedDevices:
             if prompt is None:
                 continue
             header = serde.prompt_to_proto(rnd.number, prompt)
+            down = pb.TaskChunk(header=header).ByteSize()  # FetchTask's one message
             answer = self.runner.secagg(d, header.SerializeToString())
             if isinstance(answer, Exception):  # it refused: it drops out of the round's protocol
                 log.warning("device %s refused round %d's %s phase: %s", d, rnd.number, rnd.secure.phase, answer)
                 continue
             msg, up = serde.answer_from_bytes(prompt, answer)
             try:
-                driver.answer(d, rnd.number, msg, wire_up=up, wire_down=header.ByteSize())
+                driver.answer(d, rnd.number, msg, wire_up=up, wire_down=down)
             except UpdateRejected as e:
                 log.warning("device %s: round %d's %s phase refused its answer: %s", d, rnd.number,
                             rnd.secure.phase, e.message)
