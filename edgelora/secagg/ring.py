@@ -160,7 +160,7 @@ def quantize(values: np.ndarray, examples: int, spec: RingSpec, rng: np.random.G
     return np.floor(x).astype(np.int64)
 
 
-def count_limbs(examples: int, spec: RingSpec) -> np.ndarray:
+def count_limb_values(examples: int, spec: RingSpec) -> np.ndarray:
     """min(examples, cap) as spec.count_limbs limbs of q - 1 bits, low limb first, int64."""
     count = min(examples, spec.weight_cap)
     width = spec.value_bits - 1
@@ -182,7 +182,7 @@ def encode(values: np.ndarray, examples: int, spec: RingSpec, rng: np.random.Gen
     integers = quantize(values, examples, spec, rng)
     if spec.noise_stddev > 0:
         integers += dp.discrete_gaussian(integers.size, spec.noise_stddev, rng)
-    return to_ring(np.concatenate([integers, count_limbs(examples, spec)]), spec.bits)
+    return to_ring(np.concatenate([integers, count_limb_values(examples, spec)]), spec.bits)
 
 
 def lift(total: np.ndarray, bits: int) -> np.ndarray:
