@@ -1,0 +1,85 @@
+"""Secure aggregation over the one round driver: the unmasked sum is the clear sum of the devices' ring
+vectors bit for bit, the coordinator never holds one device's unmasked update, and gRPC, the simulator (and
+Ray, in test_ray.py) give the same run bit for bit. The protocol's own attacks: test_secagg_protocol.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgelora.edge_client import trainer as trainer_module
+from edgelora.secagg import ring
+from edgelora.server.checkpoint import load_state
+from edgelora.server.secagg import SecAggServer
+from edgelora.simulation.simulator import simulate
+
+from .test_simulate import _assert_bit_identical, _records, method_run
+
+pytestmark = pytest.mark.slow
+
+SECURE = {"enabled": True, "clip": 0.05}
+
+
+def secure_run(name: str, server: dict | None = None, secure: dict | None = None, **extra):
+    """3 devices, all 3 a round (secure aggregation needs at least 3): k = 2 neighbours, t = 2."""
+    return method_run(name, server={"devices_per_round": 3, **(server or {})}, secure={**SECURE, **(secure or {})},
+                      **extra)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Each device's ring vector before masking, and each unmasked sum, as the round made them."""
+    seen = {"vectors": [], "sums": [], "held": []}
+    encode, result, add = trainer_module.ring_encode, SecAggServer.result, SecAggServer.add_masked
+
+    def spy_encode(*args, **kwargs):
+        v = encode(*args, **kwargs)
+        seen["vectors"].append(v.copy())
+        return v
+
+    def spy_result(self):
+        total = result(self)
+        seen["sums"].append((self.setup().bits, total.copy()))
+        return total
+
+    def spy_add(self, device, vector):
+        add(self, device, vector)
+        seen["held"].extend(a.copy() for a in vars(self).values() if isinstance(a, np.ndarray))
+
+    monkeypatch.setattr(trainer_module, "ring_encode", spy_encode)
+    monkeypatch.setattr(SecAggServer, "result", spy_result)
+    monkeypatch.setattr(SecAggServer, "add_masked", spy_add)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["lora", "sft", "flasc"])
+def test_unmasked_sum_is_the_clear_sum_and_no_unmasked_update_is_held(name, tmp_path, recorded):
+    run = secure_run(name)
+    simulate(run, tmp_path, progress=False)
+    vectors, sums = recorded["vectors"], recorded["sums"]
+    assert len(vectors) == 6 and len(sums) == 2  # 3 devices x 2 rounds, every round unmasked
+    for r, (bits, total) in enumerate(sums):
+        clear = ring.reduce(sum(v.astype(np.uint64) for v in vectors[3 * r:3 * r + 3]).astype(total.dtype), bits)
+        np.testing.assert_array_equal(total, clear)
+    for held in recorded["held"]:  # no array the coordinator held after an upload is a device's vector
+        assert not any(held.shape == v.shape and np.array_equal(held, v) for v in vectors)
+    recs = _records(tmp_path)
+    assert [r["aggregated"] for r in recs] == [True, True]
+    assert all(d["status"] == "completed" for r in recs for d in r["devices"])
+
+
+@pytest.mark.parametrize("name", ["lora", "flasc"])
+def test_secure_simulator_matches_grpc_bit_for_bit(name, tmp_path):
+    _assert_bit_identical(secure_run(name), name, tmp_path)
+
+
+def test_secure_model_moves_as_the_plain_mean_within_quantization(tmp_path):
+    """The secure round's update is the plain FedAvg's up to clipping and rounding: one round of each from
+    the same start, every coordinate within one quantization step (c / 127)."""
+    plain, secure = method_run("lora", server={"devices_per_round": 3, "rounds": 1}), \
+        secure_run("lora", server={"rounds": 1}, secure={"clip": 0.5})
+    simulate(plain, tmp_path / "plain", progress=False)
+    simulate(secure, tmp_path / "secure", progress=False)
+    a, b = load_state(tmp_path / "plain"), load_state(tmp_path / "secure")
+    step = 0.5 / 127
+    for k in a.params:
+        assert np.abs(a.params[k] - b.params[k]).max() <= step, k
