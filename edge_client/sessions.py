@@ -29,6 +29,10 @@ class SecureSessions:
             return serde.share_to_proto(header.round, session.share(prompt))
         return serde.unmask_to_proto(header.round, session.unmask(prompt))
 
+    def answer_bytes(self, device_id: str, prompt: bytes) -> bytes:
+        """answer() from and to bytes, as the simulator's runners carry them."""
+        return self.answer(device_id, pb.TaskHeader.FromString(prompt)).SerializeToString()
+
     def session(self, device_id: str, round_id: int) -> SecAggDevice:
         session = self._sessions.get(device_id)
         if session is None or session.setup.round != round_id:

@@ -170,6 +170,12 @@ def prompt_to_proto(round_id: int, prompt: "sa.Setup | sa.PeerKeys | sa.UnmaskRe
     return p
 
 
+def prompt_over_the_wire(round_id: int, prompt) -> tuple[bytes, int]:
+    """(the prompt's TaskHeader bytes, the wire bytes of FetchTask's one message carrying it)."""
+    header = prompt_to_proto(round_id, prompt)
+    return header.SerializeToString(), pb.TaskChunk(header=header).ByteSize()
+
+
 def prompt_from_proto(p: pb.TaskHeader) -> "sa.Setup | sa.PeerKeys | sa.UnmaskRequest":
     which = p.secagg.WhichOneof("phase")
     if which == "advertise":

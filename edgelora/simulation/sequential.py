@@ -9,7 +9,6 @@ import numpy as np
 from edgelora.edge_client.secagg import ProtocolViolation
 from edgelora.edge_client.sessions import SecureSessions
 from edgelora.edge_client.trainer import DeviceHost, DeviceTrainer, DownloadError
-from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import serde
 from edgelora.schema import RunConfig
 
@@ -47,7 +46,7 @@ class SequentialDevices:
         """A secure round's key-phase prompt (a TaskHeader of kind SECAGG, as FetchTask sends it) -> the bytes
         of the device's answer, as its RPC carries them, or why an honest device refused."""
         try:
-            return self.sessions.answer(device_id, pb.TaskHeader.FromString(prompt)).SerializeToString()
+            return self.sessions.answer_bytes(device_id, prompt)
         except ProtocolViolation as e:
             return e
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from edgelora.configtools import ConfigError
 from edgelora.edge_client.throttle import mbit_to_bytes_s
-from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import serde
 from edgelora.protos.refusals import UpdateRejected
 from edgelora.schema import RunConfig
@@ -92,9 +91,8 @@ class SimulatedDevices:
             prompt = driver.prompt(rnd, d)
             if prompt is None:
                 continue
-            header = serde.prompt_to_proto(rnd.number, prompt)
-            down = pb.TaskChunk(header=header).ByteSize()  # FetchTask's one message
-            answer = self.runner.secagg(d, header.SerializeToString())
+            header, down = serde.prompt_over_the_wire(rnd.number, prompt)
+            answer = self.runner.secagg(d, header)
             if isinstance(answer, Exception):  # it refused: it drops out of the round's protocol
                 log.warning("device %s refused round %d's %s phase: %s", d, rnd.number, rnd.secure.phase, answer)
                 continue
