@@ -319,7 +319,8 @@ class EdgeClient:
             return False
         task = serde.task_from_proto(header)
         try:
-            update = self.trainers[device_id].run(task, payload, download_s, self.sessions.for_task(device_id, task))
+            update = self.trainers[device_id].run(task, payload, download_s,
+                                                    secure=self.sessions.for_task(device_id, task))
         except (DownloadError, CodecError, ProtocolViolation) as e:
             log.error("device %s round %d: %s", device_id, task.round, e)
             self.backoff.failed(f"device {device_id} round {task.round}: unusable task")

@@ -136,8 +136,8 @@ def test_median_and_trimmed_mean_survive_20_percent_attackers_fedavg_does_not(tm
 
     honest = DeviceTrainer.run
 
-    def attacked(self, task, payload, download_s=0.0):
-        update = honest(self, task, payload, download_s)
+    def attacked(self, task, payload, download_s=0.0, **kw):
+        update = honest(self, task, payload, download_s, **kw)
         factor = {"3": 100.0, "7": -100.0}.get(self.device_id)
         if factor is not None:
             sent = codec.decode_bundle(update.payload)

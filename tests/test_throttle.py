@@ -226,9 +226,9 @@ def test_a_broken_upload_resumes_from_what_the_server_holds_without_retraining(t
     trainings, sizes = [], []
     honest = DeviceTrainer.run
 
-    def run_once(self, task, payload, download_s=0.0):
+    def run_once(self, task, payload, download_s=0.0, **kw):
         trainings.append(task.round)
-        update = honest(self, task, payload, download_s)
+        update = honest(self, task, payload, download_s, **kw)
         sizes.append(len(update.payload))
         return update
 

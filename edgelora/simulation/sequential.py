@@ -37,7 +37,8 @@ class SequentialDevices:
         """One device's round, from the bytes it downloads to the bytes it uploads."""
         task = serde.task_from_bytes(header)
         try:
-            update = self.trainer(device_id).run(task, payload, download_s, self.sessions.for_task(device_id, task))
+            update = self.trainer(device_id).run(task, payload, download_s,
+                                                 secure=self.sessions.for_task(device_id, task))
         except (DownloadError, ProtocolViolation) as e:
             return e
         return serde.update_header_to_bytes(update), update.payload
