@@ -9,11 +9,11 @@ import secrets
 import numpy as np
 
 from edgelora.secagg import ring
-from edgelora.secagg.masking import (SealedShares, pairwise_mask_seed, mask_sign, self_mask_seed, share_associated,
-                                     share_key, share_points)
+from edgelora.secagg.masking import (SealedShares, mask_key_pair, pairwise_mask_seed, mask_sign, self_mask_seed,
+                                     share_associated, share_key, share_points)
 from edgelora.secagg.messages import (Advertise, MaskingInput, PeerKeys, Setup, ShareOut, UnmaskReply,
                                       UnmaskRequest)
-from edgelora.secagg.primitives import (PUBLIC_KEY_BYTES, SECRET_BYTES, KeyPair, SecAggError, add_keystreams,
+from edgelora.secagg.primitives import (PUBLIC_KEY_BYTES, SEED_BYTES, KeyPair, SecAggError, add_keystreams,
                                         open_sealed, seal, shamir_split)
 
 
@@ -30,9 +30,10 @@ class SecAggDevice:
         self.device = device
         self.setup = setup
         self.neighbours = frozenset(setup.graph()[device])
-        self._seed = secrets.token_bytes(SECRET_BYTES)      # b_u, the self-mask seed, from the OS
+        self._seed = secrets.token_bytes(SEED_BYTES)        # b_u, the self-mask seed, from the OS
         self._c = KeyPair.generate()                        # encrypts shares to peers
-        self._s = KeyPair.generate()                        # agrees pairwise masks
+        self._s_seed = secrets.token_bytes(SEED_BYTES)      # r_u, from the OS: s_u = HKDF(r_u)
+        self._s = mask_key_pair(self._s_seed, setup.session, device)   # agrees pairwise masks
         self._peers: dict[str, tuple[bytes, bytes]] | None = None
         self._masking: MaskingInput | None = None
         self._request: UnmaskRequest | None = None
@@ -44,13 +45,13 @@ class SecAggDevice:
         return Advertise(self.device, self.setup.session, self._c.public, self._s.public)
 
     def share(self, peers: PeerKeys) -> ShareOut:
-        """Round 1: t-of-|peers| Shamir shares of s_u's private key and of b_u, one blob per neighbour."""
+        """Round 1: t-of-|peers| Shamir shares of s_u's key seed r_u and of b_u, one blob per neighbour."""
         if self._peers is not None:
             raise ProtocolViolation("share asked twice: the shares were dealt already")
         self._check_peers(peers)
         self._peers = dict(peers.keys)
         points = share_points(peers.keys)
-        key_shares = shamir_split(self._s.private_bytes(), self.setup.threshold, len(points))
+        key_shares = shamir_split(self._s_seed, self.setup.threshold, len(points))
         seed_shares = shamir_split(self._seed, self.setup.threshold, len(points))
         session, u = self.setup.session, self.device
         blobs = {}

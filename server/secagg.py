@@ -11,7 +11,8 @@ import numpy as np
 
 from edgelora.protos.refusals import Refusal, UpdateRejected
 from edgelora.secagg import ring
-from edgelora.secagg.masking import SHARE_BYTES, mask_sign, pairwise_mask_seed, self_mask_seed, share_points
+from edgelora.secagg.masking import (SHARE_BYTES, mask_key_pair, mask_sign, pairwise_mask_seed, self_mask_seed,
+                                     share_points)
 from edgelora.secagg.messages import (Advertise, MaskingInput, PeerKeys, Setup, ShareOut, UnmaskReply,
                                       UnmaskRequest)
 from edgelora.secagg.primitives import (NONCE_BYTES, PUBLIC_KEY_BYTES, TAG_BYTES, KeyPair, SecAggError,
@@ -200,23 +201,24 @@ class SecAggServer:
         return self._result
 
     def _dropped_key(self, v: str) -> KeyPair:
-        """s_v's private key from t shares, checked against the public key v advertised."""
-        key = KeyPair.from_private_bytes(self._rebuild(v, self._key_shares, "mask key"))
+        """s_v's private key, derived from its seed rebuilt from t shares, checked against the public key v
+        advertised."""
+        key = mask_key_pair(self._rebuild(v, self._key_shares, "mask key"), self._setup.session, v)
         if key.public != self._keys[v][1]:
             raise RoundAborted(f"the mask key rebuilt for {v} does not match the key it advertised")
         return key
 
     def _rebuild(self, v: str, store: dict[str, dict[int, bytes]], what: str) -> bytes:
-        """A secret from t shares; where more than t came back, a second t-subset must agree (a wrong share
-        would otherwise go unnoticed into the sum)."""
+        """A secret from the first t shares. A mask key is checked against its public key; a self-mask seed
+        cannot be, and a second t-subset is not combined to cross-check it: only a device that deviates from
+        the protocol can send a wrong share, and such a device can bend the sum as much through its own masked
+        upload, which nothing can check (the semi-honest model, docs/security.md). One combine per secret
+        halves the unmasking CPU that pycryptodome's pure-Python field arithmetic dominates."""
         t = self._setup.threshold
         shares = sorted(store.get(v, {}).items())
         if len(shares) < t:
             raise RoundAborted(f"{len(shares)} shares of {v}'s {what} came back, fewer than the threshold {t}")
-        secret = shamir_combine(shares[:t])
-        if len(shares) > t and shamir_combine(shares[-t:]) != secret:
-            raise RoundAborted(f"the shares of {v}'s {what} disagree")
-        return secret
+        return shamir_combine(shares[:t])
 
     # Checks shared by the phases.
     def _check_sender(self, device: str, session: bytes, phase: str, members: frozenset[str], done) -> None:

@@ -142,15 +142,17 @@ def test_agree_is_symmetric_and_refuses_low_order_keys():
         p.agree(a, bytes(31))
 
 
-def test_shamir_any_threshold_subset_rebuilds_the_32_byte_secret_and_fewer_do_not():
-    secret = secrets.token_bytes(32)
+def test_shamir_any_threshold_subset_rebuilds_the_16_byte_secret_and_fewer_do_not():
+    secret = secrets.token_bytes(16)
     shares = p.shamir_split(secret, 3, 5)
-    assert [len(s) for s in shares] == [32] * 5
+    assert [len(s) for s in shares] == [16] * 5
     points = [(x + 1, s) for x, s in enumerate(shares)]
     assert p.shamir_combine(points[:3]) == secret == p.shamir_combine([points[4], points[1], points[2]])
     assert p.shamir_combine(points[:2]) != secret
     with pytest.raises(p.SecAggError):
         p.shamir_split(secret, 6, 5)
+    with pytest.raises(p.SecAggError, match="16-byte"):
+        p.shamir_split(secrets.token_bytes(32), 3, 5)
 
 
 # The graph.
@@ -235,3 +237,119 @@ def test_no_array_the_server_holds_is_a_clear_vector():
     vectors = vectors_for(setup, 3)
     r = Round(setup, vectors)        # Round checks the server's arrays after every upload and unmask reply
     assert np.array_equal(r.to_result(), clear_sum(setup, vectors, setup.devices))
+
+
+# Attacks: a hostile coordinator, replayed, relabelled and tampered messages.
+def _dealt(n: int = 5, t: int = 2):
+    """A round of n devices through their uploads, every device's shares dealt."""
+    setup = make_setup(n, t)
+    r = Round(setup, vectors_for(setup, 4))
+    r.to_uploads()
+    return setup, r
+
+
+def test_a_device_never_reveals_both_shares_of_one_peer():
+    """The hostile coordinator asks dev00 for shares of a neighbour as a survivor and as dropped, in one request
+    and then across two; dev00 refuses each time, so the coordinator never holds b_v and s_v for one v."""
+    setup, r = _dealt()
+    dev = r.devices["dev00"]
+    v = sorted(dev.neighbours)[0]
+    everyone = tuple(setup.devices)
+    with pytest.raises(ProtocolViolation, match="both shares"):
+        dev.unmask(UnmaskRequest(everyone, (v,)))
+    honest = dev.unmask(UnmaskRequest(everyone, ()))
+    assert v in honest.self_shares and not honest.key_shares
+    flipped = UnmaskRequest(tuple(d for d in everyone if d != v), (v,))
+    with pytest.raises(ProtocolViolation, match="revealed already|differs"):
+        dev.unmask(flipped)
+    assert dev.unmask(UnmaskRequest(everyone, ())) == honest        # the same request again: the same answer
+
+
+def test_a_device_refuses_requests_that_contradict_what_it_saw():
+    setup, r = _dealt()
+    dev = r.devices["dev01"]
+    with pytest.raises(ProtocolViolation, match="not among the survivors"):
+        dev.unmask(UnmaskRequest(tuple(d for d in setup.devices if d != "dev01"), ("dev01",)))
+    with pytest.raises(ProtocolViolation, match="shared set"):
+        dev.unmask(UnmaskRequest(tuple(setup.devices[:4]), ()))    # dev04 vanished from U2
+    fresh = SecAggDevice("dev02", setup)
+    with pytest.raises(ProtocolViolation, match="before this device masked"):
+        fresh.unmask(UnmaskRequest(tuple(setup.devices), ()))
+
+
+def test_replayed_duplicate_and_relabelled_key_messages_are_refused_with_typed_refusals():
+    setup = make_setup(4, 2)
+    server = SecAggServer(setup)
+    devices = {d: SecAggDevice(d, setup) for d in setup.devices}
+    old = SecAggDevice("dev00", replace(setup, session=secrets.token_bytes(16))).advertise()
+    with pytest.raises(UpdateRejected, match="another round's session") as e:
+        server.advertise(old)                                           # a replay from another round
+    assert e.value.code is Refusal.PRECONDITION
+    server.advertise(devices["dev00"].advertise())
+    with pytest.raises(UpdateRejected, match="already sent") as e:
+        server.advertise(devices["dev00"].advertise())                  # a duplicate
+    assert e.value.code is Refusal.EXISTS
+    stolen = replace(devices["dev00"].advertise(), device="dev01")      # dev00's keys under dev01's name
+    with pytest.raises(UpdateRejected, match="relabelled") as e:
+        server.advertise(stolen)
+    assert e.value.code is Refusal.INVALID
+    stranger = replace(devices["dev01"].advertise(), device="dev99")
+    with pytest.raises(UpdateRejected, match="may not advertise") as e:
+        server.advertise(stranger)
+    assert e.value.code is Refusal.PRECONDITION
+    for d in setup.devices[1:]:                                         # the round goes on
+        server.advertise(devices[d].advertise())
+    server.close_advertise()
+    assert server.advertised == frozenset(setup.devices)
+
+
+def test_a_share_that_fails_to_decrypt_is_reported_and_the_round_completes():
+    """The coordinator corrupts the blob dev01 sealed to dev00: dev00 reports dev01 in `failed`; dev01's
+    other holders still reach the threshold, and the sum is exact."""
+    setup = make_setup(5, 2)
+    vectors = vectors_for(setup, 5)
+    r = Round(setup, vectors)
+
+    def corrupt(d, inp):
+        if d != "dev00" or "dev01" not in inp.incoming:
+            return inp
+        blob = bytearray(inp.incoming["dev01"])
+        blob[-1] ^= 1
+        return MaskingInput(inp.shared, {**inp.incoming, "dev01": bytes(blob)})
+
+    result = r.to_result(tamper=corrupt)
+    assert r.server.failures == {"dev00": ("dev01",)}
+    assert np.array_equal(result, clear_sum(setup, vectors, setup.devices))
+
+
+def test_a_wrong_key_share_is_caught_by_the_advertised_public_key():
+    """dev03 drops after sharing; one holder returns a corrupted share of dev03's key seed: the key rebuilt
+    from it does not match the key dev03 advertised, and the round aborts instead of unmasking garbage."""
+    setup = make_setup(5, 2)
+    r = Round(setup, vectors_for(setup, 6), stop={"dev03": "upload"})
+    r.to_uploads()
+    r.server.close_uploads()
+    request = r.server.unmask_request()
+    holders = sorted(d for d in r.answers("unmask") if "dev03" in r.devices[d].neighbours)
+    for d in r.answers("unmask"):
+        reply = r.devices[d].unmask(request)
+        if d == holders[0]:
+            x, share = reply.key_shares["dev03"]
+            reply = replace(reply, key_shares={**reply.key_shares, "dev03": (x, bytes(16 - len(share)) +
+                                                                         bytes(b ^ 0xFF for b in share))})
+        r.server.unmask(reply)
+    with pytest.raises(RoundAborted, match="does not match"):
+        r.server.result()
+
+
+def test_unmask_replies_with_shares_not_asked_for_are_refused():
+    setup, r = _dealt()
+    r.server.close_uploads()
+    request = r.server.unmask_request()
+    reply = r.devices["dev00"].unmask(request)
+    v = next(iter(reply.self_shares))
+    forged = replace(reply, key_shares={v: reply.self_shares[v]}, self_shares={})  # a survivor's key share
+    with pytest.raises(UpdateRejected, match="not asked") as e:
+        r.server.unmask(forged)
+    assert e.value.code is Refusal.INVALID
+    r.server.unmask(reply)                                              # the honest reply is still taken

@@ -8,9 +8,9 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .primitives import KeyPair, SecAggError, agree, context, derive, split_context
+from .primitives import SEED_BYTES, KeyPair, SecAggError, agree, context, derive, split_context
 
-SHARE_BYTES = 32
+SHARE_BYTES = SEED_BYTES
 
 
 def share_associated(session: bytes, sender: str, receiver: str) -> bytes:
@@ -49,6 +49,15 @@ class SealedShares:
 def share_points(holders: Iterable[str]) -> dict[str, int]:
     """Holder -> the x of its share: the holders sorted, x = position + 1 (never 0, which is the secret)."""
     return {h: i + 1 for i, h in enumerate(sorted(holders))}
+
+
+def mask_key_pair(seed: bytes, session: bytes, device: str) -> KeyPair:
+    """s_u, the X25519 key that agrees pairwise masks, derived from a 16-byte seed r_u (HKDF): a device shares
+    r_u, not the 32-byte private key, so rebuilding a dropped device's key is one 16-byte Shamir secret, and
+    the coordinator checks what it rebuilt against the public key the device advertised."""
+    if len(seed) != SEED_BYTES:
+        raise SecAggError(f"a mask key's seed is {SEED_BYTES} bytes, got {len(seed)}")
+    return KeyPair.from_private_bytes(derive(seed, b"s-key", context(session, device)))
 
 
 def self_mask_seed(b: bytes, session: bytes, device: str) -> bytes:

@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 PUBLIC_KEY_BYTES = 32
-SECRET_BYTES = 32                  # private keys, shared secrets, derived keys and seeds
+SECRET_BYTES = 32                  # private keys, shared secrets, derived keys and PRG seeds
+SEED_BYTES = 16                    # a device's two shared secrets (its self-mask seed and its mask key's seed):
+                                   # pycryptodome's Shamir shares 16-byte secrets in one polynomial over GF(2^128)
 NONCE_BYTES = 12                   # AES-GCM's standard nonce, drawn at random per seal
 TAG_BYTES = 16
-_HALF = 16                         # pycryptodome's Shamir shares 16-byte secrets: a 32-byte one is two halves
 # One ChaCha20 stream per seed (every derived seed is used once), so the nonce can be fixed at zero.
 _ZERO_NONCE = bytes(16)
 # Keystream is generated and added in pieces of this many bytes, so the piece of the running sum and the
@@ -152,29 +153,26 @@ def add_keystreams(total: np.ndarray, streams: Iterable[tuple[bytes, int]]) -> n
 
 
 def shamir_split(secret: bytes, threshold: int, holders: int) -> list[bytes]:
-    """Shamir's t-of-n shares of a 32-byte secret (Bonawitz et al. 2017, section 3): each 16-byte half is
-    shared by pycryptodome over GF(2^128) at the same points, share j at x = j + 1 is the two halves' shares
-    joined (32 bytes)."""
-    if len(secret) != 2 * _HALF:
-        raise SecAggError(f"shamir_split shares {2 * _HALF}-byte secrets, got {len(secret)}")
+    """Shamir's t-of-n shares of a 16-byte secret (Bonawitz et al. 2017, section 3), by pycryptodome over
+    GF(2^128); share j (16 bytes) is the polynomial at x = j + 1. Secrets are 16 bytes because the
+    coordinator rebuilds one per device each round, and pycryptodome's field arithmetic is pure Python: a
+    32-byte secret would be two polynomials and twice the unmasking CPU (benchmarks/secagg.py)."""
+    if len(secret) != SEED_BYTES:
+        raise SecAggError(f"shamir_split shares {SEED_BYTES}-byte secrets, got {len(secret)}")
     if not 1 <= threshold <= holders:
         raise SecAggError(f"threshold {threshold} must be in 1..{holders} (the holders)")
-    low = Shamir.split(threshold, holders, secret[:_HALF], ssss=False)
-    high = Shamir.split(threshold, holders, secret[_HALF:], ssss=False)
-    return [a + b for (_, a), (_, b) in zip(low, high)]
+    return [share for _, share in Shamir.split(threshold, holders, secret, ssss=False)]
 
 
 def shamir_combine(shares: Sequence[tuple[int, bytes]]) -> bytes:
-    """The 32-byte secret from (x, share) pairs; at least the threshold of them (fewer give a wrong secret:
+    """The 16-byte secret from (x, share) pairs; at least the threshold of them (fewer give a wrong secret:
     the caller checks the count, and where it can, the result)."""
     if not shares:
         raise SecAggError("shamir_combine needs shares")
     for x, share in shares:
-        if len(share) != 2 * _HALF or not 1 <= x < 1 << 16:
-            raise SecAggError(f"share at x={x} must be {2 * _HALF} bytes with x in 1..65535, got {len(share)}")
+        if len(share) != SEED_BYTES or not 1 <= x < 1 << 16:
+            raise SecAggError(f"share at x={x} must be {SEED_BYTES} bytes with x in 1..65535, got {len(share)}")
     try:
-        low = Shamir.combine([(x, s[:_HALF]) for x, s in shares], ssss=False)
-        high = Shamir.combine([(x, s[_HALF:]) for x, s in shares], ssss=False)
+        return Shamir.combine(list(shares), ssss=False)
     except ValueError as e:
         raise SecAggError(f"the shares do not combine: {e}") from e
-    return low + high
