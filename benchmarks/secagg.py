@@ -1,7 +1,8 @@
 """What secure aggregation costs: SecAgg+ over the round's shared coordinates, against the same method's plain
 upload and against Flower's SecAgg+ (issue 27's "Measured").
 
-    python -m benchmarks.secagg [--json PATH] [--models minilm,smollm2] [--devices 10,50,100] [--drop 0.1]
+    python -m benchmarks.secagg [--json PATH] [--models minilm,smollm2] [--methods flasc-1_16,sft,lora]
+                                [--devices 10,50,100] [--drop 0.1] [--value-bits 8]
 
 For each model (MiniLM with LoRA r = 10 as the CPU profile trains it; SmolLM2-135M with LoRA r = 16 on all
 seven projections, examples/lm/lora.toml) and method (FLASC at 1/16 up, SFT at its 1.8 % mask = SLoRA's Stage 1,
@@ -50,7 +51,7 @@ from edgelora.tasks import Coordinates, SecureUpload
 
 FLOWER_BYTES_PER_PARAMETER = 8     # SecAgg+ in Flower 1.42: masked modulo 2^32, sent as int64
 EXAMPLES = 256                     # each device's examples (the CPU profile's): the weight cap
-CLIP, VALUE_BITS = 0.05, 8         # examples/sweeps/secure.toml's ring
+CLIP = 0.05                        # examples/sweeps/secure.toml's ring (its q is 8)
 
 MODELS = {
     "minilm": {"model": {"name": "minilm", "max_seq_len": 32, "num_labels": 41},
@@ -127,7 +128,7 @@ def plain_upload_bytes(s: Shapes, rng: np.random.Generator) -> tuple[int, float]
     return len(payload), time.perf_counter() - t0
 
 
-def secure_round(s: Shapes, n: int, drop: float, rng: np.random.Generator) -> dict:
+def secure_round(s: Shapes, n: int, drop: float, value_bits: int, rng: np.random.Generator) -> dict:
     """One SecAgg+ round of n devices over the method's shared coordinates, drop x n of them dropping after
     sharing; sizes and times of everything it adds."""
     from edgelora.edge_client.secagg import SecAggDevice
@@ -137,7 +138,7 @@ def secure_round(s: Shapes, n: int, drop: float, rng: np.random.Generator) -> di
 
     run = load_config({"server": {"devices_per_round": n}, "data": {"num_devices": n}, "secure": {"enabled": True}})
     k, t = secure_threshold(run, n)
-    spec = plan_ring(n, VALUE_BITS, CLIP, weight_cap=EXAMPLES)
+    spec = plan_ring(n, value_bits, CLIP, weight_cap=EXAMPLES)
     up = SecureUpload(s.coordinates, spec, s.density, 7 if s.coordinates is Coordinates.RANDOM_K else 0)
     m = coords.count(up, s.shapes, s.structure, s.masked)
     setup = Setup(round=1, session=secrets.token_bytes(16), devices=tuple(f"d{i:03d}" for i in range(n)),
@@ -251,6 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--devices", default="10,50,100")
     ap.add_argument("--drop", type=float, default=0.1, help="the fraction of a round's devices that drop after sharing")
+    ap.add_argument("--value-bits", type=int, default=8, help="q, bits per value before the ring's carry bits")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     records = []
@@ -261,8 +263,9 @@ def main(argv=None) -> int:
             s = build(model, method)
             plain, plain_s = plain_upload_bytes(s, rng)
             for n in (int(x) for x in a.devices.split(",")):
-                r = secure_round(s, n, a.drop, rng)
-                rec = {"model": model, "method": method, "devices": n, "parameters": s.parameters,
+                r = secure_round(s, n, a.drop, a.value_bits, rng)
+                rec = {"model": model, "method": method, "devices": n, "value_bits": a.value_bits,
+                       "parameters": s.parameters,
                        "plain_bytes_up": plain, "plain_encode_s": round(plain_s, 4), **r,
                        "flower_secaggplus_bytes": FLOWER_BYTES_PER_PARAMETER * s.parameters}
                 rec["secure_over_plain"] = round(rec["secure_bytes_up"] / plain, 3)
@@ -273,7 +276,7 @@ def main(argv=None) -> int:
                       f"{rec['flower_secaggplus_bytes']:>12,} {rec['flower_over_secure']:>8.1f} "
                       f"{r['extra_seconds']:>8.2f} {r['unmask_cpu_s']:>13.3f}", flush=True)
     if a.json:
-        with open(a.json, "w") as f:
+        with open(a.json, "a") as f:  # appends: one file collects several invocations (e.g. two --value-bits)
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
     return 0

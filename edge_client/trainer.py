@@ -77,8 +77,11 @@ class DeviceTrainer:
         t1 = time.perf_counter()
         trained = trainable_state(model)
         delta = {n: trained[n] - received[n] for n in trained}
-        if task.upload.secure is not None:  # the example count travels inside the masked vector
+        if task.upload.secure is not None:
+            # Only the masked vector speaks for this device's data: the example count travels inside it, and
+            # the scalars computed on the data (training loss, held-out score) are not sent at all.
             upload, examples = self._encode_secure(task, delta, masks, received, secure), 0
+            loss, scored = float("nan"), (0, 0.0, 0.0)
         else:
             upload, examples = self._encode(task, delta, masks), len(self.examples)
         t2 = time.perf_counter()

@@ -65,6 +65,9 @@ def test_unmasked_sum_is_the_clear_sum_and_no_unmasked_update_is_held(name, tmp_
     recs = _records(tmp_path)
     assert [r["aggregated"] for r in recs] == [True, True]
     assert all(d["status"] == "completed" for r in recs for d in r["devices"])
+    # nothing computed on one device's data travels outside the masked vector: no count, loss or score
+    assert all(d["num_examples"] == 0 and (d["train_loss"] is None or d["train_loss"] != d["train_loss"])
+               and d["eval_examples"] == 0 for r in recs for d in r["devices"])
 
 
 @pytest.mark.parametrize("name", ["lora", "flasc"])
