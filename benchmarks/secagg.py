@@ -2,7 +2,7 @@
 upload and against Flower's SecAgg+ (issue 27's "Measured").
 
     python -m benchmarks.secagg [--json PATH] [--models minilm,smollm2] [--methods flasc-1_16,sft,lora]
-                                [--devices 10,50,100] [--drop 0.1] [--value-bits 8]
+                                [--devices 10,50,100] [--drop 0.1] [--value-bits 8] [--plot PNG]
 
 For each model (MiniLM with LoRA r = 10 as the CPU profile trains it; SmolLM2-135M with LoRA r = 16 on all
 seven projections, examples/lm/lora.toml) and method (FLASC at 1/16 up, SFT at its 1.8 % mask = SLoRA's Stage 1,
@@ -247,7 +247,9 @@ def secure_round(s: Shapes, n: int, drop: float, value_bits: int, rng: np.random
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.secagg", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write the records here (JSON lines)")
+    ap.add_argument("--json", help="append the records to this file (JSON lines)")
+    ap.add_argument("--plot", help="draw bytes per device against devices a round into this PNG (from every "
+                                   "record in --json when given)")
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--devices", default="10,50,100")
@@ -279,7 +281,47 @@ def main(argv=None) -> int:
         with open(a.json, "a") as f:  # appends: one file collects several invocations (e.g. two --value-bits)
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
+    if a.plot:
+        if a.json:  # every record in the file, this invocation's and earlier ones
+            with open(a.json) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        plot(records, a.plot)
     return 0
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Bytes a device uploads per round against the round's devices, log scale: plain, secure (each q) and
+    Flower's SecAgg+, one panel per (model, method)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in records})
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    bits = sorted({r["value_bits"] for r in records})
+    colours = dict(zip(bits, ("tab:green", "tab:orange", "tab:red", "tab:purple")))
+    fig, axes = plt.subplots(len(models), len(methods), figsize=(3.4 * len(methods), 3.0 * len(models)),
+                             squeeze=False)
+    for ax, (model, method) in zip(axes.flat, [(mo, me) for mo in models for me in methods]):
+        rows = sorted((r for r in records if (r["model"], r["method"]) == (model, method)),
+                      key=lambda r: (r["value_bits"], r["devices"]))
+        first = [r for r in rows if r["value_bits"] == rows[0]["value_bits"]]
+        n = [r["devices"] for r in first]
+        ax.plot(n, [r["flower_secaggplus_bytes"] for r in first], "k--", label="Flower SecAgg+")
+        ax.plot(n, [r["plain_bytes_up"] for r in first], "o-", color="tab:blue", label="plain (not secure)")
+        for q in sorted({r["value_bits"] for r in rows}):
+            these = [r for r in rows if r["value_bits"] == q]
+            ax.plot([r["devices"] for r in these], [r["secure_bytes_up"] for r in these], "s-", color=colours[q],
+                    label=f"secure, q = {q}")
+        ax.set_yscale("log")
+        ax.set_title(f"{model}: {method}", fontsize=9)
+        ax.set_xlabel("devices a round")
+        ax.set_xticks(n)
+    for row in axes:
+        row[0].set_ylabel("bytes up per device, a round")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
