@@ -16,6 +16,7 @@ from edgelora.server.checkpoint import load_state
 from edgelora.simulation.simulator import Simulator, simulate
 
 from .conftest import tiny_raw
+from .test_secure_rounds import SECURE
 from .test_simulate import grpc_run, method_run
 
 ray = pytest.importorskip("ray")
@@ -90,6 +91,53 @@ def test_a_ray_run_ends_bit_identical_to_the_sequential_simulator_and_to_grpc(ca
     for where in ("ray", "grpc"):
         statuses = [sorted(d["status"] for d in r["devices"]) for r in _rows(tmp_path / where)]
         assert statuses == [["completed", "completed", "late"]] * 3, where
+
+
+@pytest.mark.parametrize("name", ["lora", "flasc"])  # method_run's flasc has error_feedback = true
+def test_a_secure_ray_run_ends_bit_identical_to_the_sequential_simulator(name, tmp_path, local_ray, one_thread):
+    """Secure aggregation on Ray: 4 devices a round, 2 + 2 on the two actors, each device's keys made on the
+    actor that then trains it (placed before the key phases). Every device completes both rounds, both sums
+    are unmasked, and the run ends where the sequential simulator's ends, bit for bit."""
+    run = method_run(name, server={"rounds": 2, "devices_per_round": 4, "min_registered": 4},
+                     data={"num_devices": 4}, secure=SECURE)
+    simulate(run, tmp_path / "seq", progress=False)
+    simulate(_on_ray(run), tmp_path / "ray", progress=False)
+    _assert_same(tmp_path / "seq", tmp_path / "ray")
+    rows = _rows(tmp_path / "ray")
+    assert [r["aggregated"] for r in rows] == [True, True]
+    assert [sorted((d["device_id"], d["status"]) for d in r["devices"]) for r in rows] == \
+        [[(d, "completed") for d in "0123"]] * 2
+
+
+def test_a_secure_round_abandoned_and_drawn_again_on_ray_places_its_new_devices(tmp_path, local_ray, one_thread,
+                                                                                 monkeypatch):
+    """Round 1's first try is abandoned at the close of its advertise phase (the coordinator is made to abort
+    it once); the try again keeps the round's number but draws other devices (4 of 5). On Ray those devices'
+    keys must be made on the actors that will train them, as for any round: the run completes both rounds,
+    and ends where the sequential simulator ends, bit for bit."""
+    from edgelora.server.secagg import RoundAborted, SecAggServer
+
+    close_advertise, tries = SecAggServer.close_advertise, []
+
+    def first_try_aborts(self):
+        tries.append(self.setup().round)
+        if len(tries) in (1, 3):  # the first try of round 1 in each of the two runs
+            self.phase = "done"
+            raise RoundAborted(f"round {self.setup().round}: the test abandons its first try")
+        close_advertise(self)
+
+    monkeypatch.setattr(SecAggServer, "close_advertise", first_try_aborts)
+    run = method_run("lora", server={"rounds": 1, "devices_per_round": 4, "min_registered": 4},
+                     data={"num_devices": 5}, secure=SECURE)
+    simulate(run, tmp_path / "seq", progress=False)
+    simulate(_on_ray(run), tmp_path / "ray", progress=False)
+    assert tries == [1, 1, 1, 1]
+    _assert_same(tmp_path / "seq", tmp_path / "ray")
+    abandoned = json.loads((tmp_path / "ray" / "abandoned.jsonl").read_text())
+    (row,) = _rows(tmp_path / "ray")
+    first, again = {d["device_id"] for d in abandoned["devices"]}, {d["device_id"] for d in row["devices"]}
+    assert row["round"] == abandoned["round"] == 1 and again - first, (first, again)
+    assert row["aggregated"] and {d["status"] for d in row["devices"]} == {"completed"}
 
 
 def test_a_round_spreads_evenly_over_the_actors_and_a_device_with_state_stays_on_its_actor():

@@ -44,11 +44,11 @@ SERVER_EXTRAS = {"flasc-bandwidth": {"simulated_uplink_mbps": [2.0], "simulated_
                                 "download_value_type": "int8_block"}}
 
 
-def method_run(name: str, server: dict | None = None, **extra):
+def method_run(name: str, server: dict | None = None, data: dict | None = None, **extra):
     # 3 devices, 2 per round: sampling matters, and a sum of two terms is exact in any arrival order.
     raw = tiny_raw(server={"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 1.0,
                            **SERVER_EXTRAS.get(name, {}), **(server or {})},
-                   data={"num_devices": 3, "max_examples_per_device": 16, "test_max_examples": 16},
+                   data={"num_devices": 3, "max_examples_per_device": 16, "test_max_examples": 16, **(data or {})},
                    method={"name": name, **METHOD_CONFIGS[name]}, **extra)
     raw["train"]["precision"] = "fp32"  # bit-identity is asserted in fp32, whatever `auto` picks on this CPU
     raw["method"] = {"name": name, **METHOD_CONFIGS[name]}  # replace, not merge, conftest's lora table

@@ -44,7 +44,9 @@ class SimulatedDevices:
         self.runner = runner
         self.folder_path = folder_path
         self.ids = [str(i) for i in range(run.data.num_devices)]
-        self._placed: set[int] = set()  # the round whose devices the runner placed before its key phases
+        # The round whose devices the runner placed before its key phases: the Round itself, not its number (an
+        # abandoned round runs again under the same number, with devices drawn afresh, to be placed afresh).
+        self._placed: Round | None = None
 
     def live(self) -> list[str]:
         return self.ids
@@ -84,9 +86,9 @@ class SimulatedDevices:
     def exchange(self, driver: RoundDriver, rnd: Round) -> None:
         """A secure round's key phase: each device it waits for, in sampled order, gets its prompt as FetchTask
         carries it and answers as its RPC would (bytes counted as on the wire)."""
-        if rnd.number not in self._placed:  # Ray: the devices' keys live on the actors that will train them
+        if self._placed is not rnd:  # Ray: the devices' keys live on the actors that will train them
             self.runner.place_round(rnd.sampled, self._work(driver, rnd))
-            self._placed = {rnd.number}
+            self._placed = rnd
         for d in rnd.sampled:
             prompt = driver.prompt(rnd, d)
             if prompt is None:
