@@ -17,8 +17,11 @@ class SecureSessions:
 
     def answer(self, device_id: str, header: pb.TaskHeader):
         """The request answering a SECAGG prompt: AdvertiseKeysRequest, ShareKeysRequest or UnmaskSharesRequest
-        (ProtocolViolation when the coordinator asks what an honest device refuses)."""
-        prompt = serde.prompt_from_proto(header)
+        (ProtocolViolation when the coordinator asks what an honest device refuses, or sends a malformed prompt)."""
+        try:
+            prompt = serde.prompt_from_proto(header)
+        except ValueError as e:  # no phase, or a setup that does not validate (SecAggError is a ValueError)
+            raise ProtocolViolation(f"a malformed secure-aggregation prompt for round {header.round}: {e}") from None
         if isinstance(prompt, sa.Setup):  # a new round: fresh keys, the last round's session is dropped
             if prompt.round != header.round:
                 raise ProtocolViolation(f"a setup for round {prompt.round} in a prompt for round {header.round}")

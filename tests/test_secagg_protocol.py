@@ -353,3 +353,23 @@ def test_unmask_replies_with_shares_not_asked_for_are_refused():
         r.server.unmask(forged)
     assert e.value.code is Refusal.INVALID
     r.server.unmask(reply)                                              # the honest reply is still taken
+
+
+def test_a_malformed_prompt_is_a_protocol_violation_the_device_loop_handles():
+    """A prompt with no phase, or a setup that does not validate (threshold 0, a session of the wrong size),
+    is refused as a ProtocolViolation, which the gRPC runtime and the simulator's runners log and go on from,
+    instead of an error that would end the device's loop."""
+    from edgelora.edge_client.sessions import SecureSessions
+    from edgelora.protos import edgelora_pb2 as pb
+    from edgelora.protos import serde
+
+    sessions = SecureSessions()
+    with pytest.raises(ProtocolViolation, match="malformed"):
+        sessions.answer("dev00", pb.TaskHeader(kind=pb.TaskHeader.SECAGG, round=3))
+    good = make_setup(4, 2)
+    for field, value in (("threshold", 0), ("session", b"short")):
+        header = serde.prompt_to_proto(3, good)
+        setattr(header.secagg.advertise, field, value)
+        with pytest.raises(ProtocolViolation, match="malformed"):
+            sessions.answer("dev00", header)
+    assert sessions.answer("dev00", serde.prompt_to_proto(3, good)).device_id == "dev00"
