@@ -100,3 +100,35 @@ def test_a_path_written_relative_to_the_working_directory_still_loads_with_a_war
         cfg = load_config("runs/r1/config.toml")
     assert cfg.data.path == str(tmp_path / "d.jsonl")
     assert "relative to the working directory" in caplog.text
+
+
+@pytest.mark.parametrize("extra, field, says", [
+    ({"aggregator": {"name": "median"}}, "aggregator.name", "needs every device's update"),
+    ({"aggregator": {"name": "trimmed-mean"}}, "aggregator.name", "needs every device's update"),
+    ({"aggregator": {"name": "dp-fedavg"}}, "aggregator.name", "distributed DP"),
+    ({"aggregator": {"name": "fedavg", "clip_norm": 1.0}}, "aggregator.clip_norm", "secure.l2_clip"),
+    ({"server": {"save_updates": True}}, "server.save_updates", "masked"),
+    ({"server": {"devices_per_round": 2}}, "server.devices_per_round", "at least 3"),
+    ({"method": {"name": "flasc", "tiers": 2}}, "method.tiers", "one coordinate set"),
+    ({"method": {"name": "flasc", "density_policy": "deadline"}}, "method.tiers", "deadline densities"),
+    ({"secure": {"threshold": 1.0}}, "secure.threshold", "[0, 1)"),
+    ({"secure": {"clip": 0.0}}, "secure.clip", "> 0"),
+    ({"secure": {"noise_multiplier": 1.0}}, "secure.l2_clip", "sensitivity"),
+    ({"secure": {"coordinates": "own-topk"}}, "secure.coordinates", ""),
+])
+def test_secure_mode_refuses_at_load_what_it_cannot_run_one_line_each(extra, field, says):
+    """[secure] with what needs individual updates, or cannot share one coordinate set, is refused when the
+    config loads, the line naming the field and why."""
+    raw = {"server": {"devices_per_round": 3}, "data": {"num_devices": 5}, "secure": {"enabled": True}}
+    for section, values in extra.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    with pytest.raises(ConfigError, match=re.escape(field)) as e:
+        load_config(raw)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_secure_config_with_three_devices_and_every_threshold_loads():
+    for threshold in (0.0, 0.25, 0.5, 0.99):
+        cfg = load_config({"server": {"devices_per_round": 3}, "data": {"num_devices": 5},
+                           "secure": {"enabled": True, "threshold": threshold}})
+        assert cfg.secure.enabled and cfg.secure.threshold == threshold
