@@ -73,6 +73,17 @@ def test_grid_is_the_union_of_blocks_with_seeds_and_overrides(tmp_path):
     assert fft.method.name == "fft" and fft.train.lr == 1e-4  # the base's [method] table was replaced
 
 
+def test_sweep_set_method_keys_reach_every_method_that_names_itself(tmp_path):
+    """A [sweep.set] "method.lora" applies to every run, also where a method block sets "method.name" (which
+    once wiped it silently: a secure sweep's FLASC ran at the default rank 16 instead of the rank 10 asked)."""
+    text = SWEEP.replace('"train.precision" = "fp32"', '"train.precision" = "fp32"\n"method.lora" = {{ rank = 6, alpha = 6.0 }}')
+    text = text.replace('[methods.fft]', '[methods.flasc]\n"method.name" = "flasc"\n[methods.fft]')
+    text = text.replace('methods = ["lora", "fft"]', 'methods = ["lora", "flasc"]')
+    runs = {r.name: r.config() for r in load_sweep(write_sweep(tmp_path, text=text)).runs}
+    assert runs["flasc-iid-s0"].method.name == "flasc" and runs["flasc-iid-s0"].method.lora.rank == 6
+    assert runs["lora-iid-s0"].method.lora.rank == 4  # a method block's own key still wins
+
+
 @pytest.mark.parametrize("edit, message", [
     (('methods = ["lora"]\npartitions = ["dir"]', 'methods = ["lorax"]\npartitions = ["dir"]'), "grid[1].methods: 'lorax'"),
     (('"data.alpha" = 0.5', '"data.alpha" = -1.0'), "run lora-dir-s0: data.alpha: must be > 0"),

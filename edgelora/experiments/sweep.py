@@ -8,8 +8,9 @@ A sweep file names a base run config and the variants to combine:
     seeds = [0, 1]                    # each seed sets server.seed, data.seed and model.head_seed
     [sweep.set]                       # dotted overrides applied to every run
     "server.rounds" = 2
-    [methods.lora]                    # a method variant: dotted overrides; any "method.*" key replaces the
-    "method.name" = "lora"            #   base's [method] table as a whole (method configs differ)
+    [methods.lora]                    # a method variant: dotted overrides; "method.*" keys anywhere replace the
+    "method.name" = "lora"            #   base's [method] table as a whole (method configs differ), and
+                                      #   [sweep.set]'s "method.*" keys still apply to every method
     [methods.lora-central]
     mode = "centralized"              # the ceiling: edgelora.experiments.centralized instead of the simulator
     "method.name" = "lora"
@@ -117,10 +118,12 @@ def _run_spec(base: dict, common: dict, method: str, method_set: dict, partition
     mode = method_set.pop("mode", "federated")
     if mode not in MODES:
         raise ConfigError(f"methods.{method}.mode: {mode!r} is not one of {list(MODES)}")
-    for where, overrides in (("sweep.set", common), (f"methods.{method}", method_set),
-                             (f"partitions.{partition}", partition_set)):
-        if any(k.startswith("method.") for k in overrides):
-            raw["method"] = {}
+    groups = (("sweep.set", common), (f"methods.{method}", method_set), (f"partitions.{partition}", partition_set))
+    # "method.*" keys replace the base's [method] table (method configs differ), once: a method block's
+    # "method.name" must not wipe the "method.lora" that [sweep.set] gives every run
+    if any(k.startswith("method.") for _, overrides in groups for k in overrides):
+        raw["method"] = {}
+    for where, overrides in groups:
         for key, value in overrides.items():
             _set(raw, key, value, where)
     for key in SEED_KEYS:
