@@ -108,7 +108,7 @@ def test_secure_flasc_at_every_coordinate_moves_as_plain_flasc_within_quantizati
     a, b = load_state(tmp_path / "plain"), load_state(tmp_path / "secure")
     assert a.params.keys() == b.params.keys()
     moved = max(np.abs(a.params[k] - start).max() for k, start in ServerRun(plain, tmp_path / "start").state.params.items())
-    assert moved > 10 * (step)  # the round moved the weights far more than the tolerance below
+    assert moved > 10 * step  # the round moved the weights far more than the tolerance below
     # each device's weighted value min(n, cap) / cap x delta rounds by under a step; the sum of 3 is divided
     # by the summed weight, so the mean is off by under 3 steps / that weight (1 step where all are full)
     examples = [d["num_examples"] for d in _records(tmp_path / "plain")[0]["devices"]]
