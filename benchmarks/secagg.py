@@ -31,6 +31,8 @@ One JSON record per (model, method, devices):
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import math
 import secrets
@@ -47,7 +49,7 @@ from edgelora.secagg.messages import Setup
 from edgelora.secagg.ring import encode as ring_encode
 from edgelora.secagg.ring import plan_ring, ring_length
 from edgelora.sparsity import global_topk
-from edgelora.tasks import Coordinates, SecureUpload
+from edgelora.tasks import Coordinates, SecureUpload, UploadFormat, UploadRule
 
 FLOWER_BYTES_PER_PARAMETER = 8     # SecAgg+ in Flower 1.42: masked modulo 2^32, sent as int64
 EXAMPLES = 256                     # each device's examples (the CPU profile's): the weight cap
@@ -69,13 +71,11 @@ METHODS = {  # name -> the [method] section (and server.value_type where the pla
 
 @dataclass
 class Shapes:
-    """A (model, method)'s trainable tensors and what a secure round of it uploads."""
+    """A (model, method)'s trainable tensors and its upload rule."""
     shapes: dict[str, tuple[int, ...]]
     structure: object
     masked: frozenset[str]
-    coordinates: Coordinates
-    density: float
-    value_type: str
+    rule: UploadRule
 
     @property
     def parameters(self) -> int:
@@ -86,7 +86,6 @@ def build(model: str, method: str) -> Shapes:
     from edgelora.methods import make_method
     from edgelora.models import ModelHost, is_masked, load_base_model
     from edgelora.state import ServerState
-    from edgelora.tasks import UploadFormat
 
     spec, meth = MODELS[model], METHODS[method]
     lora = {"lora": spec["lora"]} if meth["method"]["name"] in ("lora", "flasc") else {}
@@ -102,21 +101,18 @@ def build(model: str, method: str) -> Shapes:
     stage = m.initial_stage()
     params = m.init_params(host, stage)
     structure = m.initial_structure()
-    rule = m.upload_rule(ServerState(round=0, stage=stage, stage_start=1, params=params))
-    how = {UploadFormat.DENSE: Coordinates.ALL, UploadFormat.MASKED: Coordinates.MASK}.get(
-        rule.format, Coordinates.RANDOM_K)
     return Shapes({n: tuple(v.shape) for n, v in params.items()}, structure,
-                  frozenset(n for n in params if is_masked(n, structure)), how,
-                  rule.density if how is Coordinates.RANDOM_K else 1.0, rule.value_type)
+                  frozenset(n for n in params if is_masked(n, structure)),
+                  m.upload_rule(ServerState(round=0, stage=stage, stage_start=1, params=params)))
 
 
 def plain_upload_bytes(s: Shapes, rng: np.random.Generator) -> tuple[int, float]:
     """(bytes, seconds) of the plain upload of a synthetic delta, in the method's form and value type."""
     delta = {n: rng.normal(0, 0.01, shape).astype(np.float32) for n, shape in s.shapes.items()}
     t0 = time.perf_counter()
-    if s.coordinates is Coordinates.RANDOM_K:      # FLASC plain: each device's own top-k
-        tensors = dict(global_topk(delta, s.density))
-    elif s.coordinates is Coordinates.MASK:
+    if s.rule.format == UploadFormat.TOPK:      # FLASC plain: each device's own top-k
+        tensors = dict(global_topk(delta, s.rule.density))
+    elif s.rule.format == UploadFormat.MASKED:
         sets = coords.coordinate_sets(SecureUpload(Coordinates.MASK, None, 1.0, 0), s.shapes, s.structure,
                                       s.masked)
         tensors = {n: (codec.Masked(delta[n].shape, s.structure.mask_seed, s.structure.mask_density,
@@ -124,8 +120,24 @@ def plain_upload_bytes(s: Shapes, rng: np.random.Generator) -> tuple[int, float]
                    for n, idx in sets.items()}
     else:
         tensors = {n: codec.Dense(d) for n, d in delta.items()}
-    payload = codec.encode_bundle(tensors, value_type=s.value_type, rounding="nearest", seed=0)
+    payload = codec.encode_bundle(tensors, value_type=s.rule.value_type, rounding="nearest", seed=0)
     return len(payload), time.perf_counter() - t0
+
+
+class Stopwatch:
+    """Wall-clock and process CPU seconds, summed per key over the calls it runs."""
+
+    def __init__(self) -> None:
+        self.wall: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.cpu: collections.defaultdict[str, float] = collections.defaultdict(float)
+
+    def run(self, key: str, fn, *args):
+        c0, w0 = time.process_time(), time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.cpu[key] += time.process_time() - c0
+            self.wall[key] += time.perf_counter() - w0
 
 
 def secure_round(s: Shapes, n: int, drop: float, value_bits: int, rng: np.random.Generator) -> dict:
@@ -139,34 +151,21 @@ def secure_round(s: Shapes, n: int, drop: float, value_bits: int, rng: np.random
     run = load_config({"server": {"devices_per_round": n}, "data": {"num_devices": n}, "secure": {"enabled": True}})
     k, t = secure_threshold(run, n)
     spec = plan_ring(n, value_bits, CLIP, weight_cap=EXAMPLES)
-    up = SecureUpload(s.coordinates, spec, s.density, 7 if s.coordinates is Coordinates.RANDOM_K else 0)
+    up = coords.secure_upload(s.rule, "random-k", spec, seed=7)  # FLASC's S: a seeded random 1/16
     m = coords.count(up, s.shapes, s.structure, s.masked)
     setup = Setup(round=1, session=secrets.token_bytes(16), devices=tuple(f"d{i:03d}" for i in range(n)),
                   neighbours=k, threshold=t, graph_seed=11, bits=spec.bits, length=ring_length(m, spec))
     dropped = set(rng.choice(setup.devices, size=int(round(drop * n)), replace=False).tolist())
     server = SecAggServer(setup)
     devices = {d: SecAggDevice(d, setup) for d in setup.devices}
-    device_s = dict.fromkeys(setup.devices, 0.0)
     up_bytes = dict.fromkeys(setup.devices, 0)
     down_bytes = dict.fromkeys(setup.devices, 0)
-    server_s = 0.0
-
-    def on_device(d, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        device_s[d] += time.perf_counter() - t0
-        return out
-
-    def on_server(fn, *args):
-        nonlocal server_s
-        t0 = time.perf_counter()
-        out = fn(*args)
-        server_s += time.perf_counter() - t0
-        return out
+    clock = Stopwatch()
+    on_server = functools.partial(clock.run, "server")
 
     setup_bytes = serde.prompt_over_the_wire(1, setup)[1]
     for d in setup.devices:
-        msg = on_device(d, devices[d].advertise)
+        msg = clock.run(d, devices[d].advertise)
         up_bytes[d] += serde.advertise_to_proto(1, msg).ByteSize()
         down_bytes[d] += setup_bytes
         on_server(server.advertise, msg)
@@ -174,55 +173,31 @@ def secure_round(s: Shapes, n: int, drop: float, value_bits: int, rng: np.random
     for d in setup.devices:
         peers = on_server(server.peers_for, d)
         down_bytes[d] += serde.prompt_over_the_wire(1, peers)[1]
-        msg = on_device(d, devices[d].share, peers)
+        msg = clock.run(d, devices[d].share, peers)
         up_bytes[d] += serde.share_to_proto(1, msg).ByteSize()
         on_server(server.share, msg)
     on_server(server.close_share)
     # every survivor uploads the same kind of vector: one device's ring encoding, timed, stands for all
     values = rng.normal(0, 0.01, m).astype(np.float32)
-    t0 = time.perf_counter()
-    vector = ring_encode(values, EXAMPLES, spec, np.random.default_rng(0))
-    encode_s = time.perf_counter() - t0
+    vector = clock.run("encode", ring_encode, values, EXAMPLES, spec, np.random.default_rng(0))
     survivors = [d for d in setup.devices if d not in dropped]
-    add_cpu = 0.0
     for d in survivors:
         inp = on_server(server.masking_input_for, d)
         down_bytes[d] += sum(len(b) for b in inp.incoming.values())
-        masked = on_device(d, devices[d].mask, vector, inp)
-        payload = on_device(d, codec.encode_ring, masked, spec.bits)
+        masked = clock.run(d, devices[d].mask, vector, inp)
+        payload = clock.run(d, codec.encode_ring, masked, spec.bits)
         up_bytes[d] += len(payload)
-        c0 = time.process_time()
-        on_server(server.add_masked, d, codec.decode_ring(payload, bits=spec.bits, count=setup.length))
-        add_cpu += time.process_time() - c0
-        device_s[d] += encode_s
-    unmask_cpu = unmask_wall = 0.0
-
-    def unmasking(fn, *args):  # the coordinator's share of the unmask phase, CPU and wall-clock
-        nonlocal unmask_cpu, unmask_wall
-        c0, w0 = time.process_time(), time.perf_counter()
-        out = fn(*args)
-        unmask_cpu += time.process_time() - c0
-        unmask_wall += time.perf_counter() - w0
-        return out
-
+        clock.run("sum", server.add_masked, d, codec.decode_ring(payload, bits=spec.bits, count=setup.length))
+    unmasking = functools.partial(clock.run, "unmask")
     # the Shamir reconstructions' share of it (pycryptodome's GF(2^128) arithmetic is pure Python)
-    shamir = {"cpu": 0.0}
     combine = secagg_server.shamir_combine
-
-    def timed_combine(shares):
-        c0 = time.process_time()
-        try:
-            return combine(shares)
-        finally:
-            shamir["cpu"] += time.process_time() - c0
-
-    secagg_server.shamir_combine = timed_combine
+    secagg_server.shamir_combine = functools.partial(clock.run, "shamir", combine)
     try:
         unmasking(server.close_uploads)
         request = unmasking(server.unmask_request)
         for d in survivors:
             down_bytes[d] += serde.prompt_over_the_wire(1, request)[1]
-            reply = on_device(d, devices[d].unmask, request)
+            reply = clock.run(d, devices[d].unmask, request)
             up_bytes[d] += serde.unmask_to_proto(1, reply).ByteSize()
             unmasking(server.unmask, reply)
         total = unmasking(server.result)
@@ -231,17 +206,18 @@ def secure_round(s: Shapes, n: int, drop: float, value_bits: int, rng: np.random
     expected = (vector.astype(np.int64) * len(survivors)) % (1 << spec.bits)
     if not np.array_equal(total.astype(np.int64), expected):
         raise AssertionError(f"{n} devices: the unmasked sum is not the clear sum")
-    upload = len(codec.encode_ring(vector, spec.bits))
+    upload = codec.ring_payload_size(setup.length, spec.bits)
     key_up = float(np.mean([up_bytes[d] for d in survivors])) - upload
+    device_s = max(clock.wall[d] for d in survivors) + clock.wall["encode"]  # each survivor encodes once
     return {"coordinates": m, "ring_bits": spec.bits, "neighbours": k, "threshold": t, "dropped": len(dropped),
             "secure_upload_bytes": upload, "key_bytes_up": round(key_up, 1),
             "secure_bytes_up": round(upload + key_up, 1),
             "secure_bytes_down_extra": round(float(np.mean([down_bytes[d] for d in survivors])), 1),
-            "device_secure_s": round(max(device_s[d] for d in survivors), 4),
-            "coordinator_key_s": round(server_s, 4), "sum_cpu_s": round(add_cpu, 4),
-            "unmask_cpu_s": round(unmask_cpu, 4),
-            "shamir_cpu_s": round(shamir["cpu"], 4), "unmask_wall_s": round(unmask_wall, 4),
-            "extra_seconds": round(max(device_s[d] for d in survivors) + server_s + unmask_wall, 4)}
+            "device_secure_s": round(device_s, 4),
+            "coordinator_key_s": round(clock.wall["server"], 4), "sum_cpu_s": round(clock.cpu["sum"], 4),
+            "unmask_cpu_s": round(clock.cpu["unmask"], 4),
+            "shamir_cpu_s": round(clock.cpu["shamir"], 4), "unmask_wall_s": round(clock.wall["unmask"], 4),
+            "extra_seconds": round(device_s + clock.wall["server"] + clock.wall["unmask"], 4)}
 
 
 def main(argv=None) -> int:

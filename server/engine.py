@@ -28,7 +28,7 @@ from edgelora.secagg import messages as sa
 from edgelora.secagg.ring import plan_ring, ring_length
 from edgelora.sparsity import topk_count
 from edgelora.state import ServerState
-from edgelora.tasks import Coordinates, DeviceInfo, PhaseTimes, SecureUpload, Stage, Task, UploadFormat
+from edgelora.tasks import Coordinates, DeviceInfo, PhaseTimes, Stage, Task, UploadFormat
 
 from .aggregation import Delta, check_coordinates, global_norm, make_aggregator
 from .secure import SecureRound
@@ -415,17 +415,15 @@ class RoundEngine:
         masked uploads, every entry for dense ones, secure.coordinates for top-k), fixed point in a ring sized
         for `sampled` devices."""
         cfg, rule = self.run.secure, ins.task.upload
-        how = {UploadFormat.DENSE: Coordinates.ALL, UploadFormat.MASKED: Coordinates.MASK}.get(
-            rule.format, Coordinates(cfg.coordinates))
         # Weighted FedAvg: devices weigh min(examples, cap) / cap. Under distributed DP every device weighs 1:
         # a summed count would be released without noise.
         cap = 0
         if getattr(self.run.aggregator, "weighted", False) and cfg.noise_multiplier == 0:
             cap = max(self.partition_sizes) if self.run.data.mode == "partitions" else self.run.server.max_examples_per_device
         seed = int(np.random.SeedSequence([self.run.server.seed, state.round + 1]).generate_state(1, np.uint64)[0] >> 1)
-        up = SecureUpload(how, plan_ring(sampled, cfg.value_bits, cfg.clip, weight_cap=cap, l2_clip=cfg.l2_clip),
-                          density=rule.density if rule.format == UploadFormat.TOPK else 1.0,
-                          seed=seed if how is Coordinates.RANDOM_K else 0)
+        up = coords.secure_upload(rule, cfg.coordinates,
+                                  plan_ring(sampled, cfg.value_bits, cfg.clip, weight_cap=cap, l2_clip=cfg.l2_clip),
+                                  seed)
         if cfg.noise_multiplier > 0:  # each device's share of the noise, sized for the fewest survivors
             shapes = {n: tuple(v.shape) for n, v in state.params.items()}
             masked = frozenset(n for n in shapes if is_masked(n, ins.task.structure))

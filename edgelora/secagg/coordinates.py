@@ -14,9 +14,20 @@ import numpy as np
 
 from edgelora import codec
 from edgelora.sparsity import global_topk, topk_count
-from edgelora.tasks import Coordinates, SecureUpload, Structure
+from edgelora.secagg.ring import RingSpec
+from edgelora.tasks import Coordinates, SecureUpload, Structure, UploadFormat, UploadRule
 
 CoordinateSets = dict[str, "np.ndarray | None"]
+
+
+def secure_upload(rule: UploadRule, choice: str, ring: RingSpec, seed: int) -> SecureUpload:
+    """How a secure round uploads what `rule` asks for: every entry for a dense upload, the structure's mask
+    for a masked one, and for top-k (FLASC) `choice` (secure.coordinates) at the rule's density; `seed` draws
+    random-k's set and is 0 otherwise."""
+    how = {UploadFormat.DENSE: Coordinates.ALL, UploadFormat.MASKED: Coordinates.MASK}.get(rule.format,
+                                                                                           Coordinates(choice))
+    return SecureUpload(how, ring, density=rule.density if rule.format == UploadFormat.TOPK else 1.0,
+                        seed=seed if how is Coordinates.RANDOM_K else 0)
 
 
 def coordinate_sets(upload: SecureUpload, shapes: Mapping[str, tuple[int, ...]], structure: Structure,
