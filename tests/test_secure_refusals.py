@@ -28,6 +28,15 @@ DEVICES = ("0", "1", "2", "3")  # 4 sampled: k = 3 neighbours, t = 2, so one sha
 VALUE = 10  # every device's integer at every ring coordinate: the unmasked mean is VALUE / scale exactly
 
 
+def altered(msg, **fields):
+    """A copy of a protobuf message with `fields` set (the original stays as sent)."""
+    copy = type(msg)()
+    copy.CopyFrom(msg)
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    return copy
+
+
 @pytest.fixture
 def secure_server(tiny_config, tmp_path):
     """start(rounds) -> (coordinator, {device id: Device}, the rounds' driver thread): a secure run of 4
@@ -176,23 +185,17 @@ def test_bad_advertisements_are_refused_by_type_and_the_rounds_go_on(secure_serv
     d0, d1 = devices["0"], devices["1"]
     first = {d: dev.answer(dev.prompted("advertise")) for d, dev in devices.items()}
 
-    relabelled = pb.AdvertiseKeysRequest()
-    relabelled.CopyFrom(first["0"])
-    relabelled.device_id = "1"
+    relabelled = altered(first["0"], device_id="1")
     refused(lambda: d0.send(relabelled), grpc.StatusCode.PERMISSION_DENIED,
             "this token may act only as device 0, not '1'", "forbidden")
     assert d0.send(first["0"]).round == 1
     refused(lambda: d0.send(first["0"]), grpc.StatusCode.ALREADY_EXISTS, "0 already sent its advertise", "exists")
     refused(lambda: d1.send(relabelled), grpc.StatusCode.INVALID_ARGUMENT,
             "1 advertises a public key 0 advertised (a relabelled message)", "invalid")
-    wrong_session = pb.AdvertiseKeysRequest()
-    wrong_session.CopyFrom(first["1"])
-    wrong_session.session = bytes(16)
+    wrong_session = altered(first["1"], session=bytes(16))
     refused(lambda: d1.send(wrong_session), grpc.StatusCode.FAILED_PRECONDITION,
             "advertise from 1 carries another round's session (a replay)", "precondition")
-    wrong_round = pb.AdvertiseKeysRequest()
-    wrong_round.CopyFrom(first["1"])
-    wrong_round.round = 2
+    wrong_round = altered(first["1"], round=2)
     refused(lambda: d1.send(wrong_round), grpc.StatusCode.FAILED_PRECONDITION,
             "a key message for round 2, but the secure round under way is 1", "precondition")
     assert d1.heartbeat().round == 0  # the server still answers, and round 1 is still under way
@@ -204,9 +207,7 @@ def test_bad_advertisements_are_refused_by_type_and_the_rounds_go_on(secure_serv
     assert second["0"].secagg.advertise.session != first["0"].session
     refused(lambda: d0.send(first["0"]), grpc.StatusCode.FAILED_PRECONDITION,
             "a key message for round 1, but the secure round under way is 2", "precondition")
-    replayed = pb.AdvertiseKeysRequest()
-    replayed.CopyFrom(first["0"])
-    replayed.round = 2
+    replayed = altered(first["0"], round=2)
     refused(lambda: d0.send(replayed), grpc.StatusCode.FAILED_PRECONDITION,
             "advertise from 0 carries another round's session (a replay)", "precondition")
     for d, dev in devices.items():
