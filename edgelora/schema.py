@@ -233,7 +233,8 @@ class SecureConfig:
     value_bits: int = field(8, "q: each value is a q-bit integer after stochastic rounding; the ring adds ceil(log2 n) bits and a margin so the sum cannot wrap")
     clip: float = field(0.01, "c: each (weighted) value is clipped to [-c, c] before quantizing: the scale the coordinator announces for every round")
     l2_clip: float = field(0.0, "C: clip each device's update to L2 norm C first (0 = no L2 clip; distributed DP needs one)")
-    coordinates: Literal["random-k", "download-topk"] = field("random-k", "FLASC's upload coordinates in secure mode, shared by the round (a per-device top-k would reveal each device's indices): random-k = a seeded random set at the upload density (error feedback keeps the rest); download-topk = the largest-magnitude entries of the round's download, at the upload density")
+    coordinates: Literal["random-k", "download-topk", "aggregate-topk"] = field("random-k", "FLASC's upload coordinates in secure mode, shared by the round (a per-device top-k would reveal each device's indices): random-k = a seeded random set at the upload density (error feedback keeps the rest); download-topk = the largest-magnitude entries of the round's download, at the upload density; aggregate-topk = the largest entries of the last unmasked aggregate, topped up with a seeded random share (secure.explore) so coordinates outside the last set can enter, sent down with the task")
+    explore: float = field(0.25, "aggregate-topk: the share of each round's coordinates drawn at random instead of from the last aggregate (the first round's are all random)")
     noise_multiplier: float = field(0.0, "distributed DP: z; every device adds integer noise so the unmasked sum carries stddev z x C (sized for the threshold's survivors); 0 = no noise")
     dp_delta: float = field(1e-5, "distributed DP: the delta at which epsilon is reported")
     phase_deadline_s: float = field(120.0, "a key phase (advertise, share, unmask) closes after this long; devices that did not answer by then are counted as dropped")
@@ -249,6 +250,7 @@ class SecureConfig:
               "must be > 0 when secure.noise_multiplier > 0: the noise is sized to the L2 sensitivity")
         check(0 < self.dp_delta < 1, "secure.dp_delta", "must be in (0, 1)")
         check(self.phase_deadline_s > 0, "secure.phase_deadline_s", "must be > 0")
+        check(0 <= self.explore <= 1, "secure.explore", "must be in [0, 1]")
 
 
 # -- [aggregator]: one Config a server aggregator (edgelora.server.aggregation), picked by name ----------------

@@ -20,6 +20,9 @@ class ServerState:
     params: Arrays                   # global trainable weights, by trainable-parameter name
     opt_state: Arrays = field(default_factory=dict)     # server optimizer (FedAdam m/v/step)
     method_state: Arrays = field(default_factory=dict)  # e.g. SLoRA's accumulated Stage-1 delta
+    # The last round's aggregate (new weights - old), kept where secure rounds choose their coordinates from it
+    # (secure.coordinates = aggregate-topk); empty otherwise and after a stage switch.
+    last_update: Arrays = field(default_factory=dict)
     rng: dict = field(default_factory=dict)             # numpy bit-generator state of device sampling
     finished: bool = False
     # What the server has measured of each device (link rates, bytes per sent entry), by device id: a resumed

@@ -72,11 +72,13 @@ class TrainSpec:
 
 
 class Coordinates(str, enum.Enum):
-    """Where a secure round's shared upload coordinates come from: both sides derive them, none travels."""
+    """Where a secure round's shared upload coordinates come from: derived on both sides (no index travels), or,
+    for aggregate-topk, chosen by the coordinator from the last sum it unmasked and sent down with the task."""
     ALL = "all"                      # every trainable entry (dense methods)
     MASK = "mask"                    # the structure's seeded mask (SFT, SLoRA Stage 1), dense tensors whole
     RANDOM_K = "random-k"            # a seeded random set at `density`, fresh every round (FLASC)
     DOWNLOAD_TOPK = "download-topk"  # the largest-magnitude entries of the round's download, at `density` (FLASC)
+    AGGREGATE_TOPK = "aggregate-topk"  # the last aggregate's largest entries, topped up at random (FLASC)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class SecureUpload:
     ring: RingSpec
     density: float = 1.0
     seed: int = 0
+    indices: bytes = b""   # aggregate-topk: the round's coordinate set, as codec bytes (coordinates.encode_sets)
 
 
 @dataclass(frozen=True)

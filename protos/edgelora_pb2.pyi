@@ -198,7 +198,7 @@ class UploadRule(_message.Message):
     def __init__(self, format: _Optional[_Union[UploadRule.Format, str]] = ..., density: _Optional[float] = ..., error_feedback: _Optional[bool] = ..., value_type: _Optional[str] = ..., rounding: _Optional[str] = ..., secure: _Optional[_Union[SecureUpload, _Mapping]] = ...) -> None: ...
 
 class SecureUpload(_message.Message):
-    __slots__ = ("coordinates", "density", "seed", "bits", "value_bits", "clip", "l2_clip", "weight_cap", "count_limbs", "noise_stddev")
+    __slots__ = ("coordinates", "density", "seed", "bits", "value_bits", "clip", "l2_clip", "weight_cap", "count_limbs", "noise_stddev", "indices")
     COORDINATES_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class SecureUpload(_message.Message):
     WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
     COUNT_LIMBS_FIELD_NUMBER: _ClassVar[int]
     NOISE_STDDEV_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     coordinates: str
     density: float
     seed: int
@@ -219,7 +220,8 @@ class SecureUpload(_message.Message):
     weight_cap: int
     count_limbs: int
     noise_stddev: float
-    def __init__(self, coordinates: _Optional[str] = ..., density: _Optional[float] = ..., seed: _Optional[int] = ..., bits: _Optional[int] = ..., value_bits: _Optional[int] = ..., clip: _Optional[float] = ..., l2_clip: _Optional[float] = ..., weight_cap: _Optional[int] = ..., count_limbs: _Optional[int] = ..., noise_stddev: _Optional[float] = ...) -> None: ...
+    indices: bytes
+    def __init__(self, coordinates: _Optional[str] = ..., density: _Optional[float] = ..., seed: _Optional[int] = ..., bits: _Optional[int] = ..., value_bits: _Optional[int] = ..., clip: _Optional[float] = ..., l2_clip: _Optional[float] = ..., weight_cap: _Optional[int] = ..., count_limbs: _Optional[int] = ..., noise_stddev: _Optional[float] = ..., indices: _Optional[bytes] = ...) -> None: ...
 
 class RunSpec(_message.Message):
     __slots__ = ("run_id", "model", "data", "method", "chunk_bytes", "max_upload_bytes", "initial_structure")

@@ -110,7 +110,7 @@ def secure_upload_to_proto(s: SecureUpload) -> pb.SecureUpload:
     r = s.ring
     return pb.SecureUpload(coordinates=s.coordinates.value, density=s.density, seed=s.seed, bits=r.bits,
                            value_bits=r.value_bits, clip=r.clip, l2_clip=r.l2_clip, weight_cap=r.weight_cap,
-                           count_limbs=r.count_limbs, noise_stddev=r.noise_stddev)
+                           count_limbs=r.count_limbs, noise_stddev=r.noise_stddev, indices=s.indices)
 
 
 def secure_upload_from_proto(p: pb.SecureUpload) -> SecureUpload:
@@ -121,7 +121,7 @@ def secure_upload_from_proto(p: pb.SecureUpload) -> SecureUpload:
                          f"{[c.value for c in Coordinates]}") from None
     ring = RingSpec(bits=p.bits, value_bits=p.value_bits, clip=p.clip, l2_clip=p.l2_clip, weight_cap=p.weight_cap,
                     count_limbs=p.count_limbs, noise_stddev=p.noise_stddev)
-    return SecureUpload(coordinates, ring, density=p.density, seed=p.seed)
+    return SecureUpload(coordinates, ring, density=p.density, seed=p.seed, indices=p.indices)
 
 
 def upload_to_proto(u: UploadRule) -> pb.UploadRule:

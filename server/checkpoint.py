@@ -15,7 +15,7 @@ from edgelora import codec
 from edgelora.state import Arrays, ServerState
 from edgelora.tasks import Stage
 
-_GROUPS = ("params", "opt_state", "method_state")
+_GROUPS = ("params", "opt_state", "method_state", "last_update")
 
 
 def groups_to_bytes(groups: dict[str, Arrays]) -> bytes:

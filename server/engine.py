@@ -365,6 +365,7 @@ class RoundEngine:
         self.host = host
         self.aggregator = make_aggregator(run)
         self.dp: DpRound | None = None  # distributed DP's parameters, as the last secure round planned them
+        self._keeps_last_update = False  # the last secure round chose its coordinates from the last aggregate
 
     @cached_property
     def partition_sizes(self) -> list[int]:
@@ -421,11 +422,12 @@ class RoundEngine:
         if getattr(self.run.aggregator, "weighted", False) and cfg.noise_multiplier == 0:
             cap = max(self.partition_sizes) if self.run.data.mode == "partitions" else self.run.server.max_examples_per_device
         seed = int(np.random.SeedSequence([self.run.server.seed, state.round + 1]).generate_state(1, np.uint64)[0] >> 1)
+        shapes = {n: tuple(v.shape) for n, v in state.params.items()}
         up = coords.secure_upload(rule, cfg.coordinates,
                                   plan_ring(sampled, cfg.value_bits, cfg.clip, weight_cap=cap, l2_clip=cfg.l2_clip),
-                                  seed)
+                                  seed, shapes=shapes, last=state.last_update, explore=cfg.explore)
+        self._keeps_last_update = up.coordinates is Coordinates.AGGREGATE_TOPK
         if cfg.noise_multiplier > 0:  # each device's share of the noise, sized for the fewest survivors
-            shapes = {n: tuple(v.shape) for n, v in state.params.items()}
             masked = frozenset(n for n in shapes if is_masked(n, ins.task.structure))
             self.dp = DpRound(noise_multiplier=cfg.noise_multiplier, l2_clip=cfg.l2_clip, scale=up.ring.scale,
                               dimension=coords.count(up, shapes, ins.task.structure, masked),
@@ -532,8 +534,12 @@ class RoundEngine:
                 params, opt_state = state.params, state.opt_state
         new = state.replace(round=state.round + 1, params=params, opt_state=opt_state, rng=rng_state,
                             devices=state.devices if devices is None else devices)
+        if aggregated and self._keeps_last_update:
+            new = new.replace(last_update={n: params[n] - state.params[n] for n in params if n in state.params})
         before = new
         new = self.method.after_round(new, self.host, aggregated)
+        if new.stage != before.stage:  # other tensors train now: the last aggregate says nothing of them
+            new = new.replace(last_update={})
         if new.round >= self.run.server.rounds:
             new = new.replace(finished=True)
         return new, (before if new.stage != before.stage else None)

@@ -115,6 +115,7 @@ def test_a_path_written_relative_to_the_working_directory_still_loads_with_a_war
     ({"secure": {"clip": 0.0}}, "secure.clip", "> 0"),
     ({"secure": {"noise_multiplier": 1.0}}, "secure.l2_clip", "sensitivity"),
     ({"secure": {"coordinates": "own-topk"}}, "secure.coordinates", ""),
+    ({"secure": {"explore": 1.5}}, "secure.explore", "[0, 1]"),
 ])
 def test_secure_mode_refuses_at_load_what_it_cannot_run_one_line_each(extra, field, says):
     """[secure] with what needs individual updates, or cannot share one coordinate set, is refused when the

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edgelora.edge_client import trainer as trainer_module
+from edgelora.secagg import coordinates as coords
 from edgelora.secagg import ring
 from edgelora.server.checkpoint import load_state
 from edgelora.server.run import ServerRun
@@ -73,9 +74,54 @@ def test_unmasked_sum_is_the_clear_sum_and_no_unmasked_update_is_held(name, tmp_
                and d["eval_examples"] == 0 for r in recs for d in r["devices"])
 
 
-@pytest.mark.parametrize("name", ["lora", "flasc"])
-def test_secure_simulator_matches_grpc_bit_for_bit(name, tmp_path):
-    _assert_bit_identical(secure_run(name), name, tmp_path)
+AGGREGATE_TOPK = {"coordinates": "aggregate-topk", "explore": 0.5}
+
+
+@pytest.mark.parametrize("name, secure", [("lora", {}), ("flasc", AGGREGATE_TOPK)])
+def test_secure_simulator_matches_grpc_bit_for_bit(name, secure, tmp_path):
+    """FLASC with aggregate-topk: the coordinator's set travels down the wire in the task."""
+    _assert_bit_identical(secure_run(name, secure=secure), name, tmp_path)
+
+
+def test_aggregate_topk_follows_the_last_aggregate_and_resumes_exactly(tmp_path, monkeypatch):
+    """Each round's S holds the largest (1 - explore) k entries of the last round's aggregate, which the saved
+    state keeps: a run stopped after round 1 and resumed ends where the straight run does."""
+    chosen = []
+    derive = coords.coordinate_sets
+
+    def spy(upload, *args, **kwargs):
+        sets = derive(upload, *args, **kwargs)
+        chosen.append(sets)
+        return sets
+
+    monkeypatch.setattr(coords, "coordinate_sets", spy)
+    run = secure_run("flasc", server={"rounds": 3}, secure=AGGREGATE_TOPK)
+    simulate(run, tmp_path / "straight", progress=False)
+    one = run.replace(server=replace(run.server, rounds=1))
+    simulate(one, tmp_path / "resumed", progress=False)
+    mid = load_state(tmp_path / "resumed")
+    start = ServerRun(run, tmp_path / "start").state.params
+    assert mid.last_update.keys() == start.keys()
+    for n, d in mid.last_update.items():
+        np.testing.assert_array_equal(d, mid.params[n] - start[n])
+    first = chosen[-1]  # the round's S (the coordinator and each device derive the same)
+    moved = np.concatenate([mid.last_update[n].reshape(-1) for n in sorted(first)])
+    on = np.concatenate([np.isin(np.arange(mid.last_update[n].size), first[n]) for n in sorted(first)])
+    assert moved[~on].max(initial=0) == 0 == moved[~on].min(initial=0) and np.count_nonzero(moved) > 0
+    chosen.clear()
+    simulate(run, tmp_path / "resumed", resume=True, progress=False)
+    second = chosen[0]
+    flat = np.concatenate([second[n] + sum(mid.last_update[m].size for m in sorted(second) if m < n)
+                           for n in sorted(second)])
+    k = flat.size
+    top = np.argsort(-np.abs(moved), kind="stable")[:int((1 - AGGREGATE_TOPK["explore"]) * k)]
+    assert set(top) <= set(flat) and all(s is not None and s.size < mid.last_update[n].size
+                                         for n, s in second.items() if mid.last_update[n].size > 1)
+    a, b = load_state(tmp_path / "straight"), load_state(tmp_path / "resumed")
+    assert a.round == b.round == 3
+    for group in ("params", "last_update"):
+        for n, v in getattr(a, group).items():
+            np.testing.assert_array_equal(v, getattr(b, group)[n], err_msg=f"{group}/{n}")
 
 
 def test_secure_model_moves_as_the_plain_mean_within_quantization(tmp_path):

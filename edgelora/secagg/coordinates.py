@@ -1,7 +1,8 @@
 """The coordinates a secure round's uploads share. Pairwise masks cancel only where every device adds them, so
 every device of a round uploads the same coordinate set S, and S must be known to the coordinator before any
 upload (the notes' "Sparse uploads"). Both sides derive S here from what both hold (the structure's mask, a
-round seed, the round's download), so no index ever travels; docs/security.md says what S reveals.
+round seed, the round's download), so no index travels up; aggregate-topk's S is chosen by the coordinator
+from the last sum it unmasked and travels down with the task. docs/security.md says what S reveals.
 
 A coordinate set maps each trainable tensor, in sorted name order, to its sorted flat indices (None: the whole
 tensor). `gather` lays a delta out as one vector in that order, `scatter` puts a vector back."""
@@ -20,14 +21,80 @@ from edgelora.tasks import Coordinates, SecureUpload, Structure, UploadFormat, U
 CoordinateSets = dict[str, "np.ndarray | None"]
 
 
-def secure_upload(rule: UploadRule, choice: str, ring: RingSpec, seed: int) -> SecureUpload:
+def secure_upload(rule: UploadRule, choice: str, ring: RingSpec, seed: int, *,
+                  shapes: Mapping[str, tuple[int, ...]] | None = None, last: Mapping[str, np.ndarray] | None = None,
+                  explore: float = 0.0) -> SecureUpload:
     """How a secure round uploads what `rule` asks for: every entry for a dense upload, the structure's mask
-    for a masked one, and for top-k (FLASC) `choice` (secure.coordinates) at the rule's density; `seed` draws
-    random-k's set and is 0 otherwise."""
+    for a masked one, and for top-k (FLASC) `choice` (secure.coordinates) at the rule's density. `seed` draws
+    random-k's set (and aggregate-topk's random share) and is 0 otherwise; aggregate-topk's set is chosen here
+    from `last`, the last aggregate, over the trainable `shapes`, and carried as bytes."""
     how = {UploadFormat.DENSE: Coordinates.ALL, UploadFormat.MASKED: Coordinates.MASK}.get(rule.format,
                                                                                            Coordinates(choice))
-    return SecureUpload(how, ring, density=rule.density if rule.format == UploadFormat.TOPK else 1.0,
-                        seed=seed if how is Coordinates.RANDOM_K else 0)
+    density = rule.density if rule.format == UploadFormat.TOPK else 1.0
+    indices = b""
+    if how is Coordinates.AGGREGATE_TOPK:
+        if shapes is None:
+            raise ValueError("aggregate-topk coordinates need the trainable shapes")
+        indices = encode_sets(aggregate_topk(last or {}, shapes, density, explore, seed), shapes)
+    return SecureUpload(how, ring, density=density, seed=seed if how is Coordinates.RANDOM_K else 0, indices=indices)
+
+
+def aggregate_topk(last: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], density: float,
+                   explore: float, seed: int) -> CoordinateSets:
+    """aggregate-topk's S: k = topk_count(N, density) coordinates over every tensor (sorted names, flattened
+    together), of which the largest |last| entries, at most floor((1 - explore) k) and only entries the last
+    aggregate moved (ties toward the lower position), and the rest drawn uniformly from the others by `seed`.
+    The top alone would never change (the last aggregate is zero off the last S); the random share lets
+    coordinates whose error feedback grew on the devices in. No aggregate yet (or a tensor it lacks): random."""
+    names = sorted(shapes)
+    sizes = [math.prod(shapes[n]) for n in names]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    total = int(bounds[-1])
+    k = topk_count(total, density)
+    mag = np.concatenate([np.abs(np.asarray(last[n], np.float32)).reshape(-1)
+                          if n in last and np.size(last[n]) == size else np.zeros(size, np.float32)
+                          for n, size in zip(names, sizes)]) if names else np.zeros(0, np.float32)
+    keep = min(int(math.floor((1.0 - explore) * k + 1e-9)), int(np.count_nonzero(mag)))
+    kept = np.zeros(0, np.int64)
+    if keep:
+        thresh = mag[np.argpartition(mag, total - keep)[total - keep]]
+        above = np.flatnonzero(mag > thresh)
+        kept = np.concatenate([above, np.flatnonzero(mag == thresh)[:keep - above.size]])
+    free = np.ones(total, bool)
+    free[kept] = False
+    fill = np.random.default_rng(seed).choice(np.flatnonzero(free), k - keep, replace=False)
+    chosen = np.sort(np.concatenate([kept, fill]).astype(np.int64))
+    lo = np.searchsorted(chosen, bounds)
+    return {n: chosen[lo[i]:lo[i + 1]] - bounds[i] for i, n in enumerate(names)}
+
+
+def encode_sets(sets: CoordinateSets, shapes: Mapping[str, tuple[int, ...]]) -> bytes:
+    """A coordinate set as codec bytes: one sparse tensor per name with all-zero values, which zstd folds
+    away, so the bytes are the index coding's (near log2 C(n, k) bits)."""
+    return codec.encode_bundle({n: codec.Sparse(tuple(shapes[n]), idx, np.zeros(idx.size, np.float32))
+                                for n, idx in sets.items()}, value_type="int8")
+
+
+def decode_sets(data: bytes, shapes: Mapping[str, tuple[int, ...]], expected: int) -> CoordinateSets:
+    """The inverse of encode_sets, checked against the round's tensors and the k its density gives; any
+    mismatch is a ValueError that names it."""
+    try:
+        tensors = codec.decode_bundle(data, max_elements=max(1, sum(math.prod(s) for s in shapes.values())))
+    except codec.CodecError as e:
+        raise ValueError(f"aggregate-topk coordinates: {e}") from None
+    if sorted(tensors) != sorted(shapes):
+        raise ValueError(f"aggregate-topk coordinates name {sorted(tensors)[:3]}..., the round trains "
+                         f"{sorted(shapes)[:3]}... ({len(tensors)} against {len(shapes)} tensors)")
+    sets = {}
+    for n in sorted(shapes):
+        t = tensors[n]
+        if not isinstance(t, codec.Sparse) or tuple(t.shape) != tuple(shapes[n]):
+            raise ValueError(f"aggregate-topk coordinates for {n}: not sparse indices of shape {tuple(shapes[n])}")
+        sets[n] = np.asarray(t.indices, np.int64)
+    if size(sets, shapes) != expected:
+        raise ValueError(f"aggregate-topk coordinates: {size(sets, shapes)} coordinates, the round's density "
+                         f"gives {expected}")
+    return sets
 
 
 def coordinate_sets(upload: SecureUpload, shapes: Mapping[str, tuple[int, ...]], structure: Structure,
@@ -43,6 +110,8 @@ def coordinate_sets(upload: SecureUpload, shapes: Mapping[str, tuple[int, ...]],
                 if n in masked else None for n in names}
     if how is Coordinates.RANDOM_K:  # the mask generator with this round's seed: a fresh random set each round
         return {n: codec.mask_indices(upload.seed, n, tuple(shapes[n]), upload.density) for n in names}
+    if how is Coordinates.AGGREGATE_TOPK:
+        return decode_sets(upload.indices, shapes, count(upload, shapes, structure, masked))
     if how is Coordinates.DOWNLOAD_TOPK:
         if download is None:
             raise ValueError("download-topk coordinates need the round's download")
@@ -55,7 +124,7 @@ def count(upload: SecureUpload, shapes: Mapping[str, tuple[int, ...]], structure
           masked: Collection[str]) -> int:
     """|S| before S is derived (what sizing the ring's noise needs): from the shapes and densities alone."""
     how = upload.coordinates
-    if how is Coordinates.DOWNLOAD_TOPK:
+    if how in (Coordinates.DOWNLOAD_TOPK, Coordinates.AGGREGATE_TOPK):
         return topk_count(sum(math.prod(s) for s in shapes.values()), upload.density)
     density = {Coordinates.MASK: structure.mask_density, Coordinates.RANDOM_K: upload.density}.get(how, 1.0)
     return sum(codec.mask_size(tuple(s), density) if how is Coordinates.RANDOM_K or n in masked and
@@ -76,6 +145,8 @@ def gather(delta: Mapping[str, np.ndarray], sets: CoordinateSets) -> np.ndarray:
 
 def scatter(vector: np.ndarray, sets: CoordinateSets, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """A vector in S's order back into tensors (zeros off S), float32."""
+    if vector.size != size(sets, shapes):
+        raise ValueError(f"vector of {vector.size} values for a coordinate set of {size(sets, shapes)}")
     out, at = {}, 0
     for n, idx in sets.items():
         count = math.prod(shapes[n]) if idx is None else idx.size
@@ -86,6 +157,4 @@ def scatter(vector: np.ndarray, sets: CoordinateSets, shapes: Mapping[str, tuple
             out[n] = np.zeros(shapes[n], np.float32)
             out[n].reshape(-1)[idx] = part
         at += count
-    if at != vector.size:
-        raise ValueError(f"vector of {vector.size} values for a coordinate set of {at}")
     return out
