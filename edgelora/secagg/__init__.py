@@ -1,7 +1,7 @@
 """Secure aggregation of sparse uploads (SecAgg+, Bell et al. 2020) with distributed differential privacy:
 the pieces both sides share, with no transport and no round logic.
 
-- primitives: X25519 key agreement, HKDF-SHA256, AES-GCM, a ChaCha20 keystream as the mask generator,
+- primitives: X25519 key agreement, HKDF-SHA256, AES-GCM, an AES-256-CTR keystream as the mask generator,
   Shamir sharing (pycryptodome), all from well-kept libraries; nothing cryptographic written here.
 - graph: the round's neighbour graph (each device shares with O(log n) others).
 - messages: the protocol's messages as frozen dataclasses (protos/serde carries them).

@@ -1,5 +1,5 @@
 """The cryptographic primitives of SecAgg+ (Bonawitz et al. 2017, section 4; Bell et al. 2020, section 3),
-each a thin wrapper over a well-kept library: X25519 key agreement, HKDF-SHA256, AES-256-GCM and a ChaCha20
+each a thin wrapper over a well-kept library: X25519 key agreement, HKDF-SHA256, AES-256-GCM and an AES-256-CTR
 keystream from `cryptography`, Shamir sharing from pycryptodome. Nothing here is a cipher, a KDF, a random
 generator or a sharing scheme of our own; key material comes from the OS."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
@@ -24,8 +24,8 @@ SEED_BYTES = 16                    # a device's two shared secrets (its self-mas
                                    # pycryptodome's Shamir shares 16-byte secrets in one polynomial over GF(2^128)
 NONCE_BYTES = 12                   # AES-GCM's standard nonce, drawn at random per seal
 TAG_BYTES = 16
-# One ChaCha20 stream per seed (every derived seed is used once), so the nonce can be fixed at zero.
-_ZERO_NONCE = bytes(16)
+# One AES-256-CTR stream per seed (every derived seed is used once), so the counter can start at zero.
+_ZERO_COUNTER = bytes(16)
 # Keystream is generated and added in pieces of this many bytes, so the piece of the running sum and the
 # keystream stay in cache while every mask is added to it (add_keystreams).
 _PIECE_BYTES = 1 << 20
@@ -121,11 +121,13 @@ def open_sealed(key: bytes, blob: bytes, associated: bytes) -> bytes:
 def _keystream(seed: bytes):
     if len(seed) != SECRET_BYTES:
         raise SecAggError(f"a PRG seed is {SECRET_BYTES} bytes, got {len(seed)}")
-    return Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor()
+    # AES-CTR, not ChaCha20: with AES instructions (x86's AES-NI/VAES, ARMv8's crypto extensions) OpenSSL's
+    # AES-256-CTR made masks 2.2x faster here (benchmarks/secagg.py), and the coordinator makes one per device.
+    return Cipher(algorithms.AES(seed), modes.CTR(_ZERO_COUNTER)).encryptor()
 
 
 def prg_words(seed: bytes, count: int, dtype) -> np.ndarray:
-    """`count` words of `dtype` from ChaCha20's keystream under `seed`, read little-endian: the mask generator
+    """`count` words of `dtype` from AES-256-CTR's keystream under `seed`, read little-endian: the mask generator
     (a stream cipher as PRG, Bonawitz et al. 2017, section 3)."""
     dt = np.dtype(dtype)
     out = np.empty(count, dt.newbyteorder("<"))
