@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,9 @@ def build_model(base: nn.Module, structure: Structure, frozen: tuple[str, ...] =
                          target_modules=lora_target_modules(model, spec.target_modules),
                          modules_to_save=list(spec.modules_to_save) or None,
                          rank_pattern=dict(spec.rank_pattern), bias="none")
-        model = get_peft_model(model, cfg)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing (peft's
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # to fix)
+            model = get_peft_model(model, cfg)
     elif kind == StructureKind.ADAPTER:
         model = add_adapters(model, structure.adapter)
     else:

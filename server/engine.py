@@ -425,7 +425,8 @@ class RoundEngine:
         shapes = {n: tuple(v.shape) for n, v in state.params.items()}
         up = coords.secure_upload(rule, cfg.coordinates,
                                   plan_ring(sampled, cfg.value_bits, cfg.clip, weight_cap=cap, l2_clip=cfg.l2_clip),
-                                  seed, shapes=shapes, last=state.last_update, explore=cfg.explore)
+                                  seed, shapes=shapes, last=state.last_update, explore=cfg.explore,
+                                  weights=cfg.explore_weights)
         self._keeps_last_update = up.coordinates is Coordinates.AGGREGATE_TOPK
         if cfg.noise_multiplier > 0:  # each device's share of the noise, sized for the fewest survivors
             masked = frozenset(n for n in shapes if is_masked(n, ins.task.structure))

@@ -112,6 +112,22 @@ def test_aggregate_topk_only_keeps_what_moved_and_starts_random():
     np.testing.assert_array_equal(flat(coords.aggregate_topk(wrong, SHAPES, 0.0625, 0.25, seed=1)), first)
 
 
+def test_aggregate_topk_draws_its_random_share_where_the_aggregate_was_large():
+    """The explored share is weighted by each tensor's energy in the last aggregate: with LoRA's B moving 100x
+    more than A, all of it lands in B (and the head, which the aggregate did not move: it weighs the mean)."""
+    last = {"a.weight": np.full(SHAPES["a.weight"], 0.01, np.float32), "b.weight": np.ones(SHAPES["b.weight"], np.float32),
+            "head.bias": np.zeros(SHAPES["head.bias"], np.float32)}
+    last["a.weight"][0, 0] = last["b.weight"][0, 0] = 0  # a moved entry of each is not needed
+    for seed in range(5):
+        sets = coords.aggregate_topk(last, SHAPES, 0.0625, 1.0, seed)  # explore = 1: all of S is drawn
+        assert sets["a.weight"].size == 0 and sets["b.weight"].size > 0
+    for uniform in (coords.aggregate_topk({}, SHAPES, 0.5, 1.0, 0),  # no aggregate, or weights = uniform:
+                    coords.aggregate_topk(last, SHAPES, 0.5, 1.0, 0, "uniform")):  # every tensor drawn evenly
+        assert all(0.3 < sets.size / math.prod(SHAPES[n]) < 0.7 for n, sets in uniform.items() if n != "head.bias")
+    with pytest.raises(ValueError, match="energy or uniform"):
+        coords.aggregate_topk(last, SHAPES, 0.5, 1.0, 0, "loud")
+
+
 def test_aggregate_topk_travels_as_index_bytes_near_the_entropy_bound():
     last, _ = aggregate()
     rule = UploadRule(format=UploadFormat.TOPK, density=0.0625)

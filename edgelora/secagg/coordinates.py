@@ -23,7 +23,7 @@ CoordinateSets = dict[str, "np.ndarray | None"]
 
 def secure_upload(rule: UploadRule, choice: str, ring: RingSpec, seed: int, *,
                   shapes: Mapping[str, tuple[int, ...]] | None = None, last: Mapping[str, np.ndarray] | None = None,
-                  explore: float = 0.0) -> SecureUpload:
+                  explore: float = 0.0, weights: str = "energy") -> SecureUpload:
     """How a secure round uploads what `rule` asks for: every entry for a dense upload, the structure's mask
     for a masked one, and for top-k (FLASC) `choice` (secure.coordinates) at the rule's density. `seed` draws
     random-k's set (and aggregate-topk's random share) and is 0 otherwise; aggregate-topk's set is chosen here
@@ -35,17 +35,22 @@ def secure_upload(rule: UploadRule, choice: str, ring: RingSpec, seed: int, *,
     if how is Coordinates.AGGREGATE_TOPK:
         if shapes is None:
             raise ValueError("aggregate-topk coordinates need the trainable shapes")
-        indices = encode_sets(aggregate_topk(last or {}, shapes, density, explore, seed), shapes)
+        indices = encode_sets(aggregate_topk(last or {}, shapes, density, explore, seed, weights), shapes)
     return SecureUpload(how, ring, density=density, seed=seed if how is Coordinates.RANDOM_K else 0, indices=indices)
 
 
 def aggregate_topk(last: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], density: float,
-                   explore: float, seed: int) -> CoordinateSets:
+                   explore: float, seed: int, weights: str = "energy") -> CoordinateSets:
     """aggregate-topk's S: k = topk_count(N, density) coordinates over every tensor (sorted names, flattened
     together), of which the largest |last| entries, at most floor((1 - explore) k) and only entries the last
-    aggregate moved (ties toward the lower position), and the rest drawn uniformly from the others by `seed`.
-    The top alone would never change (the last aggregate is zero off the last S); the random share lets
-    coordinates whose error feedback grew on the devices in. No aggregate yet (or a tensor it lacks): random."""
+    aggregate moved (ties toward the lower position), and the rest drawn from the others by `seed`. The top
+    alone would never change (the last aggregate is zero off the last S); the random share lets coordinates
+    whose error feedback grew on the devices in. It is drawn without replacement with each coordinate weighted
+    by its tensor's energy in the last aggregate (mean square over the entries it moved; a tensor it did not
+    move gets the mean over all), so the share goes where updates were large (a classifier head, LoRA's B)
+    rather than spread evenly; `weights` = "uniform" draws it evenly. No aggregate yet: uniform."""
+    if weights not in ("energy", "uniform"):
+        raise ValueError(f"aggregate-topk weights {weights!r}: energy or uniform")
     names = sorted(shapes)
     sizes = [math.prod(shapes[n]) for n in names]
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -62,10 +67,26 @@ def aggregate_topk(last: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[in
         kept = np.concatenate([above, np.flatnonzero(mag == thresh)[:keep - above.size]])
     free = np.ones(total, bool)
     free[kept] = False
-    fill = np.random.default_rng(seed).choice(np.flatnonzero(free), k - keep, replace=False)
+    candidates = np.flatnonzero(free)
+    weight = np.repeat(_energy(mag, bounds) if weights == "energy" else np.ones(len(names)), sizes)[candidates]
+    # Weighted sampling without replacement (Efraimidis and Spirakis 2006): the k - keep largest log(u) / w.
+    keys = np.log(np.random.default_rng(seed).random(candidates.size)) / weight
+    fill = candidates[np.argpartition(-keys, k - keep - 1)[:k - keep]] if k > keep else np.zeros(0, np.int64)
     chosen = np.sort(np.concatenate([kept, fill]).astype(np.int64))
     lo = np.searchsorted(chosen, bounds)
     return {n: chosen[lo[i]:lo[i + 1]] - bounds[i] for i, n in enumerate(names)}
+
+
+def _energy(mag: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Each tensor's mean square over the entries the aggregate moved; the overall mean where it moved none (all
+    ones when it moved nothing)."""
+    sq, moved = np.add.reduceat(mag.astype(np.float64) ** 2, bounds[:-1]), np.add.reduceat(mag > 0, bounds[:-1])
+    if len(bounds) > 1 and np.any(bounds[1:] == bounds[:-1]):  # reduceat reads an empty tensor's next entry
+        sq, moved = np.where(bounds[1:] > bounds[:-1], sq, 0.0), np.where(bounds[1:] > bounds[:-1], moved, 0)
+    if not moved.sum() or not sq.sum():
+        return np.ones(len(bounds) - 1)
+    energy = np.where(moved > 0, sq / np.maximum(moved, 1), sq.sum() / moved.sum())
+    return np.maximum(energy, np.finfo(np.float64).tiny)
 
 
 def encode_sets(sets: CoordinateSets, shapes: Mapping[str, tuple[int, ...]]) -> bytes:
