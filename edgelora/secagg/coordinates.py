@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from edgelora import codec
-from edgelora.sparsity import global_topk, topk_count
+from edgelora.sparsity import global_topk, largest, topk_count
 from edgelora.secagg.ring import RingSpec
 from edgelora.tasks import Coordinates, SecureUpload, Structure, UploadFormat, UploadRule
 
@@ -60,11 +60,7 @@ def aggregate_topk(last: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[in
                           if n in last and np.size(last[n]) == size else np.zeros(size, np.float32)
                           for n, size in zip(names, sizes)]) if names else np.zeros(0, np.float32)
     keep = min(int(math.floor((1.0 - explore) * k + 1e-9)), int(np.count_nonzero(mag)))
-    kept = np.zeros(0, np.int64)
-    if keep:
-        thresh = mag[np.argpartition(mag, total - keep)[total - keep]]
-        above = np.flatnonzero(mag > thresh)
-        kept = np.concatenate([above, np.flatnonzero(mag == thresh)[:keep - above.size]])
+    kept = largest(mag, keep)
     free = np.ones(total, bool)
     free[kept] = False
     candidates = np.flatnonzero(free)
@@ -80,9 +76,8 @@ def aggregate_topk(last: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[in
 def _energy(mag: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Each tensor's mean square over the entries the aggregate moved; the overall mean where it moved none (all
     ones when it moved nothing)."""
-    sq, moved = np.add.reduceat(mag.astype(np.float64) ** 2, bounds[:-1]), np.add.reduceat(mag > 0, bounds[:-1])
-    if len(bounds) > 1 and np.any(bounds[1:] == bounds[:-1]):  # reduceat reads an empty tensor's next entry
-        sq, moved = np.where(bounds[1:] > bounds[:-1], sq, 0.0), np.where(bounds[1:] > bounds[:-1], moved, 0)
+    parts = [mag[lo:hi].astype(np.float64) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    sq, moved = np.array([p @ p for p in parts]), np.array([np.count_nonzero(p) for p in parts])
     if not moved.sum() or not sq.sum():
         return np.ones(len(bounds) - 1)
     energy = np.where(moved > 0, sq / np.maximum(moved, 1), sq.sum() / moved.sum())
