@@ -16,7 +16,7 @@ from edgelora.server.checkpoint import load_state
 from edgelora.simulation.simulator import Simulator, simulate
 
 from .conftest import tiny_raw
-from .test_secure_rounds import SECURE
+from .test_secure_rounds import AGGREGATE_TOPK, SECURE
 from .test_simulate import grpc_run, method_run
 
 ray = pytest.importorskip("ray")
@@ -93,13 +93,15 @@ def test_a_ray_run_ends_bit_identical_to_the_sequential_simulator_and_to_grpc(ca
         assert statuses == [["completed", "completed", "late"]] * 3, where
 
 
-@pytest.mark.parametrize("name", ["lora", "flasc"])  # method_run's flasc has error_feedback = true
-def test_a_secure_ray_run_ends_bit_identical_to_the_sequential_simulator(name, tmp_path, local_ray, one_thread):
+@pytest.mark.parametrize("name, secure", [("lora", SECURE), ("flasc", {**SECURE, **AGGREGATE_TOPK})])
+def test_a_secure_ray_run_ends_bit_identical_to_the_sequential_simulator(name, secure, tmp_path, local_ray,
+                                                                         one_thread):
     """Secure aggregation on Ray: 4 devices a round, 2 + 2 on the two actors, each device's keys made on the
     actor that then trains it (placed before the key phases). Every device completes both rounds, both sums
-    are unmasked, and the run ends where the sequential simulator's ends, bit for bit."""
+    are unmasked, and the run ends where the sequential simulator's ends, bit for bit. FLASC (error feedback
+    on) takes its coordinates from the last aggregate, which the coordinator sends with each task."""
     run = method_run(name, server={"rounds": 2, "devices_per_round": 4, "min_registered": 4},
-                     data={"num_devices": 4}, secure=SECURE)
+                     data={"num_devices": 4}, secure=secure)
     simulate(run, tmp_path / "seq", progress=False)
     simulate(_on_ray(run), tmp_path / "ray", progress=False)
     _assert_same(tmp_path / "seq", tmp_path / "ray")
