@@ -28,7 +28,7 @@ from edgelora.secagg import messages as sa
 from edgelora.secagg.ring import plan_ring, ring_length
 from edgelora.sparsity import topk_count
 from edgelora.state import ServerState
-from edgelora.tasks import Coordinates, DeviceInfo, PhaseTimes, Stage, Task, UploadFormat
+from edgelora.tasks import Coordinates, DeviceInfo, PhaseTimes, SecureUpload, Stage, Task, UploadFormat
 
 from .aggregation import Delta, check_coordinates, global_norm, make_aggregator
 from .secure import SecureRound
@@ -366,6 +366,7 @@ class RoundEngine:
         self.aggregator = make_aggregator(run)
         self.dp: DpRound | None = None  # distributed DP's parameters, as the last secure round planned them
         self._keeps_last_update = False  # the last secure round chose its coordinates from the last aggregate
+        self._secure_upload: tuple[tuple, SecureUpload] | None = None  # the round's, made once for all its devices
 
     @cached_property
     def partition_sizes(self) -> list[int]:
@@ -414,7 +415,16 @@ class RoundEngine:
     def with_secure_upload(self, state: ServerState, ins: Instruction, sampled: int) -> Instruction:
         """The instruction with its upload made secure: the same coordinates for the whole round (the mask for
         masked uploads, every entry for dense ones, secure.coordinates for top-k), fixed point in a ring sized
-        for `sampled` devices."""
+        for `sampled` devices. Made once a round (every device of it gets the same; choosing aggregate-topk's
+        set reads every trainable entry)."""
+        cfg, rule = self.run.secure, ins.task.upload
+        key = (state.round, rule, sampled)
+        if self._secure_upload is None or self._secure_upload[0] != key:
+            self._secure_upload = key, self._make_secure_upload(state, ins, sampled)
+        task = dataclasses.replace(ins.task, upload=dataclasses.replace(rule, secure=self._secure_upload[1]))
+        return dataclasses.replace(ins, task=task)
+
+    def _make_secure_upload(self, state: ServerState, ins: Instruction, sampled: int) -> SecureUpload:
         cfg, rule = self.run.secure, ins.task.upload
         # Weighted FedAvg: devices weigh min(examples, cap) / cap. Under distributed DP every device weighs 1:
         # a summed count would be released without noise.
@@ -436,8 +446,7 @@ class RoundEngine:
                               devices=sampled)
             up = dataclasses.replace(up, ring=plan_ring(sampled, cfg.value_bits, cfg.clip, l2_clip=cfg.l2_clip,
                                                         noise_stddev=self.dp.stddev))
-        task = dataclasses.replace(ins.task, upload=dataclasses.replace(rule, secure=up))
-        return dataclasses.replace(ins, task=task)
+        return up
 
     def privacy_spent(self, rounds: int) -> float | None:
         """Epsilon after `rounds` rounds: distributed DP's (secure.noise_multiplier), else the aggregator's."""

@@ -95,8 +95,11 @@ def test_aggregate_topk_follows_the_last_aggregate_and_resumes_exactly(tmp_path,
         return sets
 
     monkeypatch.setattr(coords, "coordinate_sets", spy)
+    choose, choices = coords.aggregate_topk, []
+    monkeypatch.setattr(coords, "aggregate_topk", lambda *a, **kw: choices.append(1) or choose(*a, **kw))
     run = secure_run("flasc", server={"rounds": 3}, secure=AGGREGATE_TOPK)
     simulate(run, tmp_path / "straight", progress=False)
+    assert len(choices) == 3  # the coordinator chooses S once a round, not once for each of its 3 devices
     one = run.replace(server=replace(run.server, rounds=1))
     simulate(one, tmp_path / "resumed", progress=False)
     mid = load_state(tmp_path / "resumed")
