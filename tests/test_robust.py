@@ -119,8 +119,8 @@ def test_median_and_trimmed_mean_survive_20_percent_attackers_fedavg_does_not(tm
     _keyword_data(tmp_path / "train.jsonl", 600, 0)
     _keyword_data(tmp_path / "test.jsonl", 400, 1)
 
-    def final_accuracy(aggregator, out):
-        raw = tiny_raw(server={"rounds": 6, "devices_per_round": 10, "min_devices": 1},
+    def final_accuracy(aggregator, out, rounds=6):
+        raw = tiny_raw(server={"rounds": rounds, "devices_per_round": 10, "min_devices": 1},
                        model={"max_seq_len": 16},
                        data={"dataset": "jsonl", "path": str(tmp_path / "train.jsonl"),
                              "test_path": str(tmp_path / "test.jsonl"), "num_devices": 10,
@@ -147,4 +147,5 @@ def test_median_and_trimmed_mean_survive_20_percent_attackers_fedavg_does_not(tm
     monkeypatch.setattr(DeviceTrainer, "run", attacked)
     assert abs(final_accuracy({"name": "median"}, "median") - clean) <= 0.01 + 1e-9
     assert abs(final_accuracy({"name": "trimmed-mean", "beta": 0.2}, "trimmed") - clean) <= 0.01 + 1e-9
-    assert final_accuracy({"name": "fedavg"}, "fedavg") < clean - 0.2
+    # two rounds of 100x deltas are enough to wreck FedAvg (and cost a third of the six)
+    assert final_accuracy({"name": "fedavg"}, "fedavg", rounds=2) < clean - 0.2

@@ -20,7 +20,7 @@ from .test_simulate import _assert_bit_identical, _records, method_run
 
 pytestmark = pytest.mark.slow
 
-SECURE = {"enabled": True, "clip": 0.05}
+SECURE = {"enabled": True, "clip": 0.05, "coordinates": "random-k"}  # FLASC here: random-k (AGGREGATE_TOPK below)
 
 
 def secure_run(name: str, server: dict | None = None, secure: dict | None = None, **extra):
