@@ -180,6 +180,8 @@ class DeviceTrainer:
         shapes = {n: tuple(d.shape) for n, d in delta.items()}
         sets = coords.coordinate_sets(up, shapes, task.structure, masks.keys(), received)
         values = coords.gather(delta, sets)
+        # Stochastic rounding and DP noise, not masks (those are AES-CTR keyed by the pairwise agreement, in
+        # edge_client/secagg.py): seeded by the round in experiments, by the OS on a device's own data.
         rng = np.random.default_rng(self._task_seed(task) if self.reproducible else None)
         vector = ring_encode(values, len(self.examples), up.ring, rng)
         payload = codec.encode_ring(secure.mask(vector, task.masking), up.ring.bits)

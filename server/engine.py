@@ -365,7 +365,6 @@ class RoundEngine:
         self.host = host
         self.aggregator = make_aggregator(run)
         self.dp: DpRound | None = None  # distributed DP's parameters, as the last secure round planned them
-        self._keeps_last_update = False  # the last secure round chose its coordinates from the last aggregate
         self._secure_upload: tuple[tuple, SecureUpload] | None = None  # the round's, made once for all its devices
 
     @cached_property
@@ -417,7 +416,7 @@ class RoundEngine:
         masked uploads, every entry for dense ones, secure.coordinates for top-k), fixed point in a ring sized
         for `sampled` devices. Made once a round (every device of it gets the same; choosing aggregate-topk's
         set reads every trainable entry)."""
-        cfg, rule = self.run.secure, ins.task.upload
+        rule = ins.task.upload
         key = (state.round, rule, sampled)
         if self._secure_upload is None or self._secure_upload[0] != key:
             self._secure_upload = key, self._make_secure_upload(state, ins, sampled)
@@ -437,7 +436,6 @@ class RoundEngine:
                                   plan_ring(sampled, cfg.value_bits, cfg.clip, weight_cap=cap, l2_clip=cfg.l2_clip),
                                   seed, shapes=shapes, last=state.last_update, explore=cfg.explore,
                                   weights=cfg.explore_weights)
-        self._keeps_last_update = up.coordinates is Coordinates.AGGREGATE_TOPK
         if cfg.noise_multiplier > 0:  # each device's share of the noise, sized for the fewest survivors
             masked = frozenset(n for n in shapes if is_masked(n, ins.task.structure))
             self.dp = DpRound(noise_multiplier=cfg.noise_multiplier, l2_clip=cfg.l2_clip, scale=up.ring.scale,
@@ -544,7 +542,8 @@ class RoundEngine:
                 params, opt_state = state.params, state.opt_state
         new = state.replace(round=state.round + 1, params=params, opt_state=opt_state, rng=rng_state,
                             devices=state.devices if devices is None else devices)
-        if aggregated and self._keeps_last_update:
+        if aggregated and self._secure_upload is not None \
+                and self._secure_upload[1].coordinates is Coordinates.AGGREGATE_TOPK:  # the round chose S from it
             new = new.replace(last_update={n: params[n] - state.params[n] for n in params if n in state.params})
         before = new
         new = self.method.after_round(new, self.host, aggregated)

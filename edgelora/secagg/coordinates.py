@@ -66,6 +66,7 @@ def aggregate_topk(last: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[in
     candidates = np.flatnonzero(free)
     weight = np.repeat(_energy(mag, bounds) if weights == "energy" else np.ones(len(names)), sizes)[candidates]
     # Weighted sampling without replacement (Efraimidis and Spirakis 2006): the k - keep largest log(u) / w.
+    # numpy's generator suffices: S is public (it travels in the task), not a secret.
     keys = np.log(np.random.default_rng(seed).random(candidates.size)) / weight
     fill = candidates[np.argpartition(-keys, k - keep - 1)[:k - keep]] if k > keep else np.zeros(0, np.int64)
     chosen = np.sort(np.concatenate([kept, fill]).astype(np.int64))
