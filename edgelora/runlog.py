@@ -157,7 +157,9 @@ class RunFolder:
         if self._tensorboard is not None:
             self._write_tensorboard(row)
         self.print_row(rec)
-        self._undrawn = True
+        self._undrawn = self.run.server.plots
+        if not self.run.server.plots:
+            return
         if rec.round >= self.run.server.rounds or self._drawn_at is None or \
                 time.monotonic() - self._drawn_at >= PLOT_EVERY_S:
             self.draw_plots()

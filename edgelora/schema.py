@@ -49,6 +49,7 @@ class ServerConfig:
     simulated_downlink_mbps: list[float] = field([], "simulator only: device i's downlink, as simulated_uplink_mbps")
     samples: int = field(4, "causal-lm: held-out prompts whose greedy continuations by the base and the final model RUN_DIR/samples.md shows side by side (0 = none)")
     sample_tokens: int = field(32, "causal-lm: tokens generated per sample")
+    plots: bool = field(True, "draw RUN_DIR's plots (accuracy.png or perplexity.png, round_time.png) as rounds land; false: none, and matplotlib is never imported (~2 s a run: many short runs, tests)")
     exact_match_examples: int = field(16, "causal-lm on instruction data: held-out examples whose greedy answers are compared with the reference at every evaluation (exact match; 0 = none)")
 
     def validate(self) -> None:

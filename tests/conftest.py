@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
     "server": {"rounds": 2, "devices_per_round": 2, "min_devices": 1, "round_deadline_s": 60.0,
-               "registration_timeout_s": 60.0, "heartbeat_s": 1.0},
+               "registration_timeout_s": 60.0, "heartbeat_s": 1.0, "plots": False},
     "model": {"name": "tiny-bert", "max_seq_len": 32},
     "data": {"num_devices": 2, "partition": "iid", "max_examples_per_device": 24, "test_max_examples": 32},
     "train": {"batch_size": 8, "lr": 1e-3},

@@ -75,6 +75,42 @@ def test_newsgroups_offline_from_shared_copy():
         device_examples(cfg, 4)
 
 
+def test_the_shared_newsgroups_jsonl_reads_as_scikit_learn_returns_it(tmp_path):
+    """The fast path (the shared JSONL copy, no scikit-learn) gives fetch_20newsgroups' texts, labels and
+    order for both splits, with and without `remove`, against scikit-learn reading its pickled cache (a data
+    home without the copy)."""
+    import shutil
+
+    from edgelora.data import NEWSGROUPS_JSONL, _newsgroups
+
+    home = DataConfig().resolved_data_home()
+    if home is None or not (Path(home) / NEWSGROUPS_JSONL).is_file():
+        pytest.skip("../shared/datasets/20newsgroups is not beside this checkout")
+    shutil.copy(Path(home) / "20news-bydate_py3.pkz", tmp_path)
+    for remove in ((), ("headers", "footers", "quotes"), ("quotes", "headers")):
+        fast, sk = _newsgroups(home, remove), _newsgroups(str(tmp_path), remove)
+        assert fast.label_names == sk.label_names and len(fast.label_names) == 20
+        for a, b in ((fast.train, sk.train), (fast.test, sk.test)):
+            assert a.texts == b.texts, remove
+            np.testing.assert_array_equal(a.labels, b.labels)
+        assert ("Subject:" in fast.train.texts[0]) == (not remove)
+
+
+@pytest.mark.parametrize("n_examples, n_devices", [(100, 3), (7, 7), (11314, 25), (5, 1)])
+def test_iid_shards_are_flwr_datasets_iid_partitions(n_examples, n_devices):
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from edgelora.data import iid_shards
+
+    order = np.random.default_rng(n_examples).permutation(n_examples)
+    part = IidPartitioner(num_partitions=n_devices)
+    part.dataset = Dataset.from_dict({"idx": order.tolist()})
+    ours = iid_shards(order, n_devices)
+    for i in range(n_devices):
+        np.testing.assert_array_equal(ours[i], np.sort(part.load_partition(i)["idx"]))
+
+
 def test_validation_split_is_carved_from_train_and_replaces_the_test_split(tmp_path):
     from edgelora.data import partition_sizes
 

@@ -72,7 +72,7 @@ def test_plots_are_drawn_at_the_first_and_the_last_round_and_at_most_every_inter
     from edgelora import runlog
 
     drawn = _drawn(monkeypatch)
-    folder = RunFolder(tmp_path, tiny_config(server={"rounds": 5}))
+    folder = RunFolder(tmp_path, tiny_config(server={"rounds": 5, "plots": True}))
     folder.echo = lambda line: None
     for r in (1, 2, 3):
         _append(folder, r)
@@ -85,11 +85,25 @@ def test_plots_are_drawn_at_the_first_and_the_last_round_and_at_most_every_inter
     assert [rounds for name, rounds in drawn if name == "plot"] == [[1], [1, 2, 3, 4], [1, 2, 3, 4, 5]]
 
 
+def test_plots_false_draws_nothing_and_never_imports_matplotlib(tiny_config, tmp_path, monkeypatch):
+    from edgelora import runlog
+
+    drawn = _drawn(monkeypatch)
+    monkeypatch.setattr(runlog, "pyplot", lambda: pytest.fail("matplotlib was imported"))
+    folder = RunFolder(tmp_path, tiny_config(server={"rounds": 2}))  # the suite's runs: plots = false
+    folder.echo = lambda line: None
+    for r in (1, 2):
+        _append(folder, r)
+    folder.close()
+    assert drawn == [] and not list(tmp_path.glob("*.png"))
+    assert [r["round"] for r in folder.records()] == [1, 2]
+
+
 def test_a_run_stopped_between_draws_gets_its_last_rows_drawn(tiny_config, tmp_path, monkeypatch):
     """A run stopped (or interrupted, or abandoned) before its last round: the rows after the last draw are
     drawn when the round driver closes its RunFolder (RoundDriver.run_rounds, whatever ends it)."""
     drawn = _drawn(monkeypatch)
-    folder = RunFolder(tmp_path, tiny_config(server={"rounds": 5}))
+    folder = RunFolder(tmp_path, tiny_config(server={"rounds": 5, "plots": True}))
     folder.echo = lambda line: None
     for r in (1, 2, 3):
         _append(folder, r)

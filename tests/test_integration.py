@@ -55,7 +55,7 @@ def test_two_clients_two_rounds_global_weights_are_the_weighted_mean(tmp_path):
     words = ["goal", "match", "vote", "senate", "cpu", "kernel", "bake", "recipe"]
     rows = [{"text": " ".join(rng.choice(words[2 * (i % 4):2 * (i % 4) + 2], 6)), "label": i % 4} for i in range(81)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    raw = tiny_raw(server={"rounds": 2, "save_updates": True},
+    raw = tiny_raw(server={"rounds": 2, "save_updates": True, "plots": True},
                    data={"dataset": "jsonl", "path": str(tmp_path / "d.jsonl"), "partition": "iid",
                          "max_examples_per_device": 0, "test_fraction": 0.25, "num_devices": 2},
                    train={"batch_size": 8})
