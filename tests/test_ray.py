@@ -1,7 +1,8 @@
 """The Ray backend (edgelora.simulation.ray_devices): a simulation whose devices train in Ray actors ends bit for bit
-where the sequential simulator and a gRPC run end (LoRA, FLASC with error feedback, SLoRA across its switch;
-over-selection: where the sequential simulator ends); a killed worker costs its devices one round and nothing
-else; a sweep's runs as Ray tasks end where the sequential sweep's end."""
+where the sequential simulator ends (LoRA, SLoRA across its switch, FLASC with error feedback and resumed, secure
+aggregation; over-selection), and so where gRPC ends, since test_simulate holds the sequential simulator to gRPC
+on the same configs; a killed worker costs its devices one round and nothing else; a sweep's runs as Ray tasks
+end where the sequential sweep's end."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from edgelora.simulation.simulator import Simulator, simulate
 
 from .conftest import tiny_raw
 from .test_secure_rounds import AGGREGATE_TOPK, SECURE
-from .test_simulate import grpc_run, method_run
+from .test_simulate import method_run
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one local Ray at a time
@@ -65,43 +66,62 @@ def _assert_same(a_dir, b_dir):
         assert (x["bytes_down"], x["bytes_up"], x["accuracy"]) == (y["bytes_down"], y["bytes_up"], y["accuracy"])
 
 
+# Each case is test_simulate's config (method_run, 2 rounds), whose sequential run that module holds to a gRPC run
+# bit for bit: a Ray run equal to the sequential one is equal to gRPC's, and only the Ray leg runs here.
 CASES = {
     "lora": ("lora", {}),
-    "flasc-error-feedback": ("flasc", {}),  # method_run's flasc has error_feedback = true
     "slora-across-the-switch": ("slora", {}),  # stage1_rounds = 1: round 2 is LoRA from the SVD start
-    # 3 sampled, the round closes at the 2nd accepted update: the 3rd trained on Ray, and is late
+    # 3 sampled, the round closes at the 2nd accepted update: the 3rd trained on Ray, and is late (gRPC's
+    # over-selection, which takes the first K to arrive, is test_server_grpc's)
     "over-selection": ("lora", {"devices_per_round": 2, "over_selection": 0.5, "min_registered": 3}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_ray_run_ends_bit_identical_to_the_sequential_simulator_and_to_grpc(case, tmp_path, local_ray, one_thread):
+def test_a_ray_run_ends_bit_identical_to_the_sequential_simulator(case, tmp_path, local_ray, one_thread):
     name, server = CASES[case]
-    run = method_run(name, server={"rounds": 3, **server})
+    run = method_run(name, server=server)
     simulate(run, tmp_path / "seq", progress=False)
     simulate(_on_ray(run), tmp_path / "ray", progress=False)
     _assert_same(tmp_path / "seq", tmp_path / "ray")
-    grpc_run(run, tmp_path / "grpc")
-    if case != "over-selection":
-        _assert_same(tmp_path / "grpc", tmp_path / "ray")
-        return
-    # Over gRPC the round takes the first K updates to arrive, and which devices those are is timing (the one
-    # client polls its devices in turn): the simulator and Ray take them in sampled order. So gRPC is held to
-    # the same shape, not to the same weights.
-    for where in ("ray", "grpc"):
-        statuses = [sorted(d["status"] for d in r["devices"]) for r in _rows(tmp_path / where)]
-        assert statuses == [["completed", "completed", "late"]] * 3, where
+    if case == "over-selection":
+        statuses = [sorted(d["status"] for d in r["devices"]) for r in _rows(tmp_path / "ray")]
+        assert statuses == [["completed", "completed", "late"]] * 2
 
 
-@pytest.mark.parametrize("name, secure", [("lora", SECURE), ("flasc", {**SECURE, **AGGREGATE_TOPK})])
-def test_a_secure_ray_run_ends_bit_identical_to_the_sequential_simulator(name, secure, tmp_path, local_ray,
-                                                                         one_thread):
+def test_a_flasc_run_with_error_feedback_on_ray_keeps_each_device_on_its_actor_and_resumes_exactly(
+        tmp_path, local_ray, one_thread):
+    """FLASC with error feedback (test_simulate's config, 3 rounds): each device trains on the actor that holds
+    its residual, always; the run ends where the sequential simulator ends, bit for bit; and a Ray run stopped
+    after round 1 and resumed gives the actors their devices' residuals back and ends there too."""
+    run = method_run("flasc", server={"rounds": 3})  # error_feedback = true
+    simulate(run, tmp_path / "seq", progress=False)
+    sim = Simulator(_on_ray(run), tmp_path / "ray", progress=False)
+    seen: dict[str, set[int]] = {}
+    try:
+        while not sim.state.finished:
+            sim.run_one_round()
+            for d, a in sim.runner.placed.items():
+                seen.setdefault(d, set()).add(a)
+    finally:
+        sim.runner.close()
+    assert seen and all(len(a) == 1 for a in seen.values()), seen
+    assert sim.runner.home == {d: next(iter(a)) for d, a in seen.items()}
+    _assert_same(tmp_path / "seq", tmp_path / "ray")
+    part = run.replace(server=type(run.server)(**{**run.server.__dict__, "rounds": 1}))
+    simulate(_on_ray(part), tmp_path / "resumed", progress=False)
+    assert all(f.name.endswith(".000001.elb") for f in (tmp_path / "resumed" / "residuals").iterdir())
+    simulate(_on_ray(run), tmp_path / "resumed", resume=True, progress=False)
+    _assert_same(tmp_path / "seq", tmp_path / "resumed")
+
+
+def test_a_secure_flasc_run_on_ray_ends_bit_identical_to_the_sequential_simulator(tmp_path, local_ray, one_thread):
     """Secure aggregation on Ray: 4 devices a round, 2 + 2 on the two actors, each device's keys made on the
     actor that then trains it (placed before the key phases). Every device completes both rounds, both sums
     are unmasked, and the run ends where the sequential simulator's ends, bit for bit. FLASC (error feedback
     on) takes its coordinates from the last aggregate, which the coordinator sends with each task."""
-    run = method_run(name, server={"rounds": 2, "devices_per_round": 4, "min_registered": 4},
-                     data={"num_devices": 4}, secure=secure)
+    run = method_run("flasc", server={"rounds": 2, "devices_per_round": 4, "min_registered": 4},
+                     data={"num_devices": 4}, secure={**SECURE, **AGGREGATE_TOPK})
     simulate(run, tmp_path / "seq", progress=False)
     simulate(_on_ray(run), tmp_path / "ray", progress=False)
     _assert_same(tmp_path / "seq", tmp_path / "ray")
@@ -113,33 +133,35 @@ def test_a_secure_ray_run_ends_bit_identical_to_the_sequential_simulator(name, s
 
 def test_a_secure_round_abandoned_and_drawn_again_on_ray_places_its_new_devices(tmp_path, local_ray, one_thread,
                                                                                  monkeypatch):
-    """Round 1's first try is abandoned at the close of its advertise phase (the coordinator is made to abort
-    it once); the try again keeps the round's number but draws other devices (4 of 5). On Ray those devices'
-    keys must be made on the actors that will train them, as for any round: the run completes both rounds,
-    and ends where the sequential simulator ends, bit for bit."""
+    """Secure LoRA on Ray, 4 of 5 devices a round. Round 1's first try is abandoned at the close of its advertise
+    phase (the coordinator is made to abort it once); the try again keeps the round's number but draws other
+    devices. On Ray those devices' keys must be made on the actors that will train them, as for any round: the
+    run completes both rounds, every device of each unmasked, and ends where the sequential simulator ends, bit
+    for bit."""
     from edgelora.server.secagg import RoundAborted, SecAggServer
 
     close_advertise, tries = SecAggServer.close_advertise, []
 
     def first_try_aborts(self):
         tries.append(self.setup().round)
-        if len(tries) in (1, 3):  # the first try of round 1 in each of the two runs
+        if len(tries) in (1, 4):  # the first try of round 1 in each of the two runs (tries: 1, 1, 2 each)
             self.phase = "done"
             raise RoundAborted(f"round {self.setup().round}: the test abandons its first try")
         close_advertise(self)
 
     monkeypatch.setattr(SecAggServer, "close_advertise", first_try_aborts)
-    run = method_run("lora", server={"rounds": 1, "devices_per_round": 4, "min_registered": 4},
+    run = method_run("lora", server={"rounds": 2, "devices_per_round": 4, "min_registered": 4},
                      data={"num_devices": 5}, secure=SECURE)
     simulate(run, tmp_path / "seq", progress=False)
     simulate(_on_ray(run), tmp_path / "ray", progress=False)
-    assert tries == [1, 1, 1, 1]
+    assert tries == [1, 1, 2] * 2
     _assert_same(tmp_path / "seq", tmp_path / "ray")
     abandoned = json.loads((tmp_path / "ray" / "abandoned.jsonl").read_text())
-    (row,) = _rows(tmp_path / "ray")
-    first, again = {d["device_id"] for d in abandoned["devices"]}, {d["device_id"] for d in row["devices"]}
-    assert row["round"] == abandoned["round"] == 1 and again - first, (first, again)
-    assert row["aggregated"] and {d["status"] for d in row["devices"]} == {"completed"}
+    rows = _rows(tmp_path / "ray")
+    first, again = {d["device_id"] for d in abandoned["devices"]}, {d["device_id"] for d in rows[0]["devices"]}
+    assert rows[0]["round"] == abandoned["round"] == 1 and again - first, (first, again)
+    assert [r["aggregated"] for r in rows] == [True, True]
+    assert all(d["status"] == "completed" for r in rows for d in r["devices"]) and len(rows[1]["devices"]) == 4
 
 
 def test_a_round_spreads_evenly_over_the_actors_and_a_device_with_state_stays_on_its_actor():
@@ -155,30 +177,6 @@ def test_a_round_spreads_evenly_over_the_actors_and_a_device_with_state_stays_on
     assert place(["a", "b", "c", "d"], {}, 2, {"a": 100, "b": 60, "c": 50, "d": 10}) == \
         {"a": 0, "b": 1, "c": 1, "d": 0}
     assert place(["a", "b", "c"], {"c": 0}, 2, {"a": 5, "b": 5, "c": 30}) == {"a": 1, "b": 1, "c": 0}
-
-
-def test_a_flasc_device_with_error_feedback_keeps_training_on_the_actor_that_holds_its_residual(tmp_path, local_ray,
-                                                                                              one_thread):
-    run = _on_ray(method_run("flasc", server={"rounds": 3}))  # error_feedback = true
-    sim = Simulator(run, tmp_path / "run", progress=False)
-    seen: dict[str, set[int]] = {}
-    while not sim.state.finished:
-        sim.run_one_round()
-        for d, a in sim.runner.placed.items():
-            seen.setdefault(d, set()).add(a)
-    assert seen and all(len(a) == 1 for a in seen.values()), seen
-    assert sim.runner.home == {d: next(iter(a)) for d, a in seen.items()}
-    sim.runner.close()
-
-
-def test_a_resumed_ray_simulation_gives_the_actors_their_devices_residuals_back(tmp_path, local_ray, one_thread):
-    from .test_simulate import _flasc_resumed
-
-    run = method_run("flasc", server={"rounds": 3})  # error_feedback = true
-    _flasc_resumed(tmp_path, _on_ray(run), tmp_path / "straight", tmp_path / "resumed")
-    # the resumed Ray run is the straight one in every row; the straight one is the sequential simulator's
-    # (test_a_ray_run_ends_bit_identical_to_the_sequential_simulator_and_to_grpc[flasc-error-feedback], this config)
-    _assert_same(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_a_killed_worker_drops_its_devices_for_one_round_and_the_run_goes_on(tmp_path, local_ray):
