@@ -1,14 +1,21 @@
-"""A SmolLM2 LoRA device step: peak memory and step time in fp32 and under bf16 autocast, on one machine.
+"""A SmolLM2 LoRA device step: peak memory and step time under each memory lever, on one machine.
 
-    python -m benchmarks.lm_device --json PATH [--batch 4 --seq-len 128 --steps 5 --rank 16]
+    python -m benchmarks.lm_device --json PATH [--batch 4 --seq-len 128 --steps 20 --rank 16]
+                                   [--settings fp32,bf16,fp32+gc,fp32+mb1,fp32+chunk128,...]
 
 Each setting runs in a fresh child process (so each peak RSS is its own): the device's model as a device
-builds it (edgelora.edge_client.trainer.DeviceHost: SmolLM2-135M-Instruct, LoRA r = 16 on all seven Llama projections),
-batches of real Shakespeare speeches through the causal-LM task's batch builder, AdamW. One JSON record per
-setting: `precision`, `gradient_checkpointing`, `step_ms` (median of the timed steps after one warm-up),
-`peak_rss_mb` (the child's whole life: load, build, train), `trainable`, `batch`, `seq_len`, `threads`,
-`cpu_fast_bf16`. Prints bf16 / fp32 (goal: <= 0.75). Asserts nothing: without AMX/AVX512-BF16, bf16 is
-emulated on a CPU and slower, which is why train.precision = "auto" picks fp32 there.
+builds it (edgelora.edge_client.trainer.DeviceHost: SmolLM2-135M-Instruct, LoRA r = 16 on all seven Llama
+projections), one batch of real Shakespeare speeches through the causal-LM task's batch builder, trained by the
+device's own step (edgelora.training.accumulate, AdamW) for --steps steps. A setting is a precision (fp32, bf16
+autocast) with levers joined by "+": gc (gradient checkpointing), mbN (micro-batches of N rows, gradients
+accumulated: the same effective batch and update), chunkN (the causal-LM loss over N tokens at a time, no full
+logits). One JSON record per setting: `precision`, `gradient_checkpointing`, `micro_batch`, `effective_batch`,
+`chunked_loss` (tokens a chunk; 0 = off), `step_ms` (median of the steps after the first), `peak_rss_mb` (the
+child's whole life: load, build, train), `loss_after` (the loss at the last step; the same batch every step, so
+settings that compute the same update agree), `steps`, `trainable`, `batch`, `seq_len`, `threads`,
+`cpu_fast_bf16`. Prints bf16 / fp32 and each setting's memory and time against plain fp32. Asserts nothing:
+without AMX/AVX512-BF16, bf16 is emulated on a CPU and slower, which is why train.precision = "auto" picks fp32
+there.
 """
 from __future__ import annotations
 
@@ -25,12 +32,13 @@ from pathlib import Path
 def child(args) -> dict:
     import torch
 
-    from edgelora.config import ModelConfig, shared_dataset
+    from edgelora.config import ModelConfig
+    from edgelora.schema import shared_dataset
     from edgelora.data import Examples
     from edgelora.edge_client.trainer import DeviceHost
-    from edgelora.precision import autocast, cpu_has_fast_bf16
-    from edgelora.tasks import LoraSpec, Structure, StructureKind
-    from edgelora.training import enable_gradient_checkpointing
+    from edgelora.precision import cpu_has_fast_bf16
+    from edgelora.tasks import LoraSpec, Structure, StructureKind, TrainSpec
+    from edgelora.training import accumulate, enable_gradient_checkpointing
 
     host = DeviceHost(ModelConfig(task="causal-lm", name=args.model, max_seq_len=args.seq_len))
     model = host.build(Structure(kind=StructureKind.LORA, lora=LoraSpec(rank=args.rank, alpha=float(args.rank),
@@ -46,21 +54,41 @@ def child(args) -> dict:
     (inputs, labels), = host.task.batches(examples, host.tokenizer, args.seq_len, args.batch)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    spec = TrainSpec(batch_size=args.batch, precision=args.precision, micro_batch_size=args.micro_batch,
+                     loss_chunk_tokens=args.chunk)
     model.train()
-    times = []
-    for _ in range(args.steps + 1):
+    times, losses = [], []
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        with autocast(args.precision, host.torch_device):
-            loss = model(**inputs, labels=labels).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.append(accumulate(model, inputs, labels, spec, host.torch_device, host.task))
         opt.step()
         times.append(time.perf_counter() - t0)
     return {"precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
+            "micro_batch": args.micro_batch or args.batch, "effective_batch": args.batch, "chunked_loss": args.chunk,
             "step_ms": round(statistics.median(times[1:]) * 1000, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "loss_after": round(losses[-1], 5), "steps": args.steps,
             "trainable": sum(p.numel() for p in params), "batch": args.batch, "seq_len": int(inputs["input_ids"].shape[1]),
             "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(), "model": args.model}
+
+
+def parse_setting(setting: str) -> dict:
+    """'fp32+gc+mb1+chunk128' -> the child's arguments."""
+    precision, *levers = setting.split("+")
+    out = {"precision": precision, "gc": False, "micro_batch": 0, "chunk": 0}
+    for lever in levers:
+        if lever == "gc":
+            out["gc"] = True
+        elif lever.startswith("mb") and lever[2:].isdigit():
+            out["micro_batch"] = int(lever[2:])
+        elif lever.startswith("chunk") and lever[5:].isdigit():
+            out["chunk"] = int(lever[5:])
+        else:
+            raise SystemExit(f"--settings: unknown lever {lever!r} in {setting!r} (gc, mbN, chunkN)")
+    if precision not in ("fp32", "bf16"):
+        raise SystemExit(f"--settings: precision {precision!r} in {setting!r} is not fp32 or bf16")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,31 +97,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per setting (after one warm-up step)")
+    ap.add_argument("--steps", type=int, default=20, help="steps per setting (the first is not timed)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--settings", default="fp32,bf16,fp32+gc",
-                    help="comma-separated precisions, +gc for gradient checkpointing")
+    ap.add_argument("--settings", default="fp32,bf16,fp32+gc,fp32+mb1,fp32+chunk128,fp32+gc+mb1+chunk128",
+                    help="comma-separated: a precision (fp32, bf16) and levers joined by + (gc, mbN, chunkN)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--precision", help=argparse.SUPPRESS)
+    ap.add_argument("--micro-batch", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
         return 0
     records = []
     for setting in args.settings.split(","):
-        precision, _, gc = setting.partition("+")
-        cmd = [sys.executable, "-m", "benchmarks.lm_device", "--child", "1", "--precision", precision,
+        p = parse_setting(setting)
+        cmd = [sys.executable, "-m", "benchmarks.lm_device", "--child", "1", "--precision", p["precision"],
                "--model", args.model, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-               "--steps", str(args.steps), "--rank", str(args.rank)] + (["--gradient-checkpointing"] if gc else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rec = json.loads(out.stdout.strip().splitlines()[-1])
+               "--steps", str(args.steps), "--rank", str(args.rank), "--micro-batch", str(p["micro_batch"]),
+               "--chunk", str(p["chunk"])] + (["--gradient-checkpointing"] if p["gc"] else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"setting {setting}: the child failed:\n{out.stderr[-3000:]}")
+        rec = {"setting": setting, **json.loads(out.stdout.strip().splitlines()[-1])}
         records.append(rec)
         print(json.dumps(rec), flush=True)
-    by = {(r["precision"], r["gradient_checkpointing"]): r for r in records}
-    if ("fp32", False) in by and ("bf16", False) in by:
-        print(f"bf16 / fp32 step time: {by['bf16', False]['step_ms'] / by['fp32', False]['step_ms']:.2f} "
-              f"(goal <= 0.75; this CPU {'has' if records[0]['cpu_fast_bf16'] else 'lacks'} fast bf16)")
+    by = {r["setting"]: r for r in records}
+    if "fp32" in by and "bf16" in by:
+        print(f"bf16 / fp32 step time: {by['bf16']['step_ms'] / by['fp32']['step_ms']:.2f} "
+              f"(this CPU {'has' if records[0]['cpu_fast_bf16'] else 'lacks'} fast bf16)")
+    if "fp32" in by:
+        ref = by["fp32"]
+        print(f"{'setting':<28} {'peak MB':>8} {'x fp32':>7} {'step ms':>8} {'x fp32':>7} {'loss after':>11}")
+        for r in records:
+            print(f"{r['setting']:<28} {r['peak_rss_mb']:>8.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:>7.2f} "
+                  f"{r['step_ms']:>8.0f} {r['step_ms'] / ref['step_ms']:>7.2f} {r['loss_after']:>11.5f}")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
     return 0

@@ -196,6 +196,8 @@ class TrainConfig:
     weight_decay: float = field(0.0, "device weight decay")
     max_steps: int = field(0, "cap on local steps per round (0 = no cap)")
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (Hugging Face gradient checkpointing): less device memory for long sequences, ~30 % more compute")
+    micro_batch_size: int = field(0, "train each batch in passes of this many examples, summing their gradients before the step (gradient accumulation): the same update as the whole batch up to floating-point summation order, with activation memory of one micro-batch; 0 = the whole batch at once")
+    loss_chunk_tokens: int = field(0, "causal-lm: compute the loss over this many target tokens at a time, recomputing each chunk's logits in the backward pass, so the full batch x sequence x vocabulary logits and their gradient never exist (SmolLM2: 49,152 floats a token); 0 = the model's own loss over full logits")
     precision: Literal["auto", "fp32", "bf16"] = field("auto", "autocast for local training and evaluation: bf16 (torch.autocast), fp32, or auto = bf16 where the hardware runs it fast (CUDA with bf16, a CPU with AMX or AVX512-BF16), fp32 elsewhere; each machine resolves auto for itself")
 
     def validate(self) -> None:
@@ -203,6 +205,8 @@ class TrainConfig:
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.lr > 0, "train.lr", "must be > 0")
         check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        check(self.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 = the whole batch)")
+        check(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = full logits)")
         check(self.momentum >= 0, "train.momentum", "must be >= 0")
         check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
 

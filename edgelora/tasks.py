@@ -69,6 +69,8 @@ class TrainSpec:
     seed: int = 0
     precision: str = "fp32"    # "auto" | "fp32" | "bf16" (edgelora.training.resolve_precision)
     gradient_checkpointing: bool = False
+    micro_batch_size: int = 0  # 0: each batch in one pass; else in passes of this many examples, gradients summed
+    loss_chunk_tokens: int = 0  # causal-lm: 0: the model's own loss over full logits; else chunked_lm_loss
 
 
 class Coordinates(str, enum.Enum):

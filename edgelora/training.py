@@ -65,10 +65,8 @@ def train_local(model: nn.Module, examples: Examples, tokenizer, spec: TrainSpec
                                    task):
             if step >= total:
                 break
-            with autocast(spec.precision, device):
-                out = model(**{k: v.to(device) for k, v in enc.items()}, labels=labels.to(device))
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss = accumulate(model, enc, labels, spec, device, _task(task))
             for n, m in masks.items():
                 if params[n].grad is not None:
                     params[n].grad.mul_(m)
@@ -77,13 +75,41 @@ def train_local(model: nn.Module, examples: Examples, tokenizer, spec: TrainSpec
                 with torch.no_grad():
                     for n, m in masks.items():
                         params[n].copy_(torch.where(m, params[n], frozen[n]))
-            losses.append(float(out.loss.detach()))
+            losses.append(loss)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def accumulate(model: nn.Module, inputs: dict, labels: torch.Tensor, spec: TrainSpec, device: torch.device,
+               task: TaskType) -> float:
+    """Forward and backward one batch, adding its gradient to the parameters' .grad; returns its loss.
+
+    With spec.micro_batch_size = m below the batch's rows, the batch goes through in passes of m rows, each
+    pass's mean loss weighted by its share of the batch's loss terms (examples; a causal LM's target tokens), so
+    the summed gradients are the whole batch's up to floating-point summation order, while activations exist
+    for m rows at a time. A pass without a loss term (a causal LM's rows all prompt) adds nothing. Dropout
+    draws its masks pass by pass: the same distribution as the whole batch's, not the same draws."""
+    rows = int(labels.shape[0])
+    m = spec.micro_batch_size if 0 < spec.micro_batch_size < rows else rows
+    total = task.loss_terms(labels) if m < rows else 0
+    if not total:  # one pass (no micro-batches, or nothing to weigh them by)
+        m = rows
+    loss = 0.0
+    for s in range(0, rows, m):
+        part = {k: v[s:s + m].to(device) for k, v in inputs.items()}
+        part_labels = labels[s:s + m].to(device)
+        share = task.loss_terms(part_labels) / total if m < rows else 1.0
+        if share == 0:
+            continue
+        with autocast(spec.precision, device):
+            mean = task.loss(model, part, part_labels, spec.loss_chunk_tokens)
+        (mean * share if m < rows else mean).backward()
+        loss += float(mean.detach()) * share
+    return loss
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

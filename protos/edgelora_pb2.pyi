@@ -148,7 +148,7 @@ class Structure(_message.Message):
     def __init__(self, kind: _Optional[_Union[Structure.Kind, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., adapter: _Optional[_Union[AdapterSpec, _Mapping]] = ..., mask_density: _Optional[float] = ..., mask_seed: _Optional[int] = ..., dense_patterns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed", "precision", "gradient_checkpointing")
+    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed", "precision", "gradient_checkpointing", "micro_batch_size", "loss_chunk_tokens")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,8 @@ class TrainSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     lr: float
@@ -169,7 +171,9 @@ class TrainSpec(_message.Message):
     seed: int
     precision: str
     gradient_checkpointing: bool
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
+    micro_batch_size: int
+    loss_chunk_tokens: int
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., micro_batch_size: _Optional[int] = ..., loss_chunk_tokens: _Optional[int] = ...) -> None: ...
 
 class UploadRule(_message.Message):
     __slots__ = ("format", "density", "error_feedback", "value_type", "rounding", "secure")

@@ -94,7 +94,8 @@ class Method:
         return TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=self.round_lr(state),
                          optimizer=t.optimizer,
                          momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps,
-                         precision=t.precision, gradient_checkpointing=t.gradient_checkpointing, seed=self.run.server.seed * 100_003 + state.round + 1)
+                         precision=t.precision, gradient_checkpointing=t.gradient_checkpointing,
+                         micro_batch_size=t.micro_batch_size, loss_chunk_tokens=t.loss_chunk_tokens, seed=self.run.server.seed * 100_003 + state.round + 1)
 
     def upload_rule(self, state: ServerState) -> UploadRule:
         return self.upload(UploadFormat.DENSE)

@@ -68,6 +68,15 @@ class TaskType:
         """(model inputs, labels) per batch; `model(**inputs, labels=labels).loss` is the training loss."""
         raise NotImplementedError
 
+    def loss(self, model: nn.Module, inputs: dict, labels: torch.Tensor, loss_chunk_tokens: int = 0) -> torch.Tensor:
+        """The training loss of one batch: the mean over what loss_terms counts."""
+        return model(**inputs, labels=labels).loss
+
+    def loss_terms(self, labels: torch.Tensor) -> int:
+        """How many terms the batch's mean loss averages (a classifier: its examples), so micro-batches'
+        means can be weighted into the whole batch's."""
+        return int(labels.shape[0])
+
     def evaluate(self, model: nn.Module, examples, tokenizer, max_len: int, device: torch.device,
                  batch_size: int | None = None, progress: str | None = None, precision: str = "fp32",
                  exact_match_examples: int = 0) -> Scores:

@@ -127,6 +127,16 @@ class CausalLM(TaskType):
                 mask[r, :len(ids)] = 1
             yield {"input_ids": input_ids, "attention_mask": mask}, labels
 
+    # -- the training loss --------------------------------------------------------------------------------------
+    def loss(self, model, inputs, labels, loss_chunk_tokens: int = 0):
+        if not loss_chunk_tokens:
+            return model(**inputs, labels=labels).loss
+        return chunked_lm_loss(model, inputs, labels, loss_chunk_tokens)
+
+    def loss_terms(self, labels) -> int:
+        """Target tokens: every position after the first whose label is not -100 (the model's loss shifts)."""
+        return int((labels[:, 1:] != IGNORE).sum())
+
     # -- scores -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model, examples, tokenizer, max_len, device, batch_size=None, progress=None,
@@ -167,6 +177,36 @@ class CausalLM(TaskType):
         prompts = [prompt_ids(examples, i, tokenizer, max_len) for i in idx]
         answers = greedy(model, tokenizer, prompts, budget, device)
         return sum(normalise(a) == normalise(r) for a, r in zip(answers, refs)) / len(idx)
+
+
+def chunked_lm_loss(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """The causal-LM loss (mean next-token cross-entropy over target tokens, in float32, as the model's own)
+    without full logits: the decoder's hidden states of the target positions go through the output layer
+    `chunk_tokens` at a time, each chunk under activation checkpointing, so only one chunk's logits (and, in the
+    backward pass, their gradient) exist at once: chunk x vocabulary floats instead of batch x sequence x
+    vocabulary. The same loss and gradients as the model's up to floating-point summation order (tested)."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner.config, "final_logit_softcapping", None) or getattr(inner.config, "logit_scale", None):
+        raise ValueError(f"train.loss_chunk_tokens: {type(inner).__name__} transforms its logits after the output "
+                         f"layer; train it with loss_chunk_tokens = 0")
+    hidden = inner.get_decoder()(**inputs).last_hidden_state
+    target = labels[:, 1:].to(hidden.device)
+    keep = target != IGNORE
+    h, t = hidden[:, :-1][keep], target[keep]
+    if not len(t):
+        return hidden.sum() * 0.0  # no target token: a zero loss that still reaches the graph
+    head = inner.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, len(t), chunk_tokens):
+        total = total + checkpoint(_chunk_nll, head, h[s:s + chunk_tokens], t[s:s + chunk_tokens],
+                                   use_reentrant=False)
+    return total / len(t)
+
+
+def _chunk_nll(head, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
 
 
 def spread_indices(n_examples: int, n: int) -> np.ndarray:
