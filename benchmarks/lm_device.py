@@ -9,11 +9,13 @@ projections), one batch of real Shakespeare speeches through the causal-LM task'
 device's own step (edgelora.training.accumulate, AdamW) for --steps steps. A setting is a precision (fp32, bf16
 autocast) with levers joined by "+": gc (gradient checkpointing), mbN (micro-batches of N rows, gradients
 accumulated: the same effective batch and update), chunkN (the causal-LM loss over N tokens at a time, no full
-logits). One JSON record per setting: `precision`, `gradient_checkpointing`, `micro_batch`, `effective_batch`,
+logits), copy (the LoRA model holds its own copy of the base weights, as devices did before they shared the
+base's). One JSON record per setting: `precision`, `gradient_checkpointing`, `base_copied`, `micro_batch`,
+`effective_batch`,
 `chunked_loss` (tokens a chunk; 0 = off), `step_ms` (median of the steps after the first), `peak_rss_mb` (the
 child's whole life: load, build, train), `loss_after` (the loss at the last step; the same batch every step, so
 settings that compute the same update agree), `steps`, `trainable`, `batch`, `seq_len`, `threads`,
-`cpu_fast_bf16`. Prints bf16 / fp32 and each setting's memory and time against plain fp32. Asserts nothing:
+`cpu_fast_bf16`. Prints bf16 / fp32 and each setting's memory and time against the first setting's. Asserts nothing:
 without AMX/AVX512-BF16, bf16 is emulated on a CPU and slower, which is why train.precision = "auto" picks fp32
 there.
 """
@@ -41,6 +43,7 @@ def child(args) -> dict:
     from edgelora.training import accumulate, enable_gradient_checkpointing
 
     host = DeviceHost(ModelConfig(task="causal-lm", name=args.model, max_seq_len=args.seq_len))
+    host.share_frozen = not args.copy_base
     model = host.build(Structure(kind=StructureKind.LORA, lora=LoraSpec(rank=args.rank, alpha=float(args.rank),
                                                                         modules_to_save=())))
     if args.gradient_checkpointing:
@@ -65,6 +68,7 @@ def child(args) -> dict:
         opt.step()
         times.append(time.perf_counter() - t0)
     return {"precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
+            "base_copied": args.copy_base,
             "micro_batch": args.micro_batch or args.batch, "effective_batch": args.batch, "chunked_loss": args.chunk,
             "step_ms": round(statistics.median(times[1:]) * 1000, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -76,16 +80,16 @@ def child(args) -> dict:
 def parse_setting(setting: str) -> dict:
     """'fp32+gc+mb1+chunk128' -> the child's arguments."""
     precision, *levers = setting.split("+")
-    out = {"precision": precision, "gc": False, "micro_batch": 0, "chunk": 0}
+    out = {"precision": precision, "gc": False, "micro_batch": 0, "chunk": 0, "copy": False}
     for lever in levers:
-        if lever == "gc":
-            out["gc"] = True
+        if lever in ("gc", "copy"):
+            out[lever] = True
         elif lever.startswith("mb") and lever[2:].isdigit():
             out["micro_batch"] = int(lever[2:])
         elif lever.startswith("chunk") and lever[5:].isdigit():
             out["chunk"] = int(lever[5:])
         else:
-            raise SystemExit(f"--settings: unknown lever {lever!r} in {setting!r} (gc, mbN, chunkN)")
+            raise SystemExit(f"--settings: unknown lever {lever!r} in {setting!r} (gc, mbN, chunkN, copy)")
     if precision not in ("fp32", "bf16"):
         raise SystemExit(f"--settings: precision {precision!r} in {setting!r} is not fp32 or bf16")
     return out
@@ -99,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="steps per setting (the first is not timed)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--settings", default="fp32,bf16,fp32+gc,fp32+mb1,fp32+chunk128,fp32+gc+mb1+chunk128",
+    ap.add_argument("--settings", default="fp32+copy,fp32,bf16,fp32+gc,fp32+mb1,fp32+chunk128,fp32+mb1+chunk128,"
+                                          "fp32+gc+mb1+chunk128",
                     help="comma-separated: a precision (fp32, bf16) and levers joined by + (gc, mbN, chunkN)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--precision", help=argparse.SUPPRESS)
     ap.add_argument("--micro-batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--copy-base", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "benchmarks.lm_device", "--child", "1", "--precision", p["precision"],
                "--model", args.model, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                "--steps", str(args.steps), "--rank", str(args.rank), "--micro-batch", str(p["micro_batch"]),
-               "--chunk", str(p["chunk"])] + (["--gradient-checkpointing"] if p["gc"] else [])
+               "--chunk", str(p["chunk"])] + (["--gradient-checkpointing"] if p["gc"] else []) + \
+              (["--copy-base"] if p["copy"] else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"setting {setting}: the child failed:\n{out.stderr[-3000:]}")
@@ -127,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if "fp32" in by and "bf16" in by:
         print(f"bf16 / fp32 step time: {by['bf16']['step_ms'] / by['fp32']['step_ms']:.2f} "
               f"(this CPU {'has' if records[0]['cpu_fast_bf16'] else 'lacks'} fast bf16)")
-    if "fp32" in by:
-        ref = by["fp32"]
-        print(f"{'setting':<28} {'peak MB':>8} {'x fp32':>7} {'step ms':>8} {'x fp32':>7} {'loss after':>11}")
+    ref = records[0]  # the default list starts where devices were before the levers: fp32, the base copied
+    if ref:
+        print(f"against the first setting, {ref['setting']}:")
+        print(f"{'setting':<28} {'peak MB':>8} {'x':>7} {'step ms':>8} {'x':>7} {'loss after':>11}")
         for r in records:
             print(f"{r['setting']:<28} {r['peak_rss_mb']:>8.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:>7.2f} "
                   f"{r['step_ms']:>8.0f} {r['step_ms'] / ref['step_ms']:>7.2f} {r['loss_after']:>11.5f}")

@@ -33,7 +33,9 @@ class DeviceHost(ModelHost):
 
     def __init__(self, model: ModelConfig, torch_device: str = "cpu") -> None:
         self.task = task_type(model.task)
-        super().__init__(load_base_model(model), torch_device, frozen=self.task.frozen_modules(model))
+        # a device never writes into its base: its LoRA models share the base's weights (build_model)
+        super().__init__(load_base_model(model), torch_device, frozen=self.task.frozen_modules(model),
+                         share_frozen=True)
         self.model_cfg = model
         self.tokenizer = load_tokenizer(model.name, model.task)
 

@@ -76,13 +76,22 @@ def lora_target_modules(model: nn.Module, targets: tuple[str, ...]):
     return None
 
 
-def build_model(base: nn.Module, structure: Structure, frozen: tuple[str, ...] = ()) -> nn.Module:
+def build_model(base: nn.Module, structure: Structure, frozen: tuple[str, ...] = (),
+                share_frozen: bool = False) -> nn.Module:
     """Wrap (a copy of) the base model in the structure's trainable parts; only those require grad.
     `frozen`: modules that stay frozen even where the structure trains every weight (a causal LM's
-    embeddings, edgelora.task_types)."""
+    embeddings, edgelora.task_types).
+
+    `share_frozen`: under LoRA, the copy's modules hold the base's own weight tensors instead of copies (the
+    base stays frozen there: LoRA trains its A and B, and peft trains a copy of each module to save), so the
+    weights exist once: 540 MB less for SmolLM2 in fp32. Only for a holder that never writes into the base
+    (a device; not priming's residual = "merge")."""
     import copy
 
-    model = copy.deepcopy(base)
+    shared = {}
+    if share_frozen and structure.kind == StructureKind.LORA:
+        shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    model = copy.deepcopy(base, shared)
     kind = structure.kind
     if kind == StructureKind.FULL:
         for n, p in model.named_parameters():
@@ -118,16 +127,20 @@ class ModelHost:
     """W0 and the model built on it for one structure at a time, rebuilt only when the structure changes.
     The server's host (initial weights, priming, evaluation) and a device's (training) are this one class."""
 
-    def __init__(self, base: nn.Module, torch_device: str | torch.device = "cpu", frozen: tuple[str, ...] = ()) -> None:
+    def __init__(self, base: nn.Module, torch_device: str | torch.device = "cpu", frozen: tuple[str, ...] = (),
+                 share_frozen: bool = False) -> None:
         self.torch_device = torch.device(torch_device)
         self.base = base.to(self.torch_device)
         self.frozen = frozen                 # modules no structure trains (TaskType.frozen_modules)
+        self.share_frozen = share_frozen     # LoRA models hold the base's weights, not copies (build_model)
         self._built: tuple[Structure, nn.Module] | None = None
         self._prepared: tuple[Structure, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
 
     def build(self, structure: Structure) -> nn.Module:
         if self._built is None or self._built[0] != structure:
-            self._built = (structure, build_model(self.base, structure, self.frozen).to(self.torch_device))
+            self._built = None  # the model built before goes first: two never exist at once
+            self._built = (structure, build_model(self.base, structure, self.frozen, self.share_frozen)
+                           .to(self.torch_device))
         return self._built[1]
 
     def prepare(self, structure: Structure) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -155,12 +155,37 @@ def test_the_device_memory_benchmark_runs_each_lever_and_agrees_on_the_loss():
         p = lm_device.parse_setting(setting)
         return lm_device.child(argparse.Namespace(model="tiny-llama", seq_len=32, rank=4, batch=4, steps=3,
                                                   precision=p["precision"], micro_batch=p["micro_batch"],
-                                                  chunk=p["chunk"], gradient_checkpointing=p["gc"]))
+                                                  chunk=p["chunk"], gradient_checkpointing=p["gc"],
+                                                  copy_base=p["copy"]))
 
-    plain, levers, gc = child("fp32"), child("fp32+mb1+chunk16"), child("fp32+gc")
+    plain, levers, gc = child("fp32+copy"), child("fp32+mb1+chunk16"), child("fp32+gc")
+    assert plain["base_copied"] and not levers["base_copied"]
     assert (levers["micro_batch"], levers["effective_batch"], levers["chunked_loss"]) == (1, 4, 16)
     assert levers["loss_after"] == pytest.approx(plain["loss_after"], rel=1e-4)
     assert gc["loss_after"] == pytest.approx(plain["loss_after"], rel=1e-4) and gc["gradient_checkpointing"]
     for bad in ("fp16", "fp32+mb", "fp32+fast"):
         with pytest.raises(SystemExit, match="--settings"):
             lm_device.parse_setting(bad)
+
+
+def test_a_devices_lora_model_holds_the_base_weights_once_and_never_writes_them():
+    """DeviceHost builds LoRA over the base's own weight tensors (no second copy), trains without touching
+    them, and a later full-weight structure (SLoRA's Stage 1 before, here after) still trains a copy."""
+    from edge_client.trainer import DeviceHost
+
+    from edgelora.tasks import LoraSpec, Structure, StructureKind
+
+    host = DeviceHost(ModelConfig(task="causal-lm", name="tiny-llama", max_seq_len=24))
+    before = {n: p.detach().clone() for n, p in host.base.named_parameters()}
+    lora = host.build(Structure(kind=StructureKind.LORA, lora=LoraSpec(rank=4, alpha=8.0, modules_to_save=())))
+    base_ptrs = {p.data_ptr() for p in host.base.parameters()}
+    frozen = [p for n, p in lora.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.data_ptr() in base_ptrs for p in frozen)
+    assert not any(p.data_ptr() in base_ptrs for p in lora.parameters() if p.requires_grad)
+    examples = Examples(TEXTS, np.zeros(len(TEXTS), np.int64))
+    _train(lora, examples, host.tokenizer, "causal-lm")
+    full = host.build(Structure(kind=StructureKind.FULL))
+    assert not any(p.data_ptr() in base_ptrs for p in full.parameters() if p.requires_grad)
+    _train(full, examples, host.tokenizer, "causal-lm")
+    for n, p in host.base.named_parameters():
+        assert torch.equal(p, before[n]), n
