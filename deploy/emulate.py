@@ -278,7 +278,7 @@ class Emulation:
                                          for i, ns in enumerate(self.net.device_ns))
                 print(f"emulation: coordinator {addr} in netns {self.net.hub}; {self.cfg.devices} devices in "
                       f"{', '.join(self.net.device_ns)}; run folder {self.run_dir}", flush=True)
-                rc = self.fleet.wait_server(self.cfg.timeout_s)
+                rc = self.fleet.wait_server(self.cfg.timeout_s, clients_gone_s=30.0)
             except LaunchError as e:
                 raise EmulationError(f"coordinator: {e}") from None
             client_codes = self.fleet.wait_clients(timeout_s=60)

@@ -89,6 +89,7 @@ class Launcher:
         self.server_log: Path | None = None
         self.addr: str | None = None
         self.clients: list[subprocess.Popen] = []
+        self._client_logs: list[Path | None] = []
         self._exe = [python, "-m", "edgelora.cli", *(["-v"] if verbose else [])]
         self._env = {**os.environ, **(env or {})}
         self._cwd = cwd
@@ -133,19 +134,47 @@ class Launcher:
         addr = addr or self.addr
         if addr is None:
             raise LaunchError("start_clients: no server address (start_server first, or give addr)")
+        clients = list(clients)
         procs = [self._start([*c.prefix, *self._exe, "client", "--server", addr, *c.device_flags(), *c.args],
                              c.log, c.env) for c in clients]
         self.clients += procs
+        self._client_logs += [c.log for c in clients]
         return procs
 
-    def wait_server(self, timeout_s: float | None = None) -> int:
-        """The server's exit code; a LaunchError (with its log's tail) if it is still running after timeout_s."""
+    def wait_server(self, timeout_s: float | None = None, clients_gone_s: float | None = None) -> int:
+        """The server's exit code; a LaunchError (with its log's tail) if it is still running after timeout_s.
+
+        clients_gone_s: also a LaunchError once every client this launcher started has exited and the server is
+        still running this long after the last did: with nothing left to train (the clients crashed, say) a
+        server waits for devices to return, which here none ever will. The error names the clients' exit codes
+        and shows the end of the first failed one's log."""
         if self.server is None:
             raise LaunchError("wait_server: no server was started")
-        try:
-            return self.server.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise LaunchError(f"server did not finish within {timeout_s:.0f} s{self.server_log_tail()}") from None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        gone_since = None
+        while True:
+            step = 0.5 if clients_gone_s is not None and self.clients else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                step = left if step is None else min(step, left)
+            try:
+                return self.server.wait(timeout=None if step is None else max(0.0, step))
+            except subprocess.TimeoutExpired:
+                pass
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LaunchError(f"server did not finish within {timeout_s:.0f} s{self.server_log_tail()}")
+            if all(c.poll() is not None for c in self.clients):
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since >= clients_gone_s:
+                    codes = [c.returncode for c in self.clients]
+                    raise LaunchError(f"every client exited (codes {codes}) and the server was still running "
+                                      f"{clients_gone_s:.0f} s later{self._failed_client_tail()}")
+
+    def _failed_client_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        for c, log in zip(self.clients, self._client_logs):
+            if c.returncode and log is not None and Path(log).exists():
+                return f"; the end of {log}:\n{Path(log).read_text(errors='replace')[-chars:]}"
+        return ""
 
     def wait_clients(self, timeout_s: float) -> list[int | None]:
         """Each client's exit code, in start order, waiting up to timeout_s for all of them together. A client

@@ -159,3 +159,18 @@ def test_the_real_server_with_a_bad_config_names_the_field(tmp_path):
     assert "server exited with code 2 before listening" in str(e.value)
     assert "edgelora: config error: server.rounds" in str(e.value)
     assert _all_gone(fleet)
+
+
+def test_a_server_left_waiting_after_every_client_died_is_an_error_naming_them(tmp_path, fake, monkeypatch):
+    """Every client exits (one fails, its log says why) while the server waits for devices that will never
+    come back: wait_server gives up clients_gone_s after the last one, not at its timeout."""
+    monkeypatch.setenv("FAKE_SERVER", "listen")
+    with Launcher(tmp_path / "run", python=fake, stop_grace_s=1) as fleet:
+        fleet.start_server(None)
+        fleet.start_clients([Client(device_id="0", log=tmp_path / "c0.log", env={"FAKE_CLIENT": "exit0"}),
+                             Client(device_id="1", log=tmp_path / "c1.log", env={"FAKE_CLIENT": "die"})])
+        start = time.monotonic()
+        with pytest.raises(LaunchError, match=r"(?s)every client exited \(codes \[0, 3\]\).*c1.log.*boom"):
+            fleet.wait_server(timeout_s=300, clients_gone_s=0.5)
+        assert time.monotonic() - start < 60
+    assert _all_gone(fleet)

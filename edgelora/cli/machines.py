@@ -210,7 +210,7 @@ def cmd_demo(args) -> int:
             fleet.start_server(cfg_path, args=["--insecure"], timeout_s=300)
             fleet.start_clients(Client(device_id=str(i), args=client_args, log=logs / f"client_{i}.log")
                                 for i in range(run.data.num_devices))
-            rc = fleet.wait_server()
+            rc = fleet.wait_server(clients_gone_s=60.0)  # every device gone: nothing left to wait for
             codes = fleet.wait_clients(timeout_s=30)  # a client still running then is stopped, not counted
     except LaunchError as e:
         print(f"edgelora demo: {e}", file=sys.stderr)
