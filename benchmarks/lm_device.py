@@ -13,7 +13,8 @@ logits), copy (the LoRA model holds its own copy of the base weights, as devices
 base's). One JSON record per setting: `precision`, `gradient_checkpointing`, `base_copied`, `micro_batch`,
 `effective_batch`,
 `chunked_loss` (tokens a chunk; 0 = off), `step_ms` (median of the steps after the first), `peak_rss_mb` (the
-child's whole life: load, build, train), `loss_after` (the loss at the last step; the same batch every step, so
+child's whole life: load, build, train), `load_peak_mb` (the peak before training: loading and building),
+`loss_after` (the loss at the last step; the same batch every step, so
 settings that compute the same update agree), `steps`, `trainable`, `batch`, `seq_len`, `threads`,
 `cpu_fast_bf16`. Prints bf16 / fp32 and each setting's memory and time against the first setting's. Asserts nothing:
 without AMX/AVX512-BF16, bf16 is emulated on a CPU and slower, which is why train.precision = "auto" picks fp32
@@ -31,6 +32,9 @@ import time
 from pathlib import Path
 
 
+DEFAULT_SETTINGS = "fp32+copy,fp32,fp32+gc,fp32+mb1,fp32+chunk128,fp32+mb1+chunk128,fp32+gc+mb1+chunk128"
+
+
 def child(args) -> dict:
     import torch
 
@@ -46,6 +50,7 @@ def child(args) -> dict:
     host.share_frozen = not args.copy_base
     model = host.build(Structure(kind=StructureKind.LORA, lora=LoraSpec(rank=args.rank, alpha=float(args.rank),
                                                                         modules_to_save=())))
+    load_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading and building, so far
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     import gzip
@@ -72,7 +77,7 @@ def child(args) -> dict:
             "micro_batch": args.micro_batch or args.batch, "effective_batch": args.batch, "chunked_loss": args.chunk,
             "step_ms": round(statistics.median(times[1:]) * 1000, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "loss_after": round(losses[-1], 5), "steps": args.steps,
+            "load_peak_mb": round(load_peak_mb, 1), "loss_after": round(losses[-1], 5), "steps": args.steps,
             "trainable": sum(p.numel() for p in params), "batch": args.batch, "seq_len": int(inputs["input_ids"].shape[1]),
             "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(), "model": args.model}
 
@@ -103,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="steps per setting (the first is not timed)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--settings", default="fp32+copy,fp32,bf16,fp32+gc,fp32+mb1,fp32+chunk128,fp32+mb1+chunk128,"
-                                          "fp32+gc+mb1+chunk128",
-                    help="comma-separated: a precision (fp32, bf16) and levers joined by + (gc, mbN, chunkN)")
+    ap.add_argument("--settings", help="comma-separated: a precision (fp32, bf16) and levers joined by + (gc, mbN, "
+                                       "chunkN, copy); default: " + DEFAULT_SETTINGS + ", and bf16 where this "
+                                       "CPU runs it fast (emulated, a step takes minutes)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--precision", help=argparse.SUPPRESS)
@@ -116,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
+    if args.settings is None:
+        from edgelora.precision import cpu_has_fast_bf16
+
+        args.settings = DEFAULT_SETTINGS + (",bf16" if cpu_has_fast_bf16() else "")
     records = []
     for setting in args.settings.split(","):
         p = parse_setting(setting)
