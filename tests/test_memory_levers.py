@@ -20,6 +20,7 @@ from edgelora.tasks import Stage, TrainSpec
 from edgelora.training import train_local
 
 from .conftest import tiny_raw
+from .test_lm import lm_raw, write_speeches
 
 TEXTS = ("the first speech is long enough to fill the window", "a short one", "and a third, of middling length here",
          "four", "five words of plain text", "six is the last of them, and it runs on a little")
@@ -128,13 +129,16 @@ def test_a_classifier_step_in_micro_batches_is_the_whole_batch_step():
         _close(w - start[n], plain[n] - start[n], n)
 
 
-def test_the_levers_travel_in_the_task_and_bad_values_are_refused():
+def test_the_levers_travel_in_the_task_and_bad_values_are_refused(tmp_path):
     from edgelora.methods import make_method
     from edgelora.state import ServerState
     from protos import edgelora_pb2 as pb
     from protos import serde
 
-    run = load_config(tiny_raw(train={"micro_batch_size": 2, "loss_chunk_tokens": 64}))
+    with pytest.raises(ConfigError, match="train.loss_chunk_tokens: a classifier has one logit per class"):
+        load_config(tiny_raw(train={"loss_chunk_tokens": 64}))
+    run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), train={"micro_batch_size": 2,
+                                                                          "loss_chunk_tokens": 64}))
     spec = make_method(run).train_spec(ServerState(round=0, stage=Stage.DENSE, stage_start=1, params={}))
     assert (spec.micro_batch_size, spec.loss_chunk_tokens) == (2, 64)
     wire = serde.train_to_proto(spec).SerializeToString()

@@ -130,7 +130,7 @@ class CausalLM(TaskType):
     # -- the training loss --------------------------------------------------------------------------------------
     def loss(self, model, inputs, labels, loss_chunk_tokens: int = 0):
         if not loss_chunk_tokens:
-            return model(**inputs, labels=labels).loss
+            return super().loss(model, inputs, labels)
         return chunked_lm_loss(model, inputs, labels, loss_chunk_tokens)
 
     def loss_terms(self, labels) -> int:

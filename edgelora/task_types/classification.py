@@ -45,6 +45,8 @@ class Classification(TaskType):
         d = run.data
         check(d.mode == "partitions" or bool(d.label_names), "data.label_names",
               "data.mode = own needs the run's classes listed in order: devices map their own labels to them")
+        check(run.train.loss_chunk_tokens == 0, "train.loss_chunk_tokens",
+              "a classifier has one logit per class, nothing to chunk: it is for model.task = causal-lm")
 
     def batches(self, examples, tokenizer, max_len, batch_size, order=None):
         idx = np.arange(len(examples)) if order is None else order
