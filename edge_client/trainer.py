@@ -5,6 +5,7 @@ server. The gRPC edge client and the simulator both call DeviceTrainer.run().
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -26,6 +27,17 @@ from .secagg import SecAggDevice
 
 class DownloadError(ValueError):
     """The task's payload does not fit this device's model (a server bug or a corrupted stream)."""
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB: its high-water mark over loading and every round it
+    trained (a process hosting many virtual devices reports its own, shared by them)."""
+    try:
+        import resource
+    except ImportError:  # Windows: not reported
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 class DeviceHost(ModelHost):
@@ -82,14 +94,15 @@ class DeviceTrainer:
         if task.upload.secure is not None:
             # Only the masked vector speaks for this device's data: the example count travels inside it, and
             # the scalars computed on the data (training loss, held-out score) are not sent at all.
+            # (nor the peak memory, whose size follows the data's lengths)
             upload, examples = self._encode_secure(task, delta, masks, received, secure), 0
-            loss, scored = float("nan"), (0, 0.0, 0.0)
+            loss, scored, peak = float("nan"), (0, 0.0, 0.0), 0.0
         else:
-            upload, examples = self._encode(task, delta, masks), len(self.examples)
+            upload, examples, peak = self._encode(task, delta, masks), len(self.examples), peak_rss_mb()
         t2 = time.perf_counter()
         return Update(self.device_id, task.round, examples, upload, loss,
                       PhaseTimes(download_s=download_s, train_s=t1 - t0, encode_s=t2 - t1), task_id=task.task_id,
-                      eval_examples=scored[0], eval_loss=scored[1], eval_accuracy=scored[2])
+                      eval_examples=scored[0], eval_loss=scored[1], eval_accuracy=scored[2], peak_rss_mb=peak)
 
     def warm_up(self, structure: Structure) -> float:
         """Build `structure` on the host and run one forward and backward pass on a few of this device's

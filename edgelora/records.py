@@ -28,6 +28,7 @@ class DeviceRecord:
     eval_examples: int = 0           # federated evaluation: held-out examples the device scored (0 = none)
     eval_loss: float = 0.0
     eval_accuracy: float = 0.0
+    peak_rss_mb: float = 0.0         # the device process's peak resident memory when it uploaded (0: not reported)
     error: str = ""
 
 

@@ -153,6 +153,7 @@ class Update:
     eval_examples: int = 0     # federated evaluation of the downloaded model (0 = none)
     eval_loss: float = 0.0
     eval_accuracy: float = 0.0
+    peak_rss_mb: float = 0.0   # the device process's peak resident memory so far (0: not reported)
 
 
 # -- device ids -------------------------------------------------------------------------------------------------

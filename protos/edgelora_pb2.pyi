@@ -508,7 +508,7 @@ class PhaseTimes(_message.Message):
     def __init__(self, download_s: _Optional[float] = ..., train_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., upload_s: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("device_id", "round", "num_examples", "payload_bytes", "train_loss", "times", "task_id", "offset", "eval_examples", "eval_loss", "eval_accuracy")
+    __slots__ = ("device_id", "round", "num_examples", "payload_bytes", "train_loss", "times", "task_id", "offset", "eval_examples", "eval_loss", "eval_accuracy", "peak_rss_mb")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -520,6 +520,7 @@ class UpdateHeader(_message.Message):
     EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RSS_MB_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     round: int
     num_examples: int
@@ -531,7 +532,8 @@ class UpdateHeader(_message.Message):
     eval_examples: int
     eval_loss: float
     eval_accuracy: float
-    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., train_loss: _Optional[float] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., task_id: _Optional[str] = ..., offset: _Optional[int] = ..., eval_examples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
+    peak_rss_mb: float
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., train_loss: _Optional[float] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., task_id: _Optional[str] = ..., offset: _Optional[int] = ..., eval_examples: _Optional[int] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., peak_rss_mb: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -248,7 +248,8 @@ def update_header_to_proto(u: Update) -> pb.UpdateHeader:
     return pb.UpdateHeader(device_id=u.device_id, round=u.round, num_examples=u.num_examples,
                            payload_bytes=len(u.payload), train_loss=u.train_loss,
                            times=times_to_proto(PhaseTimes(t.download_s, t.train_s, t.encode_s)), task_id=u.task_id,
-                           eval_examples=u.eval_examples, eval_loss=u.eval_loss, eval_accuracy=u.eval_accuracy)
+                           eval_examples=u.eval_examples, eval_loss=u.eval_loss, eval_accuracy=u.eval_accuracy,
+                           peak_rss_mb=u.peak_rss_mb)
 
 
 def chunks(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):
@@ -262,7 +263,8 @@ def chunks(header_msg, chunk_cls, payload: bytes, chunk_bytes: int):
 def update_from_proto(h: pb.UpdateHeader, payload: bytes) -> Update:
     return Update(device_id=h.device_id, round=h.round, num_examples=h.num_examples, payload=payload,
                   train_loss=h.train_loss, times=times_from_proto(h.times), task_id=h.task_id,
-                  eval_examples=h.eval_examples, eval_loss=h.eval_loss, eval_accuracy=h.eval_accuracy)
+                  eval_examples=h.eval_examples, eval_loss=h.eval_loss, eval_accuracy=h.eval_accuracy,
+                  peak_rss_mb=h.peak_rss_mb)
 
 
 def task_from_bytes(data: bytes) -> Task:

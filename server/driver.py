@@ -218,7 +218,7 @@ class RoundDriver(ServerRun):
 
     def finish_upload(self, r: Round, device_id: str, payload: bytes | None, num_examples: int,
                       train_loss: float, times: PhaseTimes, wire_bytes: int, error: str = "",
-                      evaluation: tuple[int, float, float] = (0, 0.0, 0.0)) -> None:
+                      evaluation: tuple[int, float, float] = (0, 0.0, 0.0), peak_rss_mb: float = 0.0) -> None:
         """Check an upload against the device's plan, then accept it into the aggregate or reject it (payload
         None: the stream failed, `error` says how). Raises UpdateRejected when it is not accepted."""
         try:
@@ -233,7 +233,7 @@ class RoundDriver(ServerRun):
             raise
         with self.cond:
             try:
-                r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes, evaluation)
+                r.accept(device_id, delta, num_examples, train_loss, times, wire_bytes, evaluation, peak_rss_mb)
             finally:
                 self.cond.notify_all()
             if self.run.server.save_updates:

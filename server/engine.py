@@ -286,10 +286,11 @@ class Round:
         return self.engine.decode_update(self.plans[device_id], payload)
 
     def accept(self, device_id: str, delta: Delta, num_examples: int, train_loss: float,
-               times: PhaseTimes, wire_bytes: int, evaluation: tuple[int, float, float] = (0, 0.0, 0.0)) -> None:
+               times: PhaseTimes, wire_bytes: int, evaluation: tuple[int, float, float] = (0, 0.0, 0.0),
+               peak_rss_mb: float = 0.0) -> None:
         """Aggregate a checked upload. If the round closed or filled while it was checked, the upload is
         rejected instead (UpdateRejected). `evaluation`: (examples, loss, accuracy) of the device's federated
-        evaluation, if it ran one."""
+        evaluation, if it ran one; `peak_rss_mb`: the memory the device reports."""
         if not self._open or self.full:
             self.reject(device_id, self.closed_reason(), wire_bytes)
             raise UpdateRejected(Refusal.PRECONDITION, self.closed_reason())
@@ -311,6 +312,7 @@ class Round:
         rec.upload_done_at = self._now()
         rec.update_norm = norm
         rec.eval_examples, rec.eval_loss, rec.eval_accuracy = evaluation
+        rec.peak_rss_mb = peak_rss_mb
 
     def reject(self, device_id: str, message: str, wire_bytes: int) -> None:
         """The device's upload was refused (it may fetch its task again)."""

@@ -136,7 +136,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             view.release()
             self.coord.finish_upload(r, h.device_id, None if error else buf, h.num_examples,
                                      h.train_loss, times, wire, error,
-                                     (h.eval_examples, h.eval_loss, h.eval_accuracy))
+                                     (h.eval_examples, h.eval_loss, h.eval_accuracy), h.peak_rss_mb)
         except UpdateRejected as e:
             _abort(self.coord, context, e, what)
         log.info("accepted %s: %d bytes", what, got)

@@ -130,7 +130,9 @@ class SimulatedDevices:
             except UpdateRejected:  # refused before any byte is taken: no record, as over gRPC
                 continue
             try:
-                driver.finish_upload(rnd, d, payload, update.num_examples, update.train_loss, times, bytes_up)
+                driver.finish_upload(rnd, d, payload, update.num_examples, update.train_loss, times, bytes_up,
+                                     evaluation=(update.eval_examples, update.eval_loss, update.eval_accuracy),
+                                     peak_rss_mb=update.peak_rss_mb)
             except UpdateRejected:
                 continue
             self.runner.accepted(d)
