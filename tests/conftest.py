@@ -25,6 +25,20 @@ TINY = {
 }
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup` (make test) an xdist_group's tests must share one worker: Ray's tests one local
+    Ray, the network emulation's one set of namespaces and addresses. pytest-xdist marks them by a suffix on the
+    node id; where a pytest release stops that from working (9.2 did), the run is refused rather than racing."""
+    if not config.getvalue("loadgroup"):
+        return
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup: pytest-xdist could not group {len(lost)} test(s) "
+                                f"(e.g. {lost[0]}); pytest {pytest.__version__} with this pytest-xdist does not "
+                                f"keep an xdist_group on one worker (pyproject's test extra pins pytest < 9.2)")
+
+
 def drive_rounds(coord):
     """coord.run_rounds() in a daemon thread, started: (the thread, the message of the RoundsAbandoned it
     stopped with, once it has)."""
