@@ -32,7 +32,7 @@ from pathlib import Path
 
 import tomli_w
 
-from edgelora.launch import Client, LaunchError, Launcher
+from edgelora.launch import Client, LaunchError, Launcher, gone_after
 
 SUBNET = "10.213.0"          # private, and it exists only inside the namespaces made here
 HUB_IP = f"{SUBNET}.1"
@@ -278,7 +278,7 @@ class Emulation:
                                          for i, ns in enumerate(self.net.device_ns))
                 print(f"emulation: coordinator {addr} in netns {self.net.hub}; {self.cfg.devices} devices in "
                       f"{', '.join(self.net.device_ns)}; run folder {self.run_dir}", flush=True)
-                rc = self.fleet.wait_server(self.cfg.timeout_s, clients_gone_s=30.0)
+                rc = self.fleet.wait_server(self.cfg.timeout_s, clients_gone_s=gone_after(self.cfg.run))
             except LaunchError as e:
                 raise EmulationError(f"coordinator: {e}") from None
             client_codes = self.fleet.wait_clients(timeout_s=60)

@@ -53,6 +53,12 @@ def wait_for_server_addr(run_dir: Path, proc, timeout_s: float = 300.0) -> str:
 
 
 
+def gone_after(run: Mapping) -> float:
+    """A wait_server clients_gone_s for a run config's sections: its server.device_timeout_s (default 60 s),
+    the longest a finished server waits for its devices, plus 30 s."""
+    return float(run.get("server", {}).get("device_timeout_s", 60.0)) + 30.0
+
+
 class LaunchError(RuntimeError):
     """The server exited or hung before it listened, or did not finish in time; says where its output is."""
 
@@ -147,7 +153,9 @@ class Launcher:
         clients_gone_s: also a LaunchError once every client this launcher started has exited and the server is
         still running this long after the last did: with nothing left to train (the clients crashed, say) a
         server waits for devices to return, which here none ever will. The error names the clients' exit codes
-        and shows the end of the first failed one's log."""
+        and shows the end of the first failed one's log. Give it more than the run's server.device_timeout_s
+        (gone_after below): after its last round a server waits up to that long for devices that may not have
+        heard the run is over, and clients that did hear exit first."""
         if self.server is None:
             raise LaunchError("wait_server: no server was started")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
     """Under `--dist loadgroup` (make test) an xdist_group's tests must share one worker: Ray's tests one local
     Ray, the network emulation's one set of namespaces and addresses. pytest-xdist marks them by a suffix on the
     node id; where a pytest release stops that from working (9.2 did), the run is refused rather than racing."""
-    if not config.getvalue("loadgroup"):
+    if not getattr(config.option, "loadgroup", False):  # set on an xdist worker under --dist loadgroup only
         return
     lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
     if lost:

