@@ -117,7 +117,7 @@ LABEL_PARTITIONS = ("dirichlet", "pathological")  # data.partition values that s
 class DataConfig:
     mode: Literal["partitions", "own"] = field("partitions", "partitions: device i trains partition i of the dataset below (experiments, reproducible bit for bit); own: each device trains on its own file (edgelora client --data PATH), device ids are names, the run names its classes in data.label_names, and the dataset below, if any, is only the server's test split")
     dataset: Literal["20newsgroups", "csv", "json", "jsonl", "parquet", "hf"] = field("20newsgroups", "where examples come from: 20newsgroups (scikit-learn's cache), a local csv, json (JSON lines or one document; jsonl is the same) or parquet file, or hf (a Hugging Face dataset name)")
-    data_home: str = field("", "20newsgroups: scikit-learn data home ('' = $EDGELORA_DATA_HOME, then ../shared/datasets/20newsgroups, then scikit-learn's default, which downloads when online)")
+    data_home: str = field("", "20newsgroups: its folder, read from its 20news-bydate.jsonl.gz where it has one (as scikit-learn orders and strips it), else as scikit-learn's data home ('' = $EDGELORA_DATA_HOME, then ../shared/datasets/20newsgroups, then scikit-learn's default, which downloads when online)")
     path: str = field("", "csv/json/parquet: file of training examples, relative to the config file's folder; hf: dataset name")
     test_path: str = field("", "csv/json/parquet: file of test examples ('' = hold out test_fraction of path)")
     test_fraction: float = field(0.2, "csv/json/parquet without test_path: fraction held out for the server's test split")
