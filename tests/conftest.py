@@ -25,18 +25,27 @@ TINY = {
 }
 
 
+UNGROUPED = ("--dist loadgroup: pytest-xdist could not keep this test's xdist_group on one worker (pytest {v} with "
+             "this pytest-xdist does not; pyproject's test extra pins pytest < 9.2), so it would race the group's "
+             "other tests")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Under `--dist loadgroup` (make test) an xdist_group's tests must share one worker: Ray's tests one local
     Ray, the network emulation's one set of namespaces and addresses. pytest-xdist marks them by a suffix on the
-    node id; where a pytest release stops that from working (9.2 did), the run is refused rather than racing."""
+    node id; where a pytest release stops that from working (9.2 did), each such test fails saying why rather
+    than racing."""
     if not getattr(config.option, "loadgroup", False):  # set on an xdist worker under --dist loadgroup only
         return
-    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
-    if lost:
-        raise pytest.UsageError(f"--dist loadgroup: pytest-xdist could not group {len(lost)} test(s) "
-                                f"(e.g. {lost[0]}); pytest {pytest.__version__} with this pytest-xdist does not "
-                                f"keep an xdist_group on one worker (pyproject's test extra pins pytest < 9.2)")
+    for item in items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            item.add_marker(pytest.mark.ungrouped)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("ungrouped"):
+        pytest.fail(UNGROUPED.format(v=pytest.__version__), pytrace=False)
 
 
 def drive_rounds(coord):
