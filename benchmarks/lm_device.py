@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ def child(args) -> dict:
     from edgelora.config import ModelConfig
     from edgelora.schema import shared_dataset
     from edgelora.data import Examples
-    from edgelora.edge_client.trainer import DeviceHost
+    from edgelora.edge_client.trainer import DeviceHost, peak_rss_mb
     from edgelora.precision import cpu_has_fast_bf16
     from edgelora.tasks import LoraSpec, Structure, StructureKind, TrainSpec
     from edgelora.training import accumulate, enable_gradient_checkpointing
@@ -50,7 +49,7 @@ def child(args) -> dict:
     host.share_frozen = not args.copy_base
     model = host.build(Structure(kind=StructureKind.LORA, lora=LoraSpec(rank=args.rank, alpha=float(args.rank),
                                                                         modules_to_save=())))
-    load_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading and building, so far
+    load_peak_mb = peak_rss_mb()  # loading and building, so far
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     import gzip
@@ -76,8 +75,8 @@ def child(args) -> dict:
             "base_copied": args.copy_base,
             "micro_batch": args.micro_batch or args.batch, "effective_batch": args.batch, "chunked_loss": args.chunk,
             "step_ms": round(statistics.median(times[1:]) * 1000, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "load_peak_mb": round(load_peak_mb, 1), "loss_after": round(losses[-1], 5), "steps": args.steps,
+            "peak_rss_mb": peak_rss_mb(),
+            "load_peak_mb": load_peak_mb, "loss_after": round(losses[-1], 5), "steps": args.steps,
             "trainable": sum(p.numel() for p in params), "batch": args.batch, "seq_len": int(inputs["input_ids"].shape[1]),
             "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(), "model": args.model}
 
@@ -144,12 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bf16 / fp32 step time: {by['bf16']['step_ms'] / by['fp32']['step_ms']:.2f} "
               f"(this CPU {'has' if records[0]['cpu_fast_bf16'] else 'lacks'} fast bf16)")
     ref = records[0]  # the default list starts where devices were before the levers: fp32, the base copied
-    if ref:
-        print(f"against the first setting, {ref['setting']}:")
-        print(f"{'setting':<28} {'peak MB':>8} {'x':>7} {'step ms':>8} {'x':>7} {'loss after':>11}")
-        for r in records:
-            print(f"{r['setting']:<28} {r['peak_rss_mb']:>8.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:>7.2f} "
-                  f"{r['step_ms']:>8.0f} {r['step_ms'] / ref['step_ms']:>7.2f} {r['loss_after']:>11.5f}")
+    print(f"against the first setting, {ref['setting']}:")
+    print(f"{'setting':<28} {'peak MB':>8} {'x':>7} {'step ms':>8} {'x':>7} {'loss after':>11}")
+    for r in records:
+        print(f"{r['setting']:<28} {r['peak_rss_mb']:>8.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:>7.2f} "
+              f"{r['step_ms']:>8.0f} {r['step_ms'] / ref['step_ms']:>7.2f} {r['loss_after']:>11.5f}")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
     return 0

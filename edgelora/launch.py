@@ -171,7 +171,7 @@ class Launcher:
                 pass
             if deadline is not None and time.monotonic() >= deadline:
                 raise LaunchError(f"server did not finish within {timeout_s:.0f} s{self.server_log_tail()}")
-            if all(c.poll() is not None for c in self.clients):
+            if clients_gone_s is not None and self.clients and all(c.poll() is not None for c in self.clients):
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since >= clients_gone_s:
                     codes = [c.returncode for c in self.clients]

@@ -94,20 +94,24 @@ def accumulate(model: nn.Module, inputs: dict, labels: torch.Tensor, spec: Train
     for m rows at a time. A pass without a loss term (a causal LM's rows all prompt) adds nothing. Dropout
     draws its masks pass by pass: the same distribution as the whole batch's, not the same draws."""
     rows = int(labels.shape[0])
-    m = spec.micro_batch_size if 0 < spec.micro_batch_size < rows else rows
-    total = task.loss_terms(labels) if m < rows else 0
-    if not total:  # one pass (no micro-batches, or nothing to weigh them by)
-        m = rows
+    m = spec.micro_batch_size
+    total = task.loss_terms(labels) if 0 < m < rows else 0
+    if not total:  # one pass: no micro-batches asked for, or nothing to weigh them by
+        with autocast(spec.precision, device):
+            mean = task.loss(model, {k: v.to(device) for k, v in inputs.items()}, labels.to(device),
+                             spec.loss_chunk_tokens)
+        mean.backward()
+        return float(mean.detach())
     loss = 0.0
     for s in range(0, rows, m):
-        part = {k: v[s:s + m].to(device) for k, v in inputs.items()}
         part_labels = labels[s:s + m].to(device)
-        share = task.loss_terms(part_labels) / total if m < rows else 1.0
+        share = task.loss_terms(part_labels) / total
         if share == 0:
             continue
         with autocast(spec.precision, device):
-            mean = task.loss(model, part, part_labels, spec.loss_chunk_tokens)
-        (mean * share if m < rows else mean).backward()
+            mean = task.loss(model, {k: v[s:s + m].to(device) for k, v in inputs.items()}, part_labels,
+                             spec.loss_chunk_tokens)
+        (mean * share).backward()
         loss += float(mean.detach()) * share
     return loss
 
