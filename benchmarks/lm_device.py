@@ -10,13 +10,18 @@ device's own step (edgelora.training.accumulate, AdamW) for --steps steps. A set
 autocast) with levers joined by "+": gc (gradient checkpointing), mbN (micro-batches of N rows, gradients
 accumulated: the same effective batch and update), chunkN (the causal-LM loss over N tokens at a time, no full
 logits), copy (the LoRA model holds its own copy of the base weights, as devices did before they shared the
-base's). One JSON record per setting: `precision`, `gradient_checkpointing`, `base_copied`, `micro_batch`,
+base's), and the frozen base's precision (edgelora.frozen_base): bf16base, nf4, int8 (the layers LoRA wraps; fp32
+when none is named). One JSON record per setting: `precision`, `base`, `base_mb` (the frozen base as held), `gradient_checkpointing`,
+`base_copied`, `micro_batch`,
 `effective_batch`,
 `chunked_loss` (tokens a chunk; 0 = off), `step_ms` (median of the steps after the first), `peak_rss_mb` (the
 child's whole life: load, build, train), `load_peak_mb` (the peak before training: loading and building),
 `loss_after` (the loss at the last step; the same batch every step, so
 settings that compute the same update agree), `steps`, `trainable`, `batch`, `seq_len`, `threads`,
-`cpu_fast_bf16`. Prints bf16 / fp32 and each setting's memory and time against the first setting's. Asserts nothing:
+`cpu_fast_bf16`; budgetMB runs the device's own planning (edgelora.memory) for a device declaring MB, after
+one warm-up pass as a device makes before Register, and adds `budget_mb`, `plan`, `predicted_mb`
+(a budget no plan fits: only those, `plan` "refused"); mmap64k runs the child with MALLOC_MMAP_THRESHOLD_=65536
+(glibc returns freed activations to the OS at once: less memory, slower). Prints bf16 / fp32 and each setting's memory and time against the first setting's. Asserts nothing:
 without AMX/AVX512-BF16, bf16 is emulated on a CPU and slower, which is why train.precision = "auto" picks fp32
 there.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,17 +47,15 @@ def child(args) -> dict:
     from edgelora.schema import shared_dataset
     from edgelora.data import Examples
     from edgelora.edge_client.trainer import DeviceHost, peak_rss_mb
+    from edgelora.frozen_base import base_bytes
     from edgelora.precision import cpu_has_fast_bf16
     from edgelora.tasks import LoraSpec, Structure, StructureKind, TrainSpec
     from edgelora.training import accumulate, enable_gradient_checkpointing
 
     host = DeviceHost(ModelConfig(task="causal-lm", name=args.model, max_seq_len=args.seq_len))
     host.share_frozen = not args.copy_base
-    model = host.build(Structure(kind=StructureKind.LORA, lora=LoraSpec(rank=args.rank, alpha=float(args.rank),
-                                                                        modules_to_save=())))
-    load_peak_mb = peak_rss_mb()  # loading and building, so far
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    structure = Structure(kind=StructureKind.LORA, lora=LoraSpec(rank=args.rank, alpha=float(args.rank),
+                                                                 modules_to_save=()))
     import gzip
 
     path = shared_dataset("shakespeare/shakespeare.jsonl.gz")
@@ -59,10 +63,32 @@ def child(args) -> dict:
         texts = [t for t in (json.loads(l)["text"] for l in f) if len(t) > 8 * args.seq_len][:args.batch]
     examples = Examples(tuple(texts), torch.zeros(len(texts), dtype=torch.long).numpy())
     (inputs, labels), = host.task.batches(examples, host.tokenizer, args.seq_len, args.batch)
+    spec = TrainSpec(batch_size=args.batch, precision=args.precision, micro_batch_size=args.micro_batch,
+                     loss_chunk_tokens=args.chunk, base=args.base, gradient_checkpointing=args.gradient_checkpointing)
+    plan, predicted = "", 0.0
+    if args.budget:  # as a device and its coordinator do: one pass, Register's figures, the plan that fits
+        from edgelora import memory
+        from edgelora.edge_client.trainer import resident_mb
+
+        warm = host.build(structure)
+        warm.train()
+        warm(**inputs, labels=labels).loss.backward()
+        warm.zero_grad(set_to_none=True)
+        declared = memory.Declared(args.budget, resident_mb())
+        trainable = sum(p.numel() for p in warm.parameters() if p.requires_grad)
+        fp = memory.Footprint.of(host.base, structure, trainable, causal_lm=True)
+        del warm
+        fitted = memory.fit(spec, fp, args.seq_len, declared)
+        if fitted is None:
+            return {"budget_mb": args.budget, "resident_mb": declared.resident_mb, "plan": "refused",
+                    "predicted_mb": round(memory.smallest(spec, fp, args.seq_len, declared), 1), "model": args.model}
+        spec, plan, predicted = fitted.spec, fitted.plan or "as made", fitted.predicted_mb
+    model = host.build(structure, spec.base)
+    load_peak_mb = peak_rss_mb()  # loading and building, so far
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    spec = TrainSpec(batch_size=args.batch, precision=args.precision, micro_batch_size=args.micro_batch,
-                     loss_chunk_tokens=args.chunk)
     model.train()
     times, losses = [], []
     for _ in range(args.steps):
@@ -71,12 +97,16 @@ def child(args) -> dict:
         losses.append(accumulate(model, inputs, labels, spec, host.torch_device, host.task))
         opt.step()
         times.append(time.perf_counter() - t0)
-    return {"precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
+    return {"precision": args.precision, "base": spec.base, "budget_mb": args.budget, "plan": plan,
+            "predicted_mb": round(predicted, 1), "base_mb": round(base_bytes(host.base) / 2**20, 1),
+            "gradient_checkpointing": spec.gradient_checkpointing,
             "base_copied": args.copy_base,
-            "micro_batch": args.micro_batch or args.batch, "effective_batch": args.batch, "chunked_loss": args.chunk,
+            "micro_batch": spec.micro_batch_size or args.batch, "effective_batch": args.batch,
+            "chunked_loss": spec.loss_chunk_tokens,
             "step_ms": round(statistics.median(times[1:]) * 1000, 1),
             "peak_rss_mb": peak_rss_mb(),
-            "load_peak_mb": load_peak_mb, "loss_after": round(losses[-1], 5), "steps": args.steps,
+            "load_peak_mb": load_peak_mb, "loss_after": round(losses[-1], 5), "loss_after_20": round(losses[19], 5)
+            if len(losses) >= 20 else None, "steps": args.steps,
             "trainable": sum(p.numel() for p in params), "batch": args.batch, "seq_len": int(inputs["input_ids"].shape[1]),
             "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(), "model": args.model}
 
@@ -84,16 +114,24 @@ def child(args) -> dict:
 def parse_setting(setting: str) -> dict:
     """'fp32+gc+mb1+chunk128' -> the child's arguments."""
     precision, *levers = setting.split("+")
-    out = {"precision": precision, "gc": False, "micro_batch": 0, "chunk": 0, "copy": False}
+    out = {"precision": precision, "gc": False, "micro_batch": 0, "chunk": 0, "copy": False, "base": "fp32",
+           "budget": 0, "mmap": False}
     for lever in levers:
         if lever in ("gc", "copy"):
             out[lever] = True
+        elif lever == "mmap64k":
+            out["mmap"] = True
+        elif lever.startswith("budget") and lever[6:].isdigit():
+            out["budget"] = int(lever[6:])
+        elif lever in ("bf16base", "nf4", "int8"):
+            out["base"] = lever.removesuffix("base")
         elif lever.startswith("mb") and lever[2:].isdigit():
             out["micro_batch"] = int(lever[2:])
         elif lever.startswith("chunk") and lever[5:].isdigit():
             out["chunk"] = int(lever[5:])
         else:
-            raise SystemExit(f"--settings: unknown lever {lever!r} in {setting!r} (gc, mbN, chunkN, copy)")
+            raise SystemExit(f"--settings: unknown lever {lever!r} in {setting!r} (gc, mbN, chunkN, copy, bf16base, "
+                             f"nf4, int8, budgetMB, mmap64k)")
     if precision not in ("fp32", "bf16"):
         raise SystemExit(f"--settings: precision {precision!r} in {setting!r} is not fp32 or bf16")
     return out
@@ -108,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="steps per setting (the first is not timed)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--settings", help="comma-separated: a precision (fp32, bf16) and levers joined by + (gc, mbN, "
-                                       "chunkN, copy); default: " + DEFAULT_SETTINGS + ", and bf16 where this "
+                                       "chunkN, copy, bf16base, nf4, int8); default: " + DEFAULT_SETTINGS + ", and bf16 where this "
                                        "CPU runs it fast (emulated, a step takes minutes)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -116,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--copy-base", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--base", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -130,23 +170,32 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "benchmarks.lm_device", "--child", "1", "--precision", p["precision"],
                "--model", args.model, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                "--steps", str(args.steps), "--rank", str(args.rank), "--micro-batch", str(p["micro_batch"]),
-               "--chunk", str(p["chunk"])] + (["--gradient-checkpointing"] if p["gc"] else []) + \
-              (["--copy-base"] if p["copy"] else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
+               "--chunk", str(p["chunk"]), "--base", p["base"]] + (["--gradient-checkpointing"] if p["gc"] else []) + \
+              (["--copy-base"] if p["copy"] else []) + ["--budget", str(p["budget"])]
+        # mmap64k: glibc serves every allocation over 64 kB from its own mapping and unmaps it when freed, so
+        # freed activations leave the process at once instead of staying in its heap
+        env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if p["mmap"] else {})}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(f"setting {setting}: the child failed:\n{out.stderr[-3000:]}")
-        rec = {"setting": setting, **json.loads(out.stdout.strip().splitlines()[-1])}
+        rec = {"setting": setting, "malloc_mmap_threshold": 65536 if p["mmap"] else None,
+               **json.loads(out.stdout.strip().splitlines()[-1])}
         records.append(rec)
         print(json.dumps(rec), flush=True)
     by = {r["setting"]: r for r in records}
     if "fp32" in by and "bf16" in by:
         print(f"bf16 / fp32 step time: {by['bf16']['step_ms'] / by['fp32']['step_ms']:.2f} "
               f"(this CPU {'has' if records[0]['cpu_fast_bf16'] else 'lacks'} fast bf16)")
-    ref = records[0]  # the default list starts where devices were before the levers: fp32, the base copied
-    print(f"against the first setting, {ref['setting']}:")
-    print(f"{'setting':<28} {'peak MB':>8} {'x':>7} {'step ms':>8} {'x':>7} {'loss after':>11}")
+    ref = next(r for r in records if "peak_rss_mb" in r)  # the default list starts where devices were before
+    print(f"against the first setting, {ref['setting']}:")      # the levers: fp32, the base copied
+    print(f"{'setting':<30} {'plan':<18} {'predicted':>9} {'peak MB':>8} {'x':>7} {'step ms':>8} {'x':>7} "
+          f"{'loss after':>11}")
     for r in records:
-        print(f"{r['setting']:<28} {r['peak_rss_mb']:>8.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:>7.2f} "
+        if "peak_rss_mb" not in r:  # a budget no plan fits
+            print(f"{r['setting']:<30} {'refused':<18} {r['predicted_mb']:>9.0f}")
+            continue
+        print(f"{r['setting']:<30} {r['plan'] or '-':<18} {r['predicted_mb'] or float('nan'):>9.0f} "
+              f"{r['peak_rss_mb']:>8.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:>7.2f} "
               f"{r['step_ms']:>8.0f} {r['step_ms'] / ref['step_ms']:>7.2f} {r['loss_after']:>11.5f}")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1) + "\n")

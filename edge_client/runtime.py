@@ -11,12 +11,14 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from edgelora.codec import CodecError
 from edgelora.configtools import ConfigError
 from edgelora.data import own_examples, own_lm_examples
-from edgelora.edge_client.trainer import DeviceHost, DeviceTrainer, DownloadError
+from edgelora.edge_client.trainer import DeviceHost, DeviceTrainer, DownloadError, available_mb, resident_mb
 from edgelora.models import fingerprint_model, fingerprint_tokenizer, hardware_info
+from edgelora.precision import cpu_has_fast_bf16
 from edgelora.protos import edgelora_pb2 as pb
 from edgelora.protos import edgelora_pb2_grpc as pb_grpc
 from edgelora.protos import serde
@@ -62,6 +64,7 @@ class ClientOptions:
     eval_fraction: float = 0.2               # own data held out for federated evaluation
     declared_uplink_mbps: float = 0.0        # link rates declared at Register (default: the throttle's, if any)
     declared_downlink_mbps: float = 0.0
+    memory_mb: float | None = None           # the memory the process may use (--memory-mb); None: what the OS says
 
     def __post_init__(self) -> None:
         if self.throttle is not None:
@@ -182,7 +185,8 @@ class EdgeClient:
                                  versions={**self.info.versions, "grpc": grpc.__version__},
                                  model_fingerprint=self.model_fp, tokenizer_fingerprint=self.tok_fp,
                                  data_error=self.data_errors.get(device_id, ""), tier=self.opts.tier,
-                                 uplink_mbps=self.opts.declared_uplink_mbps, downlink_mbps=self.opts.declared_downlink_mbps)
+                                 uplink_mbps=self.opts.declared_uplink_mbps, downlink_mbps=self.opts.declared_downlink_mbps,
+                                 **self.capacity())
         try:
             reply = self._call(lambda: self.stub.Register(req, timeout=30, metadata=self._md(device_id)),
                                f"register {device_id}")
@@ -192,6 +196,14 @@ class EdgeClient:
             raise
         self.heartbeat_s = reply.heartbeat_s or 5.0
         log.info("device %s registered with %s", device_id, self.opts.server)
+
+    def capacity(self) -> dict:
+        """What Register declares of this process's memory and hardware: its budget (--memory-mb, or what the OS
+        says is available), what it holds now (its base loaded, the warm-up pass run), where it trains."""
+        budget = self.opts.memory_mb if self.opts.memory_mb is not None else available_mb()
+        device = torch.device(self.opts.torch_device)
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+        return {"memory_mb": budget, "resident_mb": resident_mb(), "accelerator": device.type, "fast_bf16": fast}
 
     def fetch(self, device_id: str, wait_s: float) -> tuple[pb.TaskHeader, bytes, float, float]:
         """(header, payload, download seconds, time.monotonic() when the header arrived)."""

@@ -40,6 +40,29 @@ def peak_rss_mb() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
+def resident_mb() -> float:
+    """What this process holds in memory now, MB (Linux; 0 elsewhere: not reported)."""
+    try:
+        import os
+
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def available_mb() -> float:
+    """The memory this process may grow to, as the OS tells it: what it holds plus what the OS says is
+    available (MemAvailable; Linux). 0 where the OS does not say (then nothing is declared)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return round(int(line.split()[1]) / 1024 + resident_mb(), 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 class DeviceHost(ModelHost):
     """One process's base model, tokenizer and built structure, shared by the virtual devices it hosts."""
 
@@ -47,7 +70,7 @@ class DeviceHost(ModelHost):
         self.task = task_type(model.task)
         # a device never writes into its base: its LoRA models share the base's weights (build_model)
         super().__init__(load_base_model(model), torch_device, frozen=self.task.frozen_modules(model),
-                         share_frozen=True)
+                         share_frozen=True, reload=lambda: load_base_model(model))
         self.model_cfg = model
         self.tokenizer = load_tokenizer(model.name, model.task)
 
@@ -73,7 +96,7 @@ class DeviceTrainer:
     def run(self, task: Task, payload: bytes, download_s: float = 0.0, secure: SecAggDevice | None = None) -> Update:
         """`secure`: the device's secure-aggregation session for the task's round (a secure task's upload is
         masked with it)."""
-        model, init, masks = self.host.prepare(task.structure)
+        model, init, masks = self.host.prepare(task.structure, task.train.base)
         received = self._apply_download(model, init, payload)
         scored = (0, 0.0, 0.0)
         if task.evaluate and self.eval_examples is not None and len(self.eval_examples):

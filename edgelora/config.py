@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .configtools import ConfigError, check, from_dict
+from .frozen_base import check_base
 from .methods import method_config_from_dict, resolve_head
 from .schema import (  # noqa: F401 (users' path)
     DataConfig,
@@ -59,9 +60,22 @@ def load_config(source: str | Path | dict | None = None) -> RunConfig:
           f"with a dense-update method (lora, flasc, fft, flora, bitfit, adapters)")
     check(cfg.data.mode == "own" or cfg.server.devices_per_round <= cfg.data.num_devices, "server.devices_per_round",
           f"({cfg.server.devices_per_round}) exceeds data.num_devices ({cfg.data.num_devices})")
+    if cfg.train.base != "fp32":
+        check(cfg.method.name in LORA_METHODS, "train.base",
+              f"{cfg.train.base} holds the frozen base under LoRA, and method {cfg.method.name} trains no LoRA; "
+              f"use fp32, or one of {', '.join(LORA_METHODS)}")
+        try:
+            check_base(cfg.train.base)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.secure.enabled:
         check_secure(cfg)
     return cfg
+
+
+# The methods whose devices train LoRA over a frozen base (SLoRA and FLoRA in their Stage 2): train.base
+# applies to them
+LORA_METHODS = ("lora", "flasc", "slora", "flora")
 
 
 def secure_threshold(cfg: RunConfig, n: int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import frozen_base
 from .adapters import add_adapters
 from .configtools import ConfigError
 from .schema import ModelConfig
@@ -125,32 +126,70 @@ def build_model(base: nn.Module, structure: Structure, frozen: tuple[str, ...] =
 
 class ModelHost:
     """W0 and the model built on it for one structure at a time, rebuilt only when the structure changes.
-    The server's host (initial weights, priming, evaluation) and a device's (training) are this one class."""
+    The server's host (initial weights, priming, evaluation) and a device's (training) are this one class.
+
+    `reload`: loads W0 again (a device's host has one). Holding the frozen base in another precision
+    (edgelora.frozen_base: bf16, nf4, int8) converts the host's base in place, so the fp32 weights are gone
+    afterwards; going back to fp32, or to another precision, reloads them. A host without `reload` keeps W0 as
+    loaded and refuses any other base."""
 
     def __init__(self, base: nn.Module, torch_device: str | torch.device = "cpu", frozen: tuple[str, ...] = (),
-                 share_frozen: bool = False) -> None:
+                 share_frozen: bool = False, reload=None) -> None:
         self.torch_device = torch.device(torch_device)
         self.base = base.to(self.torch_device)
         self.frozen = frozen                 # modules no structure trains (TaskType.frozen_modules)
         self.share_frozen = share_frozen     # LoRA models hold the base's weights, not copies (build_model)
-        self._built: tuple[Structure, nn.Module] | None = None
-        self._prepared: tuple[Structure, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+        self._reload = reload
+        self.base_kind: tuple = ("fp32",)    # how the base is held: ("fp32",) or (precision, LoRA's targets)
+        self._built: tuple[tuple, nn.Module] | None = None
+        self._prepared: tuple[tuple, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
 
-    def build(self, structure: Structure) -> nn.Module:
-        if self._built is None or self._built[0] != structure:
+    def build(self, structure: Structure, base: str = "fp32") -> nn.Module:
+        """The model of `structure` on the base held as `base` (fp32, bf16, nf4, int8; only LoRA leaves its
+        base frozen, so only a LoRA structure takes another than fp32)."""
+        key = (structure, base)
+        if self._built is None or self._built[0] != key:
             self._built = None  # the model built before goes first: two never exist at once
-            self._built = (structure, build_model(self.base, structure, self.frozen, self.share_frozen)
+            self._hold_base(structure, base)
+            self._built = (key, build_model(self.base, structure, self.frozen, self.share_frozen)
                            .to(self.torch_device))
         return self._built[1]
 
-    def prepare(self, structure: Structure) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _hold_base(self, structure: Structure, base: str) -> None:
+        frozen_base.check_base(base)
+        if base == "fp32":
+            kind: tuple = ("fp32",)
+        else:
+            if structure.kind != StructureKind.LORA or structure.lora is None:
+                raise ConfigError(f"train.base = {base!r} holds the frozen base in another precision, and only a "
+                                  f"LoRA structure leaves its base frozen; this task trains {structure.kind.name}")
+            targets = lora_target_modules(self.base, structure.lora.target_modules)
+            kind = (base, targets if isinstance(targets, str) else tuple(targets or ()))
+        if kind == self.base_kind:
+            return
+        if self.base_kind != ("fp32",):
+            if self._reload is None:
+                raise ConfigError(f"train.base = {base!r}: this host holds its base as {self.base_kind[0]} and "
+                                  f"cannot reload it")
+            self.base = None
+            self.base = self._reload().to(self.torch_device)
+            self.base_kind = ("fp32",)
+        elif kind != ("fp32",) and self._reload is None:
+            raise ConfigError(f"train.base = {base!r}: this host keeps its base as loaded (fp32); only a device's "
+                              f"host converts it")
+        if kind != ("fp32",):
+            frozen_base.convert(self.base, base, kind[1])
+        self.base_kind = kind
+
+    def prepare(self, structure: Structure, base: str = "fp32"
+                ) -> tuple[nn.Module, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(model, its trainable state as built, the boolean masks of its masked tensors) for training."""
-        model = self.build(structure)
-        if self._prepared is None or self._prepared[0] != structure:
+        model = self.build(structure, base)
+        if self._prepared is None or self._prepared[0] != (structure, base):
             init = trainable_state(model)
             masks = {n: mask_bool(structure.mask_seed, n, tuple(init[n].shape), structure.mask_density)
                      for n in masked_names(model, structure)}
-            self._prepared = (structure, init, masks)
+            self._prepared = ((structure, base), init, masks)
         return model, self._prepared[1], self._prepared[2]
 
 

@@ -29,6 +29,9 @@ class DeviceRecord:
     eval_loss: float = 0.0
     eval_accuracy: float = 0.0
     peak_rss_mb: float = 0.0         # the device process's peak resident memory when it uploaded (0: not reported)
+    memory_mb: float = 0.0           # the memory the device declared at Register (0: none declared)
+    plan: str = ""                   # the memory plan fitted to it (edgelora.memory.fit; "" = the task as made)
+    predicted_mb: float = 0.0        # the memory model's prediction of its peak under that plan
     error: str = ""
 
 
@@ -55,6 +58,11 @@ class RoundRecord:
     fed_accuracy: float | None = None
     fed_loss: float | None = None
     fed_examples: int = 0
+    # train.base other than fp32: the scores above are on the base the devices train on (eval_base), and these
+    # are the same weights on the fp32 base
+    eval_base: str | None = None
+    accuracy_fp32: float | None = None
+    loss_fp32: float | None = None
     started_at: float = field(default_factory=time.time)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
 

@@ -165,9 +165,10 @@ class RunFolder:
             self.draw_plots()
 
     def append_base(self, scores) -> None:
-        """Row 0: the base model's scores before round 1, so every curve starts where the model began."""
+        """Row 0: the base model's scores before round 1, so every curve starts where the model began.
+        `scores`: an evaluation's Scores, or a function that scores a RoundRecord itself (ServerRun.score)."""
         rec = RoundRecord(round=0, stage="base")
-        rec.set_scores(scores)
+        scores(rec) if callable(scores) else rec.set_scores(scores)
         rec.close()
         self.append(rec)
 

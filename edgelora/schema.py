@@ -198,6 +198,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (Hugging Face gradient checkpointing): less device memory for long sequences, ~30 % more compute")
     micro_batch_size: int = field(0, "train each batch in passes of this many examples, summing their gradients before the step (gradient accumulation): the same update as the whole batch up to floating-point summation order, with activation memory of one micro-batch; 0 = the whole batch at once")
     loss_chunk_tokens: int = field(0, "causal-lm: compute the loss over this many target tokens at a time, recomputing each chunk's logits in the backward pass, so the full batch x sequence x vocabulary logits and their gradient never exist (SmolLM2: 49,152 floats a token); 0 = the model's own loss over full logits")
+    base: Literal["fp32", "bf16", "nf4", "int8"] = field("fp32", "how devices hold the frozen base under LoRA (LoRA, FLASC, SLoRA's and FLoRA's Stage 2; other structures train it and keep fp32): fp32 as loaded, bf16, or quantized by bitsandbytes (nf4: QLoRA's 4-bit NormalFloat; int8: LLM.int8), the layers LoRA wraps only; LoRA's A and B stay fp32. Changes results: the coordinator evaluates on the same base")
     precision: Literal["auto", "fp32", "bf16"] = field("auto", "autocast for local training and evaluation: bf16 (torch.autocast), fp32, or auto = bf16 where the hardware runs it fast (CUDA with bf16, a CPU with AMX or AVX512-BF16), fp32 elsewhere; each machine resolves auto for itself")
 
     def validate(self) -> None:

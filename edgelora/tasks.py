@@ -71,6 +71,7 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     micro_batch_size: int = 0  # 0: each batch in one pass; else in passes of this many examples, gradients summed
     loss_chunk_tokens: int = 0  # causal-lm: 0: the model's own loss over full logits; else chunked_lm_loss
+    base: str = "fp32"          # the frozen base under LoRA: fp32, bf16, nf4, int8 (edgelora.frozen_base)
 
 
 class Coordinates(str, enum.Enum):
@@ -130,6 +131,8 @@ class DeviceInfo:
     declared_downlink_bps: float = 0.0
     up_bytes_per_entry: float = 0.0     # wire bytes per sent entry of its last sparse upload (0: unknown)
     down_bytes_per_entry: float = 0.0   # the same for its last sparse download
+    memory_mb: float = 0.0              # the memory it may use, declared at Register (0: none declared)
+    resident_mb: float = 0.0            # what it held at Register: its base loaded, one training pass run
 
 
 @dataclass(frozen=True)

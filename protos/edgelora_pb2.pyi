@@ -148,7 +148,7 @@ class Structure(_message.Message):
     def __init__(self, kind: _Optional[_Union[Structure.Kind, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., adapter: _Optional[_Union[AdapterSpec, _Mapping]] = ..., mask_density: _Optional[float] = ..., mask_seed: _Optional[int] = ..., dense_patterns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed", "precision", "gradient_checkpointing", "micro_batch_size", "loss_chunk_tokens")
+    __slots__ = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_steps", "seed", "precision", "gradient_checkpointing", "micro_batch_size", "loss_chunk_tokens", "base")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class TrainSpec(_message.Message):
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOSS_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     lr: float
@@ -173,7 +174,8 @@ class TrainSpec(_message.Message):
     gradient_checkpointing: bool
     micro_batch_size: int
     loss_chunk_tokens: int
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., micro_batch_size: _Optional[int] = ..., loss_chunk_tokens: _Optional[int] = ...) -> None: ...
+    base: str
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., micro_batch_size: _Optional[int] = ..., loss_chunk_tokens: _Optional[int] = ..., base: _Optional[str] = ...) -> None: ...
 
 class UploadRule(_message.Message):
     __slots__ = ("format", "density", "error_feedback", "value_type", "rounding", "secure")
@@ -250,7 +252,7 @@ class RunSpecRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("device_id", "hardware", "versions", "model_fingerprint", "tokenizer_fingerprint", "data_error", "tier", "uplink_mbps", "downlink_mbps")
+    __slots__ = ("device_id", "hardware", "versions", "model_fingerprint", "tokenizer_fingerprint", "data_error", "tier", "uplink_mbps", "downlink_mbps", "memory_mb", "resident_mb", "accelerator", "fast_bf16")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +269,10 @@ class RegisterRequest(_message.Message):
     TIER_FIELD_NUMBER: _ClassVar[int]
     UPLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_MB_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    FAST_BF16_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     hardware: str
     versions: _containers.ScalarMap[str, str]
@@ -276,7 +282,11 @@ class RegisterRequest(_message.Message):
     tier: int
     uplink_mbps: float
     downlink_mbps: float
-    def __init__(self, device_id: _Optional[str] = ..., hardware: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., model_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., data_error: _Optional[str] = ..., tier: _Optional[int] = ..., uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ...) -> None: ...
+    memory_mb: float
+    resident_mb: float
+    accelerator: str
+    fast_bf16: bool
+    def __init__(self, device_id: _Optional[str] = ..., hardware: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., model_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., data_error: _Optional[str] = ..., tier: _Optional[int] = ..., uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ..., memory_mb: _Optional[float] = ..., resident_mb: _Optional[float] = ..., accelerator: _Optional[str] = ..., fast_bf16: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("run_id", "heartbeat_s", "num_examples")

@@ -98,14 +98,16 @@ def train_to_proto(t: TrainSpec) -> pb.TrainSpec:
     return pb.TrainSpec(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
                         momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps, seed=t.seed,
                         precision=t.precision, gradient_checkpointing=t.gradient_checkpointing,
-                        micro_batch_size=t.micro_batch_size, loss_chunk_tokens=t.loss_chunk_tokens)
+                        micro_batch_size=t.micro_batch_size, loss_chunk_tokens=t.loss_chunk_tokens,
+                        base=t.base)
 
 
 def train_from_proto(p: pb.TrainSpec) -> TrainSpec:
     return TrainSpec(local_epochs=p.local_epochs, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer,
                      momentum=p.momentum, weight_decay=p.weight_decay, max_steps=p.max_steps, seed=p.seed,
                      precision=p.precision or "fp32", gradient_checkpointing=p.gradient_checkpointing,
-                     micro_batch_size=p.micro_batch_size, loss_chunk_tokens=p.loss_chunk_tokens)
+                     micro_batch_size=p.micro_batch_size, loss_chunk_tokens=p.loss_chunk_tokens,
+                     base=p.base or "fp32")
 
 
 def secure_upload_to_proto(s: SecureUpload) -> pb.SecureUpload:

@@ -4,6 +4,7 @@ thread, with `GrpcDevices` as the way it reaches devices. All shared state sits 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from edgelora.tasks import DeviceInfo, Task, is_device_id, is_device_name
 
 from .driver import RoundDriver
 from .engine import Round
-from .registry import DeviceRegistry
+from .registry import Capacity, DeviceRegistry
 
 log = logging.getLogger("edgelora.server")
 
@@ -41,7 +42,8 @@ class GrpcDevices:
         if e is None:
             return DeviceInfo(device_id)
         return DeviceInfo(device_id, tier=e.tier, declared_uplink_bps=e.uplink_mbps * 1e6,
-                          declared_downlink_bps=e.downlink_mbps * 1e6)
+                          declared_downlink_bps=e.downlink_mbps * 1e6, memory_mb=e.memory_mb,
+                          resident_mb=e.resident_mb)
 
     def wait_for(self, driver: RoundDriver, needed: int, before_first_round: bool) -> None:
         """Hold until `needed` devices are live. Before round 1 that has server.registration_timeout_s; between
@@ -139,8 +141,11 @@ class Coordinator(RoundDriver):
 
     # -- called from gRPC handlers ------------------------------------------------------------------------
     def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str,
-                 data_error: str = "", tier: int | None = None, links: tuple[float, float] = (0.0, 0.0)) -> None:
-        """`links`: the (uplink, downlink) Mbit/s the device declares (0 = says nothing)."""
+                 data_error: str = "", tier: int | None = None, links: tuple[float, float] = (0.0, 0.0),
+                 capacity: Capacity | None = None) -> None:
+        """`links`: the (uplink, downlink) Mbit/s the device declares (0 = says nothing); `capacity`: its memory
+        and hardware. A device whose declared memory no plan fits is refused here, with the sizes, and so is
+        never sampled."""
         if self.run.data.mode == "own":
             if not is_device_name(device_id):
                 raise UpdateRejected(Refusal.INVALID, f"device id {device_id!r} is not a name of 1-64 letters, digits, "
@@ -164,10 +169,31 @@ class Coordinator(RoundDriver):
         if tier is not None and not 0 <= tier < tiers:
             raise UpdateRejected(Refusal.INVALID, f"device {device_id} gives tier {tier}, but this run plans for "
                                             f"{tiers} tier(s): 0..{tiers - 1} (method.tiers)")
-        if self.registry.register(device_id, hardware, versions, tier, *links):
-            log.info("device %s registered (%s%s)", device_id, hardware, "" if tier is None else f", tier {tier}")
+        capacity = capacity or Capacity()
+        for name, v in (("memory_mb", capacity.memory_mb), ("resident_mb", capacity.resident_mb)):
+            if not (math.isfinite(v) and v >= 0):
+                raise UpdateRejected(Refusal.INVALID, f"device {device_id} declares {name} = {v}: must be >= 0 MB")
+        if capacity.memory_mb > 0:
+            self._check_memory(device_id, capacity)
+        if self.registry.register(device_id, hardware, versions, tier, *links, memory=capacity):
+            log.info("device %s registered (%s%s%s)", device_id, hardware, "" if tier is None else f", tier {tier}",
+                     f", {capacity.memory_mb:.0f} MB" if capacity.memory_mb else "")
         with self.cond:
             self.cond.notify_all()
+
+    def _check_memory(self, device_id: str, capacity: Capacity) -> None:
+        """Refuse a device that no memory plan of the current task fits (edgelora.memory)."""
+        with self.cond:
+            state = self.state
+            task = self.engine.method.configure(state, DeviceInfo(device_id)).task
+            fitted = self.engine.fit_memory(task, DeviceInfo(device_id, memory_mb=capacity.memory_mb,
+                                                             resident_mb=capacity.resident_mb), state)
+        if fitted.plan.endswith("(over budget)"):
+            raise UpdateRejected(Refusal.PRECONDITION, (
+                f"device {device_id} declares {capacity.memory_mb:.0f} MB and holds {capacity.resident_mb:.0f} MB "
+                f"already; the smallest plan for this run's {task.structure.kind.name} task at batch "
+                f"{task.train.batch_size} x {self.run.model.max_seq_len} tokens ({fitted.plan.split(' ')[0]}) is "
+                f"predicted to need {fitted.predicted_mb:.0f} MB"))
 
     def heartbeat(self, device_id: str) -> ServerState:
         self._known(device_id)

@@ -14,7 +14,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from edgelora import codec
+from edgelora import codec, memory
 from edgelora.data import partition_sizes
 from edgelora.methods import Instruction, Method, ModelHost
 from edgelora.models import is_masked, load_trainable_state
@@ -124,7 +124,15 @@ class Round:
                 ins = engine.with_secure_upload(state, ins, len(sampled))
             if ins not in by_instruction:
                 by_instruction[ins] = engine.plan(state, ins)
-            self.plans[d] = by_instruction[ins]
+            # fitted to the memory the device declared: only its train spec changes, its download is the same
+            fitted = engine.fit_memory(ins.task, devices[d], state)
+            plan = by_instruction[ins]
+            if fitted.spec != ins.task.train:
+                plan = dataclasses.replace(plan, instruction=dataclasses.replace(
+                    ins, task=dataclasses.replace(ins.task, train=fitted.spec)))
+            self.plans[d] = plan
+            rec = self.record.devices[d]
+            rec.memory_mb, rec.plan, rec.predicted_mb = devices[d].memory_mb, fitted.plan, round(fitted.predicted_mb, 1)
         # A secure round's accumulator is its SecureRound: masked uploads are summed in the ring, and only the
         # sum is unmasked (the driver runs its key phases around the uploads).
         self.secure: SecureRound | None = (engine.secure_round(self.number, sampled, by_instruction)
@@ -368,6 +376,7 @@ class RoundEngine:
         self.aggregator = make_aggregator(run)
         self.dp: DpRound | None = None  # distributed DP's parameters, as the last secure round planned them
         self._secure_upload: tuple[tuple, SecureUpload] | None = None  # the round's, made once for all its devices
+        self._footprints: dict = {}  # edgelora.memory.Footprint per structure
 
     @cached_property
     def partition_sizes(self) -> list[int]:
@@ -403,6 +412,33 @@ class RoundEngine:
     def open_round(self, state: ServerState, sampled: list[str], rng_state: dict,
                    devices: dict[str, DeviceInfo]) -> Round:
         return Round(self, state, sampled, rng_state, devices)
+
+    def footprint(self, structure, state: ServerState) -> memory.Footprint:
+        """What the memory model needs of `structure` (trained from `state`'s params) on this run's model, read
+        from the server's base once (nothing built: Register's handlers call this beside the round)."""
+        if structure not in self._footprints:
+            trainable = sum(int(np.size(v)) for v in state.params.values())
+            self._footprints[structure] = memory.Footprint.of(self.host.base, structure, trainable,
+                                                              self.run.model.task == "causal-lm")
+        return self._footprints[structure]
+
+    def fit_memory(self, task: Task, device: DeviceInfo, state: ServerState) -> memory.Fit:
+        """The task's train spec fitted to the memory the device declared (edgelora.memory.fit). A device that
+        registered under a plan that fit, and that no plan fits now (another stage's structure), gets the
+        smallest plan there is, marked as over its budget."""
+        if device.memory_mb <= 0:
+            return memory.Fit(task.train, "", 0.0, False)
+        declared = memory.Declared(device.memory_mb, device.resident_mb)
+        fp = self.footprint(task.structure, state)
+        fitted = memory.fit(task.train, fp, self.run.model.max_seq_len, declared)
+        if fitted is None:
+            keep, smaller = memory.candidates(task.train, fp)
+            best = min(keep + smaller, key=lambda p: memory.predict_mb(p, fp, task.train.batch_size,
+                                                                       self.run.model.max_seq_len, device.resident_mb))
+            mb = memory.predict_mb(best, fp, task.train.batch_size, self.run.model.max_seq_len, device.resident_mb)
+            fitted = memory.Fit(best.apply(task.train), best.describe(task.train.batch_size) + " (over budget)", mb,
+                                best.base != task.train.base)
+        return fitted
 
     def plan(self, state: ServerState, ins: Instruction) -> DevicePlan:
         task = ins.task
@@ -555,9 +591,10 @@ class RoundEngine:
             new = new.replace(finished=True)
         return new, (before if new.stage != before.stage else None)
 
-    def model_for(self, state: ServerState):
-        """The server's model holding the weights it serves (method.served_params), for evaluation and saving."""
-        model = self.host.build(self.method.structure(state))
+    def model_for(self, state: ServerState, host: ModelHost | None = None, base: str = "fp32"):
+        """The server's model holding the weights it serves (method.served_params), for evaluation and saving;
+        on `host`'s base held as `base` where given (server.run's evaluation on the devices' base)."""
+        model = (host or self.host).build(self.method.structure(state), base)
         load_trainable_state(model, self.method.served_params(state))
         return model
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edgelora.data import held_out_examples, with_num_labels
 from edgelora.methods import ModelHost, make_method
@@ -43,6 +44,7 @@ class ServerRun:
         self.test = held_out_examples(run.data, run.model.task)
         if run.data.mode == "partitions":  # the sizes uploads are checked against: partitioned now, not in the
             self.engine.partition_sizes    # first upload's handler (seconds of imports and data, round 1 stalled)
+        self._base_host: ModelHost | None = None  # W0 held as the devices hold it (train.base), made when needed
         self.abandoned_in_a_row = 0  # not checkpointed: a resumed run gets max_abandoned_rounds tries again
         if resume:
             self.state = load_state(run_dir)
@@ -51,13 +53,32 @@ class ServerRun:
         else:
             self.state = self.engine.init_state(np.random.PCG64(run.server.seed).state)
             if self.task.scores_round0 and len(self.test):  # the curve starts where the base model began
-                self.folder.append_base(self.evaluate(self.engine.model_for(self.state)))
+                self.folder.append_base(lambda rec: self.score(rec, self.state))
             save_state(self.state, run_dir)
 
     def evaluate(self, model) -> Scores:
         return evaluate(model, self.test, self.tokenizer, self.run.model.max_seq_len, self.base.device,
                         precision=self.run.train.precision, task=self.task,
                         exact_match_examples=self.run.server.exact_match_examples)
+
+    def devices_base(self, state: ServerState) -> str:
+        """The base devices train the served structure on (train.base; fp32 where the structure is not LoRA)."""
+        return self.engine.method.train_spec(state).base
+
+    def score(self, rec, state: ServerState) -> None:
+        """Scores the served weights into the round's row: on the base the devices train on (train.base),
+        and where that is not fp32 also on the fp32 base (accuracy_fp32, loss_fp32), so both are reported."""
+        scores = self.evaluate(self.engine.model_for(state))
+        base = self.devices_base(state)
+        if base != "fp32":
+            if self._base_host is None:
+                with torch.random.fork_rng():  # loading seeds torch's RNG; the run's own draws stay as they were
+                    self._base_host = ModelHost(load_base_model(self.run.model), self.base.device,
+                                                frozen=self.task.frozen_modules(self.run.model), share_frozen=True,
+                                                reload=lambda: load_base_model(self.run.model))
+            rec.eval_base, rec.accuracy_fp32, rec.loss_fp32 = base, scores.accuracy, scores.loss
+            scores = self.evaluate(self.engine.model_for(state, self._base_host, base))
+        rec.set_scores(scores)
 
     def device_info(self, device_id: str) -> DeviceInfo:
         """What the server knows of a device when its task is planned: what it measured (ServerState.devices)
@@ -91,7 +112,7 @@ class ServerRun:
         rec.aggregated = new_state.params is not state.params
         rec.epsilon = self.engine.privacy_spent(new_state.round)
         if len(self.test) and (new_state.round % cfg.eval_every == 0 or new_state.finished):
-            rec.set_scores(self.evaluate(self.engine.model_for(new_state)))
+            self.score(rec, new_state)
         if before_switch is not None:  # e.g. SLoRA: Stage 1's model, before SVD priming replaced it
             rec.accuracy_before_switch, rec.loss_before_switch = self.evaluate(self.engine.model_for(before_switch)).pair
         rec.close()

@@ -12,6 +12,7 @@ from edgelora.protos import serde
 from edgelora.protos.refusals import STATUS, Refusal, UpdateRejected, refusal_status
 
 from .coordinator import Coordinator
+from .registry import Capacity
 
 log = logging.getLogger("edgelora.server")
 
@@ -45,7 +46,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.coord.register(request.device_id, request.hardware, dict(request.versions),
                                 request.model_fingerprint, request.tokenizer_fingerprint, request.data_error,
                                 request.tier if request.HasField("tier") else None,
-                                (request.uplink_mbps, request.downlink_mbps))
+                                (request.uplink_mbps, request.downlink_mbps),
+                                Capacity(request.memory_mb, request.resident_mb, request.accelerator,
+                                         request.fast_bf16))
         except UpdateRejected as e:
             _abort(self.coord, context, e, f"register {request.device_id!r}")
         return pb.RegisterReply(run_id=self.spec.run_id, heartbeat_s=self.coord.run.server.heartbeat_s)

@@ -63,6 +63,13 @@ def test_client_without_a_server_is_one_line(capsys):
     assert "unreachable" in err.splitlines()[-1], err
 
 
+def test_a_client_budget_that_is_not_a_size_is_one_line(capsys):
+    code, _, err = _main(capsys, "client", "--server", "127.0.0.1:1", "--device-id", "0", "--memory-mb", "-5",
+                         "--insecure", "--quiet")
+    assert code == 2 and "Traceback" not in err
+    assert "--memory-mb: must be > 0 MB, got -5.0" in err, err
+
+
 def test_simulate_refuses_more_devices_a_round_than_devices_as_the_server_does(tmp_path, capsys):
     code, _, err = _main(capsys, "simulate", "--config", str(_config(tmp_path)), "--devices", "3",
                          "--per-round", "5", "--out", str(tmp_path / "r"), "--quiet")

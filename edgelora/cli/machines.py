@@ -106,10 +106,12 @@ def cmd_client(args) -> int:
         raise ConfigError(f"--tier: must be >= 0, got {args.tier}")
     if not 0 <= args.eval_fraction < 1:
         raise ConfigError(f"--eval-fraction: must be in [0, 1), got {args.eval_fraction}")
+    if args.memory_mb is not None and not args.memory_mb > 0:
+        raise ConfigError(f"--memory-mb: must be > 0 MB, got {args.memory_mb}")
     client = EdgeClient(ClientOptions(server=args.server, device_ids=ids, torch_device=device,
                                       give_up_s=args.give_up_s, progress=not args.quiet, tier=args.tier,
                                       data=args.data, text_column=args.text_column, label_column=args.label_column,
-                                      eval_fraction=args.eval_fraction,
+                                      eval_fraction=args.eval_fraction, memory_mb=args.memory_mb,
                                       throttle=LinkThrottle(args.uplink_mbps, args.downlink_mbps)
                                       if args.uplink_mbps or args.downlink_mbps else None,
                                       **_client_security(args, ids)))
@@ -262,6 +264,10 @@ def add_commands(sub) -> None:
     c.add_argument("--tier", type=int, help="this machine's capability tier, 0 = the slowest (FLASC tiers: "
                                             "method.tiers); unset: the server assigns one")
     c.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to train")
+    c.add_argument("--memory-mb", type=float, help="the most memory this process may use, MB: the coordinator fits "
+                                                   "each task to it (micro-batches, chunked loss, checkpointing, a "
+                                                   "smaller frozen base) or refuses the device at Register; default: "
+                                                   "what the OS says is available")
     c.add_argument("--give-up-s", type=float, default=300.0, help="exit after the server is unreachable this long")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     _verbose_flag(c)

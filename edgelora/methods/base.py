@@ -14,7 +14,7 @@ from edgelora import codec
 from ..configtools import field
 from ..models import ModelHost, trainable_state
 from ..state import ServerState
-from ..tasks import DeviceInfo, Stage, Structure, Task, TrainSpec, UploadFormat, UploadRule
+from ..tasks import DeviceInfo, Stage, Structure, StructureKind, Task, TrainSpec, UploadFormat, UploadRule
 
 if TYPE_CHECKING:  # config loads method configs (load_config), so methods never import config
     from ..schema import RunConfig
@@ -95,7 +95,10 @@ class Method:
                          optimizer=t.optimizer,
                          momentum=t.momentum, weight_decay=t.weight_decay, max_steps=t.max_steps,
                          precision=t.precision, gradient_checkpointing=t.gradient_checkpointing,
-                         micro_batch_size=t.micro_batch_size, loss_chunk_tokens=t.loss_chunk_tokens, seed=self.run.server.seed * 100_003 + state.round + 1)
+                         micro_batch_size=t.micro_batch_size, loss_chunk_tokens=t.loss_chunk_tokens,
+                         # only a LoRA structure leaves its base frozen; the others train it in fp32
+                         base=t.base if self.structure(state).kind == StructureKind.LORA else "fp32",
+                         seed=self.run.server.seed * 100_003 + state.round + 1)
 
     def upload_rule(self, state: ServerState) -> UploadRule:
         return self.upload(UploadFormat.DENSE)
