@@ -65,15 +65,13 @@ def child(args) -> dict:
     (inputs, labels), = host.task.batches(examples, host.tokenizer, args.seq_len, args.batch)
     spec = TrainSpec(batch_size=args.batch, precision=args.precision, micro_batch_size=args.micro_batch,
                      loss_chunk_tokens=args.chunk, base=args.base, gradient_checkpointing=args.gradient_checkpointing)
-    plan, predicted = "", 0.0
+    plan, predicted, resident = "", 0.0, 0.0
     if args.budget:  # as a device and its coordinator do: one pass, Register's figures, the plan that fits
         from edgelora import memory
-        from edgelora.edge_client.trainer import resident_mb
+        from edgelora.edge_client.trainer import resident_mb, warm_up_pass
 
         warm = host.build(structure)
-        warm.train()
-        warm(**inputs, labels=labels).loss.backward()
-        warm.zero_grad(set_to_none=True)
+        warm_up_pass(warm, examples, host)  # as the device does before Register
         declared = memory.Declared(args.budget, resident_mb())
         trainable = sum(p.numel() for p in warm.parameters() if p.requires_grad)
         fp = memory.Footprint.of(host.base, structure, trainable, causal_lm=True)
@@ -81,8 +79,10 @@ def child(args) -> dict:
         fitted = memory.fit(spec, fp, args.seq_len, declared)
         if fitted is None:
             return {"budget_mb": args.budget, "resident_mb": declared.resident_mb, "plan": "refused",
-                    "predicted_mb": round(memory.smallest(spec, fp, args.seq_len, declared), 1), "model": args.model}
-        spec, plan, predicted = fitted.spec, fitted.plan or "as made", fitted.predicted_mb
+                    "predicted_mb": round(memory.frugal(spec, fp, args.seq_len, declared).predicted_mb, 1),
+                    "model": args.model}
+        spec, plan, predicted, resident = fitted.spec, fitted.plan or "as made", fitted.predicted_mb, \
+            declared.resident_mb
     model = host.build(structure, spec.base)
     load_peak_mb = peak_rss_mb()  # loading and building, so far
     if spec.gradient_checkpointing:
@@ -98,7 +98,7 @@ def child(args) -> dict:
         opt.step()
         times.append(time.perf_counter() - t0)
     return {"precision": args.precision, "base": spec.base, "budget_mb": args.budget, "plan": plan,
-            "predicted_mb": round(predicted, 1), "base_mb": round(base_bytes(host.base) / 2**20, 1),
+            "predicted_mb": round(predicted, 1), "resident_mb": resident, "base_mb": round(base_bytes(host.base) / 2**20, 1),
             "gradient_checkpointing": spec.gradient_checkpointing,
             "base_copied": args.copy_base,
             "micro_batch": spec.micro_batch_size or args.batch, "effective_batch": args.batch,

@@ -10,6 +10,7 @@ tied in most small LMs, and a lookup reads only the rows it needs.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +21,27 @@ QUANTIZED = ("nf4", "int8")
 NF4_BLOCK = 64  # bitsandbytes' default, QLoRA's
 
 
+class _UpcastLinear(torch.autograd.Function):
+    """x @ W.T + b with W frozen and stored in bf16: cast up to x's precision in the forward and again in the
+    backward, so only the bf16 weight is kept between them (autograd would keep each layer's fp32 copy)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
+
+
 class Bf16Linear(nn.Linear):
     """A frozen Linear whose weight is stored in bf16 and used at the input's precision (fp32 training casts
     one layer's weight up at a time; under bf16 autocast nothing is cast)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return _UpcastLinear.apply(x, self.weight, self.bias)
 
 
 def check_base(base: str) -> None:
@@ -38,6 +53,16 @@ def check_base(base: str) -> None:
         except ImportError:
             raise ValueError(f"train.base = {base!r} quantizes the frozen base with bitsandbytes, which is not "
                              f"installed here: pip install bitsandbytes") from None
+
+
+def quantizer_version() -> str:
+    """bitsandbytes' version, which fixes how a base is quantized ("" where it is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def is_target(name: str, targets) -> bool:
@@ -65,6 +90,9 @@ def _converted(layer: nn.Linear, base: str) -> nn.Module:
                                        compress_statistics=True).to(weight.device)
     elif base == "int8":
         import bitsandbytes as bnb
+
+        # LLM.int8 quantizes each forward's inputs through fp16, and says so on every call: it is the design
+        warnings.filterwarnings("ignore", "MatMul8bitLt: inputs will be cast from", UserWarning)
 
         new = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=False, has_fp16_weights=False,
                                   device="meta")
@@ -142,9 +170,6 @@ def _own_the_rest(model: nn.Module, mapped: list[tuple[int, int]]) -> None:
     maps a safetensors file into memory and the weights are views of that mapping: a layer's pages, read once
     to convert it, stay resident until the whole mapping is released, and the embeddings' views would keep it
     alive. Copying the few tensors left (embeddings, norms) lets the mapping go."""
-    import ctypes
-    import gc
-
     with torch.no_grad():
         for module in model.modules():
             for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
@@ -153,8 +178,17 @@ def _own_the_rest(model: nn.Module, mapped: list[tuple[int, int]]) -> None:
                     span = (t.data_ptr(), t.nbytes)
                     t.data = t.data.clone()
                     _release(span, mapped)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's freed pages back to the OS (glibc keeps them for reuse, so a
+    process's resident size stays at its high-water mark; elsewhere there is nothing to do)."""
+    import ctypes
+    import gc
+
     gc.collect()
-    try:  # glibc keeps freed heap pages; malloc_trim returns them (elsewhere: nothing to do)
+    try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass

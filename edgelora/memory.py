@@ -13,12 +13,16 @@ device's task to its budget (`fit`), after the method's instruction and before t
    the result, and the plan says so;
 4. else nothing fits, and the device is refused at Register with the sizes.
 
-The coefficients are calibrated on SmolLM2-135M (benchmarks.lm_device, results/lm-device/levers.json, 2 cores,
-fp32): gradient checkpointing removed ~1.1 MB a token, 30 layers x 576 hidden x 4 bytes x 16, so a layer keeps
-~20 floats a hidden unit a token without it (Llama's MLP alone keeps 4 of its 2.7x-wide vectors) and ~2 with
-it. A causal LM's logits cost 3 vocabulary-sized fp32 vectors a token (the logits, their log-softmax, their
-gradient). The model predicts high rather than low (`MARGIN`), and every device reports its measured peak in
-its metrics row, so the prediction is checked each round.
+The coefficients are calibrated on SmolLM2-135M (benchmarks.lm_device with budget settings, which make a
+device's warm-up and Register figures first; results/lm-device/memory-plans.json, 2 cores, fp32). Over the
+~976 MB a device holds after its warm-up, 4 x 128 tokens took ~1,530 MB more, 2 x 128 ~1,110, 1 x 128 ~620,
+checkpointing at 4 x 128 ~900, checkpointing + 1 x 128 + the chunked loss ~485. A token costs ~2.4 MB without
+checkpointing (0.59 of it the logits: 3 vocabulary-sized fp32 vectors, the logits, their log-softmax and their
+gradient; the rest ~26 floats a layer and hidden unit) and ~1.2 MB with it (~9 floats), on top of a share that
+does not follow the tokens (the allocator's high-water mark is not linear in them: 2 x 128 cost more than
+half way between 1 and 4 rows), taken as 2.4 bytes per model weight. With `MARGIN` every one of those points
+is predicted above what was measured (the prediction is meant as an upper bound), and every device reports its
+measured peak in its metrics row beside the prediction, so it is checked each round.
 """
 from __future__ import annotations
 
@@ -31,11 +35,14 @@ from .frozen_base import is_target
 from .models import lora_target_modules
 from .tasks import StructureKind
 
-ACT_FLOATS = 20     # fp32 values a token keeps per layer and hidden unit for the backward pass
-CKPT_FLOATS = 2     # the same under gradient checkpointing (a layer's input, and one layer recomputed)
+ACT_FLOATS = 26     # fp32 values a token keeps per layer and hidden unit for the backward pass
+CKPT_FLOATS = 9     # the same under gradient checkpointing (layer inputs, one layer recomputed, the allocator's)
 LOGIT_COPIES = 3    # logits, their log-softmax and their gradient, each vocabulary x fp32, per token
 OPT_BYTES = 12      # per trainable weight: its gradient and AdamW's two moments (the weight is resident)
-MARGIN = 1.15       # predictions are raised by this much: too high costs speed, too low breaks a device
+STEP_BYTES = 2.4    # per weight of the model: what a training step holds whatever its tokens (scratch space,
+#                     autograd's graph, the heap's high-water mark); measured, not derived
+QUANT_LEFT = 1.0    # bytes per converted weight a quantized base leaves behind in the heap after converting
+MARGIN = 1.2        # predictions are raised by this much: too high costs speed, too low breaks a device
 CHUNK = 128         # tokens a chunk of the chunked causal-LM loss, when the plan turns it on
 # bytes per weight of the layers LoRA wraps, as each base holds them (nf4: 4 bits, an fp32 absmax per 64
 # quantized again to 8 bits; int8: a byte, an fp32 scale per row)
@@ -54,6 +61,7 @@ class Footprint:
     vocab: int           # a causal LM's logits per token; 0 for a classifier (a logit per class)
     trainable: int       # weights the structure trains
     convertible: int     # weights in the layers LoRA wraps (what a smaller base holds differently); 0: not LoRA
+    weights: int = 0     # every weight of the model
 
     @classmethod
     def of(cls, base, structure, trainable: int, causal_lm: bool) -> "Footprint":
@@ -67,7 +75,7 @@ class Footprint:
             targets = lora_target_modules(base, structure.lora.target_modules)
             convertible = sum(m.weight.numel() for n, m in base.named_modules()
                               if type(m) is nn.Linear and is_target(n, targets))
-        return cls(layers, hidden, vocab, trainable, convertible)
+        return cls(layers, hidden, vocab, trainable, convertible, sum(p.numel() for p in base.parameters()))
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,10 @@ def predict_mb(plan: Plan, fp: Footprint, batch_size: int, seq_len: int, residen
     activations = tokens * fp.layers * fp.hidden * 4 * per_layer
     logit_tokens = min(tokens, plan.loss_chunk_tokens) if plan.loss_chunk_tokens else tokens
     logits = logit_tokens * fp.vocab * 4 * LOGIT_COPIES
-    added = MARGIN * (activations + logits + fp.trainable * OPT_BYTES)
-    base = fp.convertible * (BASE_BYTES[plan.base] - BASE_BYTES["fp32"])  # negative: what a smaller base frees
+    added = MARGIN * (activations + logits + fp.trainable * OPT_BYTES + fp.weights * STEP_BYTES)
+    base = 0.0
+    if plan.base != "fp32":  # negative: what a smaller base frees
+        base = fp.convertible * (BASE_BYTES[plan.base] - BASE_BYTES["fp32"] + QUANT_LEFT)
     return resident_mb + (added + base) / 2**20
 
 
@@ -165,8 +175,9 @@ def fit(spec, fp: Footprint, seq_len: int, device: Declared) -> Fit | None:
     return None
 
 
-def smallest(spec, fp: Footprint, seq_len: int, device: Declared) -> float:
-    """The smallest predicted peak of any plan (what a refused device is told it would need)."""
+def frugal(spec, fp: Footprint, seq_len: int, device: Declared) -> Fit:
+    """The plan of the smallest predicted peak (what a refused device is told it would need)."""
     keep, smaller = candidates(spec, fp)
-    return min(predict_mb(p, fp, spec.batch_size, seq_len, device.resident_mb)
-               for p in [Plan.of(spec), *keep, *smaller])
+    mb, p = min(((predict_mb(p, fp, spec.batch_size, seq_len, device.resident_mb), p)
+                 for p in [Plan.of(spec), *keep, *smaller]), key=lambda x: x[0])
+    return Fit(p.apply(spec), p.describe(spec.batch_size), mb, p.base != spec.base)

@@ -247,4 +247,5 @@ def hardware_info(torch_device: str) -> HardwareInfo:
     if torch_device.startswith("cuda") and torch.cuda.is_available():
         hw += f", {torch.cuda.get_device_name(0)}"
     return HardwareInfo(hw, {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "peft": peft.__version__, "python": platform.python_version()})
+                           "peft": peft.__version__, "python": platform.python_version(),
+                           "bitsandbytes": frozen_base.quantizer_version()})

@@ -10,13 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgelora.config import RunConfig
+from edgelora.frozen_base import QUANTIZED, quantizer_version
 from edgelora.models import fingerprint_model, fingerprint_tokenizer
 from edgelora.protos.refusals import Refusal, UpdateRejected
 from edgelora.state import ServerState
 from edgelora.tasks import DeviceInfo, Task, is_device_id, is_device_name
 
 from .driver import RoundDriver
-from .engine import Round
+from .engine import OVER_BUDGET, Round
 from .registry import Capacity, DeviceRegistry
 
 log = logging.getLogger("edgelora.server")
@@ -169,6 +170,12 @@ class Coordinator(RoundDriver):
         if tier is not None and not 0 <= tier < tiers:
             raise UpdateRejected(Refusal.INVALID, f"device {device_id} gives tier {tier}, but this run plans for "
                                             f"{tiers} tier(s): 0..{tiers - 1} (method.tiers)")
+        if self.run.train.base in QUANTIZED:  # the quantized weights, so the updates, follow the quantizer's version
+            mine, theirs = quantizer_version(), versions.get("bitsandbytes", "")
+            if theirs != mine:
+                raise UpdateRejected(Refusal.PRECONDITION, (
+                    f"train.base = {self.run.train.base}: device {device_id} quantizes its base with bitsandbytes "
+                    f"{theirs or '(not installed)'}, the server with {mine}; the same weights need the same version"))
         capacity = capacity or Capacity()
         for name, v in (("memory_mb", capacity.memory_mb), ("resident_mb", capacity.resident_mb)):
             if not (math.isfinite(v) and v >= 0):
@@ -188,11 +195,11 @@ class Coordinator(RoundDriver):
             task = self.engine.method.configure(state, DeviceInfo(device_id)).task
             fitted = self.engine.fit_memory(task, DeviceInfo(device_id, memory_mb=capacity.memory_mb,
                                                              resident_mb=capacity.resident_mb), state)
-        if fitted.plan.endswith("(over budget)"):
+        if fitted.plan.endswith(OVER_BUDGET):
             raise UpdateRejected(Refusal.PRECONDITION, (
                 f"device {device_id} declares {capacity.memory_mb:.0f} MB and holds {capacity.resident_mb:.0f} MB "
                 f"already; the smallest plan for this run's {task.structure.kind.name} task at batch "
-                f"{task.train.batch_size} x {self.run.model.max_seq_len} tokens ({fitted.plan.split(' ')[0]}) is "
+                f"{task.train.batch_size} x {self.run.model.max_seq_len} tokens ({fitted.plan.removesuffix(OVER_BUDGET)}) is "
                 f"predicted to need {fitted.predicted_mb:.0f} MB"))
 
     def heartbeat(self, device_id: str) -> ServerState:

@@ -74,6 +74,9 @@ class IllegalTransition(RuntimeError):
     """A driver asked a Round for a move its lifecycle does not allow (a bug in the driver, not a device)."""
 
 
+OVER_BUDGET = " (over budget)"  # the mark of a plan that does not fit the device's declared memory
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """One device's round: its instruction, the encoded download, and what its upload must look like."""
@@ -432,12 +435,8 @@ class RoundEngine:
         fp = self.footprint(task.structure, state)
         fitted = memory.fit(task.train, fp, self.run.model.max_seq_len, declared)
         if fitted is None:
-            keep, smaller = memory.candidates(task.train, fp)
-            best = min(keep + smaller, key=lambda p: memory.predict_mb(p, fp, task.train.batch_size,
-                                                                       self.run.model.max_seq_len, device.resident_mb))
-            mb = memory.predict_mb(best, fp, task.train.batch_size, self.run.model.max_seq_len, device.resident_mb)
-            fitted = memory.Fit(best.apply(task.train), best.describe(task.train.batch_size) + " (over budget)", mb,
-                                best.base != task.train.base)
+            fitted = memory.frugal(task.train, fp, self.run.model.max_seq_len, declared)
+            fitted = dataclasses.replace(fitted, plan=fitted.plan + OVER_BUDGET)
         return fitted
 
     def plan(self, state: ServerState, ins: Instruction) -> DevicePlan:

@@ -287,6 +287,12 @@ def test_the_c7_sweeps_plan_their_runs():
     assert plans == {"flasc-1/4": (0.25, 0.25, "float32", False), "flasc-1/16": (0.0625, 0.0625, "float32", False),
                      "flasc-1/4-1/16": (0.25, 0.0625, "float32", False),
                      "flasc-1/4-int4": (0.25, 0.25, "int4_block", True)}  # the frontier's point (communication.md)
+    gpu = {r.method: r.config() for r in load_sweep(REPO / "examples" / "sweeps" / "lm-gpu.toml").runs}
+    qlora = gpu["qlora-1.7b"]  # the 1B-class point: its base in nf4 on every device, the others' fp32
+    assert (qlora.model.name, qlora.train.base) == ("HuggingFaceTB/SmolLM2-1.7B-Instruct", "nf4")
+    assert {c.train.base for m, c in gpu.items() if m != "qlora-1.7b"} == {"fp32"}
+    quant = {r.method: r.config().train.base for r in load_sweep(REPO / "examples" / "sweeps" / "lm-quant.toml").runs}
+    assert quant == {"fp32-base": "fp32", "bf16-base": "bf16", "nf4-base": "nf4"}
 
 
 @pytest.mark.slow

@@ -160,7 +160,7 @@ def test_the_device_memory_benchmark_runs_each_lever_and_agrees_on_the_loss():
         return lm_device.child(argparse.Namespace(model="tiny-llama", seq_len=32, rank=4, batch=4, steps=3,
                                                   precision=p["precision"], micro_batch=p["micro_batch"],
                                                   chunk=p["chunk"], gradient_checkpointing=p["gc"],
-                                                  copy_base=p["copy"], base=p["base"]))
+                                                  copy_base=p["copy"], base=p["base"], budget=p["budget"]))
 
     plain, levers, gc = child("fp32+copy"), child("fp32+mb1+chunk16"), child("fp32+gc")
     assert plain["base_copied"] and not levers["base_copied"]

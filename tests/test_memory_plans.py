@@ -88,7 +88,8 @@ def test_a_smaller_base_is_refused_where_nothing_trains_lora():
 
 # -- the memory model and its plans ----------------------------------------------------------------------------
 # SmolLM2-135M under LoRA r = 16 on its seven projections (what the coefficients were calibrated on)
-SMOL = memory.Footprint(layers=30, hidden=576, vocab=49152, trainable=4_884_480, convertible=106_168_320)
+SMOL = memory.Footprint(layers=30, hidden=576, vocab=49152, trainable=4_884_480, convertible=106_168_320,
+                        weights=134_515_008)
 SPEC = TrainSpec(batch_size=4, precision="fp32")
 
 
@@ -112,8 +113,8 @@ def test_a_tight_budget_gets_levers_that_keep_the_update_before_a_smaller_base()
     assert fitted.changes_result and fitted.spec.base in ("bf16", "int8", "nf4")
     assert fitted.plan.endswith(fitted.spec.base)
     # below the smallest plan of all: none
-    assert memory.fit(SPEC, SMOL, 128, memory.Declared(memory.smallest(SPEC, SMOL, 128,
-                                                                       memory.Declared(0, 900.0)) - 1, 900.0)) is None
+    least = memory.frugal(SPEC, SMOL, 128, memory.Declared(0, 900.0))
+    assert least.changes_result and memory.fit(SPEC, SMOL, 128, memory.Declared(least.predicted_mb - 1, 900.0)) is None
 
 
 def test_plans_never_drop_a_lever_the_run_asked_for_and_only_lora_gets_a_smaller_base():
@@ -179,3 +180,30 @@ def test_three_devices_declare_budgets_over_grpc_one_as_made_one_planned_one_ref
     assert devices["1"]["plan"] not in ("", "plain") and not devices["1"]["plan"].endswith(("nf4", "int8", "bf16"))
     for d in devices.values():
         assert 0 < d["peak_rss_mb"] <= d["memory_mb"], d
+
+
+def test_register_checks_what_a_device_declares_of_its_memory_and_quantizer(tmp_path):
+    """In process: a budget below what the device holds is refused with the sizes, a negative one as invalid,
+    and under a quantized base a device without the server's bitsandbytes is refused (its weights would differ);
+    a device that fits registers with its figures."""
+    from edgelora.frozen_base import quantizer_version
+    from edgelora.protos.refusals import Refusal, UpdateRejected
+    from edgelora.server.coordinator import Coordinator
+    from edgelora.server.registry import Capacity
+
+    run = load_config(lm_raw(write_speeches(tmp_path / "s.jsonl"), train={"base": "nf4"}))
+    coord = Coordinator(run, tmp_path / "run")
+    fps = (coord.model_fingerprint, coord.tokenizer_fingerprint)
+    ours = {"bitsandbytes": quantizer_version()}
+    with pytest.raises(UpdateRejected, match="bitsandbytes \\(not installed\\), the server with") as e:
+        coord.register("0", "test", {}, *fps)
+    assert e.value.code == Refusal.PRECONDITION
+    with pytest.raises(UpdateRejected, match="declares 200 MB and holds 400 MB already.*predicted to need") as e:
+        coord.register("0", "test", ours, *fps, capacity=Capacity(memory_mb=200, resident_mb=400))
+    assert e.value.code == Refusal.PRECONDITION and "0" not in coord.registry
+    with pytest.raises(UpdateRejected, match="memory_mb = -1: must be >= 0 MB") as e:
+        coord.register("0", "test", ours, *fps, capacity=Capacity(memory_mb=-1))
+    assert e.value.code == Refusal.INVALID
+    coord.register("0", "test", ours, *fps, capacity=Capacity(memory_mb=4000, resident_mb=400, accelerator="cpu"))
+    info = coord.declared_device("0")
+    assert (info.memory_mb, info.resident_mb) == (4000, 400)
