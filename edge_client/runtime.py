@@ -400,7 +400,19 @@ class EdgeClient:
                     continue
                 if reply.run_finished:  # the main loop may be in a backoff sleep and miss its STOP task
                     self.run_over.set()
+                    self._heard_over(d)
                     return
+
+    def _heard_over(self, heard: str) -> None:
+        """The server said the run is over to `heard`: one heartbeat for each other device of this process,
+        whose reply tells the server that device heard it too. Otherwise the server, which waits at the end for
+        every live device to be told, waits out server.device_timeout_s for devices that exit unheard."""
+        for d in self.opts.device_ids:
+            if d != heard and d not in self.data_errors:
+                try:
+                    self.stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5, metadata=self._md(d))
+                except grpc.RpcError:  # a server already gone: nothing left to tell
+                    pass
 
     def close(self) -> None:
         # Join the heartbeat thread before closing the channel: a gRPC call still in flight on a closed
