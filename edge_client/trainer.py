@@ -5,6 +5,7 @@ server. The gRPC edge client and the simulator both call DeviceTrainer.run().
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -44,8 +45,6 @@ def peak_rss_mb() -> float:
 def resident_mb() -> float:
     """What this process holds in memory now, MB (Linux; 0 elsewhere: not reported)."""
     try:
-        import os
-
         pages = int(open("/proc/self/statm").read().split()[1])
         return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
     except (OSError, ValueError, IndexError):

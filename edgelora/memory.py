@@ -1,7 +1,7 @@
 """What a device's training holds in memory, and the plan that fits it into what the device declared.
 
 A device declares at Register the memory it may use (`memory_mb`) and what it holds already, its base loaded
-and one training pass run (`resident_mb`). Training adds to that: the activations kept for the backward pass,
+and one forward pass run (`resident_mb`; edge_client.trainer.warm_up_pass). Training adds to that: the activations kept for the backward pass,
 the output logits and their gradient, the gradients and AdamW moments of the trainable weights; holding the
 frozen base in another precision takes away. The coordinator predicts that sum for a plan and fits the
 device's task to its budget (`fit`), after the method's instruction and before the device:
@@ -41,14 +41,17 @@ LOGIT_COPIES = 3    # logits, their log-softmax and their gradient, each vocabul
 OPT_BYTES = 12      # per trainable weight: its gradient and AdamW's two moments (the weight is resident)
 STEP_BYTES = 2.4    # per weight of the model: what a training step holds whatever its tokens (scratch space,
 #                     autograd's graph, the heap's high-water mark); measured, not derived
-QUANT_LEFT = 1.0    # bytes per converted weight a quantized base leaves behind in the heap after converting
+QUANT_LEFT = 1.0    # bytes per converted weight a smaller base leaves behind in the heap after converting
 MARGIN = 1.2        # predictions are raised by this much: too high costs speed, too low breaks a device
 CHUNK = 128         # tokens a chunk of the chunked causal-LM loss, when the plan turns it on
 # bytes per weight of the layers LoRA wraps, as each base holds them (nf4: 4 bits, an fp32 absmax per 64
 # quantized again to 8 bits; int8: a byte, an fp32 scale per row)
 BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4 / 576, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 SMALLER_BASES = ("bf16", "int8", "nf4")
-# relative step time of each lever (benchmarks.lm_device on SmolLM2, fp32, 2 cores): what orders the plans
+# relative step time of each lever, what orders the plans: set by hand near benchmarks.lm_device's SmolLM2
+# figures (results/lm-device/levers.json: checkpointing 1.57x, the chunked loss 1.25x, micro-batches of 1 of
+# 4 rows 1.58x, i.e. ~0.19 a pass; memory-plans.json: bf16 0.86x, int8 0.99x, nf4 1.08x), not fitted to them:
+# a pass is counted cheaper and the smaller bases dearer than measured
 TIME_GC, TIME_CHUNK, TIME_PER_PASS = 1.55, 1.25, 0.08
 TIME_BASE = {"fp32": 1.0, "bf16": 1.0, "int8": 1.1, "nf4": 1.15}
 
@@ -82,7 +85,7 @@ class Footprint:
 class Declared:
     """What a device says of its memory at Register."""
     memory_mb: float = 0.0     # the most it may hold (0: nothing declared, nothing planned)
-    resident_mb: float = 0.0   # what it holds already: the base as loaded, one pass run
+    resident_mb: float = 0.0   # what it holds already: the base as loaded, one forward pass run
 
 
 @dataclass(frozen=True)

@@ -164,11 +164,11 @@ class RunFolder:
                 time.monotonic() - self._drawn_at >= PLOT_EVERY_S:
             self.draw_plots()
 
-    def append_base(self, scores) -> None:
+    def append_base(self, score: Callable[[RoundRecord], None]) -> None:
         """Row 0: the base model's scores before round 1, so every curve starts where the model began.
-        `scores`: an evaluation's Scores, or a function that scores a RoundRecord itself (ServerRun.score)."""
+        `score` writes them into the row (ServerRun.score; centralized: RoundRecord.set_scores)."""
         rec = RoundRecord(round=0, stage="base")
-        scores(rec) if callable(scores) else rec.set_scores(scores)
+        score(rec)
         rec.close()
         self.append(rec)
 

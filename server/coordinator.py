@@ -43,8 +43,8 @@ class GrpcDevices:
         if e is None:
             return DeviceInfo(device_id)
         return DeviceInfo(device_id, tier=e.tier, declared_uplink_bps=e.uplink_mbps * 1e6,
-                          declared_downlink_bps=e.downlink_mbps * 1e6, memory_mb=e.memory_mb,
-                          resident_mb=e.resident_mb)
+                          declared_downlink_bps=e.downlink_mbps * 1e6, memory_mb=e.capacity.memory_mb,
+                          resident_mb=e.capacity.resident_mb)
 
     def wait_for(self, driver: RoundDriver, needed: int, before_first_round: bool) -> None:
         """Hold until `needed` devices are live. Before round 1 that has server.registration_timeout_s; between
@@ -143,7 +143,7 @@ class Coordinator(RoundDriver):
     # -- called from gRPC handlers ------------------------------------------------------------------------
     def register(self, device_id: str, hardware: str, versions: dict[str, str], model_fp: str, tok_fp: str,
                  data_error: str = "", tier: int | None = None, links: tuple[float, float] = (0.0, 0.0),
-                 capacity: Capacity | None = None) -> None:
+                 capacity: Capacity = Capacity()) -> None:
         """`links`: the (uplink, downlink) Mbit/s the device declares (0 = says nothing); `capacity`: its memory
         and hardware. A device whose declared memory no plan fits is refused here, with the sizes, and so is
         never sampled."""
@@ -176,13 +176,12 @@ class Coordinator(RoundDriver):
                 raise UpdateRejected(Refusal.PRECONDITION, (
                     f"train.base = {self.run.train.base}: device {device_id} quantizes its base with bitsandbytes "
                     f"{theirs or '(not installed)'}, the server with {mine}; the same weights need the same version"))
-        capacity = capacity or Capacity()
         for name, v in (("memory_mb", capacity.memory_mb), ("resident_mb", capacity.resident_mb)):
             if not (math.isfinite(v) and v >= 0):
                 raise UpdateRejected(Refusal.INVALID, f"device {device_id} declares {name} = {v}: must be >= 0 MB")
         if capacity.memory_mb > 0:
             self._check_memory(device_id, capacity)
-        if self.registry.register(device_id, hardware, versions, tier, *links, memory=capacity):
+        if self.registry.register(device_id, hardware, versions, tier, *links, capacity=capacity):
             log.info("device %s registered (%s%s%s)", device_id, hardware, "" if tier is None else f", tier {tier}",
                      f", {capacity.memory_mb:.0f} MB" if capacity.memory_mb else "")
         with self.cond:

@@ -26,10 +26,7 @@ class DeviceEntry:
     tier: int | None = None
     uplink_mbps: float = 0.0      # declared by the device at Register (0: nothing declared)
     downlink_mbps: float = 0.0
-    memory_mb: float = 0.0        # the memory it may use, and what it held at Register (0: nothing declared)
-    resident_mb: float = 0.0
-    accelerator: str = ""
-    fast_bf16: bool = False
+    capacity: Capacity = Capacity()  # its memory and hardware, declared at Register (0 MB: nothing declared)
     registered_at: float = 0.0    # on the registry's clock
     last_seen: float = 0.0
 
@@ -42,15 +39,13 @@ class DeviceRegistry:
         self._lock = threading.Lock()
 
     def register(self, device_id: str, hardware: str, versions: dict[str, str], tier: int | None = None,
-                 uplink_mbps: float = 0.0, downlink_mbps: float = 0.0, memory: "Capacity | None" = None) -> bool:
+                 uplink_mbps: float = 0.0, downlink_mbps: float = 0.0, capacity: Capacity = Capacity()) -> bool:
         """Add or refresh a device; True when it was new."""
-        memory = memory or Capacity()
         with self._lock:
             new = device_id not in self._devices
             now = self.clock()
             self._devices[device_id] = DeviceEntry(device_id, hardware, dict(versions), tier, uplink_mbps,
-                                                   downlink_mbps, memory.memory_mb, memory.resident_mb,
-                                                   memory.accelerator, memory.fast_bf16, now, now)
+                                                   downlink_mbps, capacity, now, now)
             return new
 
     def entries(self) -> list[DeviceEntry]:

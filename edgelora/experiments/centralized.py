@@ -80,7 +80,7 @@ def train_centralized(run: RunConfig, run_dir: Path, device: str = "cpu", echo=N
                              precision=run.train.precision, task=host.task,
                              exact_match_examples=run.server.exact_match_examples)
     if not done and host.task.scores_round0 and len(test):  # the base model, as a federated run's row 0
-        folder.append_base(score())
+        folder.append_base(lambda rec: rec.set_scores(score()))
     try:
         for r in range(done + 1, run.server.rounds + 1):
             if stop is not None and stop():
