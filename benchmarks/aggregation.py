@@ -5,7 +5,8 @@
 Two structures of SmolLM2-135M (30 layers, hidden 576, 3 KV heads of 64, MLP 1536, vocabulary 49,152):
 - lora: LoRA r = 16 on all seven projections (q, k, v, o, gate, up, down) of the 30 layers, 420 tensors,
   4,884,480 values (C7's adapter, docs/reproduction.md). Density 1 is a dense upload (LoRA); below 1 a FLASC
-  top-k upload (edgelora.sparsity.global_topk over the whole update, codec.Sparse).
+  top-k upload (edgelora.sparsity.global_topk over the whole update, codec.Sparse; the bundle codes the 420
+  tensors' indices as one joint stream, and the server checks and adds it as one FlatSparse).
 - full: SLoRA Stage 1 on the whole model, 272 tensors (embedding, 30 x 7 projections and 2 norms, final
   norm), 134,515,008 values. Density 1 is a dense upload (FLoRA's Stage 1); below 1 a masked upload
   (codec.Masked) with mask density = the density.
@@ -19,8 +20,8 @@ time.perf_counter; nothing is mocked but the method's planning (a fixed task) an
 One JSON record per (structure, density): `values`, `density`, `upload_format`, `payload_mb`,
 `seconds_per_upload` (the best of the uploads after the warm-up, wall clock: a shared machine's other jobs
 only ever add to it), its two parts `check_seconds` and `accept_seconds`, `median_seconds_per_upload`,
-`cpu_seconds_per_upload` (process CPU time, best), `codec_decode_seconds` (codec.decode_bundle alone, best of
-2: the part of check_seconds this change does not touch), `warmup_seconds` (the round's first upload, which
+`cpu_seconds_per_upload` (process CPU time, best), `codec_decode_seconds` (codec.decode_flat alone, best of
+2: the codec's part of check_seconds), `warmup_seconds` (the round's first upload, which
 for a mask also derives and caches the mask's indices, once per run; for top-k also the second, whose
 other indices make the round's float64 sum whole, once per round), `peak_mb` (one more upload under
 tracemalloc, which numpy reports its buffers to: the most memory held at once beyond what was held before
@@ -182,7 +183,7 @@ def measure(structure: str, density: float, uploads: int, densified: bool) -> di
     decode = []
     for _ in range(2):
         start = time.perf_counter()
-        codec.decode_bundle(shared, max_elements=values)
+        codec.decode_flat(shared, max_elements=values)
         decode.append(time.perf_counter() - start)
     start = time.perf_counter()
     engine.aggregator.mean_delta(rnd.agg)

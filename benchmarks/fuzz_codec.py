@@ -1,4 +1,4 @@
-"""Feed random and mutated bundles to decode_bundle; count decoded, rejected (CodecError) and crashed.
+"""Feed random and mutated bundles to decode_flat (and so decode_bundle); count decoded, rejected (CodecError) and crashed.
 
     python -m benchmarks.fuzz_codec --iterations 100000
 
@@ -47,6 +47,10 @@ def seed_bundles(rng: np.random.Generator) -> list[bytes]:
                             value_type="int4_block", block_size=8, value_types={"q": "int8_block"}),
         codec.encode_bundle({"m": codec.Masked((16, 16), 2, 0.5, rng.normal(size=128))}, value_type="int4_block",
                             rounding="stochastic", seed=5),
+        # version 3: three sparse tensors share the joint index stream, beside a dense one
+        codec.encode_bundle({"j1": codec.Sparse((40, 5), np.sort(rng.choice(200, 9, replace=False)), rng.normal(size=9)),
+                             "d": codec.Dense(rng.normal(size=4)), "j2": codec.Sparse((64,), [0, 63], [1, 2]),
+                             "j3": codec.Sparse((3,), [], [])}, value_type="float16"),
     ]
     # rANS is only chosen for large tensors; build a small one by hand so fuzzing reaches its decoder cheaply.
     n, idx = 4000, np.flatnonzero(rng.random(4000) < 0.4)
@@ -111,8 +115,13 @@ def mutate_entry_field(rng, data):
         return data
     i = int(rng.integers(0, len(table.entries)))
     e = table.entries[i]
-    field = str(rng.choice(["shape", "count", "index_param", "index_size", "seed", "density", "scale", "plane"]))
-    if field == "shape":
+    field = str(rng.choice(["shape", "count", "index_param", "index_size", "seed", "density", "scale", "plane",
+                            "joint"]))
+    if field == "joint":  # the joint stream's record (written only in version 3 headers)
+        name = str(rng.choice(["joint_coder", "joint_param", "joint_size"]))
+        value = int(rng.choice(EXTREMES)) if rng.random() < 0.5 else getattr(table, name) + int(rng.integers(-3, 4))
+        setattr(table, name, max(0, min(255 if name == "joint_coder" else 2**64 - 1, value)))
+    elif field == "shape":
         e.shape = tuple(int(rng.choice([0, 1, 3, 2**20, 2**31, 2**62])) for _ in range(rng.integers(0, 4)))
     elif field in ("count", "index_param", "index_size", "seed"):
         value = int(rng.choice(EXTREMES)) if rng.random() < 0.5 else getattr(e, field) + int(rng.integers(-3, 4))
@@ -137,7 +146,10 @@ def mutate_payload(rng, data):
         if rng.random() < 0.3:
             bad = bad[:rng.integers(0, len(bad))] + rng.bytes(int(rng.integers(0, 8)))
         index_payloads[i] = bytes(bad)
-        table.entries[i].index_size = len(bad)
+        if data[4] >= 3 and i == 0:  # version 3: the joint index stream comes first
+            table.joint_size = len(bad)
+        else:
+            table.entries[i - (data[4] >= 3)].index_size = len(bad)
         return assemble(table, index_payloads, section)
     return reseal(data[:-4 - len(section)] + rng.bytes(len(section)) + data[-4:])
 
@@ -178,8 +190,16 @@ MUTATORS = {"bits": mutate_bits, "truncate": mutate_truncate, "splice": mutate_s
             "entry": mutate_entry_field, "payload": mutate_payload, "bomb": None, "random": mutate_random}
 
 
-def check_promises(out: dict) -> None:
-    """What any successful decode guarantees; a violation is a crash."""
+def check_promises(flat: codec.Flat) -> None:
+    """What any successful decode guarantees (decode_flat's arrays, and the tensors decode_bundle makes of
+    them); a violation is a crash."""
+    assert flat.values.dtype == np.float32 and flat.values.size == flat.starts[-1]
+    if flat.positions is not None:  # all sparse: strictly increasing, inside the tensors laid end to end
+        total = sum(math.prod(s) for s in flat.shapes)
+        p = flat.positions
+        assert p.dtype == np.int64 and p.size == flat.values.size and np.all(np.diff(p) > 0)
+        assert p.size == 0 or (0 <= p[0] and p[-1] < total)
+    out = flat.tensors()
     for name, t in out.items():
         values = t.values
         assert isinstance(values, np.ndarray) and values.dtype == np.float32, name
@@ -215,7 +235,7 @@ def run(iterations: int, seed: int, max_elements: int, timeout: float) -> dict:
         data = mutate_bomb(rng, base, bombs) if kind == "bomb" else MUTATORS[kind](rng, base)
         signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
-            check_promises(codec.decode_bundle(data, max_elements=max_elements))
+            check_promises(codec.decode_flat(data, max_elements=max_elements))
             counts["decoded"] += 1
         except codec.CodecError:
             counts["rejected"] += 1

@@ -16,5 +16,11 @@ def read_fixed_width(bits: np.ndarray, count: int, width: int) -> np.ndarray:
     """Inverse of fixed_width_bits for the first count * width bits; int64 results (width <= 62)."""
     if width == 0:
         return np.zeros(count, np.int64)
-    weights = np.left_shift(np.int64(1), np.arange(width - 1, -1, -1, dtype=np.int64))
-    return bits[: count * width].reshape(count, width).astype(np.int64) @ weights
+    columns = bits[: count * width].reshape(count, width)
+    # a shift and an or per bit of width, in the narrowest type that holds the field: cheaper than a product
+    dtype = np.uint8 if width <= 8 else np.uint16 if width <= 16 else np.uint32 if width <= 32 else np.uint64
+    out = columns[:, 0].astype(dtype)
+    for j in range(1, width):
+        out <<= 1
+        out |= columns[:, j]
+    return out.astype(np.int64)

@@ -1,14 +1,19 @@
 """The versioned bundle: named tensors <-> bytes. FORMAT.md specifies the layout byte by byte.
 
     magic "ELCB" | version u8 | flags u8 | reserved u16 | header_size u32 | header (zstd frame)
-    | side payload of each tensor (indices, then block scales) | value planes 0..3 (each raw or one zstd frame)
-    | crc32 u32 of everything before it
+    | [version 3: the joint index stream] | side payload of each tensor (indices, then block scales)
+    | value planes 0..3 (each raw or one zstd frame) | crc32 u32 of everything before it
+
+decode_flat gives a bundle as whole-bundle arrays (every value in one float32 array, and for an all-sparse
+bundle every value's position in one int64 array), so a reader that adds them (the server's aggregator) does
+no Python step per tensor; decode_bundle gives the same bundle as named tensors.
 """
 from __future__ import annotations
 
 import math
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -16,15 +21,16 @@ import numpy as np
 from . import zstd_frame
 from .errors import CodecError
 from .header import DENSE, MASKED, SPARSE, ZSTD, Entry, Table, pack_header, parse_header, version_of
-from .index_coding import decode_indices, encode_indices
+from .index_coding import JOINT, decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor
 from .values import (BLOCK_TYPES, DEFAULT_BLOCK, MAX_BLOCK, check_rounding, check_value_type, decode_values,
-                     encode_values, pack_planes, plane_sizes, scale_bytes, unpack_planes)
+                     encode_values, pack_planes, plane_sizes, scale_bytes, unpack_planes,
+                     unpack_uniform)
 
 MAGIC = b"ELCB"
-VERSION = 2  # the newest this codec writes and reads; it writes 1 when no tensor needs 2
-VERSIONS = (1, 2)
+VERSION = 3  # the newest this codec writes and reads; it writes the oldest version the bundle's features allow
+VERSIONS = (1, 2, 3)
 DEFAULT_MAX_ELEMENTS = 1 << 28
 MAX_HEADER_BYTES = 1 << 24
 _PREAMBLE = struct.Struct("<4sBBHI")  # magic, version, flags, reserved, header_size
@@ -33,12 +39,14 @@ _TRAILER = 4  # crc32
 
 def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32", level: int = 3,
                   value_types: Mapping[str, str] | None = None, block_size: int = DEFAULT_BLOCK,
-                  rounding: str = "nearest", seed: int | None = None) -> bytes:
+                  rounding: str = "nearest", seed: int | None = None, joint_indices: bool = True) -> bytes:
     """Bytes of `tensors` in insertion order. `value_types` overrides `value_type` for the names it lists.
 
     block_size: values per scale of the blockwise types. rounding: "nearest", or "stochastic" for the int8
     types, whose draws come from numpy's Generator seeded with `seed` (required), so an encoding is
-    reproducible."""
+    reproducible. joint_indices: where two or more tensors are Sparse, code all their indices as one stream
+    over the tensors laid end to end (version 3), which a reader decodes in one pass however many tensors
+    there are; False gives each its own stream (versions 1 and 2)."""
     check_value_type(value_type)
     check_rounding(rounding)
     if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= MAX_BLOCK:
@@ -52,23 +60,40 @@ def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32",
         raise CodecError(f"value_types: names not in the bundle: {sorted(unknown)}")
     if not isinstance(level, int) or isinstance(level, bool):
         raise CodecError(f"level: must be an int, got {level!r}")
-    entries, index_payloads, stored = [], [], []
+    entries, indices, scale_payloads, stored = [], [], [], []
     for name, t in tensors.items():
         vt = check_value_type(overrides.get(name, value_type), f"value_types[{name!r}]")
-        entry, index_payload, values = _encode_tensor(name, t, vt)
+        entry, idx, values = _encode_tensor(name, t, vt)
         stored_values, entry.scale, scales = encode_values(values, vt, name, block_size=block_size,
                                                            rounding=rounding, rng=rng)
         entry.block_size = block_size if vt in BLOCK_TYPES else 0
         entries.append(entry)
-        index_payloads.append(index_payload + scales)
+        indices.append(idx)
+        scale_payloads.append(scales)
         stored.append(stored_values)
     table, planes = Table(entries), pack_planes(stored)
+    joint = joint_indices and sum(e.form == SPARSE for e in entries) >= 2
+    side_payloads = [b""] if joint else []
+    for e, idx, scales in zip(entries, indices, scale_payloads):
+        if e.form == SPARSE and not joint:
+            e.index_coder, e.index_param, payload = encode_indices(idx, math.prod(e.shape))
+            e.index_size = len(payload)
+            scales = payload + scales
+        elif e.form == SPARSE:
+            e.index_coder = JOINT
+        side_payloads.append(scales)
+    if joint:
+        sparse = [(e, idx) for e, idx in zip(entries, indices) if e.form == SPARSE]
+        starts = np.cumsum([0] + [math.prod(e.shape) for e, _ in sparse])
+        positions = np.concatenate([idx + start for (_, idx), start in zip(sparse, starts)])
+        table.joint_coder, table.joint_param, side_payloads[0] = encode_indices(positions, int(starts[-1]))
+        table.joint_size = len(side_payloads[0])
     for j, plane in enumerate(planes):
         packed = zstd_frame.compress(plane, level)
         if len(packed) < len(plane):  # zstd only where it helps
             table.plane_codecs[j], planes[j] = ZSTD, packed
         table.plane_sizes[j] = len(planes[j])
-    return assemble(table, index_payloads, b"".join(planes), level=level)
+    return assemble(table, side_payloads, b"".join(planes), level=level)
 
 
 def assemble(table: Table, side_payloads: list[bytes], values_section: bytes, *, level: int = 3,
@@ -82,18 +107,61 @@ def assemble(table: Table, side_payloads: list[bytes], values_section: bytes, *,
 
 
 def take_apart(data: bytes) -> tuple[Table, list[bytes], bytes]:
-    """Inverse of assemble for a well-formed bundle: table, side payload per tensor (index bytes, then block
-    scales), stored value planes."""
+    """Inverse of assemble for a well-formed bundle: table, side payloads (version 3: the joint index stream
+    first; then one per tensor: its index bytes, then its block scales), stored value planes."""
     (header_size,) = struct.unpack_from("<I", data, 8)
     frame = data[_PREAMBLE.size:_PREAMBLE.size + header_size]
     table = parse_header(zstd_frame.decompress(frame, zstd_frame.content_size(frame, "header"), "header"),
-                         DEFAULT_MAX_ELEMENTS)
+                         DEFAULT_MAX_ELEMENTS, data[4])
     side_payloads, pos = [], _PREAMBLE.size + header_size
-    for e in table.entries:
-        size = e.index_size + scale_bytes(e.value_type, e.count, e.block_size)
+    for size in _side_sizes(table, data[4]):
         side_payloads.append(data[pos:pos + size])
         pos += size
     return table, side_payloads, data[pos:len(data) - _TRAILER]
+
+
+def _side_sizes(table: Table, version: int) -> list[int]:
+    """Bytes of each side payload: the joint stream's (version 3), then each tensor's."""
+    joint = [table.joint_size] if version >= 3 else []
+    return joint + [e.index_size + scale_bytes(e.value_type, e.count, e.block_size) for e in table.entries]
+
+
+@dataclass(frozen=True, eq=False)
+class Flat:
+    """A decoded bundle as whole-bundle arrays (decode_flat). Tensor t is names[t], of shape shapes[t]; its
+    values are values[starts[t]:starts[t + 1]]. When every tensor is Sparse, `positions` holds each value's
+    position in the tensors' entries laid end to end in table order (tensor t's begin at sum of the earlier
+    tensors' sizes): strictly increasing, so an accumulator over that layout adds the whole bundle at once;
+    otherwise None."""
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    values: np.ndarray  # float32, every value in table order
+    starts: np.ndarray  # int64, len(names) + 1
+    positions: np.ndarray | None
+    _entries: tuple[Entry, ...]
+    _indices: tuple  # per tensor: its local indices (Sparse with its own stream), else None
+    _joint: "_Joint | None"  # the joint stream, whose tensors' local indices are cut from it when asked
+
+    @property
+    def all_sparse(self) -> bool:
+        return self.positions is not None
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The bundle as named tensors (what decode_bundle returns); values are views of `values`."""
+        indices = list(self._indices)
+        if self._joint is not None:
+            for i, t in enumerate(self._joint.where):
+                indices[t] = self._joint.local(i)
+        out = {}
+        for t, e in enumerate(self._entries):
+            values = self.values[self.starts[t]:self.starts[t + 1]]
+            if e.form == DENSE:
+                out[e.name] = Dense(values.reshape(e.shape))
+            elif e.form == MASKED:
+                out[e.name] = Masked(e.shape, e.seed, e.density, values)
+            else:
+                out[e.name] = Sparse(e.shape, indices[t], values)
+        return out
 
 
 def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
@@ -102,15 +170,21 @@ def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_EL
     max_elements caps the sum over tensors of their element counts (prod(shape)), which bounds every
     allocation decoding makes.
     """
+    return decode_flat(data, max_elements=max_elements).tensors()
+
+
+def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Flat:
+    """The bundle as whole-bundle arrays (Flat), with every check decode_bundle makes."""
     if not isinstance(data, (bytes, bytearray)):  # a bytearray (the server's upload buffer) is read in place
         data = bytes(data)
-    table, body = _open(data, max_elements)
-    side_sizes = [e.index_size + scale_bytes(e.value_type, e.count, e.block_size) for e in table.entries]
+    table, body, version = _open(data, max_elements)
+    side_sizes = _side_sizes(table, version)
     index_total = sum(side_sizes)
     if index_total + sum(table.plane_sizes) != len(body):
         raise CodecError(f"index_size/plane_size: payload sizes (with block scales) do not add up to the "
                          f"{len(body)} body bytes")
-    types, counts = [e.value_type for e in table.entries], [e.count for e in table.entries]
+    entries = table.entries
+    types, counts = [e.value_type for e in entries], [e.count for e in entries]
     planes, pos = [], index_total
     for j, expected in enumerate(plane_sizes(types, counts)):
         plane = bytes(body[pos:pos + table.plane_sizes[j]])
@@ -120,17 +194,102 @@ def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_EL
         elif len(plane) != expected:
             raise CodecError(f"plane_size[{j}]: {len(plane)} raw bytes, the table implies {expected}")
         planes.append(plane)
-    stored = unpack_planes(planes, types, counts)
-    out, pos = {}, 0
-    for e, s, size in zip(table.entries, stored, side_sizes):
-        side = bytes(body[pos:pos + size])
-        out[e.name] = _decode_tensor(e, side[:e.index_size], s, side[e.index_size:])
+    whole = None  # tensors sharing a value type without block scales: one interleave, one decode
+    if entries and len(set(types)) == 1 and types[0] not in BLOCK_TYPES:
+        whole = unpack_uniform(planes, types[0])
+        stored = None  # cut from `whole` only if a tensor must be named
+    else:
+        stored = unpack_planes(planes, types, counts)
+    sides, pos = [], 0
+    for size in side_sizes:
+        sides.append(body[pos:pos + size])
         pos += size
-    return out
+    joint = _joint_indices(table, bytes(sides.pop(0))) if version >= 3 else None
+    values = _values(entries, stored, [bytes(s[e.index_size:]) for e, s in zip(entries, sides)], whole)
+    indices = [None if e.form != SPARSE or e.index_coder == JOINT else _own_indices(e, bytes(s[:e.index_size]))
+               for e, s in zip(entries, sides)]
+    positions = None
+    if entries and all(e.form == SPARSE for e in entries):
+        positions = _positions(entries, indices, joint)
+    starts = np.zeros(len(entries) + 1, np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return Flat(tuple(e.name for e in entries), tuple(e.shape for e in entries), values, starts, positions,
+                tuple(entries), tuple(indices), joint)
 
 
-def _open(data: bytes, max_elements: int) -> tuple[Table, memoryview]:
-    """Check the preamble and checksum, and parse the table; returns it and the body after the header."""
+@dataclass(frozen=True)
+class _Joint:
+    """The joint stream decoded: `stream`, its indices over the joint tensors laid end to end; `where`, those
+    tensors' places in the table; tensor where[i]'s indices are stream[cuts[i]:cuts[i + 1]] - starts[i]."""
+    stream: np.ndarray
+    where: tuple[int, ...]
+    starts: np.ndarray
+    cuts: np.ndarray
+
+    def local(self, i: int) -> np.ndarray:
+        return self.stream[self.cuts[i]:self.cuts[i + 1]] - self.starts[i]
+
+
+def _joint_indices(table: Table, payload: bytes) -> _Joint:
+    """Decode the joint stream and check each joint tensor's share against its count."""
+    where = [t for t, e in enumerate(table.entries) if e.form == SPARSE and e.index_coder == JOINT]
+    sizes = [math.prod(table.entries[t].shape) for t in where]
+    counts = [table.entries[t].count for t in where]
+    starts = np.zeros(len(where) + 1, np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    try:
+        stream = decode_indices(table.joint_coder, table.joint_param, payload, int(starts[-1]), sum(counts))
+    except CodecError as exc:
+        raise CodecError(f"joint index stream: {exc}") from None
+    cuts = np.searchsorted(stream, starts)
+    held = np.diff(cuts)
+    if not np.array_equal(held, counts):
+        bad = int(np.flatnonzero(held != counts)[0])
+        raise CodecError(f"{table.entries[where[bad]].name}: count: the joint index stream gives it "
+                         f"{int(held[bad])} indices, its count says {counts[bad]}")
+    return _Joint(stream, tuple(where), starts, cuts)
+
+
+def _own_indices(e: Entry, payload: bytes) -> np.ndarray:
+    try:
+        return decode_indices(e.index_coder, e.index_param, payload, math.prod(e.shape), e.count)
+    except CodecError as exc:
+        raise CodecError(f"{e.name}: {exc}") from None
+
+
+def _positions(entries: list[Entry], indices: list, joint: _Joint | None) -> np.ndarray:
+    """Every value's position in the (all sparse) tensors laid end to end, in one array."""
+    if joint is not None and len(joint.where) == len(entries):  # the joint stream is in that layout already
+        return joint.stream
+    starts = np.cumsum([0] + [math.prod(e.shape) for e in entries[:-1]])
+    if joint is not None:
+        indices = list(indices)
+        for i, t in enumerate(joint.where):
+            indices[t] = joint.local(i)
+    return np.concatenate([idx + start for idx, start in zip(indices, starts)]).astype(np.int64, copy=False)
+
+
+def _values(entries: list[Entry], stored: list[np.ndarray] | None, scales: list[bytes],
+            whole: np.ndarray | None) -> np.ndarray:
+    """Every tensor's float32 values, in table order, in one array: decoded in one pass from `whole` (every
+    stored value, where the tensors share a value type without block scales), or tensor by tensor. A failed
+    check of the one pass is redone tensor by tensor, to name the tensor."""
+    if whole is not None:
+        vt = entries[0].value_type
+        scale = np.repeat(np.array([e.scale for e in entries], np.float32), [e.count for e in entries]) \
+            if vt == "int8" else 0.0
+        try:
+            return decode_values(whole, vt, scale, "values")
+        except CodecError:  # found again below, with the tensor's name
+            stored = np.split(whole, np.cumsum([e.count for e in entries])[:-1])
+    out = [decode_values(s, e.value_type, e.scale, e.name, count=e.count, block_size=e.block_size, scales=sc)
+           for e, s, sc in zip(entries, stored, scales)]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _open(data: bytes, max_elements: int) -> tuple[Table, memoryview, int]:
+    """Check the preamble and checksum, and parse the table; returns it, the body after the header and the
+    version."""
     if len(data) < _PREAMBLE.size + _TRAILER:
         raise CodecError(f"length: {len(data)} bytes is shorter than the smallest bundle")
     magic, version, flags, reserved, header_size = _PREAMBLE.unpack_from(data)
@@ -150,11 +309,12 @@ def _open(data: bytes, max_elements: int) -> tuple[Table, memoryview]:
     if declared > MAX_HEADER_BYTES:
         raise CodecError(f"header: declares {declared} bytes, more than {MAX_HEADER_BYTES}")
     table = parse_header(zstd_frame.decompress(frame, declared, "header"), max_elements, version)
-    return table, memoryview(data)[_PREAMBLE.size + header_size:len(data) - _TRAILER]
+    return table, memoryview(data)[_PREAMBLE.size + header_size:len(data) - _TRAILER], version
 
 
-def _encode_tensor(name: str, t: Tensor, value_type: str) -> tuple[Entry, bytes, np.ndarray]:
-    """The table entry, index payload (empty unless Sparse) and flat float32 values of one tensor."""
+def _encode_tensor(name: str, t: Tensor, value_type: str) -> tuple[Entry, np.ndarray | None, np.ndarray]:
+    """The table entry, checked indices (Sparse; None otherwise) and flat float32 values of one tensor (the
+    caller codes the indices, alone or in the joint stream)."""
     if not isinstance(name, str):
         raise CodecError(f"name: must be str, got {type(name).__name__}")
     try:
@@ -164,39 +324,22 @@ def _encode_tensor(name: str, t: Tensor, value_type: str) -> tuple[Entry, bytes,
         raise CodecError(f"name: {name!r} is not encodable as UTF-8") from None
     if isinstance(t, Dense):
         values = _finite_float32(t.values, name)
-        return Entry(name, DENSE, value_type, values.shape, values.size), b"", values.reshape(-1)
+        return Entry(name, DENSE, value_type, values.shape, values.size), None, values.reshape(-1)
     if isinstance(t, Sparse):
         shape = _shape(t.shape, name)
         indices = _sorted_indices(t.indices, math.prod(shape), name)
         values = _finite_float32(t.values, name).reshape(-1)
         if values.size != indices.size:
             raise CodecError(f"{name}: values: {values.size} values for {indices.size} indices")
-        coder, param, payload = encode_indices(indices, math.prod(shape))
-        entry = Entry(name, SPARSE, value_type, shape, indices.size, index_coder=coder, index_param=param,
-                      index_size=len(payload))
-        return entry, payload, values
+        return Entry(name, SPARSE, value_type, shape, indices.size), indices, values
     if isinstance(t, Masked):
         shape = _shape(t.shape, name)
         seed, density = _seed(t.seed, name), _density(t.density, name)
         values = _finite_float32(t.values, name).reshape(-1)
         if values.size != mask_size(shape, density):
             raise CodecError(f"{name}: values: {values.size} values, the mask has {mask_size(shape, density)}")
-        return Entry(name, MASKED, value_type, shape, values.size, seed=seed, density=density), b"", values
+        return Entry(name, MASKED, value_type, shape, values.size, seed=seed, density=density), None, values
     raise CodecError(f"{name}: form: {type(t).__name__} is not Dense, Sparse or Masked")
-
-
-def _decode_tensor(e: Entry, index_bytes: bytes, stored: np.ndarray, scales: bytes) -> Tensor:
-    values = decode_values(stored, e.value_type, e.scale, e.name, count=e.count, block_size=e.block_size,
-                           scales=scales)
-    if e.form == DENSE:
-        return Dense(values.reshape(e.shape))
-    if e.form == MASKED:
-        return Masked(e.shape, e.seed, e.density, values)
-    try:
-        indices = decode_indices(e.index_coder, e.index_param, index_bytes, math.prod(e.shape), e.count)
-    except CodecError as exc:
-        raise CodecError(f"{e.name}: {exc}") from None
-    return Sparse(e.shape, indices, values)
 
 
 def _shape(shape, name: str) -> tuple[int, ...]:

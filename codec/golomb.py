@@ -84,10 +84,13 @@ def decode(payload: bytes, m: int, n: int, k: int) -> np.ndarray:
         n_extra = int(np.count_nonzero(long_code))
         if pos + n_extra > bits.size:
             raise CodecError("index_payload: golomb extra-bit stream truncated")
-        extra = bits[pos:pos + n_extra].astype(np.int64)
+        if n_extra:  # the i-th long code takes the i-th extra bit: r = 2 v + bit - u (no masked assignment)
+            rank = np.cumsum(long_code, dtype=np.int64) - 1
+            extra = np.take(bits[pos:pos + n_extra], rank, mode="clip")
+            remainders = first + long_code * (first + extra - u)
+        else:
+            remainders = first
         pos += n_extra
-        remainders = first
-        remainders[long_code] = (first[long_code] << 1 | extra) - u
     ones = np.flatnonzero(bits[pos:].view(bool))
     if ones.size != k:
         raise CodecError(f"index_payload: golomb unary stream has {ones.size} terminators, count says {k}")

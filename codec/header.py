@@ -2,15 +2,17 @@
 
 parse_header checks everything that can be checked without the payloads: enums, name uniqueness and
 encoding, shape against the element cap, count against the shape, and the masked density and count.
+Version 3 adds the joint index stream's record after the planes' (FORMAT.md, "The joint index stream").
 """
 from __future__ import annotations
 
 import math
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .errors import CodecError
-from .index_coding import CODER_NAMES
+from .index_coding import CODER_NAMES, JOINT, STREAM_CODERS
 from .mask import mask_size
 from .values import BLOCK_TYPES, MAX_BLOCK, N_PLANES, VALUE_TYPES
 
@@ -40,11 +42,21 @@ class Table:
     entries: list[Entry]
     plane_codecs: list[int] = field(default_factory=lambda: [RAW] * N_PLANES)  # RAW bytes or one ZSTD frame
     plane_sizes: list[int] = field(default_factory=lambda: [0] * N_PLANES)  # bytes of each plane as stored
+    # version 3: the joint index stream of the entries whose index_coder is JOINT (its coder, param, bytes)
+    joint_coder: int = 0
+    joint_param: int = 0
+    joint_size: int = 0
+
+    @property
+    def joint(self) -> list[Entry]:
+        return [e for e in self.entries if e.form == SPARSE and e.index_coder == JOINT]
 
 
 def pack_header(table: Table) -> bytes:
     out = [struct.pack("<I", len(table.entries))]
     out += [struct.pack("<BQ", c, n) for c, n in zip(table.plane_codecs, table.plane_sizes)]
+    if version_of(table) >= 3:
+        out.append(struct.pack("<BQQ", table.joint_coder, table.joint_param, table.joint_size))
     for e in table.entries:
         name = e.name.encode("utf-8")
         out.append(struct.pack("<H", len(name)) + name)
@@ -62,8 +74,16 @@ def pack_header(table: Table) -> bytes:
 
 
 def version_of(table: Table) -> int:
-    """1, or 2 when a tensor uses a blockwise value type (which version 1 decoders do not know)."""
+    """The oldest version that can say the table: 3 when sparse tensors share the joint index stream, 2 when a
+    tensor uses a blockwise value type, else 1 (older decoders do not know the newer features)."""
+    if table.joint:
+        return 3
     return 2 if any(e.value_type in BLOCK_TYPES for e in table.entries) else 1
+
+
+@lru_cache(maxsize=256)
+def _struct(fmt: str) -> struct.Struct:
+    return struct.Struct(fmt)
 
 
 class _Reader:
@@ -73,11 +93,11 @@ class _Reader:
         self.data, self.pos = data, 0
 
     def take(self, fmt: str, field: str) -> tuple:
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.data):
+        s = _struct(fmt)
+        if self.pos + s.size > len(self.data):
             raise CodecError(f"header: truncated at {field}")
-        values = struct.unpack_from(fmt, self.data, self.pos)
-        self.pos += size
+        values = s.unpack_from(self.data, self.pos)
+        self.pos += s.size
         return values
 
     def raw(self, size: int, field: str) -> bytes:
@@ -85,6 +105,9 @@ class _Reader:
             raise CodecError(f"header: truncated at {field}")
         self.pos += size
         return self.data[self.pos - size:self.pos]
+
+
+_SHAPE_AND_COUNT = [f"<{ndim + 1}Q" for ndim in range(MAX_NDIM + 1)]  # the dims, then count
 
 
 def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
@@ -97,6 +120,11 @@ def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
             raise CodecError(f"plane_codec[{j}]: unknown codec {codec}")
         codecs.append(codec)
         sizes.append(size)
+    joint = (0, 0, 0)
+    if version >= 3:
+        joint = r.take("<BQQ", "joint_coder")
+        if joint[0] not in STREAM_CODERS:
+            raise CodecError(f"joint_coder: unknown coder {joint[0]}")
     entries, names, total = [], set(), 0
     for _ in range(n_tensors):
         e = _parse_entry(r, max_elements - total, max_elements, version)
@@ -107,7 +135,7 @@ def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
         entries.append(e)
     if r.pos != len(data):
         raise CodecError(f"header: {len(data) - r.pos} trailing bytes after the last entry")
-    return Table(entries, codecs, sizes)
+    return Table(entries, codecs, sizes, *joint)
 
 
 def _parse_entry(r: _Reader, budget: int, max_elements: int, version: int) -> Entry:
@@ -126,22 +154,26 @@ def _parse_entry(r: _Reader, budget: int, max_elements: int, version: int) -> En
         raise CodecError(f"{name}: value_type: {VALUE_TYPES[value_type]} needs bundle version 2, this is {version}")
     if ndim > MAX_NDIM:
         raise CodecError(f"{name}: ndim: {ndim} > {MAX_NDIM}")
-    shape = r.take(f"<{ndim}Q", "shape")
+    *shape, count = r.take(_SHAPE_AND_COUNT[ndim], "shape")
     n = math.prod(shape)
     if n > budget:
-        raise CodecError(f"{name}: shape: {shape} takes the bundle past max_elements")
-    if math.prod(d for d in shape if d) > max_elements:  # numpy cannot make (0, 2**62, 2**62) either
-        raise CodecError(f"{name}: shape: {shape} has axes beyond max_elements={max_elements}")
-    (count,) = r.take("<Q", "count")
+        raise CodecError(f"{name}: shape: {tuple(shape)} takes the bundle past max_elements")
+    if not n and math.prod(d for d in shape if d) > max_elements:  # numpy cannot make (0, 2**62, 2**62) either
+        raise CodecError(f"{name}: shape: {tuple(shape)} has axes beyond max_elements={max_elements}")
     e = Entry(name, form, VALUE_TYPES[value_type], tuple(shape), count)
     if form == DENSE and count != n:
         raise CodecError(f"{name}: count: dense tensor of {n} elements declares {count} values")
     if form == SPARSE:
         if count > n:
-            raise CodecError(f"{name}: count: {count} indices exceed the {n} elements of shape {shape}")
+            raise CodecError(f"{name}: count: {count} indices exceed the {n} elements of shape {tuple(shape)}")
         e.index_coder, e.index_param, e.index_size = r.take("<BQQ", "index_coder")
         if e.index_coder not in CODER_NAMES:
             raise CodecError(f"{name}: index_coder: unknown coder {e.index_coder}")
+        if e.index_coder == JOINT:
+            if version < 3:
+                raise CodecError(f"{name}: index_coder: the joint stream needs bundle version 3, this is {version}")
+            if e.index_param or e.index_size:
+                raise CodecError(f"{name}: index_coder: a joint entry has index_param and index_size 0")
     if form == MASKED:
         e.seed, e.density = r.take("<Qd", "seed")
         if not 0.0 <= e.density <= 1.0:  # also false for NaN

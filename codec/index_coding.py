@@ -14,8 +14,9 @@ import numpy as np
 from . import golomb, rans
 from .errors import CodecError
 
-NONE, GOLOMB, RANS = 0, 1, 2
-CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans"}
+NONE, GOLOMB, RANS, JOINT = 0, 1, 2, 3
+STREAM_CODERS = {NONE: "none", GOLOMB: "golomb", RANS: "rans"}  # what codes a stream of indices
+CODER_NAMES = {**STREAM_CODERS, JOINT: "joint"}  # an entry's: its own stream, or a share of the joint one
 RANS_MIN_GAIN = 0.005  # rANS must be expected to save this fraction over Golomb to be worth its time
 
 
@@ -58,4 +59,4 @@ def decode_indices(coder: int, param: int, payload: bytes, n: int, k: int) -> np
         return golomb.decode(payload, param, n, k)
     if coder == RANS:
         return rans.decode(payload, param, n, k)
-    raise CodecError(f"index_coder: unknown coder {coder}")
+    raise CodecError(f"index_coder: {CODER_NAMES.get(coder, coder)} is not a coder of an index stream")

@@ -186,6 +186,9 @@ def pack_planes(stored: list[np.ndarray]) -> list[bytes]:
 
 
 def plane_sizes(value_types: list[str], counts: list[int]) -> list[int]:
+    if len(set(value_types)) == 1 and value_types[0] != "int4_block":  # one type: its item size's planes
+        total = sum(counts)
+        return [total if ITEM_SIZE[value_types[0]] > j else 0 for j in range(N_PLANES)]
     return [sum(stored_count(t, c) for t, c in zip(value_types, counts) if ITEM_SIZE[t] > j)
             for j in range(N_PLANES)]
 
@@ -200,6 +203,16 @@ def unpack_planes(planes: list[bytes], value_types: list[str], counts: list[int]
                 a[:, j] = buf[pos:pos + a.shape[0]]
                 pos += a.shape[0]
     return [a.view(_STORAGE[t]).reshape(-1) for a, t in zip(out, value_types)]
+
+
+def unpack_uniform(planes: list[bytes], value_type: str) -> np.ndarray:
+    """Every value of a bundle whose tensors share one value type (not int4_block), in its storage dtype."""
+    size = ITEM_SIZE[value_type]
+    columns = [np.frombuffer(p, np.uint8) for p in planes[:size]]
+    whole = np.empty((columns[0].size, size), np.uint8)
+    for j, c in enumerate(columns):
+        whole[:, j] = c
+    return whole.view(_STORAGE[value_type]).reshape(-1)
 
 
 def _to_bfloat16(values: np.ndarray) -> np.ndarray:

@@ -6,9 +6,10 @@ deltas (trained - received) are `add`ed to it as they arrive (after `clip`), and
 opt_state)` returns the new weights and server-optimizer state, which live in ServerState (checkpointed).
 
 - fedavg: the (example-weighted) mean delta; `clip_norm` scales each delta to global L2 norm <= C first.
-  Memory: one running sum, whatever the number of devices. A delta's tensors come in the form they travelled
-  (`Delta`): a dense array, or codec.Sparse (a top-k upload's, or a masked upload's values at the mask's
-  indices), whose k values are added at their k indices: the work per upload grows with what was sent.
+  Memory: one running sum, whatever the number of devices. A delta comes in the form it travelled (`Delta`):
+  per tensor a dense array or codec.Sparse (a masked upload's values at the mask's indices), or, for a top-k
+  upload, one FlatSparse over every tensor laid end to end; k values are added at their k indices, in one
+  step for a FlatSparse: the work per upload grows with what was sent, not with the model or its tensors.
 - fedadam: the same mean delta as a negative pseudo-gradient for a server AdamW (Reddi et al. 2021, Alg. 2).
 - median / trimmed-mean: coordinate-wise median, or the mean after dropping the floor(beta K) largest and
   smallest values of each coordinate (Yin et al. 2018): robust to a minority of arbitrary updates. Memory:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -30,9 +32,61 @@ from edgelora.configtools import ConfigError
 from edgelora.schema import DpFedAvgConfig, FedAdamConfig, FedAvgConfig, MedianConfig, TrimmedMeanConfig
 
 Arrays = dict[str, np.ndarray]
-# A device's delta, each tensor in the form it travelled: dense, or codec.Sparse (sorted unique flat indices
-# and their values; everything else is zero). Round.check returns one, Round.accept aggregates it.
-Delta = dict[str, "np.ndarray | codec.Sparse"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Tensors laid end to end in one flat vector, in this order: tensor i takes [starts[i], starts[i + 1])."""
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, shapes: dict[str, tuple[int, ...]]) -> "Layout":
+        return cls(tuple(shapes), tuple(tuple(s) for s in shapes.values()))
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        out = np.zeros(len(self.names) + 1, np.int64)
+        np.cumsum([math.prod(s) for s in self.shapes], out=out[1:])
+        return out
+
+    @property
+    def size(self) -> int:
+        return int(self.starts[-1])
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Each tensor's part of `flat`, shaped (views: writing to one writes to `flat`)."""
+        s = self.starts
+        return {n: flat[s[i]:s[i + 1]].reshape(shape) for i, (n, shape) in enumerate(zip(self.names, self.shapes))}
+
+
+@dataclass(frozen=True, eq=False)
+class FlatSparse:
+    """A sparse delta over every tensor of `layout` at once: strictly increasing positions in the layout's flat
+    vector and their float32 values; everything else is zero. A top-k upload reaches the aggregator in this
+    form (codec.decode_flat), so its norm, clipping and running sum are each one whole-array step, however
+    many tensors it spans."""
+    layout: Layout
+    positions: np.ndarray  # int64
+    values: np.ndarray  # float32
+
+    def __post_init__(self) -> None:
+        """ValueError unless positions and values are what the accumulator relies on (check_coordinates): a
+        FlatSparse that exists is one it may add without looking again."""
+        check_coordinates(codec.Sparse((self.layout.size,), self.positions, self.values))
+
+    def tensors(self) -> dict[str, codec.Sparse]:
+        """The same delta, tensor by tensor."""
+        cuts = np.searchsorted(self.positions, self.layout.starts)
+        return {n: codec.Sparse(shape, self.positions[cuts[i]:cuts[i + 1]] - self.layout.starts[i],
+                                self.values[cuts[i]:cuts[i + 1]])
+                for i, (n, shape) in enumerate(zip(self.layout.names, self.layout.shapes))}
+
+
+# A device's delta in the form it travelled: per tensor dense, or codec.Sparse (sorted unique flat indices and
+# their values; everything else is zero), or one FlatSparse over every tensor. Round.check returns one,
+# Round.accept aggregates it.
+Delta = "dict[str, np.ndarray | codec.Sparse] | FlatSparse"
 
 
 def check_coordinates(t: codec.Sparse) -> None:
@@ -51,6 +105,11 @@ def check_coordinates(t: codec.Sparse) -> None:
 def densify(name: str, t) -> np.ndarray:
     """The float32 array a tensor of a Delta stands for (what the robust aggregators hold)."""
     return codec.to_dense(name, t) if isinstance(t, codec.Sparse) else np.asarray(t, np.float32)
+
+
+def by_tensor(delta: Delta) -> dict:
+    """A Delta as a dict of tensors (a FlatSparse cut into its tensors)."""
+    return delta.tensors() if isinstance(delta, FlatSparse) else delta
 
 
 def _flat_values(t) -> np.ndarray:
@@ -77,6 +136,10 @@ class RunningMean:
       its sum is k float64 values (AtIndices), added to in order like a dense array of k;
     - once indices differ (top-k) or a dense upload comes, the tensor's float64 sum is made whole, once per
       round, and a sparse upload adds at its indices (one fancy-index `+=`: they are unique, check_coordinates).
+    A FlatSparse (a top-k upload over every tensor) that starts a round makes the sum one float64 vector over
+    its layout, with each tensor's sum a view of it; every later FlatSparse of the round is added in one
+    fancy-index step. (A dict delta after it turns the sum back into tensors: its views, and the -0.0
+    positions cut per tensor.)
     Either way the sum is bit for bit the dense path's (sum += weight x the dense delta): weight x 0.0 = +0.0
     changes no number, and the one bit it changes (-0.0 + +0.0 = +0.0) is reproduced where a sparse add
     skips a -0.0 entry (rare: a sum entry is -0.0 only where the values added there were -0.0)."""
@@ -87,6 +150,8 @@ class RunningMean:
         self.count = 0
         # flat positions of a whole sum holding -0.0 (absent: none; None: unknown, a dense add came last)
         self._minus_zeros: dict[str, np.ndarray | None] = {}
+        self._flat: tuple[Layout, np.ndarray] | None = None  # the sum as one vector, while FlatSparse adds come
+        self._flat_minus = np.zeros(0, np.int64)  # its -0.0 positions
 
     @property
     def sum(self) -> Arrays:
@@ -103,6 +168,14 @@ class RunningMean:
     def add(self, delta: Delta, weight: float) -> None:
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
+        if isinstance(delta, FlatSparse):
+            if not self._sums or (self._flat is not None and self._flat[0] == delta.layout):
+                self._add_flat(delta, weight)  # checked when it was made
+                self.weight += weight
+                self.count += 1
+                return
+            delta = delta.tensors()
+        self._unflatten()
         for k, v in delta.items():  # every tensor checked before any is added: a refused delta adds nothing
             held = self._sums.get(k)
             if isinstance(v, codec.Sparse) and not (isinstance(held, AtIndices) and v.indices is held.indices):
@@ -122,6 +195,33 @@ class RunningMean:
                 self._minus_zeros[k] = None
         self.weight += weight
         self.count += 1
+
+    def _add_flat(self, delta: FlatSparse, weight: float) -> None:
+        pos = delta.positions
+        products = delta.values.astype(np.float64)
+        products *= weight
+        if self._flat is None:  # the round's first add: weight x delta, +0.0 elsewhere
+            flat = np.zeros(delta.layout.size, np.float64)
+            flat[pos] = products
+            self._flat = (delta.layout, flat)
+            self._sums = delta.layout.views(flat)
+            self._flat_minus = pos[products.view(np.uint64) == _MINUS_ZERO]
+            return
+        flat = self._flat[1]
+        self._skip_minus_zeros(flat, self._flat_minus, pos)
+        flat[pos] += products
+        maybe = pos[products.view(np.uint64) == _MINUS_ZERO]
+        self._flat_minus = maybe[flat[maybe].view(np.uint64) == _MINUS_ZERO]
+
+    def _unflatten(self) -> None:
+        """Back to a sum per tensor (its views of the vector stay), -0.0 positions cut per tensor."""
+        if self._flat is None:
+            return
+        layout, minus = self._flat[0], self._flat_minus
+        cuts = np.searchsorted(minus, layout.starts)
+        self._minus_zeros = {n: minus[cuts[i]:cuts[i + 1]] - layout.starts[i] for i, n in enumerate(layout.names)
+                             if cuts[i + 1] > cuts[i]}
+        self._flat = None
 
     def _add_sparse(self, name: str, t: codec.Sparse, weight: float) -> None:
         idx = t.indices
@@ -211,7 +311,7 @@ class UpdateList:
     def add(self, delta: Delta, weight: float) -> None:
         """Sparse tensors are densified: an order statistic needs every coordinate of every delta."""
         self.deltas.append({k: densify(k, v) if isinstance(v, codec.Sparse) else v.astype(np.float32)
-                            for k, v in delta.items()})
+                            for k, v in by_tensor(delta).items()})
         self.count += 1
 
     def stacked(self, name: str) -> np.ndarray:
@@ -229,6 +329,10 @@ def _sum_of_squares(t) -> float:
 
 
 def global_norm(delta: Delta) -> float:
+    """The L2 norm over every tensor together: per tensor, then summed (a FlatSparse: over its values at once,
+    the same number up to float64 rounding)."""
+    if isinstance(delta, FlatSparse):
+        return float(np.sqrt(_sum_of_squares(delta.values)))
     return float(np.sqrt(sum(_sum_of_squares(v) for v in delta.values())))
 
 
@@ -239,6 +343,8 @@ def clip_to_norm(delta: Delta, c: float, norm: float | None = None) -> Delta:
     if norm <= c:
         return delta
     scale = c / norm
+    if isinstance(delta, FlatSparse):
+        return FlatSparse(delta.layout, delta.positions, (delta.values * scale).astype(np.float32))
     return {k: codec.Sparse(v.shape, v.indices, (v.values * scale).astype(np.float32))
             if isinstance(v, codec.Sparse) else (v * scale).astype(np.float32) for k, v in delta.items()}
 

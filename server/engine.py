@@ -30,7 +30,7 @@ from edgelora.sparsity import topk_count
 from edgelora.state import ServerState
 from edgelora.tasks import Coordinates, DeviceInfo, PhaseTimes, SecureUpload, Stage, Task, UploadFormat
 
-from .aggregation import Delta, check_coordinates, global_norm, make_aggregator
+from .aggregation import Delta, FlatSparse, Layout, check_coordinates, global_norm, make_aggregator
 from .secure import SecureRound
 
 log = logging.getLogger("edgelora.server")
@@ -93,6 +93,11 @@ class DevicePlan:
     def entries(self) -> int:
         """N: trainable entries over every tensor (what top-k densities and the decode bound count)."""
         return sum(math.prod(s) for s in self.shapes.values())
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The tensors laid end to end in plan order: a top-k upload's FlatSparse is over this."""
+        return Layout.of(self.shapes)
 
 
 class Round:
@@ -512,9 +517,13 @@ class RoundEngine:
         tensor keeps the size it travelled at (sent_form): a top-k or masked upload is never made dense here,
         so the server's work per upload grows with the entries sent, not with the model."""
         try:
-            tensors = codec.decode_bundle(payload, max_elements=max(1, plan.entries))
+            flat = codec.decode_flat(payload, max_elements=max(1, plan.entries))
         except codec.CodecError as e:
             raise UpdateRejected(Refusal.INVALID, f"payload: {e}") from None
+        if (plan.task.upload.format == UploadFormat.TOPK and flat.all_sparse
+                and flat.names == plan.layout.names and flat.shapes == plan.layout.shapes):
+            return self._flat_topk(plan, flat)
+        tensors = flat.tensors()
         missing = sorted(set(plan.shapes) - set(tensors))
         extra = sorted(set(tensors) - set(plan.shapes))
         if extra:
@@ -554,6 +563,25 @@ class RoundEngine:
                 raise UpdateRejected(Refusal.INVALID, f"top-k upload carries {total_nnz} entries; this device's plan "
                                                 f"({plan.instruction.describe()}) allows {k}")
         return delta
+
+    def _flat_topk(self, plan: DevicePlan, flat: codec.Flat) -> FlatSparse:
+        """A top-k upload whose tensors are the plan's, in its order, all Sparse (what devices send): checked
+        and handed on as one FlatSparse, each check one whole-array step (the codec has checked the indices)."""
+        k = topk_count(plan.entries, plan.task.upload.density)
+        if flat.values.size > k:
+            raise UpdateRejected(Refusal.INVALID, f"top-k upload carries {flat.values.size} entries; this device's "
+                                                  f"plan ({plan.instruction.describe()}) allows {k}")
+        magnitude = np.abs(flat.values)
+        if magnitude.size and float(magnitude.max()) > self.run.server.max_update_abs:
+            at = int(np.argmax(magnitude > self.run.server.max_update_abs))  # the first tensor over the cap
+            t = int(np.searchsorted(flat.starts, at, side="right")) - 1
+            peak = float(magnitude[flat.starts[t]:flat.starts[t + 1]].max())
+            raise UpdateRejected(Refusal.INVALID, f"tensor {flat.names[t]}: |delta| reaches {peak:.3g}, above "
+                                                  f"server.max_update_abs = {self.run.server.max_update_abs:g}")
+        try:
+            return FlatSparse(plan.layout, flat.positions, flat.values)
+        except ValueError as e:
+            raise UpdateRejected(Refusal.INVALID, f"positions: {e}") from None
 
     @staticmethod
     def _expected_form(plan: DevicePlan, name: str) -> type:

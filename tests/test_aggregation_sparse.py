@@ -3,6 +3,7 @@
 aggregator's result are bit for bit those of the dense path."""
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -17,6 +18,8 @@ from edgelora.server.aggregation import (
     DpFedAvg,
     FedAdam,
     FedAvg,
+    FlatSparse,
+    Layout,
     Median,
     RunningMean,
     clip_to_norm,
@@ -182,6 +185,105 @@ def test_aggregators_give_the_dense_paths_bits_on_random_sparse_updates(make):
     assert clipped > 0 or getattr(aggregator.cfg, "clip_norm", 0) == 0  # the clipped cases did clip
 
 
+def _random_flat(rng, layout: Layout, minus_zeros=True) -> FlatSparse:
+    k = int(rng.integers(0, layout.size + 1))
+    values = rng.normal(size=k).astype(np.float32)
+    if minus_zeros and k:
+        values[rng.random(k) < 0.2] = -0.0
+        values[rng.random(k) < 0.1] = 0.0
+    return FlatSparse(layout, np.sort(rng.choice(layout.size, k, replace=False)), values)
+
+
+@pytest.mark.parametrize("make", [
+    lambda run: FedAvg(FedAvgConfig()),
+    lambda run: FedAvg(FedAvgConfig(weighted=False, clip_norm=2.5)),
+    lambda run: FedAdam(FedAdamConfig(lr=0.05, clip_norm=4.0)),
+    lambda run: DpFedAvg(run.aggregator, run),
+], ids=["fedavg", "fedavg-clipped", "fedadam-clipped", "dp-fedavg"])
+def test_flat_uploads_give_the_dense_paths_bits(make):
+    """A round of FlatSparse uploads (a top-k upload over every tensor at once, -0.0 values included) sums, and
+    every aggregator finishes, bit for bit as the same deltas made dense tensor by tensor; clipping scales
+    both by the flat delta's norm."""
+    run = load_config(tiny_raw(server={"devices_per_round": 5}, data={"num_devices": 5},
+                               aggregator={"name": "dp-fedavg", "clip_norm": 1.5, "noise_multiplier": 0.5}))
+    aggregator = make(run)
+    rng = np.random.default_rng(8)
+    layout = Layout.of({"a": (3, 4), "b": (7,), "c": (16, 5), "empty": (0,)})
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in zip(layout.names, layout.shapes)}
+    for rnd in range(1, 16):
+        acc, ref = aggregator.start(), aggregator.start()
+        for _ in range(int(rng.integers(1, 6))):
+            delta, w = _random_flat(rng, layout), aggregator.weight(int(rng.integers(1, 300)))
+            norm = global_norm(delta)
+            acc.add(aggregator.clip(delta, norm), w)
+            ref.add(aggregator.clip({k: densify(k, v) for k, v in delta.tensors().items()}, norm), w)
+        assert list(acc.sum) == list(ref.sum)
+        for k in ref.sum:
+            assert bits(acc.sum[k]) == bits(ref.sum[k]), (rnd, k)
+        ours, _ = aggregator.finish(params, acc, {}, rnd)
+        theirs, _ = aggregator.finish(params, ref, {}, rnd)
+        for k in params:
+            assert bits(ours[k]) == bits(theirs[k]), (rnd, k)
+
+
+def test_flat_and_tensor_deltas_mix_in_one_sum_bit_for_bit():
+    """Flat, flat, then per-tensor (sparse and dense), then flat again: the sum turns back into tensors when a
+    per-tensor delta comes, carrying its -0.0 entries along, and stays the dense path's bits throughout."""
+    rng = np.random.default_rng(9)
+    layout = Layout.of({"a": (3, 4), "b": (9,)})
+    acc, ref = RunningMean(), RunningMean()
+    steps = [_random_flat(rng, layout), _random_flat(rng, layout),
+             {"a": _random_sparse(rng, (3, 4)), "b": rng.normal(size=9).astype(np.float32)},
+             _random_flat(rng, layout), {"a": _random_sparse(rng, (3, 4)), "b": _random_sparse(rng, (9,))}]
+    for i, delta in enumerate(steps):
+        w = float(rng.choice([1.0, 0.37, 3.0]))
+        acc.add(delta, w)
+        tensors = delta.tensors() if isinstance(delta, FlatSparse) else delta
+        ref.add({k: densify(k, v) for k, v in tensors.items()}, w)
+        for k in ref.sum:
+            assert bits(acc.sum[k]) == bits(ref.sum[k]), (i, k)
+    for k, v in acc.mean().items():
+        assert bits(v) == bits(ref.mean()[k])
+
+
+def test_a_flat_minus_zero_ends_as_the_dense_path_leaves_it():
+    layout = Layout.of({"a": (2, 2), "b": (3,)})
+    acc, ref = RunningMean(), RunningMean()
+    for positions, values, w in (([1, 5], [-0.0, -0.0], 1.0), ([5], [-0.0], 2.0), ([0], [1.0], 1.0)):
+        delta = FlatSparse(layout, np.array(positions), np.array(values, np.float32))
+        acc.add(delta, w)
+        ref.add({k: densify(k, v) for k, v in delta.tensors().items()}, w)
+        for k in ref.sum:
+            assert bits(acc.sum[k]) == bits(ref.sum[k])
+    assert not any(np.signbit(v).any() for v in acc.sum.values())
+
+
+def test_flat_norm_and_clipping_keep_the_form_by_hand():
+    """3 and 4 in tensor a (2x2), 12 in tensor b: norm 13 either way; clipped to 6.5, every value halves and
+    the delta stays one FlatSparse; the robust aggregators take it tensor by tensor."""
+    layout = Layout.of({"a": (2, 2), "b": (5,)})
+    delta = FlatSparse(layout, np.array([0, 3, 4]), np.array([3, 4, 12], np.float32))
+    assert global_norm(delta) == global_norm(delta.tensors()) == 13.0
+    clipped = clip_to_norm(delta, 6.5)
+    assert isinstance(clipped, FlatSparse) and clipped.layout is layout
+    np.testing.assert_array_equal(clipped.values, [1.5, 2, 6])
+    assert clip_to_norm(delta, 13.0) is delta
+    med = Median(MedianConfig())
+    acc = med.start()
+    acc.add(delta, 1.0)
+    out, _ = med.finish({"a": np.zeros((2, 2), np.float32), "b": np.zeros(5, np.float32)}, acc, {})
+    np.testing.assert_array_equal(out["a"].reshape(-1), [3, 0, 0, 4])
+    np.testing.assert_array_equal(out["b"], [12, 0, 0, 0, 0])
+
+
+def test_flat_norm_is_the_tensor_norm_up_to_rounding():
+    rng = np.random.default_rng(10)
+    layout = Layout.of({f"t{i}": (int(rng.integers(1, 300)),) for i in range(6)})
+    for _ in range(30):
+        delta = _random_flat(rng, layout)
+        assert global_norm(delta) == pytest.approx(global_norm(delta.tensors()), rel=1e-12, abs=0)
+
+
 def test_robust_aggregators_densify_each_sparse_delta():
     med = Median(MedianConfig())
     acc = med.start()
@@ -226,7 +328,8 @@ def _no_densifying(monkeypatch):
 
 def test_a_topk_round_by_hand_adds_the_sparse_form(monkeypatch):
     """Top-k at density 1/4 of a 3x4 tensor (k = 3), 2 devices weighted by examples (1 and 3): the new weights
-    are the hand-computed mean, and the accumulator was handed codec.Sparse, never a dense array."""
+    are the hand-computed mean, and the accumulator was handed the upload as one FlatSparse over the round's
+    tensors, never a dense array."""
     _no_densifying(monkeypatch)
     seen = []
     add = RunningMean.add
@@ -234,11 +337,44 @@ def test_a_topk_round_by_hand_adds_the_sparse_form(monkeypatch):
     engine, state, rnd = _round({"w": (3, 4)}, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, 0.25)
     _deliver(rnd, "0", {"w": sparse((3, 4), [1, 5, 11], [1, 2, 3])}, 1)
     _deliver(rnd, "1", {"w": sparse((3, 4), [5, 6], [10, 20])}, 3)
-    assert [type(d["w"]) for d in seen] == [codec.Sparse, codec.Sparse]
-    np.testing.assert_array_equal(seen[1]["w"].indices, [5, 6])
+    assert [type(d) for d in seen] == [FlatSparse, FlatSparse]
+    np.testing.assert_array_equal(seen[1].positions, [5, 6])
     assert rnd.record.devices["1"].update_norm == pytest.approx(np.sqrt(500))
     new, _ = engine.finish(state, rnd.agg, {})
     np.testing.assert_array_equal(new.params["w"], [[0, 0.25, 0, 0], [0, 8, 15, 0], [0, 0, 0, 0.75]])
+
+
+def test_a_topk_upload_in_plan_order_arrives_flat_and_any_order_gives_the_same_weights(monkeypatch):
+    """Three tensors, top-k 1/4: bundles in the plan's order (what devices send) reach the accumulator as one
+    FlatSparse; the same tensors in another order are checked tensor by tensor. The new weights agree bit for
+    bit, and neither path makes a sparse upload dense."""
+    _no_densifying(monkeypatch)
+    shapes = {"a": (4, 6), "b": (10,), "c": (3, 3)}
+    rng = np.random.default_rng(12)
+    uploads = [({n: _random_sparse(rng, s, minus_zeros=False) for n, s in shapes.items()}, int(rng.integers(1, 9)))
+               for _ in range(3)]
+    uploads = [({n: codec.Sparse(t.shape, t.indices[:len(t.indices) // 4], t.values[:len(t.indices) // 4])
+                 for n, t in u.items()}, w) for u, w in uploads]  # within k = ceil(43 / 4)
+    results = []
+    for order in (list(shapes), ["c", "a", "b"]):
+        engine, state, rnd = _round(shapes, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, 0.25, 3)
+        forms = [type(_deliver(rnd, str(d), {n: u[n] for n in order}, w)) for d, (u, w) in enumerate(uploads)]
+        assert forms == ([FlatSparse] * 3 if order == list(shapes) else [dict] * 3)
+        results.append(engine.finish(state, rnd.agg, {})[0].params)
+    for n in shapes:
+        assert bits(results[0][n]) == bits(results[1][n])
+
+
+def test_flat_upload_checks_name_the_tensor():
+    shapes = {"a": (3, 4), "b": (6,)}
+    engine, state, rnd = _round(shapes, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, 0.25)
+    too_big = codec.encode_bundle({"a": sparse((3, 4), [4], [2.0]), "b": sparse((6,), [1, 2], [3.0, -1500.0])})
+    assert too_big[4] == 3  # the joint stream: the flat path
+    with pytest.raises(UpdateRejected, match=r"tensor b: \|delta\| reaches 1\.5e\+03"):
+        rnd.check("0", too_big, 1)
+    too_many = codec.encode_bundle({"a": sparse((3, 4), [0, 1, 2, 3], [1] * 4), "b": sparse((6,), [0, 1], [1, 1])})
+    with pytest.raises(UpdateRejected, match=r"carries 6 entries; .* allows 5"):  # k = ceil(18 / 4)
+        rnd.check("0", too_many, 1)
 
 
 def test_a_masked_upload_arrives_at_the_masks_indices_derived_once(monkeypatch):
@@ -276,9 +412,13 @@ def test_an_upload_with_repeated_indices_is_refused_before_it_is_added(monkeypat
     decoder ever hand them over, the upload is refused as INVALID, not added once where it said twice."""
     engine, state, rnd = _round({"w": (3, 4)}, Structure(kind=StructureKind.FULL), UploadFormat.TOPK, 0.5)
     payload = codec.encode_bundle({"w": sparse((3, 4), [1, 2], [1, 1])})
-    monkeypatch.setattr(codec, "decode_bundle", lambda data, max_elements: {"w": sparse((3, 4), [2, 2], [1, 1])})
-    with pytest.raises(UpdateRejected, match="tensor w: indices must be strictly increasing"):
+    decode_flat = codec.decode_flat
+    monkeypatch.setattr(codec, "decode_flat", lambda data, max_elements: dataclasses.replace(
+        decode_flat(data, max_elements=max_elements), positions=np.array([2, 2])))
+    with pytest.raises(UpdateRejected, match="positions: indices must be strictly increasing"):
         rnd.check("0", payload, 1)
+    with pytest.raises(ValueError, match="strictly increasing"):  # nor can anything else make one
+        FlatSparse(Layout.of({"w": (3, 4)}), np.array([2, 2]), np.ones(2, np.float32))
 
 
 def _traced_peak(fn) -> int:

@@ -66,7 +66,7 @@ def test_every_truncation_is_rejected():
 
 
 @pytest.mark.parametrize("preamble,field", [
-    ((b"ELCX", 1, 0, 0), "magic"), ((b"ELCB", 3, 0, 0), "version"), ((b"ELCB", 0, 0, 0), "version"),
+    ((b"ELCX", 1, 0, 0), "magic"), ((b"ELCB", 4, 0, 0), "version"), ((b"ELCB", 0, 0, 0), "version"),
     ((b"ELCB", 1, 1, 0), "flags"), ((b"ELCB", 1, 0, 9), "flags")])
 def test_preamble_fields(preamble, field):
     with pytest.raises(codec.CodecError, match=field):
