@@ -46,7 +46,7 @@ import numpy as np
 from edgelora import codec
 from edgelora.config import load_config
 from edgelora.methods.base import Method, MethodConfig
-from edgelora.server.aggregation import densify
+from edgelora.server.aggregation import by_tensor, densify
 from edgelora.server.engine import RoundEngine
 from edgelora.sparsity import global_topk
 from edgelora.state import ServerState
@@ -160,7 +160,7 @@ def measure(structure: str, density: float, uploads: int, densified: bool) -> di
         cpu, start = time.process_time(), time.perf_counter()
         delta = rnd.check(d, payload, 8)
         if dense_first:  # what the coordinator did before: every tensor dense before the add
-            delta = {n: densify(n, t) for n, t in delta.items()}
+            delta = {n: densify(n, t) for n, t in by_tensor(delta).items()}
         checked = time.perf_counter()
         rnd.accept(d, delta, 8, 0.0, PhaseTimes(), len(payload))
         return checked - start, time.perf_counter() - checked, time.process_time() - cpu

@@ -117,10 +117,9 @@ def mutate_entry_field(rng, data):
     e = table.entries[i]
     field = str(rng.choice(["shape", "count", "index_param", "index_size", "seed", "density", "scale", "plane",
                             "joint"]))
-    if field == "joint":  # the joint stream's record (written only in version 3 headers)
-        name = str(rng.choice(["joint_coder", "joint_param", "joint_size"]))
-        value = int(rng.choice(EXTREMES)) if rng.random() < 0.5 else getattr(table, name) + int(rng.integers(-3, 4))
-        setattr(table, name, max(0, min(255 if name == "joint_coder" else 2**64 - 1, value)))
+    if field == "joint":  # the joint stream's size (written only in version 3 headers)
+        value = int(rng.choice(EXTREMES)) if rng.random() < 0.5 else table.joint_size + int(rng.integers(-3, 4))
+        table.joint_size = max(0, min(2**64 - 1, value))
     elif field == "shape":
         e.shape = tuple(int(rng.choice([0, 1, 3, 2**20, 2**31, 2**62])) for _ in range(rng.integers(0, 4)))
     elif field in ("count", "index_param", "index_size", "seed"):

@@ -24,3 +24,4 @@ def read_fixed_width(bits: np.ndarray, count: int, width: int) -> np.ndarray:
         out <<= 1
         out |= columns[:, j]
     return out.astype(np.int64)
+

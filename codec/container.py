@@ -18,10 +18,10 @@ from typing import Mapping
 
 import numpy as np
 
-from . import zstd_frame
+from . import golomb, zstd_frame
 from .errors import CodecError
 from .header import DENSE, MASKED, SPARSE, ZSTD, Entry, Table, pack_header, parse_header, version_of
-from .index_coding import JOINT, decode_indices, encode_indices
+from .index_coding import GOLOMB, JOINT, decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor
 from .values import (BLOCK_TYPES, DEFAULT_BLOCK, MAX_BLOCK, check_rounding, check_value_type, decode_values,
@@ -72,21 +72,25 @@ def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32",
         scale_payloads.append(scales)
         stored.append(stored_values)
     table, planes = Table(entries), pack_planes(stored)
-    joint = joint_indices and sum(e.form == SPARSE for e in entries) >= 2
-    side_payloads = [b""] if joint else []
-    for e, idx, scales in zip(entries, indices, scale_payloads):
-        if e.form == SPARSE and not joint:
-            e.index_coder, e.index_param, payload = encode_indices(idx, math.prod(e.shape))
-            e.index_size = len(payload)
-            scales = payload + scales
-        elif e.form == SPARSE:
-            e.index_coder = JOINT
+    coders = [encode_indices(idx, math.prod(e.shape), golomb_payload=False) if e.form == SPARSE else None
+              for e, idx in zip(entries, indices)]
+    # tensors whose smallest coding is Golomb share one stream, each under its own m, where two or more do
+    joint = joint_indices and sum(c is not None and c[0] == GOLOMB for c in coders) >= 2
+    side_payloads, joint_gaps, joint_ms = [b""] if joint else [], [], []
+    for e, idx, c, scales in zip(entries, indices, coders, scale_payloads):
+        if c is not None:
+            e.index_coder, e.index_param, payload = c
+            if c[0] == GOLOMB and joint:
+                e.index_coder = JOINT
+                joint_gaps.append(golomb.gaps_of(idx))
+                joint_ms.append(c[1])
+            else:
+                payload = golomb.encode(golomb.gaps_of(idx), c[1]) if c[0] == GOLOMB else payload
+                e.index_size = len(payload)
+                scales = payload + scales
         side_payloads.append(scales)
     if joint:
-        sparse = [(e, idx) for e, idx in zip(entries, indices) if e.form == SPARSE]
-        starts = np.cumsum([0] + [math.prod(e.shape) for e, _ in sparse])
-        positions = np.concatenate([idx + start for (_, idx), start in zip(sparse, starts)])
-        table.joint_coder, table.joint_param, side_payloads[0] = encode_indices(positions, int(starts[-1]))
+        side_payloads[0] = golomb.encode_joint(joint_gaps, joint_ms)
         table.joint_size = len(side_payloads[0])
     for j, plane in enumerate(planes):
         packed = zstd_frame.compress(plane, level)
@@ -151,7 +155,7 @@ class Flat:
         indices = list(self._indices)
         if self._joint is not None:
             for i, t in enumerate(self._joint.where):
-                indices[t] = self._joint.local(i)
+                indices[t] = self._joint.indices(i)
         out = {}
         for t, e in enumerate(self._entries):
             values = self.values[self.starts[t]:self.starts[t + 1]]
@@ -219,35 +223,33 @@ def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEM
 
 @dataclass(frozen=True)
 class _Joint:
-    """The joint stream decoded: `stream`, its indices over the joint tensors laid end to end; `where`, those
-    tensors' places in the table; tensor where[i]'s indices are stream[cuts[i]:cuts[i + 1]] - starts[i]."""
-    stream: np.ndarray
+    """The joint stream decoded: `where`, its tensors' places in the table; `local`, their indices one after
+    another (tensor where[i]'s are local[cuts[i]:cuts[i + 1]])."""
+    local: np.ndarray
     where: tuple[int, ...]
-    starts: np.ndarray
     cuts: np.ndarray
 
-    def local(self, i: int) -> np.ndarray:
-        return self.stream[self.cuts[i]:self.cuts[i + 1]] - self.starts[i]
+    def indices(self, i: int) -> np.ndarray:
+        return self.local[self.cuts[i]:self.cuts[i + 1]]
 
 
-def _joint_indices(table: Table, payload: bytes) -> _Joint:
-    """Decode the joint stream and check each joint tensor's share against its count."""
+def _joint_indices(table: Table, payload: bytes) -> _Joint | None:
+    """Decode the joint stream (its tensors' m, n and counts were checked with the header)."""
     where = [t for t, e in enumerate(table.entries) if e.form == SPARSE and e.index_coder == JOINT]
-    sizes = [math.prod(table.entries[t].shape) for t in where]
-    counts = [table.entries[t].count for t in where]
-    starts = np.zeros(len(where) + 1, np.int64)
-    np.cumsum(sizes, out=starts[1:])
+    if not where:
+        if payload:
+            raise CodecError(f"joint_size: {len(payload)} bytes of joint index stream, and no tensor says joint")
+        return None
+    joint = [table.entries[t] for t in where]
+    counts = np.array([e.count for e in joint], np.int64)
     try:
-        stream = decode_indices(table.joint_coder, table.joint_param, payload, int(starts[-1]), sum(counts))
+        local = golomb.decode_joint(payload, np.array([e.index_param for e in joint], np.int64),
+                                    np.array([math.prod(e.shape) for e in joint], np.int64), counts)
     except CodecError as exc:
         raise CodecError(f"joint index stream: {exc}") from None
-    cuts = np.searchsorted(stream, starts)
-    held = np.diff(cuts)
-    if not np.array_equal(held, counts):
-        bad = int(np.flatnonzero(held != counts)[0])
-        raise CodecError(f"{table.entries[where[bad]].name}: count: the joint index stream gives it "
-                         f"{int(held[bad])} indices, its count says {counts[bad]}")
-    return _Joint(stream, tuple(where), starts, cuts)
+    cuts = np.zeros(len(where) + 1, np.int64)
+    np.cumsum(counts, out=cuts[1:])
+    return _Joint(local, tuple(where), cuts)
 
 
 def _own_indices(e: Entry, payload: bytes) -> np.ndarray:
@@ -259,13 +261,14 @@ def _own_indices(e: Entry, payload: bytes) -> np.ndarray:
 
 def _positions(entries: list[Entry], indices: list, joint: _Joint | None) -> np.ndarray:
     """Every value's position in the (all sparse) tensors laid end to end, in one array."""
-    if joint is not None and len(joint.where) == len(entries):  # the joint stream is in that layout already
-        return joint.stream
-    starts = np.cumsum([0] + [math.prod(e.shape) for e in entries[:-1]])
+    starts = np.zeros(len(entries), np.int64)
+    np.cumsum([math.prod(e.shape) for e in entries[:-1]], out=starts[1:])
+    if joint is not None and len(joint.where) == len(entries):  # one stream holds them all: no step per tensor
+        return joint.local + np.repeat(starts, np.diff(joint.cuts))
     if joint is not None:
         indices = list(indices)
         for i, t in enumerate(joint.where):
-            indices[t] = joint.local(i)
+            indices[t] = joint.indices(i)
     return np.concatenate([idx + start for idx, start in zip(indices, starts)]).astype(np.int64, copy=False)
 
 

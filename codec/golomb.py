@@ -103,3 +103,127 @@ def decode(payload: bytes, m: int, n: int, k: int) -> np.ndarray:
     if indices[-1] >= n:
         raise CodecError(f"index_payload: golomb index {int(indices[-1])} >= n={n}")
     return indices
+
+
+# -- the joint stream: several tensors' gaps, each tensor under its own m, in one stream ------------------------
+def encode_joint(gaps: list[np.ndarray], ms: list[int]) -> bytes:
+    """One stream for several tensors' gaps, tensor i's under parameter ms[i]: the three parts of `encode`,
+    each holding every tensor's codewords in order, so the stream is exactly the tensors' Golomb codes
+    regrouped (FORMAT.md, "The joint index stream")."""
+    layouts = [_layout(m) for m in ms]
+    first, extra, unary = [], [], []
+    for g, m, (b, u) in zip(gaps, ms, layouts):
+        quotients, remainders = np.divmod(g, m)
+        ones = np.cumsum(quotients + 1) - 1
+        bits = np.zeros(int(ones[-1]) + 1 if ones.size else 0, np.uint8)
+        bits[ones] = 1
+        unary.append(bits)
+        if b:
+            long_code = remainders >= u
+            first.append(fixed_width_bits(np.where(long_code, (remainders + u) >> 1, remainders), b - 1))
+            extra.append(((remainders[long_code] + u) & 1).astype(np.uint8))
+    return np.packbits(np.concatenate(first + extra + unary)).tobytes()
+
+
+CHUNK = 1 << 15  # decode_joint works through tensors about this many indices at a time (its arrays stay in cache)
+
+
+def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every tensor's local indices, concatenated in order (tensor i's are the counts[i] after the earlier
+    tensors'), from a joint stream; each tensor has counts[i] >= 1 indices in [0, ns[i]) under parameter
+    ms[i] in [1, ns[i]], which the caller has checked. CodecError names the part at fault.
+
+    Whole-array operations over runs of whole tensors of about CHUNK indices: over all k at once each step
+    would stream arrays of k int64 through memory, which costs more per index than a step per tensor."""
+    ms, ns, counts = (np.asarray(a, np.int64) for a in (ms, ns, counts))
+    k = int(counts.sum())
+    if k > 8 * len(payload):  # every index costs at least its unary one-bit
+        raise CodecError(f"count: {k} indices cannot fit in {len(payload)} golomb bytes")
+    bits = np.unpackbits(np.frombuffer(payload, np.uint8))
+    b = np.array([(int(m) - 1).bit_length() for m in ms], np.int64)
+    u = (np.int64(1) << b) - ms
+    width = np.maximum(b - 1, 0)
+    field_end = np.cumsum(width * counts)  # part 1: tensor i's fields end here
+    if int(field_end[-1]) > bits.size:
+        raise CodecError("index_payload: golomb remainder stream truncated")
+    seg = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(counts, out=seg[1:])
+    chunks = _chunks(seg)
+    remainders = np.empty(k, np.int64)
+    longs = np.empty(counts.size, np.int64)  # long codewords per tensor: part 2's bits
+    extra_at = int(field_end[-1])
+    for ta, tb in chunks:
+        c = counts[ta:tb]
+        first = _fields(bits, int(field_end[ta] - width[ta] * c[0]), width[ta:tb], c)
+        urep = np.repeat(u[ta:tb], c)
+        long_code = first >= urep
+        long_code &= np.repeat(b[ta:tb] > 0, c)
+        n_long = np.add.reduceat(long_code, seg[ta:tb] - seg[ta])
+        longs[ta:tb] = n_long
+        n_extra = int(n_long.sum())
+        if extra_at + n_extra > bits.size:
+            raise CodecError("index_payload: golomb extra-bit stream truncated")
+        if n_extra:  # the i-th long code takes the i-th extra bit: r = 2 v + bit - u
+            rank = np.cumsum(long_code) - 1
+            extra = np.take(bits[extra_at:extra_at + n_extra], rank, mode="clip")
+            first += long_code * (first + extra - urep)
+        remainders[seg[ta]:seg[tb]] = first
+        extra_at += n_extra
+    ones = np.flatnonzero(bits[extra_at:].view(bool))
+    if ones.size != k:
+        raise CodecError(f"index_payload: golomb unary stream has {ones.size} terminators, count says {k}")
+    if bits.size - extra_at - int(ones[-1]) - 1 >= 8:
+        raise CodecError("index_payload: golomb payload longer than its codes")
+    local = np.empty(k, np.int64)
+    for ta, tb in chunks:
+        c, off = counts[ta:tb], seg[ta:tb] - seg[ta]
+        run = ones[seg[ta] - (seg[ta] > 0):seg[tb]]  # the one before the chunk's first, where there is one
+        quotients = np.diff(run) - 1 if seg[ta] else np.diff(run, prepend=np.int64(-1)) - 1
+        q_sums = np.add.reduceat(quotients, off)
+        # checked before any product that could overflow int64: every tensor's gaps fit inside it
+        over = q_sums > (ns[ta:tb] - c) // ms[ta:tb]
+        if over.any():
+            bad = ta + int(np.flatnonzero(over)[0])
+            raise CodecError(f"index_payload: golomb gaps of joint tensor {bad} run past n={int(ns[bad])}")
+        steps = quotients * np.repeat(ms[ta:tb], c)
+        steps += remainders[seg[ta]:seg[tb]]
+        steps += 1
+        np.cumsum(steps, out=steps)
+        before = np.zeros(tb - ta, np.int64)
+        before[1:] = steps[off[1:] - 1]
+        steps -= np.repeat(before + 1, c)
+        last = steps[off + c - 1]
+        if (last >= ns[ta:tb]).any():
+            bad = int(np.flatnonzero(last >= ns[ta:tb])[0])
+            raise CodecError(f"index_payload: golomb index {int(last[bad])} of joint tensor {ta + bad} >= "
+                             f"n={int(ns[ta + bad])}")
+        local[seg[ta]:seg[tb]] = steps
+    return local
+
+
+def _chunks(seg: np.ndarray) -> list[tuple[int, int]]:
+    """Runs [ta, tb) of whole tensors holding at most CHUNK indices (a larger tensor is a run alone); seg[i]
+    is where tensor i's indices begin."""
+    out, ta, tensors = [], 0, seg.size - 1
+    while ta < tensors:
+        tb = int(np.searchsorted(seg, seg[ta] + CHUNK, side="right")) - 1
+        tb = min(max(tb, ta + 1), tensors)
+        out.append((ta, tb))
+        ta = tb
+    return out
+
+
+def _fields(bits: np.ndarray, start: int, widths: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Part 1's fields of a run of tensors, from bit `start`: tensor i has counts[i] fields of widths[i] bits."""
+    if (widths == widths[0]).all():  # one width: one reshape
+        return read_fixed_width(bits[start:], int(counts.sum()), int(widths[0]))
+    first_bit = start + np.cumsum(widths * counts) - widths * counts  # each tensor's first field
+    before = np.cumsum(counts) - counts  # each tensor's first index in the run
+    width = np.repeat(widths, counts)
+    at = np.repeat(first_bit - before * widths, counts) + np.arange(width.size) * width
+    first = np.zeros(width.size, np.int64)
+    for j in range(int(widths.max())):  # bit j of every field at least j + 1 wide
+        live = width > j
+        first <<= live
+        first |= np.take(bits, np.minimum(at + j, bits.size - 1)) & live
+    return first

@@ -2,7 +2,7 @@
 
 parse_header checks everything that can be checked without the payloads: enums, name uniqueness and
 encoding, shape against the element cap, count against the shape, and the masked density and count.
-Version 3 adds the joint index stream's record after the planes' (FORMAT.md, "The joint index stream").
+Version 3 adds the joint index stream's size after the planes' records (FORMAT.md, "The joint index stream").
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .errors import CodecError
-from .index_coding import CODER_NAMES, JOINT, STREAM_CODERS
+from .index_coding import CODER_NAMES, JOINT
 from .mask import mask_size
 from .values import BLOCK_TYPES, MAX_BLOCK, N_PLANES, VALUE_TYPES
 
@@ -42,10 +42,7 @@ class Table:
     entries: list[Entry]
     plane_codecs: list[int] = field(default_factory=lambda: [RAW] * N_PLANES)  # RAW bytes or one ZSTD frame
     plane_sizes: list[int] = field(default_factory=lambda: [0] * N_PLANES)  # bytes of each plane as stored
-    # version 3: the joint index stream of the entries whose index_coder is JOINT (its coder, param, bytes)
-    joint_coder: int = 0
-    joint_param: int = 0
-    joint_size: int = 0
+    joint_size: int = 0  # version 3: bytes of the joint index stream of the entries whose index_coder is JOINT
 
     @property
     def joint(self) -> list[Entry]:
@@ -56,7 +53,7 @@ def pack_header(table: Table) -> bytes:
     out = [struct.pack("<I", len(table.entries))]
     out += [struct.pack("<BQ", c, n) for c, n in zip(table.plane_codecs, table.plane_sizes)]
     if version_of(table) >= 3:
-        out.append(struct.pack("<BQQ", table.joint_coder, table.joint_param, table.joint_size))
+        out.append(struct.pack("<Q", table.joint_size))
     for e in table.entries:
         name = e.name.encode("utf-8")
         out.append(struct.pack("<H", len(name)) + name)
@@ -120,11 +117,7 @@ def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
             raise CodecError(f"plane_codec[{j}]: unknown codec {codec}")
         codecs.append(codec)
         sizes.append(size)
-    joint = (0, 0, 0)
-    if version >= 3:
-        joint = r.take("<BQQ", "joint_coder")
-        if joint[0] not in STREAM_CODERS:
-            raise CodecError(f"joint_coder: unknown coder {joint[0]}")
+    joint_size = r.take("<Q", "joint_size")[0] if version >= 3 else 0
     entries, names, total = [], set(), 0
     for _ in range(n_tensors):
         e = _parse_entry(r, max_elements - total, max_elements, version)
@@ -135,7 +128,7 @@ def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
         entries.append(e)
     if r.pos != len(data):
         raise CodecError(f"header: {len(data) - r.pos} trailing bytes after the last entry")
-    return Table(entries, codecs, sizes, *joint)
+    return Table(entries, codecs, sizes, joint_size)
 
 
 def _parse_entry(r: _Reader, budget: int, max_elements: int, version: int) -> Entry:
@@ -172,8 +165,10 @@ def _parse_entry(r: _Reader, budget: int, max_elements: int, version: int) -> En
         if e.index_coder == JOINT:
             if version < 3:
                 raise CodecError(f"{name}: index_coder: the joint stream needs bundle version 3, this is {version}")
-            if e.index_param or e.index_size:
-                raise CodecError(f"{name}: index_coder: a joint entry has index_param and index_size 0")
+            if e.index_size or not count:
+                raise CodecError(f"{name}: index_coder: a joint entry has index_size 0 and count >= 1")
+            if not 1 <= e.index_param <= max(1, n):
+                raise CodecError(f"{name}: index_param: golomb m={e.index_param} outside [1, {n}]")
     if form == MASKED:
         e.seed, e.density = r.take("<Qd", "seed")
         if not 0.0 <= e.density <= 1.0:  # also false for NaN

@@ -15,8 +15,8 @@ from . import golomb, rans
 from .errors import CodecError
 
 NONE, GOLOMB, RANS, JOINT = 0, 1, 2, 3
-STREAM_CODERS = {NONE: "none", GOLOMB: "golomb", RANS: "rans"}  # what codes a stream of indices
-CODER_NAMES = {**STREAM_CODERS, JOINT: "joint"}  # an entry's: its own stream, or a share of the joint one
+# JOINT: Golomb codes under the tensor's own m, in the bundle's joint stream with other tensors' (FORMAT.md)
+CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans", JOINT: "joint"}
 RANS_MIN_GAIN = 0.005  # rANS must be expected to save this fraction over Golomb to be worth its time
 
 
@@ -25,8 +25,9 @@ def bound_bits(n: int, k: int) -> float:
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
-def encode_indices(indices: np.ndarray, n: int) -> tuple[int, int, bytes]:
-    """(coder, parameter, payload) of the smallest coding; indices must already be validated."""
+def encode_indices(indices: np.ndarray, n: int, golomb_payload: bool = True) -> tuple[int, int, bytes | None]:
+    """(coder, parameter, payload) of the smallest coding; indices must already be validated. With
+    golomb_payload False a Golomb choice comes without its payload (None): the caller codes it jointly."""
     k = indices.size
     if k == 0 or k == n:
         return NONE, 0, b""
@@ -40,7 +41,7 @@ def encode_indices(indices: np.ndarray, n: int) -> tuple[int, int, bytes]:
         payload = rans.encode(indices, n, lanes)
         if payload is not None and len(payload) < golomb_size:
             return RANS, lanes, payload
-    return GOLOMB, m, golomb.encode(gaps, m)
+    return GOLOMB, m, golomb.encode(gaps, m) if golomb_payload else None
 
 
 def decode_indices(coder: int, param: int, payload: bytes, n: int, k: int) -> np.ndarray:
@@ -59,4 +60,4 @@ def decode_indices(coder: int, param: int, payload: bytes, n: int, k: int) -> np
         return golomb.decode(payload, param, n, k)
     if coder == RANS:
         return rans.decode(payload, param, n, k)
-    raise CodecError(f"index_coder: {CODER_NAMES.get(coder, coder)} is not a coder of an index stream")
+    raise CodecError(f"index_coder: unknown coder {coder}")

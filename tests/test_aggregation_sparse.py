@@ -4,6 +4,7 @@ aggregator's result are bit for bit those of the dense path."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import tracemalloc
 
 import numpy as np
@@ -473,3 +474,17 @@ def test_a_masked_round_sums_k_values_not_the_tensor():
         ref.add({"w": codec.to_dense("w", codec.Masked((n,), 5, 1 / 64, v))}, 2.0)
     assert bits(mean) == bits(ref.mean()["w"]) and np.count_nonzero(mean) == k == where.size
     assert rnd.agg.held_bytes == 8 * k  # k float64 sums, not 8 MiB
+
+
+def test_the_aggregation_benchmark_runs(tmp_path):
+    """benchmarks.aggregation on its LoRA structure at two densities, the densify-first comparison included:
+    one record per point, every figure present (figures are printed, never asserted)."""
+    from benchmarks.aggregation import main
+
+    out = tmp_path / "agg.jsonl"
+    assert main(["--structures", "lora", "--densities", "1,0.015625", "--uploads", "3", "--json", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["structure"], r["density"], r["upload_format"]) for r in records] == [
+        ("lora", 1.0, "dense"), ("lora", 0.015625, "topk")]
+    assert all(r["seconds_per_upload"] > 0 and r["peak_mb"] >= 0 for r in records)
+    assert records[1]["densified_seconds"] > 0

@@ -1,5 +1,6 @@
-"""The joint index stream (bundle version 3) and decode_flat: every sparse tensor's indices coded as one stream
-over the tensors laid end to end, decoded in one pass however many tensors there are; and every check of it."""
+"""The joint index stream (bundle version 3) and decode_flat: the Golomb-coded sparse tensors' indices in one
+stream, each tensor under its own parameter, decoded in one pass however many tensors there are; and every
+check of it."""
 import dataclasses
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from edgelora import codec
-from edgelora.codec import zstd_frame
+from edgelora.codec import golomb, zstd_frame
 from edgelora.codec.container import assemble, take_apart
 from edgelora.codec.header import pack_header
 from edgelora.codec.index_coding import GOLOMB, JOINT, NONE, RANS
@@ -36,15 +37,18 @@ def assert_same(decoded: dict, sent: dict) -> None:
 
 
 def test_sparse_tensors_share_one_stream_by_hand():
-    """a holds flat 1 and 6 of 8, b holds 0 and 3 of 4: laid end to end, the stream codes 1, 6, 8 and 11 of 12;
-    each entry says joint, with no bytes of its own, and the bundle is version 3."""
+    """a holds flat 1 and 6 of 8 (gaps 1 and 4), b holds 0 and 3 of 4 (gaps 0 and 2). Each entry says joint with
+    its own Golomb m and no bytes of its own; the stream is one byte string of the two codes' parts regrouped,
+    and decode_flat lays the tensors end to end: positions 1, 6, 8 and 11."""
     tensors = {"a": codec.Sparse((8,), np.array([1, 6]), np.array([1.0, 2.0], np.float32)),
                "b": codec.Sparse((2, 2), np.array([0, 3]), np.array([3.0, 4.0], np.float32))}
     data = codec.encode_bundle(tensors)
     assert data[4] == 3
     table, sides, _ = take_apart(data)
-    assert [(e.index_coder, e.index_param, e.index_size) for e in table.entries] == [(JOINT, 0, 0)] * 2
-    assert table.joint_size == len(sides[0]) > 0
+    ms = [e.index_param for e in table.entries]
+    assert [(e.index_coder, e.index_size) for e in table.entries] == [(JOINT, 0)] * 2 and min(ms) >= 1
+    assert table.joint_size == len(sides[0]) and sides[0] == golomb.encode_joint(
+        [np.array([1, 4]), np.array([0, 2])], ms)
     flat = codec.decode_flat(data)
     np.testing.assert_array_equal(flat.positions, [1, 6, 8, 11])
     np.testing.assert_array_equal(flat.values, [1, 2, 3, 4])
@@ -53,14 +57,32 @@ def test_sparse_tensors_share_one_stream_by_hand():
     assert_same(codec.decode_bundle(data), tensors)
 
 
+def test_each_tensor_keeps_its_own_parameter():
+    """Global top-k picks many entries of one tensor and few of another: each keeps the Golomb m its own
+    density calls for, so the joint stream is never larger than the tensors' own streams (it saves their
+    byte padding), and decoding one stream gives every tensor back."""
+    rng = np.random.default_rng(2)
+    tensors = {"dense-ish": random_sparse(rng, (4000,), 1000), "thin": random_sparse(rng, (4000,), 8),
+               "mid": random_sparse(rng, (500, 4), 100)}
+    joint, own = codec.encode_bundle(tensors), codec.encode_bundle(tensors, joint_indices=False)
+    table = take_apart(joint)[0]
+    assert len({e.index_param for e in table.entries}) == 3  # three densities, three parameters
+    own_index_bytes = sum(e.index_size for e in take_apart(own)[0].entries)
+    assert table.joint_size <= own_index_bytes
+    assert_same(codec.decode_bundle(joint), tensors)
+
+
 def test_one_sparse_tensor_or_joint_off_keeps_the_older_versions():
     one = {"a": TENSORS["a"], "d": TENSORS["d"]}
     assert codec.encode_bundle(one)[4] == 1
     data = codec.encode_bundle(TENSORS, joint_indices=False)
     assert data[4] == 1 and JOINT not in [e.index_coder for e in take_apart(data)[0].entries]
     assert_same(codec.decode_bundle(data), TENSORS)
-    blockwise = codec.encode_bundle(TENSORS, value_type="int8_block")
+    two = dict(TENSORS, b=random_sparse(RNG, (30,), 4))  # a second Golomb-coded tensor: the joint stream
+    assert codec.encode_bundle(two)[4] == 3
+    blockwise = codec.encode_bundle(two, value_type="int8_block")
     assert blockwise[4] == 3  # joint and blockwise: version 3 reads both
+    assert_same(codec.decode_bundle(codec.encode_bundle(two)), two)
 
 
 @pytest.mark.parametrize("value_type", codec.VALUE_TYPES)
@@ -95,29 +117,33 @@ def test_positions_are_the_tensors_laid_end_to_end(sizes_and_densities, seed):
         assert_same(codec.decode_bundle(data), tensors)
 
 
-def test_a_dense_joint_stream_uses_rans():
+def test_a_tensor_that_rans_codes_better_keeps_its_own_stream():
+    """Beside two Golomb-coded tensors, one at density 0.4 (where rANS beats Golomb) keeps its rANS stream."""
     n = 40_000
-    tensors = {f"t{i}": codec.Sparse((n,), np.flatnonzero(RNG.random(n) < 0.4), None) for i in range(2)}
-    tensors = {k: dataclasses.replace(t, values=np.ones(t.indices.size, np.float32)) for k, t in tensors.items()}
+    tensors = {"dense": codec.Sparse((n,), np.flatnonzero(RNG.random(n) < 0.4), None),
+               "a": random_sparse(RNG, (3000,), 30), "b": random_sparse(RNG, (3000,), 60)}
+    tensors["dense"] = dataclasses.replace(tensors["dense"], values=np.ones(tensors["dense"].indices.size, np.float32))
     data = codec.encode_bundle(tensors)
-    assert take_apart(data)[0].joint_coder == RANS
+    assert [e.index_coder for e in take_apart(data)[0].entries] == [RANS, JOINT, JOINT]
     assert_same(codec.decode_bundle(data), tensors)
+    np.testing.assert_array_equal(codec.decode_flat(data).positions[-90:-60],
+                                  tensors["a"].indices + n)
 
 
 # -- every check of the joint stream --------------------------------------------------------------------------
 VALID = codec.encode_bundle({"a": TENSORS["a"], "b": random_sparse(RNG, (50,), 9)})
 
 
-def rebuilt(entries=(), joint=None, stream=None, preamble=None):
-    """VALID with its entries changed by `entries` ((index, {field: value}) pairs), the joint record changed by
-    `joint` (a dict) or its stream replaced by `stream` (its size set to match)."""
+def rebuilt(entries=(), stream=None, joint_size=None, preamble=None):
+    """VALID with its entries changed by `entries` ((index, {field: value}) pairs), its joint stream replaced
+    by `stream` (its size set to match) or its joint_size set."""
     table, sides, section = take_apart(VALID)
     for i, changes in entries:
         table.entries[i] = dataclasses.replace(table.entries[i], **changes)
     if stream is not None:
         sides[0], table.joint_size = stream, len(stream)
-    for k, v in (joint or {}).items():
-        setattr(table, k, v)
+    if joint_size is not None:
+        table.joint_size = joint_size
     return assemble(table, sides, section, preamble=preamble)
 
 
@@ -127,20 +153,17 @@ def test_valid_bundle_decodes():
 
 
 @pytest.mark.parametrize("kw,field", [
-    # 14 values in all, as the planes say, but 4 + 10 where the stream gives 5 + 9
-    (dict(entries=[(0, dict(count=4)), (1, dict(count=10))]),
-     "a: count: the joint index stream gives it 5 indices, its count says 4"),
-    (dict(entries=[(0, dict(index_param=3))]), "a joint entry has index_param and index_size 0"),
-    (dict(entries=[(0, dict(index_size=1))]), "a joint entry has index_param and index_size 0"),
+    # 14 values in all, as the planes say, but 4 + 10 where the stream holds 5 + 9
+    (dict(entries=[(0, dict(count=4)), (1, dict(count=10))]), "joint index stream: index_payload: golomb"),
+    (dict(entries=[(0, dict(index_size=1))]), "a: index_coder: a joint entry has index_size 0 and count >= 1"),
+    (dict(entries=[(0, dict(index_param=0))]), r"a: index_param: golomb m=0 outside \[1, 40\]"),
+    (dict(entries=[(1, dict(index_param=51))]), r"b: index_param: golomb m=51 outside \[1, 50\]"),
     (dict(entries=[(0, dict(index_coder=9))]), "index_coder: unknown coder 9"),
-    (dict(joint=dict(joint_coder=JOINT)), "joint_coder: unknown coder 3"),
-    (dict(joint=dict(joint_coder=7)), "joint_coder: unknown coder 7"),
-    (dict(joint=dict(joint_coder=NONE, joint_param=0)), "joint index stream: index_payload: coder 'none'"),
-    (dict(joint=dict(joint_param=0)), "joint index stream: .*golomb m=0"),
-    (dict(joint=dict(joint_param=10 ** 6)), "joint index stream: .*golomb m"),
+    (dict(entries=[(0, dict(index_param=1))]), "joint index stream: index_payload: golomb"),  # another m: garbage
     (dict(stream=b"\x00"), "joint index stream: count: 14 indices cannot fit"),
-    (dict(stream=b"\xff" * 40), "joint index stream"),
-    (dict(joint=dict(joint_coder=RANS, joint_param=1)), "joint index stream: .*rans"),
+    (dict(stream=b"\xff" * 40), "joint index stream: index_payload: golomb"),
+    (dict(stream=b"\x00" * 30 + b"\xff" * 4), "joint index stream: index_payload: golomb"),
+    (dict(joint_size=10 ** 6), "index_size/plane_size: payload sizes"),
 ])
 def test_joint_stream_checks(kw, field):
     with pytest.raises(codec.CodecError, match=field):
@@ -148,14 +171,43 @@ def test_joint_stream_checks(kw, field):
 
 
 def test_a_joint_entry_needs_version_3():
-    """A version 2 header has no joint record, so an entry of it that says joint is refused by name."""
+    """A version 2 header has no joint_size, so an entry of it that says joint is refused by name."""
     table, sides, section = take_apart(VALID)
     raw = pack_header(table)
-    record = 4 + 4 * 9  # tensor_count and the four plane records come before the joint record (17 bytes)
-    frame = zstd_frame.compress(raw[:record] + raw[record + 17:], 3)
+    record = 4 + 4 * 9  # tensor_count and the four plane records come before joint_size (8 bytes)
+    frame = zstd_frame.compress(raw[:record] + raw[record + 8:], 3)
     v2 = assemble(table, sides[1:], section, header_frame=frame, preamble=(b"ELCB", 2, 0, 0))
     with pytest.raises(codec.CodecError, match="a: index_coder: the joint stream needs bundle version 3, this is 2"):
         codec.decode_bundle(v2)
+
+
+def test_a_joint_stream_no_tensor_claims_is_refused():
+    table, sides, section = take_apart(codec.encode_bundle({"a": TENSORS["a"]}))  # version 1, one stream
+    raw = pack_header(table)
+    record = 4 + 4 * 9  # a version 3 header: joint_size after the plane records
+    frame = zstd_frame.compress(raw[:record] + (3).to_bytes(8, "little") + raw[record:], 3)
+    bundle = assemble(table, [b"abc"] + sides, section, header_frame=frame, preamble=(b"ELCB", 3, 0, 0))
+    with pytest.raises(codec.CodecError, match="joint_size: 3 bytes of joint index stream, and no tensor says joint"):
+        codec.decode_bundle(bundle)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 2000), st.floats(0, 1), st.integers(0, 8)), min_size=1, max_size=6),
+       st.integers(0, 2**32 - 1))
+def test_decode_joint_inverts_encode_joint_under_any_parameters(tensors, seed):
+    """Any sizes, counts >= 1 and Golomb parameters (not only the best ones, m = 1 included)."""
+    rng = np.random.default_rng(seed)
+    gaps, ms, ns, counts, expect = [], [], [], [], []
+    for n, density, m_shift in tensors:
+        k = max(1, int(density * n))
+        idx = np.sort(rng.choice(n, k, replace=False))
+        g = golomb.gaps_of(idx)
+        m = max(1, min(n, golomb.best_parameter(g, n) + m_shift - 4))
+        gaps.append(g), ms.append(m), ns.append(n), counts.append(k), expect.append(idx)
+    payload = golomb.encode_joint(gaps, ms)
+    assert len(payload) == -(-sum(golomb.golomb_bits(g, m) for g, m in zip(gaps, ms)) // 8)  # the codes, regrouped
+    local = golomb.decode_joint(payload, np.array(ms), np.array(ns), np.array(counts))
+    np.testing.assert_array_equal(local, np.concatenate(expect))
 
 
 def test_every_truncation_and_bit_flip_is_rejected_or_decodes_in_bounds():
@@ -168,3 +220,37 @@ def test_every_truncation_and_bit_flip_is_rejected_or_decodes_in_bounds():
         with pytest.raises(codec.CodecError):  # the crc32 catches any one flip
             codec.decode_flat(bytes(data))
         data[pos] ^= 0x10
+
+
+def test_decode_joint_reads_fields_past_57_bits():
+    """A field wider than one 64-bit window holds (m past 2**57, a tensor past 2**58 entries: decode_joint
+    takes ns as numbers, nothing that big is allocated) is read bit by bit, beside a narrow one."""
+    big, small = 2**60, 100
+    idx_big, idx_small = np.array([3, 2**59 + 5, 2**60 - 1]), np.array([0, 7, 99])
+    ms = [2**59 + 3, 5]
+    payload = golomb.encode_joint([golomb.gaps_of(idx_big), golomb.gaps_of(idx_small)], ms)
+    local = golomb.decode_joint(payload, np.array(ms), np.array([big, small]), np.array([3, 3]))
+    np.testing.assert_array_equal(local, np.concatenate([idx_big, idx_small]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 400), st.floats(0, 1), st.integers(0, 8)), min_size=1, max_size=12),
+       st.integers(1, 40), st.integers(0, 2**32 - 1))
+def test_decode_joint_in_runs_of_any_size(tensors, chunk, seed):
+    """decode_joint works through runs of whole tensors of at most golomb.CHUNK indices: any run size (one
+    index, so every tensor a run alone; or several tensors a run) gives the same indices."""
+    rng = np.random.default_rng(seed)
+    gaps, ms, ns, counts, expect = [], [], [], [], []
+    for n, density, m_shift in tensors:
+        k = max(1, int(density * n))
+        idx = np.sort(rng.choice(n, k, replace=False))
+        g = golomb.gaps_of(idx)
+        gaps.append(g), ms.append(max(1, min(n, golomb.best_parameter(g, n) + m_shift - 4))), ns.append(n)
+        counts.append(k), expect.append(idx)
+    payload = golomb.encode_joint(gaps, ms)
+    old, golomb.CHUNK = golomb.CHUNK, chunk
+    try:
+        local = golomb.decode_joint(payload, np.array(ms), np.array(ns), np.array(counts))
+    finally:
+        golomb.CHUNK = old
+    np.testing.assert_array_equal(local, np.concatenate(expect))
