@@ -1,6 +1,6 @@
 """How many connected devices one coordinator holds: heartbeat latency with N devices idle in FetchTask.
 
-    python -m benchmarks.fleet --devices 100 500 2000 [--procs 4] [--seconds 40] [--json PATH]
+    python -m benchmarks.fleet --devices 100 500 2000 [--procs 4] [--seconds 40] [--pace-s S] [--json PATH]
 
 For each N: a real `edgelora server` process (tiny-bert, N + 1 partitions, waiting for N + 1 registrations so no
 round starts) on 127.0.0.1, and a load generator of raw stub clients in `--procs` processes. Every client has
@@ -9,13 +9,19 @@ as a single-device client does, while a heartbeat thread per process sends each 
 every 5 s (timeout 5 s) and records the latency. After all N are registered and have waited once, heartbeats
 are measured for `--seconds`. One JSON record per N: `devices`, `heartbeat_p50_ms`, `heartbeat_p99_ms`,
 `heartbeats`, `failed` (heartbeats that errored or timed out, and clients that never registered),
-`server_rss_mb` (VmRSS at the end). Goal: 2,000 devices with p99 under 200 ms on this 2-core machine.
+`server_rss_mb` (VmRSS at the end), `server_threads` (its threads at the end: a long-polling device holds a
+handler thread), `server_cpu` (the server's CPU seconds over the measured window / its length: 1.0 is one core
+busy) and `pace_s`. With --pace-s S the server runs pace steering (server.pace_s = S): an idle device is
+answered WAIT at once with a retry_after_s, which the clients honour before polling again, and heartbeats at
+the interval its heartbeat replies give. Goal: 2,000 devices with p99 under 200 ms on this 2-core machine.
 """
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import multiprocessing as mp
+import os
 import tempfile
 import threading
 import time
@@ -48,8 +54,10 @@ def _client_proc(addr: str, ids: list[str], fps: tuple[str, str], seconds: float
     def poll(stub, d):
         while not stop.is_set():
             try:
-                for _ in stub.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=30.0), timeout=60):
-                    pass
+                retry = 0.0
+                for chunk in stub.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=30.0), timeout=60):
+                    retry = chunk.header.retry_after_s if chunk.HasField("header") else retry
+                stop.wait(retry)  # pace steering: not before the server said
             except grpc.RpcError:
                 time.sleep(1.0)
 
@@ -59,35 +67,47 @@ def _client_proc(addr: str, ids: list[str], fps: tuple[str, str], seconds: float
     go.wait()
     lat, errors = [], 0
     t_end = time.monotonic() + seconds
-    gap = HEARTBEAT_S / max(1, len(stubs))
-    while time.monotonic() < t_end:
-        for d, stub in stubs.items():
-            t0 = time.monotonic()
-            try:
-                stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5.0)
-                lat.append((time.monotonic() - t0) * 1000)
-            except grpc.RpcError:
-                errors += 1
-            time.sleep(max(0.0, gap - (time.monotonic() - t0)))
-            if time.monotonic() >= t_end:
-                break
+    # each device's next heartbeat, first spread over one interval, then as its replies say (or every 5 s)
+    due = [(time.monotonic() + i * HEARTBEAT_S / max(1, len(stubs)), d) for i, d in enumerate(stubs)]
+    heapq.heapify(due)
+    while due and time.monotonic() < t_end:
+        at, d = heapq.heappop(due)
+        time.sleep(max(0.0, at - time.monotonic()))
+        if time.monotonic() >= t_end:
+            break
+        t0 = time.monotonic()
+        interval = HEARTBEAT_S
+        try:
+            reply = stubs[d].Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5.0)
+            lat.append((time.monotonic() - t0) * 1000)
+            interval = reply.next_heartbeat_s or HEARTBEAT_S
+        except grpc.RpcError:
+            errors += 1
+        heapq.heappush(due, (at + interval, d))
     stop.set()
     out.put({"lat": lat, "errors": errors + failed})
 
 
-def _rss_mb(pid: int) -> float:
+def _proc_status(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
     return float("nan")
 
 
-def measure(n: int, procs: int, seconds: float, fps: tuple[str, str]) -> dict:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: float = 0.0) -> dict:
     import numpy as np
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{n}-"))
     raw = {"server": {"rounds": 1, "devices_per_round": 1, "min_registered": n + 1, "registration_timeout_s": 3600.0,
-                      "heartbeat_s": HEARTBEAT_S, "device_timeout_s": 60.0, "max_connections": n + 256},
+                      "heartbeat_s": HEARTBEAT_S, "device_timeout_s": 60.0, "max_connections": n + 256,
+                      "pace_s": pace_s},
            "model": {"name": "tiny-bert", "max_seq_len": 32},
            "data": {"num_devices": n + 1, "max_examples_per_device": 4, "test_max_examples": 8, "partition": "iid"},
            "method": {"name": "lora"}}
@@ -101,17 +121,21 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str]) -> dict:
         for w in workers:
             w.start()
         registered = sum(ready.get(timeout=600) for _ in workers)
-        time.sleep(3.0)  # every client is now inside its first FetchTask
+        time.sleep(3.0)  # every client is now inside its first FetchTask (or, paced, told when to come back)
+        cpu0, t0 = _cpu_s(launch.server.pid), time.monotonic()
         go.set()
         results = [out.get(timeout=seconds + 600) for _ in workers]
-        rss = _rss_mb(launch.server.pid)
+        cpu = (_cpu_s(launch.server.pid) - cpu0) / (time.monotonic() - t0)
+        rss = _proc_status(launch.server.pid, "VmRSS") / 1024
+        threads = int(_proc_status(launch.server.pid, "Threads"))
         for w in workers:
             w.join(timeout=60)
     lat = np.array([x for r in results for x in r["lat"]])
     return {"devices": n, "registered": registered, "heartbeats": int(lat.size),
             "heartbeat_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
             "heartbeat_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
-            "failed": sum(r["errors"] for r in results) + (n - registered), "server_rss_mb": round(rss, 1)}
+            "failed": sum(r["errors"] for r in results) + (n - registered), "server_rss_mb": round(rss, 1),
+            "server_threads": threads, "server_cpu": round(cpu, 3), "pace_s": pace_s}
 
 
 def fingerprints() -> tuple[str, str]:
@@ -129,12 +153,13 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", type=int, nargs="+", default=[100, 500, 2000])
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=40.0)
+    ap.add_argument("--pace-s", type=float, default=0.0, help="server.pace_s (0: pace steering off)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     fps = fingerprints()
     rows = []
     for n in a.devices:
-        rec = measure(n, a.procs, a.seconds, fps)
+        rec = measure(n, a.procs, a.seconds, fps, a.pace_s)
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     if a.json:

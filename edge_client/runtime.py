@@ -122,6 +122,7 @@ class EdgeClient:
         self.tok_fp = fingerprint_tokenizer(self.host.tokenizer)
         self.trainers: dict[str, DeviceTrainer] = {}
         self.data_errors: dict[str, str] = {}  # devices whose data did not load: the server hears why
+        self.not_before: dict[str, float] = {}  # pace steering: a device asks for a task again from this time
         own = self.data_cfg.mode == "own"
         if own != (opts.data is not None):
             raise ConfigError("this run trains on each device's own data (data.mode = own): give --data PATH" if own
@@ -296,9 +297,12 @@ class EdgeClient:
             while len(self.stopped) < len(self.opts.device_ids) and not self.run_over.is_set():
                 busy = False
                 for d in self.opts.device_ids:
-                    if d not in self.stopped:
+                    if d not in self.stopped and self.not_before.get(d, 0.0) <= time.monotonic():
                         busy |= self._serve_once(d, wait_s)
-                if not busy and wait_s == 0:
+                paced = [self.not_before.get(d, 0.0) for d in self.opts.device_ids if d not in self.stopped]
+                if not busy and paced and min(paced) > time.monotonic():  # pace steering: nobody asks yet
+                    self.run_over.wait(min(paced) - time.monotonic())
+                elif not busy and wait_s == 0:
                     self.run_over.wait(0.5)
         except RunOver as e:
             log.info("the server says the run is over (heard while retrying: %s)", e)
@@ -327,7 +331,8 @@ class EdgeClient:
         if header.kind == pb.TaskHeader.SECAGG:
             self._answer_secagg(device_id, header)
             return True
-        if header.kind != pb.TaskHeader.TRAIN:
+        if header.kind != pb.TaskHeader.TRAIN:  # WAIT: under pace steering, not before retry_after_s
+            self.not_before[device_id] = time.monotonic() + header.retry_after_s
             return False
         task = serde.task_from_proto(header)
         try:
@@ -383,7 +388,11 @@ class EdgeClient:
             self.backoff.failed(f"device {device_id} {what}: {e.code().name}: {e.details()}")
 
     def _heartbeats(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
+        """Every device's heartbeat, every heartbeat_s, or as the replies say (pace steering: the shortest
+        interval any of this process's devices was given)."""
+        interval = self.heartbeat_s
+        while not self._stop.wait(interval):
+            told = []
             for d in self.opts.device_ids:
                 if self._stop.is_set():
                     return
@@ -402,6 +411,9 @@ class EdgeClient:
                     self.run_over.set()
                     self._heard_over(d)
                     return
+                if reply.next_heartbeat_s > 0:
+                    told.append(reply.next_heartbeat_s)
+            interval = min(told) if told else self.heartbeat_s
 
     def _heard_over(self, heard: str) -> None:
         """The server said the run is over to `heard`: one heartbeat for each other device of this process,

@@ -35,6 +35,7 @@ class ServerConfig:
     heartbeat_s: float = field(5.0, "how often devices send a heartbeat")
     max_connections: int = field(4096, "gRPC handler threads: a device waiting for its task holds one (a long poll), so this bounds the devices that can wait at once")
     device_timeout_s: float = field(60.0, "a device with no heartbeat for this long is not live")
+    pace_s: float = field(0.0, "pace steering (Bonawitz et al. 2019): a device with nothing to do (not sampled, or no round open) is told to ask again, and to heartbeat, after pace_s x a uniform draw in [0.5, 1.5) instead of holding a long poll, so idle devices hold no handler thread; a sampled device meets its task when it next asks (up to 1.5 x pace_s late). 0 = off: idle devices long-poll")
     eval_every: int = field(1, "evaluate the global model every this many rounds (and after the last)")
     seed: int = field(0, "seeds device sampling")
     chunk_bytes: int = field(1 << 20, "payload bytes per gRPC message (at most 4 MiB)")
@@ -79,6 +80,10 @@ class ServerConfig:
             check(getattr(self, name) > 0, f"server.{name}", "must be > 0")
         check(self.device_timeout_s > self.heartbeat_s, "server.device_timeout_s",
               f"must exceed server.heartbeat_s ({self.heartbeat_s}), or live devices look dead")
+        check(self.pace_s >= 0, "server.pace_s", "must be >= 0 (0 = pace steering off)")
+        check(not self.pace_s or self.device_timeout_s > 1.5 * self.pace_s + self.heartbeat_s, "server.pace_s",
+              f"x 1.5 plus server.heartbeat_s must stay under server.device_timeout_s ({self.device_timeout_s}), "
+              f"or devices told to come back later look dead")
 
     @property
     def sampled_per_round(self) -> int:

@@ -307,7 +307,7 @@ class FetchTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "round", "stage", "method", "structure", "train", "upload", "payload_bytes", "deadline_s", "task_id", "evaluate", "secagg", "masking")
+    __slots__ = ("kind", "round", "stage", "method", "structure", "train", "upload", "payload_bytes", "deadline_s", "task_id", "evaluate", "secagg", "masking", "retry_after_s")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[TaskHeader.Kind]
@@ -333,6 +333,7 @@ class TaskHeader(_message.Message):
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     MASKING_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     round: int
     stage: Stage
@@ -346,7 +347,8 @@ class TaskHeader(_message.Message):
     evaluate: bool
     secagg: SecAggPrompt
     masking: SecAggMaskingInput
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., method: _Optional[str] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., upload: _Optional[_Union[UploadRule, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., task_id: _Optional[str] = ..., evaluate: _Optional[bool] = ..., secagg: _Optional[_Union[SecAggPrompt, _Mapping]] = ..., masking: _Optional[_Union[SecAggMaskingInput, _Mapping]] = ...) -> None: ...
+    retry_after_s: float
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., method: _Optional[str] = ..., structure: _Optional[_Union[Structure, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., upload: _Optional[_Union[UploadRule, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., task_id: _Optional[str] = ..., evaluate: _Optional[bool] = ..., secagg: _Optional[_Union[SecAggPrompt, _Mapping]] = ..., masking: _Optional[_Union[SecAggMaskingInput, _Mapping]] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class SecAggSetup(_message.Message):
     __slots__ = ("round", "session", "devices", "neighbours", "threshold", "graph_seed", "bits", "length")
@@ -570,12 +572,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("round", "run_finished")
+    __slots__ = ("round", "run_finished", "next_heartbeat_s")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     round: int
     run_finished: bool
-    def __init__(self, round: _Optional[int] = ..., run_finished: _Optional[bool] = ...) -> None: ...
+    next_heartbeat_s: float
+    def __init__(self, round: _Optional[int] = ..., run_finished: _Optional[bool] = ..., next_heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class UploadOffsetRequest(_message.Message):
     __slots__ = ("device_id", "round", "task_id")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,7 @@ class Coordinator(RoundDriver):
         self.model_fingerprint = fingerprint_model(self.base)
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
         self._last_told = float("-inf")  # the clock when a device was last told the run is over
+        self._pace_draws = random.Random()  # jitter of pace steering's intervals
 
     @property
     def registry(self) -> DeviceRegistry:
@@ -210,8 +212,10 @@ class Coordinator(RoundDriver):
         return state
 
     def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None, object]:
-        """('train', round, task) | ('secagg', round, prompt) | ('wait', None, None) | ('stop', None, None),
-        holding the call up to wait_s. A secure round's key phases prompt the devices they wait for."""
+        """('train', round, task) | ('secagg', round, prompt) | ('wait', None, retry_after_s) | ('stop', None,
+        None), holding the call up to wait_s. A secure round's key phases prompt the devices they wait for.
+        Under pace steering (server.pace_s) a device the open round does not wait for is answered at once:
+        'wait', to ask again after pace() seconds."""
         self._known(device_id)
         deadline = self.clock() + max(0.0, min(wait_s, 60.0))
         with self.cond:
@@ -227,10 +231,31 @@ class Coordinator(RoundDriver):
                     return "secagg", r, prompt
                 if r is not None and r.can_hand_out(device_id):
                     return "train", r, r.hand_out(device_id)
+                if self.run.server.pace_s and not self._wanted(device_id):
+                    return "wait", None, self.pace()
                 left = deadline - self.clock()
                 if left <= 0:
-                    return "wait", None, None
+                    return "wait", None, 0.0
                 self.task_ready.wait(left)
+
+    def _wanted(self, device_id: str) -> bool:
+        """The open round waits for this device (sampled, not yet done): it long-polls and heartbeats at
+        server.heartbeat_s, pace steering or not."""
+        r = self.round
+        return r is not None and r.open and device_id in r.sampled and device_id not in r.done
+
+    def pace(self) -> float:
+        """Pace steering: seconds an idle device waits before it asks again, server.pace_s x a uniform draw in
+        [0.5, 1.5), so a fleet told at once comes back spread out (the draws move no result: timing only)."""
+        return self.run.server.pace_s * (0.5 + self._pace_draws.random())
+
+    def heartbeat_after(self, device_id: str) -> float:
+        """The interval a heartbeat reply sets: 0 (keep server.heartbeat_s) without pace steering; under it,
+        pace() for a device the open round does not wait for, server.heartbeat_s for one it does."""
+        if not self.run.server.pace_s:
+            return 0.0
+        with self.cond:
+            return self.run.server.heartbeat_s if self._wanted(device_id) else self.pace()
 
     def begin_upload(self, device_id: str, round_id: int, task_id: str, payload_bytes: int = 0,
                      offset: int = 0) -> tuple[Round, bytearray]:

@@ -58,7 +58,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             state = self.coord.heartbeat(request.device_id)
         except UpdateRejected as e:
             _abort(self.coord, context, e, f"heartbeat {request.device_id!r}")
-        return pb.HeartbeatReply(round=state.round, run_finished=state.finished)
+        return pb.HeartbeatReply(round=state.round, run_finished=state.finished,
+                                 next_heartbeat_s=0.0 if state.finished else self.coord.heartbeat_after(request.device_id))
 
     def FetchTask(self, request, context):
         try:
@@ -72,7 +73,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return
         if kind != "train":
             k = pb.TaskHeader.STOP if kind == "stop" else pb.TaskHeader.WAIT
-            yield pb.TaskChunk(header=pb.TaskHeader(kind=k, round=self.coord.state.round))
+            yield pb.TaskChunk(header=pb.TaskHeader(kind=k, round=self.coord.state.round, retry_after_s=task or 0.0))
             return
         plan = r.plans[request.device_id]
         header = serde.task_to_proto(task, len(plan.payload))

@@ -42,6 +42,9 @@ def test_value_type_defaults_to_the_methods_and_is_saved_resolved():
     ({"aggregator": {"name": "krum"}}, "aggregator.name"),
     ({"aggregator": {"name": "fedadam", "lr": 0}}, "aggregator.lr"),
     ({"aggregator": {"name": "fedavg", "lr": 0.01}}, "unknown key(s) ['lr']"),  # fedavg has no server lr
+    ({"server": {"pace_s": -1.0}}, "server.pace_s"),
+    # devices told to come back after up to 1.5 x 40 s (+ a heartbeat) would look dead at a 60 s timeout
+    ({"server": {"pace_s": 40.0, "device_timeout_s": 60.0}}, "server.pace_s"),
 ])
 def test_errors_name_the_field(raw, field):
     with pytest.raises(ConfigError, match=re.escape(field)):

@@ -471,3 +471,97 @@ def test_the_server_lingers_a_heartbeat_past_the_last_device_it_told(tiny_config
     assert waiter.is_alive()  # 4 s after the last telling
     move_to(109.5)
     assert not waiter.is_alive() and out == [[]]
+
+
+# -- pace steering ---------------------------------------------------------------------------------------------
+def test_pace_steering_answers_idle_devices_at_once_and_keeps_the_sampled_ones_close(server):
+    """server.pace_s = 4: of 4 registered devices, round 1 samples 2. The other two ask for a task with a 20 s
+    long poll and are answered WAIT at once, to ask again after 4 s x [0.5, 1.5); their heartbeat replies set
+    the same pace. The sampled ones get their task, and heartbeat at server.heartbeat_s. Once a sampled
+    device's upload is in, it is idle too. Without pace steering a heartbeat reply leaves the interval alone."""
+    coord, stub, _ = server(server={"rounds": 2, "devices_per_round": 2, "min_registered": 4, "pace_s": 4.0},
+                            data={"num_devices": 4})
+    for d in "0123":
+        register(stub, coord, d)
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()
+    with coord.cond:
+        coord.cond.wait_for(lambda: coord.round is not None and coord.round.open, timeout=30)
+    sampled = list(coord.round.sampled)
+    idle = sorted(set("0123") - set(sampled))
+    assert len(sampled) == 2
+    for d in idle:
+        start = time.monotonic()
+        chunks = list(stub.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=20.0), timeout=30))
+        assert time.monotonic() - start < 15  # not held for the 20 s poll
+        header = chunks[0].header
+        assert header.kind == pb.TaskHeader.WAIT and 2.0 <= header.retry_after_s < 6.0
+        beat = stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=10)
+        assert 2.0 <= beat.next_heartbeat_s < 6.0
+    for d in sampled:
+        beat = stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=10)
+        assert beat.next_heartbeat_s == coord.run.server.heartbeat_s
+    h, payload = fetch(stub, sampled[0])
+    assert h.kind == pb.TaskHeader.TRAIN
+    submit(stub, sampled[0], 1, delta_bundle(payload, value=0.01)[0])
+    assert 2.0 <= stub.Heartbeat(pb.HeartbeatRequest(device_id=sampled[0]), timeout=10).next_heartbeat_s < 6.0
+    coord.stop()
+    driver.join(timeout=30)
+
+    plain, stub2, _ = server(server={"rounds": 1, "devices_per_round": 1, "min_registered": 1})
+    register(stub2, plain, "0")
+    assert stub2.Heartbeat(pb.HeartbeatRequest(device_id="0"), timeout=10).next_heartbeat_s == 0.0
+
+
+class _FetchLog(grpc.ServerInterceptor):
+    """Per device: when each FetchTask arrived, and when each one that answered WAIT finished, with its
+    retry_after_s."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, list[float]] = {}
+        self.waited: dict[str, list[tuple[float, float]]] = {}
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if not details.method.endswith("/FetchTask"):
+            return handler
+        inner = handler.unary_stream
+
+        def logged(request, context):
+            self.arrived.setdefault(request.device_id, []).append(time.monotonic())
+            retry = None
+            for chunk in inner(request, context):
+                if chunk.HasField("header") and chunk.header.kind == pb.TaskHeader.WAIT:
+                    retry = chunk.header.retry_after_s
+                yield chunk
+            if retry is not None:
+                self.waited.setdefault(request.device_id, []).append((time.monotonic(), retry))
+
+        return grpc.unary_stream_rpc_method_handler(logged, handler.request_deserializer, handler.response_serializer)
+
+
+def test_devices_under_pace_steering_finish_the_run_and_never_ask_before_they_were_told(tiny_config, tmp_path):
+    """A real client process's main loop (EdgeClient, 3 devices in one process, 2 sampled a round) under
+    server.pace_s = 0.5: the run finishes, and no device asks for a task again before the retry_after_s it was
+    last answered (each answer leaves the server before the device can act on it: no timing is assumed)."""
+    from edgelora.edge_client.runtime import ClientOptions, EdgeClient
+
+    run = tiny_config(server={"rounds": 2, "devices_per_round": 2, "min_registered": 3, "heartbeat_s": 0.25,
+                              "pace_s": 0.5}, data={"num_devices": 3})
+    log = _FetchLog()
+    with run_server(run, tmp_path / "run", interceptors=[log]) as (coord, port):
+        driver = threading.Thread(target=coord.run_rounds, daemon=True)
+        driver.start()
+        client = EdgeClient(ClientOptions(server=f"127.0.0.1:{port}", device_ids=["0", "1", "2"], progress=False))
+        out = []
+        t = threading.Thread(target=lambda: out.append(client.run()), daemon=True)
+        t.start()
+        driver.join(timeout=120)
+        t.join(timeout=60)
+        client.close()
+    assert coord.state.finished and out == [0]
+    assert sum(len(v) for v in log.waited.values()) > 0  # pace steering answered somebody
+    for d, answers in log.waited.items():
+        for done, retry in answers:
+            later = [a for a in log.arrived[d] if a > done]
+            assert not later or later[0] - done >= retry - 1e-3, (d, retry, later[0] - done)
