@@ -3,27 +3,26 @@
     python -m benchmarks.fleet --devices 100 500 2000 [--procs 4] [--seconds 40] [--pace-s S] [--json PATH]
 
 For each N: a real `edgelora server` process (tiny-bert, N + 1 partitions, waiting for N + 1 registrations so no
-round starts) on 127.0.0.1, and a load generator of raw stub clients in `--procs` processes. Every client has
-its own channel (its own TCP connection), registers, then long-polls FetchTask (wait_s 30) in its own thread,
-as a single-device client does, while a heartbeat thread per process sends each of its clients a Heartbeat
-every 5 s (timeout 5 s) and records the latency. After all N are registered and have waited once, heartbeats
-are measured for `--seconds`. One JSON record per N: `devices`, `heartbeat_p50_ms`, `heartbeat_p99_ms`,
-`heartbeats`, `failed` (heartbeats that errored or timed out, and clients that never registered),
-`server_rss_mb` (VmRSS at the end), `server_threads` (its threads at the end: a long-polling device holds a
-handler thread), `server_cpu` (the server's CPU seconds over the measured window / its length: 1.0 is one core
-busy) and `pace_s`. With --pace-s S the server runs pace steering (server.pace_s = S): an idle device is
-answered WAIT at once with a retry_after_s, which the clients honour before polling again, and heartbeats at
-the interval its heartbeat replies give. Goal: 2,000 devices with p99 under 200 ms on this 2-core machine.
+round starts) on 127.0.0.1, and a load generator of raw stub clients in `--procs` processes. Every client has its
+own channel (its own TCP connection), registers, then long-polls FetchTask (wait_s 30), as a single-device client
+does, and sends a Heartbeat every 5 s (timeout 5 s), recording the latency; each process runs its clients as
+coroutines on one asyncio event loop (grpc.aio), so the generator is not what saturates. After all N are registered
+and have waited once, heartbeats are measured for `--seconds`. One JSON record per N: `devices`,
+`heartbeat_p50_ms`, `heartbeat_p99_ms`, `heartbeats`, `failed` (heartbeats that errored or timed out, and clients
+that never registered), `server_rss_mb` (VmRSS at the end), `server_threads` (its threads at the end: a long-
+polling device holds a handler thread), `server_cpu` (the server's CPU seconds over the measured window / its
+length: 1.0 is one core busy), `load_cpu` (the same for the load generator's processes together) and `pace_s`. With
+--pace-s S the server runs pace steering (server.pace_s = S): an idle device is answered WAIT at once with a
+retry_after_s, which the clients honour before polling again, and heartbeats at the interval its heartbeat replies
+give. Goal: 2,000 devices with p99 under 200 ms on this 2-core machine.
 """
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import multiprocessing as mp
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,59 +32,91 @@ HEARTBEAT_S = 5.0
 
 
 def _client_proc(addr: str, ids: list[str], fps: tuple[str, str], seconds: float, ready, go, out) -> None:
+    """One load-generator process: its devices on one asyncio event loop (grpc.aio), so a waiting device costs
+    a coroutine, not a thread, and the generator is not what saturates."""
+    import asyncio
+
+    asyncio.run(_devices(addr, ids, fps, seconds, ready, go, out))
+
+
+async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: float, ready, go, out) -> None:
+    import asyncio
+    import resource
+
     import grpc
 
     from edgelora.protos import edgelora_pb2 as pb
     from edgelora.protos import edgelora_pb2_grpc as pb_grpc
     from edgelora.protos.channel import CLIENT_OPTIONS
 
-    stop = threading.Event()
-    stubs, failed = {}, 0
-    for d in ids:  # own subchannel pool: a TCP connection per client, as separate devices have
-        ch = grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1), *CLIENT_OPTIONS])
-        stub = pb_grpc.CoordinatorStub(ch)
-        try:
-            stub.Register(pb.RegisterRequest(device_id=d, hardware="fleet", model_fingerprint=fps[0],
-                                             tokenizer_fingerprint=fps[1]), timeout=60)
-            stubs[d] = stub
-        except grpc.RpcError:
-            failed += 1
+    stop = asyncio.Event()
+    stubs, channels = {}, []
+    gate = asyncio.Semaphore(64)  # registrations in flight at once
 
-    def poll(stub, d):
+    async def register(d: str) -> None:
+        # own subchannel pool: a TCP connection per device, as separate devices have
+        ch = grpc.aio.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1), *CLIENT_OPTIONS])
+        channels.append(ch)
+        stub = pb_grpc.CoordinatorStub(ch)
+        async with gate:
+            try:
+                await stub.Register(pb.RegisterRequest(device_id=d, hardware="fleet", model_fingerprint=fps[0],
+                                                       tokenizer_fingerprint=fps[1]), timeout=120)
+                stubs[d] = stub
+            except grpc.RpcError:
+                pass
+
+    async def poll(stub, d: str) -> None:
         while not stop.is_set():
             try:
                 retry = 0.0
-                for chunk in stub.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=30.0), timeout=60):
+                async for chunk in stub.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=30.0), timeout=60):
                     retry = chunk.header.retry_after_s if chunk.HasField("header") else retry
-                stop.wait(retry)  # pace steering: not before the server said
+                if retry:  # pace steering: not before the server said
+                    await asyncio.wait_for(stop.wait(), retry)
+            except asyncio.TimeoutError:
+                pass
             except grpc.RpcError:
-                time.sleep(1.0)
+                await asyncio.sleep(1.0)
 
-    for d, stub in stubs.items():
-        threading.Thread(target=poll, args=(stub, d), daemon=True).start()
-    ready.put(len(stubs))
-    go.wait()
     lat, errors = [], 0
-    t_end = time.monotonic() + seconds
-    # each device's next heartbeat, first spread over one interval, then as its replies say (or every 5 s)
-    due = [(time.monotonic() + i * HEARTBEAT_S / max(1, len(stubs)), d) for i, d in enumerate(stubs)]
-    heapq.heapify(due)
-    while due and time.monotonic() < t_end:
-        at, d = heapq.heappop(due)
-        time.sleep(max(0.0, at - time.monotonic()))
-        if time.monotonic() >= t_end:
-            break
-        t0 = time.monotonic()
-        interval = HEARTBEAT_S
-        try:
-            reply = stubs[d].Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5.0)
-            lat.append((time.monotonic() - t0) * 1000)
-            interval = reply.next_heartbeat_s or HEARTBEAT_S
-        except grpc.RpcError:
-            errors += 1
-        heapq.heappush(due, (at + interval, d))
+
+    async def beat(stub, d: str, first: float, t_end: float) -> None:
+        nonlocal errors
+        at = first
+        while True:
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            if time.monotonic() >= t_end:
+                return
+            t0 = time.monotonic()
+            interval = HEARTBEAT_S
+            try:
+                reply = await stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5.0)
+                lat.append((time.monotonic() - t0) * 1000)
+                interval = reply.next_heartbeat_s or HEARTBEAT_S
+            except grpc.RpcError:
+                errors += 1
+            at += interval
+
+    await asyncio.gather(*(register(d) for d in ids))
+    polls = [asyncio.create_task(poll(stub, d)) for d, stub in stubs.items()]
+    ready.put(len(stubs))
+    await asyncio.get_running_loop().run_in_executor(None, go.wait)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.monotonic()
+    t_end = start + seconds
+    # each device's first heartbeat spread over one interval, then as its replies say (or every 5 s)
+    await asyncio.gather(*(beat(stub, d, start + i * HEARTBEAT_S / max(1, len(stubs)), t_end)
+                           for i, (d, stub) in enumerate(stubs.items())))
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     stop.set()
-    out.put({"lat": lat, "errors": errors + failed})
+    for task in polls:
+        task.cancel()
+    await asyncio.gather(*polls, return_exceptions=True)
+    for ch in channels:
+        await ch.close()
+    out.put({"lat": lat, "errors": errors + len(ids) - len(stubs),
+             "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime})
 
 
 def _proc_status(pid: int, field: str) -> float:
@@ -114,7 +145,7 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
     with Launcher(tmp) as launch:  # the server only: the devices are the raw stub clients above
         addr = launch.start_server(raw, args=["--insecure"], log=tmp / "server.log")
         ctx = mp.get_context("spawn")
-        ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()  # go: every process registered its devices
         ids = [str(i) for i in range(n)]
         workers = [ctx.Process(target=_client_proc, args=(addr, ids[k::procs], fps, seconds, ready, go, out))
                    for k in range(procs)]
@@ -135,7 +166,8 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
             "heartbeat_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
             "heartbeat_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
             "failed": sum(r["errors"] for r in results) + (n - registered), "server_rss_mb": round(rss, 1),
-            "server_threads": threads, "server_cpu": round(cpu, 3), "pace_s": pace_s}
+            "server_threads": threads, "server_cpu": round(cpu, 3),
+            "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s}
 
 
 def fingerprints() -> tuple[str, str]:

@@ -51,58 +51,16 @@ def best_parameter(gaps: np.ndarray, n: int) -> int:
 
 
 def encode(gaps: np.ndarray, m: int) -> bytes:
-    b, u = _layout(m)
-    quotients, remainders = np.divmod(gaps, m)
-    ones = np.cumsum(quotients + 1) - 1  # where each unary part ends
-    unary = np.zeros(int(ones[-1]) + 1 if ones.size else 0, np.uint8)
-    unary[ones] = 1
-    if b == 0:
-        return np.packbits(unary).tobytes()
-    long_code = remainders >= u
-    first = np.where(long_code, (remainders + u) >> 1, remainders)
-    extra = ((remainders[long_code] + u) & 1).astype(np.uint8)
-    bits = np.concatenate([fixed_width_bits(first, b - 1), extra, unary])
-    return np.packbits(bits).tobytes()
+    return encode_joint([gaps], [m])  # one tensor's stream is the joint stream of one
 
 
 def decode(payload: bytes, m: int, n: int, k: int) -> np.ndarray:
     """Indices from a Golomb payload, checking every length; CodecError names the field at fault."""
     if not 1 <= m <= max(1, n):
         raise CodecError(f"index_param: golomb m={m} outside [1, {n}]")
-    if k < 1 or k > 8 * len(payload):  # every index costs at least its unary one-bit
-        raise CodecError(f"count: {k} indices cannot fit in {len(payload)} golomb bytes")
-    b, u = _layout(m)
-    bits = np.unpackbits(np.frombuffer(payload, np.uint8))
-    pos = 0
-    remainders = np.zeros(k, np.int64)
-    if b > 0:
-        if k * (b - 1) > bits.size:
-            raise CodecError("index_payload: golomb remainder stream truncated")
-        first = read_fixed_width(bits, k, b - 1)
-        pos = k * (b - 1)
-        long_code = first >= u
-        n_extra = int(np.count_nonzero(long_code))
-        if pos + n_extra > bits.size:
-            raise CodecError("index_payload: golomb extra-bit stream truncated")
-        if n_extra:  # the i-th long code takes the i-th extra bit: r = 2 v + bit - u (no masked assignment)
-            rank = np.cumsum(long_code, dtype=np.int64) - 1
-            extra = np.take(bits[pos:pos + n_extra], rank, mode="clip")
-            remainders = first + long_code * (first + extra - u)
-        else:
-            remainders = first
-        pos += n_extra
-    ones = np.flatnonzero(bits[pos:].view(bool))
-    if ones.size != k:
-        raise CodecError(f"index_payload: golomb unary stream has {ones.size} terminators, count says {k}")
-    if bits.size - pos - int(ones[-1]) - 1 >= 8:
-        raise CodecError("index_payload: golomb payload longer than its codes")
-    quotients = np.diff(ones, prepend=np.int64(-1)) - 1
-    if int(quotients.sum()) * m + k > n:  # checked before any product that could overflow int64
-        raise CodecError(f"index_payload: golomb gaps run past n={n}")
-    indices = np.cumsum(quotients * m + remainders + 1) - 1
-    if indices[-1] >= n:
-        raise CodecError(f"index_payload: golomb index {int(indices[-1])} >= n={n}")
-    return indices
+    if k < 1:
+        raise CodecError(f"count: {k} indices cannot fit in a golomb payload (it codes at least one)")
+    return decode_joint(payload, np.array([m]), np.array([n]), np.array([k]))  # the joint stream of one
 
 
 # -- the joint stream: several tensors' gaps, each tensor under its own m, in one stream ------------------------
@@ -150,7 +108,6 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
     np.cumsum(counts, out=seg[1:])
     chunks = _chunks(seg)
     remainders = np.empty(k, np.int64)
-    longs = np.empty(counts.size, np.int64)  # long codewords per tensor: part 2's bits
     extra_at = int(field_end[-1])
     for ta, tb in chunks:
         c = counts[ta:tb]
@@ -158,9 +115,7 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
         urep = np.repeat(u[ta:tb], c)
         long_code = first >= urep
         long_code &= np.repeat(b[ta:tb] > 0, c)
-        n_long = np.add.reduceat(long_code, seg[ta:tb] - seg[ta])
-        longs[ta:tb] = n_long
-        n_extra = int(n_long.sum())
+        n_extra = int(np.count_nonzero(long_code))
         if extra_at + n_extra > bits.size:
             raise CodecError("index_payload: golomb extra-bit stream truncated")
         if n_extra:  # the i-th long code takes the i-th extra bit: r = 2 v + bit - u
@@ -184,7 +139,7 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
         over = q_sums > (ns[ta:tb] - c) // ms[ta:tb]
         if over.any():
             bad = ta + int(np.flatnonzero(over)[0])
-            raise CodecError(f"index_payload: golomb gaps of joint tensor {bad} run past n={int(ns[bad])}")
+            raise CodecError(f"index_payload: golomb gaps of the stream's tensor {bad} run past n={int(ns[bad])}")
         steps = quotients * np.repeat(ms[ta:tb], c)
         steps += remainders[seg[ta]:seg[tb]]
         steps += 1
@@ -195,7 +150,7 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
         last = steps[off + c - 1]
         if (last >= ns[ta:tb]).any():
             bad = int(np.flatnonzero(last >= ns[ta:tb])[0])
-            raise CodecError(f"index_payload: golomb index {int(last[bad])} of joint tensor {ta + bad} >= "
+            raise CodecError(f"index_payload: golomb index {int(last[bad])} of the stream's tensor {ta + bad} >= "
                              f"n={int(ns[ta + bad])}")
         local[seg[ta]:seg[tb]] = steps
     return local

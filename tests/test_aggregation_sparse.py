@@ -156,16 +156,29 @@ def _random_round(rng, shapes, devices):
     return out
 
 
-@pytest.mark.parametrize("make", [
+RUNNING_SUMS = pytest.mark.parametrize("make", [
     lambda run: FedAvg(FedAvgConfig()),
     lambda run: FedAvg(FedAvgConfig(weighted=False, clip_norm=2.5)),
     lambda run: FedAdam(FedAdamConfig(lr=0.05, clip_norm=4.0)),
     lambda run: DpFedAvg(run.aggregator, run),
 ], ids=["fedavg", "fedavg-clipped", "fedadam-clipped", "dp-fedavg"])
+
+
+def _same_sums_and_weights(aggregator, params, acc, ref, rnd: int) -> None:
+    """acc and ref hold the same sums, and the aggregator finishes both to the same weights, bit for bit."""
+    assert list(acc.sum) == list(ref.sum)
+    for k in ref.sum:
+        assert bits(acc.sum[k]) == bits(ref.sum[k]), (rnd, k)
+    ours, _ = aggregator.finish(params, acc, {}, rnd)
+    theirs, _ = aggregator.finish(params, ref, {}, rnd)
+    for k in params:
+        assert bits(ours[k]) == bits(theirs[k]), (rnd, k)
+
+
+@RUNNING_SUMS
 def test_aggregators_give_the_dense_paths_bits_on_random_sparse_updates(make):
-    run = load_config(tiny_raw(server={"devices_per_round": 5}, data={"num_devices": 5},
-                               aggregator={"name": "dp-fedavg", "clip_norm": 1.5, "noise_multiplier": 0.5}))
-    aggregator = make(run)
+    aggregator = make(load_config(tiny_raw(server={"devices_per_round": 5}, data={"num_devices": 5}, aggregator={
+        "name": "dp-fedavg", "clip_norm": 1.5, "noise_multiplier": 0.5})))
     rng = np.random.default_rng(7)
     shapes = {"a": (3, 4), "b": (7,), "c": (16, 5)}
     params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
@@ -177,37 +190,22 @@ def test_aggregators_give_the_dense_paths_bits_on_random_sparse_updates(make):
             acc.add(aggregator.clip(delta), aggregator.weight(int(w * 100)))
             ref.add(aggregator.clip({k: densify(k, v) for k, v in delta.items()}), aggregator.weight(int(w * 100)))
             clipped += aggregator.clip(delta) is not delta
-        for k in ref.sum:
-            assert bits(acc.sum[k]) == bits(ref.sum[k]), (rnd, k)
-        ours, _ = aggregator.finish(params, acc, {}, rnd)
-        theirs, _ = aggregator.finish(params, ref, {}, rnd)
-        for k in params:
-            assert bits(ours[k]) == bits(theirs[k]), (rnd, k)
+        _same_sums_and_weights(aggregator, params, acc, ref, rnd)
     assert clipped > 0 or getattr(aggregator.cfg, "clip_norm", 0) == 0  # the clipped cases did clip
 
 
-def _random_flat(rng, layout: Layout, minus_zeros=True) -> FlatSparse:
-    k = int(rng.integers(0, layout.size + 1))
-    values = rng.normal(size=k).astype(np.float32)
-    if minus_zeros and k:
-        values[rng.random(k) < 0.2] = -0.0
-        values[rng.random(k) < 0.1] = 0.0
-    return FlatSparse(layout, np.sort(rng.choice(layout.size, k, replace=False)), values)
+def _random_flat(rng, layout: Layout) -> FlatSparse:
+    t = _random_sparse(rng, (layout.size,))
+    return FlatSparse(layout, t.indices, t.values)
 
 
-@pytest.mark.parametrize("make", [
-    lambda run: FedAvg(FedAvgConfig()),
-    lambda run: FedAvg(FedAvgConfig(weighted=False, clip_norm=2.5)),
-    lambda run: FedAdam(FedAdamConfig(lr=0.05, clip_norm=4.0)),
-    lambda run: DpFedAvg(run.aggregator, run),
-], ids=["fedavg", "fedavg-clipped", "fedadam-clipped", "dp-fedavg"])
+@RUNNING_SUMS
 def test_flat_uploads_give_the_dense_paths_bits(make):
     """A round of FlatSparse uploads (a top-k upload over every tensor at once, -0.0 values included) sums, and
     every aggregator finishes, bit for bit as the same deltas made dense tensor by tensor; clipping scales
     both by the flat delta's norm."""
-    run = load_config(tiny_raw(server={"devices_per_round": 5}, data={"num_devices": 5},
-                               aggregator={"name": "dp-fedavg", "clip_norm": 1.5, "noise_multiplier": 0.5}))
-    aggregator = make(run)
+    aggregator = make(load_config(tiny_raw(server={"devices_per_round": 5}, data={"num_devices": 5}, aggregator={
+        "name": "dp-fedavg", "clip_norm": 1.5, "noise_multiplier": 0.5})))
     rng = np.random.default_rng(8)
     layout = Layout.of({"a": (3, 4), "b": (7,), "c": (16, 5), "empty": (0,)})
     params = {k: rng.normal(size=s).astype(np.float32) for k, s in zip(layout.names, layout.shapes)}
@@ -218,13 +216,7 @@ def test_flat_uploads_give_the_dense_paths_bits(make):
             norm = global_norm(delta)
             acc.add(aggregator.clip(delta, norm), w)
             ref.add(aggregator.clip({k: densify(k, v) for k, v in delta.tensors().items()}, norm), w)
-        assert list(acc.sum) == list(ref.sum)
-        for k in ref.sum:
-            assert bits(acc.sum[k]) == bits(ref.sum[k]), (rnd, k)
-        ours, _ = aggregator.finish(params, acc, {}, rnd)
-        theirs, _ = aggregator.finish(params, ref, {}, rnd)
-        for k in params:
-            assert bits(ours[k]) == bits(theirs[k]), (rnd, k)
+        _same_sums_and_weights(aggregator, params, acc, ref, rnd)
 
 
 def test_flat_and_tensor_deltas_mix_in_one_sum_bit_for_bit():
