@@ -18,7 +18,7 @@ from edgelora.state import ServerState
 from edgelora.tasks import DeviceInfo, Task, is_device_id, is_device_name
 
 from .driver import RoundDriver
-from .engine import OVER_BUDGET, Round
+from .engine import OVER_BUDGET, DeviceState, Round
 from .registry import Capacity, DeviceRegistry
 
 log = logging.getLogger("edgelora.server")
@@ -53,13 +53,13 @@ class GrpcDevices:
         deadline = self.clock() + self.run.server.registration_timeout_s
         said = None
         with driver.cond:
-            while len(self.registry.live()) < needed and not driver.stopping:
+            while self.registry.live_count() < needed and not driver.stopping:
                 able = self.run.data.num_devices - len(self.data_errors)
                 if self.run.data.mode == "partitions" and able < needed:  # waiting longer cannot help
                     bad = ", ".join(f"{d} ({e})" for d, e in sorted(self.data_errors.items()))
                     raise TimeoutError(f"{needed} devices are needed, but only {able} of data.num_devices = "
                                        f"{self.run.data.num_devices} can train: devices {bad} cannot load their data")
-                live, registered = len(self.registry.live()), len(self.registry)
+                live, registered = self.registry.live_count(), len(self.registry)
                 left = deadline - self.clock()
                 if before_first_round and left <= 0:
                     raise TimeoutError(f"only {live} of {needed} devices live ({registered} registered) within "
@@ -78,8 +78,9 @@ class GrpcDevices:
             driver.notify_all()
             while not rnd.full and rnd.time_left() > 0 and not driver.stopping:
                 if self._all_outstanding_offline(rnd):
+                    done = rnd.done
                     log.warning("round %d: every device it still waits for (%s) is offline; closing it now",
-                                rnd.number, ", ".join(d for d in rnd.sampled if d not in rnd.done))
+                                rnd.number, ", ".join(d for d in rnd.sampled if d not in done))
                     break
                 driver.cond.wait(min(1.0, rnd.time_left()))
 
@@ -89,7 +90,7 @@ class GrpcDevices:
         secure = rnd.secure
         with driver.cond:
             while secure.waiting() and secure.time_left() > 0 and not driver.stopping:
-                if not secure.waiting() & set(self.registry.live()):
+                if not any(self.registry.is_live(d) for d in secure.waiting()):
                     log.warning("round %d: every device the %s phase waits for (%s) is offline; closing it now",
                                 rnd.number, secure.phase, ", ".join(sorted(secure.waiting())))
                     break
@@ -97,8 +98,8 @@ class GrpcDevices:
 
     def _all_outstanding_offline(self, rnd: Round) -> bool:
         """No upload under way and every sampled device without an accepted one has stopped heartbeating."""
-        live = set(self.registry.live())
-        return not rnd.uploading and all(d in rnd.done or d not in live for d in rnd.sampled)
+        done = rnd.done  # (only the round's devices are looked up: listing every live one is O(registered))
+        return not rnd.uploading and not any(self.registry.is_live(d) for d in rnd.sampled if d not in done)
 
     def checkpoint(self, driver: RoundDriver, rnd: Round, state: ServerState) -> None:
         pass  # a real device keeps its own state
@@ -242,7 +243,7 @@ class Coordinator(RoundDriver):
         """The open round waits for this device (sampled, not yet done): it long-polls and heartbeats at
         server.heartbeat_s, pace steering or not."""
         r = self.round
-        return r is not None and r.open and device_id in r.sampled and device_id not in r.done
+        return r is not None and r.open and r.state_of(device_id) not in (None, DeviceState.ACCEPTED)
 
     def pace(self) -> float:
         """Pace steering: seconds an idle device waits before it asks again, server.pace_s x a uniform draw in

@@ -118,6 +118,10 @@ class Round:
         self.record = RoundRecord(round=self.number, stage=stage_name(state.stage),
                                   devices={d: DeviceRecord(d) for d in sampled})
         self._state = {d: DeviceState.SAMPLED for d in sampled}
+        # the devices in each state, kept with _state by _move: `done` and `full` are asked on every upload
+        # and long poll, and a scan of the whole sample each time made a round's cost grow as K squared
+        self._in_state: dict[DeviceState, set[str]] = {s: set() for s in DeviceState}
+        self._in_state[DeviceState.SAMPLED].update(sampled)
         self._handed_out: dict[str, int] = {}
         self._task_ids: dict[str, set[str]] = {}  # issued per device, until its update is accepted
         self._partial: dict[str, tuple[str, bytearray, int]] = {}  # broken-off uploads: (task id, buffer, bytes held)
@@ -155,16 +159,16 @@ class Round:
     @property
     def full(self) -> bool:
         """K updates have been accepted: nothing more is needed (the rest of an over-selected sample is late)."""
-        return len(self.done) >= self.target
+        return len(self._in_state[_S.ACCEPTED]) >= self.target
 
     @property
     def done(self) -> frozenset[str]:
         """Devices whose update was accepted."""
-        return frozenset(d for d, s in self._state.items() if s is _S.ACCEPTED)
+        return frozenset(self._in_state[_S.ACCEPTED])
 
     @property
     def uploading(self) -> frozenset[str]:
-        return frozenset(d for d, s in self._state.items() if s is DeviceState.UPLOADING)
+        return frozenset(self._in_state[DeviceState.UPLOADING])
 
     @property
     def deadline(self) -> float:
@@ -200,6 +204,8 @@ class Round:
         if to not in _MOVES[s]:
             raise IllegalTransition(f"round {self.number}: device {device_id} cannot go from {s.value} to {to.value}")
         self._state[device_id] = to
+        self._in_state[s].discard(device_id)
+        self._in_state[to].add(device_id)
 
     # -- transitions -----------------------------------------------------------------------------------------
     def start_clock(self, deadline_s: float, clock=time.monotonic) -> None:

@@ -33,7 +33,7 @@ class _Devices:
                                                   "sampled (in the open round)", labels=["state"])
         r = c.round
         g.add_metric(["registered"], len(c.registry))
-        g.add_metric(["live"], len(c.registry.live()))
+        g.add_metric(["live"], c.registry.live_count())
         g.add_metric(["sampled"], len(r.sampled) if r is not None and r.open else 0)
         yield g
 

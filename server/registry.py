@@ -72,6 +72,19 @@ class DeviceRegistry:
         with self._lock:
             return len(self._devices)
 
+    def is_live(self, device_id: str) -> bool:
+        """Registered, and heard from within timeout_s."""
+        now = self.clock()
+        with self._lock:
+            entry = self._devices.get(device_id)
+            return entry is not None and now - entry.last_seen <= self.timeout_s
+
+    def live_count(self) -> int:
+        """How many are live (live() without listing and sorting them)."""
+        now = self.clock()
+        with self._lock:
+            return sum(now - d.last_seen <= self.timeout_s for d in self._devices.values())
+
     def live(self) -> list[str]:
         now = self.clock()
         with self._lock:
