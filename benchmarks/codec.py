@@ -6,7 +6,10 @@ Indices are uniformly random k-subsets (k = round(density * n)); values are stan
 decode_ms time the index coder alone (best of --repeat); bundle_*_ms time a whole one-tensor bundle with
 float16 values. The value-type table encodes a FLASC 1/4 top-k of a MiniLM LoRA update (r = 10) in each
 value type: bytes, bits per value (indices included), relative RMS error, encode and decode ms (nearest
-rounding; stochastic for the int types too). Figures are printed, never asserted.
+rounding; stochastic for the int types too). The joint-stream table encodes a FLASC global top-k of a SmolLM2
+LoRA update (420 tensors) with the joint index stream and with a stream per tensor, under three scale
+profiles (every tensor alike; per-tensor scales log-normal, sigma 1; lora_B 10x lora_A on top), so the tensors'
+densities differ as a real update's do: bytes of each, float16 values. Figures are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -115,6 +118,31 @@ def value_type_table(rng: np.random.Generator, repeat: int, density: float = 0.2
     return out
 
 
+SCALE_PROFILES = {  # a tensor's scale from its name and a draw
+    "alike": lambda name, z: 1.0,
+    "log-normal": lambda name, z: float(np.exp(z)),
+    "B 10x A": lambda name, z: (10.0 if "lora_B" in name else 1.0) * float(np.exp(z)),
+}
+
+
+def joint_table(rng: np.random.Generator, densities=(1 / 4, 1 / 16, 1 / 64)) -> list[dict]:
+    """The joint index stream against a stream per tensor, on global top-k uploads of a SmolLM2 LoRA update."""
+    from benchmarks.aggregation import lora_shapes
+    from edgelora.sparsity import global_topk
+
+    out = []
+    for profile, scale in SCALE_PROFILES.items():
+        delta = {n: rng.standard_normal(s, np.float32) * np.float32(1e-3 * scale(n, rng.normal()))
+                 for n, s in lora_shapes().items()}
+        for density in densities:
+            sent = global_topk(delta, density)
+            joint = len(codec.encode_bundle(sent, value_type="float16"))
+            own = len(codec.encode_bundle(sent, value_type="float16", joint_indices=False))
+            out.append({"profile": profile, "density": density, "joint_bytes": joint, "per_tensor_bytes": own,
+                        "joint_over_per_tensor": joint / own})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the records here")
@@ -149,6 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{t['value_type']:>11} {t['rounding']:>10} {t['bytes']:>8} {t['bits_per_value']:>10.2f} "
               f"{t['relative_rms_error']:>12.5f} {t['encode_ms']:>7.1f} {t['decode_ms']:>7.1f}")
     records.append({"value_types": table})
+    joint = joint_table(rng)
+    print("\nSmolLM2 LoRA global top-k (420 tensors, float16): joint index stream vs a stream per tensor")
+    for j in joint:
+        print(f"{j['profile']:>11} 1/{round(1 / j['density']):<3} joint {j['joint_bytes']:>9,} B  per tensor "
+              f"{j['per_tensor_bytes']:>9,} B  ratio {j['joint_over_per_tensor']:.4f}")
+    records.append({"joint_index_stream": joint})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
