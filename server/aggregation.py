@@ -117,6 +117,7 @@ def _flat_values(t) -> np.ndarray:
 
 
 _MINUS_ZERO = np.uint64(1 << 63)  # the bits of float64 -0.0
+_NONE = np.zeros(0, np.int64)  # no -0.0 positions
 
 
 @dataclass
@@ -207,11 +208,7 @@ class RunningMean:
             self._sums = delta.layout.views(flat)
             self._flat_minus = pos[products.view(np.uint64) == _MINUS_ZERO]
             return
-        flat = self._flat[1]
-        self._skip_minus_zeros(flat, self._flat_minus, pos)
-        flat[pos] += products
-        maybe = pos[products.view(np.uint64) == _MINUS_ZERO]
-        self._flat_minus = maybe[flat[maybe].view(np.uint64) == _MINUS_ZERO]
+        self._flat_minus = self._scatter_add(self._flat[1], self._flat_minus, pos, products)
 
     def _unflatten(self) -> None:
         """Back to a sum per tensor (its views of the vector stay), -0.0 positions cut per tensor."""
@@ -236,13 +233,19 @@ class RunningMean:
                 held.total += products
                 return
             held = self._whole(name)
-        flat = held.reshape(-1)
-        if name in self._minus_zeros:
-            self._skip_minus_zeros(flat, self._minus_zeros.pop(name), idx)
+        minus = self._scatter_add(held.reshape(-1), self._minus_zeros.pop(name, _NONE), idx, products)
+        if minus.size:
+            self._minus_zeros[name] = minus
+
+    @classmethod
+    def _scatter_add(cls, flat: np.ndarray, minus: np.ndarray | None, idx: np.ndarray, products: np.ndarray
+                     ) -> np.ndarray:
+        """flat[idx] += products, as the dense path's add leaves it: the -0.0 entries at `minus` (None:
+        unknown) that idx skips become +0.0. Returns flat's -0.0 positions after the add."""
+        cls._skip_minus_zeros(flat, minus, idx)
         flat[idx] += products
-        if (products.view(np.uint64) == _MINUS_ZERO).any():  # x + y = -0.0 only if both are -0.0
-            maybe = idx[products.view(np.uint64) == _MINUS_ZERO]
-            self._minus_zeros[name] = maybe[flat[maybe].view(np.uint64) == _MINUS_ZERO]
+        maybe = idx[products.view(np.uint64) == _MINUS_ZERO]  # x + y = -0.0 only if both are -0.0
+        return maybe[flat[maybe].view(np.uint64) == _MINUS_ZERO]
 
     def _whole(self, name: str) -> np.ndarray:
         """The tensor's sum as a whole float64 array (an AtIndices sum scattered into zeros, once)."""

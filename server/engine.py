@@ -559,31 +559,34 @@ class RoundEngine:
             except (codec.CodecError, ValueError) as e:
                 raise UpdateRejected(Refusal.INVALID, f"tensor {name}: {e}") from None
             values = t.values  # the entries sent: the peak over them is the dense tensor's (the rest are 0)
-            peak = float(np.abs(values).max()) if np.size(values) else 0.0
-            if peak > self.run.server.max_update_abs:
-                raise UpdateRejected(Refusal.INVALID, f"tensor {name}: |delta| reaches {peak:.3g}, above "
-                                                f"server.max_update_abs = {self.run.server.max_update_abs:g}")
+            self._check_peak(name, float(np.abs(values).max()) if np.size(values) else 0.0)
         if rule.format == UploadFormat.TOPK:
-            k = topk_count(plan.entries, rule.density)
-            if total_nnz > k:
-                raise UpdateRejected(Refusal.INVALID, f"top-k upload carries {total_nnz} entries; this device's plan "
-                                                f"({plan.instruction.describe()}) allows {k}")
+            self._check_topk_count(plan, total_nnz)
         return delta
+
+    def _check_peak(self, name: str, peak: float) -> None:
+        """UpdateRejected if a tensor's largest |delta| passes server.max_update_abs."""
+        if peak > self.run.server.max_update_abs:
+            raise UpdateRejected(Refusal.INVALID, f"tensor {name}: |delta| reaches {peak:.3g}, above "
+                                                  f"server.max_update_abs = {self.run.server.max_update_abs:g}")
+
+    @staticmethod
+    def _check_topk_count(plan: DevicePlan, carried: int) -> None:
+        """UpdateRejected if a top-k upload carries more entries than its plan's k."""
+        k = topk_count(plan.entries, plan.task.upload.density)
+        if carried > k:
+            raise UpdateRejected(Refusal.INVALID, f"top-k upload carries {carried} entries; this device's plan "
+                                                  f"({plan.instruction.describe()}) allows {k}")
 
     def _flat_topk(self, plan: DevicePlan, flat: codec.Flat) -> FlatSparse:
         """A top-k upload whose tensors are the plan's, in its order, all Sparse (what devices send): checked
         and handed on as one FlatSparse, each check one whole-array step (the codec has checked the indices)."""
-        k = topk_count(plan.entries, plan.task.upload.density)
-        if flat.values.size > k:
-            raise UpdateRejected(Refusal.INVALID, f"top-k upload carries {flat.values.size} entries; this device's "
-                                                  f"plan ({plan.instruction.describe()}) allows {k}")
+        self._check_topk_count(plan, flat.values.size)
         magnitude = np.abs(flat.values)
         if magnitude.size and float(magnitude.max()) > self.run.server.max_update_abs:
             at = int(np.argmax(magnitude > self.run.server.max_update_abs))  # the first tensor over the cap
             t = int(np.searchsorted(flat.starts, at, side="right")) - 1
-            peak = float(magnitude[flat.starts[t]:flat.starts[t + 1]].max())
-            raise UpdateRejected(Refusal.INVALID, f"tensor {flat.names[t]}: |delta| reaches {peak:.3g}, above "
-                                                  f"server.max_update_abs = {self.run.server.max_update_abs:g}")
+            self._check_peak(flat.names[t], float(magnitude[flat.starts[t]:flat.starts[t + 1]].max()))
         try:
             return FlatSparse(plan.layout, flat.positions, flat.values)
         except ValueError as e:
