@@ -88,6 +88,11 @@ def _converted(layer: nn.Linear, base: str) -> nn.Module:
                                 quant_type="nf4", compress_statistics=True, device="meta")
         new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCK,
                                        compress_statistics=True).to(weight.device)
+        # On a CPU with AVX512-BF16, bitsandbytes repacks a layer's weight in place at its first no-grad eval
+        # forward, rounding the block scales to bf16: what a layer computes would then depend on the CPU and on
+        # whether it was evaluated before it trained, and the repack fails outright where in_features is not a
+        # multiple of the block (seen on tiny models). One format everywhere: the repack is off.
+        new.support_avx512bf16_for_cpu = False
     elif base == "int8":
         import bitsandbytes as bnb
 

@@ -56,6 +56,27 @@ def test_a_devices_base_is_held_smaller_trains_lora_and_comes_back_as_loaded(bas
         host.build(Structure(kind=StructureKind.FULL), base)
 
 
+def test_an_nf4_layer_computes_the_same_in_eval_and_training_on_any_cpu():
+    """bitsandbytes repacks a 4-bit layer in place at its first no-grad eval forward on an AVX512-BF16 CPU (block
+    scales rounded to bf16; it fails where in_features is not a multiple of the block). Ours never repack: eval
+    and training forwards agree bit for bit and the stored weight is untouched, whatever this CPU has."""
+    from torch import nn
+
+    from edgelora.frozen_base import convert
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32)).requires_grad_(False)  # 32: under one block
+    assert convert(model, "nf4", ["0", "1"]) == 2
+    x = torch.randn(3, 32)
+    stored = [m.weight.detach().clone() for m in model]
+    train_out = model.train()(x.requires_grad_(True)).detach()
+    with torch.no_grad():
+        eval_out = model.eval()(x.detach())
+    assert torch.equal(eval_out, train_out)
+    assert all(torch.equal(m.weight, w) and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+               for m, w in zip(model, stored))
+
+
 def test_a_host_that_cannot_reload_its_base_keeps_it_as_loaded():
     host = ModelHost(load_base_model(ModelConfig(task="causal-lm", name="tiny-llama")))
     with pytest.raises(ConfigError, match="only a device's host converts it"):
