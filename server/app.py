@@ -1,9 +1,10 @@
 """Start and stop the coordinator: `run_server()` is a context manager that always stops the gRPC server."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from concurrent import futures
+import threading
 from pathlib import Path
 
 import grpc
@@ -24,8 +25,9 @@ log = logging.getLogger("edgelora.server")
 def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=None, interceptors=(),
                tensorboard: bool = False, metrics_port: int | None = None):
     """Yield (coordinator, port) with a gRPC server listening; stop it on exit whatever happened.
-    `metrics_port` (0 = any free one): Prometheus metrics at http://HOST:PORT/metrics, written to
-    RUN_DIR/metrics.addr."""
+    The server is grpc.aio on one event loop in its own thread (server.servicer); `interceptors` are
+    grpc.aio.ServerInterceptor. `metrics_port` (0 = any free one): Prometheus metrics at
+    http://HOST:PORT/metrics, written to RUN_DIR/metrics.addr."""
     coord = Coordinator(run, Path(run_dir), resume=resume)
     if tensorboard:
         coord.folder.log_to_tensorboard()
@@ -36,27 +38,42 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
         (Path(run_dir) / "metrics.addr").write_text(f"{run.server.host}:{http.server_port}\n")
         log.info("metrics at http://%s:%d/metrics", run.server.host, http.server_port)
     cfg = run.server
-    # Uploads arrive as many chunk-sized messages; the servicer refuses a chunk over chunk_bytes by name.
-    # Each waiting device holds a handler thread (FetchTask long-polls), so the pool is sized for the fleet:
-    # threads start on demand, and an idle one costs its stack's touched pages only.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_connections, thread_name_prefix="rpc"),
-                         interceptors=list(interceptors),
-                         options=[("grpc.max_receive_message_length", RECEIVE_LIMIT),
-                                  ("grpc.max_send_message_length", cfg.chunk_bytes + CHUNK_SLACK),
-                                  *SERVER_OPTIONS])
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
-    address = f"{cfg.host}:{cfg.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"server.port: could not listen on {address}")
-    server.start()
-    (Path(run_dir) / "server.addr").write_text(f"{cfg.host}:{port}\n")
-    log.info("coordinator listening on %s:%d, run folder %s", cfg.host, port, run_dir)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
+    thread.start()
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    async def start():
+        # Uploads arrive as many chunk-sized messages; the servicer refuses a chunk over chunk_bytes by name.
+        server = grpc.aio.server(interceptors=list(interceptors), maximum_concurrent_rpcs=cfg.max_connections,
+                                 options=[("grpc.max_receive_message_length", RECEIVE_LIMIT),
+                                          ("grpc.max_send_message_length", cfg.chunk_bytes + CHUNK_SLACK),
+                                          *SERVER_OPTIONS])
+        servicer = CoordinatorServicer(coord)
+        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        address = f"{cfg.host}:{cfg.port}"
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"server.port: could not listen on {address}")
+        await server.start()
+        return server, servicer, port
+
+    server = None
     try:
+        server, servicer, port = on_loop(start())
+        (Path(run_dir) / "server.addr").write_text(f"{cfg.host}:{port}\n")
+        log.info("coordinator listening on %s:%d, run folder %s", cfg.host, port, run_dir)
         yield coord, port
     finally:
-        coord.stop()
-        server.stop(grace=2.0).wait()
+        if server is not None:
+            coord.stop()
+            on_loop(server.stop(grace=2.0))
+            servicer.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
         if http is not None:
             http.shutdown()
 

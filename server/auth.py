@@ -13,7 +13,6 @@ No or an unknown token -> UNAUTHENTICATED. A token used for another id, in the m
 from __future__ import annotations
 
 import hmac
-import itertools
 import logging
 import secrets
 from pathlib import Path
@@ -45,17 +44,19 @@ def make_tokens(device_ids) -> str:
     return "[tokens]\n" + "".join(f'"{d}" = "{secrets.token_urlsafe(32)}"\n' for d in device_ids)
 
 
-def _abort(context, code: Refusal, message: str):
-    context.abort_with_status(refusal_status(code.value, STATUS[code], message))
+async def _abort(context, code: Refusal, message: str):
+    await context.abort_with_status(refusal_status(code.value, STATUS[code], message))
 
 
 def _deny(code: Refusal, message: str):
-    def abort(request, context):
-        _abort(context, code, message)
+    async def abort(request, context):
+        await _abort(context, code, message)
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-class DeviceTokenInterceptor(grpc.ServerInterceptor):
+class DeviceTokenInterceptor(grpc.aio.ServerInterceptor):
+    """For the coordinator's grpc.aio server."""
+
     def __init__(self, tokens: dict[str, str]) -> None:
         self.tokens = {d: t.encode() for d, t in tokens.items()}
 
@@ -66,7 +67,7 @@ class DeviceTokenInterceptor(grpc.ServerInterceptor):
                 found = dev
         return found
 
-    def intercept_service(self, continuation, details):
+    async def intercept_service(self, continuation, details):
         md = dict(details.invocation_metadata or ())
         auth, claimed = md.get("authorization", ""), md.get("x-device-id", "")
         owner = self._owner(auth[len("Bearer "):]) if auth.startswith("Bearer ") else None
@@ -77,14 +78,20 @@ class DeviceTokenInterceptor(grpc.ServerInterceptor):
         if claimed != owner:
             log.warning("%s refused: token of device %s used as %r", details.method, owner, claimed)
             return _deny(Refusal.FORBIDDEN, f"this token may act only as device {owner}")
-        return _bind_to_device(continuation(details), owner)
+        return _bind_to_device(await continuation(details), owner)
 
 
-def _check(device_id: str, owner: str, context) -> None:
+async def _check(device_id: str, owner: str, context) -> None:
     if device_id and device_id != owner:
         why = f"this token may act only as device {owner}, not {device_id!r}"
         log.warning("request naming device %r refused: %s", device_id, why)  # every refusal is logged
-        _abort(context, Refusal.FORBIDDEN, why)
+        await _abort(context, Refusal.FORBIDDEN, why)
+
+
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _bind_to_device(handler, owner: str):
@@ -93,21 +100,25 @@ def _bind_to_device(handler, owner: str):
         return None
     kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.unary_unary:
-        def uu(request, context):
-            _check(getattr(request, "device_id", ""), owner, context)
-            return handler.unary_unary(request, context)
+        async def uu(request, context):
+            await _check(getattr(request, "device_id", ""), owner, context)
+            return await handler.unary_unary(request, context)
         return grpc.unary_unary_rpc_method_handler(uu, **kw)
     if handler.unary_stream:
-        def us(request, context):
-            _check(getattr(request, "device_id", ""), owner, context)
-            yield from handler.unary_stream(request, context)
+        async def us(request, context):
+            await _check(getattr(request, "device_id", ""), owner, context)
+            async for response in handler.unary_stream(request, context):
+                yield response
         return grpc.unary_stream_rpc_method_handler(us, **kw)
     if handler.stream_unary:
-        def su(requests, context):
-            first = next(requests, None)
-            if first is not None and first.WhichOneof("part") == "header":
-                _check(first.header.device_id, owner, context)
-            return handler.stream_unary(requests if first is None else itertools.chain([first], requests),
-                                        context)
+        async def su(requests, context):
+            stream = requests.__aiter__()
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                return await handler.stream_unary(stream, context)
+            if first.WhichOneof("part") == "header":
+                await _check(first.header.device_id, owner, context)
+            return await handler.stream_unary(_prepend(first, stream), context)
         return grpc.stream_unary_rpc_method_handler(su, **kw)
     return handler  # no bidirectional methods in the contract

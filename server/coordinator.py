@@ -1,5 +1,5 @@
-"""The gRPC side of the round driver: devices register, long-poll for their task and stream their upload on
-gRPC handler threads, which call in here; the round itself is `RoundDriver.run_one_round`, run by one driver
+"""The gRPC side of the round driver: devices register, long-poll for their task and stream their upload
+through the grpc.aio servicer, whose pool threads call in here; the round itself is `RoundDriver.run_one_round`, run by one driver
 thread, with `GrpcDevices` as the way it reaches devices. All shared state sits behind the driver's condition."""
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class GrpcDevices:
                 driver.cond.wait(min(left, 1.0) if before_first_round else 1.0)
 
     def collect(self, driver: RoundDriver, rnd: Round) -> None:
-        """The round's devices fetch and upload on handler threads; this thread waits for the round to fill, its
+        """The round's devices fetch and upload through the servicer; this thread waits for the round to fill, its
         deadline to pass, every device it still waits for to go offline, or the driver to stop."""
         with driver.cond:
             rnd.start_clock(self.run.server.round_deadline_s, self.clock)
@@ -85,7 +85,7 @@ class GrpcDevices:
                 driver.cond.wait(min(1.0, rnd.time_left()))
 
     def exchange(self, driver: RoundDriver, rnd: Round) -> None:
-        """A key phase: devices fetch their prompt and answer on handler threads; this thread waits until none
+        """A key phase: devices fetch their prompt and answer through the servicer; this thread waits until none
         is left to answer, the phase's deadline passes, every device it waits for is offline, or a stop."""
         secure = rnd.secure
         with driver.cond:

@@ -7,13 +7,13 @@ score) or abandon -> checkpoint. Only the collect step depends on how devices ar
 one thing a `Devices` implementation supplies:
 
 - `server.coordinator.GrpcDevices`: real devices pull their task and push their upload through the gRPC
-  servicer on its handler threads; the driver thread waits until the round is full, past its deadline, or
+  servicer (grpc.aio; its calls into the driver run on two small thread pools); the driver thread waits until the round is full, past its deadline, or
   every device it waits for is offline.
 - `edgelora.simulation.simulator.SimulatedDevices`: virtual devices train in this process (`SequentialDevices`) or in Ray
   actors (`RayDevices`), and their updates come back through the same `begin_upload` / `finish_upload`.
 
-Every change to a round happens under `cond` (an RLock's condition): the driver thread and gRPC handler
-threads call in concurrently. A protocol that needs more phases in a round (key exchange, unmasking) adds them
+Every change to a round happens under `cond` (an RLock's condition): the driver thread and the gRPC servicer's
+pool threads call in concurrently. A protocol that needs more phases in a round (key exchange, unmasking) adds them
 here, once.
 
 Imports: the shared core (edgelora.*) and this package's own modules; never grpc, never edge_client.
@@ -88,6 +88,9 @@ class RoundDriver(ServerRun):
         # Devices long-polling for a task wait on their own condition, woken only when a round opens or closes,
         # the state changes or the driver stops: not by every registration or upload (thousands of waiters).
         self.task_ready = threading.Condition(lock)
+        # Called (lock held) wherever task_ready is notified, for waiters that are not threads: the asyncio
+        # servicer's long polls. Each must only schedule its work, never block.
+        self.task_listeners: list[Callable[[], None]] = []
         self._decoding = threading.BoundedSemaphore(2)
         self.round: Round | None = None
         self.stopping = False
@@ -250,6 +253,8 @@ class RoundDriver(ServerRun):
         """Wake everything that waits on the driver, long-polling devices included (lock held)."""
         self.cond.notify_all()
         self.task_ready.notify_all()
+        for listener in self.task_listeners:
+            listener()
 
     def stop(self) -> None:
         with self.cond:

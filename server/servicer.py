@@ -1,8 +1,19 @@
-"""gRPC servicer: translates protobuf <-> domain and delegates to the Coordinator. No round logic here."""
+"""gRPC servicer on grpc.aio: translates protobuf <-> domain and delegates to the Coordinator. No round logic here.
+
+One event loop serves every device. A device waiting for its task (a FetchTask long poll) or streaming its
+upload costs a coroutine and its stream, not a thread. Calls into the Coordinator, which holds the round
+driver's lock, run on two small thread pools: `light` for the quick ones (register, heartbeat, the task
+check, a download's byte count), `heavy` for checking and adding an upload (decode and aggregation). So a
+heartbeat never waits behind an upload, and the loop never waits on the driver's lock. A long poll waits on
+the loop, woken by the driver (RoundDriver.task_listeners) whenever a round opens or closes, the state changes
+or the server stops."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -21,15 +32,21 @@ log = logging.getLogger("edgelora.server")
 # 4 MiB - 64 KiB), and the per-run chunk cap is checked here, where the refusal can say what was wrong.
 RECEIVE_LIMIT = 4 << 20
 CHUNK_SLACK = 64 * 1024
+LIGHT_THREADS = 8  # quick Coordinator calls in flight at once
+HEAVY_THREADS = 4  # uploads being checked and added at once (the driver decodes at most 2 at a time)
 
-def _abort(coord: Coordinator, context: grpc.ServicerContext, e: UpdateRejected, what: str) -> None:
+
+async def _abort(coord: Coordinator, context: grpc.aio.ServicerContext, e: UpdateRejected, what: str) -> None:
+    """Refuse the call with the refusal's typed status (raises, ending the handler)."""
     log.warning("%s refused: %s", what, e.message)
     if coord.metrics is not None:
         coord.metrics.refused(e.code.value)
-    context.abort_with_status(refusal_status(e.code.value, STATUS[e.code], e.message))
+    await context.abort_with_status(refusal_status(e.code.value, STATUS[e.code], e.message))
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Made on the event loop that serves it (`attach` ties the driver's wake-ups to that loop)."""
+
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
         run = coord.run
@@ -37,38 +54,90 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                data=serde.data_to_proto(run.data), method=run.method.name,
                                chunk_bytes=run.server.chunk_bytes, max_upload_bytes=run.server.max_upload_bytes,
                                initial_structure=serde.structure_to_proto(coord.engine.method.initial_structure()))
+        self.light = ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="rpc-light")
+        self.heavy = ThreadPoolExecutor(HEAVY_THREADS, thread_name_prefix="rpc-heavy")
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()  # set, and replaced, whenever the driver says tasks may have changed
+        coord.task_listeners.append(self._wake_threadsafe)
 
-    def GetRunSpec(self, request, context):
+    def close(self) -> None:
+        """(after the server stopped) Detach from the driver and release the pools."""
+        if self._wake_threadsafe in self.coord.task_listeners:
+            self.coord.task_listeners.remove(self._wake_threadsafe)
+        self.light.shutdown(wait=False, cancel_futures=True)
+        self.heavy.shutdown(wait=False, cancel_futures=True)
+
+    def _wake_threadsafe(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _wake(self) -> None:
+        self._ready.set()
+        self._ready = asyncio.Event()
+
+    async def _on(self, pool: ThreadPoolExecutor, fn, *args):
+        return await self._loop.run_in_executor(pool, functools.partial(fn, *args))
+
+    # -- unary calls -------------------------------------------------------------------------------------
+    async def GetRunSpec(self, request, context):
         return self.spec
 
-    def Register(self, request, context):
+    async def Register(self, request, context):
         try:
-            self.coord.register(request.device_id, request.hardware, dict(request.versions),
-                                request.model_fingerprint, request.tokenizer_fingerprint, request.data_error,
-                                request.tier if request.HasField("tier") else None,
-                                (request.uplink_mbps, request.downlink_mbps),
-                                Capacity(request.memory_mb, request.resident_mb, request.accelerator,
-                                         request.fast_bf16))
+            await self._on(self.light, self.coord.register, request.device_id, request.hardware,
+                           dict(request.versions), request.model_fingerprint, request.tokenizer_fingerprint,
+                           request.data_error, request.tier if request.HasField("tier") else None,
+                           (request.uplink_mbps, request.downlink_mbps),
+                           Capacity(request.memory_mb, request.resident_mb, request.accelerator, request.fast_bf16))
         except UpdateRejected as e:
-            _abort(self.coord, context, e, f"register {request.device_id!r}")
+            await _abort(self.coord, context, e, f"register {request.device_id!r}")
         return pb.RegisterReply(run_id=self.spec.run_id, heartbeat_s=self.coord.run.server.heartbeat_s)
 
-    def Heartbeat(self, request, context):
-        try:
-            state = self.coord.heartbeat(request.device_id)
-        except UpdateRejected as e:
-            _abort(self.coord, context, e, f"heartbeat {request.device_id!r}")
+    def _heartbeat(self, device_id: str) -> pb.HeartbeatReply:
+        state = self.coord.heartbeat(device_id)
         return pb.HeartbeatReply(round=state.round, run_finished=state.finished,
-                                 next_heartbeat_s=0.0 if state.finished else self.coord.heartbeat_after(request.device_id))
+                                 next_heartbeat_s=0.0 if state.finished else self.coord.heartbeat_after(device_id))
 
-    def FetchTask(self, request, context):
+    async def Heartbeat(self, request, context):
         try:
-            kind, r, task = self.coord.next_task(request.device_id, request.wait_s)
+            return await self._on(self.light, self._heartbeat, request.device_id)
         except UpdateRejected as e:
-            _abort(self.coord, context, e, f"fetch {request.device_id!r}")
+            await _abort(self.coord, context, e, f"heartbeat {request.device_id!r}")
+
+    async def UploadOffset(self, request, context):
+        try:  # may wait (up to 30 s) for a broken stream to settle: on the loop's default pool, not a light one
+            offset = await self._on(None, self.coord.upload_offset, request.device_id, request.round,
+                                    request.task_id)
+        except UpdateRejected as e:
+            await _abort(self.coord, context, e, f"upload offset {request.device_id!r}")
+        return pb.UploadOffsetReply(offset=offset)
+
+    # -- the long poll ---------------------------------------------------------------------------------------
+    async def _next_task(self, device_id: str, wait_s: float):
+        """Coordinator.next_task, but the wait happens here, on the loop: ask without waiting; if there is
+        nothing yet, wait for the driver's next wake-up (or the poll's end) and ask again."""
+        deadline = self._loop.time() + max(0.0, min(wait_s, 60.0))
+        while True:
+            ready = self._ready  # taken before asking, so a wake-up during the question is not lost
+            kind, r, task = await self._on(self.light, self.coord.next_task, device_id, 0.0)
+            left = deadline - self._loop.time()
+            if kind != "wait" or task or left <= 0:  # task: pace steering's retry_after_s
+                return kind, r, task
+            try:
+                await asyncio.wait_for(ready.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    async def FetchTask(self, request, context):
+        try:
+            kind, r, task = await self._next_task(request.device_id, request.wait_s)
+        except UpdateRejected as e:
+            await _abort(self.coord, context, e, f"fetch {request.device_id!r}")
         if kind == "secagg":
             header = serde.prompt_to_proto(r.number, task)
-            self.coord.downloaded(r, request.device_id, pb.TaskChunk(header=header).ByteSize())
+            await self._on(self.light, self.coord.downloaded, r, request.device_id, pb.TaskChunk(header=header).ByteSize())
             yield pb.TaskChunk(header=header)
             return
         if kind != "train":
@@ -78,33 +147,36 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         plan = r.plans[request.device_id]
         header = serde.task_to_proto(task, len(plan.payload))
         for chunk in serde.chunks(header, pb.TaskChunk, plan.payload, self.coord.run.server.chunk_bytes):
-            self.coord.downloaded(r, request.device_id, chunk.ByteSize())
+            await self._on(self.light, self.coord.downloaded, r, request.device_id, chunk.ByteSize())
             yield chunk
-        self.coord.downloaded(r, request.device_id, 0, finished=True)
+        await self._on(self.light, self.coord.downloaded, r, request.device_id, 0, True)
 
-    def SubmitUpdate(self, request_iterator, context):
+    # -- the upload -------------------------------------------------------------------------------------------
+    async def SubmitUpdate(self, request_iterator, context):
         cfg = self.coord.run.server
+        stream = request_iterator.__aiter__()
         try:
-            first = next(request_iterator)
-        except StopIteration:
-            _abort(self.coord, context, UpdateRejected(Refusal.INVALID, "empty upload stream: expected a header first"), "upload")
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            await _abort(self.coord, context, UpdateRejected(Refusal.INVALID, "empty upload stream: expected a header first"), "upload")
         if first.WhichOneof("part") != "header":
-            _abort(self.coord, context, UpdateRejected(Refusal.INVALID, "upload stream must start with a header"), "upload")
+            await _abort(self.coord, context, UpdateRejected(Refusal.INVALID, "upload stream must start with a header"), "upload")
         h = first.header
         what = f"upload from {h.device_id!r} for round {h.round}"
         if h.payload_bytes > cfg.max_upload_bytes:
-            _abort(self.coord, context, UpdateRejected(Refusal.EXHAUSTED, f"declared payload of {h.payload_bytes} bytes exceeds the "
-                                                        f"server's limit of {cfg.max_upload_bytes}"), what)
+            await _abort(self.coord, context, UpdateRejected(Refusal.EXHAUSTED, f"declared payload of {h.payload_bytes} bytes exceeds the "
+                                                              f"server's limit of {cfg.max_upload_bytes}"), what)
         try:
-            r, buf = self.coord.begin_upload(h.device_id, h.round, h.task_id, h.payload_bytes, h.offset)
+            r, buf = await self._on(self.light, self.coord.begin_upload, h.device_id, h.round, h.task_id,
+                                    h.payload_bytes, h.offset)
         except UpdateRejected as e:
-            _abort(self.coord, context, e, what)
+            await _abort(self.coord, context, e, what)
         # The payload is held once, in the buffer of its declared size, never as chunks plus their join.
-        got, error, wire, broken = h.offset, "", first.ByteSize(), False
+        got, error, wire = h.offset, "", first.ByteSize()
         view = memoryview(buf)
         started = time.perf_counter()
         try:
-            for msg in request_iterator:
+            async for msg in stream:
                 wire += msg.ByteSize()
                 if msg.WhichOneof("part") != "data":
                     error = "upload stream carries a second header"
@@ -121,58 +193,56 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 view[got:got + len(msg.data)] = msg.data
                 got += len(msg.data)
         except UpdateRejected as e:
-            self._reject(r, h, wire, e, context, what)
-        except grpc.RpcError:  # the device went away mid-stream (or sent a message over gRPC's receive limit)
-            broken = True
-        upload_s = time.perf_counter() - started
-        if broken:
             view.release()
-            self.coord.keep_partial(r, h.device_id, h.task_id, buf, got, wire)
+            await self._reject(r, h, wire, e, context, what)
+        except (asyncio.CancelledError, grpc.RpcError) as e:
+            # The device went away mid-stream (grpc.aio cancels the handler), or sent a message over gRPC's
+            # receive limit: keep what arrived until the round closes, for the device to resume.
+            view.release()
+            self.coord.keep_partial(r, h.device_id, h.task_id, buf, got, wire)  # a brief lock: no await when cancelled
             log.warning("%s broke off at byte %d of %d; kept until the round closes, for the device to resume "
                         "(or a message over gRPC's receive limit of %d bytes was refused)", what, got,
                         h.payload_bytes, RECEIVE_LIMIT)
+            if isinstance(e, asyncio.CancelledError):
+                raise
             return pb.SubmitReply(accepted=False, round=h.round, bytes_received=wire)
+        upload_s = time.perf_counter() - started
+        view.release()
         if not error and got != h.payload_bytes:
             error = f"truncated upload: got {got} of {h.payload_bytes} declared bytes"
         times = serde.times_from_proto(h.times)
         times = type(times)(times.download_s, times.train_s, times.encode_s, upload_s)
         try:
-            view.release()
-            self.coord.finish_upload(r, h.device_id, None if error else buf, h.num_examples,
-                                     h.train_loss, times, wire, error,
-                                     (h.eval_examples, h.eval_loss, h.eval_accuracy), h.peak_rss_mb)
+            await self._on(self.heavy, self.coord.finish_upload, r, h.device_id, None if error else buf,
+                           h.num_examples, h.train_loss, times, wire, error,
+                           (h.eval_examples, h.eval_loss, h.eval_accuracy), h.peak_rss_mb)
         except UpdateRejected as e:
-            _abort(self.coord, context, e, what)
+            await _abort(self.coord, context, e, what)
         log.info("accepted %s: %d bytes", what, got)
         return pb.SubmitReply(accepted=True, round=h.round, bytes_received=wire)
 
-    # -- a secure round's key phases: translate, delegate, refuse with a typed status ----------------------------
-    def AdvertiseKeys(self, request, context):
-        return self._answer(request, serde.advertise_from_proto, "advertised keys", context)
-
-    def ShareKeys(self, request, context):
-        return self._answer(request, serde.share_from_proto, "shares", context)
-
-    def UnmaskShares(self, request, context):
-        return self._answer(request, serde.unmask_from_proto, "unmasking shares", context)
-
-    def _answer(self, request, from_proto, what: str, context):
+    async def _reject(self, r, h, wire, e, context, what):
         try:
-            self.coord.answer(request.device_id, request.round, from_proto(request), wire_up=request.ByteSize())
-        except UpdateRejected as e:
-            _abort(self.coord, context, e, f"{what} from {request.device_id!r} for round {request.round}")
-        return pb.SecAggAck(round=request.round)
-
-    def UploadOffset(self, request, context):
-        try:
-            offset = self.coord.upload_offset(request.device_id, request.round, request.task_id)
-        except UpdateRejected as e:
-            _abort(self.coord, context, e, f"upload offset {request.device_id!r}")
-        return pb.UploadOffsetReply(offset=offset)
-
-    def _reject(self, r, h, wire, e, context, what):
-        try:
-            self.coord.finish_upload(r, h.device_id, None, 0, 0.0, serde.times_from_proto(h.times), wire, e.message)
+            await self._on(self.light, self.coord.finish_upload, r, h.device_id, None, 0, 0.0,
+                           serde.times_from_proto(h.times), wire, e.message)
         except UpdateRejected:
             pass
-        _abort(self.coord, context, e, what)
+        await _abort(self.coord, context, e, what)
+
+    # -- a secure round's key phases: translate, delegate, refuse with a typed status ----------------------------
+    async def AdvertiseKeys(self, request, context):
+        return await self._answer(request, serde.advertise_from_proto, "advertised keys", context)
+
+    async def ShareKeys(self, request, context):
+        return await self._answer(request, serde.share_from_proto, "shares", context)
+
+    async def UnmaskShares(self, request, context):
+        return await self._answer(request, serde.unmask_from_proto, "unmasking shares", context)
+
+    async def _answer(self, request, from_proto, what: str, context):
+        try:  # the answer's checks (signatures, shares) are the heavy kind of work
+            await self._on(self.heavy, self.coord.answer, request.device_id, request.round, from_proto(request),
+                           request.ByteSize())
+        except UpdateRejected as e:
+            await _abort(self.coord, context, e, f"{what} from {request.device_id!r} for round {request.round}")
+        return pb.SecAggAck(round=request.round)

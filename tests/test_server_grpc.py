@@ -400,15 +400,17 @@ def test_after_the_last_round_the_server_stays_until_every_live_device_heard_the
     assert coord.told_finished == {"0", "1"}
 
 
-class _CutFetch(grpc.ServerInterceptor):
+class _CutFetch(grpc.aio.ServerInterceptor):
     """FetchTask answers UNAVAILABLE to calls carrying x-test-cut: a device whose main loop keeps failing (and
     sleeping in backoff) while its heartbeats get through."""
 
-    def intercept_service(self, continuation, details):
+    async def intercept_service(self, continuation, details):
         if details.method.endswith("/FetchTask") and ("x-test-cut", "1") in tuple(details.invocation_metadata):
-            return grpc.unary_stream_rpc_method_handler(
-                lambda request, context: context.abort(grpc.StatusCode.UNAVAILABLE, "cut for the test"))
-        return continuation(details)
+            async def cut(request, context):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "cut for the test")
+                yield  # (an async generator: a streaming handler)
+            return grpc.unary_stream_rpc_method_handler(cut)
+        return await continuation(details)
 
 
 def test_a_device_retrying_in_backoff_hears_the_run_is_over_from_a_heartbeat(tiny_config, tmp_path, caplog):
@@ -513,7 +515,7 @@ def test_pace_steering_answers_idle_devices_at_once_and_keeps_the_sampled_ones_c
     assert stub2.Heartbeat(pb.HeartbeatRequest(device_id="0"), timeout=10).next_heartbeat_s == 0.0
 
 
-class _FetchLog(grpc.ServerInterceptor):
+class _FetchLog(grpc.aio.ServerInterceptor):
     """Per device: when each FetchTask arrived, and when each one that answered WAIT finished, with its
     retry_after_s."""
 
@@ -521,16 +523,16 @@ class _FetchLog(grpc.ServerInterceptor):
         self.arrived: dict[str, list[float]] = {}
         self.waited: dict[str, list[tuple[float, float]]] = {}
 
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
         if not details.method.endswith("/FetchTask"):
             return handler
         inner = handler.unary_stream
 
-        def logged(request, context):
+        async def logged(request, context):
             self.arrived.setdefault(request.device_id, []).append(time.monotonic())
             retry = None
-            for chunk in inner(request, context):
+            async for chunk in inner(request, context):
                 if chunk.HasField("header") and chunk.header.kind == pb.TaskHeader.WAIT:
                     retry = chunk.header.retry_after_s
                 yield chunk
