@@ -212,32 +212,28 @@ class Coordinator(RoundDriver):
                 self._told(device_id)
         return state
 
-    def next_task(self, device_id: str, wait_s: float) -> tuple[str, Round | None, object]:
-        """('train', round, task) | ('secagg', round, prompt) | ('wait', None, retry_after_s) | ('stop', None,
-        None), holding the call up to wait_s. A secure round's key phases prompt the devices they wait for.
-        Under pace steering (server.pace_s) a device the open round does not wait for is answered at once:
-        'wait', to ask again after pace() seconds."""
+    def next_task(self, device_id: str) -> tuple[str, Round | None, object]:
+        """What the device is to do now, without waiting: ('train', round, task) | ('secagg', round, prompt) |
+        ('wait', None, retry_after_s) | ('stop', None, None). A secure round's key phases prompt the devices they
+        wait for. retry_after_s is 0 (nothing yet: the servicer long-polls, asking again at each of the driver's
+        task_listeners calls) except under pace steering (server.pace_s), where a device the open round does
+        not wait for is told to ask again after pace() seconds."""
         self._known(device_id)
-        deadline = self.clock() + max(0.0, min(wait_s, 60.0))
         with self.cond:
-            while True:
-                if self.state.finished:
-                    self._told(device_id)
-                    return "stop", None, None
-                if self.stopping:  # unfinished: devices back off and reconnect to a resumed server
-                    raise UpdateRejected(Refusal.UNAVAILABLE, "the coordinator is shutting down; retry later")
-                r = self.round
-                prompt = r.secure.prompt_for(device_id) if r is not None and r.secure is not None else None
-                if prompt is not None:
-                    return "secagg", r, prompt
-                if r is not None and r.can_hand_out(device_id):
-                    return "train", r, r.hand_out(device_id)
-                if self.run.server.pace_s and not self._wanted(device_id):
-                    return "wait", None, self.pace()
-                left = deadline - self.clock()
-                if left <= 0:
-                    return "wait", None, 0.0
-                self.task_ready.wait(left)
+            if self.state.finished:
+                self._told(device_id)
+                return "stop", None, None
+            if self.stopping:  # unfinished: devices back off and reconnect to a resumed server
+                raise UpdateRejected(Refusal.UNAVAILABLE, "the coordinator is shutting down; retry later")
+            r = self.round
+            prompt = r.secure.prompt_for(device_id) if r is not None and r.secure is not None else None
+            if prompt is not None:
+                return "secagg", r, prompt
+            if r is not None and r.can_hand_out(device_id):
+                return "train", r, r.hand_out(device_id)
+            if self.run.server.pace_s and not self._wanted(device_id):
+                return "wait", None, self.pace()
+            return "wait", None, 0.0
 
     def _wanted(self, device_id: str) -> bool:
         """The open round waits for this device (sampled, not yet done): it long-polls and heartbeats at

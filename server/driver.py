@@ -83,13 +83,10 @@ class RoundDriver(ServerRun):
         self.devices = devices
         self.clock = clock  # deadlines: tests inject one that they move by hand
         super().__init__(run, run_dir, resume)
-        lock = threading.RLock()
-        self.cond = threading.Condition(lock)
-        # Devices long-polling for a task wait on their own condition, woken only when a round opens or closes,
-        # the state changes or the driver stops: not by every registration or upload (thousands of waiters).
-        self.task_ready = threading.Condition(lock)
-        # Called (lock held) wherever task_ready is notified, for waiters that are not threads: the asyncio
-        # servicer's long polls. Each must only schedule its work, never block.
+        self.cond = threading.Condition(threading.RLock())
+        # Called (lock held) when a round opens or closes, the state changes or the driver stops: what wakes the
+        # servicer's long-polling devices (not every registration or upload: thousands of waiters). Each only
+        # schedules its work, never blocks.
         self.task_listeners: list[Callable[[], None]] = []
         self._decoding = threading.BoundedSemaphore(2)
         self.round: Round | None = None
@@ -252,7 +249,6 @@ class RoundDriver(ServerRun):
     def notify_all(self) -> None:
         """Wake everything that waits on the driver, long-polling devices included (lock held)."""
         self.cond.notify_all()
-        self.task_ready.notify_all()
         for listener in self.task_listeners:
             listener()
 

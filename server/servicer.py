@@ -121,7 +121,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         deadline = self._loop.time() + max(0.0, min(wait_s, 60.0))
         while True:
             ready = self._ready  # taken before asking, so a wake-up during the question is not lost
-            kind, r, task = await self._on(self.light, self.coord.next_task, device_id, 0.0)
+            kind, r, task = await self._on(self.light, self.coord.next_task, device_id)
             left = deadline - self._loop.time()
             if kind != "wait" or task or left <= 0:  # task: pace steering's retry_after_s
                 return kind, r, task

@@ -341,7 +341,10 @@ def test_an_oversized_chunk_is_refused_and_logged_with_the_real_reason(server, c
 def test_heartbeats_are_answered_while_100_devices_wait_in_fetchtask(server):
     """The probe: with 64 or more clients long-polling FetchTask, every other call queued behind them (a 64-thread
     pool) and half the heartbeats hit DEADLINE_EXCEEDED. 100 devices, each on its own connection, wait for a
-    task that never comes; every one of their heartbeats is answered within 2 s."""
+    task that never comes; every one of their heartbeats is answered within 2 s, and the server holds them
+    without a thread each (grpc.aio: its calls run on pools of LIGHT_THREADS + HEAVY_THREADS, named rpc-*)."""
+    from edgelora.server.servicer import HEAVY_THREADS, LIGHT_THREADS
+
     coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 1, "min_registered": 101,
                                           "registration_timeout_s": 600.0},
                                   data={"num_devices": 101, "max_examples_per_device": 4})
@@ -365,6 +368,8 @@ def test_heartbeats_are_answered_while_100_devices_wait_in_fetchtask(server):
     time.sleep(2.0)
     for d, s in stubs.items():
         assert s.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=2.0).round == 0
+    server_threads = [t.name for t in threading.enumerate() if t.name.startswith("rpc")]
+    assert 0 < len(server_threads) <= LIGHT_THREADS + HEAVY_THREADS, server_threads
     coord.stop()
     for ch in channels:
         ch.close()
