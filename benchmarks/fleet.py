@@ -9,12 +9,12 @@ does, and sends a Heartbeat every 5 s (timeout 5 s), recording the latency; each
 coroutines on one asyncio event loop (grpc.aio), so the generator is not what saturates. After all N are registered
 and have waited once, heartbeats are measured for `--seconds`. One JSON record per N: `devices`,
 `heartbeat_p50_ms`, `heartbeat_p99_ms`, `heartbeats`, `failed` (heartbeats that errored or timed out, and clients
-that never registered), `server_rss_mb` (VmRSS at the end), `server_threads` (its threads at the end: a long-
-polling device holds a handler thread), `server_cpu` (the server's CPU seconds over the measured window / its
+that never registered), `server_rss_mb` (VmRSS at the end), `server_threads` (its threads at the end: under the
+old thread-pool servicer a long-polling device held a handler thread; under grpc.aio it holds a coroutine), `server_cpu` (the server's CPU seconds over the measured window / its
 length: 1.0 is one core busy), `load_cpu` (the same for the load generator's processes together) and `pace_s`. With
 --pace-s S the server runs pace steering (server.pace_s = S): an idle device is answered WAIT at once with a
 retry_after_s, which the clients honour before polling again, and heartbeats at the interval its heartbeat replies
-give. Goal: 2,000 devices with p99 under 200 ms on this 2-core machine.
+give. Goal (issue 29): 10,000 devices with p99 under 200 ms and server RSS under 1.5 GB on 2 cores.
 """
 from __future__ import annotations
 

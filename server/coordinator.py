@@ -235,6 +235,17 @@ class Coordinator(RoundDriver):
                 return "wait", None, self.pace()
             return "wait", None, 0.0
 
+    def may_have_task(self, device_id: str) -> bool:
+        """False only where next_task would surely answer ('wait', None, 0.0) now: no pace steering, not
+        finished or stopping, and the device not in the round (a secure round always says True). Read without
+        the driver's lock, on the servicer's event loop, when a wake-up reaches thousands of long polls: a stale
+        read is followed by the wake-up of the change that made it stale (the driver wakes the polls after
+        every change, under its lock), so nothing is missed."""
+        if self.run.server.pace_s or self.state.finished or self.stopping:
+            return True
+        r = self.round
+        return r is not None and (r.secure is not None or r.state_of(device_id) is not None)
+
     def _wanted(self, device_id: str) -> bool:
         """The open round waits for this device (sampled, not yet done): it long-polls and heartbeats at
         server.heartbeat_s, pace steering or not."""
@@ -248,11 +259,12 @@ class Coordinator(RoundDriver):
 
     def heartbeat_after(self, device_id: str) -> float:
         """The interval a heartbeat reply sets: 0 (keep server.heartbeat_s) without pace steering; under it,
-        pace() for a device the open round does not wait for, server.heartbeat_s for one it does."""
+        pace() for a device the open round does not wait for, server.heartbeat_s for one it does. Read without
+        the driver's lock (a heartbeat never waits on a round): a stale answer is one interval, and a device the
+        round starts waiting for long-polls already."""
         if not self.run.server.pace_s:
             return 0.0
-        with self.cond:
-            return self.run.server.heartbeat_s if self._wanted(device_id) else self.pace()
+        return self.run.server.heartbeat_s if self._wanted(device_id) else self.pace()
 
     def begin_upload(self, device_id: str, round_id: int, task_id: str, payload_bytes: int = 0,
                      offset: int = 0) -> tuple[Round, bytearray]:

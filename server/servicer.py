@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,6 +59,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.heavy = ThreadPoolExecutor(HEAVY_THREADS, thread_name_prefix="rpc-heavy")
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()  # set, and replaced, whenever the driver says tasks may have changed
+        self._poll_draws = random.Random()  # spreads the long polls' ends (timing only)
         coord.task_listeners.append(self._wake_threadsafe)
 
     def close(self) -> None:
@@ -101,8 +103,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                  next_heartbeat_s=0.0 if state.finished else self.coord.heartbeat_after(device_id))
 
     async def Heartbeat(self, request, context):
-        try:
-            return await self._on(self.light, self._heartbeat, request.device_id)
+        try:  # on the loop: a heartbeat takes the registry's lock only, unless the run is over (then the driver's)
+            if self.coord.state.finished:
+                return await self._on(self.light, self._heartbeat, request.device_id)
+            return self._heartbeat(request.device_id)
         except UpdateRejected as e:
             await _abort(self.coord, context, e, f"heartbeat {request.device_id!r}")
 
@@ -117,18 +121,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     # -- the long poll ---------------------------------------------------------------------------------------
     async def _next_task(self, device_id: str, wait_s: float):
         """Coordinator.next_task, but the wait happens here, on the loop: ask without waiting; if there is
-        nothing yet, wait for the driver's next wake-up (or the poll's end) and ask again."""
-        deadline = self._loop.time() + max(0.0, min(wait_s, 60.0))
+        nothing yet, wait for the driver's next wake-up and ask again, if the device may have something
+        (Coordinator.may_have_task: a wake-up reaches every poll, most of them devices the round does not
+        want). A poll lasts wait_s x a uniform draw in [0.5, 1), at most 60 s, so polls begun together (a
+        fleet registering at once) do not all end and come back together."""
+        deadline = self._loop.time() + max(0.0, min(wait_s, 60.0)) * (0.5 + 0.5 * self._poll_draws.random())
+        ask = True
         while True:
             ready = self._ready  # taken before asking, so a wake-up during the question is not lost
-            kind, r, task = await self._on(self.light, self.coord.next_task, device_id)
+            if ask:
+                kind, r, task = await self._on(self.light, self.coord.next_task, device_id)
+                if kind != "wait" or task:  # task: pace steering's retry_after_s
+                    return kind, r, task
             left = deadline - self._loop.time()
-            if kind != "wait" or task or left <= 0:  # task: pace steering's retry_after_s
-                return kind, r, task
+            if left <= 0:
+                return "wait", None, 0.0
             try:
                 await asyncio.wait_for(ready.wait(), left)
             except asyncio.TimeoutError:
-                pass
+                return "wait", None, 0.0
+            ask = self.coord.may_have_task(device_id)
 
     async def FetchTask(self, request, context):
         try:
@@ -199,17 +211,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             # The device went away mid-stream (grpc.aio cancels the handler), or sent a message over gRPC's
             # receive limit: keep what arrived until the round closes, for the device to resume.
             view.release()
-            self.coord.keep_partial(r, h.device_id, h.task_id, buf, got, wire)  # a brief lock: no await when cancelled
-            log.warning("%s broke off at byte %d of %d; kept until the round closes, for the device to resume "
-                        "(or a message over gRPC's receive limit of %d bytes was refused)", what, got,
-                        h.payload_bytes, RECEIVE_LIMIT)
+            self._keep_partial(r, h, buf, got, wire, what)
             if isinstance(e, asyncio.CancelledError):
                 raise
             return pb.SubmitReply(accepted=False, round=h.round, bytes_received=wire)
         upload_s = time.perf_counter() - started
         view.release()
         if not error and got != h.payload_bytes:
-            error = f"truncated upload: got {got} of {h.payload_bytes} declared bytes"
+            # The stream ended before its declared bytes: a device that closed it early, or a link that died
+            # (grpc.aio can see the stream end before it learns the call was cancelled). Either way what arrived
+            # is kept for a resume, and the call is refused.
+            self._keep_partial(r, h, buf, got, wire, what)
+            await _abort(self.coord, context, UpdateRejected(Refusal.INVALID, (
+                f"truncated upload: got {got} of {h.payload_bytes} declared bytes (kept until the round closes: "
+                f"resume from UploadOffset)")), what)
         times = serde.times_from_proto(h.times)
         times = type(times)(times.download_s, times.train_s, times.encode_s, upload_s)
         try:
@@ -220,6 +235,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await _abort(self.coord, context, e, what)
         log.info("accepted %s: %d bytes", what, got)
         return pb.SubmitReply(accepted=True, round=h.round, bytes_received=wire)
+
+    def _keep_partial(self, r, h, buf, got: int, wire: int, what: str) -> None:
+        """(on the loop, without an await: it runs even in a handler being cancelled; the driver's lock briefly)"""
+        self.coord.keep_partial(r, h.device_id, h.task_id, buf, got, wire)
+        log.warning("%s broke off at byte %d of %d; kept until the round closes, for the device to resume "
+                    "(or a message over gRPC's receive limit of %d bytes was refused)", what, got,
+                    h.payload_bytes, RECEIVE_LIMIT)
 
     async def _reject(self, r, h, wire, e, context, what):
         try:

@@ -375,6 +375,26 @@ def test_heartbeats_are_answered_while_100_devices_wait_in_fetchtask(server):
         ch.close()
 
 
+def test_a_long_poll_is_asked_again_only_where_the_device_may_have_a_task(server):
+    """A wake-up reaches every long poll; the servicer asks the driver again only for a device that may have
+    something (Coordinator.may_have_task, read without the lock): sampled in the open round, or the run over or
+    stopping. It must never say no to a device that next_task would give a task."""
+    coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 1, "min_registered": 2})
+    register(stub, coord, "0")
+    register(stub, coord, "1")
+    assert not coord.may_have_task("0") and not coord.may_have_task("1")  # no round yet
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()
+    deadline = time.monotonic() + 30
+    while coord.round is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sampled = coord.round.sampled
+    assert [coord.may_have_task(d) for d in ("0", "1")] == [d in sampled for d in ("0", "1")]
+    assert fetch(stub, sampled[0])[0].kind == pb.TaskHeader.TRAIN
+    coord.stop()
+    assert coord.may_have_task("0") and coord.may_have_task("1")
+
+
 def _port(run_dir):
     return int((run_dir / "server.addr").read_text().strip().rsplit(":", 1)[1])
 
