@@ -31,25 +31,47 @@ from edgelora.launch import Launcher
 HEARTBEAT_S = 5.0
 
 
-def _client_proc(addr: str, ids: list[str], fps: tuple[str, str], seconds: float, ready, go, out) -> None:
+def _client_proc(addr: str, ids: list[str], fps: tuple[str, str], seconds: float, ready, go, out,
+                 sizes: dict[str, int] | None = None) -> None:
     """One load-generator process: its devices on one asyncio event loop (grpc.aio), so a waiting device costs
     a coroutine, not a thread, and the generator is not what saturates."""
     import asyncio
 
-    asyncio.run(_devices(addr, ids, fps, seconds, ready, go, out))
+    asyncio.run(_devices(addr, ids, fps, seconds, ready, go, out, sizes))
 
 
-async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: float, ready, go, out) -> None:
+async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: float, ready, go, out,
+                   sizes: dict[str, int] | None = None) -> None:
+    """sizes (round mode): each device's partition size; a device handed a task uploads a zero update of the
+    download's tensors (what a device that learned nothing sends), and every device runs until it is told the
+    run is over, instead of for `seconds`."""
     import asyncio
     import resource
 
     import grpc
+    import numpy as np
 
+    import codec
     from edgelora.protos import edgelora_pb2 as pb
     from edgelora.protos import edgelora_pb2_grpc as pb_grpc
     from edgelora.protos.channel import CLIENT_OPTIONS
 
     stop = asyncio.Event()
+    told: set[str] = set()  # round mode: devices that heard the run is over
+    zeros: dict[int, bytes] = {}  # a zero update per download size
+
+    async def upload(stub, d: str, header, payload: bytes) -> None:
+        if len(payload) not in zeros:
+            shapes = {n: t.shape for n, t in codec.decode_bundle(payload).items()}
+            zeros[len(payload)] = codec.encode_bundle({n: codec.Dense(np.zeros(s, np.float32)) for n, s in shapes.items()})
+        body = zeros[len(payload)]
+
+        async def msgs():
+            yield pb.UpdateChunk(header=pb.UpdateHeader(device_id=d, round=header.round, num_examples=sizes[d],
+                                                        payload_bytes=len(body), task_id=header.task_id))
+            for at in range(0, len(body), 64 * 1024):
+                yield pb.UpdateChunk(data=body[at:at + 64 * 1024])
+        await stub.SubmitUpdate(msgs(), timeout=120)
     stubs, channels = {}, []
     gate = asyncio.Semaphore(64)  # registrations in flight at once
 
@@ -67,12 +89,20 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
                 pass
 
     async def poll(stub, d: str) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and d not in told:
             try:
-                retry = 0.0
+                header, data = None, []
                 async for chunk in stub.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=30.0), timeout=60):
-                    retry = chunk.header.retry_after_s if chunk.HasField("header") else retry
-                if retry:  # pace steering: not before the server said
+                    if chunk.HasField("header"):
+                        header = chunk.header
+                    else:
+                        data.append(chunk.data)
+                retry = header.retry_after_s if header is not None else 0.0
+                if sizes is not None and header is not None and header.kind == pb.TaskHeader.TRAIN:
+                    await upload(stub, d, header, b"".join(data))
+                elif sizes is not None and header is not None and header.kind == pb.TaskHeader.STOP:
+                    told.add(d)
+                elif retry:  # pace steering: not before the server said
                     await asyncio.wait_for(stop.wait(), retry)
             except asyncio.TimeoutError:
                 pass
@@ -84,27 +114,35 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
     async def beat(stub, d: str, first: float, t_end: float) -> None:
         nonlocal errors
         at = first
-        while True:
+        while d not in told:
             await asyncio.sleep(max(0.0, at - time.monotonic()))
-            if time.monotonic() >= t_end:
+            if time.monotonic() >= t_end or d in told:
                 return
             t0 = time.monotonic()
             interval = HEARTBEAT_S
             try:
                 reply = await stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5.0)
-                lat.append((time.monotonic() - t0) * 1000)
+                if not told:  # round mode: the heartbeats while the run goes on (not its end, telling every device)
+                    lat.append((time.monotonic() - t0) * 1000)
                 interval = reply.next_heartbeat_s or HEARTBEAT_S
+                if sizes is not None and reply.run_finished:
+                    told.add(d)
             except grpc.RpcError:
-                errors += 1
+                errors += 0 if told else 1
             at += interval
 
-    await asyncio.gather(*(register(d) for d in ids))
+    # Round mode holds one device back until every process is registered and polling: its registration (the
+    # fleet's last) opens the round on a settled fleet, as a round opens on devices connected long before.
+    held = ids[-1:] if sizes is not None else []
+    await asyncio.gather(*(register(d) for d in ids if d not in held))
     polls = [asyncio.create_task(poll(stub, d)) for d, stub in stubs.items()]
-    ready.put(len(stubs))
+    ready.put(len(stubs) + len(held))
     await asyncio.get_running_loop().run_in_executor(None, go.wait)
+    await asyncio.gather(*(register(d) for d in held))
+    polls += [asyncio.create_task(poll(stubs[d], d)) for d in held if d in stubs]
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.monotonic()
-    t_end = start + seconds
+    t_end = start + seconds if sizes is None else float("inf")
     # each device's first heartbeat spread over one interval, then as its replies say (or every 5 s)
     await asyncio.gather(*(beat(stub, d, start + i * HEARTBEAT_S / max(1, len(stubs)), t_end)
                            for i, (d, stub) in enumerate(stubs.items())))
@@ -132,22 +170,34 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: float = 0.0) -> dict:
+def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: float = 0.0, round_k: int = 0) -> dict:
+    """round_k > 0: instead of idling for `seconds`, one round samples round_k of the n devices, which answer
+    with zero updates; reports the round's seconds beside the heartbeats during it."""
     import numpy as np
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{n}-"))
-    raw = {"server": {"rounds": 1, "devices_per_round": 1, "min_registered": n + 1, "registration_timeout_s": 3600.0,
+    total = n if round_k else n + 1  # idle: one partition more than devices, so no round ever starts
+    raw = {"server": {"rounds": 1, "devices_per_round": round_k or 1, "min_registered": total,
+                      "min_devices": round_k or 1, "registration_timeout_s": 3600.0, "round_deadline_s": 600.0,
                       "heartbeat_s": HEARTBEAT_S, "device_timeout_s": 60.0, "max_connections": n + 256,
                       "pace_s": pace_s},
            "model": {"name": "tiny-bert", "max_seq_len": 32},
-           "data": {"num_devices": n + 1, "max_examples_per_device": 4, "test_max_examples": 8, "partition": "iid"},
+           "data": {"num_devices": total, "max_examples_per_device": 4, "test_max_examples": 8, "partition": "iid"},
            "method": {"name": "lora"}}
+    ids = [str(i) for i in range(n)]
+    sizes = None
+    if round_k:
+        from edgelora.config import load_config
+        from edgelora.data import partition_sizes
+
+        run = load_config(raw)
+        sizes = dict(zip(ids, partition_sizes(run.data, run.model.task)))
     with Launcher(tmp) as launch:  # the server only: the devices are the raw stub clients above
         addr = launch.start_server(raw, args=["--insecure"], log=tmp / "server.log")
         ctx = mp.get_context("spawn")
         ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()  # go: every process registered its devices
-        ids = [str(i) for i in range(n)]
-        workers = [ctx.Process(target=_client_proc, args=(addr, ids[k::procs], fps, seconds, ready, go, out))
+        workers = [ctx.Process(target=_client_proc, args=(addr, ids[k::procs], fps, seconds, ready, go, out,
+                                                          sizes and {d: sizes[d] for d in ids[k::procs]}))
                    for k in range(procs)]
         for w in workers:
             w.start()
@@ -155,19 +205,35 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
         time.sleep(3.0)  # every client is now inside its first FetchTask (or, paced, told when to come back)
         cpu0, t0 = _cpu_s(launch.server.pid), time.monotonic()
         go.set()
+        cpu, rss, threads = 0.0, 0.0, 0
+        if round_k:  # the server exits once the round is done and every device heard so: sample it until then
+            while launch.server.poll() is None:
+                try:
+                    cpu = (_cpu_s(launch.server.pid) - cpu0) / (time.monotonic() - t0)
+                    rss = max(rss, _proc_status(launch.server.pid, "VmRSS") / 1024)
+                    threads = max(threads, int(_proc_status(launch.server.pid, "Threads")))
+                except (OSError, ValueError):
+                    break
+                time.sleep(0.5)
         results = [out.get(timeout=seconds + 600) for _ in workers]
-        cpu = (_cpu_s(launch.server.pid) - cpu0) / (time.monotonic() - t0)
-        rss = _proc_status(launch.server.pid, "VmRSS") / 1024
-        threads = int(_proc_status(launch.server.pid, "Threads"))
+        if not round_k:
+            cpu = (_cpu_s(launch.server.pid) - cpu0) / (time.monotonic() - t0)
+            rss = _proc_status(launch.server.pid, "VmRSS") / 1024
+            threads = int(_proc_status(launch.server.pid, "Threads"))
         for w in workers:
             w.join(timeout=60)
     lat = np.array([x for r in results for x in r["lat"]])
-    return {"devices": n, "registered": registered, "heartbeats": int(lat.size),
-            "heartbeat_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
-            "heartbeat_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
-            "failed": sum(r["errors"] for r in results) + (n - registered), "server_rss_mb": round(rss, 1),
-            "server_threads": threads, "server_cpu": round(cpu, 3),
-            "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s}
+    rec = {"devices": n, "registered": registered, "heartbeats": int(lat.size),
+           "heartbeat_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
+           "heartbeat_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
+           "failed": sum(r["errors"] for r in results) + (n - registered), "server_rss_mb": round(rss, 1),
+           "server_threads": threads, "server_cpu": round(cpu, 3),
+           "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s}
+    if round_k:
+        row = json.loads((tmp / "metrics.jsonl").read_text().splitlines()[0])
+        rec.update(sampled=row["sampled"], completed=row["completed"], round_s=round(row["seconds"], 3),
+                   load_cpu=None)  # (no fixed window)
+    return rec
 
 
 def fingerprints() -> tuple[str, str]:
@@ -186,12 +252,14 @@ def main(argv=None) -> int:
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--pace-s", type=float, default=0.0, help="server.pace_s (0: pace steering off)")
+    ap.add_argument("--round", type=int, default=0, metavar="K",
+                    help="instead of idling: one round that samples K of the N devices (they upload zero updates)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     fps = fingerprints()
     rows = []
     for n in a.devices:
-        rec = measure(n, a.procs, a.seconds, fps, a.pace_s)
+        rec = measure(n, a.procs, a.seconds, fps, a.pace_s, a.round)
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     if a.json:

@@ -235,16 +235,16 @@ class Coordinator(RoundDriver):
                 return "wait", None, self.pace()
             return "wait", None, 0.0
 
-    def may_have_task(self, device_id: str) -> bool:
-        """False only where next_task would surely answer ('wait', None, 0.0) now: no pace steering, not
-        finished or stopping, and the device not in the round (a secure round always says True). Read without
-        the driver's lock, on the servicer's event loop, when a wake-up reaches thousands of long polls: a stale
-        read is followed by the wake-up of the change that made it stale (the driver wakes the polls after
-        every change, under its lock), so nothing is missed."""
+    def may_have_tasks(self) -> list[str] | None:
+        """The devices for which next_task may answer anything but ('wait', None, 0.0) now: the round's sampled
+        devices (a task, a key-phase prompt), or None for every device (the run is over or stopping, or pace
+        steering answers idle devices). What a wake-up of the long polls needs to reach: O(sampled), not
+        O(connected). Read without the driver's lock, on the servicer's event loop after the driver's wake-up:
+        the read is at least as new as the change that woke it, so nothing is missed."""
         if self.run.server.pace_s or self.state.finished or self.stopping:
-            return True
+            return None
         r = self.round
-        return r is not None and (r.secure is not None or r.state_of(device_id) is not None)
+        return [] if r is None else r.sampled
 
     def _wanted(self, device_id: str) -> bool:
         """The open round waits for this device (sampled, not yet done): it long-polls and heartbeats at

@@ -58,7 +58,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.light = ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="rpc-light")
         self.heavy = ThreadPoolExecutor(HEAVY_THREADS, thread_name_prefix="rpc-heavy")
         self._loop = asyncio.get_running_loop()
-        self._ready = asyncio.Event()  # set, and replaced, whenever the driver says tasks may have changed
+        self._polls: dict[str, set[asyncio.Future]] = {}  # device -> its long polls' wake-ups
         self._poll_draws = random.Random()  # spreads the long polls' ends (timing only)
         coord.task_listeners.append(self._wake_threadsafe)
 
@@ -76,8 +76,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             pass
 
     def _wake(self) -> None:
-        self._ready.set()
-        self._ready = asyncio.Event()
+        """Wake the polls of the devices that may have something now (Coordinator.may_have_tasks): a round
+        opening wakes its sampled devices, not every device connected."""
+        targets = self.coord.may_have_tasks()
+        for device_id in (list(self._polls) if targets is None else targets):
+            for woken in self._polls.get(device_id, ()):
+                if not woken.done():
+                    woken.set_result(None)
 
     async def _on(self, pool: ThreadPoolExecutor, fn, *args):
         return await self._loop.run_in_executor(pool, functools.partial(fn, *args))
@@ -121,26 +126,33 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     # -- the long poll ---------------------------------------------------------------------------------------
     async def _next_task(self, device_id: str, wait_s: float):
         """Coordinator.next_task, but the wait happens here, on the loop: ask without waiting; if there is
-        nothing yet, wait for the driver's next wake-up and ask again, if the device may have something
-        (Coordinator.may_have_task: a wake-up reaches every poll, most of them devices the round does not
-        want). A poll lasts wait_s x a uniform draw in [0.5, 1), at most 60 s, so polls begun together (a
-        fleet registering at once) do not all end and come back together."""
+        nothing yet, wait until the driver's wake-up reaches this device (_wake) and ask again. A poll lasts
+        wait_s x a uniform draw in [0.5, 1), at most 60 s, so polls begun together (a fleet registering at once)
+        do not all end and come back together."""
         deadline = self._loop.time() + max(0.0, min(wait_s, 60.0)) * (0.5 + 0.5 * self._poll_draws.random())
-        ask = True
         while True:
-            ready = self._ready  # taken before asking, so a wake-up during the question is not lost
-            if ask:
-                kind, r, task = await self._on(self.light, self.coord.next_task, device_id)
+            woken = self._loop.create_future()  # registered before asking: a wake-up during the question is kept
+            self._polls.setdefault(device_id, set()).add(woken)
+            try:
+                # Once the run is over every poll wakes to hear STOP: answered here, not through the pool (the
+                # driver's lock is held only briefly then), so telling thousands of devices is one pass
+                kind, r, task = (self.coord.next_task(device_id) if self.coord.state.finished else
+                                 await self._on(self.light, self.coord.next_task, device_id))
                 if kind != "wait" or task:  # task: pace steering's retry_after_s
                     return kind, r, task
-            left = deadline - self._loop.time()
-            if left <= 0:
-                return "wait", None, 0.0
-            try:
-                await asyncio.wait_for(ready.wait(), left)
-            except asyncio.TimeoutError:
-                return "wait", None, 0.0
-            ask = self.coord.may_have_task(device_id)
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    return "wait", None, 0.0
+                try:
+                    await asyncio.wait_for(woken, left)
+                except asyncio.TimeoutError:
+                    return "wait", None, 0.0
+            finally:
+                polls = self._polls.get(device_id)
+                if polls is not None:
+                    polls.discard(woken)
+                    if not polls:
+                        del self._polls[device_id]
 
     async def FetchTask(self, request, context):
         try:

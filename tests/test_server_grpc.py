@@ -375,24 +375,26 @@ def test_heartbeats_are_answered_while_100_devices_wait_in_fetchtask(server):
         ch.close()
 
 
-def test_a_long_poll_is_asked_again_only_where_the_device_may_have_a_task(server):
-    """A wake-up reaches every long poll; the servicer asks the driver again only for a device that may have
-    something (Coordinator.may_have_task, read without the lock): sampled in the open round, or the run over or
-    stopping. It must never say no to a device that next_task would give a task."""
+def test_a_wake_up_reaches_the_long_polls_of_the_devices_that_may_have_a_task(server):
+    """The driver's wake-up reaches only the polls of devices that may have something (Coordinator.may_have_tasks,
+    read without the lock): a round opening wakes its sampled devices, not every device connected; the run
+    over or stopping wakes every one. A device it leaves out must be one next_task would answer 'wait'."""
     coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 1, "min_registered": 2})
     register(stub, coord, "0")
     register(stub, coord, "1")
-    assert not coord.may_have_task("0") and not coord.may_have_task("1")  # no round yet
+    assert coord.may_have_tasks() == []  # no round yet
     driver = threading.Thread(target=coord.run_rounds, daemon=True)
     driver.start()
     deadline = time.monotonic() + 30
     while coord.round is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    sampled = coord.round.sampled
-    assert [coord.may_have_task(d) for d in ("0", "1")] == [d in sampled for d in ("0", "1")]
+    sampled = coord.may_have_tasks()
+    assert len(sampled) == 1 and sampled == coord.round.sampled
+    other = "1" if sampled == ["0"] else "0"
+    assert coord.next_task(other)[0] == "wait"  # (the device left out has nothing)
     assert fetch(stub, sampled[0])[0].kind == pb.TaskHeader.TRAIN
     coord.stop()
-    assert coord.may_have_task("0") and coord.may_have_task("1")
+    assert coord.may_have_tasks() is None
 
 
 def _port(run_dir):
