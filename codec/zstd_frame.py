@@ -13,7 +13,7 @@ from .errors import CodecError
 
 _MAGIC = b"\x28\xb5\x2f\xfd"
 # zstandard's (de)compressor objects are not thread-safe, and the server decodes uploads in several gRPC
-# handler threads at once: sharing one corrupted concurrent decodes. One decompressor per thread.
+# pool threads at once: sharing one corrupted concurrent decodes. One decompressor per thread.
 _local = threading.local()
 
 

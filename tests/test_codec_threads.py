@@ -1,4 +1,4 @@
-"""The server decodes uploads in several gRPC handler threads at once: decoding must be thread-safe."""
+"""The server decodes uploads in several threads at once (the gRPC servicer's pool): decoding must be thread-safe."""
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
