@@ -13,7 +13,8 @@ not what is measured) through `begin_upload` / `finish_upload`, as the servicer 
 The model is tiny-bert under FLASC (LoRA, top-k up at --density): small, so what the round costs per device
 (bookkeeping, not arithmetic) shows; benchmarks.aggregation gives the arithmetic of one SmolLM2-sized upload.
 Prints and writes one JSON record: `registered`, `sampled`, `register_s` (registering every device),
-`live_s` (one registry.live(): the coordinator lists the live devices each round), `open_s` (sampling and
+`live_s` (one registry.live(): the coordinator lists the live devices each round; this first one sorts the
+registry), `live_again_s` (the next round's, nobody registered since: the kept order filtered), `open_s` (sampling and
 planning), `hand_out_s` (every task header over the wire), `upload_s` (every begin_upload + finish_upload:
 decode, check, add), `close_s` (the rest of the round: aggregate, method step, score, checkpoint),
 `round_s`, `per_device_ms` (upload_s / sampled) and `peak_rss_mb`. Figures are printed, never asserted.
@@ -55,6 +56,10 @@ class ScaleDevices:
         start = time.perf_counter()
         out = self.registry.live()
         self.times["live_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        again = self.registry.live()  # the next round's, no device registered since: the order is kept
+        self.times["live_again_s"] = time.perf_counter() - start
+        assert again == out
         return out
 
     def declared(self, device_id: str) -> DeviceInfo:

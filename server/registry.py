@@ -36,6 +36,7 @@ class DeviceRegistry:
         self.timeout_s = timeout_s
         self.clock = clock  # tests inject one they move by hand
         self._devices: dict[str, DeviceEntry] = {}
+        self._order: list[DeviceEntry] | None = None  # every entry in device_sort_key order; None: stale
         self._lock = threading.Lock()
 
     def register(self, device_id: str, hardware: str, versions: dict[str, str], tier: int | None = None,
@@ -46,6 +47,7 @@ class DeviceRegistry:
             now = self.clock()
             self._devices[device_id] = DeviceEntry(device_id, hardware, dict(versions), tier, uplink_mbps,
                                                    downlink_mbps, capacity, now, now)
+            self._order = None  # a new entry (or a new object for a known id): sort again at the next live()
             return new
 
     def entries(self) -> list[DeviceEntry]:
@@ -86,7 +88,11 @@ class DeviceRegistry:
             return sum(now - d.last_seen <= self.timeout_s for d in self._devices.values())
 
     def live(self) -> list[str]:
+        """The live devices in device_sort_key order (what sampling draws from). The order of every entry is
+        kept between calls and made again only after a registration, so a round opening on a fleet that
+        registered long ago filters, not sorts, the registry."""
         now = self.clock()
         with self._lock:
-            return sorted((d.device_id for d in self._devices.values() if now - d.last_seen <= self.timeout_s),
-                          key=device_sort_key)
+            if self._order is None:
+                self._order = sorted(self._devices.values(), key=lambda d: device_sort_key(d.device_id))
+            return [d.device_id for d in self._order if now - d.last_seen <= self.timeout_s]

@@ -236,6 +236,16 @@ def test_the_registry_counts_and_looks_up_live_devices_as_it_lists_them():
     assert [reg.is_live(d) for d in ("0", "1", "2", "unknown")] == [False, False, True, False]
     reg.touch("0")
     assert reg.live() == ["0", "2"] and reg.live_count() == 2 and reg.is_live("0")
+    # live() keeps the registry's order between calls: registrations after it (out of order, and a known id
+    # registering again, a new entry) are in the next list, in device_sort_key order, with their own times
+    now[0] = 15.5
+    reg.register("10", "test", {})
+    reg.register("9", "test", {})
+    assert reg.live() == ["0", "9", "10"]  # 2 (t = 5) timed out
+    now[0] = 23.0
+    assert reg.live() == ["9", "10"]  # 0 (touched at t = 12) timed out
+    reg.register("0", "test", {})
+    assert reg.live() == ["0", "9", "10"] == reg.live() and reg.live_count() == 3
 
 
 def test_the_scale_benchmark_runs_a_round_through_the_driver(tmp_path):
