@@ -170,9 +170,20 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: float = 0.0, round_k: int = 0) -> dict:
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` onto `cpus` (threads it starts later inherit their creator's)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:  # the thread ended
+            pass
+
+
+def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: float = 0.0, round_k: int = 0,
+            pin: bool = False) -> dict:
     """round_k > 0: instead of idling for `seconds`, one round samples round_k of the n devices, which answer
-    with zero updates; reports the round's seconds beside the heartbeats during it."""
+    with zero updates; reports the round's seconds beside the heartbeats during it. pin: the server on CPU 0,
+    the load generator on the others (devices stand on machines of their own)."""
     import numpy as np
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{n}-"))
@@ -201,6 +212,11 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
                    for k in range(procs)]
         for w in workers:
             w.start()
+        if pin:
+            cpus = sorted(os.sched_getaffinity(0))
+            _pin(launch.server.pid, {cpus[0]})
+            for w in workers:
+                _pin(w.pid, set(cpus[1:]))
         registered = sum(ready.get(timeout=600) for _ in workers)
         time.sleep(3.0)  # every client is now inside its first FetchTask (or, paced, told when to come back)
         cpu0, t0 = _cpu_s(launch.server.pid), time.monotonic()
@@ -228,7 +244,7 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
            "heartbeat_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
            "failed": sum(r["errors"] for r in results) + (n - registered), "server_rss_mb": round(rss, 1),
            "server_threads": threads, "server_cpu": round(cpu, 3),
-           "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s}
+           "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s, "pinned": pin}
     if round_k:
         row = json.loads((tmp / "metrics.jsonl").read_text().splitlines()[0])
         rec.update(sampled=row["sampled"], completed=row["completed"], round_s=round(row["seconds"], 3),
@@ -254,12 +270,14 @@ def main(argv=None) -> int:
     ap.add_argument("--pace-s", type=float, default=0.0, help="server.pace_s (0: pace steering off)")
     ap.add_argument("--round", type=int, default=0, metavar="K",
                     help="instead of idling: one round that samples K of the N devices (they upload zero updates)")
+    ap.add_argument("--pin", action="store_true",
+                    help="the server on one CPU, the load generator on the others (Linux)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     fps = fingerprints()
     rows = []
     for n in a.devices:
-        rec = measure(n, a.procs, a.seconds, fps, a.pace_s, a.round)
+        rec = measure(n, a.procs, a.seconds, fps, a.pace_s, a.round, a.pin)
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     if a.json:
