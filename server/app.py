@@ -67,15 +67,17 @@ def run_server(run: RunConfig, run_dir: Path, resume: bool = False, credentials=
         log.info("coordinator listening on %s:%d, run folder %s", cfg.host, port, run_dir)
         yield coord, port
     finally:
-        if server is not None:
-            coord.stop()
-            on_loop(server.stop(grace=2.0))
-            servicer.close()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-        if http is not None:
-            http.shutdown()
+        try:
+            if server is not None:
+                coord.stop()
+                on_loop(server.stop(grace=2.0))
+                servicer.close()
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+            if http is not None:
+                http.shutdown()
 
 
 def serve(run: RunConfig, run_dir: Path, resume: bool = False, **kw) -> int:

@@ -1,6 +1,7 @@
 """The gRPC side of the round driver: devices register, long-poll for their task and stream their upload
-through the grpc.aio servicer, whose pool threads call in here; the round itself is `RoundDriver.run_one_round`, run by one driver
-thread, with `GrpcDevices` as the way it reaches devices. All shared state sits behind the driver's condition."""
+through the grpc.aio servicer, whose pool threads (and event loop, for lock-free reads) call in here; the round
+itself is `RoundDriver.run_one_round`, run by one driver thread, with `GrpcDevices` as the way it reaches
+devices. All shared state sits behind the driver's condition."""
 from __future__ import annotations
 
 import logging

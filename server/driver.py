@@ -7,14 +7,14 @@ score) or abandon -> checkpoint. Only the collect step depends on how devices ar
 one thing a `Devices` implementation supplies:
 
 - `server.coordinator.GrpcDevices`: real devices pull their task and push their upload through the gRPC
-  servicer (grpc.aio; its calls into the driver run on two small thread pools); the driver thread waits until the round is full, past its deadline, or
-  every device it waits for is offline.
+  servicer (grpc.aio; its calls into the driver run on two small thread pools); the driver thread waits until
+  the round is full, past its deadline, or every device it waits for is offline.
 - `edgelora.simulation.simulator.SimulatedDevices`: virtual devices train in this process (`SequentialDevices`) or in Ray
   actors (`RayDevices`), and their updates come back through the same `begin_upload` / `finish_upload`.
 
-Every change to a round happens under `cond` (an RLock's condition): the driver thread and the gRPC servicer's
-pool threads call in concurrently. A protocol that needs more phases in a round (key exchange, unmasking) adds them
-here, once.
+Every change to a round happens under `cond` (an RLock's condition): the driver thread and the gRPC
+servicer's pool threads call in concurrently. A protocol that needs more phases in a round (key exchange,
+unmasking) adds them here, once.
 
 Imports: the shared core (edgelora.*) and this package's own modules; never grpc, never edge_client.
 """

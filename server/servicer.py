@@ -161,7 +161,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await _abort(self.coord, context, e, f"fetch {request.device_id!r}")
         if kind == "secagg":
             header = serde.prompt_to_proto(r.number, task)
-            await self._on(self.light, self.coord.downloaded, r, request.device_id, pb.TaskChunk(header=header).ByteSize())
+            await self._on(self.light, self.coord.downloaded, r, request.device_id,
+                           pb.TaskChunk(header=header).ByteSize())
             yield pb.TaskChunk(header=header)
             return
         if kind != "train":
@@ -182,14 +183,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
-            await _abort(self.coord, context, UpdateRejected(Refusal.INVALID, "empty upload stream: expected a header first"), "upload")
+            await _abort(self.coord, context,
+                         UpdateRejected(Refusal.INVALID, "empty upload stream: expected a header first"), "upload")
         if first.WhichOneof("part") != "header":
-            await _abort(self.coord, context, UpdateRejected(Refusal.INVALID, "upload stream must start with a header"), "upload")
+            await _abort(self.coord, context,
+                         UpdateRejected(Refusal.INVALID, "upload stream must start with a header"), "upload")
         h = first.header
         what = f"upload from {h.device_id!r} for round {h.round}"
         if h.payload_bytes > cfg.max_upload_bytes:
-            await _abort(self.coord, context, UpdateRejected(Refusal.EXHAUSTED, f"declared payload of {h.payload_bytes} bytes exceeds the "
-                                                              f"server's limit of {cfg.max_upload_bytes}"), what)
+            await _abort(self.coord, context, UpdateRejected(
+                Refusal.EXHAUSTED, f"declared payload of {h.payload_bytes} bytes exceeds the server's limit of "
+                                   f"{cfg.max_upload_bytes}"), what)
         try:
             r, buf = await self._on(self.light, self.coord.begin_upload, h.device_id, h.round, h.task_id,
                                     h.payload_bytes, h.offset)
