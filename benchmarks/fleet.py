@@ -58,13 +58,13 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
 
     stop = asyncio.Event()
     told: set[str] = set()  # round mode: devices that heard the run is over
-    zeros: dict[int, bytes] = {}  # a zero update per download size
+    zeros: dict[bytes, bytes] = {}  # a zero update per distinct download
 
     async def upload(stub, d: str, header, payload: bytes) -> None:
-        if len(payload) not in zeros:
+        if payload not in zeros:
             shapes = {n: t.shape for n, t in codec.decode_bundle(payload).items()}
-            zeros[len(payload)] = codec.encode_bundle({n: codec.Dense(np.zeros(s, np.float32)) for n, s in shapes.items()})
-        body = zeros[len(payload)]
+            zeros[payload] = codec.encode_bundle({n: codec.Dense(np.zeros(s, np.float32)) for n, s in shapes.items()})
+        body = zeros[payload]
 
         async def msgs():
             yield pb.UpdateChunk(header=pb.UpdateHeader(device_id=d, round=header.round, num_examples=sizes[d],
@@ -170,6 +170,12 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _server_stats(pid: int, cpu0: float, t0: float) -> tuple[float, float, int]:
+    """(its CPU share since t0, when it had used cpu0 CPU seconds; its RSS in MB; its threads) now."""
+    return ((_cpu_s(pid) - cpu0) / (time.monotonic() - t0), _proc_status(pid, "VmRSS") / 1024,
+            int(_proc_status(pid, "Threads")))
+
+
 def _pin(pid: int, cpus: set[int]) -> None:
     """Every thread of process `pid` onto `cpus` (threads it starts later inherit their creator's)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -225,17 +231,14 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
         if round_k:  # the server exits once the round is done and every device heard so: sample it until then
             while launch.server.poll() is None:
                 try:
-                    cpu = (_cpu_s(launch.server.pid) - cpu0) / (time.monotonic() - t0)
-                    rss = max(rss, _proc_status(launch.server.pid, "VmRSS") / 1024)
-                    threads = max(threads, int(_proc_status(launch.server.pid, "Threads")))
+                    cpu, now_rss, now_threads = _server_stats(launch.server.pid, cpu0, t0)
                 except (OSError, ValueError):
                     break
+                rss, threads = max(rss, now_rss), max(threads, now_threads)
                 time.sleep(0.5)
         results = [out.get(timeout=seconds + 600) for _ in workers]
         if not round_k:
-            cpu = (_cpu_s(launch.server.pid) - cpu0) / (time.monotonic() - t0)
-            rss = _proc_status(launch.server.pid, "VmRSS") / 1024
-            threads = int(_proc_status(launch.server.pid, "Threads"))
+            cpu, rss, threads = _server_stats(launch.server.pid, cpu0, t0)
         for w in workers:
             w.join(timeout=60)
     lat = np.array([x for r in results for x in r["lat"]])

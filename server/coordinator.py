@@ -216,8 +216,8 @@ class Coordinator(RoundDriver):
     def next_task(self, device_id: str) -> tuple[str, Round | None, object]:
         """What the device is to do now, without waiting: ('train', round, task) | ('secagg', round, prompt) |
         ('wait', None, retry_after_s) | ('stop', None, None). A secure round's key phases prompt the devices they
-        wait for. retry_after_s is 0 (nothing yet: the servicer long-polls, asking again at each of the driver's
-        task_listeners calls) except under pace steering (server.pace_s), where a device the open round does
+        wait for. retry_after_s is 0 (nothing yet: the servicer long-polls, asking again when a wake-up of the
+        driver's task_listeners reaches this device, see may_have_tasks) except under pace steering (server.pace_s), where a device the open round does
         not wait for is told to ask again after pace() seconds."""
         self._known(device_id)
         with self.cond:

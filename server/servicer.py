@@ -46,7 +46,7 @@ async def _abort(coord: Coordinator, context: grpc.aio.ServicerContext, e: Updat
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    """Made on the event loop that serves it (`attach` ties the driver's wake-ups to that loop)."""
+    """Made on the event loop that serves it: the constructor ties the driver's wake-ups to that loop."""
 
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
