@@ -97,17 +97,25 @@ def sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def interrupt_after_first_round(proc, run_dir: Path, timeout_s: float = 240.0) -> str:
-    """Ctrl-C (SIGINT) a running `edgelora` process once RUN_DIR has a finished round; returns its output."""
-    import signal
-    import time
+# A child that presses Ctrl-C on itself: a real SIGINT, sent at a point the test chooses (right after a round's
+# row and state are saved), not at whatever point a polling parent happens to see the row (a round of a tiny
+# model takes ~0.05 s: a parent polling every 0.1 s sometimes saw the first row only after the last round).
+_CTRL_C_AFTER_ROUND = """
+import os, signal, sys
+from edgelora.runlog import RunFolder
+commit, after, sent = RunFolder.commit_round, int(sys.argv[1]), []
+def commit_then_ctrl_c(self, rec, *args, **kwargs):
+    commit(self, rec, *args, **kwargs)
+    if rec.round == after and not sent:
+        sent.append(rec.round)
+        os.kill(os.getpid(), signal.SIGINT)
+RunFolder.commit_round = commit_then_ctrl_c
+from edgelora.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
 
-    from edgelora.experiments.sweep import rounds_done
 
-    deadline = time.monotonic() + timeout_s
-    while rounds_done(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    return (out or "") + (err or "")
+def cli_ctrl_c_after_round(round_id: int, *args: str) -> list[str]:
+    """`edgelora ARGS` (as cli()) that gets Ctrl-C (SIGINT) once, just after the first run's round ROUND_ID
+    is committed (RunFolder.commit_round). Start it with preexec_fn=sigint_default."""
+    return [sys.executable, "-c", _CTRL_C_AFTER_ROUND, str(round_id), *args]

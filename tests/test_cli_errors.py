@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from .conftest import REPO, cli, interrupt_after_first_round, sigint_default, tiny_raw
+from edgelora.experiments.sweep import rounds_done
+
+from .conftest import REPO, cli, cli_ctrl_c_after_round, sigint_default, tiny_raw
 
 
 def _main(capsys, *args: str) -> tuple[int, str, str]:
@@ -80,11 +82,13 @@ def test_simulate_refuses_more_devices_a_round_than_devices_as_the_server_does(t
 
 def test_ctrl_c_in_simulate_is_one_line_and_says_how_to_resume(tmp_path):
     out = tmp_path / "r"
-    proc = subprocess.Popen(cli("simulate", "--config", str(_config(tmp_path, server={"rounds": 50})), "--out",
-                                str(out), "--quiet"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=sigint_default)
-    err = interrupt_after_first_round(proc, out)
+    proc = subprocess.run(cli_ctrl_c_after_round(1, "simulate", "--config", str(_config(tmp_path, server={"rounds": 3})),
+                                                 "--out", str(out), "--quiet"),
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=sigint_default, timeout=240)
+    err = proc.stderr
     assert proc.returncode == 130, err
+    assert rounds_done(out) == 1
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert f"interrupted; finished rounds are saved in {out} (continue with --resume {out})" in err
 
