@@ -14,7 +14,9 @@ old thread-pool servicer a long-polling device held a handler thread; under grpc
 length: 1.0 is one core busy), `load_cpu` (the same for the load generator's processes together) and `pace_s`. With
 --pace-s S the server runs pace steering (server.pace_s = S): an idle device is answered WAIT at once with a
 retry_after_s, which the clients honour before polling again, and heartbeats at the interval its heartbeat replies
-give. Goal (issue 29): 10,000 devices with p99 under 200 ms and server RSS under 1.5 GB on 2 cores.
+give. With --tokens the server checks a per-device token on every call (`edgelora server --tokens FILE`,
+server.auth), as a deployment does, and every client sends its own. Goal (issue 29): 10,000 devices with p99
+under 200 ms and server RSS under 1.5 GB on 2 cores.
 """
 from __future__ import annotations
 
@@ -32,19 +34,19 @@ HEARTBEAT_S = 5.0
 
 
 def _client_proc(addr: str, ids: list[str], fps: tuple[str, str], seconds: float, ready, go, out,
-                 sizes: dict[str, int] | None = None) -> None:
+                 sizes: dict[str, int] | None = None, tokens: dict[str, str] | None = None) -> None:
     """One load-generator process: its devices on one asyncio event loop (grpc.aio), so a waiting device costs
     a coroutine, not a thread, and the generator is not what saturates."""
     import asyncio
 
-    asyncio.run(_devices(addr, ids, fps, seconds, ready, go, out, sizes))
+    asyncio.run(_devices(addr, ids, fps, seconds, ready, go, out, sizes, tokens))
 
 
 async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: float, ready, go, out,
-                   sizes: dict[str, int] | None = None) -> None:
+                   sizes: dict[str, int] | None = None, tokens: dict[str, str] | None = None) -> None:
     """sizes (round mode): each device's partition size; a device handed a task uploads a zero update of the
     download's tensors (what a device that learned nothing sends), and every device runs until it is told the
-    run is over, instead of for `seconds`."""
+    run is over, instead of for `seconds`. tokens: each device's token, sent with every call."""
     import asyncio
     import resource
 
@@ -57,6 +59,7 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
     from edgelora.protos.channel import CLIENT_OPTIONS
 
     stop = asyncio.Event()
+    md = {d: (("x-device-id", d), ("authorization", f"Bearer {tokens[d]}")) if tokens else None for d in ids}
     told: set[str] = set()  # round mode: devices that heard the run is over
     zeros: dict[bytes, bytes] = {}  # a zero update per distinct download
 
@@ -71,7 +74,7 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
                                                         payload_bytes=len(body), task_id=header.task_id))
             for at in range(0, len(body), 64 * 1024):
                 yield pb.UpdateChunk(data=body[at:at + 64 * 1024])
-        await stub.SubmitUpdate(msgs(), timeout=120)
+        await stub.SubmitUpdate(msgs(), timeout=120, metadata=md[d])
     stubs, channels = {}, []
     gate = asyncio.Semaphore(64)  # registrations in flight at once
 
@@ -83,7 +86,8 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
         async with gate:
             try:
                 await stub.Register(pb.RegisterRequest(device_id=d, hardware="fleet", model_fingerprint=fps[0],
-                                                       tokenizer_fingerprint=fps[1]), timeout=120)
+                                                       tokenizer_fingerprint=fps[1]), timeout=120,
+                                     metadata=md[d])
                 stubs[d] = stub
             except grpc.RpcError:
                 pass
@@ -92,7 +96,8 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
         while not stop.is_set() and d not in told:
             try:
                 header, data = None, []
-                async for chunk in stub.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=30.0), timeout=60):
+                async for chunk in stub.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=30.0), timeout=60,
+                                                  metadata=md[d]):
                     if chunk.HasField("header"):
                         header = chunk.header
                     else:
@@ -121,7 +126,7 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
             t0 = time.monotonic()
             interval = HEARTBEAT_S
             try:
-                reply = await stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5.0)
+                reply = await stub.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5.0, metadata=md[d])
                 if not told:  # round mode: the heartbeats while the run goes on (not its end, telling every device)
                     lat.append((time.monotonic() - t0) * 1000)
                 interval = reply.next_heartbeat_s or HEARTBEAT_S
@@ -186,10 +191,11 @@ def _pin(pid: int, cpus: set[int]) -> None:
 
 
 def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: float = 0.0, round_k: int = 0,
-            pin: bool = False) -> dict:
+            pin: bool = False, tokens: bool = False) -> dict:
     """round_k > 0: instead of idling for `seconds`, one round samples round_k of the n devices, which answer
     with zero updates; reports the round's seconds beside the heartbeats during it. pin: the server on CPU 0,
-    the load generator on the others (devices stand on machines of their own)."""
+    the load generator on the others (devices stand on machines of their own). tokens: a token per device,
+    checked on every call."""
     import numpy as np
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{n}-"))
@@ -209,12 +215,23 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
 
         run = load_config(raw)
         sizes = dict(zip(ids, partition_sizes(run.data, run.model.task)))
+    token_of = None
+    args = ["--insecure"]
+    if tokens:
+        import tomllib
+
+        from edgelora.server.auth import make_tokens
+
+        (tmp / "tokens.toml").write_text(make_tokens(ids))
+        token_of = tomllib.loads((tmp / "tokens.toml").read_text())["tokens"]
+        args += ["--tokens", str(tmp / "tokens.toml")]
     with Launcher(tmp) as launch:  # the server only: the devices are the raw stub clients above
-        addr = launch.start_server(raw, args=["--insecure"], log=tmp / "server.log")
+        addr = launch.start_server(raw, args=args, log=tmp / "server.log")
         ctx = mp.get_context("spawn")
         ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()  # go: every process registered its devices
         workers = [ctx.Process(target=_client_proc, args=(addr, ids[k::procs], fps, seconds, ready, go, out,
-                                                          sizes and {d: sizes[d] for d in ids[k::procs]}))
+                                                          sizes and {d: sizes[d] for d in ids[k::procs]},
+                                                          token_of and {d: token_of[d] for d in ids[k::procs]}))
                    for k in range(procs)]
         for w in workers:
             w.start()
@@ -247,7 +264,8 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
            "heartbeat_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
            "failed": sum(r["errors"] for r in results) + (n - registered), "server_rss_mb": round(rss, 1),
            "server_threads": threads, "server_cpu": round(cpu, 3),
-           "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s, "pinned": pin}
+           "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s, "pinned": pin,
+           "tokens": tokens}
     if round_k:
         row = json.loads((tmp / "metrics.jsonl").read_text().splitlines()[0])
         rec.update(sampled=row["sampled"], completed=row["completed"], round_s=round(row["seconds"], 3),
@@ -275,12 +293,13 @@ def main(argv=None) -> int:
                     help="instead of idling: one round that samples K of the N devices (they upload zero updates)")
     ap.add_argument("--pin", action="store_true",
                     help="the server on one CPU, the load generator on the others (Linux)")
+    ap.add_argument("--tokens", action="store_true", help="a token per device, checked on every call (--tokens FILE)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     fps = fingerprints()
     rows = []
     for n in a.devices:
-        rec = measure(n, a.procs, a.seconds, fps, a.pace_s, a.round, a.pin)
+        rec = measure(n, a.procs, a.seconds, fps, a.pace_s, a.round, a.pin, a.tokens)
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     if a.json:

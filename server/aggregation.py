@@ -243,7 +243,7 @@ class RunningMean:
         """flat[idx] += products, as the dense path's add leaves it: the -0.0 entries at `minus` (None:
         unknown) that idx skips become +0.0. Returns flat's -0.0 positions after the add."""
         cls._skip_minus_zeros(flat, minus, idx)
-        flat[idx] += products
+        np.add.at(flat, idx, products)  # = flat[idx] += products (idx is unique), without its gather-then-scatter
         maybe = idx[products.view(np.uint64) == _MINUS_ZERO]  # x + y = -0.0 only if both are -0.0
         return maybe[flat[maybe].view(np.uint64) == _MINUS_ZERO]
 

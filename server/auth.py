@@ -12,6 +12,7 @@ No or an unknown token -> UNAUTHENTICATED. A token used for another id, in the m
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -59,13 +60,16 @@ class DeviceTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, tokens: dict[str, str]) -> None:
         self.tokens = {d: t.encode() for d, t in tokens.items()}
+        self._by_digest = {hashlib.sha256(t).digest(): d for d, t in self.tokens.items()}
 
     def _owner(self, token: str) -> str | None:
-        found = None
-        for dev, tok in self.tokens.items():  # compare against every token: no early exit to time
-            if hmac.compare_digest(tok, token.encode()):
-                found = dev
-        return found
+        """The device whose token this is, or None. Found by the token's SHA-256, so a call costs the same
+        whatever the fleet's size (comparing against every token cost 1 ms a call at 10,000 devices, two
+        cores' worth at their heartbeat rate); a lookup's timing can tell only about a digest, which gives
+        away nothing of a token, and the token found is then compared in constant time."""
+        raw = token.encode()
+        owner = self._by_digest.get(hashlib.sha256(raw).digest())
+        return owner if owner is not None and hmac.compare_digest(self.tokens[owner], raw) else None
 
     async def intercept_service(self, continuation, details):
         md = dict(details.invocation_metadata or ())
