@@ -25,6 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from edgelora.config import load_config
+from edgelora.data import with_num_labels
 from edgelora.methods import make_method
 from edgelora.models import ModelHost, load_base_model
 
@@ -53,8 +54,9 @@ def parameters_bytes(shapes: Iterable[tuple[int, ...]]) -> int:
 
 def run_shapes(run_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """The trainable arrays of a run folder's model at its first stage, as its config.toml builds them (loads
-    the base model: a second or two for MiniLM)."""
-    run = load_config(Path(run_dir) / "config.toml")
+    the base model: a second or two for MiniLM). A classifier whose config left model.num_labels to the data
+    (0) gets its head sized from the data, as the run's server sized it."""
+    run = with_num_labels(load_config(Path(run_dir) / "config.toml"))
     method = make_method(run)
     host = ModelHost(load_base_model(run.model, run.model.num_labels, run.model.head_seed), "cpu")
     return {n: tuple(v.shape) for n, v in method.init_params(host, method.initial_stage()).items()}
