@@ -594,3 +594,17 @@ def test_devices_under_pace_steering_finish_the_run_and_never_ask_before_they_we
         for done, retry in answers:
             later = [a for a in log.arrived[d] if a > done]
             assert not later or later[0] - done >= retry - 1e-3, (d, retry, later[0] - done)
+
+
+def test_the_server_process_keeps_its_start_up_out_of_the_collectors_scans():
+    """settle_heap (called by serve() once the server is up): what a server process holds after start-up is
+    frozen, so a full collection, which stops the event loop answering every device, scans only what came
+    after. In a process of its own: freezing the test process would keep its garbage forever."""
+    import subprocess
+    import sys
+
+    code = ("import gc, json; import edgelora.server.app as app; before = len(gc.get_objects()); "
+            "app.settle_heap(); print(json.dumps([before, len(gc.get_objects()), gc.get_freeze_count()]))")
+    before, after, frozen = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                      check=True).stdout)
+    assert before > 50_000 and after < before / 100 and frozen > before * 0.9
