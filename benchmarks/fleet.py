@@ -9,7 +9,7 @@ does, and sends a Heartbeat every 5 s (timeout 5 s), recording the latency; each
 coroutines on one asyncio event loop (grpc.aio), so the generator is not what saturates. After all N are registered
 and have waited once, heartbeats are measured for `--seconds`. One JSON record per N: `devices`,
 `heartbeat_p50_ms`, `heartbeat_p99_ms`, `heartbeats`, `failed` (heartbeats that errored or timed out, and clients
-that never registered), `server_rss_mb` (VmRSS at the end), `server_threads` (its threads at the end: under the
+that never registered), `failed_by_status` (the failed heartbeats by gRPC status), `server_rss_mb` (VmRSS at the end), `server_threads` (its threads at the end: under the
 old thread-pool servicer a long-polling device held a handler thread; under grpc.aio it holds a coroutine), `server_cpu` (the server's CPU seconds over the measured window / its
 length: 1.0 is one core busy), `load_cpu` (the same for the load generator's processes together) and `pace_s`. With
 --pace-s S the server runs pace steering (server.pace_s = S): an idle device is answered WAIT at once with a
@@ -116,6 +116,7 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
                 await asyncio.sleep(1.0)
 
     lat, errors = [], 0
+    why: dict[str, int] = {}  # failed heartbeats by gRPC status
 
     async def beat(stub, d: str, first: float, t_end: float) -> None:
         nonlocal errors
@@ -133,8 +134,10 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
                 interval = reply.next_heartbeat_s or HEARTBEAT_S
                 if sizes is not None and reply.run_finished:
                     told.add(d)
-            except grpc.RpcError:
-                errors += 0 if told else 1
+            except grpc.RpcError as e:
+                if not told:
+                    errors += 1
+                    why[e.code().name] = why.get(e.code().name, 0) + 1
             at += interval
 
     # Round mode holds one device back until every process is registered and polling: its registration (the
@@ -163,7 +166,7 @@ async def _devices(addr: str, ids: list[str], fps: tuple[str, str], seconds: flo
     await asyncio.gather(*polls, return_exceptions=True)
     for ch in channels:
         await ch.close()
-    out.put({"lat": lat, "errors": errors + len(ids) - len(stubs),
+    out.put({"lat": lat, "errors": errors + len(ids) - len(stubs), "why": why,
              "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime})
 
 
@@ -196,18 +199,19 @@ def _pin(pid: int, cpus: set[int]) -> None:
 
 
 def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: float = 0.0, round_k: int = 0,
-            pin: bool = False, tokens: bool = False) -> dict:
+            pin: bool = False, tokens: bool = False, max_connections: int = 0) -> dict:
     """round_k > 0: instead of idling for `seconds`, one round samples round_k of the n devices, which answer
     with zero updates; reports the round's seconds beside the heartbeats during it. pin: the server on CPU 0,
     the load generator on the others (devices stand on machines of their own). tokens: a token per device,
-    checked on every call."""
+    checked on every call. max_connections: server.max_connections (0: 3 n + 256, room for every device's long
+    poll and its other calls)."""
     import numpy as np
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{n}-"))
     total = n if round_k else n + 1  # idle: one partition more than devices, so no round ever starts
     raw = {"server": {"rounds": 1, "devices_per_round": round_k or 1, "min_registered": total,
                       "min_devices": round_k or 1, "registration_timeout_s": 3600.0, "round_deadline_s": 600.0,
-                      "heartbeat_s": HEARTBEAT_S, "device_timeout_s": 60.0, "max_connections": n + 256,
+                      "heartbeat_s": HEARTBEAT_S, "device_timeout_s": 60.0, "max_connections": max_connections or 3 * n + 256,
                       "pace_s": pace_s},
            "model": {"name": "tiny-bert", "max_seq_len": 32},
            "data": {"num_devices": total, "max_examples_per_device": 4, "test_max_examples": 8, "partition": "iid"},
@@ -267,10 +271,12 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
     rec = {"devices": n, "registered": registered, "heartbeats": int(lat.size),
            "heartbeat_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
            "heartbeat_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
-           "failed": sum(r["errors"] for r in results) + (n - registered), "server_rss_mb": round(rss, 1),
+           "failed": sum(r["errors"] for r in results) + (n - registered),
+           "failed_by_status": {k: sum(r["why"].get(k, 0) for r in results) for k in {k for r in results for k in r["why"]}},
+           "server_rss_mb": round(rss, 1),
            "server_threads": threads, "server_cpu": round(cpu, 3),
            "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s, "pinned": pin,
-           "tokens": tokens}
+           "tokens": tokens, "max_connections": raw["server"]["max_connections"]}
     if round_k:
         row = json.loads((tmp / "metrics.jsonl").read_text().splitlines()[0])
         rec.update(sampled=row["sampled"], completed=row["completed"], round_s=round(row["seconds"], 3),
@@ -299,12 +305,14 @@ def main(argv=None) -> int:
     ap.add_argument("--pin", action="store_true",
                     help="the server on one CPU, the load generator on the others (Linux)")
     ap.add_argument("--tokens", action="store_true", help="a token per device, checked on every call (--tokens FILE)")
+    ap.add_argument("--max-connections", type=int, default=0,
+                    help="server.max_connections (default: 3 N + 256, room for every device)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     fps = fingerprints()
     rows = []
     for n in a.devices:
-        rec = measure(n, a.procs, a.seconds, fps, a.pace_s, a.round, a.pin, a.tokens)
+        rec = measure(n, a.procs, a.seconds, fps, a.pace_s, a.round, a.pin, a.tokens, a.max_connections)
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     if a.json:

@@ -33,7 +33,7 @@ class ServerConfig:
     registration_timeout_s: float = field(600.0, "give up waiting for min_registered after this long")
     round_deadline_s: float = field(900.0, "devices that have not reported this long after the task are dropped")
     heartbeat_s: float = field(5.0, "how often devices send a heartbeat")
-    max_connections: int = field(4096, "gRPC calls served at once (grpc.aio maximum_concurrent_rpcs; past it a call is refused RESOURCE_EXHAUSTED): a device waiting for its task holds one (a long poll, a coroutine, not a thread), so this bounds the devices that can wait at once")
+    max_connections: int = field(4096, "gRPC calls served at once (grpc.aio maximum_concurrent_rpcs; past it a call is refused RESOURCE_EXHAUSTED): a device waiting for its task holds one (a long poll, a coroutine, not a thread); long polls take at most 7/8 of them, and a device past that is told to ask again after about server.heartbeat_s, so heartbeats and uploads always find room")
     device_timeout_s: float = field(60.0, "a device with no heartbeat for this long is not live")
     pace_s: float = field(0.0, "pace steering (Bonawitz et al. 2019): a device with nothing to do (not sampled, or no round open) is told to ask again, and to heartbeat, after pace_s x a uniform draw in [0.5, 1.5) instead of holding a long poll, so idle devices cost the coordinator no open call; a sampled device meets its task when it next asks (up to 1.5 x pace_s late). 0 = off: idle devices long-poll")
     eval_every: int = field(1, "evaluate the global model every this many rounds (and after the last)")

@@ -123,6 +123,7 @@ class Coordinator(RoundDriver):
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
         self._last_told = float("-inf")  # the clock when a device was last told the run is over
         self._pace_draws = random.Random()  # jitter of pace steering's intervals
+        self.polls_held = 0  # devices long-polling for a task now (the servicer's count, changed on its loop)
 
     @property
     def registry(self) -> DeviceRegistry:

@@ -30,11 +30,13 @@ class _Devices:
     def collect(self):
         c = self.coord
         g = GaugeMetricFamily("edgelora_devices", "devices by state: registered, live (heartbeating), "
-                                                  "sampled (in the open round)", labels=["state"])
+                                                  "sampled (in the open round), waiting (long-polling for a task)",
+                              labels=["state"])
         r = c.round
         g.add_metric(["registered"], len(c.registry))
         g.add_metric(["live"], c.registry.live_count())
         g.add_metric(["sampled"], len(r.sampled) if r is not None and r.open else 0)
+        g.add_metric(["waiting"], c.polls_held)
         yield g
 
 

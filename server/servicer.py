@@ -6,7 +6,12 @@ driver's lock, run on two small thread pools: `light` for the quick ones (regist
 check, a download's byte count), `heavy` for checking and adding an upload (decode and aggregation). So a
 heartbeat never waits behind an upload, and the loop never waits on the driver's lock. A long poll waits on
 the loop, woken by the driver (RoundDriver.task_listeners) whenever a round opens or closes, the state changes
-or the server stops."""
+or the server stops.
+
+Long polls are held up to 7/8 of server.max_connections (the calls grpc.aio serves at once; past it every call,
+heartbeats and uploads too, is refused RESOURCE_EXHAUSTED). A poll past that share is answered WAIT at once with
+a jittered retry-after, as pace steering answers, so a fleet larger than the cap degrades to devices asking
+again later instead of every device's heartbeat being refused."""
 from __future__ import annotations
 
 import asyncio
@@ -37,6 +42,11 @@ LIGHT_THREADS = 8  # quick Coordinator calls in flight at once
 HEAVY_THREADS = 4  # uploads being checked and added at once (the driver decodes at most 2 at a time)
 
 
+def poll_cap(max_connections: int) -> int:
+    """Long polls held at once: server.max_connections less an eighth kept for every other call."""
+    return max_connections - max(1, max_connections // 8)
+
+
 async def _abort(coord: Coordinator, context: grpc.aio.ServicerContext, e: UpdateRejected, what: str) -> None:
     """Refuse the call with the refusal's typed status (raises, ending the handler)."""
     log.warning("%s refused: %s", what, e.message)
@@ -60,6 +70,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._loop = asyncio.get_running_loop()
         self._polls: dict[str, set[asyncio.Future]] = {}  # device -> its long polls' wake-ups
         self._poll_draws = random.Random()  # spreads the long polls' ends (timing only)
+        self._poll_cap = poll_cap(run.server.max_connections)
+        self._told_full = False  # the operator was told polls reached the cap (once a run)
         coord.task_listeners.append(self._wake_threadsafe)
 
     def close(self) -> None:
@@ -143,16 +155,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 left = deadline - self._loop.time()
                 if left <= 0:
                     return "wait", None, 0.0
+                if self.coord.polls_held >= self._poll_cap:
+                    return "wait", None, self._come_back_later()
+                self.coord.polls_held += 1  # only ever changed here, on the loop
                 try:
                     await asyncio.wait_for(woken, left)
                 except asyncio.TimeoutError:
                     return "wait", None, 0.0
+                finally:
+                    self.coord.polls_held -= 1
             finally:
                 polls = self._polls.get(device_id)
                 if polls is not None:
                     polls.discard(woken)
                     if not polls:
                         del self._polls[device_id]
+
+    def _come_back_later(self) -> float:
+        """Retry-after for a poll past the cap: server.heartbeat_s x a uniform draw in [0.5, 1.5)."""
+        if not self._told_full:
+            self._told_full = True
+            log.warning("%d devices are waiting for a task, the most server.max_connections = %d leaves room for; "
+                        "more are told to ask again later (raise server.max_connections, or set server.pace_s)",
+                        self.coord.polls_held, self.coord.run.server.max_connections)
+        return self.coord.run.server.heartbeat_s * (0.5 + self._poll_draws.random())
 
     async def FetchTask(self, request, context):
         try:

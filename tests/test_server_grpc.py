@@ -375,6 +375,66 @@ def test_heartbeats_are_answered_while_100_devices_wait_in_fetchtask(server):
         ch.close()
 
 
+def test_polls_past_the_connection_cap_are_told_to_come_back_and_heartbeats_still_find_room(server):
+    """server.max_connections = 16 (grpc.aio refuses every call past it): long polls take at most 14
+    (servicer.poll_cap). 20 devices long-poll; the 6 past the cap are answered WAIT at once with a retry-after in
+    [0.5, 1.5) x heartbeat_s, the 14 keep waiting, and every device's heartbeat is answered. (Before, the cap's
+    16 polls were held and every other call, heartbeats too, was refused RESOURCE_EXHAUSTED: 5,000 devices on
+    the default 4,096 lost 80 % of their heartbeats.)"""
+    from edgelora.server.servicer import poll_cap
+
+    assert poll_cap(16) == 14 and poll_cap(4096) == 3584
+    coord, stub, run_dir = server(server={"rounds": 1, "devices_per_round": 1, "min_registered": 21,
+                                          "registration_timeout_s": 600.0, "max_connections": 16,
+                                          "heartbeat_s": 2.0},
+                                  data={"num_devices": 21, "max_examples_per_device": 4})
+    stubs, channels = {}, []
+    for i in range(20):
+        channels.append(grpc.insecure_channel(f"127.0.0.1:{_port(run_dir)}",
+                                              options=[("grpc.use_local_subchannel_pool", 1)]))
+        stubs[str(i)] = pb_grpc.CoordinatorStub(channels[-1])
+        register(stubs[str(i)], coord, str(i))
+    driver = threading.Thread(target=coord.run_rounds, daemon=True)
+    driver.start()  # waits for a 21st device: no round starts
+    answers, lock = {}, threading.Lock()
+
+    def wait_for_task(s, d):
+        try:
+            header = next(iter(s.FetchTask(pb.FetchTaskRequest(device_id=d, wait_s=60), timeout=90))).header
+            with lock:
+                answers[d] = header
+        except grpc.RpcError as e:
+            with lock:
+                answers[d] = e.code()
+
+    def until(done, what):
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    # one poll at a time, each held or answered before the next, so the calls in flight never pass the cap
+    waiting = []
+    for i, (d, s) in enumerate(stubs.items()):
+        waiting.append(threading.Thread(target=wait_for_task, args=(s, d), daemon=True))
+        waiting[-1].start()
+        if i < 14:
+            until(lambda: coord.polls_held == i + 1, f"poll {i} held")
+        else:
+            until(lambda: d in answers, f"poll {i} answered")
+    with lock:
+        told = dict(answers)
+    assert len(told) == 6 and coord.polls_held == 14, told
+    assert all(isinstance(h, pb.TaskHeader) and h.kind == pb.TaskHeader.WAIT and 1.0 <= h.retry_after_s < 3.0
+               for h in told.values()), told
+    for d, s in stubs.items():
+        assert s.Heartbeat(pb.HeartbeatRequest(device_id=d), timeout=5.0).round == 0
+    assert sum(t.is_alive() for t in waiting) == 14 and len(answers) == 6
+    coord.stop()
+    for ch in channels:
+        ch.close()
+
+
 def test_a_wake_up_reaches_the_long_polls_of_the_devices_that_may_have_a_task(server):
     """The driver's wake-up reaches only the polls of devices that may have something (Coordinator.may_have_tasks,
     read without the lock): a round opening wakes its sampled devices, not every device connected; the run
