@@ -10,7 +10,8 @@ evaluation but the last round's. One JSON record per setting: `backend`, `worker
 `trainings_per_minute` (client trainings in rounds 2..R over their wall time: steady rounds, every model
 loaded), `startup_s` (child start to round 1's start: imports, data, models, Ray and its actors),
 `round1_s`, `peak_rss_mb` and `peak_pss_mb` (the child's whole process tree, Ray's daemons and workers
-included, sampled every 0.2 s; PSS counts a shared page once, split among the processes that map it), `rounds`, `per_round`. Prints a table with each setting against sequential at 1 and at 2 threads.
+included; RSS sampled every 0.2 s, PSS every 2 s, as it costs far more to read; PSS counts a shared page once, split
+among the processes that map it), `rounds`, `per_round`. Prints a table with each setting against sequential at 1 and at 2 threads.
 Asserts nothing.
 """
 from __future__ import annotations
@@ -31,36 +32,55 @@ SETTINGS = [("sequential", 1, 1, 0.0), ("sequential", 1, 2, 0.0), ("ray", 1, 2, 
 GPU_SETTING = ("ray", 2, 1, 0.5)
 
 
-def _tree_rss_mb(root: int) -> tuple[float, float]:
-    """(RSS, PSS) MB of `root` and every process below it (from /proc). RSS counts a page shared by several
-    processes (torch's libraries, mapped by the driver and every Ray worker) once in each; PSS splits it among
-    them, so the tree's PSS is the memory the tree takes from the machine."""
-    parent, rss = {}, {}
+SAMPLE_S = 0.2  # the tree's RSS is read this often
+SLOW_SAMPLE_S = 2.0  # its PSS, and which processes it holds, this often: reading a process's PSS walks its page
+# tables (~60 ms of CPU for a Ray tree of 4 GB), so a sampler reading it every 0.2 s took ~30 % of a core, which
+# a setting that keeps both cores busy lost (Ray 2 x 1 trained 15 % slower under it)
+
+
+def _tree(root: int) -> set[int]:
+    """`root` and every process below it, from /proc."""
+    parent = {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
         try:
             stat = (p / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            parent[int(p.name)] = int(fields[1])
-            rss[int(p.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            parent[int(p.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-    keep, frontier = {root}, [root]
+    keep, frontier = {root}, {root}
     while frontier:
-        kids = [c for c, pp in parent.items() if pp in frontier and c not in keep]
-        keep.update(kids)
-        frontier = kids
-    pss = 0
-    for p in keep:
+        frontier = {c for c, pp in parent.items() if pp in frontier and c not in keep}
+        keep |= frontier
+    return keep
+
+
+def _rss_mb(pids: set[int]) -> float:
+    """RSS of the processes, MB: a page shared by several (torch's libraries, mapped by the driver and every Ray
+    worker) counts once in each."""
+    total = 0
+    for p in pids:
+        try:
+            total += int((Path("/proc") / str(p) / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e6
+
+
+def _pss_mb(pids: set[int]) -> float:
+    """PSS of the processes, MB: a shared page is split among the processes that map it, so this is the memory
+    they take from the machine."""
+    total = 0
+    for p in pids:
         try:
             for line in (Path("/proc") / str(p) / "smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
+                    total += int(line.split()[1]) * 1024
                     break
         except (OSError, ValueError):
             continue
-    return sum(rss.get(p, 0) for p in keep) / 1e6, pss / 1e6
+    return total / 1e6
 
 
 def child(args) -> dict:
@@ -111,9 +131,12 @@ def run_setting(args, backend: str, workers: int, threads: int, gpus: float) -> 
     done = threading.Event()
 
     def sample():
-        while not done.wait(0.2):
-            rss, pss = _tree_rss_mb(p.pid)
-            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+        tree, slow_at = {p.pid}, float("-inf")
+        while not done.wait(SAMPLE_S):
+            if time.monotonic() - slow_at >= SLOW_SAMPLE_S:
+                tree, slow_at = _tree(p.pid), time.monotonic()
+                peak[1] = max(peak[1], _pss_mb(tree))
+            peak[0] = max(peak[0], _rss_mb(tree))
 
     threading.Thread(target=sample, daemon=True).start()
     out, err = p.communicate()
