@@ -122,7 +122,7 @@ class Coordinator(RoundDriver):
         self.model_fingerprint = fingerprint_model(self.base)
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
         self._last_told = float("-inf")  # the clock when a device was last told the run is over
-        self._pace_draws = random.Random()  # jitter of pace steering's intervals
+        self._pace_draws = random.Random()  # jitter of retry-after intervals (timing only, never a mask)
         self.polls_held = 0  # devices long-polling for a task now (the servicer's count, changed on its loop)
 
     @property
@@ -218,8 +218,9 @@ class Coordinator(RoundDriver):
         """What the device is to do now, without waiting: ('train', round, task) | ('secagg', round, prompt) |
         ('wait', None, retry_after_s) | ('stop', None, None). A secure round's key phases prompt the devices they
         wait for. retry_after_s is 0 (nothing yet: the servicer long-polls, asking again when a wake-up of the
-        driver's task_listeners reaches this device, see may_have_tasks) except under pace steering (server.pace_s), where a device the open round does
-        not wait for is told to ask again after pace() seconds."""
+        driver's task_listeners reaches this device, see may_have_tasks) except under pace steering
+        (server.pace_s), where a device the open round does not wait for is told to ask again after pace()
+        seconds."""
         self._known(device_id)
         with self.cond:
             if self.state.finished:
@@ -255,9 +256,13 @@ class Coordinator(RoundDriver):
         return r is not None and r.open and r.state_of(device_id) not in (None, DeviceState.ACCEPTED)
 
     def pace(self) -> float:
-        """Pace steering: seconds an idle device waits before it asks again, server.pace_s x a uniform draw in
-        [0.5, 1.5), so a fleet told at once comes back spread out (the draws move no result: timing only)."""
-        return self.run.server.pace_s * (0.5 + self._pace_draws.random())
+        """Pace steering: seconds an idle device waits before it asks again, server.pace_s jittered."""
+        return self.jittered(self.run.server.pace_s)
+
+    def jittered(self, seconds: float) -> float:
+        """seconds x a uniform draw in [0.5, 1.5): devices told at once come back spread out (the draws are
+        timing only and move no result)."""
+        return seconds * (0.5 + self._pace_draws.random())
 
     def heartbeat_after(self, device_id: str) -> float:
         """The interval a heartbeat reply sets: 0 (keep server.heartbeat_s) without pace steering; under it,

@@ -172,13 +172,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                         del self._polls[device_id]
 
     def _come_back_later(self) -> float:
-        """Retry-after for a poll past the cap: server.heartbeat_s x a uniform draw in [0.5, 1.5)."""
+        """Retry-after for a poll past the cap: server.heartbeat_s, jittered."""
         if not self._told_full:
             self._told_full = True
             log.warning("%d devices are waiting for a task, the most server.max_connections = %d leaves room for; "
                         "more are told to ask again later (raise server.max_connections, or set server.pace_s)",
                         self.coord.polls_held, self.coord.run.server.max_connections)
-        return self.coord.run.server.heartbeat_s * (0.5 + self._poll_draws.random())
+        return self.coord.jittered(self.coord.run.server.heartbeat_s)
 
     async def FetchTask(self, request, context):
         try:
