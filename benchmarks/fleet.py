@@ -9,9 +9,11 @@ does, and sends a Heartbeat every 5 s (timeout 5 s), recording the latency; each
 coroutines on one asyncio event loop (grpc.aio), so the generator is not what saturates. After all N are registered
 and have waited once, heartbeats are measured for `--seconds`. One JSON record per N: `devices`,
 `heartbeat_p50_ms`, `heartbeat_p99_ms`, `heartbeats`, `failed` (heartbeats that errored or timed out, and clients
-that never registered), `failed_by_status` (the failed heartbeats by gRPC status), `server_rss_mb` (VmRSS at the end), `server_threads` (its threads at the end: under the
-old thread-pool servicer a long-polling device held a handler thread; under grpc.aio it holds a coroutine), `server_cpu` (the server's CPU seconds over the measured window / its
-length: 1.0 is one core busy), `load_cpu` (the same for the load generator's processes together) and `pace_s`. With
+that never registered), `failed_by_status` (the failed heartbeats by gRPC status), `server_rss_mb` (VmRSS at the
+end), `server_threads` (its threads at the end: under the old thread-pool servicer a long-polling device held a
+handler thread; under grpc.aio it holds a coroutine), `server_cpu` (the server's CPU seconds over the measured
+window / its length: 1.0 is one core busy), `load_cpu` (the same for the load generator's processes together) and
+`pace_s`. With
 --pace-s S the server runs pace steering (server.pace_s = S): an idle device is answered WAIT at once with a
 retry_after_s, which the clients honour before polling again, and heartbeats at the interval its heartbeat replies
 give. With --tokens the server checks a per-device token on every call (`edgelora server --tokens FILE`,
@@ -26,6 +28,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from edgelora.launch import Launcher
@@ -211,8 +214,8 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
     total = n if round_k else n + 1  # idle: one partition more than devices, so no round ever starts
     raw = {"server": {"rounds": 1, "devices_per_round": round_k or 1, "min_registered": total,
                       "min_devices": round_k or 1, "registration_timeout_s": 3600.0, "round_deadline_s": 600.0,
-                      "heartbeat_s": HEARTBEAT_S, "device_timeout_s": 60.0, "max_connections": max_connections or 3 * n + 256,
-                      "pace_s": pace_s},
+                      "heartbeat_s": HEARTBEAT_S, "device_timeout_s": 60.0,
+                      "max_connections": max_connections or 3 * n + 256, "pace_s": pace_s},
            "model": {"name": "tiny-bert", "max_seq_len": 32},
            "data": {"num_devices": total, "max_examples_per_device": 4, "test_max_examples": 8, "partition": "iid"},
            "method": {"name": "lora"}}
@@ -227,12 +230,10 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
     token_of = None
     args = ["--insecure"]
     if tokens:
-        import tomllib
-
-        from edgelora.server.auth import make_tokens
+        from edgelora.server.auth import load_tokens, make_tokens
 
         (tmp / "tokens.toml").write_text(make_tokens(ids))
-        token_of = tomllib.loads((tmp / "tokens.toml").read_text())["tokens"]
+        token_of = load_tokens(tmp / "tokens.toml")
         args += ["--tokens", str(tmp / "tokens.toml")]
     with Launcher(tmp) as launch:  # the server only: the devices are the raw stub clients above
         addr = launch.start_server(raw, args=args, log=tmp / "server.log")
@@ -272,9 +273,8 @@ def measure(n: int, procs: int, seconds: float, fps: tuple[str, str], pace_s: fl
            "heartbeat_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
            "heartbeat_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
            "failed": sum(r["errors"] for r in results) + (n - registered),
-           "failed_by_status": {k: sum(r["why"].get(k, 0) for r in results) for k in {k for r in results for k in r["why"]}},
-           "server_rss_mb": round(rss, 1),
-           "server_threads": threads, "server_cpu": round(cpu, 3),
+           "failed_by_status": dict(sum((Counter(r["why"]) for r in results), Counter())),
+           "server_rss_mb": round(rss, 1), "server_threads": threads, "server_cpu": round(cpu, 3),
            "load_cpu": round(sum(r["cpu_s"] for r in results) / seconds, 3), "pace_s": pace_s, "pinned": pin,
            "tokens": tokens, "max_connections": raw["server"]["max_connections"]}
     if round_k:

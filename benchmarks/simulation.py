@@ -10,9 +10,9 @@ evaluation but the last round's. One JSON record per setting: `backend`, `worker
 `trainings_per_minute` (client trainings in rounds 2..R over their wall time: steady rounds, every model
 loaded), `startup_s` (child start to round 1's start: imports, data, models, Ray and its actors),
 `round1_s`, `peak_rss_mb` and `peak_pss_mb` (the child's whole process tree, Ray's daemons and workers
-included; RSS sampled every 0.2 s, PSS every 2 s, as it costs far more to read; PSS counts a shared page once, split
-among the processes that map it), `rounds`, `per_round`. Prints a table with each setting against sequential at 1 and at 2 threads.
-Asserts nothing.
+included; RSS sampled every 0.2 s, PSS every 2 s, as it costs far more to read; PSS counts a shared page once,
+split among the processes that map it), `rounds`, `per_round`. Prints a table with each setting against
+sequential at 1 and at 2 threads. Asserts nothing.
 """
 from __future__ import annotations
 
