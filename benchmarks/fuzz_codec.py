@@ -51,6 +51,9 @@ def seed_bundles(rng: np.random.Generator) -> list[bytes]:
         codec.encode_bundle({"j1": codec.Sparse((40, 5), np.sort(rng.choice(200, 9, replace=False)), rng.normal(size=9)),
                              "d": codec.Dense(rng.normal(size=4)), "j2": codec.Sparse((64,), [0, 63], [1, 2]),
                              "j3": codec.Sparse((3,), [], [])}, value_type="float16"),
+        # version 4: the same stream as byte gaps (one of them 255 or more: a u64 remainder follows the bytes)
+        codec.encode_bundle({"g1": codec.Sparse((40, 5), np.sort(rng.choice(200, 9, replace=False)), rng.normal(size=9)),
+                             "g2": codec.Sparse((600,), [2, 400, 599], [1, 2, 3])}, byte_gap_slack=100.0),
     ]
     # rANS is only chosen for large tensors; build a small one by hand so fuzzing reaches its decoder cheaply.
     n, idx = 4000, np.flatnonzero(rng.random(4000) < 0.4)
@@ -117,7 +120,7 @@ def mutate_entry_field(rng, data):
     e = table.entries[i]
     field = str(rng.choice(["shape", "count", "index_param", "index_size", "seed", "density", "scale", "plane",
                             "joint"]))
-    if field == "joint":  # the joint stream's size (written only in version 3 headers)
+    if field == "joint":  # the joint stream's size (written only in version 3 and 4 headers)
         value = int(rng.choice(EXTREMES)) if rng.random() < 0.5 else table.joint_size + int(rng.integers(-3, 4))
         table.joint_size = max(0, min(2**64 - 1, value))
     elif field == "shape":
@@ -145,7 +148,7 @@ def mutate_payload(rng, data):
         if rng.random() < 0.3:
             bad = bad[:rng.integers(0, len(bad))] + rng.bytes(int(rng.integers(0, 8)))
         index_payloads[i] = bytes(bad)
-        if data[4] >= 3 and i == 0:  # version 3: the joint index stream comes first
+        if data[4] >= 3 and i == 0:  # versions 3 and 4: the joint index stream comes first
             table.joint_size = len(bad)
         else:
             table.entries[i - (data[4] >= 3)].index_size = len(bad)

@@ -2,7 +2,8 @@
 
 parse_header checks everything that can be checked without the payloads: enums, name uniqueness and
 encoding, shape against the element cap, count against the shape, and the masked density and count.
-Version 3 adds the joint index stream's size after the planes' records (FORMAT.md, "The joint index stream").
+Version 3 adds the joint index stream's size after the planes' records (FORMAT.md, "The joint index stream");
+version 4 lets that stream be byte gaps (index coder 4).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .errors import CodecError
-from .index_coding import CODER_NAMES, JOINT
+from .index_coding import CODER_NAMES, JOINT, JOINT_BYTES, JOINT_CODERS
 from .mask import mask_size
 from .values import BLOCK_TYPES, MAX_BLOCK, N_PLANES, VALUE_TYPES
 
@@ -42,11 +43,11 @@ class Table:
     entries: list[Entry]
     plane_codecs: list[int] = field(default_factory=lambda: [RAW] * N_PLANES)  # RAW bytes or one ZSTD frame
     plane_sizes: list[int] = field(default_factory=lambda: [0] * N_PLANES)  # bytes of each plane as stored
-    joint_size: int = 0  # version 3: bytes of the joint index stream of the entries whose index_coder is JOINT
+    joint_size: int = 0  # version 3: bytes of the joint index stream of the entries whose index_coder is joint
 
     @property
     def joint(self) -> list[Entry]:
-        return [e for e in self.entries if e.form == SPARSE and e.index_coder == JOINT]
+        return [e for e in self.entries if e.form == SPARSE and e.index_coder in JOINT_CODERS]
 
 
 def pack_header(table: Table) -> bytes:
@@ -71,10 +72,12 @@ def pack_header(table: Table) -> bytes:
 
 
 def version_of(table: Table) -> int:
-    """The oldest version that can say the table: 3 when sparse tensors share the joint index stream, 2 when a
-    tensor uses a blockwise value type, else 1 (older decoders do not know the newer features)."""
-    if table.joint:
-        return 3
+    """The oldest version that can say the table: 4 when the joint index stream is byte gaps, 3 when it is
+    Golomb codes, 2 when a tensor uses a blockwise value type, else 1 (older decoders do not know the newer
+    features)."""
+    joint = table.joint
+    if joint:
+        return 4 if joint[0].index_coder == JOINT_BYTES else 3
     return 2 if any(e.value_type in BLOCK_TYPES for e in table.entries) else 1
 
 
@@ -162,13 +165,17 @@ def _parse_entry(r: _Reader, budget: int, max_elements: int, version: int) -> En
         e.index_coder, e.index_param, e.index_size = r.take("<BQQ", "index_coder")
         if e.index_coder not in CODER_NAMES:
             raise CodecError(f"{name}: index_coder: unknown coder {e.index_coder}")
-        if e.index_coder == JOINT:
-            if version < 3:
-                raise CodecError(f"{name}: index_coder: the joint stream needs bundle version 3, this is {version}")
+        if e.index_coder in JOINT_CODERS:
+            needs = 3 if e.index_coder == JOINT else 4
+            if version < needs:
+                raise CodecError(f"{name}: index_coder: the joint stream{' of byte gaps' if needs == 4 else ''} "
+                                 f"needs bundle version {needs}, this is {version}")
             if e.index_size or not count:
                 raise CodecError(f"{name}: index_coder: a joint entry has index_size 0 and count >= 1")
-            if not 1 <= e.index_param <= max(1, n):
+            if e.index_coder == JOINT and not 1 <= e.index_param <= max(1, n):
                 raise CodecError(f"{name}: index_param: golomb m={e.index_param} outside [1, {n}]")
+            if e.index_coder == JOINT_BYTES and e.index_param:
+                raise CodecError(f"{name}: index_param: a byte-gap entry has index_param 0, not {e.index_param}")
     if form == MASKED:
         e.seed, e.density = r.take("<Qd", "seed")
         if not 0.0 <= e.density <= 1.0:  # also false for NaN

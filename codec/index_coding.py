@@ -14,9 +14,11 @@ import numpy as np
 from . import golomb, rans
 from .errors import CodecError
 
-NONE, GOLOMB, RANS, JOINT = 0, 1, 2, 3
-# JOINT: Golomb codes under the tensor's own m, in the bundle's joint stream with other tensors' (FORMAT.md)
-CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans", JOINT: "joint"}
+NONE, GOLOMB, RANS, JOINT, JOINT_BYTES = 0, 1, 2, 3, 4
+# JOINT: Golomb codes under the tensor's own m, in the bundle's joint stream with other tensors' (FORMAT.md);
+# JOINT_BYTES: the same tensors' gaps as bytes through zstd in that stream instead (gap_bytes, version 4)
+CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans", JOINT: "joint", JOINT_BYTES: "joint-bytes"}
+JOINT_CODERS = (JOINT, JOINT_BYTES)
 RANS_MIN_GAIN = 0.005  # rANS must be expected to save this fraction over Golomb to be worth its time
 
 

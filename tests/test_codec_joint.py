@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from edgelora import codec
-from edgelora.codec import golomb, zstd_frame
+from edgelora.codec import gap_bytes, golomb, zstd_frame
 from edgelora.codec.container import assemble, take_apart
 from edgelora.codec.header import pack_header
-from edgelora.codec.index_coding import GOLOMB, JOINT, NONE, RANS
+from edgelora.codec.index_coding import GOLOMB, JOINT, JOINT_BYTES, NONE, RANS
+from edgelora.sparsity import global_topk
 
 RNG = np.random.default_rng(11)
 
@@ -237,3 +238,120 @@ def test_decode_joint_inverts_encode_joint_under_any_parameters_in_runs_of_any_s
     finally:
         golomb.CHUNK = old
     np.testing.assert_array_equal(local, np.concatenate(expect))
+
+
+# -- the joint stream as byte gaps (version 4) --------------------------------------------------------------
+def topk_upload(rng, density, tensors=6, size=(512, 256)):
+    """A device's top-k upload over a few LoRA-sized tensors, as FLASC sends it."""
+    delta = {f"t{i}": rng.standard_normal(size).astype(np.float32) for i in range(tensors)}
+    return global_topk(delta, density)
+
+
+def test_byte_gaps_by_hand():
+    """The stream of test_sparse_tensors_share_one_stream_by_hand as bytes: gaps 1, 4 then 0, 2, one zstd frame;
+    each entry says coder 4 with index_param 0, the bundle is version 4, and the indices come back."""
+    tensors = {"a": codec.Sparse((8,), np.array([1, 6]), np.array([1.0, 2.0], np.float32)),
+               "b": codec.Sparse((2, 2), np.array([0, 3]), np.array([3.0, 4.0], np.float32))}
+    data = codec.encode_bundle(tensors, byte_gap_slack=100.0)  # a 4-gap frame is larger than 1 byte of Golomb
+    assert data[4] == 4
+    table, sides, _ = take_apart(data)
+    assert [(e.index_coder, e.index_param, e.index_size) for e in table.entries] == [(JOINT_BYTES, 0, 0)] * 2
+    assert zstd_frame.decompress(sides[0], 4, "stream") == bytes([1, 4, 0, 2])
+    np.testing.assert_array_equal(codec.decode_flat(data).positions, [1, 6, 8, 11])
+    assert_same(codec.decode_bundle(data), tensors)
+
+
+def test_gaps_of_255_and_more_follow_the_bytes_as_u64():
+    """A gap of 254 is its byte; 255, 10**6 and 298 are a 255 byte each and, after the k bytes, 0, 10**6 - 255
+    and 298 - 255."""
+    idx = np.array([254, 510, 510 + 10**6 + 1])  # gaps 254, 255, 10**6
+    tensors = {"a": codec.Sparse((2 * 10**6,), idx, np.ones(3, np.float32)),
+               "b": codec.Sparse((300,), np.array([0, 299]), np.ones(2, np.float32))}
+    data = codec.encode_bundle(tensors, byte_gap_slack=100.0)
+    content = zstd_frame.decompress(take_apart(data)[1][0], 5 + 3 * 8, "stream")
+    assert content[:5] == bytes([254, 255, 255, 0, 255])
+    assert np.frombuffer(content[5:], "<u8").tolist() == [0, 10**6 - 255, 298 - 255]
+    assert_same(codec.decode_bundle(data), tensors)
+
+
+def test_the_encoder_writes_byte_gaps_where_they_cost_at_most_one_percent_more():
+    """At density 1/16 the byte gaps are within 1 % of Golomb's size and written; at 1/4 zstd's entropy
+    stage cannot code gaps this short that well, and Golomb stays. Either way the same indices come back."""
+    rng = np.random.default_rng(5)
+    for density, coder in ((1 / 16, JOINT_BYTES), (1 / 4, JOINT)):
+        tensors = topk_upload(rng, density)
+        chosen, golomb_only = codec.encode_bundle(tensors), codec.encode_bundle(tensors, byte_gap_slack=-1)
+        table, reference = take_apart(chosen)[0], take_apart(golomb_only)[0]
+        assert {e.index_coder for e in table.entries} == {coder} and chosen[4] == (4 if coder == JOINT_BYTES else 3)
+        assert {e.index_coder for e in reference.entries} == {JOINT} and golomb_only[4] == 3
+        assert table.joint_size <= 1.01 * reference.joint_size
+        np.testing.assert_array_equal(codec.decode_flat(chosen).positions, codec.decode_flat(golomb_only).positions)
+        assert_same(codec.decode_bundle(chosen), tensors)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3000), st.floats(0, 1)), min_size=1, max_size=10),
+       st.integers(0, 2**32 - 1))
+def test_byte_gaps_decode_to_the_same_indices_as_golomb(tensors, seed):
+    """Any sizes and counts >= 1 (gaps of 0, of 255 and more, k = n): gap_bytes.decode gives back what
+    golomb.decode_joint gives back from the same tensors."""
+    rng = np.random.default_rng(seed)
+    gaps, ms, ns, counts, expect = [], [], [], [], []
+    for n, density in tensors:
+        k = max(1, int(density * n))
+        idx = np.sort(rng.choice(n, k, replace=False))
+        gaps.append(golomb.gaps_of(idx)), ms.append(golomb.best_parameter(gaps[-1], n))
+        ns.append(n), counts.append(k), expect.append(idx)
+    local = gap_bytes.decode(gap_bytes.encode(gaps, 3), np.array(ns), np.array(counts))
+    np.testing.assert_array_equal(local, np.concatenate(expect))
+    np.testing.assert_array_equal(local, golomb.decode_joint(golomb.encode_joint(gaps, ms), np.array(ms),
+                                                             np.array(ns), np.array(counts)))
+
+
+BYTES_VALID = codec.encode_bundle({"a": TENSORS["a"], "b": random_sparse(RNG, (50,), 9)}, byte_gap_slack=100.0)
+
+
+def bytes_rebuilt(entries=(), content=None, frame=None, preamble=None):
+    """BYTES_VALID with entries changed, its stream replaced by a frame of `content` (or by `frame`)."""
+    table, sides, section = take_apart(BYTES_VALID)
+    for i, changes in entries:
+        table.entries[i] = dataclasses.replace(table.entries[i], **changes)
+    if content is not None:
+        frame = zstd_frame.compress(content, 3)
+    if frame is not None:
+        sides[0], table.joint_size = frame, len(frame)
+    return assemble(table, sides, section, preamble=preamble)
+
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(content=bytes(13)), r"joint index stream: zstd frame declares 13 bytes; 14 gap bytes"),
+    (dict(content=bytes(14) + bytes(7)), r"joint index stream: zstd frame declares 21 bytes"),
+    (dict(content=bytes(14) + bytes(8 * 15)), r"joint index stream: zstd frame declares 134 bytes"),
+    (dict(content=bytes([255]) + bytes(13)), "1 gap bytes say 255 or more, the frame carries 0 u64 remainders"),
+    (dict(content=bytes(14) + bytes(8)), "0 gap bytes say 255 or more, the frame carries 1 u64 remainders"),
+    (dict(content=bytes([255]) + bytes(13) + (2**63).to_bytes(8, "little")), "runs past every tensor's n"),
+    (dict(content=bytes([39]) + bytes(13)), "joint index stream: index 43 of the stream's tensor 0 >= n=40"),
+    (dict(content=bytes(5) + bytes([42]) + bytes(8)), "index 50 of the stream's tensor 1 >= n=50"),
+    (dict(frame=b"\x28\xb5\x2f\xfd" + bytes(20)), "joint index stream: "),
+    (dict(entries=[(0, dict(index_param=3))]), "a: index_param: a byte-gap entry has index_param 0, not 3"),
+    (dict(entries=[(0, dict(index_coder=JOINT, index_param=3))], preamble=(b"ELCB", 4, 0, 0)),
+     r"index_coder: the joint stream is Golomb codes \(3\) or byte gaps \(4\), and entries say both"),
+    (dict(preamble=(b"ELCB", 3, 0, 0)), "a: index_coder: the joint stream of byte gaps needs bundle version 4, this is 3"),
+])
+def test_byte_gap_stream_checks(kw, field):
+    with pytest.raises(codec.CodecError, match=field):
+        codec.decode_bundle(bytes_rebuilt(**kw))
+
+
+def test_every_truncation_and_bit_flip_of_a_byte_gap_bundle_is_rejected():
+    assert_same(codec.decode_bundle(bytes_rebuilt()), codec.decode_bundle(BYTES_VALID))
+    for cut in range(len(BYTES_VALID)):
+        with pytest.raises(codec.CodecError):
+            codec.decode_flat(BYTES_VALID[:cut])
+    data = bytearray(BYTES_VALID)
+    for pos in range(len(data)):
+        data[pos] ^= 0x10
+        with pytest.raises(codec.CodecError):
+            codec.decode_flat(bytes(data))
+        data[pos] ^= 0x10

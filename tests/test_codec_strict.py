@@ -66,7 +66,7 @@ def test_every_truncation_is_rejected():
 
 
 @pytest.mark.parametrize("preamble,field", [
-    ((b"ELCX", 1, 0, 0), "magic"), ((b"ELCB", 4, 0, 0), "version"), ((b"ELCB", 0, 0, 0), "version"),
+    ((b"ELCX", 1, 0, 0), "magic"), ((b"ELCB", 5, 0, 0), "version"), ((b"ELCB", 0, 0, 0), "version"),
     ((b"ELCB", 1, 1, 0), "flags"), ((b"ELCB", 1, 0, 9), "flags")])
 def test_preamble_fields(preamble, field):
     with pytest.raises(codec.CodecError, match=field):
@@ -317,7 +317,9 @@ def test_index_payload_checks(changes, field):
 
 
 def test_rans_payload_is_checked_end_to_end():
-    n, idx = 100_000, np.flatnonzero(RNG.random(100_000) < 0.4)
+    # its own generator: which flips a payload notices depends on the payload, and the shared RNG's state
+    # depends on which tests ran before (under xdist, any)
+    n, idx = 100_000, np.flatnonzero(np.random.default_rng(3).random(100_000) < 0.4)
     tensors = {"s": codec.Sparse((n,), idx, np.ones(idx.size, np.float32))}
     table, index_payloads, section = take_apart(codec.encode_bundle(tensors))
     assert table.entries[0].index_coder == RANS

@@ -1,0 +1,72 @@
+"""The joint index stream as byte gaps through zstd (index coder 4, bundle version 4): fast to read, for a
+small price in size where the gaps are short.
+
+Gap g = idx[i] - idx[i-1] - 1 (from -1 at each tensor's start) is written as one byte min(g, 255), every
+tensor's gaps in table order; each gap of 255 or more is followed up, after the k bytes, by g - 255 as a
+little-endian u64, in order. The whole is one zstd frame. zstd's entropy stage codes the bytes close to
+their order-0 entropy, which for the near-geometric gaps of a top-k is within a percent of Golomb's
+size at densities around 1/8 to 1/32, and its decoder runs in compiled code: reading 305,280 indices took
+0.27 ms against Golomb's 2.3 ms in numpy (a 1/16 upload of SmolLM2's LoRA, FORMAT.md). Where the gaps are
+longer or shorter the byte form loses more, so the encoder keeps it only within `SLACK` of Golomb's size.
+"""
+from __future__ import annotations
+
+import numpy as np
+import zstandard
+
+from . import zstd_frame
+from .errors import CodecError
+
+ESCAPE = 255  # a gap byte of 255 says "255 or more; the rest follows the bytes"
+SLACK = 0.01  # the byte form is written where it is at most 1 % larger than the Golomb stream
+FIELD = "joint index stream"
+
+
+def encode(gaps: list[np.ndarray], level: int) -> bytes:
+    """One zstd frame of every tensor's gaps (each array: one tensor's, in order)."""
+    g = np.concatenate(gaps)
+    content = np.minimum(g, ESCAPE).astype(np.uint8).tobytes()
+    content += (g[g >= ESCAPE] - ESCAPE).astype("<u8").tobytes()
+    # LZ matches shorter than 7 bytes cost more than they save on gap bytes (measured: +18 % at density 1/4
+    # with zstd's default of 3, +5 % with 7); the entropy stage is what codes them.
+    try:
+        params = zstandard.ZstdCompressionParameters.from_level(level, min_match=7, write_checksum=1,
+                                                                 write_content_size=1, write_dict_id=0)
+        return zstandard.ZstdCompressor(compression_params=params).compress(content)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"level: zstd rejected level {level}: {exc}") from None
+
+
+def decode(frame: bytes, ns: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every tensor's local indices, concatenated in order, from a byte-gap stream; tensor i has counts[i] >= 1
+    indices in [0, ns[i]) (the caller checked the counts). CodecError names the part at fault."""
+    ns, counts = np.asarray(ns, np.int64), np.asarray(counts, np.int64)
+    k = int(counts.sum())
+    declared = zstd_frame.content_size(frame, FIELD)
+    if not k <= declared <= 9 * k or (declared - k) % 8:  # checked before anything is allocated
+        raise CodecError(f"{FIELD}: zstd frame declares {declared} bytes; {k} gap bytes and their u64 escapes "
+                         f"take {k} + 8 x (at most {k})")
+    raw = zstd_frame.decompress(frame, declared, FIELD)
+    small = np.frombuffer(raw, np.uint8, count=k)
+    escaped = np.flatnonzero(small == ESCAPE)
+    if 8 * escaped.size != declared - k:
+        raise CodecError(f"{FIELD}: {escaped.size} gap bytes say 255 or more, the frame carries "
+                         f"{(declared - k) // 8} u64 remainders")
+    steps = small.astype(np.int64)
+    steps += 1  # index i is the sum of (gap + 1) over its tensor's gaps up to i, less 1
+    if escaped.size:
+        rest = np.frombuffer(raw, "<u8", offset=k)
+        if int(rest.max()) > int(ns.max()):  # also keeps the sums below from overflowing
+            raise CodecError(f"{FIELD}: a gap of {ESCAPE + int(rest.max())} runs past every tensor's n")
+        steps[escaped] += rest.astype(np.int64)
+    np.cumsum(steps, out=steps)
+    ends = np.cumsum(counts) - 1
+    before = np.zeros(counts.size, np.int64)  # each tensor's first index counts from its own -1
+    before[1:] = steps[ends[:-1]]
+    last = steps[ends] - before - 1
+    if (last >= ns).any():
+        bad = int(np.flatnonzero(last >= ns)[0])
+        raise CodecError(f"{FIELD}: index {int(last[bad])} of the stream's tensor {bad} >= n={int(ns[bad])}")
+    before += 1
+    steps -= np.repeat(before, counts)
+    return steps
