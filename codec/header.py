@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from .errors import CodecError
 from .index_coding import CODER_NAMES, JOINT, JOINT_BYTES, JOINT_CODERS
@@ -81,114 +80,133 @@ def version_of(table: Table) -> int:
     return 2 if any(e.value_type in BLOCK_TYPES for e in table.entries) else 1
 
 
-@lru_cache(maxsize=256)
-def _struct(fmt: str) -> struct.Struct:
-    return struct.Struct(fmt)
+_U16, _U32, _U64, _FORM = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<BBB")
+_PLANE, _SPARSE, _MASKED, _SCALE = struct.Struct("<BQ"), struct.Struct("<BQQ"), struct.Struct("<Qd"), struct.Struct("<f")
+_SHAPE_AND_COUNT = [struct.Struct(f"<{ndim + 1}Q") for ndim in range(MAX_NDIM + 1)]  # the dims, then count
 
 
-class _Reader:
-    """Reads fields off a buffer; running past its end is a CodecError naming the field."""
+class _Truncated(Exception):
+    """The header ends inside `field` (parse_header turns it into the CodecError that names it)."""
 
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def take(self, fmt: str, field: str) -> tuple:
-        s = _struct(fmt)
-        if self.pos + s.size > len(self.data):
-            raise CodecError(f"header: truncated at {field}")
-        values = s.unpack_from(self.data, self.pos)
-        self.pos += s.size
-        return values
-
-    def raw(self, size: int, field: str) -> bytes:
-        if self.pos + size > len(self.data):
-            raise CodecError(f"header: truncated at {field}")
-        self.pos += size
-        return self.data[self.pos - size:self.pos]
+    def __init__(self, field: str):
+        self.field = field
 
 
-_SHAPE_AND_COUNT = [f"<{ndim + 1}Q" for ndim in range(MAX_NDIM + 1)]  # the dims, then count
+def _take(s: struct.Struct, data: bytes, pos: int, field: str) -> tuple:
+    if pos + s.size > len(data):
+        raise _Truncated(field)
+    return s.unpack_from(data, pos)
 
 
 def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
-    r = _Reader(data)
-    (n_tensors,) = r.take("<I", "tensor_count")
-    codecs, sizes = [], []
+    try:
+        return _parse(data, max_elements, version)
+    except _Truncated as t:
+        raise CodecError(f"header: truncated at {t.field}") from None
+
+
+def _parse(data: bytes, max_elements: int, version: int) -> Table:
+    (n_tensors,) = _take(_U32, data, 0, "tensor_count")
+    pos, codecs, sizes = 4, [], []
     for j in range(N_PLANES):
-        codec, size = r.take("<BQ", f"plane_codec[{j}]")
+        codec, size = _take(_PLANE, data, pos, f"plane_codec[{j}]")
+        pos += _PLANE.size
         if codec not in (RAW, ZSTD):
             raise CodecError(f"plane_codec[{j}]: unknown codec {codec}")
         codecs.append(codec)
         sizes.append(size)
-    joint_size = r.take("<Q", "joint_size")[0] if version >= 3 else 0
+    joint_size = 0
+    if version >= 3:
+        (joint_size,) = _take(_U64, data, pos, "joint_size")
+        pos += 8
     entries, names, total = [], set(), 0
     for _ in range(n_tensors):
-        e = _parse_entry(r, max_elements - total, max_elements, version)
+        e, pos = _parse_entry(data, pos, max_elements - total, max_elements, version)
         if e.name in names:
             raise CodecError(f"name: {e.name!r} appears twice")
         names.add(e.name)
         total += math.prod(e.shape)
         entries.append(e)
-    if r.pos != len(data):
-        raise CodecError(f"header: {len(data) - r.pos} trailing bytes after the last entry")
+    if pos != len(data):
+        raise CodecError(f"header: {len(data) - pos} trailing bytes after the last entry")
     return Table(entries, codecs, sizes, joint_size)
 
 
-def _parse_entry(r: _Reader, budget: int, max_elements: int, version: int) -> Entry:
-    """One entry; `budget` is what is left of max_elements (the sum of every tensor's element count)."""
-    (name_len,) = r.take("<H", "name_len")
+def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version: int) -> tuple[Entry, int]:
+    """One entry from `pos`, and where the next begins; `budget` is what is left of max_elements (the sum of
+    every tensor's element count). The header of an upload has an entry per tensor (420 for a SmolLM2 LoRA),
+    so each field is one precompiled struct read."""
+    (name_len,) = _take(_U16, data, pos, "name_len")
+    pos += 2
+    if pos + name_len > len(data):
+        raise _Truncated("name")
     try:
-        name = r.raw(name_len, "name").decode("utf-8")
+        name = data[pos:pos + name_len].decode("utf-8")
     except UnicodeDecodeError:
         raise CodecError("name: not valid UTF-8") from None
-    form, value_type, ndim = r.take("<BBB", "form")
+    pos += name_len
+    form, value_type, ndim = _take(_FORM, data, pos, "form")
+    pos += 3
     if form not in (DENSE, SPARSE, MASKED):
         raise CodecError(f"{name}: form: unknown form {form}")
     if value_type >= len(VALUE_TYPES):
         raise CodecError(f"{name}: value_type: unknown value type {value_type}")
-    if VALUE_TYPES[value_type] in BLOCK_TYPES and version < 2:
-        raise CodecError(f"{name}: value_type: {VALUE_TYPES[value_type]} needs bundle version 2, this is {version}")
+    vt = VALUE_TYPES[value_type]
+    if vt in BLOCK_TYPES and version < 2:
+        raise CodecError(f"{name}: value_type: {vt} needs bundle version 2, this is {version}")
     if ndim > MAX_NDIM:
         raise CodecError(f"{name}: ndim: {ndim} > {MAX_NDIM}")
-    *shape, count = r.take(_SHAPE_AND_COUNT[ndim], "shape")
+    shape_and_count = _SHAPE_AND_COUNT[ndim]
+    *shape, count = _take(shape_and_count, data, pos, "shape")
+    pos += shape_and_count.size
+    shape = tuple(shape)
     n = math.prod(shape)
     if n > budget:
-        raise CodecError(f"{name}: shape: {tuple(shape)} takes the bundle past max_elements")
+        raise CodecError(f"{name}: shape: {shape} takes the bundle past max_elements")
     if not n and math.prod(d for d in shape if d) > max_elements:  # numpy cannot make (0, 2**62, 2**62) either
-        raise CodecError(f"{name}: shape: {tuple(shape)} has axes beyond max_elements={max_elements}")
-    e = Entry(name, form, VALUE_TYPES[value_type], tuple(shape), count)
+        raise CodecError(f"{name}: shape: {shape} has axes beyond max_elements={max_elements}")
+    e = Entry(name, form, vt, shape, count)
     if form == DENSE and count != n:
         raise CodecError(f"{name}: count: dense tensor of {n} elements declares {count} values")
     if form == SPARSE:
         if count > n:
-            raise CodecError(f"{name}: count: {count} indices exceed the {n} elements of shape {tuple(shape)}")
-        e.index_coder, e.index_param, e.index_size = r.take("<BQQ", "index_coder")
+            raise CodecError(f"{name}: count: {count} indices exceed the {n} elements of shape {shape}")
+        e.index_coder, e.index_param, e.index_size = _take(_SPARSE, data, pos, "index_coder")
+        pos += _SPARSE.size
         if e.index_coder not in CODER_NAMES:
             raise CodecError(f"{name}: index_coder: unknown coder {e.index_coder}")
         if e.index_coder in JOINT_CODERS:
-            needs = 3 if e.index_coder == JOINT else 4
-            if version < needs:
-                raise CodecError(f"{name}: index_coder: the joint stream{' of byte gaps' if needs == 4 else ''} "
-                                 f"needs bundle version {needs}, this is {version}")
-            if e.index_size or not count:
-                raise CodecError(f"{name}: index_coder: a joint entry has index_size 0 and count >= 1")
-            if e.index_coder == JOINT and not 1 <= e.index_param <= max(1, n):
-                raise CodecError(f"{name}: index_param: golomb m={e.index_param} outside [1, {n}]")
-            if e.index_coder == JOINT_BYTES and e.index_param:
-                raise CodecError(f"{name}: index_param: a byte-gap entry has index_param 0, not {e.index_param}")
-    if form == MASKED:
-        e.seed, e.density = r.take("<Qd", "seed")
+            _check_joint(e, n, version)
+    elif form == MASKED:
+        e.seed, e.density = _take(_MASKED, data, pos, "seed")
+        pos += _MASKED.size
         if not 0.0 <= e.density <= 1.0:  # also false for NaN
             raise CodecError(f"{name}: density: {e.density} outside [0, 1]")
-        if count != mask_size(e.shape, e.density):
-            raise CodecError(f"{name}: count: mask of density {e.density} has {mask_size(e.shape, e.density)}"
+        if count != mask_size(shape, e.density):
+            raise CodecError(f"{name}: count: mask of density {e.density} has {mask_size(shape, e.density)}"
                              f" entries, header says {count}")
-    if e.value_type == "int8":
-        (e.scale,) = r.take("<f", "scale")
+    if vt == "int8":
+        (e.scale,) = _take(_SCALE, data, pos, "scale")
+        pos += 4
         if not (math.isfinite(e.scale) and e.scale > 0):
             raise CodecError(f"{name}: scale: int8 scale {e.scale} must be finite and > 0")
-    if e.value_type in BLOCK_TYPES:
-        (e.block_size,) = r.take("<I", "block_size")
+    if vt in BLOCK_TYPES:
+        (e.block_size,) = _take(_U32, data, pos, "block_size")
+        pos += 4
         if not 1 <= e.block_size <= MAX_BLOCK:
             raise CodecError(f"{name}: block_size: {e.block_size} outside [1, {MAX_BLOCK}]")
-    return e
+    return e, pos
+
+
+def _check_joint(e: Entry, n: int, version: int) -> None:
+    """A joint entry: its coder's version, no bytes of its own, at least one index, and its parameter."""
+    needs = 3 if e.index_coder == JOINT else 4
+    if version < needs:
+        raise CodecError(f"{e.name}: index_coder: the joint stream{' of byte gaps' if needs == 4 else ''} "
+                         f"needs bundle version {needs}, this is {version}")
+    if e.index_size or not e.count:
+        raise CodecError(f"{e.name}: index_coder: a joint entry has index_size 0 and count >= 1")
+    if e.index_coder == JOINT and not 1 <= e.index_param <= max(1, n):
+        raise CodecError(f"{e.name}: index_param: golomb m={e.index_param} outside [1, {n}]")
+    if e.index_coder == JOINT_BYTES and e.index_param:
+        raise CodecError(f"{e.name}: index_param: a byte-gap entry has index_param 0, not {e.index_param}")
