@@ -17,7 +17,9 @@ upload those bytes: `Round.check` (decode_update: codec bytes -> the delta in it
 `Round.accept` (clip, the accumulator's add, the update norm), then the aggregator's final mean. Timed with
 time.perf_counter; nothing is mocked but the method's planning (a fixed task) and the transport.
 
-One JSON record per (structure, density): `values`, `density`, `upload_format`, `payload_mb`,
+One JSON record per (structure, density): `values`, `density`, `upload_format`, `index_form` (a top-k's joint
+index stream as the encoder wrote it: "golomb", or "bytes" where that was within 1 % of Golomb's size; every
+tensor's delta here is alike, which is where bytes win: FORMAT.md), `payload_mb`,
 `seconds_per_upload` (the best of the uploads after the warm-up, wall clock: a shared machine's other jobs
 only ever add to it), its two parts `check_seconds` and `accept_seconds`, `median_seconds_per_upload`,
 `cpu_seconds_per_upload` (process CPU time, best), `codec_decode_seconds` (codec.decode_flat alone, best of
@@ -189,6 +191,7 @@ def measure(structure: str, density: float, uploads: int, densified: bool) -> di
     engine.aggregator.mean_delta(rnd.agg)
     mean_seconds = time.perf_counter() - start
     rec = {"structure": structure, "values": values, "density": density, "upload_format": fmt.name.lower(),
+           "index_form": {3: "golomb", 4: "bytes"}.get(shared[4], "own") if fmt == UploadFormat.TOPK else "",
            "payload_mb": round(len(shared) / 2**20, 2), "uploads": uploads,
            "seconds_per_upload": best[0] + best[1], "check_seconds": best[0], "accept_seconds": best[1],
            "median_seconds_per_upload": statistics.median(c + a for c, a, _ in steady),

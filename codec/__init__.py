@@ -7,8 +7,9 @@ Public interface (stable; everything else in this package is internal):
 - ``Sparse(shape, indices, values)``: sorted unique flat indices + their values (FLASC top-k).
 - ``Masked(shape, seed, density, values)``: values only, in the order of ``mask_indices(seed, name, shape,
   density)``, which both sides derive; the mask itself never travels (SLoRA Stage 1, sparse fine-tuning).
-- ``encode_bundle(tensors, value_type=..., level=..., value_types=..., joint_indices=True) -> bytes`` and
-  ``decode_bundle(data, max_elements=...) -> dict``; FORMAT.md specifies the bytes.
+- ``encode_bundle(tensors, value_type=..., level=..., value_types=..., joint_indices=True,
+  byte_gap_slack=0.01) -> bytes`` and ``decode_bundle(data, max_elements=...) -> dict``; FORMAT.md specifies
+  the bytes.
 - ``decode_flat(data, max_elements=...) -> Flat``: the same bundle as whole-bundle arrays (every value in one
   array; for an all-sparse bundle every value's position in one array), for readers that add bundles.
 - ``to_dense(name, tensor) -> np.ndarray``; ``mask_indices(...)``, ``mask_size(...)``; ``CodecError``.
