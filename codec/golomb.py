@@ -95,13 +95,19 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
     would stream arrays of k int64 through memory, which costs more per index than a step per tensor."""
     ms, ns, counts = (np.asarray(a, np.int64) for a in (ms, ns, counts))
     k = int(counts.sum())
-    if k > 8 * len(payload):  # every index costs at least its unary one-bit
+    if k > 8 * len(payload):
         raise CodecError(f"count: {k} indices cannot fit in {len(payload)} golomb bytes")
-    bits = np.unpackbits(np.frombuffer(payload, np.uint8))
-    b = np.array([(int(m) - 1).bit_length() for m in ms], np.int64)
+    packed = np.frombuffer(payload + bytes(4), np.uint8)
+    windows = np.ndarray((len(payload) + 1,), ">u4", packed, 0, (1,))  # the 32 bits from each byte on
+    bits = np.unpackbits(packed[:len(payload)])
+    b = np.zeros(ms.size, np.int64)  # ceil(log2 m), one bit of every m at a time
+    rest = ms - 1
+    while (live := rest > 0).any():
+        b += live
+        rest >>= 1
     u = (np.int64(1) << b) - ms
     width = np.maximum(b - 1, 0)
-    field_end = np.cumsum(width * counts)  # part 1: tensor i's fields end here
+    field_end = np.cumsum(width * counts)
     if int(field_end[-1]) > bits.size:
         raise CodecError("index_payload: golomb remainder stream truncated")
     seg = np.zeros(counts.size + 1, np.int64)
@@ -111,17 +117,45 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
     extra_at = int(field_end[-1])
     for ta, tb in chunks:
         c = counts[ta:tb]
-        first = _fields(bits, int(field_end[ta] - width[ta] * c[0]), width[ta:tb], c)
-        urep = np.repeat(u[ta:tb], c)
-        long_code = first >= urep
-        long_code &= np.repeat(b[ta:tb] > 0, c)
-        n_extra = int(np.count_nonzero(long_code))
-        if extra_at + n_extra > bits.size:
-            raise CodecError("index_payload: golomb extra-bit stream truncated")
-        if n_extra:  # the i-th long code takes the i-th extra bit: r = 2 v + bit - u
-            rank = np.cumsum(long_code) - 1
-            extra = np.take(bits[extra_at:extra_at + n_extra], rank, mode="clip")
-            first += long_code * (first + extra - urep)
+        w = width[ta:tb]
+        start = int(field_end[ta] - w[0] * c[0])
+        if (w == w[0]).all():
+            first = read_fixed_width(bits[start:], int(c.sum()), int(w[0]))
+        elif int(w.max()) <= 25:  # each field inside the 32 bits from its first byte: one gather a field
+            wrep = np.repeat(w.astype(np.uint32), c)
+            at = np.cumsum(wrep, dtype=np.int64)
+            at -= wrep
+            at += start
+            win = windows[at >> 3].astype(np.uint32)
+            win <<= (at & 7).astype(np.uint32)
+            wrep = np.uint32(32) - wrep
+            win >>= wrep  # a width-0 field (m <= 2): a shift by 32 is undefined, so it is set below
+            first = win.astype(np.int64)
+            first[wrep == 32] = 0
+        else:
+            first = _fields(bits, start, w, c)
+        uu = u[ta:tb]
+        if (uu == 0).all() and (b[ta:tb] > 0).all():  # every m a power of two: every code takes its extra bit
+            n = first.size
+            if extra_at + n > bits.size:
+                raise CodecError("index_payload: golomb extra-bit stream truncated")
+            first <<= 1
+            first += bits[extra_at:extra_at + n]
+            n_extra = n
+        else:  # the i-th long code takes the i-th extra bit: r = 2 v + bit - u
+            urep = np.repeat(uu, c)
+            long_code = first >= urep
+            long_code &= np.repeat(b[ta:tb] > 0, c)
+            at_long = np.flatnonzero(long_code)
+            n_extra = at_long.size
+            if extra_at + n_extra > bits.size:
+                raise CodecError("index_payload: golomb extra-bit stream truncated")
+            if n_extra:
+                v = first[at_long]
+                v <<= 1
+                v += bits[extra_at:extra_at + n_extra]
+                v -= urep[at_long]
+                first[at_long] = v
         remainders[seg[ta]:seg[tb]] = first
         extra_at += n_extra
     ones = np.flatnonzero(bits[extra_at:].view(bool))
@@ -132,10 +166,9 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
     local = np.empty(k, np.int64)
     for ta, tb in chunks:
         c, off = counts[ta:tb], seg[ta:tb] - seg[ta]
-        run = ones[seg[ta] - (seg[ta] > 0):seg[tb]]  # the one before the chunk's first, where there is one
+        run = ones[seg[ta] - (seg[ta] > 0):seg[tb]]
         quotients = np.diff(run) - 1 if seg[ta] else np.diff(run, prepend=np.int64(-1)) - 1
         q_sums = np.add.reduceat(quotients, off)
-        # checked before any product that could overflow int64: every tensor's gaps fit inside it
         over = q_sums > (ns[ta:tb] - c) // ms[ta:tb]
         if over.any():
             bad = ta + int(np.flatnonzero(over)[0])
