@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.codec import SCALE_PROFILES
 from edgelora import codec
 from edgelora.config import load_config
 from edgelora.methods.base import Method, MethodConfig
@@ -114,22 +115,30 @@ def point_plan(structure: str, density: float) -> tuple[Structure, UploadFormat]
         UploadFormat.MASKED
 
 
-def encode_upload(shapes: dict[str, tuple[int, ...]], fmt: UploadFormat, density: float, seed: int) -> bytes:
-    """Codec bytes of one device's delta in the point's upload format, as a device would send them."""
+def encode_upload(shapes: dict[str, tuple[int, ...]], fmt: UploadFormat, density: float, seed: int,
+                  profile: str = "alike", value_type: str = "float32") -> bytes:
+    """Codec bytes of one device's delta in the point's upload format, as a device would send them: tensor t is
+    standard normal x 1e-3 x its scale under `profile` (benchmarks.codec.SCALE_PROFILES: "alike", every tensor
+    the same; "log-normal", a log-normal scale each; "B 10x A", that and lora_B 10x lora_A, as a LoRA update's
+    tensors differ), its values in `value_type`."""
     rng = np.random.default_rng(seed)
+    scale = SCALE_PROFILES[profile]
     if fmt == UploadFormat.MASKED:
         tensors = {n: codec.Masked(s, MASK_SEED, density,
                                    (rng.standard_normal(codec.mask_size(s, density), np.float32) * 1e-3))
                    for n, s in shapes.items()}
     else:
-        delta = {n: rng.standard_normal(s, np.float32) * np.float32(1e-3) for n, s in shapes.items()}
+        delta = {n: rng.standard_normal(s, np.float32)
+                 * np.float32(1e-3 * (scale(n, rng.normal()) if profile != "alike" else 1.0))  # (alike draws no z)
+                 for n, s in shapes.items()}
         tensors = ({n: codec.Dense(v) for n, v in delta.items()} if fmt == UploadFormat.DENSE
                    else global_topk(delta, density))
         del delta
-    return codec.encode_bundle(tensors)
+    return codec.encode_bundle(tensors, value_type=value_type)
 
 
-def measure(structure: str, density: float, uploads: int, densified: bool) -> dict:
+def measure(structure: str, density: float, uploads: int, densified: bool, profile: str = "alike",
+            value_type: str = "float32") -> dict:
     shapes = STRUCTURES[structure]()
     values = sum(math.prod(s) for s in shapes.values())
     struct, fmt = point_plan(structure, density)
@@ -145,13 +154,14 @@ def measure(structure: str, density: float, uploads: int, densified: bool) -> di
     rnd = engine.open_round(state, devices, {}, {d: DeviceInfo(d) for d in devices})
     # Masked and dense uploads differ only in their values, which cost nothing here: one payload serves every
     # device. Top-k devices send different indices: each gets its own.
-    shared = encode_upload(shapes, fmt, density, seed=0)
+    shared = encode_upload(shapes, fmt, density, seed=0, profile=profile, value_type=value_type)
     queue = iter(devices)
 
     def next_upload() -> tuple[str, bytes]:
         """The next device and its payload, handed its task and its upload begun (none of it timed)."""
         d = next(queue)
-        payload = encode_upload(shapes, fmt, density, seed=int(d)) if fmt == UploadFormat.TOPK else shared
+        payload = encode_upload(shapes, fmt, density, seed=int(d), profile=profile, value_type=value_type) \
+            if fmt == UploadFormat.TOPK else shared
         rnd.begin_upload(d, rnd.hand_out(d).task_id, len(payload))
         return d, payload
 
@@ -191,6 +201,7 @@ def measure(structure: str, density: float, uploads: int, densified: bool) -> di
     engine.aggregator.mean_delta(rnd.agg)
     mean_seconds = time.perf_counter() - start
     rec = {"structure": structure, "values": values, "density": density, "upload_format": fmt.name.lower(),
+           "profile": profile, "value_type": value_type,
            "index_form": {3: "golomb", 4: "bytes"}.get(shared[4], "own") if fmt == UploadFormat.TOPK else "",
            "payload_mb": round(len(shared) / 2**20, 2), "uploads": uploads,
            "seconds_per_upload": best[0] + best[1], "check_seconds": best[0], "accept_seconds": best[1],
@@ -226,12 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--structures", default="lora,full", help="comma-separated: lora, full")
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
     ap.add_argument("--no-densified", action="store_true", help="skip the densify-first comparison")
+    ap.add_argument("--profile", default="alike", choices=list(SCALE_PROFILES),
+                    help="the tensors' scales in each device's delta (default: alike)")
+    ap.add_argument("--value-type", default="float32", choices=codec.VALUE_TYPES,
+                    help="the upload's value type, every point (FLASC's default is int4_block; default float32)")
     ap.add_argument("--json", help="write one JSON record per point (JSON Lines)")
     a = ap.parse_args(argv)
     records = []
     for structure in a.structures.split(","):
         for density in (float(d) for d in a.densities.split(",")):
-            rec = measure(structure, density, max(3, a.uploads or UPLOADS[structure]), not a.no_densified)
+            rec = measure(structure, density, max(3, a.uploads or UPLOADS[structure]), not a.no_densified,
+                          a.profile, a.value_type)
             print(json.dumps(rec), flush=True)
             records.append(rec)
     print()

@@ -33,6 +33,7 @@ class Timeout(BaseException):
 def seed_bundles(rng: np.random.Generator) -> list[bytes]:
     """Small valid bundles covering every form, value type and index coder."""
     sparse_idx = np.sort(rng.choice(5000, 50, replace=False))
+    bitmap_idx = np.flatnonzero(rng.random(20_000) < 0.7)
     seeds = [
         codec.encode_bundle({"w": codec.Dense(rng.normal(size=(4, 5)))}),
         codec.encode_bundle({"s": codec.Dense(np.float32(2.5)), "e": codec.Dense(np.zeros((0, 3)))},
@@ -54,6 +55,8 @@ def seed_bundles(rng: np.random.Generator) -> list[bytes]:
         # version 4: the same stream as byte gaps (one of them 255 or more: a u64 remainder follows the bytes)
         codec.encode_bundle({"g1": codec.Sparse((40, 5), np.sort(rng.choice(200, 9, replace=False)), rng.normal(size=9)),
                              "g2": codec.Sparse((600,), [2, 400, 599], [1, 2, 3])}, byte_gap_slack=100.0),
+        # version 4: a tensor 70 % full, whose indices are its bitmap through zstd
+        codec.encode_bundle({"bm": codec.Sparse((20_000,), bitmap_idx, np.ones(bitmap_idx.size, np.float32))}),
     ]
     # rANS is only chosen for large tensors; build a small one by hand so fuzzing reaches its decoder cheaply.
     n, idx = 4000, np.flatnonzero(rng.random(4000) < 0.4)

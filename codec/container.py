@@ -75,7 +75,7 @@ def encode_bundle(tensors: Mapping[str, Tensor], *, value_type: str = "float32",
         scale_payloads.append(scales)
         stored.append(stored_values)
     table, planes = Table(entries), pack_planes(stored)
-    coders = [encode_indices(idx, math.prod(e.shape), golomb_payload=False) if e.form == SPARSE else None
+    coders = [encode_indices(idx, math.prod(e.shape), golomb_payload=False, level=level) if e.form == SPARSE else None
               for e, idx in zip(entries, indices)]
     # tensors whose smallest coding is Golomb share one stream, each under its own m, where two or more do
     joint = joint_indices and sum(c is not None and c[0] == GOLOMB for c in coders) >= 2

@@ -3,7 +3,7 @@
 parse_header checks everything that can be checked without the payloads: enums, name uniqueness and
 encoding, shape against the element cap, count against the shape, and the masked density and count.
 Version 3 adds the joint index stream's size after the planes' records (FORMAT.md, "The joint index stream");
-version 4 lets that stream be byte gaps (index coder 4).
+version 4 lets that stream be byte gaps (index coder 4) and a tensor's indices a zstd bitmap (index coder 5).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .errors import CodecError
-from .index_coding import CODER_NAMES, JOINT, JOINT_BYTES, JOINT_CODERS
+from .index_coding import BITMAP, CODER_NAMES, JOINT, JOINT_BYTES, JOINT_CODERS
 from .mask import mask_size
 from .values import BLOCK_TYPES, MAX_BLOCK, N_PLANES, VALUE_TYPES
 
@@ -71,12 +71,15 @@ def pack_header(table: Table) -> bytes:
 
 
 def version_of(table: Table) -> int:
-    """The oldest version that can say the table: 4 when the joint index stream is byte gaps, 3 when it is
-    Golomb codes, 2 when a tensor uses a blockwise value type, else 1 (older decoders do not know the newer
-    features)."""
+    """The oldest version that can say the table: 4 when the joint index stream is byte gaps or a tensor's
+    indices are a zstd bitmap, 3 when the joint stream is Golomb codes, 2 when a tensor uses a blockwise value
+    type, else 1 (older decoders do not know the newer features)."""
     joint = table.joint
+    if (joint and joint[0].index_coder == JOINT_BYTES) or any(
+            e.form == SPARSE and e.index_coder == BITMAP for e in table.entries):
+        return 4
     if joint:
-        return 4 if joint[0].index_coder == JOINT_BYTES else 3
+        return 3
     return 2 if any(e.value_type in BLOCK_TYPES for e in table.entries) else 1
 
 
@@ -177,6 +180,8 @@ def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version:
             raise CodecError(f"{name}: index_coder: unknown coder {e.index_coder}")
         if e.index_coder in JOINT_CODERS:
             _check_joint(e, n, version)
+        elif e.index_coder == BITMAP and version < 4:
+            raise CodecError(f"{name}: index_coder: a bitmap needs bundle version 4, this is {version}")
     elif form == MASKED:
         e.seed, e.density = _take(_MASKED, data, pos, "seed")
         pos += _MASKED.size

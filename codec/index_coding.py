@@ -1,9 +1,9 @@
 """Sorted unique flat indices <-> bytes: per tensor, the smaller of the coders below, named in the header.
 
 The bound to beat is log2(C(n, k)) bits for k of n positions (any coder must distinguish all subsets).
-Golomb-coded gaps are within ~2% of it up to density ~0.34; rANS on the bitmap is within ~0.5% at high
-density, once the tensor is large enough to amortise its lane states; "none" covers k = 0 and k = n.
-A plain bitmap is not offered: Golomb with m = 1 is exactly the bitmap, cut after its last one.
+Golomb-coded gaps are within ~2% of it up to density ~0.34; past that the bitmap through zstd (bitmap.py) is
+within ~1% once the tensor is large enough to amortise its frame; "none" covers k = 0 and k = n. rANS on the
+bitmap (rans.py) is read, no longer written: the bitmap is about as small and reads 3-100x faster.
 """
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import math
 
 import numpy as np
 
-from . import golomb, rans
+from . import bitmap, golomb, rans
 from .errors import CodecError
 
-NONE, GOLOMB, RANS, JOINT, JOINT_BYTES = 0, 1, 2, 3, 4
+NONE, GOLOMB, RANS, JOINT, JOINT_BYTES, BITMAP = 0, 1, 2, 3, 4, 5
 # JOINT: Golomb codes under the tensor's own m, in the bundle's joint stream with other tensors' (FORMAT.md);
-# JOINT_BYTES: the same tensors' gaps as bytes through zstd in that stream instead (gap_bytes, version 4)
-CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans", JOINT: "joint", JOINT_BYTES: "joint-bytes"}
+# JOINT_BYTES: the same tensors' gaps as bytes through zstd in that stream instead (gap_bytes, version 4);
+# BITMAP: the tensor's own bitmap through zstd (bitmap.py, version 4)
+CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans", JOINT: "joint", JOINT_BYTES: "joint-bytes",
+               BITMAP: "bitmap"}
 JOINT_CODERS = (JOINT, JOINT_BYTES)
-RANS_MIN_GAIN = 0.005  # rANS must be expected to save this fraction over Golomb to be worth its time
 
 
 def bound_bits(n: int, k: int) -> float:
@@ -27,7 +28,8 @@ def bound_bits(n: int, k: int) -> float:
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
-def encode_indices(indices: np.ndarray, n: int, golomb_payload: bool = True) -> tuple[int, int, bytes | None]:
+def encode_indices(indices: np.ndarray, n: int, golomb_payload: bool = True, level: int = 3
+                   ) -> tuple[int, int, bytes | None]:
     """(coder, parameter, payload) of the smallest coding; indices must already be validated. With
     golomb_payload False a Golomb choice comes without its payload (None): the caller codes it jointly."""
     k = indices.size
@@ -36,13 +38,11 @@ def encode_indices(indices: np.ndarray, n: int, golomb_payload: bool = True) -> 
     gaps = golomb.gaps_of(indices)
     m = golomb.best_parameter(gaps, n)
     golomb_size = -(-golomb.golomb_bits(gaps, m) // 8)
-    # rANS runs ~10x slower than Golomb, so it is tried only when its estimate (entropy + class table + lane
-    # states) beats Golomb's exact size by RANS_MIN_GAIN; the smaller of the two is kept.
-    lanes = rans.choose_lanes(-(-n // rans.SYMBOL_BITS), bound_bits(n, k))
-    if bound_bits(n, k) / 8 + rans.TABLE_BYTES + 8 * lanes < (1 - RANS_MIN_GAIN) * golomb_size:
-        payload = rans.encode(indices, n, lanes)
-        if payload is not None and len(payload) < golomb_size:
-            return RANS, lanes, payload
+    # the bitmap is tried only where Golomb is further over the bound than a zstd frame's fixed cost
+    if golomb_size > bound_bits(n, k) / 8 + bitmap.FRAME_BYTES:
+        frame = bitmap.encode(indices, n, level)
+        if len(frame) < golomb_size:
+            return BITMAP, 0, frame
     return GOLOMB, m, golomb.encode(gaps, m) if golomb_payload else None
 
 
@@ -62,4 +62,8 @@ def decode_indices(coder: int, param: int, payload: bytes, n: int, k: int) -> np
         return golomb.decode(payload, param, n, k)
     if coder == RANS:
         return rans.decode(payload, param, n, k)
+    if coder == BITMAP:
+        if param:
+            raise CodecError(f"index_param: a bitmap has index_param 0, not {param}")
+        return bitmap.decode(payload, n, k)
     raise CodecError(f"index_coder: unknown coder {coder}")

@@ -8,7 +8,12 @@ Model: a 16-bit word with c ones has probability p^c (1-p)^(16-c); it is quantis
 integer per class, stored in the payload so the decoder does no floating point. Words are spread round-robin
 over W lanes (word i goes to lane i % W at step i // W); each step codes one word per lane with whole-array
 numpy operations, so there are ceil(N / W) Python-level steps, not N. Each lane costs its 64-bit final
-state, so the encoder picks W near 0.4% of the payload (in 64-bit units), but at least N / ENCODE_STEPS.
+state.
+
+Since bundle version 4 the encoder writes the zstd-coded bitmap (bitmap.py) instead: about as small, and read
+without a Python step per group of lanes (a global top-k of a LoRA update whose tensors differ in scale took
+the coordinator 74-112 ms to read at 1/16 with rANS). Decoding stays, for older bundles; `encode` stays to make
+test payloads.
 """
 from __future__ import annotations
 
@@ -21,12 +26,6 @@ from .errors import CodecError
 PRECISION = 24  # probabilities are f / 2**24
 STATE_LOW = 1 << 31  # rANS state invariant: x in [2**31, 2**63)
 MAX_STEPS = 4096  # bounds the Python-level loop; the decoder rejects payloads that need more
-# The encoder takes at most this many steps (more lanes, 8 bytes each): a step is ~20 us of numpy calls, and at
-# 4096 a global top-k of a LoRA update whose tensors differ in scale cost the coordinator 74-112 ms to read at
-# 1/16 (369-520 ms at 1/4) against 22-24 ms (107-150 ms) at 256, for 0.10-0.13 % more bytes (int4_block values;
-# benchmarks.codec's log-normal and "B 10x A" profiles). 64 steps read in 13-15 ms (42-54 ms) for 0.23-0.53 %,
-# but then rANS no longer beats Golomb on a 200,000-entry tensor at p = 0.38, where Golomb is 4 % over the bound.
-ENCODE_STEPS = 256
 SYMBOL_BITS = 16
 _POPCOUNT = np.unpackbits(np.arange(1 << 16, dtype=">u2").view(np.uint8)).reshape(-1, 16).sum(1).astype(np.int64)
 _CLASS_SIZES = [math.comb(SYMBOL_BITS, c) for c in range(SYMBOL_BITS + 1)]
@@ -74,10 +73,6 @@ def _words(indices: np.ndarray, n: int) -> np.ndarray:
     bitmap = np.zeros(n_words * SYMBOL_BITS, np.uint8)
     bitmap[indices] = 1
     return np.packbits(bitmap).view(">u2").astype(np.int64)
-
-
-def choose_lanes(n_words: int, estimated_bits: float) -> int:
-    return int(min(n_words, max(-(-n_words // ENCODE_STEPS), estimated_bits * 0.004 // 64, 1)))
 
 
 def encode(indices: np.ndarray, n: int, lanes: int) -> bytes | None:

@@ -32,6 +32,18 @@ def compress(data: bytes, level: int) -> bytes:
         raise CodecError(f"level: zstd rejected level {level}: {exc}") from None
 
 
+def compress_entropy(data: bytes, level: int) -> bytes:
+    """A frame as `compress` writes it, for data whose bytes are independent draws (index gaps, a bitmap): LZ
+    matches shorter than 7 bytes cost more than they save there (measured on gap bytes at density 1/4: +18 %
+    with zstd's default of 3, +5 % with 7), so only the entropy stage is left to code them."""
+    try:
+        params = zstandard.ZstdCompressionParameters.from_level(level, min_match=7, write_checksum=1,
+                                                                 write_content_size=1, write_dict_id=0)
+        return zstandard.ZstdCompressor(compression_params=params).compress(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"level: zstd rejected level {level}: {exc}") from None
+
+
 def content_size(frame: bytes, field: str) -> int:
     """The decompressed size the frame declares; frames without one, or without a checksum, are rejected."""
     if frame[:4] != _MAGIC:

@@ -14,9 +14,9 @@ import pytest
 import zstandard
 
 from edgelora import codec
-from edgelora.codec import container, header as hdr, zstd_frame
+from edgelora.codec import bitmap, container, header as hdr, rans, zstd_frame
 from edgelora.codec.container import assemble, take_apart
-from edgelora.codec.index_coding import GOLOMB, NONE, RANS
+from edgelora.codec.index_coding import BITMAP, GOLOMB, NONE, RANS
 from edgelora.codec.values import VALUE_TYPES, pack_planes
 
 RNG = np.random.default_rng(7)
@@ -310,6 +310,13 @@ SPARSE_K = 30
     (dict(index_coder=RANS, index_param=500), "lanes"),
     (dict(index_coder=RANS, index_param=1, index_payload=b"\0" * 10), "does not fit"),
     (dict(index_coder=RANS, index_param=1, index_payload=b"\1\0\0\0" * 17 + b"\0\0\0\x80" * 2), "frequencies"),
+    (dict(index_coder=BITMAP, index_param=0, index_payload=zstd_frame.compress(bytes(249), 3)),
+     "bitmap: zstd frame declares 249 bytes, header implies 250"),
+    (dict(index_coder=BITMAP, index_param=0, index_payload=zstd_frame.compress(bytes(250), 3)),
+     "count: bitmap holds 0 indices, count says 30"),
+    (dict(index_coder=BITMAP, index_param=7, index_payload=zstd_frame.compress(bytes(250), 3)),
+     "index_param: a bitmap has index_param 0, not 7"),
+    (dict(index_coder=BITMAP, index_param=0, index_payload=b"\x28\xb5\x2f\xfd" + bytes(12)), "bitmap"),
 ])
 def test_index_payload_checks(changes, field):
     with pytest.raises(codec.CodecError, match=field):
@@ -317,19 +324,39 @@ def test_index_payload_checks(changes, field):
 
 
 def test_rans_payload_is_checked_end_to_end():
-    # its own generator: which flips a payload notices depends on the payload, and the shared RNG's state
-    # depends on which tests ran before (under xdist, any)
+    """The encoder no longer writes rANS (bitmap.py), so the payload is made by hand, as a version 1-3 encoder
+    wrote it, 25 lanes; every flip of it is refused."""
     n, idx = 100_000, np.flatnonzero(np.random.default_rng(3).random(100_000) < 0.4)
-    tensors = {"s": codec.Sparse((n,), idx, np.ones(idx.size, np.float32))}
-    table, index_payloads, section = take_apart(codec.encode_bundle(tensors))
-    assert table.entries[0].index_coder == RANS
+    table, _, section = take_apart(codec.encode_bundle({"s": codec.Sparse((n,), idx, np.ones(idx.size, np.float32))}))
+    payload = rans.encode(idx, n, 25)
+    table.entries[0] = dataclasses.replace(table.entries[0], index_coder=RANS, index_param=25, index_size=len(payload))
+    assert codec.decode_bundle(assemble(table, [payload], section))["s"].indices.tolist() == idx.tolist()
     # last word; top bit of lane 0's state (68 bytes of class table, then u64 states); a table entry
-    for pos, flip, field in [(len(index_payloads[0]) - 1, 0x40, "rans (word stream truncated|stream does not end)"),
+    for pos, flip, field in [(len(payload) - 1, 0x40, "rans (word stream truncated|stream does not end)"),
                              (68 + 7, 0x80, "rans state"), (0, 0x01, "frequencies"), (70, 0x01, "rans")]:
-        bad = bytearray(index_payloads[0])
+        bad = bytearray(payload)
         bad[pos] ^= flip
         with pytest.raises(codec.CodecError, match=field):
             codec.decode_bundle(assemble(table, [bytes(bad)], section))
+
+
+def test_a_bitmap_is_checked_to_its_last_bit_and_needs_version_4():
+    """A bitmap of n = 13 entries has 3 spare bits, which must be 0; a version 1 bundle cannot say bitmap."""
+    idx = np.array([0, 5, 12])
+    table, _, section = take_apart(codec.encode_bundle({"s": codec.Sparse((13,), idx, np.ones(3, np.float32))}))
+    good = bitmap.encode(idx, 13, 3)
+    table.entries[0] = dataclasses.replace(table.entries[0], index_coder=BITMAP, index_param=0, index_size=len(good))
+    assert codec.decode_bundle(assemble(table, [good], section))["s"].indices.tolist() == [0, 5, 12]
+    spare = zstd_frame.compress(bytes([0b10000100, 0b00001001]), 3)  # 0, 5, 12 and a spare bit, 15
+    table.entries[0].index_size = len(spare)
+    with pytest.raises(codec.CodecError, match="s: index_payload: bitmap sets a position >= n=13"):
+        codec.decode_bundle(assemble(table, [spare], section))
+    table.entries[0].index_size = len(good)
+    raw = hdr.pack_header(table)  # a version 4 header; version 1's has no joint_size after the plane records
+    record = 4 + 4 * 9
+    v1 = zstd_frame.compress(raw[:record] + raw[record + 8:], 3)
+    with pytest.raises(codec.CodecError, match="s: index_coder: a bitmap needs bundle version 4, this is 1"):
+        codec.decode_bundle(assemble(table, [good], section, header_frame=v1, preamble=(b"ELCB", 1, 0, 0)))
 
 
 @pytest.mark.parametrize("tensor,field", [
