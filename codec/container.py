@@ -24,8 +24,8 @@ from .header import DENSE, MASKED, SPARSE, ZSTD, Entry, Table, pack_header, pars
 from .index_coding import GOLOMB, JOINT, JOINT_BYTES, JOINT_CODERS, decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor
-from .values import (BLOCK_TYPES, DEFAULT_BLOCK, MAX_BLOCK, check_rounding, check_value_type, decode_values,
-                     encode_values, pack_planes, plane_sizes, scale_bytes, unpack_planes,
+from .values import (BLOCK_TYPES, DEFAULT_BLOCK, MAX_BLOCK, check_rounding, check_value_type, decode_blockwise,
+                     decode_values, encode_values, pack_planes, plane_sizes, scale_bytes, unpack_planes,
                      unpack_uniform)
 
 MAGIC = b"ELCB"
@@ -214,18 +214,23 @@ def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEM
         elif len(plane) != expected:
             raise CodecError(f"plane_size[{j}]: {len(plane)} raw bytes, the table implies {expected}")
         planes.append(plane)
-    whole = None  # tensors sharing a value type without block scales: one interleave, one decode
-    if entries and len(set(types)) == 1 and types[0] not in BLOCK_TYPES:
-        whole = unpack_uniform(planes, types[0])
-        stored = None  # cut from `whole` only if a tensor must be named
-    else:
-        stored = unpack_planes(planes, types, counts)
+    uniform = bool(entries) and len(set(types)) == 1  # tensors sharing a value type: one pass for them all
+    # without block scales: one interleave, one decode, cut per tensor only if a tensor must be named
+    whole = unpack_uniform(planes, types[0]) if uniform and types[0] not in BLOCK_TYPES else None
     sides, pos = [], 0
     for size in side_sizes:
         sides.append(body[pos:pos + size])
         pos += size
     joint = _joint_indices(table, bytes(sides.pop(0))) if version >= 3 else None
-    values = _values(entries, stored, [bytes(s[e.index_size:]) for e, s in zip(entries, sides)], whole)
+    scales = [bytes(s[e.index_size:]) for e, s in zip(entries, sides)]
+    values = None
+    if uniform and types[0] in BLOCK_TYPES and len({e.block_size for e in entries}) == 1:
+        try:
+            values = decode_blockwise(planes[0], types[0], counts, entries[0].block_size, b"".join(scales))
+        except CodecError:
+            pass  # found again below, tensor by tensor, with the tensor's name
+    if values is None:
+        values = _values(entries, None if whole is not None else unpack_planes(planes, types, counts), scales, whole)
     indices = [None if e.form != SPARSE or e.index_coder in JOINT_CODERS else _own_indices(e, bytes(s[:e.index_size]))
                for e, s in zip(entries, sides)]
     positions = None

@@ -117,6 +117,48 @@ def decode_values(stored: np.ndarray, value_type: str, scale: float, name: str, 
     return out
 
 
+def decode_blockwise(plane: bytes, value_type: str, counts: list[int], block_size: int, scales: bytes
+                     ) -> np.ndarray:
+    """Every tensor's float32 values at once, for tensors that share one blockwise type and block size: `plane`
+    holds their stored codes in order (plane 0), `scales` their block scales laid end to end. The checks of
+    decode_values, in whole-array steps; a CodecError here names no tensor (the caller redoes a failed bundle
+    tensor by tensor to name it). A FLASC upload (int4_block, hundreds of LoRA tensors) is decoded without a
+    step per tensor."""
+    counts = np.asarray(counts, np.int64)
+    stored = np.frombuffer(plane, np.uint8)
+    if value_type == "int8_block":
+        if stored.size and stored.view(np.int8).min() < -INT8_LEVELS:
+            raise CodecError("values: int8 code -128 is never written")
+        codes = stored.view(np.int8).astype(np.float32)
+    else:  # int4_block: each tensor's ceil(count / 2) bytes, an odd count's last low nibble padding
+        nib = np.empty(stored.size * 2, np.uint8)
+        nib[0::2], nib[1::2] = stored >> 4, stored & 0x0F
+        odd = counts % 2 == 1
+        if odd.any():
+            padding = 2 * np.cumsum((counts + 1) // 2)[odd] - 1
+            if nib[padding].any():
+                raise CodecError("values: the int4 padding nibble is not zero")
+            keep = np.ones(nib.size, bool)
+            keep[padding] = False
+            nib = nib[keep]
+        if (nib == 0).any():
+            raise CodecError("values: int4 nibble 0 (code -8) is never written")
+        codes = nib.astype(np.float32)
+        codes -= 8.0
+    block_scales = np.frombuffer(scales, "<f4")
+    if not (np.isfinite(block_scales).all() and (block_scales >= 0).all()):
+        raise CodecError("scales: a block scale is negative, NaN or Inf")
+    blocks = -(-counts // block_size)
+    lengths = np.full(int(blocks.sum()), block_size, np.int64)  # every block full but each tensor's last
+    has = blocks > 0
+    lengths[np.cumsum(blocks)[has] - 1] = counts[has] - (blocks[has] - 1) * block_size
+    with np.errstate(over="ignore"):
+        codes *= np.repeat(block_scales, lengths)
+    if not np.isfinite(codes).all():
+        raise CodecError("values: NaN or Inf")
+    return codes
+
+
 def check_rounding(rounding: str) -> str:
     if rounding not in ROUNDINGS:
         raise CodecError(f"rounding: {rounding!r} is not one of {ROUNDINGS}")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from edgelora import codec
-from edgelora.codec import gap_bytes, golomb, zstd_frame
+from edgelora.codec import gap_bytes, golomb, values, zstd_frame
 from edgelora.codec.container import assemble, take_apart
 from edgelora.codec.header import pack_header
 from edgelora.codec.index_coding import BITMAP, GOLOMB, JOINT, JOINT_BYTES, NONE, RANS
@@ -357,3 +357,35 @@ def test_every_truncation_and_bit_flip_of_a_byte_gap_bundle_is_rejected():
         with pytest.raises(codec.CodecError):
             codec.decode_flat(bytes(data))
         data[pos] ^= 0x10
+
+
+# -- blockwise values of every tensor in one pass --------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=8), st.sampled_from(["int4_block", "int8_block"]),
+       st.sampled_from([1, 3, 64]), st.integers(0, 2**32 - 1))
+def test_blockwise_values_of_every_tensor_decode_in_one_pass_as_tensor_by_tensor(counts, value_type, block, seed):
+    """Any counts (0, odd: an int4 padding nibble) and block sizes: decode_flat's one pass over the bundle's
+    codes and scales gives each tensor's values exactly as decode_values gives them tensor by tensor."""
+    rng = np.random.default_rng(seed)
+    tensors = {f"t{i}": random_sparse(rng, (400,), c) for i, c in enumerate(counts)}
+    data = codec.encode_bundle(tensors, value_type=value_type, block_size=block)
+    table, sides, section = take_apart(data)
+    plane = section[:table.plane_sizes[0]]
+    if table.plane_codecs[0]:  # zstd where that was smaller
+        plane = zstd_frame.decompress(plane, values.plane_sizes([value_type] * len(counts), counts)[0], "plane")
+    stored = values.unpack_planes([plane, b"", b"", b""], [value_type] * len(counts), counts)
+    expect = [values.decode_values(s, value_type, 0.0, e.name, count=e.count, block_size=e.block_size,
+                                   scales=side[e.index_size:])
+              for e, s, side in zip(table.entries, stored, sides[1:] if data[4] >= 3 else sides)]
+    np.testing.assert_array_equal(codec.decode_flat(data).values, np.concatenate(expect))
+
+
+def test_a_bad_code_in_one_tensor_of_a_blockwise_bundle_is_named():
+    """The one pass finds the bad nibble; the bundle is read again tensor by tensor to say whose it is."""
+    tensors = {n: random_sparse(np.random.default_rng(i), (50,), 7) for i, n in enumerate(("a", "b", "c"))}
+    table, sides, section = take_apart(codec.encode_bundle(tensors, value_type="int4_block"))
+    assert table.plane_codecs[0] == 0  # raw: byte 4 is b's first pair of codes
+    bad = bytearray(section)
+    bad[4] &= 0x0F  # b's first code: nibble 0 (code -8)
+    with pytest.raises(codec.CodecError, match="b: values: int4 nibble 0"):
+        codec.decode_flat(assemble(table, sides, bytes(bad)))
