@@ -251,6 +251,31 @@ def test_a_flat_minus_zero_ends_as_the_dense_path_leaves_it():
     assert not any(np.signbit(v).any() for v in acc.sum.values())
 
 
+@pytest.mark.parametrize("minus_zero", [False, True])
+def test_waiting_flat_uploads_are_added_together_bit_for_bit(monkeypatch, minus_zero):
+    """Forty top-k uploads of 50 entries of a 5,000-entry layout wait (their bytes stay under the sum's) and one
+    flush adds them, sweeping the sum 7 entries at a time: the sum is the dense path's bit for bit. With a
+    -0.0 among them the flush adds them one at a time instead, to the same bits."""
+    monkeypatch.setattr("edgelora.server.aggregation.SWEEP_BLOCK", 7)
+    rng = np.random.default_rng(12)
+    layout = Layout.of({"a": (50, 60), "b": (2000,)})
+    acc, ref = RunningMean(), RunningMean()
+    for i in range(40):
+        values = rng.normal(size=50).astype(np.float32)
+        if minus_zero and i == 20:
+            values[3] = -0.0
+        delta = FlatSparse(layout, np.sort(rng.choice(layout.size, 50, replace=False)), values)
+        w = float(rng.choice([1.0, 0.37, 3.0]))
+        acc.add(delta, w)
+        ref.add({k: densify(k, v) for k, v in delta.tensors().items()}, w)
+    assert len(acc._waiting) == 39  # every add after the round's first waited
+    for k in ref.sum:
+        assert bits(acc.sum[k]) == bits(ref.sum[k]), k
+    assert not acc._waiting
+    for k, v in acc.mean().items():
+        assert bits(v) == bits(ref.mean()[k])
+
+
 def test_flat_norm_and_clipping_keep_the_form_by_hand():
     """3 and 4 in tensor a (2x2), 12 in tensor b: norm 13 either way; clipped to 6.5, every value halves and
     the delta stays one FlatSparse; the robust aggregators take it tensor by tensor."""
