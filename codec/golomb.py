@@ -98,7 +98,8 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
     if k > 8 * len(payload):
         raise CodecError(f"count: {k} indices cannot fit in {len(payload)} golomb bytes")
     packed = np.frombuffer(payload + bytes(4), np.uint8)
-    windows = np.ndarray((len(payload) + 1,), ">u4", packed, 0, (1,))  # the 32 bits from each byte on
+    wide = packed.astype(np.uint32)  # the 32 bits from each byte on, native (a strided big-endian view
+    windows = wide[:-3] << 24 | wide[1:-2] << 16 | wide[2:-1] << 8 | wide[3:]  # gathers 4x slower)
     bits = np.unpackbits(packed[:len(payload)])
     b = np.zeros(ms.size, np.int64)  # ceil(log2 m), one bit of every m at a time
     rest = ms - 1
@@ -126,12 +127,11 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
             at = np.cumsum(wrep, dtype=np.int64)
             at -= wrep
             at += start
-            win = windows[at >> 3].astype(np.uint32)
+            win = windows[at >> 3]
             win <<= (at & 7).astype(np.uint32)
             wrep = np.uint32(32) - wrep
-            win >>= wrep  # a width-0 field (m <= 2): a shift by 32 is undefined, so it is set below
+            win >>= wrep  # a width-0 field (m <= 2) shifts by 32, which numpy makes 0 (C leaves it undefined)
             first = win.astype(np.int64)
-            first[wrep == 32] = 0
         else:
             first = _fields(bits, start, w, c)
         uu = u[ta:tb]

@@ -204,6 +204,17 @@ def test_decode_joint_reads_fields_past_57_bits():
     np.testing.assert_array_equal(local, np.concatenate([idx_big, idx_small]))
 
 
+def test_decode_joint_reads_fields_of_mixed_widths_zero_included():
+    """m = 1 and 2 have no remainder field (width 0), m = 11 a 3-bit one and m = 5000 a 12-bit one: one run of
+    mixed widths, read a 32-bit window per field, gives every tensor back."""
+    rng = np.random.default_rng(6)
+    ms, ns = [1, 11, 2, 5000, 11], [40, 400, 40, 10**6, 400]
+    idx = [np.sort(rng.choice(n, max(2, n // 8), replace=False)) for n in ns]
+    payload = golomb.encode_joint([golomb.gaps_of(i) for i in idx], ms)
+    local = golomb.decode_joint(payload, np.array(ms), np.array(ns), np.array([i.size for i in idx]))
+    np.testing.assert_array_equal(local, np.concatenate(idx))
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 2000), st.floats(0, 1), st.integers(0, 8)), min_size=1, max_size=12),
        st.integers(1, 4000), st.integers(0, 2**32 - 1))
