@@ -38,10 +38,12 @@ def encode_indices(indices: np.ndarray, n: int, golomb_payload: bool = True, lev
     gaps = golomb.gaps_of(indices)
     m = golomb.best_parameter(gaps, n)
     golomb_size = -(-golomb.golomb_bits(gaps, m) // 8)
-    # the bitmap is tried only where Golomb is further over the bound than a zstd frame's fixed cost
-    if golomb_size > bound_bits(n, k) / 8 + bitmap.FRAME_BYTES:
+    # The bitmap is tried where Golomb is further over the bound than a zstd frame's fixed cost, or where its m
+    # is 1 or 2 (densities past ~0.4: Golomb is then about the plain bitmap, read a bit at a time, 16x slower
+    # than the frame at 0.5); it is kept unless larger by more than that fixed cost or 1 %, whichever is less.
+    if m <= 2 or golomb_size > bound_bits(n, k) / 8 + bitmap.FRAME_BYTES:
         frame = bitmap.encode(indices, n, level)
-        if len(frame) < golomb_size:
+        if len(frame) < golomb_size + min(bitmap.FRAME_BYTES, golomb_size // 100):
             return BITMAP, 0, frame
     return GOLOMB, m, golomb.encode(gaps, m) if golomb_payload else None
 

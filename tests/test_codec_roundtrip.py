@@ -115,7 +115,8 @@ def test_int8_scales_per_tensor():
 
 @pytest.mark.parametrize("n,density,coder", [
     (1000, 0.0, index_coding.NONE), (1000, 1.0, index_coding.NONE), (100_000, 0.01, index_coding.GOLOMB),
-    (100_000, 0.4, index_coding.BITMAP), (1000, 0.4, index_coding.GOLOMB)])
+    (100_000, 0.4, index_coding.BITMAP), (1000, 0.4, index_coding.GOLOMB),
+    (200_000, 0.5, index_coding.BITMAP)])  # Golomb's m = 1 is the bitmap: the frame, 20 bytes more, reads faster
 def test_smallest_coder_is_chosen(n, density, coder):
     rng = np.random.default_rng(0)
     indices = np.sort(rng.choice(n, round(density * n), replace=False)).astype(np.int64)
