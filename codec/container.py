@@ -226,7 +226,8 @@ def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEM
     values = None
     if uniform and types[0] in BLOCK_TYPES and len({e.block_size for e in entries}) == 1:
         try:
-            values = decode_blockwise(planes[0], types[0], counts, entries[0].block_size, b"".join(scales))
+            values = decode_blockwise(np.frombuffer(planes[0], np.uint8), types[0], counts, entries[0].block_size,
+                                      b"".join(scales))
         except CodecError:
             pass  # found again below, tensor by tensor, with the tensor's name
     if values is None:

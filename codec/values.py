@@ -97,19 +97,12 @@ def decode_values(stored: np.ndarray, value_type: str, scale: float, name: str, 
             raise CodecError(f"{name}: values: int8 code -128 is never written")
         with np.errstate(over="ignore"):  # a hostile scale may overflow to inf, rejected below
             out = stored.astype(np.float32) * np.float32(scale)
-    elif value_type in BLOCK_TYPES:
-        count = stored.size if count is None else count
-        if value_type == "int8_block":
-            if stored.size and stored.min() < -INT8_LEVELS:
-                raise CodecError(f"{name}: values: int8 code -128 is never written")
-            codes = stored.astype(np.float32)
-        else:
-            codes = _unpack_nibbles(stored, count, name)
-        block_scales = np.frombuffer(scales, "<f4")
-        if not (np.isfinite(block_scales).all() and (block_scales >= 0).all()):
-            raise CodecError(f"{name}: scales: a block scale is negative, NaN or Inf")
-        with np.errstate(over="ignore"):
-            out = codes * np.repeat(block_scales, block_size)[:count]
+    elif value_type in BLOCK_TYPES:  # one tensor's pass of decode_blockwise, its checks named
+        try:
+            return decode_blockwise(stored, value_type, [stored.size if count is None else count], block_size,
+                                    scales)
+        except CodecError as e:
+            raise CodecError(f"{name}: {e}") from None
     else:
         out = stored.astype(np.float32)
     if not np.isfinite(out).all():
@@ -117,15 +110,15 @@ def decode_values(stored: np.ndarray, value_type: str, scale: float, name: str, 
     return out
 
 
-def decode_blockwise(plane: bytes, value_type: str, counts: list[int], block_size: int, scales: bytes
+def decode_blockwise(stored: np.ndarray, value_type: str, counts: list[int], block_size: int, scales: bytes
                      ) -> np.ndarray:
-    """Every tensor's float32 values at once, for tensors that share one blockwise type and block size: `plane`
-    holds their stored codes in order (plane 0), `scales` their block scales laid end to end. The checks of
-    decode_values, in whole-array steps; a CodecError here names no tensor (the caller redoes a failed bundle
-    tensor by tensor to name it). A FLASC upload (int4_block, hundreds of LoRA tensors) is decoded without a
-    step per tensor."""
+    """Every tensor's float32 values at once, for tensors that share one blockwise type and block size:
+    `stored` holds their stored codes in order (plane 0, one byte each), `scales` their block scales laid end to
+    end. Every check in whole-array steps; a CodecError here names no tensor (decode_values names its one; a
+    bundle that fails is read again tensor by tensor to name it). A FLASC upload (int4_block, hundreds of LoRA
+    tensors) is decoded without a step per tensor."""
     counts = np.asarray(counts, np.int64)
-    stored = np.frombuffer(plane, np.uint8)
+    stored = stored.view(np.uint8)
     if value_type == "int8_block":
         if stored.size and stored.view(np.int8).min() < -INT8_LEVELS:
             raise CodecError("values: int8 code -128 is never written")
@@ -133,16 +126,16 @@ def decode_blockwise(plane: bytes, value_type: str, counts: list[int], block_siz
     else:  # int4_block: each tensor's ceil(count / 2) bytes, an odd count's last low nibble padding
         nib = np.empty(stored.size * 2, np.uint8)
         nib[0::2], nib[1::2] = stored >> 4, stored & 0x0F
-        odd = counts % 2 == 1
-        if odd.any():
-            padding = 2 * np.cumsum((counts + 1) // 2)[odd] - 1
-            if nib[padding].any():
-                raise CodecError("values: the int4 padding nibble is not zero")
+        padding = 2 * np.cumsum((counts + 1) // 2)[counts % 2 == 1] - 1
+        padded = bool(nib[padding].any())
+        if padding.size:
             keep = np.ones(nib.size, bool)
             keep[padding] = False
             nib = nib[keep]
         if (nib == 0).any():
             raise CodecError("values: int4 nibble 0 (code -8) is never written")
+        if padded:
+            raise CodecError("values: the int4 padding nibble is not zero")
         codes = nib.astype(np.float32)
         codes -= 8.0
     block_scales = np.frombuffer(scales, "<f4")
@@ -209,16 +202,6 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
     if nib.size % 2:
         nib = np.append(nib, np.uint8(0))
     return (nib[0::2] << 4 | nib[1::2]).astype("u1")
-
-
-def _unpack_nibbles(stored: np.ndarray, count: int, name: str) -> np.ndarray:
-    nib = np.empty(stored.size * 2, np.uint8)
-    nib[0::2], nib[1::2] = stored >> 4, stored & 0x0F
-    if (nib[:count] == 0).any():
-        raise CodecError(f"{name}: values: int4 nibble 0 (code -8) is never written")
-    if nib[count:].any():
-        raise CodecError(f"{name}: values: the int4 padding nibble is not zero")
-    return nib[:count].astype(np.float32) - 8.0
 
 
 def pack_planes(stored: list[np.ndarray]) -> list[bytes]:
