@@ -22,7 +22,7 @@ FRAME_BYTES = 32  # a zstd frame's fixed cost (header, block header, checksum), 
 def encode(indices: np.ndarray, n: int, level: int) -> bytes:
     bits = np.zeros(n, np.uint8)
     bits[indices] = 1
-    return zstd_frame.compress_entropy(np.packbits(bits).tobytes(), level)
+    return zstd_frame.compress(np.packbits(bits).tobytes(), level, zstd_frame.ENTROPY_MIN_MATCH)
 
 
 def decode(frame: bytes, n: int, k: int) -> np.ndarray:

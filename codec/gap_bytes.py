@@ -28,7 +28,7 @@ def encode(gaps: list[np.ndarray], level: int) -> bytes:
     g = np.concatenate(gaps)
     content = np.minimum(g, ESCAPE).astype(np.uint8).tobytes()
     content += (g[g >= ESCAPE] - ESCAPE).astype("<u8").tobytes()
-    return zstd_frame.compress_entropy(content, level)
+    return zstd_frame.compress(content, level, zstd_frame.ENTROPY_MIN_MATCH)
 
 
 def decode(frame: bytes, ns: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -24,22 +24,22 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def compress(data: bytes, level: int) -> bytes:
-    try:
-        return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True,
-                                        write_dict_id=False).compress(data)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"level: zstd rejected level {level}: {exc}") from None
+ENTROPY_MIN_MATCH = 7  # for data whose bytes are independent draws (index gaps, a bitmap): LZ matches shorter
+# than 7 bytes cost more than they save there (gap bytes at density 1/4: +18 % with zstd's default of 3, +5 %
+# with 7), so the entropy stage is left to code them
 
 
-def compress_entropy(data: bytes, level: int) -> bytes:
-    """A frame as `compress` writes it, for data whose bytes are independent draws (index gaps, a bitmap): LZ
-    matches shorter than 7 bytes cost more than they save there (measured on gap bytes at density 1/4: +18 %
-    with zstd's default of 3, +5 % with 7), so only the entropy stage is left to code them."""
+def compress(data: bytes, level: int, min_match: int | None = None) -> bytes:
+    """One frame with its content size and checksum; min_match (ENTROPY_MIN_MATCH for index streams) overrides
+    the level's shortest LZ match."""
     try:
-        params = zstandard.ZstdCompressionParameters.from_level(level, min_match=7, write_checksum=1,
-                                                                 write_content_size=1, write_dict_id=0)
-        return zstandard.ZstdCompressor(compression_params=params).compress(data)
+        if min_match is None:
+            compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True,
+                                                  write_dict_id=False)
+        else:
+            compressor = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters.from_level(
+                level, min_match=min_match, write_checksum=1, write_content_size=1, write_dict_id=0))
+        return compressor.compress(data)
     except zstandard.ZstdError as exc:
         raise CodecError(f"level: zstd rejected level {level}: {exc}") from None
 
