@@ -95,7 +95,7 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
     would stream arrays of k int64 through memory, which costs more per index than a step per tensor."""
     ms, ns, counts = (np.asarray(a, np.int64) for a in (ms, ns, counts))
     k = int(counts.sum())
-    if k > 8 * len(payload):
+    if k > 8 * len(payload):  # every index costs at least its unary one-bit
         raise CodecError(f"count: {k} indices cannot fit in {len(payload)} golomb bytes")
     packed = np.frombuffer(payload + bytes(4), np.uint8)
     wide = packed.astype(np.uint32)  # the 32 bits from each byte on, native (a strided big-endian view
@@ -108,7 +108,7 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
         rest >>= 1
     u = (np.int64(1) << b) - ms
     width = np.maximum(b - 1, 0)
-    field_end = np.cumsum(width * counts)
+    field_end = np.cumsum(width * counts)  # part 1: tensor i's fields end here
     if int(field_end[-1]) > bits.size:
         raise CodecError("index_payload: golomb remainder stream truncated")
     seg = np.zeros(counts.size + 1, np.int64)
@@ -134,28 +134,19 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
             first = win.astype(np.int64)
         else:
             first = _fields(bits, start, w, c)
-        uu = u[ta:tb]
-        if (uu == 0).all() and (b[ta:tb] > 0).all():  # every m a power of two: every code takes its extra bit
-            n = first.size
-            if extra_at + n > bits.size:
-                raise CodecError("index_payload: golomb extra-bit stream truncated")
-            first <<= 1
-            first += bits[extra_at:extra_at + n]
-            n_extra = n
-        else:  # the i-th long code takes the i-th extra bit: r = 2 v + bit - u
-            urep = np.repeat(uu, c)
-            long_code = first >= urep
-            long_code &= np.repeat(b[ta:tb] > 0, c)
-            at_long = np.flatnonzero(long_code)
-            n_extra = at_long.size
-            if extra_at + n_extra > bits.size:
-                raise CodecError("index_payload: golomb extra-bit stream truncated")
-            if n_extra:
-                v = first[at_long]
-                v <<= 1
-                v += bits[extra_at:extra_at + n_extra]
-                v -= urep[at_long]
-                first[at_long] = v
+        urep = np.repeat(u[ta:tb], c)
+        long_code = first >= urep
+        long_code &= np.repeat(b[ta:tb] > 0, c)
+        at_long = np.flatnonzero(long_code)
+        n_extra = at_long.size
+        if extra_at + n_extra > bits.size:
+            raise CodecError("index_payload: golomb extra-bit stream truncated")
+        if n_extra:  # the i-th long code takes the i-th extra bit: r = 2 v + bit - u
+            v = first[at_long]
+            v <<= 1
+            v += bits[extra_at:extra_at + n_extra]
+            v -= urep[at_long]
+            first[at_long] = v
         remainders[seg[ta]:seg[tb]] = first
         extra_at += n_extra
     ones = np.flatnonzero(bits[extra_at:].view(bool))
@@ -166,9 +157,10 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
     local = np.empty(k, np.int64)
     for ta, tb in chunks:
         c, off = counts[ta:tb], seg[ta:tb] - seg[ta]
-        run = ones[seg[ta] - (seg[ta] > 0):seg[tb]]
+        run = ones[seg[ta] - (seg[ta] > 0):seg[tb]]  # the one before the chunk's first, where there is one
         quotients = np.diff(run) - 1 if seg[ta] else np.diff(run, prepend=np.int64(-1)) - 1
         q_sums = np.add.reduceat(quotients, off)
+        # checked before any product that could overflow int64: every tensor's gaps fit inside it
         over = q_sums > (ns[ta:tb] - c) // ms[ta:tb]
         if over.any():
             bad = ta + int(np.flatnonzero(over)[0])
