@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .errors import CodecError
-from .index_coding import BITMAP, CODER_NAMES, JOINT, JOINT_BYTES, JOINT_CODERS
+from .index_coding import CODER_NAMES, JOINT, JOINT_BYTES, JOINT_CODERS, NEEDS_VERSION
 from .mask import mask_size
 from .values import BLOCK_TYPES, MAX_BLOCK, N_PLANES, VALUE_TYPES
 
@@ -74,13 +74,9 @@ def version_of(table: Table) -> int:
     """The oldest version that can say the table: 4 when the joint index stream is byte gaps or a tensor's
     indices are a zstd bitmap, 3 when the joint stream is Golomb codes, 2 when a tensor uses a blockwise value
     type, else 1 (older decoders do not know the newer features)."""
-    joint = table.joint
-    if (joint and joint[0].index_coder == JOINT_BYTES) or any(
-            e.form == SPARSE and e.index_coder == BITMAP for e in table.entries):
-        return 4
-    if joint:
-        return 3
-    return 2 if any(e.value_type in BLOCK_TYPES for e in table.entries) else 1
+    return max([1] + [2 for e in table.entries if e.value_type in BLOCK_TYPES]
+               + [NEEDS_VERSION[e.index_coder][0] for e in table.entries
+                  if e.form == SPARSE and e.index_coder in NEEDS_VERSION])
 
 
 _U16, _U32, _U64, _FORM = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<BBB")
@@ -178,10 +174,11 @@ def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version:
         pos += _SPARSE.size
         if e.index_coder not in CODER_NAMES:
             raise CodecError(f"{name}: index_coder: unknown coder {e.index_coder}")
+        since, what = NEEDS_VERSION.get(e.index_coder, (1, ""))
+        if version < since:
+            raise CodecError(f"{name}: index_coder: {what} needs bundle version {since}, this is {version}")
         if e.index_coder in JOINT_CODERS:
-            _check_joint(e, n, version)
-        elif e.index_coder == BITMAP and version < 4:
-            raise CodecError(f"{name}: index_coder: a bitmap needs bundle version 4, this is {version}")
+            _check_joint(e, n)
     elif form == MASKED:
         e.seed, e.density = _take(_MASKED, data, pos, "seed")
         pos += _MASKED.size
@@ -203,12 +200,8 @@ def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version:
     return e, pos
 
 
-def _check_joint(e: Entry, n: int, version: int) -> None:
-    """A joint entry: its coder's version, no bytes of its own, at least one index, and its parameter."""
-    needs = 3 if e.index_coder == JOINT else 4
-    if version < needs:
-        raise CodecError(f"{e.name}: index_coder: the joint stream{' of byte gaps' if needs == 4 else ''} "
-                         f"needs bundle version {needs}, this is {version}")
+def _check_joint(e: Entry, n: int) -> None:
+    """A joint entry: no bytes of its own, at least one index, and its parameter."""
     if e.index_size or not e.count:
         raise CodecError(f"{e.name}: index_coder: a joint entry has index_size 0 and count >= 1")
     if e.index_coder == JOINT and not 1 <= e.index_param <= max(1, n):

@@ -21,6 +21,8 @@ NONE, GOLOMB, RANS, JOINT, JOINT_BYTES, BITMAP = 0, 1, 2, 3, 4, 5
 CODER_NAMES = {NONE: "none", GOLOMB: "golomb", RANS: "rans", JOINT: "joint", JOINT_BYTES: "joint-bytes",
                BITMAP: "bitmap"}
 JOINT_CODERS = (JOINT, JOINT_BYTES)
+NEEDS_VERSION = {JOINT: (3, "the joint stream"), JOINT_BYTES: (4, "the joint stream of byte gaps"),
+                 BITMAP: (4, "a bitmap")}  # the bundle version a coder came in, and what it is called then
 
 
 def bound_bits(n: int, k: int) -> float:
