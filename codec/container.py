@@ -20,13 +20,13 @@ import numpy as np
 
 from . import gap_bytes, golomb, zstd_frame
 from .errors import CodecError
-from .header import DENSE, MASKED, SPARSE, ZSTD, Entry, Table, pack_header, parse_header, version_of
-from .index_coding import GOLOMB, JOINT, JOINT_BYTES, JOINT_CODERS, decode_indices, encode_indices
+from .header import DENSE, MASKED, SPARSE, ZSTD, Columns, Entry, Table, pack_header, parse_header, version_of
+from .index_coding import GOLOMB, JOINT, JOINT_BYTES, NONE, decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor
-from .values import (BLOCK_TYPES, DEFAULT_BLOCK, MAX_BLOCK, check_rounding, check_value_type, decode_blockwise,
-                     decode_values, encode_values, pack_planes, plane_sizes, scale_bytes, unpack_planes,
-                     unpack_uniform)
+from .values import (BLOCK_TYPES, DEFAULT_BLOCK, ITEM_SIZE, MAX_BLOCK, N_PLANES, VALUE_TYPES, check_rounding,
+                     check_value_type, decode_blockwise, decode_values, encode_values, pack_planes, scale_bytes,
+                     unpack_planes, unpack_uniform)
 
 MAGIC = b"ELCB"
 VERSION = 4  # the newest this codec writes and reads; it writes the oldest version the bundle's features allow
@@ -140,7 +140,7 @@ def take_apart(data: bytes) -> tuple[Table, list[bytes], bytes]:
     return table, side_payloads, data[pos:len(data) - _TRAILER]
 
 
-def _side_sizes(table: Table, version: int) -> list[int]:
+def _side_sizes(table: Table, version: int) -> list[int]:  # (take_apart's)
     """Bytes of each side payload: the joint stream's (version 3), then each tensor's."""
     joint = [table.joint_size] if version >= 3 else []
     return joint + [e.index_size + scale_bytes(e.value_type, e.count, e.block_size) for e in table.entries]
@@ -158,8 +158,8 @@ class Flat:
     values: np.ndarray  # float32, every value in table order
     starts: np.ndarray  # int64, len(names) + 1
     positions: np.ndarray | None
-    _entries: tuple[Entry, ...]
-    _indices: tuple  # per tensor: its local indices (Sparse with its own stream), else None
+    _table: Table
+    _indices: dict[int, np.ndarray]  # tensor -> its local indices, for a Sparse tensor with its own stream
     _joint: "_Joint | None"  # the joint stream, whose tensors' local indices are cut from it when asked
 
     @property
@@ -168,19 +168,20 @@ class Flat:
 
     def tensors(self) -> dict[str, Tensor]:
         """The bundle as named tensors (what decode_bundle returns); values are views of `values`."""
-        indices = list(self._indices)
+        indices = dict(self._indices)
         if self._joint is not None:
-            for i, t in enumerate(self._joint.where):
+            for i, t in enumerate(self._joint.where.tolist()):
                 indices[t] = self._joint.indices(i)
         out = {}
-        for t, e in enumerate(self._entries):
+        for t, e in enumerate(self._table.entries):
             values = self.values[self.starts[t]:self.starts[t + 1]]
             if e.form == DENSE:
                 out[e.name] = Dense(values.reshape(e.shape))
             elif e.form == MASKED:
                 out[e.name] = Masked(e.shape, e.seed, e.density, values)
-            else:
-                out[e.name] = Sparse(e.shape, indices[t], values)
+            else:  # no stream of its own or in the joint one: coder 'none', no index or every index
+                idx = indices.get(t)
+                out[e.name] = Sparse(e.shape, idx if idx is not None else np.arange(e.count, dtype=np.int64), values)
         return out
 
 
@@ -193,20 +194,31 @@ def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_EL
     return decode_flat(data, max_elements=max_elements).tensors()
 
 
+_ITEM = np.array([ITEM_SIZE[t] for t in VALUE_TYPES], np.int64)  # stored bytes per unit, by value type
+_INT4, _BLOCKWISE = VALUE_TYPES.index("int4_block"), np.array([t in BLOCK_TYPES for t in VALUE_TYPES])
+
+
 def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Flat:
-    """The bundle as whole-bundle arrays (Flat), with every check decode_bundle makes."""
+    """The bundle as whole-bundle arrays (Flat), with every check decode_bundle makes. Whole-array steps
+    over the table's columns, however many tensors; a step per tensor only for a tensor with its own index
+    stream, and, to name the tensor at fault, where a check of the whole fails."""
     if not isinstance(data, (bytes, bytearray)):  # a bytearray (the server's upload buffer) is read in place
         data = bytes(data)
     table, body, version = _open(data, max_elements)
-    side_sizes = _side_sizes(table, version)
-    index_total = sum(side_sizes)
-    if index_total + sum(table.plane_sizes) != len(body):
+    c = table.columns
+    joint_size = table.joint_size if version >= 3 else 0
+    blockwise = _BLOCKWISE[c.vt] & (c.count > 0)
+    scale_sizes = np.where(blockwise, 4 * -(-c.count // np.maximum(c.block, 1)), 0)
+    side_ends = np.cumsum(np.minimum(c.size, len(body)).astype(np.int64) + scale_sizes) + min(joint_size, len(body))
+    if (joint_size > len(body) or (c.size > len(body)).any()
+            or (int(side_ends[-1]) if c.names else joint_size) + sum(table.plane_sizes) != len(body)):
         raise CodecError(f"index_size/plane_size: payload sizes (with block scales) do not add up to the "
                          f"{len(body)} body bytes")
-    entries = table.entries
-    types, counts = [e.value_type for e in entries], [e.count for e in entries]
-    planes, pos = [], index_total
-    for j, expected in enumerate(plane_sizes(types, counts)):
+    index_starts = side_ends - scale_sizes - c.size.astype(np.int64)  # each tensor's side payload
+    stored_units = np.where(c.vt == _INT4, (c.count + 1) // 2, c.count)
+    planes, pos = [], int(side_ends[-1]) if c.names else joint_size
+    for j in range(N_PLANES):
+        expected = int(stored_units[_ITEM[c.vt] > j].sum())
         plane = bytes(body[pos:pos + table.plane_sizes[j]])
         pos += table.plane_sizes[j]
         if table.plane_codecs[j] == ZSTD:
@@ -214,108 +226,120 @@ def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEM
         elif len(plane) != expected:
             raise CodecError(f"plane_size[{j}]: {len(plane)} raw bytes, the table implies {expected}")
         planes.append(plane)
-    uniform = bool(entries) and len(set(types)) == 1  # tensors sharing a value type: one pass for them all
-    # without block scales: one interleave, one decode, cut per tensor only if a tensor must be named
-    whole = unpack_uniform(planes, types[0]) if uniform and types[0] not in BLOCK_TYPES else None
-    sides, pos = [], 0
-    for size in side_sizes:
-        sides.append(body[pos:pos + size])
-        pos += size
-    joint = _joint_indices(table, bytes(sides.pop(0))) if version >= 3 else None
-    scales = [bytes(s[e.index_size:]) for e, s in zip(entries, sides)]
-    values = None
-    if uniform and types[0] in BLOCK_TYPES and len({e.block_size for e in entries}) == 1:
-        try:
-            values = decode_blockwise(np.frombuffer(planes[0], np.uint8), types[0], counts, entries[0].block_size,
-                                      b"".join(scales))
-        except CodecError:
-            pass  # found again below, tensor by tensor, with the tensor's name
-    if values is None:
-        values = _values(entries, None if whole is not None else unpack_planes(planes, types, counts), scales, whole)
-    indices = [None if e.form != SPARSE or e.index_coder in JOINT_CODERS else _own_indices(e, bytes(s[:e.index_size]))
-               for e, s in zip(entries, sides)]
+    tensor_starts = np.zeros(len(c.names), np.int64)  # where each tensor begins in the tensors laid end to end
+    np.cumsum(c.n[:-1], out=tensor_starts[1:])
+    joint = _joint_indices(c, bytes(body[:joint_size]), tensor_starts) if version >= 3 else None
+    starts = np.zeros(len(c.names) + 1, np.int64)
+    np.cumsum(c.count, out=starts[1:])
+    values = _values(table, c, planes, body, index_starts + c.size.astype(np.int64), scale_sizes)
+    indices = _own_indices(c, body, index_starts)
     positions = None
-    if entries and all(e.form == SPARSE for e in entries):
-        positions = _positions(entries, indices, joint)
-    starts = np.zeros(len(entries) + 1, np.int64)
-    np.cumsum(counts, out=starts[1:])
-    return Flat(tuple(e.name for e in entries), tuple(e.shape for e in entries), values, starts, positions,
-                tuple(entries), tuple(indices), joint)
+    if c.names and (c.form == SPARSE).all():
+        positions = _positions(c, starts, tensor_starts, indices, joint)
+    return Flat(c.names, c.shapes, values, starts, positions, table, indices, joint)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Joint:
-    """The joint stream decoded: `where`, its tensors' places in the table; `local`, their indices one after
-    another (tensor where[i]'s are local[cuts[i]:cuts[i + 1]])."""
-    local: np.ndarray
-    where: tuple[int, ...]
+    """The joint stream decoded: `where`, its tensors' places in the table; `positions`, their indices one after
+    another, each plus where its tensor begins in the tensors laid end to end (`offsets`): tensor where[i]'s
+    are positions[cuts[i]:cuts[i + 1]] - offsets[i]."""
+    positions: np.ndarray
+    where: np.ndarray
     cuts: np.ndarray
+    offsets: np.ndarray
 
     def indices(self, i: int) -> np.ndarray:
-        return self.local[self.cuts[i]:self.cuts[i + 1]]
+        return self.positions[self.cuts[i]:self.cuts[i + 1]] - self.offsets[i]
 
 
-def _joint_indices(table: Table, payload: bytes) -> _Joint | None:
+def _joint_indices(c: Columns, payload: bytes, tensor_starts: np.ndarray) -> _Joint | None:
     """Decode the joint stream (its tensors' m, n and counts were checked with the header)."""
-    where = [t for t, e in enumerate(table.entries) if e.form == SPARSE and e.index_coder in JOINT_CODERS]
-    if not where:
+    where = np.flatnonzero((c.form == SPARSE) & ((c.coder == JOINT) | (c.coder == JOINT_BYTES)))
+    if not where.size:
         if payload:
             raise CodecError(f"joint_size: {len(payload)} bytes of joint index stream, and no tensor says joint")
         return None
-    joint = [table.entries[t] for t in where]
-    coders = {e.index_coder for e in joint}
+    coders = set(c.coder[where].tolist())
     if len(coders) > 1:
         raise CodecError("index_coder: the joint stream is Golomb codes (3) or byte gaps (4), and entries say both")
-    counts = np.array([e.count for e in joint], np.int64)
-    ns = np.array([math.prod(e.shape) for e in joint], np.int64)
+    counts, ns, offsets = c.count[where], c.n[where], tensor_starts[where]
     if JOINT_BYTES in coders:
-        local = gap_bytes.decode(payload, ns, counts)  # its errors name the joint index stream
+        positions = gap_bytes.decode(payload, ns, counts, offsets)  # its errors name the joint index stream
     else:
         try:
-            local = golomb.decode_joint(payload, np.array([e.index_param for e in joint], np.int64), ns, counts)
+            positions = golomb.decode_joint(payload, c.param[where].astype(np.int64), ns, counts, offsets)
         except CodecError as exc:
             raise CodecError(f"joint index stream: {exc}") from None
-    cuts = np.zeros(len(where) + 1, np.int64)
+    cuts = np.zeros(where.size + 1, np.int64)
     np.cumsum(counts, out=cuts[1:])
-    return _Joint(local, tuple(where), cuts)
+    return _Joint(positions, where, cuts, offsets)
 
 
-def _own_indices(e: Entry, payload: bytes) -> np.ndarray:
-    try:
-        return decode_indices(e.index_coder, e.index_param, payload, math.prod(e.shape), e.count)
-    except CodecError as exc:
-        raise CodecError(f"{e.name}: {exc}") from None
-
-
-def _positions(entries: list[Entry], indices: list, joint: _Joint | None) -> np.ndarray:
-    """Every value's position in the (all sparse) tensors laid end to end, in one array."""
-    starts = np.zeros(len(entries), np.int64)
-    np.cumsum([math.prod(e.shape) for e in entries[:-1]], out=starts[1:])
-    if joint is not None and len(joint.where) == len(entries):  # one stream holds them all: no step per tensor
-        return joint.local + np.repeat(starts, np.diff(joint.cuts))
-    if joint is not None:
-        indices = list(indices)
-        for i, t in enumerate(joint.where):
-            indices[t] = joint.indices(i)
-    return np.concatenate([idx + start for idx, start in zip(indices, starts)]).astype(np.int64, copy=False)
-
-
-def _values(entries: list[Entry], stored: list[np.ndarray] | None, scales: list[bytes],
-            whole: np.ndarray | None) -> np.ndarray:
-    """Every tensor's float32 values, in table order, in one array: decoded in one pass from `whole` (every
-    stored value, where the tensors share a value type without block scales), or tensor by tensor. A failed
-    check of the one pass is redone tensor by tensor, to name the tensor."""
-    if whole is not None:
-        vt = entries[0].value_type
-        scale = np.repeat(np.array([e.scale for e in entries], np.float32), [e.count for e in entries]) \
-            if vt == "int8" else 0.0
+def _own_indices(c: Columns, body: memoryview, index_starts: np.ndarray) -> dict[int, np.ndarray]:
+    """The local indices of each Sparse tensor with its own stream. Coder 'none' with no index (most of a
+    top-k's tensors at low density) or every index is checked for the whole table at once and left out (Flat
+    makes its indices when asked); any other is decoded on its own."""
+    own = (c.form == SPARSE) & (c.coder != JOINT) & (c.coder != JOINT_BYTES)
+    plain = own & (c.coder == NONE) & (c.size == 0) & (c.param == 0) & ((c.count == 0) | (c.count == c.n))
+    out = {}
+    for t in np.flatnonzero(own & ~plain).tolist():
+        start = int(index_starts[t])
         try:
+            out[t] = decode_indices(int(c.coder[t]), int(c.param[t]), bytes(body[start:start + int(c.size[t])]),
+                                    int(c.n[t]), int(c.count[t]))
+        except CodecError as exc:
+            raise CodecError(f"{c.names[t]}: {exc}") from None
+    return out
+
+
+def _positions(c: Columns, starts: np.ndarray, tensor_starts: np.ndarray, indices: dict[int, np.ndarray],
+               joint: _Joint | None) -> np.ndarray:
+    """Every value's position in the (all sparse) tensors laid end to end, in one array: each tensor's indices
+    plus where it begins (tensor_starts), at its values' places (starts)."""
+    if joint is not None and joint.positions.size == starts[-1]:  # one stream holds every index: in order
+        return joint.positions
+    positions = np.empty(int(starts[-1]), np.int64)
+    if joint is not None:
+        positions[np.repeat(starts[joint.where] - joint.cuts[:-1], np.diff(joint.cuts))
+                  + np.arange(joint.positions.size)] = joint.positions
+    for t, idx in indices.items():
+        positions[starts[t]:starts[t + 1]] = idx + tensor_starts[t]
+    for t in np.flatnonzero((c.coder == NONE) & (c.count > 0) & (c.count == c.n)).tolist():
+        positions[starts[t]:starts[t + 1]] = np.arange(tensor_starts[t], tensor_starts[t] + c.count[t])
+    return positions
+
+
+def _values(table: Table, c: Columns, planes: list[bytes], body: memoryview, scale_starts: np.ndarray,
+            scale_sizes: np.ndarray) -> np.ndarray:
+    """Every tensor's float32 values, in table order, in one array: in one pass where the tensors share a value
+    type (and a block size: their scales are then gathered into one array), else tensor by tensor; a failed
+    check of the one pass is redone tensor by tensor, to name the tensor."""
+    if not c.names:
+        return np.zeros(0, np.float32)
+    uniform = bool((c.vt == c.vt[0]).all())
+    vt = VALUE_TYPES[int(c.vt[0])]
+    whole = None
+    try:
+        if uniform and vt in BLOCK_TYPES and bool((c.block == c.block[0]).all()):
+            body_bytes = np.frombuffer(body, np.uint8)
+            total = int(scale_sizes.sum())
+            at = np.repeat(scale_starts - (np.cumsum(scale_sizes) - scale_sizes), scale_sizes) + np.arange(total)
+            return decode_blockwise(np.frombuffer(planes[0], np.uint8), vt, c.count, int(c.block[0]),
+                                    body_bytes[at].tobytes())
+        if uniform and vt not in BLOCK_TYPES:
+            whole = unpack_uniform(planes, vt)
+            scale = np.repeat(c.scale.astype(np.float32), c.count) if vt == "int8" else 0.0
             return decode_values(whole, vt, scale, "values")
-        except CodecError:  # found again below, with the tensor's name
-            stored = np.split(whole, np.cumsum([e.count for e in entries])[:-1])
+    except CodecError:
+        pass  # found again below, tensor by tensor, with the tensor's name
+    entries = table.entries
+    types, counts = [e.value_type for e in entries], [e.count for e in entries]
+    stored = np.split(whole, np.cumsum(counts)[:-1]) if whole is not None else unpack_planes(planes, types, counts)
+    scales = [bytes(body[s:s + n]) for s, n in zip(scale_starts.tolist(), scale_sizes.tolist())]
     out = [decode_values(s, e.value_type, e.scale, e.name, count=e.count, block_size=e.block_size, scales=sc)
            for e, s, sc in zip(entries, stored, scales)]
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    return np.concatenate(out)
 
 
 def _open(data: bytes, max_elements: int) -> tuple[Table, memoryview, int]:

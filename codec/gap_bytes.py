@@ -31,9 +31,10 @@ def encode(gaps: list[np.ndarray], level: int) -> bytes:
     return zstd_frame.compress(content, level, zstd_frame.ENTROPY_MIN_MATCH)
 
 
-def decode(frame: bytes, ns: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Every tensor's local indices, concatenated in order, from a byte-gap stream; tensor i has counts[i] >= 1
-    indices in [0, ns[i]) (the caller checked the counts). CodecError names the part at fault."""
+def decode(frame: bytes, ns: np.ndarray, counts: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Every tensor's local indices plus its offset (default 0: the local indices), concatenated in order, from
+    a byte-gap stream; tensor i has counts[i] >= 1 indices in [0, ns[i]) (the caller checked the counts).
+    CodecError names the part at fault."""
     ns, counts = np.asarray(ns, np.int64), np.asarray(counts, np.int64)
     k = int(counts.sum())
     declared = zstd_frame.content_size(frame, FIELD)
@@ -62,5 +63,7 @@ def decode(frame: bytes, ns: np.ndarray, counts: np.ndarray) -> np.ndarray:
         bad = int(np.flatnonzero(last >= ns)[0])
         raise CodecError(f"{FIELD}: index {int(last[bad])} of the stream's tensor {bad} >= n={int(ns[bad])}")
     before += 1
+    if offsets is not None:
+        before -= offsets
     steps -= np.repeat(before, counts)
     return steps

@@ -86,10 +86,12 @@ def encode_joint(gaps: list[np.ndarray], ms: list[int]) -> bytes:
 CHUNK = 1 << 15  # decode_joint works through tensors about this many indices at a time (its arrays stay in cache)
 
 
-def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Every tensor's local indices, concatenated in order (tensor i's are the counts[i] after the earlier
-    tensors'), from a joint stream; each tensor has counts[i] >= 1 indices in [0, ns[i]) under parameter
-    ms[i] in [1, ns[i]], which the caller has checked. CodecError names the part at fault.
+def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndarray,
+                 offsets: np.ndarray | None = None) -> np.ndarray:
+    """Every tensor's local indices plus its offset (default 0), concatenated in order (tensor i's are the
+    counts[i] after the earlier tensors'), from a joint stream; each tensor has counts[i] >= 1 indices in
+    [0, ns[i]) under parameter ms[i] in [1, ns[i]], which the caller has checked. CodecError names the part
+    at fault.
 
     Whole-array operations over runs of whole tensors of about CHUNK indices: over all k at once each step
     would stream arrays of k int64 through memory, which costs more per index than a step per tensor."""
@@ -171,8 +173,11 @@ def decode_joint(payload: bytes, ms: np.ndarray, ns: np.ndarray, counts: np.ndar
         np.cumsum(steps, out=steps)
         before = np.zeros(tb - ta, np.int64)
         before[1:] = steps[off[1:] - 1]
-        steps -= np.repeat(before + 1, c)
-        last = steps[off + c - 1]
+        before += 1
+        last = steps[off + c - 1] - before
+        if offsets is not None:
+            before -= offsets[ta:tb]
+        steps -= np.repeat(before, c)
         if (last >= ns[ta:tb]).any():
             bad = int(np.flatnonzero(last >= ns[ta:tb])[0])
             raise CodecError(f"index_payload: golomb index {int(last[bad])} of the stream's tensor {ta + bad} >= "

@@ -7,9 +7,12 @@ version 4 lets that stream be byte gaps (index coder 4) and a tensor's indices a
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import CodecError
 from .index_coding import CODER_NAMES, JOINT, JOINT_BYTES, JOINT_CODERS, NEEDS_VERSION
@@ -37,16 +40,79 @@ class Entry:
     block_size: int = 0  # blockwise types only: values per scale
 
 
-@dataclass
 class Table:
-    entries: list[Entry]
-    plane_codecs: list[int] = field(default_factory=lambda: [RAW] * N_PLANES)  # RAW bytes or one ZSTD frame
-    plane_sizes: list[int] = field(default_factory=lambda: [0] * N_PLANES)  # bytes of each plane as stored
-    joint_size: int = 0  # version 3: bytes of the joint index stream of the entries whose index_coder is joint
+    """The tensor table: `entries` (an Entry per tensor, which the encoder fills and tests edit) and the same
+    as `columns` (an array per field, which the decoder reads without a step per tensor). A parsed table
+    carries its columns, and its entries or not (they are made from the columns when first asked for); once
+    the entries are asked for they are what counts (they may be edited) and the columns are made from them
+    when asked for."""
+
+    def __init__(self, entries: list[Entry] | None = None, plane_codecs: list[int] | None = None,
+                 plane_sizes: list[int] | None = None, joint_size: int = 0, *, columns: "Columns | None" = None):
+        self._entries = entries if entries is not None or columns is not None else []
+        self._columns = columns
+        self.plane_codecs = [RAW] * N_PLANES if plane_codecs is None else plane_codecs  # RAW bytes or one ZSTD frame
+        self.plane_sizes = [0] * N_PLANES if plane_sizes is None else plane_sizes  # bytes of each plane as stored
+        self.joint_size = joint_size  # version 3: bytes of the joint index stream of the joint entries
+
+    @property
+    def entries(self) -> list[Entry]:
+        if self._entries is None:
+            self._entries = self._columns.entries()
+        self._columns = None
+        return self._entries
+
+    @property
+    def columns(self) -> "Columns":
+        return self._columns if self._columns is not None else Columns.of(self._entries)
 
     @property
     def joint(self) -> list[Entry]:
         return [e for e in self.entries if e.form == SPARSE and e.index_coder in JOINT_CODERS]
+
+
+@dataclass(frozen=True, eq=False)
+class Columns:
+    """A parsed table as one array per field, element t for entry t (Entry's fields; `vt` is the value type's
+    place in VALUE_TYPES, `n` the element count), read-only. The u64 fields a device picks freely (seed,
+    index_param, index_size) stay uint64; the others were bounded when the header was parsed."""
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    n: np.ndarray  # int64
+    form: np.ndarray  # int64
+    vt: np.ndarray  # int64
+    count: np.ndarray  # int64 (<= n)
+    seed: np.ndarray  # uint64
+    density: np.ndarray  # float64
+    coder: np.ndarray  # int64
+    param: np.ndarray  # uint64
+    size: np.ndarray  # uint64
+    scale: np.ndarray  # float64 (a float32 on the wire)
+    block: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, entries: list[Entry]) -> "Columns":
+        """The columns of entries that parse_header accepted."""
+        def column(field: str, dtype) -> np.ndarray:
+            return _frozen(np.array([getattr(e, field) for e in entries], dtype))
+
+        return cls(tuple(e.name for e in entries), tuple(e.shape for e in entries),
+                   _frozen(np.array([math.prod(e.shape) for e in entries], np.int64)), column("form", np.int64),
+                   _frozen(np.array([VALUE_TYPES.index(e.value_type) for e in entries], np.int64)),
+                   column("count", np.int64), column("seed", np.uint64), column("density", np.float64),
+                   column("index_coder", np.int64), column("index_param", np.uint64),
+                   column("index_size", np.uint64), column("scale", np.float64), column("block_size", np.int64))
+
+    def entries(self) -> list[Entry]:
+        return [Entry(*fields) for fields in zip(
+            self.names, self.form.tolist(), [VALUE_TYPES[v] for v in self.vt.tolist()], self.shapes,
+            self.count.tolist(), self.seed.tolist(), self.density.tolist(), self.coder.tolist(),
+            self.param.tolist(), self.size.tolist(), self.scale.tolist(), self.block.tolist())]
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 def pack_header(table: Table) -> bytes:
@@ -98,13 +164,33 @@ def _take(s: struct.Struct, data: bytes, pos: int, field: str) -> tuple:
 
 
 def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
+    """The table of a decompressed header, every field checked (CodecError names the one at fault).
+
+    The uploads of a round share their skeleton (names, shapes, forms, value types) and differ in a few fixed-
+    width fields (a sparse tensor's count and index fields, an int8 scale, the plane and joint sizes). The
+    last headers accepted are kept as templates: a header byte-identical to one outside those fields is read
+    in whole-array steps, its fields checked as the entry-by-entry parse checks them (anything that fails is
+    parsed again entry by entry, which names it). A SmolLM2 LoRA upload's 420 entries take about 0.05 ms
+    that way against 0.8 ms."""
+    key = (version, max_elements, len(data))
+    template = _TEMPLATES.get(key)
     try:
-        return _parse(data, max_elements, version)
+        table = template.read(data, version) if template is not None else None
+        if table is None:
+            table, variable = _parse(data, max_elements, version)
+            template = _Template.of(data, table, variable, version)
+            if len(_TEMPLATES) >= MAX_TEMPLATES:
+                _TEMPLATES.pop(next(iter(_TEMPLATES)), None)
+            _TEMPLATES[key] = template
+            table = Table(table.entries, table.plane_codecs, table.plane_sizes, table.joint_size,
+                          columns=template.columns)
+        return table
     except _Truncated as t:
         raise CodecError(f"header: truncated at {t.field}") from None
 
 
-def _parse(data: bytes, max_elements: int, version: int) -> Table:
+def _top(data: bytes, version: int) -> tuple[int, list[int], list[int], int, int]:
+    """tensor_count, the planes' codecs and sizes, joint_size, and where the entries begin."""
     (n_tensors,) = _take(_U32, data, 0, "tensor_count")
     pos, codecs, sizes = 4, [], []
     for j in range(N_PLANES):
@@ -118,9 +204,16 @@ def _parse(data: bytes, max_elements: int, version: int) -> Table:
     if version >= 3:
         (joint_size,) = _take(_U64, data, pos, "joint_size")
         pos += 8
-    entries, names, total = [], set(), 0
-    for _ in range(n_tensors):
-        e, pos = _parse_entry(data, pos, max_elements - total, max_elements, version)
+    return n_tensors, codecs, sizes, joint_size, pos
+
+
+def _parse(data: bytes, max_elements: int, version: int) -> tuple[Table, list[tuple[str, int, int]]]:
+    """The table, and where each entry's variable fields lie: (field, entry, offset) with field "count" or
+    "index" (a sparse entry's count and its index_coder, index_param, index_size) or "scale" (int8)."""
+    n_tensors, codecs, sizes, joint_size, pos = _top(data, version)
+    entries, names, total, variable = [], set(), 0, []
+    for t in range(n_tensors):
+        e, pos = _parse_entry(data, pos, max_elements - total, max_elements, version, variable, t)
         if e.name in names:
             raise CodecError(f"name: {e.name!r} appears twice")
         names.add(e.name)
@@ -128,13 +221,13 @@ def _parse(data: bytes, max_elements: int, version: int) -> Table:
         entries.append(e)
     if pos != len(data):
         raise CodecError(f"header: {len(data) - pos} trailing bytes after the last entry")
-    return Table(entries, codecs, sizes, joint_size)
+    return Table(entries, codecs, sizes, joint_size), variable
 
 
-def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version: int) -> tuple[Entry, int]:
-    """One entry from `pos`, and where the next begins; `budget` is what is left of max_elements (the sum of
-    every tensor's element count). The header of an upload has an entry per tensor (420 for a SmolLM2 LoRA),
-    so each field is one precompiled struct read."""
+def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version: int,
+                 variable: list[tuple[str, int, int]], t: int) -> tuple[Entry, int]:
+    """Entry t from `pos`, and where the next begins; `budget` is what is left of max_elements (the sum of
+    every tensor's element count); the offsets of its variable fields are appended to `variable` (_parse)."""
     (name_len,) = _take(_U16, data, pos, "name_len")
     pos += 2
     if pos + name_len > len(data):
@@ -170,6 +263,7 @@ def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version:
     if form == SPARSE:
         if count > n:
             raise CodecError(f"{name}: count: {count} indices exceed the {n} elements of shape {shape}")
+        variable += [("count", t, pos - 8), ("index", t, pos)]
         e.index_coder, e.index_param, e.index_size = _take(_SPARSE, data, pos, "index_coder")
         pos += _SPARSE.size
         if e.index_coder not in CODER_NAMES:
@@ -188,6 +282,7 @@ def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version:
             raise CodecError(f"{name}: count: mask of density {e.density} has {mask_size(shape, e.density)}"
                              f" entries, header says {count}")
     if vt == "int8":
+        variable.append(("scale", t, pos))
         (e.scale,) = _take(_SCALE, data, pos, "scale")
         pos += 4
         if not (math.isfinite(e.scale) and e.scale > 0):
@@ -198,6 +293,80 @@ def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version:
         if not 1 <= e.block_size <= MAX_BLOCK:
             raise CodecError(f"{name}: block_size: {e.block_size} outside [1, {MAX_BLOCK}]")
     return e, pos
+
+
+MAX_TEMPLATES = 8  # skeletons kept (a coordinator sees one per structure and version it plans)
+_TEMPLATES: dict[tuple[int, int, int], "_Template"] = {}  # (version, max_elements, header length) -> the last
+_NEEDS = np.array([NEEDS_VERSION.get(c, (1, ""))[0] for c in range(len(CODER_NAMES))], np.int64)
+assert sorted(CODER_NAMES) == list(range(len(CODER_NAMES)))  # coder c's version is _NEEDS[c]
+
+
+@dataclass(frozen=True, eq=False)
+class _Template:
+    """A header parse_header accepted: its bytes, which of them the next header must repeat (all but the
+    variable fields), its columns, and where the variable fields lie (the sparse entries' counts and index
+    fields, the int8 entries' scales)."""
+    raw: np.ndarray
+    fixed: np.ndarray  # bool, per byte
+    columns: Columns
+    sparse: np.ndarray  # the sparse entries
+    count_at: np.ndarray  # offset of each one's count
+    index_at: np.ndarray  # offset of each one's index_coder (index_param and index_size follow)
+    int8: np.ndarray  # the int8 entries
+    scale_at: np.ndarray
+
+    @classmethod
+    def of(cls, data: bytes, table: Table, variable: list[tuple[str, int, int]], version: int) -> "_Template":
+        at = {"count": ([], []), "index": ([], []), "scale": ([], [])}
+        for field, t, offset in variable:
+            at[field][0].append(t)
+            at[field][1].append(offset)
+        fixed = np.ones(len(data), bool)
+        fixed[4:_top(data, version)[4]] = False  # the planes' codecs and sizes, joint_size
+        for field, width in (("count", 8), ("index", _SPARSE.size), ("scale", 4)):
+            for offset in at[field][1]:
+                fixed[offset:offset + width] = False
+        arrays = {f: (np.array(ts, np.int64), np.array(offsets, np.int64)) for f, (ts, offsets) in at.items()}
+        return cls(_frozen(np.frombuffer(data, np.uint8).copy()), _frozen(fixed), Columns.of(table.entries),
+                   arrays["index"][0], arrays["count"][1], arrays["index"][1], *arrays["scale"])
+
+    def read(self, data: bytes, version: int) -> Table | None:
+        """The table of `data` in whole-array steps, or None where it is not this skeleton or a variable
+        field fails a check (parse_header then parses it entry by entry, which names the field)."""
+        got = np.frombuffer(data, np.uint8)
+        if ((got != self.raw) & self.fixed).any():
+            return None
+        c, changed = self.columns, {}
+        if self.sparse.size:
+            count, param, size = (_u64(got, at) for at in (self.count_at, self.index_at + 1, self.index_at + 9))
+            coder = got[self.index_at].astype(np.int64)
+            n = c.n[self.sparse].astype(np.uint64)
+            joint = (coder == JOINT) | (coder == JOINT_BYTES)
+            if ((count > n).any() or (coder >= _NEEDS.size).any() or (_NEEDS[np.minimum(coder, _NEEDS.size - 1)]
+                                                                        > version).any()
+                    or (joint & ((size != 0) | (count == 0))).any()
+                    or ((coder == JOINT) & ((param < 1) | (param > np.maximum(n, 1)))).any()
+                    or ((coder == JOINT_BYTES) & (param != 0)).any()):
+                return None
+            for field, values in (("count", count.astype(np.int64)), ("coder", coder), ("param", param),
+                                  ("size", size)):
+                whole = getattr(c, field).copy()
+                whole[self.sparse] = values
+                changed[field] = _frozen(whole)
+        if self.int8.size:
+            scale = got[self.scale_at[:, None] + np.arange(4)].view("<f4").reshape(-1)
+            if not (np.isfinite(scale) & (scale > 0)).all():
+                return None
+            whole = c.scale.copy()
+            whole[self.int8] = scale
+            changed["scale"] = _frozen(whole)
+        _, codecs, sizes, joint_size, _ = _top(data, version)
+        return Table(None, codecs, sizes, joint_size, columns=dataclasses.replace(c, **changed) if changed else c)
+
+
+def _u64(data: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The little-endian u64 at each offset."""
+    return data[at[:, None] + np.arange(8)].view("<u8").reshape(-1)
 
 
 def _check_joint(e: Entry, n: int) -> None:
