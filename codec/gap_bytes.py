@@ -47,23 +47,22 @@ def decode(frame: bytes, ns: np.ndarray, counts: np.ndarray, offsets: np.ndarray
     if 8 * escaped.size != declared - k:
         raise CodecError(f"{FIELD}: {escaped.size} gap bytes say 255 or more, the frame carries "
                          f"{(declared - k) // 8} u64 remainders")
-    steps = small.astype(np.int64)
-    steps += 1  # index i is the sum of (gap + 1) over its tensor's gaps up to i, less 1
+    steps = np.add(small, 1, dtype=np.int64)  # index i is the sum of (gap + 1) over its tensor's gaps to i, less 1
     if escaped.size:
         rest = np.frombuffer(raw, "<u8", offset=k)
         if int(rest.max()) > int(ns.max()):  # also keeps the sums below from overflowing
             raise CodecError(f"{FIELD}: a gap of {ESCAPE + int(rest.max())} runs past every tensor's n")
         steps[escaped] += rest.astype(np.int64)
+    firsts = np.zeros(counts.size, np.int64)
+    np.cumsum(counts[:-1], out=firsts[1:])
+    spans = np.add.reduceat(steps, firsts)  # tensor i's last index is spans[i] - 1
+    if (spans > ns).any():
+        bad = int(np.flatnonzero(spans > ns)[0])
+        raise CodecError(f"{FIELD}: index {int(spans[bad]) - 1} of the stream's tensor {bad} >= n={int(ns[bad])}")
+    # one running sum gives every tensor's indices plus its offset: each tensor's first step jumps from the
+    # previous tensor's last index plus offset to its own offset
+    offsets = np.zeros(counts.size, np.int64) if offsets is None else np.asarray(offsets, np.int64)
+    steps[firsts[1:]] += offsets[1:] - offsets[:-1] - spans[:-1]
+    steps[0] += offsets[0] - 1
     np.cumsum(steps, out=steps)
-    ends = np.cumsum(counts) - 1
-    before = np.zeros(counts.size, np.int64)  # each tensor's first index counts from its own -1
-    before[1:] = steps[ends[:-1]]
-    last = steps[ends] - before - 1
-    if (last >= ns).any():
-        bad = int(np.flatnonzero(last >= ns)[0])
-        raise CodecError(f"{FIELD}: index {int(last[bad])} of the stream's tensor {bad} >= n={int(ns[bad])}")
-    before += 1
-    if offsets is not None:
-        before -= offsets
-    steps -= np.repeat(before, counts)
     return steps

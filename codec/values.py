@@ -104,7 +104,7 @@ def decode_values(stored: np.ndarray, value_type: str, scale: float, name: str, 
         except CodecError as e:
             raise CodecError(f"{name}: {e}") from None
     else:
-        out = stored.astype(np.float32)
+        out = stored.astype(np.float32, copy=False)  # float32 as stored: no copy (the caller's fresh array)
     if not np.isfinite(out).all():
         raise CodecError(f"{name}: values: NaN or Inf")
     return out

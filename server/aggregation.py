@@ -118,6 +118,14 @@ def _flat_values(t) -> np.ndarray:
 
 
 _MINUS_ZERO = np.uint64(1 << 63)  # the bits of float64 -0.0
+
+
+def _products(values: np.ndarray, weight: float) -> np.ndarray:
+    """weight x values in float64, value by value (the dense path's weight x delta)."""
+    products = values.astype(np.float64)
+    products *= weight
+    return products
+
 PENDING_BYTES = 64 << 20  # top-k uploads wait to be added until this much, or the sum's size, is waiting
 SWEEP_BLOCK = 1 << 19  # entries of the sum a flush adds every waiting upload to at a time (4 MiB of float64)
 _NONE = np.zeros(0, np.int64)  # no -0.0 positions
@@ -160,8 +168,11 @@ class RunningMean:
         self._minus_zeros: dict[str, np.ndarray | None] = {}
         self._flat: tuple[Layout, np.ndarray] | None = None  # the sum as one vector, while FlatSparse adds come
         self._flat_minus = np.zeros(0, np.int64)  # its -0.0 positions
-        self._waiting: list[tuple[np.ndarray, np.ndarray, bool]] = []  # FlatSparse adds not yet made:
-        self._waiting_bytes = 0  # (positions, weight x values, whether a product is -0.0), in arrival order
+        # FlatSparse adds not yet made, in arrival order: (positions, values, weight); the delta's arrays are
+        # held as they are (a FlatSparse is not changed after it is made), the float64 products made block by
+        # block in the flush
+        self._waiting: list[tuple[np.ndarray, np.ndarray, float]] = []
+        self._waiting_bytes = 0
 
     @property
     def sum(self) -> Arrays:
@@ -210,40 +221,40 @@ class RunningMean:
 
     def _add_flat(self, delta: FlatSparse, weight: float) -> None:
         pos = delta.positions
-        products = delta.values.astype(np.float64)
-        products *= weight
         if self._flat is None:  # the round's first add: weight x delta, +0.0 elsewhere
+            products = _products(delta.values, weight)
             flat = np.zeros(delta.layout.size, np.float64)
             flat[pos] = products
             self._flat = (delta.layout, flat)
             self._sums = delta.layout.views(flat)
             self._flat_minus = pos[products.view(np.uint64) == _MINUS_ZERO]
             return
-        self._waiting.append((pos, products, bool((products.view(np.uint64) == _MINUS_ZERO).any())))
-        self._waiting_bytes += pos.nbytes + products.nbytes
+        values = delta.values
+        self._waiting.append((pos, values, weight))
+        self._waiting_bytes += pos.nbytes + values.nbytes
         if self._waiting_bytes >= min(PENDING_BYTES, self._flat[1].nbytes):
             self.flush()
 
     def flush(self) -> None:
-        """Make the waiting FlatSparse adds, in arrival order. Where no -0.0 is in play (none in the sum, none
-        among the products: then none can arise) they go in together, block by block; otherwise one at a time
-        with _scatter_add's bookkeeping. Either way bit for bit what adding each as it came gives."""
+        """Make the waiting FlatSparse adds, in arrival order. Where the sum holds no -0.0 none can arise (x + y
+        is -0.0 only where both are), so they go in together, block by block; otherwise one at a time with
+        _scatter_add's bookkeeping. Either way bit for bit what adding each as it came gives."""
         if not self._waiting:
             return
         waiting, self._waiting, self._waiting_bytes = self._waiting, [], 0
         flat = self._flat[1]
-        if self._flat_minus.size or any(minus for _, _, minus in waiting):
-            for pos, products, _ in waiting:
-                self._flat_minus = self._scatter_add(flat, self._flat_minus, pos, products)
+        if self._flat_minus.size:
+            for pos, values, weight in waiting:
+                self._flat_minus = self._scatter_add(flat, self._flat_minus, pos, _products(values, weight))
             return
         edges = np.minimum(np.arange(0, flat.size + SWEEP_BLOCK, SWEEP_BLOCK), flat.size)
         cuts = [np.searchsorted(pos, edges) for pos, _, _ in waiting]
         for b in range(edges.size - 1):
             lo = int(edges[b])
             block = flat[lo:edges[b + 1]]
-            for (pos, products, _), cut in zip(waiting, cuts):
+            for (pos, values, weight), cut in zip(waiting, cuts):
                 if cut[b + 1] > cut[b]:
-                    np.add.at(block, pos[cut[b]:cut[b + 1]] - lo, products[cut[b]:cut[b + 1]])
+                    np.add.at(block, pos[cut[b]:cut[b + 1]] - lo, _products(values[cut[b]:cut[b + 1]], weight))
 
     def _unflatten(self) -> None:
         """Back to a sum per tensor (its views of the vector stay), -0.0 positions cut per tensor."""
@@ -258,8 +269,7 @@ class RunningMean:
 
     def _add_sparse(self, name: str, t: codec.Sparse, weight: float) -> None:
         idx = t.indices
-        products = np.asarray(t.values).reshape(-1).astype(np.float64)
-        products *= weight  # the dense path's weight x value, value by value
+        products = _products(np.asarray(t.values).reshape(-1), weight)
         held = self._sums.get(name)
         if held is None:  # the dense path's first add is weight x delta: +0.0 elsewhere, the products as they are
             self._sums[name] = AtIndices(tuple(t.shape), idx, products)
@@ -361,11 +371,12 @@ class UpdateList:
 def _sum_of_squares(t) -> float:
     """Sum of the squares of a tensor's nonzero entries, in flat-index order. Summing the nonzeros alone (not
     the zeros a top-k or mask left out) makes the float64 result the same number whichever form the tensor
-    travelled in, so clipping a sparse delta equals clipping its dense copy bit for bit."""
+    travelled in, so clipping a sparse delta equals clipping its dense copy bit for bit. (einsum squares and
+    adds in float64 through a small buffer: no float64 copy of the values, which cost more than the sum.)"""
     v = _flat_values(t)
     if np.count_nonzero(v) != v.size:
         v = v[v != 0]
-    return float(np.sum(np.square(v, dtype=np.float64)))
+    return float(np.einsum("i,i->", v, v, dtype=np.float64))
 
 
 def global_norm(delta: Delta) -> float:

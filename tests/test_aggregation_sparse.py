@@ -251,11 +251,13 @@ def test_a_flat_minus_zero_ends_as_the_dense_path_leaves_it():
     assert not any(np.signbit(v).any() for v in acc.sum.values())
 
 
-@pytest.mark.parametrize("minus_zero", [False, True])
-def test_waiting_flat_uploads_are_added_together_bit_for_bit(monkeypatch, minus_zero):
+@pytest.mark.parametrize("minus_zero,weights", [(False, [1.0, 0.37, 3.0]), (True, [1.0, 0.37, 3.0]),
+                                                (False, [1.0, 1e-300])])
+def test_waiting_flat_uploads_are_added_together_bit_for_bit(monkeypatch, minus_zero, weights):
     """Forty top-k uploads of 50 entries of a 5,000-entry layout wait (their bytes stay under the sum's) and one
-    flush adds them, sweeping the sum 7 entries at a time: the sum is the dense path's bit for bit. With a
-    -0.0 among them the flush adds them one at a time instead, to the same bits."""
+    flush adds them, sweeping the sum 7 entries at a time: the sum is the dense path's bit for bit, with a -0.0
+    among the values, or a weight so small that a negative value times it underflows to -0.0 (a -0.0 added to
+    a sum entry that is not -0.0 changes nothing, which is why the flush only asks whether the sum has one)."""
     monkeypatch.setattr("edgelora.server.aggregation.SWEEP_BLOCK", 7)
     rng = np.random.default_rng(12)
     layout = Layout.of({"a": (50, 60), "b": (2000,)})
@@ -264,8 +266,10 @@ def test_waiting_flat_uploads_are_added_together_bit_for_bit(monkeypatch, minus_
         values = rng.normal(size=50).astype(np.float32)
         if minus_zero and i == 20:
             values[3] = -0.0
+        if weights[-1] < 1e-250:
+            values[4] = -1e-40
         delta = FlatSparse(layout, np.sort(rng.choice(layout.size, 50, replace=False)), values)
-        w = float(rng.choice([1.0, 0.37, 3.0]))
+        w = float(rng.choice(weights))
         acc.add(delta, w)
         ref.add({k: densify(k, v) for k, v in delta.tensors().items()}, w)
     assert len(acc._waiting) == 39  # every add after the round's first waited
