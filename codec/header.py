@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,9 +180,10 @@ def parse_header(data: bytes, max_elements: int, version: int = 2) -> Table:
         if table is None:
             table, variable = _parse(data, max_elements, version)
             template = _Template.of(data, table, variable, version)
-            if len(_TEMPLATES) >= MAX_TEMPLATES:
-                _TEMPLATES.pop(next(iter(_TEMPLATES)), None)
-            _TEMPLATES[key] = template
+            with _TEMPLATES_LOCK:  # decoders run on the servicer's threads
+                if len(_TEMPLATES) >= MAX_TEMPLATES:
+                    _TEMPLATES.pop(next(iter(_TEMPLATES)))
+                _TEMPLATES[key] = template
             table = Table(table.entries, table.plane_codecs, table.plane_sizes, table.joint_size,
                           columns=template.columns)
         return table
@@ -297,6 +299,7 @@ def _parse_entry(data: bytes, pos: int, budget: int, max_elements: int, version:
 
 MAX_TEMPLATES = 8  # skeletons kept (a coordinator sees one per structure and version it plans)
 _TEMPLATES: dict[tuple[int, int, int], "_Template"] = {}  # (version, max_elements, header length) -> the last
+_TEMPLATES_LOCK = threading.Lock()
 _NEEDS = np.array([NEEDS_VERSION.get(c, (1, ""))[0] for c in range(len(CODER_NAMES))], np.int64)
 assert sorted(CODER_NAMES) == list(range(len(CODER_NAMES)))  # coder c's version is _NEEDS[c]
 
