@@ -24,8 +24,8 @@ from .header import DENSE, MASKED, SPARSE, ZSTD, Columns, Entry, Table, pack_hea
 from .index_coding import GOLOMB, JOINT, JOINT_BYTES, NONE, decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor
-from .values import (BLOCK_TYPES, DEFAULT_BLOCK, ITEM_SIZE, MAX_BLOCK, N_PLANES, VALUE_TYPES, check_rounding,
-                     check_value_type, decode_blockwise, decode_values, encode_values, pack_planes, scale_bytes,
+from .values import (BLOCK_TYPES, DEFAULT_BLOCK, MAX_BLOCK, VALUE_TYPES, check_rounding, check_value_type,
+                     decode_blockwise, decode_values, encode_values, pack_planes, plane_sizes, scale_sizes,
                      unpack_planes, unpack_uniform)
 
 MAGIC = b"ELCB"
@@ -142,8 +142,13 @@ def take_apart(data: bytes) -> tuple[Table, list[bytes], bytes]:
 
 def _side_sizes(table: Table, version: int) -> list[int]:  # (take_apart's)
     """Bytes of each side payload: the joint stream's (version 3), then each tensor's."""
+    c = table.columns
     joint = [table.joint_size] if version >= 3 else []
-    return joint + [e.index_size + scale_bytes(e.value_type, e.count, e.block_size) for e in table.entries]
+    return joint + [i + s for i, s in zip(c.size.tolist(), scale_sizes(c.vt, c.count, c.block).tolist())]
+
+
+_NO_INDICES = np.zeros(0, np.int64)  # a Sparse tensor's with coder 'none' and count 0
+_NO_INDICES.flags.writeable = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,9 +184,8 @@ class Flat:
                 out[e.name] = Dense(values.reshape(e.shape))
             elif e.form == MASKED:
                 out[e.name] = Masked(e.shape, e.seed, e.density, values)
-            else:  # no stream of its own or in the joint one: coder 'none', no index or every index
-                idx = indices.get(t)
-                out[e.name] = Sparse(e.shape, idx if idx is not None else np.arange(e.count, dtype=np.int64), values)
+            else:  # in neither: coder 'none' with no index (_own_indices)
+                out[e.name] = Sparse(e.shape, indices.get(t, _NO_INDICES), values)
         return out
 
 
@@ -194,10 +198,6 @@ def decode_bundle(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_EL
     return decode_flat(data, max_elements=max_elements).tensors()
 
 
-_ITEM = np.array([ITEM_SIZE[t] for t in VALUE_TYPES], np.int64)  # stored bytes per unit, by value type
-_INT4, _BLOCKWISE = VALUE_TYPES.index("int4_block"), np.array([t in BLOCK_TYPES for t in VALUE_TYPES])
-
-
 def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Flat:
     """The bundle as whole-bundle arrays (Flat), with every check decode_bundle makes. Whole-array steps
     over the table's columns, however many tensors; a step per tensor only for a tensor with its own index
@@ -207,18 +207,17 @@ def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEM
     table, body, version = _open(data, max_elements)
     c = table.columns
     joint_size = table.joint_size if version >= 3 else 0
-    blockwise = _BLOCKWISE[c.vt] & (c.count > 0)
-    scale_sizes = np.where(blockwise, 4 * -(-c.count // np.maximum(c.block, 1)), 0)
-    side_ends = np.cumsum(np.minimum(c.size, len(body)).astype(np.int64) + scale_sizes) + min(joint_size, len(body))
+    scales = scale_sizes(c.vt, c.count, c.block)
+    index_bytes = np.minimum(c.size, len(body)).astype(np.int64)  # (a larger one is refused just below)
+    side_ends = np.cumsum(index_bytes + scales) + min(joint_size, len(body))
     if (joint_size > len(body) or (c.size > len(body)).any()
             or (int(side_ends[-1]) if c.names else joint_size) + sum(table.plane_sizes) != len(body)):
         raise CodecError(f"index_size/plane_size: payload sizes (with block scales) do not add up to the "
                          f"{len(body)} body bytes")
-    index_starts = side_ends - scale_sizes - c.size.astype(np.int64)  # each tensor's side payload
-    stored_units = np.where(c.vt == _INT4, (c.count + 1) // 2, c.count)
+    scale_starts = side_ends - scales  # each tensor's side payload: its index bytes, then its block scales
+    index_starts = scale_starts - index_bytes
     planes, pos = [], int(side_ends[-1]) if c.names else joint_size
-    for j in range(N_PLANES):
-        expected = int(stored_units[_ITEM[c.vt] > j].sum())
+    for j, expected in enumerate(plane_sizes(c.vt, c.count)):
         plane = bytes(body[pos:pos + table.plane_sizes[j]])
         pos += table.plane_sizes[j]
         if table.plane_codecs[j] == ZSTD:
@@ -231,11 +230,11 @@ def decode_flat(data: bytes | bytearray, *, max_elements: int = DEFAULT_MAX_ELEM
     joint = _joint_indices(c, bytes(body[:joint_size]), tensor_starts) if version >= 3 else None
     starts = np.zeros(len(c.names) + 1, np.int64)
     np.cumsum(c.count, out=starts[1:])
-    values = _values(table, c, planes, body, index_starts + c.size.astype(np.int64), scale_sizes)
+    values = _values(table, c, planes, body, scale_starts, scales)
     indices = _own_indices(c, body, index_starts)
     positions = None
     if c.names and (c.form == SPARSE).all():
-        positions = _positions(c, starts, tensor_starts, indices, joint)
+        positions = _positions(starts, tensor_starts, indices, joint)
     return Flat(c.names, c.shapes, values, starts, positions, table, indices, joint)
 
 
@@ -278,10 +277,10 @@ def _joint_indices(c: Columns, payload: bytes, tensor_starts: np.ndarray) -> _Jo
 
 def _own_indices(c: Columns, body: memoryview, index_starts: np.ndarray) -> dict[int, np.ndarray]:
     """The local indices of each Sparse tensor with its own stream. Coder 'none' with no index (most of a
-    top-k's tensors at low density) or every index is checked for the whole table at once and left out (Flat
-    makes its indices when asked); any other is decoded on its own."""
+    top-k's tensors at low density) is checked for the whole table at once and left out (it has none); any
+    other is decoded on its own."""
     own = (c.form == SPARSE) & (c.coder != JOINT) & (c.coder != JOINT_BYTES)
-    plain = own & (c.coder == NONE) & (c.size == 0) & (c.param == 0) & ((c.count == 0) | (c.count == c.n))
+    plain = own & (c.coder == NONE) & (c.size == 0) & (c.param == 0) & (c.count == 0)
     out = {}
     for t in np.flatnonzero(own & ~plain).tolist():
         start = int(index_starts[t])
@@ -293,7 +292,7 @@ def _own_indices(c: Columns, body: memoryview, index_starts: np.ndarray) -> dict
     return out
 
 
-def _positions(c: Columns, starts: np.ndarray, tensor_starts: np.ndarray, indices: dict[int, np.ndarray],
+def _positions(starts: np.ndarray, tensor_starts: np.ndarray, indices: dict[int, np.ndarray],
                joint: _Joint | None) -> np.ndarray:
     """Every value's position in the (all sparse) tensors laid end to end, in one array: each tensor's indices
     plus where it begins (tensor_starts), at its values' places (starts)."""
@@ -305,8 +304,6 @@ def _positions(c: Columns, starts: np.ndarray, tensor_starts: np.ndarray, indice
                   + np.arange(joint.positions.size)] = joint.positions
     for t, idx in indices.items():
         positions[starts[t]:starts[t + 1]] = idx + tensor_starts[t]
-    for t in np.flatnonzero((c.coder == NONE) & (c.count > 0) & (c.count == c.n)).tolist():
-        positions[starts[t]:starts[t + 1]] = np.arange(tensor_starts[t], tensor_starts[t] + c.count[t])
     return positions
 
 

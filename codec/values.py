@@ -47,9 +47,15 @@ def stored_count(value_type: str, count: int) -> int:
     return (count + 1) // 2 if value_type == "int4_block" else count
 
 
-def scale_bytes(value_type: str, count: int, block_size: int) -> int:
-    """Bytes of a blockwise tensor's float32 scales in its side payload (0 for the other types)."""
-    return 4 * math.ceil(count / block_size) if value_type in BLOCK_TYPES and count else 0
+_ITEM = np.array([ITEM_SIZE[t] for t in VALUE_TYPES], np.int64)  # stored bytes per unit, by value type
+_BLOCKWISE = np.array([t in BLOCK_TYPES for t in VALUE_TYPES])
+_INT4 = VALUE_TYPES.index("int4_block")
+
+
+def scale_sizes(vt: np.ndarray, counts: np.ndarray, block_sizes: np.ndarray) -> np.ndarray:
+    """Bytes of each tensor's float32 block scales in its side payload (0 for the other types), for tensors of
+    value types `vt` (places in VALUE_TYPES), `counts` values and `block_sizes` (int64 arrays)."""
+    return np.where(_BLOCKWISE[vt] & (counts > 0), 4 * -(-counts // np.maximum(block_sizes, 1)), 0)
 
 
 def check_value_type(value_type: str, field: str = "value_type") -> str:
@@ -89,7 +95,7 @@ def encode_values(values: np.ndarray, value_type: str, name: str, *, block_size:
 def decode_values(stored: np.ndarray, value_type: str, scale: float, name: str, *, count: int | None = None,
                   block_size: int = DEFAULT_BLOCK, scales: bytes = b"") -> np.ndarray:
     """float32 values of one tensor; `count`, `block_size` and `scales` are the blockwise types' (the caller
-    has checked len(scales) == scale_bytes(...))."""
+    has checked len(scales) == scale_sizes(...))."""
     if value_type == "bfloat16":
         out = (stored.astype(np.uint32) << 16).view(np.float32)
     elif value_type == "int8":
@@ -210,12 +216,10 @@ def pack_planes(stored: list[np.ndarray]) -> list[bytes]:
     return [b"".join(v[:, j].tobytes() for v in views if v.shape[1] > j) for j in range(N_PLANES)]
 
 
-def plane_sizes(value_types: list[str], counts: list[int]) -> list[int]:
-    if len(set(value_types)) == 1 and value_types[0] != "int4_block":  # one type: its item size's planes
-        total = sum(counts)
-        return [total if ITEM_SIZE[value_types[0]] > j else 0 for j in range(N_PLANES)]
-    return [sum(stored_count(t, c) for t, c in zip(value_types, counts) if ITEM_SIZE[t] > j)
-            for j in range(N_PLANES)]
+def plane_sizes(vt: np.ndarray, counts: np.ndarray) -> list[int]:
+    """Bytes of planes 0..3 for tensors of value types `vt` (places in VALUE_TYPES) and `counts` values."""
+    units = np.where(vt == _INT4, (counts + 1) // 2, counts)  # stored_count, for every tensor at once
+    return [int(units[_ITEM[vt] > j].sum()) for j in range(N_PLANES)]
 
 
 def unpack_planes(planes: list[bytes], value_types: list[str], counts: list[int]) -> list[np.ndarray]:

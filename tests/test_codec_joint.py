@@ -376,7 +376,8 @@ def test_blockwise_values_of_every_tensor_decode_in_one_pass_as_tensor_by_tensor
     table, sides, section = take_apart(data)
     plane = section[:table.plane_sizes[0]]
     if table.plane_codecs[0]:  # zstd where that was smaller
-        plane = zstd_frame.decompress(plane, values.plane_sizes([value_type] * len(counts), counts)[0], "plane")
+        plane = zstd_frame.decompress(plane, values.plane_sizes(np.full(len(counts), values.VALUE_TYPES.index(value_type)),
+                                                                 np.array(counts))[0], "plane")
     stored = values.unpack_planes([plane, b"", b"", b""], [value_type] * len(counts), counts)
     expect = []
     for e, s, side in zip(table.entries, stored, sides[1:] if data[4] >= 3 else sides):

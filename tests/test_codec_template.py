@@ -14,12 +14,7 @@ from edgelora.codec import header as hdr
 from edgelora.codec.container import assemble, take_apart
 from edgelora.codec.index_coding import BITMAP, GOLOMB, JOINT, JOINT_BYTES, NONE, RANS
 
-RNG = np.random.default_rng(17)
-
-
-def topk(shape, k, rng):
-    n = int(np.prod(shape))
-    return codec.Sparse(shape, np.sort(rng.choice(n, k, replace=False)), rng.normal(size=k).astype(np.float32))
+from .test_codec_joint import random_sparse
 
 
 def bundle(seed: int, value_type: str = "float32", **kw) -> bytes:
@@ -28,11 +23,11 @@ def bundle(seed: int, value_type: str = "float32", **kw) -> bytes:
     values differ with `seed`, as two devices' uploads do."""
     rng = np.random.default_rng(seed)
     tensors = {
-        "a": topk((40, 30), 40 + seed % 7, rng),
-        "b": topk((20, 30), 30 + seed % 5, rng),
-        "dense_one": topk((64, 64), 3000, rng),  # dense enough for a bitmap
+        "a": random_sparse(rng, (40, 30), 40 + seed % 7),
+        "b": random_sparse(rng, (20, 30), 30 + seed % 5),
+        "dense_one": random_sparse(rng, (64, 64), 3000),  # dense enough for a bitmap
         "empty": codec.Sparse((9, 9), np.zeros(0, np.int64), np.zeros(0, np.float32)),
-        "c": topk((64, 8), 25 + seed % 3, rng),
+        "c": random_sparse(rng, (64, 8), 25 + seed % 3),
     }
     if kw.pop("mixed", False):
         tensors["dense"] = codec.Dense(rng.normal(size=(3, 5)).astype(np.float32))
