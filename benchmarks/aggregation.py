@@ -18,8 +18,8 @@ upload those bytes: `Round.check` (decode_update: codec bytes -> the delta in it
 time.perf_counter; nothing is mocked but the method's planning (a fixed task) and the transport.
 
 One JSON record per (structure, density): `values`, `density`, `upload_format`, `index_form` (a top-k's joint
-index stream as the encoder wrote it: "golomb", or "bytes" where that was within 1 % of Golomb's size; every
-tensor's delta here is alike, which is where bytes win: FORMAT.md), `payload_mb`,
+index stream as the encoder wrote it: "golomb", or "bytes" where that was within 1 % of Golomb's size, which
+needs tensors of alike density: FORMAT.md; "own" where no two tensors' indices share a stream), `payload_mb`,
 `seconds_per_upload` (the uploads after the warm-up, wall clock, added up with the flush of the adds they
 left waiting (RunningMean.flush: top-k adds wait and go in together), divided by their number), its two
 parts `check_seconds` and `accept_seconds` (flush included), `best_seconds_per_upload` (the best single
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.codec import SCALE_PROFILES
+from benchmarks.codec import SCALE_PROFILES, joint_form
 from edgelora import codec
 from edgelora.config import load_config
 from edgelora.methods.base import Method, MethodConfig
@@ -210,7 +210,7 @@ def measure(structure: str, density: float, uploads: int, densified: bool, profi
     mean_seconds = time.perf_counter() - start
     rec = {"structure": structure, "values": values, "density": density, "upload_format": fmt.name.lower(),
            "profile": profile, "value_type": value_type,
-           "index_form": {3: "golomb", 4: "bytes"}.get(shared[4], "own") if fmt == UploadFormat.TOPK else "",
+           "index_form": joint_form(shared) if fmt == UploadFormat.TOPK else "",
            "payload_mb": round(len(shared) / 2**20, 2), "uploads": uploads,
            "seconds_per_upload": (sum(c + a for c, a, _ in steady) + flush_seconds) / n,
            "check_seconds": sum(c for c, _, _ in steady) / n,

@@ -22,6 +22,7 @@ import numpy as np
 
 from edgelora import codec
 from edgelora.codec import index_coding, values, zstd_frame
+from edgelora.codec.container import take_apart
 
 SIZES = (1_000_000, 10_000_000)
 DENSITIES = (0.001, 0.01, 0.0625, 0.25, 0.5)
@@ -125,6 +126,14 @@ SCALE_PROFILES = {  # a tensor's scale from its name and a draw
 }
 
 
+def joint_form(data: bytes) -> str:
+    """How a bundle's joint index stream was written: "bytes" (byte gaps), "golomb", or "own" (no joint stream:
+    every sparse tensor has its own). Read from the entries' coders: the bundle's version byte says only which
+    features are present (a bitmap tensor alone makes it 4)."""
+    coders = {e.index_coder for e in take_apart(data)[0].entries}
+    return "bytes" if index_coding.JOINT_BYTES in coders else "golomb" if index_coding.JOINT in coders else "own"
+
+
 def joint_table(rng: np.random.Generator, densities=(1 / 4, 1 / 16, 1 / 64)) -> list[dict]:
     """The joint index stream against a stream per tensor, on global top-k uploads of a SmolLM2 LoRA update."""
     from benchmarks.aggregation import lora_shapes
@@ -140,7 +149,7 @@ def joint_table(rng: np.random.Generator, densities=(1 / 4, 1 / 16, 1 / 64)) -> 
             golomb = len(codec.encode_bundle(sent, value_type="float16", byte_gap_slack=-1))
             own = len(codec.encode_bundle(sent, value_type="float16", joint_indices=False))
             out.append({"profile": profile, "density": density, "joint_bytes": len(data),
-                        "joint_form": "bytes" if data[4] == 4 else "golomb", "joint_golomb_bytes": golomb,
+                        "joint_form": joint_form(data), "joint_golomb_bytes": golomb,
                         "per_tensor_bytes": own, "joint_over_per_tensor": len(data) / own})
     return out
 
