@@ -249,12 +249,11 @@ class RunningMean:
             return
         edges = np.minimum(np.arange(0, flat.size + SWEEP_BLOCK, SWEEP_BLOCK), flat.size)
         cuts = [np.searchsorted(pos, edges) for pos, _, _ in waiting]
-        for b in range(edges.size - 1):
-            lo = int(edges[b])
-            block = flat[lo:edges[b + 1]]
+        for b in range(edges.size - 1):  # the positions index the whole sum: the block is what they touch
             for (pos, values, weight), cut in zip(waiting, cuts):
-                if cut[b + 1] > cut[b]:
-                    np.add.at(block, pos[cut[b]:cut[b + 1]] - lo, _products(values[cut[b]:cut[b + 1]], weight))
+                lo, hi = cut[b], cut[b + 1]
+                if hi > lo:
+                    np.add.at(flat, pos[lo:hi], _products(values[lo:hi], weight))
 
     def _unflatten(self) -> None:
         """Back to a sum per tensor (its views of the vector stay), -0.0 positions cut per tensor."""
@@ -382,8 +381,8 @@ def _sum_of_squares(t) -> float:
 def global_norm(delta: Delta) -> float:
     """The L2 norm over every tensor together: per tensor, then summed (a FlatSparse: over its values at once,
     the same number up to float64 rounding)."""
-    if isinstance(delta, FlatSparse):
-        return float(np.sqrt(_sum_of_squares(delta.values)))
+    if isinstance(delta, FlatSparse):  # no zeros filtered: there is no per-tensor sum for it to match
+        return float(np.sqrt(np.einsum("i,i->", delta.values, delta.values, dtype=np.float64)))
     return float(np.sqrt(sum(_sum_of_squares(v) for v in delta.values())))
 
 

@@ -582,9 +582,10 @@ class RoundEngine:
         """A top-k upload whose tensors are the plan's, in its order, all Sparse (what devices send): checked
         and handed on as one FlatSparse, each check one whole-array step (the codec has checked the indices)."""
         self._check_topk_count(plan, flat.values.size)
-        magnitude = np.abs(flat.values)
-        if magnitude.size and float(magnitude.max()) > self.run.server.max_update_abs:
-            at = int(np.argmax(magnitude > self.run.server.max_update_abs))  # the first tensor over the cap
+        values, cap = flat.values, self.run.server.max_update_abs
+        if values.size and max(float(values.max()), -float(values.min())) > cap:  # (the codec refused NaN)
+            magnitude = np.abs(values)
+            at = int(np.argmax(magnitude > cap))  # the first tensor over the cap
             t = int(np.searchsorted(flat.starts, at, side="right")) - 1
             self._check_peak(flat.names[t], float(magnitude[flat.starts[t]:flat.starts[t + 1]].max()))
         try:
