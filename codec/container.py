@@ -107,9 +107,9 @@ def _joint_stream(table: Table, gaps: list[np.ndarray], ms: list[int], level: in
     """The joint stream of the table's joint entries: byte gaps where within `slack` of Golomb's size (the
     entries then say so), else Golomb codes. Golomb's size is counted, not written, unless it is kept."""
     if slack >= 0:
-        frame = gap_bytes.encode(gaps, level)
-        golomb_size = -(-sum(golomb.golomb_bits(g, m) for g, m in zip(gaps, ms)) // 8)
-        if len(frame) <= (1 + slack) * golomb_size:
+        bound = (1 + slack) * -(-sum(golomb.golomb_bits(g, m) for g, m in zip(gaps, ms)) // 8)
+        frame = gap_bytes.encode(gaps, level, bound)
+        if len(frame) <= bound:
             for e in table.joint:
                 e.index_coder, e.index_param = JOINT_BYTES, 0
             return frame
