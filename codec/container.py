@@ -21,7 +21,7 @@ import numpy as np
 from . import gap_bytes, golomb, zstd_frame
 from .errors import CodecError
 from .header import DENSE, MASKED, SPARSE, ZSTD, Columns, Entry, Table, pack_header, parse_header, version_of
-from .index_coding import GOLOMB, JOINT, JOINT_BYTES, NONE, decode_indices, encode_indices
+from .index_coding import GOLOMB, JOINT, JOINT_BYTES, JOINT_CODERS, NONE, decode_indices, encode_indices
 from .mask import mask_size
 from .tensors import Dense, Masked, Sparse, Tensor
 from .values import (BLOCK_TYPES, DEFAULT_BLOCK, MAX_BLOCK, VALUE_TYPES, check_rounding, check_value_type,
@@ -254,7 +254,7 @@ class _Joint:
 
 def _joint_indices(c: Columns, payload: bytes, tensor_starts: np.ndarray) -> _Joint | None:
     """Decode the joint stream (its tensors' m, n and counts were checked with the header)."""
-    where = np.flatnonzero((c.form == SPARSE) & ((c.coder == JOINT) | (c.coder == JOINT_BYTES)))
+    where = np.flatnonzero((c.form == SPARSE) & np.isin(c.coder, JOINT_CODERS))
     if not where.size:
         if payload:
             raise CodecError(f"joint_size: {len(payload)} bytes of joint index stream, and no tensor says joint")
@@ -279,7 +279,7 @@ def _own_indices(c: Columns, body: memoryview, index_starts: np.ndarray) -> dict
     """The local indices of each Sparse tensor with its own stream. Coder 'none' with no index (most of a
     top-k's tensors at low density) is checked for the whole table at once and left out (it has none); any
     other is decoded on its own."""
-    own = (c.form == SPARSE) & (c.coder != JOINT) & (c.coder != JOINT_BYTES)
+    own = (c.form == SPARSE) & ~np.isin(c.coder, JOINT_CODERS)
     plain = own & (c.coder == NONE) & (c.size == 0) & (c.param == 0) & (c.count == 0)
     out = {}
     for t in np.flatnonzero(own & ~plain).tolist():
@@ -308,7 +308,7 @@ def _positions(starts: np.ndarray, tensor_starts: np.ndarray, indices: dict[int,
 
 
 def _values(table: Table, c: Columns, planes: list[bytes], body: memoryview, scale_starts: np.ndarray,
-            scale_sizes: np.ndarray) -> np.ndarray:
+            scale_lens: np.ndarray) -> np.ndarray:
     """Every tensor's float32 values, in table order, in one array: in one pass where the tensors share a value
     type (and a block size: their scales are then gathered into one array), else tensor by tensor; a failed
     check of the one pass is redone tensor by tensor, to name the tensor."""
@@ -320,8 +320,8 @@ def _values(table: Table, c: Columns, planes: list[bytes], body: memoryview, sca
     try:
         if uniform and vt in BLOCK_TYPES and bool((c.block == c.block[0]).all()):
             body_bytes = np.frombuffer(body, np.uint8)
-            total = int(scale_sizes.sum())
-            at = np.repeat(scale_starts - (np.cumsum(scale_sizes) - scale_sizes), scale_sizes) + np.arange(total)
+            total = int(scale_lens.sum())
+            at = np.repeat(scale_starts - (np.cumsum(scale_lens) - scale_lens), scale_lens) + np.arange(total)
             return decode_blockwise(np.frombuffer(planes[0], np.uint8), vt, c.count, int(c.block[0]),
                                     body_bytes[at].tobytes())
         if uniform and vt not in BLOCK_TYPES:
@@ -333,7 +333,7 @@ def _values(table: Table, c: Columns, planes: list[bytes], body: memoryview, sca
     entries = table.entries
     types, counts = [e.value_type for e in entries], [e.count for e in entries]
     stored = np.split(whole, np.cumsum(counts)[:-1]) if whole is not None else unpack_planes(planes, types, counts)
-    scales = [bytes(body[s:s + n]) for s, n in zip(scale_starts.tolist(), scale_sizes.tolist())]
+    scales = [bytes(body[s:s + n]) for s, n in zip(scale_starts.tolist(), scale_lens.tolist())]
     out = [decode_values(s, e.value_type, e.scale, e.name, count=e.count, block_size=e.block_size, scales=sc)
            for e, s, sc in zip(entries, stored, scales)]
     return np.concatenate(out)

@@ -344,7 +344,7 @@ class _Template:
             count, param, size = (_u64(got, at) for at in (self.count_at, self.index_at + 1, self.index_at + 9))
             coder = got[self.index_at].astype(np.int64)
             n = c.n[self.sparse].astype(np.uint64)
-            joint = (coder == JOINT) | (coder == JOINT_BYTES)
+            joint = np.isin(coder, JOINT_CODERS)
             if ((count > n).any() or (coder >= _NEEDS.size).any() or (_NEEDS[np.minimum(coder, _NEEDS.size - 1)]
                                                                         > version).any()
                     or (joint & ((size != 0) | (count == 0))).any()

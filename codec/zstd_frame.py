@@ -48,8 +48,8 @@ def compress(data: bytes, level: int, min_match: int | None = None) -> bytes:
 # that are independent draws are left to the entropy stage. Gap bytes at density 1/4 (SmolLM2's LoRA, 1.2M
 # indices): 0.7 % above Golomb's size in 28 ms, against +4.8 % at level 3 with ENTROPY_MIN_MATCH (chance matches
 # of 7 bytes are common among ~10 symbols) and 0.7 % in 150-220 ms at levels 16-19.
-OPTIMAL_PARSER = dict(window_log=17, chain_log=10, hash_log=10, search_log=1, min_match=7, target_length=999,
-                      strategy=7)
+OPTIMAL_PARSER = dict(window_log=17, chain_log=10, hash_log=10, search_log=1, min_match=ENTROPY_MIN_MATCH,
+                      target_length=999, strategy=7)
 
 
 def compress_optimal(data: bytes) -> bytes:
