@@ -126,6 +126,7 @@ def _products(values: np.ndarray, weight: float) -> np.ndarray:
     products *= weight
     return products
 
+
 PENDING_BYTES = 64 << 20  # top-k uploads wait to be added until this much, or the sum's size, is waiting
 SWEEP_BLOCK = 1 << 19  # entries of the sum a flush adds every waiting upload to at a time (4 MiB of float64)
 _NONE = np.zeros(0, np.int64)  # no -0.0 positions
@@ -375,6 +376,10 @@ def _sum_of_squares(t) -> float:
     v = _flat_values(t)
     if np.count_nonzero(v) != v.size:
         v = v[v != 0]
+    return _squares_added(v)
+
+
+def _squares_added(v: np.ndarray) -> float:
     return float(np.einsum("i,i->", v, v, dtype=np.float64))
 
 
@@ -382,7 +387,7 @@ def global_norm(delta: Delta) -> float:
     """The L2 norm over every tensor together: per tensor, then summed (a FlatSparse: over its values at once,
     the same number up to float64 rounding)."""
     if isinstance(delta, FlatSparse):  # no zeros filtered: there is no per-tensor sum for it to match
-        return float(np.sqrt(np.einsum("i,i->", delta.values, delta.values, dtype=np.float64)))
+        return float(np.sqrt(_squares_added(delta.values)))
     return float(np.sqrt(sum(_sum_of_squares(v) for v in delta.values())))
 
 
