@@ -122,7 +122,7 @@ class Coordinator(RoundDriver):
         self.model_fingerprint = fingerprint_model(self.base)
         self.tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)
         self._last_told = float("-inf")  # the clock when a device was last told the run is over
-        self._pace_draws = random.Random()  # jitter of retry-after intervals (timing only, never a mask)
+        self._pace_draws = random.Random()  # jitter of retry-after and long-poll times (timing only, never a mask)
         self.polls_held = 0  # devices long-polling for a task now (the servicer's count, changed on its loop)
 
     @property
@@ -259,10 +259,10 @@ class Coordinator(RoundDriver):
         """Pace steering: seconds an idle device waits before it asks again, server.pace_s jittered."""
         return self.jittered(self.run.server.pace_s)
 
-    def jittered(self, seconds: float) -> float:
-        """seconds x a uniform draw in [0.5, 1.5): devices told at once come back spread out (the draws are
-        timing only and move no result)."""
-        return seconds * (0.5 + self._pace_draws.random())
+    def jittered(self, seconds: float, low: float = 0.5, high: float = 1.5) -> float:
+        """seconds x a uniform draw in [low, high): devices told at once come back spread out (the draws are
+        timing only and move no result; no mask ever comes from them)."""
+        return seconds * (low + (high - low) * self._pace_draws.random())
 
     def heartbeat_after(self, device_id: str) -> float:
         """The interval a heartbeat reply sets: 0 (keep server.heartbeat_s) without pace steering; under it,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,7 +68,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.heavy = ThreadPoolExecutor(HEAVY_THREADS, thread_name_prefix="rpc-heavy")
         self._loop = asyncio.get_running_loop()
         self._polls: dict[str, set[asyncio.Future]] = {}  # device -> its long polls' wake-ups
-        self._poll_draws = random.Random()  # spreads the long polls' ends (timing only)
         self._poll_cap = poll_cap(run.server.max_connections)
         self._told_full = False  # the operator was told polls reached the cap (once a run)
         coord.task_listeners.append(self._wake_threadsafe)
@@ -141,7 +139,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         nothing yet, wait until the driver's wake-up reaches this device (_wake) and ask again. A poll lasts
         wait_s x a uniform draw in [0.5, 1), at most 60 s, so polls begun together (a fleet registering at once)
         do not all end and come back together."""
-        deadline = self._loop.time() + max(0.0, min(wait_s, 60.0)) * (0.5 + 0.5 * self._poll_draws.random())
+        deadline = self._loop.time() + self.coord.jittered(max(0.0, min(wait_s, 60.0)), 0.5, 1.0)
         while True:
             woken = self._loop.create_future()  # registered before asking: a wake-up during the question is kept
             self._polls.setdefault(device_id, set()).add(woken)
