@@ -15,12 +15,14 @@ when none is named). One JSON record per setting: `precision`, `base`, `base_mb`
 `base_copied`, `micro_batch`,
 `effective_batch`,
 `chunked_loss` (tokens a chunk; 0 = off), `step_ms` (median of the steps after the first), `peak_rss_mb` (the
-child's whole life: load, build, train), `load_peak_mb` (the peak before training: loading and building),
+child's whole life: load, build, train), `load_peak_mb` (the peak before training: loading and building), `loaded_mb` (resident once
+built) and `released_mb` (with release: after handing the heap's freed pages back), `step_peaks_mb` (each
+step's own peak: the peak is reset before it, on Linux),
 `loss_after` (the loss at the last step; the same batch every step, so
 settings that compute the same update agree), `steps`, `trainable`, `batch`, `seq_len`, `threads`,
 `cpu_fast_bf16`; budgetMB runs the device's own planning (edgelora.memory) for a device declaring MB, after
 one warm-up pass as a device makes before Register, and adds `budget_mb`, `plan`, `predicted_mb`
-(a budget no plan fits: only those, `plan` "refused"); mmap64k runs the child with MALLOC_MMAP_THRESHOLD_=65536
+(a budget no plan fits: only those, `plan` "refused"); release hands the heap's freed pages back (malloc_trim) once built and after every step; mmap64k runs the child with MALLOC_MMAP_THRESHOLD_=65536
 (glibc returns freed activations to the OS at once: less memory, slower). Prints bf16 / fp32 and each setting's memory and time against the first setting's. Asserts nothing:
 without AMX/AVX512-BF16, bf16 is emulated on a CPU and slower, which is why train.precision = "auto" picks fp32
 there.
@@ -46,8 +48,8 @@ def child(args) -> dict:
     from edgelora.config import ModelConfig
     from edgelora.schema import shared_dataset
     from edgelora.data import Examples
-    from edgelora.edge_client.trainer import DeviceHost, peak_rss_mb
-    from edgelora.frozen_base import base_bytes
+    from edgelora.edge_client.trainer import DeviceHost, peak_rss_mb, resident_mb
+    from edgelora.frozen_base import base_bytes, release_freed_memory
     from edgelora.precision import cpu_has_fast_bf16
     from edgelora.tasks import LoraSpec, Structure, StructureKind, TrainSpec
     from edgelora.training import accumulate, enable_gradient_checkpointing
@@ -68,7 +70,7 @@ def child(args) -> dict:
     plan, predicted, resident = "", 0.0, 0.0
     if args.budget:  # as a device and its coordinator do: one pass, Register's figures, the plan that fits
         from edgelora import memory
-        from edgelora.edge_client.trainer import resident_mb, warm_up_pass
+        from edgelora.edge_client.trainer import warm_up_pass
 
         warm = host.build(structure)
         warm_up_pass(warm, examples, host)  # as the device does before Register
@@ -85,18 +87,28 @@ def child(args) -> dict:
             declared.resident_mb
     model = host.build(structure, spec.base)
     load_peak_mb = peak_rss_mb()  # loading and building, so far
+    loaded_mb, released_mb = resident_mb(), None
+    if args.release:
+        release_freed_memory()
+        released_mb = resident_mb()
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    times, losses = [], []
+    times, losses, step_peaks = [], [], []
+    whole_life = load_peak_mb
     for _ in range(args.steps):
+        whole_life = max(whole_life, peak_rss_mb())
+        resettable = _reset_peak()  # so the peak read after the step is its own; the whole life's is kept here
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         losses.append(accumulate(model, inputs, labels, spec, host.torch_device, host.task))
         opt.step()
+        if args.release:
+            release_freed_memory()
         times.append(time.perf_counter() - t0)
+        step_peaks.append(peak_rss_mb() if resettable else None)
     return {"precision": args.precision, "base": spec.base, "budget_mb": args.budget, "plan": plan,
             "predicted_mb": round(predicted, 1), "resident_mb": resident, "base_mb": round(base_bytes(host.base) / 2**20, 1),
             "gradient_checkpointing": spec.gradient_checkpointing,
@@ -104,20 +116,33 @@ def child(args) -> dict:
             "micro_batch": spec.micro_batch_size or args.batch, "effective_batch": args.batch,
             "chunked_loss": spec.loss_chunk_tokens,
             "step_ms": round(statistics.median(times[1:]) * 1000, 1),
-            "peak_rss_mb": peak_rss_mb(),
-            "load_peak_mb": load_peak_mb, "loss_after": round(losses[-1], 5), "loss_after_20": round(losses[19], 5)
+            "peak_rss_mb": max(whole_life, peak_rss_mb()),
+            "load_peak_mb": load_peak_mb, "loaded_mb": loaded_mb, "released_mb": released_mb,
+            "step_peaks_mb": step_peaks, "release_each_step": args.release, "loss_after": round(losses[-1], 5), "loss_after_20": round(losses[19], 5)
             if len(losses) >= 20 else None, "steps": args.steps,
             "trainable": sum(p.numel() for p in params), "batch": args.batch, "seq_len": int(inputs["input_ids"].shape[1]),
             "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(), "model": args.model}
+
+
+def _reset_peak() -> bool:
+    """Set this process's peak resident size back to what it holds now (Linux: /proc/self/clear_refs, which
+    resets VmHWM and getrusage's ru_maxrss with it), so the next peak_rss_mb() is one step's; False where it
+    cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def parse_setting(setting: str) -> dict:
     """'fp32+gc+mb1+chunk128' -> the child's arguments."""
     precision, *levers = setting.split("+")
     out = {"precision": precision, "gc": False, "micro_batch": 0, "chunk": 0, "copy": False, "base": "fp32",
-           "budget": 0, "mmap": False}
+           "budget": 0, "mmap": False, "release": False}
     for lever in levers:
-        if lever in ("gc", "copy"):
+        if lever in ("gc", "copy", "release"):
             out[lever] = True
         elif lever == "mmap64k":
             out["mmap"] = True
@@ -131,7 +156,7 @@ def parse_setting(setting: str) -> dict:
             out["chunk"] = int(lever[5:])
         else:
             raise SystemExit(f"--settings: unknown lever {lever!r} in {setting!r} (gc, mbN, chunkN, copy, bf16base, "
-                             f"nf4, int8, budgetMB, mmap64k)")
+                             f"nf4, int8, budgetMB, mmap64k, release)")
     if precision not in ("fp32", "bf16"):
         raise SystemExit(f"--settings: precision {precision!r} in {setting!r} is not fp32 or bf16")
     return out
@@ -156,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copy-base", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--base", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--release", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -171,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                "--model", args.model, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                "--steps", str(args.steps), "--rank", str(args.rank), "--micro-batch", str(p["micro_batch"]),
                "--chunk", str(p["chunk"]), "--base", p["base"]] + (["--gradient-checkpointing"] if p["gc"] else []) + \
-              (["--copy-base"] if p["copy"] else []) + ["--budget", str(p["budget"])]
+              (["--copy-base"] if p["copy"] else []) + (["--release"] if p["release"] else []) + \
+              ["--budget", str(p["budget"])]
         # mmap64k: glibc serves every allocation over 64 kB from its own mapping and unmaps it when freed, so
         # freed activations leave the process at once instead of staying in its heap
         env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if p["mmap"] else {})}

@@ -149,8 +149,9 @@ def test_the_levers_travel_in_the_task_and_bad_values_are_refused(tmp_path):
 
 
 def test_the_device_memory_benchmark_runs_each_lever_and_agrees_on_the_loss():
-    """benchmarks.lm_device's child, in process on tiny-llama: plain, micro-batches + chunked loss, and
-    checkpointing train the same batch to the same loss; a setting it cannot read is refused by name."""
+    """benchmarks.lm_device's child, in process on tiny-llama: plain, micro-batches + chunked loss, checkpointing
+    and handing freed pages back train the same batch to the same loss, and each step's peak is recorded; a
+    setting it cannot read is refused by name."""
     import argparse
 
     from benchmarks import lm_device
@@ -160,9 +161,15 @@ def test_the_device_memory_benchmark_runs_each_lever_and_agrees_on_the_loss():
         return lm_device.child(argparse.Namespace(model="tiny-llama", seq_len=32, rank=4, batch=4, steps=3,
                                                   precision=p["precision"], micro_batch=p["micro_batch"],
                                                   chunk=p["chunk"], gradient_checkpointing=p["gc"],
-                                                  copy_base=p["copy"], base=p["base"], budget=p["budget"]))
+                                                  copy_base=p["copy"], base=p["base"], budget=p["budget"],
+                                                  release=p["release"]))
 
     plain, levers, gc = child("fp32+copy"), child("fp32+mb1+chunk16"), child("fp32+gc")
+    released = child("fp32+release")
+    assert released["release_each_step"] and released["released_mb"] > 0 and plain["released_mb"] is None
+    assert released["loss_after"] == pytest.approx(plain["loss_after"], rel=1e-4)
+    for r in (plain, released):  # each step's own peak, none above the whole life's
+        assert len(r["step_peaks_mb"]) == 3 and 0 < max(r["step_peaks_mb"]) <= r["peak_rss_mb"]
     assert plain["base_copied"] and not levers["base_copied"]
     assert (levers["micro_batch"], levers["effective_batch"], levers["chunked_loss"]) == (1, 4, 16)
     assert levers["loss_after"] == pytest.approx(plain["loss_after"], rel=1e-4)
