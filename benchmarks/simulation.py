@@ -11,7 +11,8 @@ evaluation but the last round's. One JSON record per setting: `backend`, `worker
 loaded), `startup_s` (child start to round 1's start: imports, data, models, Ray and its actors),
 `round1_s`, `peak_rss_mb` and `peak_pss_mb` (the child's whole process tree, Ray's daemons and workers
 included; RSS sampled every 0.2 s, PSS every 2 s, as it costs far more to read; PSS counts a shared page once,
-split among the processes that map it), `rounds`, `per_round`. Prints a table with each setting against
+split among the processes that map it), `peak_pss_by_process_mb` (each process's PSS at the PSS peak, by "pid
+name"), `rounds`, `per_round`; each setting's run folder (--out) keeps its metrics.jsonl (every device's train_s). Prints a table with each setting against
 sequential at 1 and at 2 threads. Asserts nothing.
 """
 from __future__ import annotations
@@ -68,19 +69,21 @@ def _rss_mb(pids: set[int]) -> float:
     return total / 1e6
 
 
-def _pss_mb(pids: set[int]) -> float:
-    """PSS of the processes, MB: a shared page is split among the processes that map it, so this is the memory
-    they take from the machine."""
-    total = 0
+def _pss_mb(pids: set[int]) -> dict[str, float]:
+    """PSS of each process, MB, by "pid name": a shared page is split among the processes that map it, so their
+    sum is the memory they take from the machine."""
+    out = {}
     for p in pids:
         try:
             for line in (Path("/proc") / str(p) / "smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
+                    args = (Path("/proc") / str(p) / "cmdline").read_bytes().split(b"\0")
+                    name = " ".join(Path(a.decode(errors="replace")).name for a in args[:3] if a)
+                    out[f"{p} {name[:60]}"] = int(line.split()[1]) * 1024 / 1e6
                     break
         except (OSError, ValueError):
             continue
-    return total / 1e6
+    return out
 
 
 def child(args) -> dict:
@@ -127,7 +130,7 @@ def run_setting(args, backend: str, workers: int, threads: int, gpus: float) -> 
            str(args.per_round), "--rounds", str(args.rounds), "--examples", str(args.examples), "--out", args.out]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0.0, 0.0]
+    peak, by_process = [0.0, 0.0], {}
     done = threading.Event()
 
     def sample():
@@ -135,7 +138,11 @@ def run_setting(args, backend: str, workers: int, threads: int, gpus: float) -> 
         while not done.wait(SAMPLE_S):
             if time.monotonic() - slow_at >= SLOW_SAMPLE_S:
                 tree, slow_at = _tree(p.pid), time.monotonic()
-                peak[1] = max(peak[1], _pss_mb(tree))
+                pss = _pss_mb(tree)
+                if sum(pss.values()) > peak[1]:
+                    peak[1] = sum(pss.values())
+                    by_process.clear()
+                    by_process.update(pss)
             peak[0] = max(peak[0], _rss_mb(tree))
 
     threading.Thread(target=sample, daemon=True).start()
@@ -145,6 +152,7 @@ def run_setting(args, backend: str, workers: int, threads: int, gpus: float) -> 
         raise SystemExit(f"{backend} {workers}x{threads} failed:\n{err[-3000:]}")
     rec = json.loads(out.strip().splitlines()[-1])
     rec["peak_rss_mb"], rec["peak_pss_mb"] = peak
+    rec["peak_pss_by_process_mb"] = {k: round(v, 1) for k, v in sorted(by_process.items(), key=lambda kv: -kv[1])}
     return rec
 
 
