@@ -44,7 +44,6 @@ import numpy as np
 from edgelora import codec
 from edgelora.config import load_config, secure_threshold
 from edgelora.secagg import coordinates as coords
-from edgelora.secagg.graph import neighbour_count
 from edgelora.secagg.messages import Setup
 from edgelora.secagg.ring import encode as ring_encode
 from edgelora.secagg.ring import plan_ring, ring_length

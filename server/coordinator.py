@@ -16,7 +16,7 @@ from edgelora.frozen_base import QUANTIZED, quantizer_version
 from edgelora.models import fingerprint_model, fingerprint_tokenizer
 from edgelora.protos.refusals import Refusal, UpdateRejected
 from edgelora.state import ServerState
-from edgelora.tasks import DeviceInfo, Task, is_device_id, is_device_name
+from edgelora.tasks import DeviceInfo, is_device_id, is_device_name
 
 from .driver import RoundDriver
 from .engine import OVER_BUDGET, DeviceState, Round

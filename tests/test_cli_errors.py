@@ -13,7 +13,7 @@ import tomli_w
 
 from edgelora.experiments.sweep import rounds_done
 
-from .conftest import REPO, cli, cli_ctrl_c_after_round, sigint_default, tiny_raw
+from .conftest import REPO, cli_ctrl_c_after_round, sigint_default, tiny_raw
 
 
 def _main(capsys, *args: str) -> tuple[int, str, str]:

@@ -13,7 +13,7 @@ from scipy.stats import chisquare
 from edgelora.edge_client.secagg import ProtocolViolation, SecAggDevice
 from edgelora.protos.refusals import Refusal, UpdateRejected
 from edgelora.secagg import graph, primitives as p
-from edgelora.secagg.messages import Advertise, MaskingInput, PeerKeys, Setup, UnmaskReply, UnmaskRequest
+from edgelora.secagg.messages import MaskingInput, Setup, UnmaskRequest
 from edgelora.server.secagg import RoundAborted, SecAggServer
 
 PHASES = ("advertise", "share", "upload", "unmask")
