@@ -124,3 +124,18 @@ def test_verbose_counts_before_and_after_the_subcommand(argv, verbose):
     from edgelora.cli import build_parser
 
     assert getattr(build_parser().parse_args(argv), "verbose", False) is verbose
+
+
+def test_bitsandbytes_kernel_hub_line_is_dropped_and_its_other_warnings_are_not(caplog):
+    import logging
+
+    from edgelora.cli.common import _setup_logging
+
+    _setup_logging(False)
+    _setup_logging(False)  # a second call adds no second filter
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(bnb.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+        bnb.warning("some other trouble")
+    assert [r.getMessage() for r in caplog.records] == ["some other trouble"]

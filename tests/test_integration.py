@@ -64,6 +64,8 @@ def test_two_clients_two_rounds_global_weights_are_the_weighted_mean(tmp_path):
         assert fleet.wait_server(240, clients_gone_s=gone_after(raw)) == 0, fleet.server_log_tail()
         assert fleet.wait_clients(60) == [0, 0]
     run_dir = fleet.run_dir
+    for log in ("server.log", "client_0.log", "client_1.log"):  # both built LoRA models, so imported bitsandbytes
+        assert "kernels-community" not in (tmp_path / log).read_text(), log
 
     final = load_state(run_dir)
     assert final.round == 2 and final.finished

@@ -18,9 +18,32 @@ def _verbose_flag(sub: argparse.ArgumentParser) -> None:
 def _tensorboard_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensorboard", action="store_true", help="also log each round to RUN_DIR/tb for TensorBoard")
 
+class _DropMessage(logging.Filter):
+    """Drops a logger's records whose message holds `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# (logger, words of the message): third-party lines that say nothing to a user of ours, dropped from the terminal.
+# peft imports bitsandbytes wherever it is installed, at the first LoRA model a process builds (the quant and test
+# extras install it), and bitsandbytes then says it could not fetch an optional CPU 4-bit kernel from the Hugging
+# Face Hub (the `kernels` package): every server, client and simulation printed it, quantized or not. Its own
+# kernel is used instead; edgelora never downloads code.
+QUIET_LINES = (("bitsandbytes.backends.cpu.ops", "from kernels-community"),)
+
+
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for name, text in QUIET_LINES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if quiet:  # transformers' "Loading weights" bars too
         from transformers.utils import logging as hf_logging
