@@ -162,6 +162,30 @@ def parse_setting(setting: str) -> dict:
     return out
 
 
+def table(records: list[dict]) -> str:
+    """The records side by side: each trained setting's peak and step time against the first trained one's (the
+    default list starts where devices were before the levers: fp32, the base copied); a budget no plan fits is
+    a row of its own, and with none trained the table is those rows alone."""
+    lines = []
+    by = {r["setting"]: r for r in records}
+    if "fp32" in by and "bf16" in by:
+        lines.append(f"bf16 / fp32 step time: {by['bf16']['step_ms'] / by['fp32']['step_ms']:.2f} "
+                     f"(this CPU {'has' if by['fp32']['cpu_fast_bf16'] else 'lacks'} fast bf16)")
+    ref = next((r for r in records if "peak_rss_mb" in r), None)
+    if ref is not None:
+        lines.append(f"against the first setting, {ref['setting']}:")
+    lines.append(f"{'setting':<30} {'plan':<18} {'predicted':>9} {'peak MB':>8} {'x':>7} {'step ms':>8} {'x':>7} "
+                 f"{'loss after':>11}")
+    for r in records:
+        if "peak_rss_mb" not in r:  # a budget no plan fits
+            lines.append(f"{r['setting']:<30} {'refused':<18} {r['predicted_mb']:>9.0f}")
+            continue
+        lines.append(f"{r['setting']:<30} {r['plan'] or '-':<18} {r['predicted_mb'] or float('nan'):>9.0f} "
+                     f"{r['peak_rss_mb']:>8.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:>7.2f} "
+                     f"{r['step_ms']:>8.0f} {r['step_ms'] / ref['step_ms']:>7.2f} {r['loss_after']:>11.5f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the records here (JSON list)")
@@ -209,23 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                **json.loads(out.stdout.strip().splitlines()[-1])}
         records.append(rec)
         print(json.dumps(rec), flush=True)
-    by = {r["setting"]: r for r in records}
-    if "fp32" in by and "bf16" in by:
-        print(f"bf16 / fp32 step time: {by['bf16']['step_ms'] / by['fp32']['step_ms']:.2f} "
-              f"(this CPU {'has' if records[0]['cpu_fast_bf16'] else 'lacks'} fast bf16)")
-    ref = next(r for r in records if "peak_rss_mb" in r)  # the default list starts where devices were before
-    print(f"against the first setting, {ref['setting']}:")      # the levers: fp32, the base copied
-    print(f"{'setting':<30} {'plan':<18} {'predicted':>9} {'peak MB':>8} {'x':>7} {'step ms':>8} {'x':>7} "
-          f"{'loss after':>11}")
-    for r in records:
-        if "peak_rss_mb" not in r:  # a budget no plan fits
-            print(f"{r['setting']:<30} {'refused':<18} {r['predicted_mb']:>9.0f}")
-            continue
-        print(f"{r['setting']:<30} {r['plan'] or '-':<18} {r['predicted_mb'] or float('nan'):>9.0f} "
-              f"{r['peak_rss_mb']:>8.0f} {r['peak_rss_mb'] / ref['peak_rss_mb']:>7.2f} "
-              f"{r['step_ms']:>8.0f} {r['step_ms'] / ref['step_ms']:>7.2f} {r['loss_after']:>11.5f}")
-    if args.json:
+    if args.json:  # before the table: what was measured is kept whatever the table makes of it
         Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+    print(table(records))
     return 0
 
 

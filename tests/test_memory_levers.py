@@ -177,6 +177,12 @@ def test_the_device_memory_benchmark_runs_each_lever_and_agrees_on_the_loss():
     for bad in ("fp16", "fp32+mb", "fp32+fast"):
         with pytest.raises(SystemExit, match="--settings"):
             lm_device.parse_setting(bad)
+    refused = {"setting": "fp32+budget1", **child("fp32+budget1")}  # no plan fits 1 MB
+    assert refused["plan"] == "refused" and refused["predicted_mb"] > 1
+    rows = lm_device.table([refused, {"setting": "fp32+copy", **plain}, {"setting": "fp32+gc", **gc}]).splitlines()
+    assert rows[0] == "against the first setting, fp32+copy:" and rows[2].split()[:2] == ["fp32+budget1", "refused"]
+    assert rows[4].split()[0] == "fp32+gc" and len(rows) == 5
+    assert lm_device.table([refused]).splitlines()[1].split()[:2] == ["fp32+budget1", "refused"]  # none trained
 
 
 def test_a_devices_lora_model_holds_the_base_weights_once_and_never_writes_them():
