@@ -129,6 +129,7 @@ def convert(model: nn.Module, base: str, targets) -> int:
         setattr(parent, child, _converted(module, base))
         del module
         _release(span, mapped)
+        _trim_heap()  # quantizing's scratch, freed but kept by the heap, would pile up layer after layer
         count += 1
     if count:
         _own_the_rest(model, mapped)
@@ -175,24 +176,49 @@ def _own_the_rest(model: nn.Module, mapped: list[tuple[int, int]]) -> None:
     maps a safetensors file into memory and the weights are views of that mapping: a layer's pages, read once
     to convert it, stay resident until the whole mapping is released, and the embeddings' views would keep it
     alive. Copying the few tensors left (embeddings, norms) lets the mapping go."""
+    release_freed_memory()  # the converting's scratch first: what the copies below add comes on top of it
     with torch.no_grad():
-        for module in model.modules():
-            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if getattr(t, "quant_state", None) is None and getattr(t, "SCB", None) is None \
-                        and t.dtype.is_floating_point and t.device.type == "cpu":
-                    span = (t.data_ptr(), t.nbytes)
-                    t.data = t.data.clone()
-                    _release(span, mapped)
+        # each tensor once: a causal LM's output projection holds its embeddings' Parameter
+        for t in [*model.parameters(), *model.buffers()]:
+            if getattr(t, "quant_state", None) is None and getattr(t, "SCB", None) is None \
+                    and t.dtype.is_floating_point and t.device.type == "cpu":
+                t.data = _copied(t.data, mapped)
     release_freed_memory()
+
+
+COPY_BLOCK = 1 << 22  # bytes of a mapped tensor copied, and their file pages dropped, at a time
+
+
+def _copied(t: torch.Tensor, mapped: list[tuple[int, int]]) -> torch.Tensor:
+    """A copy of `t` in memory of its own. Where `t` is a view of a file mapping, the copy goes a block at a
+    time and each block's pages are dropped as soon as it is copied, so the file's pages and the copy are not
+    both resident whole (SmolLM2's embeddings: 113 MB, which a plain clone held twice at its end)."""
+    if not t.is_contiguous():
+        return t.clone()
+    out = torch.empty_like(t)
+    src, dst = t.view(-1), out.view(-1)
+    step = max(1, COPY_BLOCK // t.element_size())
+    for lo in range(0, src.numel(), step):
+        hi = min(lo + step, src.numel())
+        dst[lo:hi].copy_(src[lo:hi])
+        _release((src[lo:hi].data_ptr(), (hi - lo) * t.element_size()), mapped)
+    return out
+
 
 
 def release_freed_memory() -> None:
     """Collect garbage and hand the heap's freed pages back to the OS (glibc keeps them for reuse, so a
     process's resident size stays at its high-water mark; elsewhere there is nothing to do)."""
-    import ctypes
     import gc
 
     gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim: the heap's free pages back to the OS (nothing where the C library is another)."""
+    import ctypes
+
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

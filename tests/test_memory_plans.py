@@ -77,6 +77,48 @@ def test_an_nf4_layer_computes_the_same_in_eval_and_training_on_any_cpu():
                for m, w in zip(model, stored))
 
 
+def test_a_mapped_tensor_is_copied_a_block_at_a_time_each_blocks_file_pages_dropped_as_it_goes(tmp_path, monkeypatch):
+    """What converting leaves as loaded (embeddings, norms) gets memory of its own so the safetensors mapping can
+    go; a view of the mapping is copied in blocks, each block's span handed to _release right after it is copied
+    (a whole clone held the file's pages and the copy at once: 113 MB twice for SmolLM2's embeddings)."""
+    from edgelora import frozen_base
+
+    values = np.arange(10_000, dtype=np.float32)
+    path = tmp_path / "w.safetensors"  # the name _file_mappings looks for; a private mapping, as transformers'
+    values.tofile(path)
+    t = torch.from_numpy(np.memmap(path, np.float32, "c"))
+    monkeypatch.setattr(frozen_base, "COPY_BLOCK", 4096)
+    released, copied = [], []
+    real_release = frozen_base._release
+    monkeypatch.setattr(frozen_base, "_release", lambda span, mapped: (released.append(span),
+                                                                         real_release(span, mapped)))
+    mapped = frozen_base._file_mappings()
+    assert any(lo <= t.data_ptr() < hi for lo, hi in mapped)
+    out = frozen_base._copied(t, mapped)
+    assert torch.equal(out, torch.from_numpy(values)) and out.data_ptr() != t.data_ptr()
+    assert released == [(t.data_ptr() + lo, min(4096, t.nbytes - lo)) for lo in range(0, t.nbytes, 4096)]
+
+
+def test_converting_a_tied_model_keeps_the_tie_and_leaves_no_view_of_the_file(tmp_path):
+    """tiny-llama with its output projection tied to its embeddings, saved and loaded as transformers maps it:
+    after an nf4 conversion the two are still one Parameter, in memory of its own."""
+    from transformers import AutoModelForCausalLM
+
+    from edgelora import frozen_base
+
+    model = load_base_model(ModelConfig(task="causal-lm", name="tiny-llama"))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").requires_grad_(False)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    in_file = lambda: [n for n, p in loaded.named_parameters()  # noqa: E731
+                       if any(lo <= p.data_ptr() < hi for lo, hi in frozen_base._file_mappings())]
+    assert "model.embed_tokens.weight" in in_file()  # as loaded, a view of the file
+    frozen_base.convert(loaded, "nf4", ["q_proj", "v_proj"])
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and in_file() == []
+
+
 def test_a_host_that_cannot_reload_its_base_keeps_it_as_loaded():
     host = ModelHost(load_base_model(ModelConfig(task="causal-lm", name="tiny-llama")))
     with pytest.raises(ConfigError, match="only a device's host converts it"):
