@@ -88,7 +88,7 @@ def test_a_mapped_tensor_is_copied_a_block_at_a_time_each_blocks_file_pages_drop
     values.tofile(path)
     t = torch.from_numpy(np.memmap(path, np.float32, "c"))
     monkeypatch.setattr(frozen_base, "COPY_BLOCK", 4096)
-    released, copied = [], []
+    released = []
     real_release = frozen_base._release
     monkeypatch.setattr(frozen_base, "_release", lambda span, mapped: (released.append(span),
                                                                          real_release(span, mapped)))
