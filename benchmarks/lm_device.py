@@ -23,7 +23,8 @@ settings that compute the same update agree), `steps`, `trainable`, `batch`, `se
 `cpu_fast_bf16`; budgetMB runs the device's own planning (edgelora.memory) for a device declaring MB, after
 one warm-up pass as a device makes before Register, and adds `budget_mb`, `plan`, `predicted_mb`
 (a budget no plan fits: only those, `plan` "refused"); release hands the heap's freed pages back (malloc_trim) once built and after every step; mmap64k runs the child with MALLOC_MMAP_THRESHOLD_=65536
-(glibc returns freed activations to the OS at once: less memory, slower). Prints bf16 / fp32 and each setting's memory and time against the first setting's. Asserts nothing:
+(glibc returns freed activations to the OS at once: less memory, slower); jemalloc runs the child on jemalloc
+(preloaded, as `edgelora client --allocator jemalloc` does; `allocator` says what the child ran on). Prints bf16 / fp32 and each setting's memory and time against the first setting's. Asserts nothing:
 without AMX/AVX512-BF16, bf16 is emulated on a CPU and slower, which is why train.precision = "auto" picks fp32
 there.
 """
@@ -48,6 +49,7 @@ def child(args) -> dict:
     from edgelora.config import ModelConfig
     from edgelora.schema import shared_dataset
     from edgelora.data import Examples
+    from edgelora.edge_client.allocator import in_use as allocator_in_use
     from edgelora.edge_client.trainer import DeviceHost, peak_rss_mb, resident_mb
     from edgelora.frozen_base import base_bytes, release_freed_memory
     from edgelora.precision import cpu_has_fast_bf16
@@ -121,7 +123,8 @@ def child(args) -> dict:
             "step_peaks_mb": step_peaks, "release_each_step": args.release, "loss_after": round(losses[-1], 5), "loss_after_20": round(losses[19], 5)
             if len(losses) >= 20 else None, "steps": args.steps,
             "trainable": sum(p.numel() for p in params), "batch": args.batch, "seq_len": int(inputs["input_ids"].shape[1]),
-            "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(), "model": args.model}
+            "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(), "model": args.model,
+            "allocator": allocator_in_use()}
 
 
 def _reset_peak() -> bool:
@@ -140,9 +143,9 @@ def parse_setting(setting: str) -> dict:
     """'fp32+gc+mb1+chunk128' -> the child's arguments."""
     precision, *levers = setting.split("+")
     out = {"precision": precision, "gc": False, "micro_batch": 0, "chunk": 0, "copy": False, "base": "fp32",
-           "budget": 0, "mmap": False, "release": False}
+           "budget": 0, "mmap": False, "release": False, "jemalloc": False}
     for lever in levers:
-        if lever in ("gc", "copy", "release"):
+        if lever in ("gc", "copy", "release", "jemalloc"):
             out[lever] = True
         elif lever == "mmap64k":
             out["mmap"] = True
@@ -156,7 +159,7 @@ def parse_setting(setting: str) -> dict:
             out["chunk"] = int(lever[5:])
         else:
             raise SystemExit(f"--settings: unknown lever {lever!r} in {setting!r} (gc, mbN, chunkN, copy, bf16base, "
-                             f"nf4, int8, budgetMB, mmap64k, release)")
+                             f"nf4, int8, budgetMB, mmap64k, release, jemalloc)")
     if precision not in ("fp32", "bf16"):
         raise SystemExit(f"--settings: precision {precision!r} in {setting!r} is not fp32 or bf16")
     return out
@@ -226,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         # mmap64k: glibc serves every allocation over 64 kB from its own mapping and unmaps it when freed, so
         # freed activations leave the process at once instead of staying in its heap
         env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if p["mmap"] else {})}
+        if p["jemalloc"]:  # as `edgelora client --allocator jemalloc` runs a device
+            from edgelora.edge_client.allocator import jemalloc_path, preloaded
+
+            library = jemalloc_path()
+            if library is None:
+                raise SystemExit(f"setting {setting}: no jemalloc library here (apt install libjemalloc2, or set "
+                                 f"EDGELORA_JEMALLOC)")
+            env = preloaded(env, library)
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(f"setting {setting}: the child failed:\n{out.stderr[-3000:]}")

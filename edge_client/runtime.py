@@ -8,7 +8,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
@@ -26,6 +26,7 @@ from edgelora.protos.channel import CLIENT_OPTIONS
 from edgelora.protos.refusals import refusal_code
 from edgelora.tasks import Update, device_seed
 
+from .allocator import in_use as allocator_in_use
 from .secagg import ProtocolViolation
 from .sessions import SecureSessions
 from .throttle import LinkThrottle
@@ -147,7 +148,9 @@ class EdgeClient:
                 if own:  # the device's own file: refuse to start, naming what is wrong
                     raise ConfigError(f"device {d}: {e}") from None
                 self.data_errors[d] = str(e)
-        self.info = hardware_info(opts.torch_device)
+        info = hardware_info(opts.torch_device)
+        allocator = allocator_in_use()  # said at Register: a device on jemalloc holds less than the plan assumes
+        self.info = info if allocator == "system" else replace(info, hardware=f"{info.hardware}, {allocator}")
         self.stopped: set[str] = set()
         self.late = 0  # tasks let go because the round's deadline passed before the upload could start
         self.payload_bytes_sent: dict[str, int] = {}

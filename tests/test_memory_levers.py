@@ -206,3 +206,36 @@ def test_a_devices_lora_model_holds_the_base_weights_once_and_never_writes_them(
     _train(full, examples, host.tokenizer, "causal-lm")
     for n, p in host.base.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_the_allocator_lever_preloads_jemalloc_once_and_says_why_it_cannot(tmp_path, monkeypatch, capsys):
+    """`edgelora client --allocator jemalloc` starts itself again with jemalloc first in LD_PRELOAD (what was
+    preloaded stays after it); a library that is not there, a restart the preload did not take in, and a name
+    it does not know are each one line, exit 2. (The restart itself runs in test_memory_plans' gRPC test.)"""
+    from edgelora.cli import main
+    from edgelora.edge_client import allocator
+
+    assert allocator.in_use() == "system"  # pytest's own process: glibc's malloc
+    env = allocator.preloaded({"LD_PRELOAD": "libother.so", "X": "1"}, "/lib/libjemalloc.so.2")
+    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2:libother.so" and env["X"] == "1"
+    assert allocator.preloaded({}, "libjemalloc.so.2")["LD_PRELOAD"] == "libjemalloc.so.2"
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    assert allocator.jemalloc_path({"EDGELORA_JEMALLOC": str(lib)}) == str(lib)
+    with pytest.raises(allocator.AllocatorError, match="EDGELORA_JEMALLOC='/nowhere.so': no such file"):
+        allocator.jemalloc_path({"EDGELORA_JEMALLOC": "/nowhere.so"})
+    allocator.restart_under("system", ["client"])  # nothing to do: this process goes on
+    with pytest.raises(allocator.AllocatorError, match="unknown 'tcmalloc'"):
+        allocator.restart_under("tcmalloc", [])
+
+    argv = ["client", "--allocator", "jemalloc", "--server", "127.0.0.1:1", "--device-id", "0"]
+    monkeypatch.setenv("EDGELORA_JEMALLOC", "/nowhere.so")
+    assert main(argv) == 2
+    assert "edgelora client: EDGELORA_JEMALLOC='/nowhere.so': no such file" in capsys.readouterr().err
+    monkeypatch.delenv("EDGELORA_JEMALLOC")
+    monkeypatch.setattr(allocator, "jemalloc_path", lambda env=None: None)
+    assert main(argv) == 2
+    assert "no jemalloc library found (Debian/Ubuntu: apt install libjemalloc2" in capsys.readouterr().err
+    monkeypatch.setenv("EDGELORA_ALLOCATOR_RESTARTED", "1")  # as if restarted, and still on glibc
+    assert main(argv) == 2
+    assert "the process does not run on it" in capsys.readouterr().err

@@ -218,7 +218,8 @@ def test_three_devices_declare_budgets_over_grpc_one_as_made_one_planned_one_ref
     """tiny-llama at batch 32 x 128 tokens: its 49,152-word logits are predicted at ~2.6 GB over what a device
     holds. Device 0 declares 20 GB and trains the task as made; device 1 declares what it holds + ~1 GB and is
     planned (levers that keep the update); device 2 declares 300 MB, less than any process holds, and is
-    refused at Register with the sizes. Every device that trained reports a peak under its budget."""
+    refused at Register with the sizes. Every device that trained reports a peak under its budget. Device 1
+    runs on jemalloc (--allocator), and says so at Register."""
     from edgelora.launch import Client, Launcher, gone_after
 
     raw = lm_raw(write_speeches(tmp_path / "s.jsonl"),
@@ -228,14 +229,18 @@ def test_three_devices_declare_budgets_over_grpc_one_as_made_one_planned_one_ref
     budgets = {"0": "20000", "1": "1700", "2": "300"}
     with Launcher(tmp_path / "run", verbose=True) as fleet:
         fleet.start_server(raw, args=["--insecure"], log=tmp_path / "server.log", timeout_s=120)
+        # device 1 runs on jemalloc (the system's, or Ray's copy): the client starts itself again with it preloaded
         fleet.start_clients(Client(device_id=d, log=tmp_path / f"client_{d}.log",
-                                   args=["--insecure", "--quiet", "--give-up-s", "60", "--memory-mb", mb])
+                                   args=["--insecure", "--quiet", "--give-up-s", "60", "--memory-mb", mb,
+                                         *(["--allocator", "jemalloc"] if d == "1" else [])])
                             for d, mb in budgets.items())
         assert fleet.wait_server(300, clients_gone_s=gone_after(raw)) == 0, fleet.server_log_tail()
         codes = fleet.wait_clients(60)
     refused = (tmp_path / "client_2.log").read_text()
     assert codes[2] == 2 and "declares 300 MB" in refused and "predicted to need" in refused, refused[-2000:]
     assert codes[:2] == [0, 0]
+    registered = [l for l in (tmp_path / "server.log").read_text().splitlines() if " registered (" in l]
+    assert [l.split("device ")[1].split()[0] for l in registered if ", jemalloc" in l] == ["1"], registered
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
     devices = {d["device_id"]: d for r in rows for d in r["devices"] if d["status"] == "completed"}
     assert set(devices) == {"0", "1"}

@@ -24,6 +24,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
+    if getattr(args, "allocator", "system") != "system":  # before anything is loaded: this process is replaced
+        from ..edge_client.allocator import AllocatorError, restart_under
+
+        try:
+            restart_under(args.allocator, list(sys.argv[1:] if argv is None else argv))
+        except AllocatorError as e:
+            print(f"edgelora {args.cmd}: {e}", file=sys.stderr)
+            return 2
     try:
         return args.fn(args)
     except ConfigError as e:

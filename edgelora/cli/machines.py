@@ -268,6 +268,10 @@ def add_commands(sub) -> None:
                                                    "each task to it (micro-batches, chunked loss, checkpointing, a "
                                                    "smaller frozen base) or refuses the device at Register; default: "
                                                    "what the OS says is available")
+    c.add_argument("--allocator", choices=("system", "jemalloc"), default="system",
+                   help="the process's memory allocator: jemalloc (a system library, apt install libjemalloc2) "
+                        "frees a training step's memory back to the OS and fragments less; the client starts "
+                        "itself again with it preloaded")
     c.add_argument("--give-up-s", type=float, default=300.0, help="exit after the server is unreachable this long")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     _verbose_flag(c)
