@@ -3,10 +3,11 @@
 A training step frees and reallocates activations of many sizes. glibc's malloc keeps what was freed in its heaps
 (a process's resident size stays near its high-water mark, and fragments); jemalloc hands freed pages back on its
 own and reuses sizes better. On SmolLM2 LoRA at 4 x 128 tokens with every memory lever on, jemalloc's steps
-peaked ~120 MB lower and ran faster than glibc's (docs/reproduction.md, "The allocator"). It is a system library
-(Debian and Ubuntu: `apt install libjemalloc2`; Ray ships a copy), not a Python package, so it is chosen
-when the process starts: `edgelora client --allocator jemalloc` starts itself again with the library preloaded
-(LD_PRELOAD), before torch is imported. $EDGELORA_JEMALLOC names the library where the loader cannot find it.
+peaked ~120 MB lower and ran faster than glibc's (docs/reproduction.md, "The allocator, and a load that stays
+under the step"). It is a system library (Debian and Ubuntu: `apt install libjemalloc2`; Ray ships a copy), not
+a Python package, so it is chosen when the process starts: `edgelora client --allocator jemalloc` starts itself
+again with the library preloaded (LD_PRELOAD), before torch is imported. $EDGELORA_JEMALLOC names the library
+where the loader cannot find it.
 
 A leaf of the device side: the standard library only.
 """
