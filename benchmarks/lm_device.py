@@ -230,13 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         # freed activations leave the process at once instead of staying in its heap
         env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if p["mmap"] else {})}
         if p["jemalloc"]:  # as `edgelora client --allocator jemalloc` runs a device
-            from edgelora.edge_client.allocator import jemalloc_path, preloaded
+            from edgelora.edge_client.allocator import AllocatorError, jemalloc_library, preloaded
 
-            library = jemalloc_path()
-            if library is None:
-                raise SystemExit(f"setting {setting}: no jemalloc library here (apt install libjemalloc2, or set "
-                                 f"EDGELORA_JEMALLOC)")
-            env = preloaded(env, library)
+            try:
+                env = preloaded(env, jemalloc_library())
+            except AllocatorError as e:
+                raise SystemExit(f"setting {setting}: {e}") from None
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(f"setting {setting}: the child failed:\n{out.stderr[-3000:]}")

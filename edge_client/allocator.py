@@ -75,10 +75,16 @@ def restart_under(allocator: str, argv: list[str]) -> None:
     if os.environ.get(_STARTED_AGAIN):
         raise AllocatorError(f"--allocator {allocator}: preloaded {os.environ.get('LD_PRELOAD')!r}, but the "
                              f"process does not run on it (is the file a jemalloc library for this machine?)")
+    library = jemalloc_library()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "edgelora.cli", *argv], preloaded(dict(os.environ), library))
+
+
+def jemalloc_library() -> str:
+    """jemalloc_path(), or an AllocatorError saying where to get one."""
     library = jemalloc_path()
     if library is None:
         raise AllocatorError("--allocator jemalloc: no jemalloc library found (Debian/Ubuntu: apt install "
                              "libjemalloc2; or set EDGELORA_JEMALLOC to its path)")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "edgelora.cli", *argv], preloaded(dict(os.environ), library))
+    return library
