@@ -29,6 +29,10 @@ ENTROPY_MIN_MATCH = 7  # for data whose bytes are independent draws (index gaps,
 # with 7), so the entropy stage is left to code them
 
 
+# what every frame of ours carries, whichever parameters made it (content_size checks them on read)
+_FRAME_FLAGS = dict(write_checksum=1, write_content_size=1, write_dict_id=0)
+
+
 def compress(data: bytes, level: int, min_match: int | None = None) -> bytes:
     """One frame with its content size and checksum; min_match (ENTROPY_MIN_MATCH for index streams) overrides
     the level's shortest LZ match."""
@@ -38,7 +42,7 @@ def compress(data: bytes, level: int, min_match: int | None = None) -> bytes:
                                                   write_dict_id=False)
         else:
             compressor = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters.from_level(
-                level, min_match=min_match, write_checksum=1, write_content_size=1, write_dict_id=0))
+                level, min_match=min_match, **_FRAME_FLAGS))
         return compressor.compress(data)
     except zstandard.ZstdError as exc:
         raise CodecError(f"level: zstd rejected level {level}: {exc}") from None
@@ -54,8 +58,7 @@ OPTIMAL_PARSER = dict(window_log=17, chain_log=10, hash_log=10, search_log=1, mi
 
 def compress_optimal(data: bytes) -> bytes:
     """One frame of `data` with its content size and checksum, through zstd's optimal parser (OPTIMAL_PARSER)."""
-    params = zstandard.ZstdCompressionParameters(**OPTIMAL_PARSER, write_checksum=1, write_content_size=1,
-                                                 write_dict_id=0)
+    params = zstandard.ZstdCompressionParameters(**OPTIMAL_PARSER, **_FRAME_FLAGS)
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
 
 
