@@ -15,7 +15,8 @@ when none is named). One JSON record per setting: `precision`, `base`, `base_mb`
 `base_copied`, `micro_batch`,
 `effective_batch`,
 `chunked_loss` (tokens a chunk; 0 = off), `step_ms` (median of the steps after the first), `peak_rss_mb` (the
-child's whole life: load, build, train), `load_peak_mb` (the peak before training: loading and building), `loaded_mb` (resident once
+child's whole life: load, build, train), `load_peak_mb` (the peak before training: loading and building), `build_s` (building the
+structure on the loaded base, its conversion to `base` included), `loaded_mb` (resident once
 built) and `released_mb` (with release: after handing the heap's freed pages back), `step_peaks_mb` (each
 step's own peak: the peak is reset before it, on Linux),
 `loss_after` (the loss at the last step; the same batch every step, so
@@ -87,7 +88,9 @@ def child(args) -> dict:
                     "model": args.model}
         spec, plan, predicted, resident = fitted.spec, fitted.plan or "as made", fitted.predicted_mb, \
             declared.resident_mb
+    t0 = time.perf_counter()
     model = host.build(structure, spec.base)
+    build_s = time.perf_counter() - t0
     load_peak_mb = peak_rss_mb()  # loading and building, so far
     loaded_mb, released_mb = resident_mb(), None
     if args.release:
@@ -119,7 +122,7 @@ def child(args) -> dict:
             "chunked_loss": spec.loss_chunk_tokens,
             "step_ms": round(statistics.median(times[1:]) * 1000, 1),
             "peak_rss_mb": max(whole_life, peak_rss_mb()),
-            "load_peak_mb": load_peak_mb, "loaded_mb": loaded_mb, "released_mb": released_mb,
+            "load_peak_mb": load_peak_mb, "build_s": round(build_s, 2), "loaded_mb": loaded_mb, "released_mb": released_mb,
             "step_peaks_mb": step_peaks, "release_each_step": args.release, "loss_after": round(losses[-1], 5), "loss_after_20": round(losses[19], 5)
             if len(losses) >= 20 else None, "steps": args.steps,
             "trainable": sum(p.numel() for p in params), "batch": args.batch, "seq_len": int(inputs["input_ids"].shape[1]),
